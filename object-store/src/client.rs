@@ -398,7 +398,7 @@ fn receive_hello(stream: &UnixStream) -> Result<(Hello, OwnedFd), ConnectionErro
     let header = [buf[0], buf[1], buf[2], buf[3]];
     let len = protocol::body_len(header).map_err(|e| ConnectionError::Handshake(e.to_string()))?;
     if got < HEADER_LEN + len {
-        let mut rest = &*stream;
+        let mut rest = stream;
         std::io::Read::read_exact(&mut rest, &mut buf[got..HEADER_LEN + len])
             .map_err(|e| ConnectionError::Handshake(e.to_string()))?;
         got = HEADER_LEN + len;

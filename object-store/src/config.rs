@@ -58,7 +58,9 @@ impl StoreConfig {
 /// Physical memory of this machine in bytes.
 pub fn physical_memory() -> u64 {
     let info = rustix::system::sysinfo();
-    u64::from(info.totalram).saturating_mul(u64::from(info.mem_unit.max(1)))
+    #[allow(clippy::useless_conversion)]
+    let total = u64::from(info.totalram);
+    total.saturating_mul(u64::from(info.mem_unit.max(1)))
 }
 
 /// [`DEFAULT_MEMORY_FRACTION`] of physical memory, at most

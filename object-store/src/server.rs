@@ -197,7 +197,7 @@ impl StoreServer {
                         Err(e) => return Err(ServeError::Accept(e)),
                     }
                 }
-                _ = stop.wait_for(|s| *s) => return Ok(()),
+                _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => return Ok(()),
             }
         }
     }

@@ -130,9 +130,15 @@ fn reader(socket: &str, id: ObjectId) -> Result<()> {
     let batch = view.batch()?;
     for name in batch.column_names() {
         let bytes: &[u8] = match batch.dtype(name) {
-            Some(braid_store::batch::DType::F32) => bytemuck::cast_slice(batch.column::<f32>(name)?),
-            Some(braid_store::batch::DType::U32) => bytemuck::cast_slice(batch.column::<u32>(name)?),
-            Some(braid_store::batch::DType::U64) => bytemuck::cast_slice(batch.column::<u64>(name)?),
+            Some(braid_store::batch::DType::F32) => {
+                bytemuck::cast_slice(batch.column::<f32>(name)?)
+            }
+            Some(braid_store::batch::DType::U32) => {
+                bytemuck::cast_slice(batch.column::<u32>(name)?)
+            }
+            Some(braid_store::batch::DType::U64) => {
+                bytemuck::cast_slice(batch.column::<u64>(name)?)
+            }
             other => bail!("unexpected column type {other:?}"),
         };
         let start = bytes.as_ptr() as usize;

@@ -93,10 +93,18 @@ impl Drop for Proc {
     }
 }
 
-fn start_store(dir: &Path, name: &str, capacity: Option<u64>, spill: bool) -> Result<(Proc, PathBuf, Duration)> {
+fn start_store(
+    dir: &Path,
+    name: &str,
+    capacity: Option<u64>,
+    spill: bool,
+) -> Result<(Proc, PathBuf, Duration)> {
     let socket = dir.join(format!("{name}.sock"));
     let socket_s = socket.to_string_lossy().into_owned();
-    let spill_s = dir.join(format!("{name}-spill")).to_string_lossy().into_owned();
+    let spill_s = dir
+        .join(format!("{name}-spill"))
+        .to_string_lossy()
+        .into_owned();
     let cap_s = capacity.map(|c| c.to_string()).unwrap_or_default();
     let mut args = vec!["--role", "server", &socket_s, &cap_s];
     if spill {
@@ -123,7 +131,10 @@ fn run_bench(json: bool) -> Result<()> {
         drop(c);
     }
     out.push(("client_ready_ms", median(&connects)));
-    out.push(("default_capacity_bytes", braid_store::config::default_capacity() as f64));
+    out.push((
+        "default_capacity_bytes",
+        braid_store::config::default_capacity() as f64,
+    ));
     drop(default_store);
 
     let (_store, socket, _) = start_store(dir.path(), "main", Some(6 * GIB), false)?;
@@ -167,7 +178,10 @@ fn run_bench(json: bool) -> Result<()> {
     out.push(("single_client_put_gigabytes", put));
     out.push(("single_client_put_gigabytes_cold", cold_put));
     out.push(("put_over_memcpy", put / memcpy));
-    eprintln!("put {put:.2} GB/s (cold {cold_put:.2}), {:.2}x memcpy", put / memcpy);
+    eprintln!(
+        "put {put:.2} GB/s (cold {cold_put:.2}), {:.2}x memcpy",
+        put / memcpy
+    );
     drop(src);
 
     // Several client processes putting at once.
@@ -176,7 +190,13 @@ fn run_bench(json: bool) -> Result<()> {
     let rounds = 6;
     let mut procs = Vec::new();
     for _ in 0..clients {
-        let mut p = Proc::spawn(&["--role", "putter", &socket_s, &each.to_string(), &rounds.to_string()])?;
+        let mut p = Proc::spawn(&[
+            "--role",
+            "putter",
+            &socket_s,
+            &each.to_string(),
+            &rounds.to_string(),
+        ])?;
         p.expect("ready")?;
         procs.push(p);
     }
@@ -293,7 +313,11 @@ fn run_bench(json: bool) -> Result<()> {
     }
     out.push(("spill_gigabytes_per_s", median(&spills)));
     out.push(("restore_gigabytes_per_s", median(&restores)));
-    eprintln!("spill {:.2} GB/s, restore {:.2} GB/s", median(&spills), median(&restores));
+    eprintln!(
+        "spill {:.2} GB/s, restore {:.2} GB/s",
+        median(&spills),
+        median(&restores)
+    );
     drop(sc);
 
     let body: Vec<String> = out

@@ -170,7 +170,12 @@ impl StoreClient {
         self.create_with(id, size, true)
     }
 
-    fn create_with(&self, id: ObjectId, size: u64, evictable: bool) -> Result<ObjectBuf, CreateError> {
+    fn create_with(
+        &self,
+        id: ObjectId,
+        size: u64,
+        evictable: bool,
+    ) -> Result<ObjectBuf, CreateError> {
         if size == 0 {
             return Err(CreateError::ZeroSize);
         }
@@ -210,7 +215,10 @@ impl StoreClient {
 
     /// Encodes `value` with the [`codec`](crate::codec) straight into a new
     /// object.
-    pub fn put_value<T: serde::Serialize + ?Sized>(&self, value: &T) -> Result<ObjectView, PutError> {
+    pub fn put_value<T: serde::Serialize + ?Sized>(
+        &self,
+        value: &T,
+    ) -> Result<ObjectView, PutError> {
         let len = crate::codec::encoded_len(value).map_err(|e| PutError::Encode(e.to_string()))?;
         let id = ObjectId::random();
         let mut buf = self.create(id, len.max(1))?;
@@ -313,7 +321,12 @@ impl StoreClient {
         pin.count += 1;
         let pin = *pin;
         drop(pins);
-        Some(ObjectView::new(Arc::clone(&self.inner), id, pin.offset, pin.size))
+        Some(ObjectView::new(
+            Arc::clone(&self.inner),
+            id,
+            pin.offset,
+            pin.size,
+        ))
     }
 
     /// Gets an object written with [`put_value`](Self::put_value) and decodes
@@ -404,7 +417,9 @@ fn receive_hello(stream: &UnixStream) -> Result<(Hello, OwnedFd), ConnectionErro
         got = HEADER_LEN + len;
     }
     if got != HEADER_LEN + len {
-        return Err(ConnectionError::Handshake("unexpected bytes after the greeting".into()));
+        return Err(ConnectionError::Handshake(
+            "unexpected bytes after the greeting".into(),
+        ));
     }
     let hello: Hello = protocol::decode_body(&buf[HEADER_LEN..HEADER_LEN + len])
         .map_err(|e| ConnectionError::Handshake(e.to_string()))?;
@@ -531,7 +546,9 @@ impl ClientInner {
     /// lives.
     pub(crate) unsafe fn slice(&self, offset: u64, len: u64) -> &[u8] {
         // SAFETY: forwarded to the caller.
-        unsafe { std::slice::from_raw_parts(self.mapping.base().add(offset as usize), len as usize) }
+        unsafe {
+            std::slice::from_raw_parts(self.mapping.base().add(offset as usize), len as usize)
+        }
     }
 
     /// # Safety

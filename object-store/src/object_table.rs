@@ -674,10 +674,7 @@ impl ObjectTable {
     }
 
     fn leased_bytes(&self) -> u64 {
-        self.clients
-            .values()
-            .flat_map(|c| c.leases.values())
-            .sum()
+        self.clients.values().flat_map(|c| c.leases.values()).sum()
     }
 
     /// Current counters.

@@ -294,7 +294,9 @@ impl Shared {
             }
             Err(e) => {
                 self.table.lock().free_block(block);
-                Err(WireError::Internal(format!("provisioning task failed: {e}")))
+                Err(WireError::Internal(format!(
+                    "provisioning task failed: {e}"
+                )))
             }
         }
     }
@@ -356,7 +358,9 @@ impl Shared {
     /// write it while the slice lives.
     unsafe fn arena_slice(&self, offset: u64, len: u64) -> &[u8] {
         // SAFETY: forwarded to the caller.
-        unsafe { std::slice::from_raw_parts(self.mapping.base().add(offset as usize), len as usize) }
+        unsafe {
+            std::slice::from_raw_parts(self.mapping.base().add(offset as usize), len as usize)
+        }
     }
 
     /// # Safety
@@ -396,11 +400,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(REPLY_QUEUE);
     let writer = tokio::spawn(write_replies(wr, rx));
-    let conn = Connection {
-        shared,
-        client,
-        tx,
-    };
+    let conn = Connection { shared, client, tx };
     conn.read_requests(rd).await;
     drop(conn);
     drop(guard);
@@ -551,7 +551,9 @@ impl Connection {
 
     async fn create(&self, id: ObjectId, size: u64, evictable: bool) -> Result<Reply, WireError> {
         if size == 0 {
-            return Err(WireError::Internal("objects must have at least one byte".into()));
+            return Err(WireError::Internal(
+                "objects must have at least one byte".into(),
+            ));
         }
         if self.table().exists(&id) {
             return Err(WireError::AlreadyExists(id));
@@ -570,8 +572,7 @@ impl Connection {
     }
 
     async fn lease(&self, class: u64, count: u32) -> Result<Reply, WireError> {
-        if !class.is_power_of_two()
-            || !(crate::allocator::ALIGN..=MAX_LEASED_SIZE).contains(&class)
+        if !class.is_power_of_two() || !(crate::allocator::ALIGN..=MAX_LEASED_SIZE).contains(&class)
         {
             return Err(WireError::BadLease(format!(
                 "block size {class} is not a power of two in {}..={MAX_LEASED_SIZE}",
@@ -666,4 +667,3 @@ async fn send_reply(tx: &mpsc::Sender<Vec<u8>>, seq: u64, body: Result<Reply, Wi
         }
     }
 }
-

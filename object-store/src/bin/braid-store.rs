@@ -16,7 +16,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "braid-store", version, about = "braid's shared-memory object store")]
+#[command(
+    name = "braid-store",
+    version,
+    about = "braid's shared-memory object store"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,7 +59,9 @@ fn parse_capacity(text: &str) -> Result<u64, String> {
     let bytes = parse_size_arg(text)?;
     let ram = config::physical_memory();
     if bytes < MIN_CAPACITY {
-        return Err(format!("{bytes} bytes is below the minimum of {MIN_CAPACITY} (1 MiB)"));
+        return Err(format!(
+            "{bytes} bytes is below the minimum of {MIN_CAPACITY} (1 MiB)"
+        ));
     }
     if bytes > ram {
         return Err(format!(

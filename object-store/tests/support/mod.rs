@@ -3,13 +3,40 @@
 //! and leak checks.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
+use braid_store::protocol::{self, FrameError, Hello, ReplyFrame, Request, RequestFrame};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Environment variable carrying a child process's role.
 pub const ROLE_VAR: &str = "BRAID_STORE_TEST_ROLE";
+
+/// How to start a [`StoreProcess`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Arena size in bytes.
+    pub capacity: u64,
+    /// Whether to give the store a spill directory (`<dir>/spill`).
+    pub spill: bool,
+    /// Socket path; by default `<dir>/store.sock` in the store's own
+    /// temporary directory.
+    pub socket: Option<PathBuf>,
+    /// The store's `RUST_LOG` (its log goes to the test's stderr).
+    pub log: &'static str,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            capacity: 16 << 20,
+            spill: false,
+            socket: None,
+            log: "warn",
+        }
+    }
+}
 
 /// A `braid-store serve` process with its own temporary directory. Dropping
 /// it kills the process (by pid) and removes the directory.
@@ -24,17 +51,30 @@ pub struct StoreProcess {
 impl StoreProcess {
     /// Starts a store of `capacity` bytes and waits for its ready line.
     pub fn start(capacity: u64, spill: bool) -> StoreProcess {
+        Self::start_with(StoreOptions {
+            capacity,
+            spill,
+            ..StoreOptions::default()
+        })
+    }
+
+    /// Starts a store as `options` say and waits for its ready line.
+    pub fn start_with(options: StoreOptions) -> StoreProcess {
         let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("store.sock");
-        let spill_dir = spill.then(|| dir.path().join("spill"));
+        let socket = options
+            .socket
+            .clone()
+            .unwrap_or_else(|| dir.path().join("store.sock"));
+        let spill_dir = options.spill.then(|| dir.path().join("spill"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_braid-store"));
         cmd.arg("serve")
             .arg("--socket")
             .arg(&socket)
             .arg("--capacity")
-            .arg(capacity.to_string())
+            .arg(options.capacity.to_string())
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", options.log);
         if let Some(spill_dir) = &spill_dir {
             cmd.arg("--spill-dir").arg(spill_dir);
         }
@@ -42,7 +82,11 @@ impl StoreProcess {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
-        assert!(line.starts_with("ready "), "store did not start: {line:?}");
+        if !line.starts_with("ready ") {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("store did not start: {line:?}");
+        }
         StoreProcess {
             child,
             dir,
@@ -69,26 +113,117 @@ impl Drop for StoreProcess {
     }
 }
 
-/// Re-executes this test binary, running only the test `entry` with
-/// [`ROLE_VAR`] set to `role`, plus extra environment.
-pub fn spawn_role(entry: &str, role: &str, env: &[(&str, String)]) -> Child {
+/// A command that re-executes this test binary, running only the test
+/// `entry` with [`ROLE_VAR`] set to `role`, plus extra environment. Its
+/// stdout is piped and its stdin is null.
+pub fn role_command(entry: &str, role: &str, env: &[(&str, String)]) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([entry, "--exact", "--nocapture", "--test-threads=1", "-q"])
         .env(ROLE_VAR, role)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.spawn().unwrap()
+    cmd
+}
+
+/// Re-executes this test binary, running only the test `entry` with
+/// [`ROLE_VAR`] set to `role`, plus extra environment.
+pub fn spawn_role(entry: &str, role: &str, env: &[(&str, String)]) -> Child {
+    role_command(entry, role, env).spawn().unwrap()
+}
+
+/// The role this process was started with by [`spawn_role`], if any.
+pub fn current_role() -> Option<String> {
+    std::env::var(ROLE_VAR).ok()
+}
+
+/// Blocks until stdin reaches end of file: a child role that must stay alive
+/// (holding pins, say) until its parent kills it or goes away.
+pub fn block_on_stdin() {
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
 }
 
 /// Kills a child by pid when dropped.
 pub struct ChildGuard(pub Child);
 
+impl ChildGuard {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits for the child to exit and returns its status.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.0.wait().unwrap()
+    }
+
+    /// SIGKILLs the child and reaps it.
+    pub fn kill(&mut self) -> std::process::ExitStatus {
+        let _ = self.0.kill();
+        self.0.wait().unwrap()
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A child re-executed with a role (see [`spawn_role`]), with its stdout
+/// kept open until it exits (closing it early would make the child's test
+/// harness fail on a broken pipe). Dropping it kills the child by pid.
+pub struct RoleChild {
+    out: BufReader<ChildStdout>,
+    guard: ChildGuard,
+}
+
+impl RoleChild {
+    /// Spawns this test binary running only `entry` as `role`.
+    pub fn spawn(entry: &str, role: &str, env: &[(&str, String)]) -> RoleChild {
+        Self::from_command(role_command(entry, role, env))
+    }
+
+    /// Spawns a prepared [`role_command`], perhaps with stdin or stderr
+    /// changed.
+    pub fn from_command(mut cmd: Command) -> RoleChild {
+        let mut child = cmd.spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        RoleChild {
+            out,
+            guard: ChildGuard(child),
+        }
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    /// Reads stdout up to a line starting with `prefix`; returns the rest.
+    pub fn read_tagged(&mut self, prefix: &str) -> String {
+        read_tagged(&mut self.out, prefix)
+    }
+
+    /// The child's stdin, if it was piped.
+    pub fn stdin(&mut self) -> Option<&mut std::process::ChildStdin> {
+        self.guard.0.stdin.as_mut()
+    }
+
+    /// Reads stdout to its end, then reaps the child.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let mut rest = String::new();
+        let _ = self.out.read_to_string(&mut rest);
+        self.guard.wait()
+    }
+
+    /// SIGKILLs the child and reaps it.
+    pub fn kill(&mut self) -> std::process::ExitStatus {
+        self.guard.kill()
     }
 }
 
@@ -147,4 +282,79 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// A connection to the store that speaks the wire protocol by hand, for
+/// sending what [`braid_store::StoreClient`] never would.
+pub struct RawConn {
+    pub stream: UnixStream,
+    pub hello: Hello,
+    buf: Vec<u8>,
+}
+
+impl RawConn {
+    /// Connects and reads the hello frame. A plain read discards the arena
+    /// memfd the store attaches to it.
+    pub fn connect(socket: &Path) -> RawConn {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        // A safety net so that a store bug fails the test instead of hanging it.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut buf = Vec::new();
+        let hello: Hello = protocol::read_frame(&mut stream, &mut buf).unwrap();
+        RawConn { stream, hello, buf }
+    }
+
+    /// Sends one well-formed request frame.
+    pub fn send(&mut self, seq: u64, body: Request) {
+        let frame = protocol::encode_frame(&RequestFrame { seq, body }).unwrap();
+        self.stream.write_all(&frame).unwrap();
+    }
+
+    /// Sends arbitrary bytes in one write.
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Reads one reply frame.
+    pub fn recv(&mut self) -> ReplyFrame {
+        self.try_recv().unwrap()
+    }
+
+    /// Reads one reply frame, or why there is none.
+    pub fn try_recv(&mut self) -> Result<ReplyFrame, FrameError> {
+        protocol::read_frame(&mut self.stream, &mut self.buf)
+    }
+
+    /// Sends a request and reads the reply, which must carry the same seq.
+    pub fn call(&mut self, seq: u64, body: Request) -> ReplyFrame {
+        self.send(seq, body);
+        let reply = self.recv();
+        assert_eq!(reply.seq, seq, "reply to another request: {reply:?}");
+        reply
+    }
+
+    /// Closes the writing half, so the store reads end of file.
+    pub fn shutdown_write(&mut self) {
+        self.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+
+    /// Asserts the store closed the connection: the next read is end of file.
+    pub fn assert_closed(&mut self) {
+        let mut byte = [0u8; 1];
+        let n = self.stream.read(&mut byte).unwrap();
+        assert_eq!(n, 0, "expected end of file, read {:?}", &byte[..n]);
+    }
+}
+
+/// Asserts `ptr..ptr + len` lies inside `range` (a client's arena mapping).
+pub fn assert_in_range(ptr: *const u8, len: usize, range: &std::ops::Range<usize>) {
+    let start = ptr as usize;
+    assert!(
+        range.start <= start && start + len <= range.end,
+        "{start:#x}..+{len} is outside the arena mapping {:#x}..{:#x}",
+        range.start,
+        range.end
+    );
 }

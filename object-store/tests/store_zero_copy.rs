@@ -1,0 +1,362 @@
+//! Zero-copy sharing between processes: bytes, columnar batches, typed arrays
+//! and codec values written by one process are read in place by another.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use braid_store::batch::{BatchLayout, ColumnSpec, DType};
+use braid_store::{GetValueError, ObjectId, StoreClient, ViewError};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use support::*;
+
+const ENTRY: &str = "child_entry";
+const SOCKET_VAR: &str = "BRAID_TEST_SOCKET";
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Size of the object the "bytes" child writes: odd, several pages.
+const BYTES_LEN: usize = (3 << 20) + 123;
+const BYTES_SEED: u64 = 7;
+
+/// Rows in the batch the "batch" child builds.
+const ROWS: usize = 4096;
+
+const SMALL_PUT: &[u8] = b"a small object, placed in a leased block";
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Meta {
+    name: String,
+    dims: Vec<u32>,
+    weights: Vec<f32>,
+    tag: Option<u64>,
+}
+
+fn meta() -> Meta {
+    Meta {
+        name: "criteo-day-0".into(),
+        dims: vec![13, 26, 1 << 20],
+        weights: (0..100).map(|i| i as f32 / 8.0).collect(),
+        tag: Some(42),
+    }
+}
+
+fn big_array() -> Vec<f64> {
+    (0..20_000).map(|i| f64::from(i) * 0.25 - 3.0).collect()
+}
+
+fn small_array() -> Vec<f64> {
+    (0..16).map(|i| f64::from(i) * -1.5).collect()
+}
+
+/// Features of row `i`: `i % 5 + 1` hashed feature ids.
+fn row_features(i: usize) -> impl Iterator<Item = u64> {
+    (0..i % 5 + 1).map(move |j| (i as u64) << 8 | j as u64)
+}
+
+fn label(i: usize) -> f32 {
+    if i % 3 == 0 {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+fn nnz() -> usize {
+    (0..ROWS).map(|i| i % 5 + 1).sum()
+}
+
+fn batch_layout() -> BatchLayout {
+    BatchLayout::new(&[
+        ColumnSpec::new::<f32>("label", ROWS as u64),
+        ColumnSpec::new::<u32>("offsets", ROWS as u64 + 1),
+        ColumnSpec::new::<u64>("feature", nnz() as u64),
+    ])
+    .unwrap()
+}
+
+/// Runs the role this process was re-executed for; does nothing in a normal
+/// test run.
+#[test]
+fn child_entry() {
+    let Some(role) = current_role() else {
+        return;
+    };
+    let client = StoreClient::connect(std::env::var(SOCKET_VAR).unwrap()).unwrap();
+    match role.as_str() {
+        "bytes" => {
+            let id = ObjectId::random();
+            let mut buf = client.create(id, BYTES_LEN as u64).unwrap();
+            let slice = buf.as_mut_slice();
+            assert_in_range(slice.as_ptr(), slice.len(), &client.arena_range());
+            slice.copy_from_slice(&pattern(BYTES_SEED, BYTES_LEN));
+            drop(buf.seal().unwrap());
+            println!("id={id}");
+        }
+        "batch" => {
+            let layout = batch_layout();
+            let id = ObjectId::random();
+            let mut buf = client.create(id, layout.total_len()).unwrap();
+            {
+                let mut writer = buf.batch_writer(&layout).unwrap();
+                let mut columns = writer.split_columns_mut().unwrap();
+                let labels = columns.take::<f32>("label").unwrap();
+                let offsets = columns.take::<u32>("offsets").unwrap();
+                let features = columns.take::<u64>("feature").unwrap();
+                let range = client.arena_range();
+                assert_in_range(labels.as_ptr().cast(), labels.len() * 4, &range);
+                assert_in_range(features.as_ptr().cast(), features.len() * 8, &range);
+                let mut at = 0;
+                for i in 0..ROWS {
+                    labels[i] = label(i);
+                    offsets[i] = at as u32;
+                    for f in row_features(i) {
+                        features[at] = f;
+                        at += 1;
+                    }
+                }
+                offsets[ROWS] = at as u32;
+            }
+            drop(buf.seal().unwrap());
+            println!("id={id}");
+        }
+        "typed" => {
+            let big = client.put_array(&big_array()).unwrap();
+            let small = client.put_array(&small_array()).unwrap();
+            let value = client.put_value(&meta()).unwrap();
+            let odd = client.put(&[1u8; 12]).unwrap();
+            println!("big={}", big.id());
+            println!("small={}", small.id());
+            println!("value={}", value.id());
+            println!("odd={}", odd.id());
+        }
+        "small_put" => {
+            let view = client.put(SMALL_PUT).unwrap();
+            // The put took a block from a lease: the rest of the lease is
+            // still this client's.
+            assert!(client.stats().unwrap().leased_bytes > 0);
+            println!("id={}", view.id());
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn spawn(store: &StoreProcess, role: &str) -> RoleChild {
+    RoleChild::spawn(
+        ENTRY,
+        role,
+        &[(SOCKET_VAR, store.socket.display().to_string())],
+    )
+}
+
+fn read_id(child: &mut RoleChild, tag: &str) -> ObjectId {
+    child.read_tagged(tag).parse().unwrap()
+}
+
+/// Waits for a child to exit successfully and checks its pid is gone.
+fn finish(mut child: RoleChild) {
+    let pid = child.pid();
+    assert!(child.wait().success());
+    assert!(!alive(pid));
+}
+
+/// Waits until the store has dropped every client but `client` (children
+/// exit asynchronously to the store).
+fn settle(client: &StoreClient) {
+    eventually(Duration::from_secs(10), || {
+        client.stats().unwrap().clients == 1
+    });
+}
+
+#[test]
+fn bytes_written_by_one_process_are_read_in_place_by_another() {
+    let store = StoreProcess::start(32 << 20, false);
+    let mut child = spawn(&store, "bytes");
+    let id = read_id(&mut child, "id=");
+    finish(child);
+
+    let a = StoreClient::connect(&store.socket).unwrap();
+    let b = StoreClient::connect(&store.socket).unwrap();
+    let va = a.get(id, WAIT).unwrap();
+    let vb = b.get(id, WAIT).unwrap();
+    let expected = pattern(BYTES_SEED, BYTES_LEN);
+    assert_eq!(va.as_bytes(), &expected[..]);
+    assert_eq!(vb.as_bytes(), &expected[..]);
+
+    // Each view lies in its own client's mapping of the arena, at the same
+    // offset: two mappings of one copy, no copy made.
+    let (ra, rb) = (a.arena_range(), b.arena_range());
+    assert!(ra.end <= rb.start || rb.end <= ra.start, "mappings overlap");
+    assert_in_range(va.as_bytes().as_ptr(), va.len(), &ra);
+    assert_in_range(vb.as_bytes().as_ptr(), vb.len(), &rb);
+    assert_eq!(
+        va.as_bytes().as_ptr() as usize - ra.start,
+        va.offset() as usize
+    );
+    assert_eq!(va.offset(), vb.offset());
+
+    let stats = a.stats().unwrap();
+    assert_eq!(stats.pins, 2);
+    assert_eq!(stats.sealed_objects, 1);
+
+    drop(vb);
+    b.stats().unwrap(); // b's release is handled before this reply.
+    drop(va);
+    a.delete(id).unwrap();
+    drop(b);
+    settle(&a);
+    let stats = a.stats().unwrap();
+    assert_eq!(stats.arena.used, 0);
+    assert_eq!(stats.sealed_objects, 0);
+    assert!(braid_shm_files().is_empty());
+}
+
+#[test]
+fn columnar_batch_built_in_place_is_read_in_place() {
+    let store = StoreProcess::start(16 << 20, false);
+    let mut child = spawn(&store, "batch");
+    let id = read_id(&mut child, "id=");
+    finish(child);
+
+    let client = StoreClient::connect(&store.socket).unwrap();
+    let view = client.get(id, WAIT).unwrap();
+    let batch = view.batch().unwrap();
+    assert_eq!(batch.num_columns(), 3);
+    assert_eq!(
+        batch.column_names().collect::<Vec<_>>(),
+        ["label", "offsets", "feature"]
+    );
+    assert_eq!(batch.dtype("label"), Some(DType::F32));
+    assert_eq!(batch.dtype("offsets"), Some(DType::U32));
+    assert_eq!(batch.dtype("feature"), Some(DType::U64));
+    assert_eq!(batch.total_len(), batch_layout().total_len());
+
+    let labels = batch.column::<f32>("label").unwrap();
+    let offsets = batch.column::<u32>("offsets").unwrap();
+    let features = batch.column::<u64>("feature").unwrap();
+    let range = client.arena_range();
+    assert_in_range(
+        labels.as_ptr().cast(),
+        std::mem::size_of_val(labels),
+        &range,
+    );
+    assert_in_range(
+        offsets.as_ptr().cast(),
+        std::mem::size_of_val(offsets),
+        &range,
+    );
+    assert_in_range(
+        features.as_ptr().cast(),
+        std::mem::size_of_val(features),
+        &range,
+    );
+    let bytes = view.as_bytes().as_ptr_range();
+    assert!(bytes.contains(&features.as_ptr().cast()));
+
+    assert_eq!(labels.len(), ROWS);
+    assert_eq!(offsets.len(), ROWS + 1);
+    assert_eq!(features.len(), nnz());
+    for i in 0..ROWS {
+        assert_eq!(labels[i], label(i), "label of row {i}");
+        let row = &features[offsets[i] as usize..offsets[i + 1] as usize];
+        assert!(
+            row.iter().copied().eq(row_features(i)),
+            "features of row {i}"
+        );
+    }
+    assert!(batch.column::<f64>("label").is_err());
+    assert!(batch.column::<f32>("nope").is_err());
+
+    drop(view);
+    client.delete(id).unwrap();
+    settle(&client);
+    assert_eq!(client.stats().unwrap().arena.used, 0);
+}
+
+#[test]
+fn typed_arrays_and_codec_values_cross_processes() {
+    let store = StoreProcess::start(16 << 20, false);
+    let mut child = spawn(&store, "typed");
+    let big = read_id(&mut child, "big=");
+    let small = read_id(&mut child, "small=");
+    let value = read_id(&mut child, "value=");
+    let odd = read_id(&mut child, "odd=");
+    finish(child);
+
+    let client = StoreClient::connect(&store.socket).unwrap();
+    let range = client.arena_range();
+    for (id, expected) in [(big, big_array()), (small, small_array())] {
+        let view = client.get(id, WAIT).unwrap();
+        let values = view.as_slice::<f64>().unwrap();
+        assert_eq!(values, &expected[..]);
+        assert_in_range(
+            values.as_ptr().cast(),
+            std::mem::size_of_val(values),
+            &range,
+        );
+    }
+    assert_eq!(client.get_value::<Meta>(value, WAIT).unwrap(), meta());
+    match client.get_value::<Vec<String>>(value, WAIT) {
+        Err(GetValueError::Decode { id, .. }) => assert_eq!(id, value),
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+    let view = client.get(odd, WAIT).unwrap();
+    assert_eq!(
+        view.as_slice::<f64>().unwrap_err(),
+        ViewError::Length { len: 12, elem: 8 }
+    );
+    assert_eq!(view.as_slice::<u32>().unwrap(), &[0x0101_0101; 3]);
+    drop(view);
+
+    for id in [big, small, value, odd] {
+        client.delete(id).unwrap();
+    }
+    settle(&client);
+    let stats = client.stats().unwrap();
+    assert_eq!(stats.arena.used, 0);
+    assert_eq!(stats.pins, 0);
+}
+
+#[test]
+fn small_put_is_visible_to_another_process() {
+    let store = StoreProcess::start(16 << 20, false);
+    let mut child = spawn(&store, "small_put");
+    let id = read_id(&mut child, "id=");
+    finish(child);
+
+    let client = StoreClient::connect(&store.socket).unwrap();
+    let view = client.get(id, WAIT).unwrap();
+    assert_eq!(view.as_bytes(), SMALL_PUT);
+    assert_in_range(view.as_bytes().as_ptr(), view.len(), &client.arena_range());
+
+    // The creator is gone: its unused leased blocks went back to the arena,
+    // the object it put stays, pinned only by this client.
+    settle(&client);
+    let stats = client.stats().unwrap();
+    assert_eq!(stats.leased_bytes, 0);
+    assert_eq!(stats.sealed_objects, 1);
+    assert_eq!(stats.pins, 1);
+    assert_eq!(stats.arena.used, 64, "one 64-byte block");
+    drop(view);
+    client.delete(id).unwrap();
+    assert_eq!(client.stats().unwrap().arena.used, 0);
+}
+
+/// A value whose encoding is empty (`()`, a unit struct) must round-trip
+/// like any other.
+#[test]
+#[ignore = "store bug: put_value stores a 1-byte object for an empty encoding and get_value rejects the extra byte"]
+fn empty_encoding_round_trips() {
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Marker;
+
+    let store = StoreProcess::start(16 << 20, false);
+    let client = StoreClient::connect(&store.socket).unwrap();
+    let unit = client.put_value(&()).unwrap();
+    let marker = client.put_value(&Marker).unwrap();
+    let other = StoreClient::connect(&store.socket).unwrap();
+    other.get_value::<()>(unit.id(), WAIT).unwrap();
+    assert_eq!(
+        other.get_value::<Marker>(marker.id(), WAIT).unwrap(),
+        Marker
+    );
+}

@@ -176,9 +176,6 @@ impl StoreClient {
         size: u64,
         evictable: bool,
     ) -> Result<ObjectBuf, CreateError> {
-        if size == 0 {
-            return Err(CreateError::ZeroSize);
-        }
         let reply = self.inner.call(Request::Create {
             id,
             size,
@@ -221,7 +218,7 @@ impl StoreClient {
     ) -> Result<ObjectView, PutError> {
         let len = crate::codec::encoded_len(value).map_err(|e| PutError::Encode(e.to_string()))?;
         let id = ObjectId::random();
-        let mut buf = self.create(id, len.max(1))?;
+        let mut buf = self.create(id, len)?;
         crate::codec::encode_into(value, buf.as_mut_slice())
             .map_err(|e| PutError::Encode(e.to_string()))?;
         Ok(buf.seal()?)

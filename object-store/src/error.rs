@@ -64,9 +64,6 @@ pub enum CreateError {
     /// An object with this id exists.
     #[error("object {0} already exists")]
     AlreadyExists(ObjectId),
-    /// Objects must have at least one byte.
-    #[error("objects must have at least one byte")]
-    ZeroSize,
     /// Neither eviction nor spilling could make room.
     #[error("store full: {requested} bytes requested, {free} free, largest free block {largest_free}, {pinned} bytes pinned")]
     StoreFull {

@@ -258,7 +258,13 @@ impl Shared {
             match step {
                 Ok(block) => return self.provision(block).await,
                 Err(Victim::Evicted) => continue,
-                Err(Victim::Spill(job)) => self.spill(job).await,
+                Err(Victim::Spill(job)) => {
+                    if let Err(reason) = self.spill(job).await {
+                        return Err(WireError::Internal(format!(
+                            "no room for {size} bytes: spilling failed: {reason}"
+                        )));
+                    }
+                }
                 Err(Victim::None) => return Err(self.table.lock().full_error(size)),
             }
         }
@@ -301,7 +307,9 @@ impl Shared {
         }
     }
 
-    async fn spill(self: &Arc<Self>, job: SpillJob) {
+    /// Spills one object. An error means the spill directory is failing;
+    /// the caller then gives up instead of trying every other victim.
+    async fn spill(self: &Arc<Self>, job: SpillJob) -> Result<(), String> {
         let shared = Arc::clone(self);
         let result = tokio::task::spawn_blocking(move || {
             let spill = shared.spill.as_ref().ok_or("spilling is disabled")?;
@@ -316,14 +324,16 @@ impl Shared {
         .await
         .unwrap_or_else(|e| Err(format!("spill task failed: {e}")))
         .map_err(|e| e.to_string());
+        let failure = result.as_ref().err().cloned();
         let unneeded = self.table.lock().finish_spill(job, result);
         if let (Some(extent), Some(spill)) = (unneeded, self.spill.as_ref()) {
             spill.release(extent);
         }
+        failure.map_or(Ok(()), Err)
     }
 
     async fn restore(self: &Arc<Self>, job: RestoreJob) {
-        let block = match self.allocate(job.size).await {
+        let block = match self.allocate(job.size.max(1)).await {
             Ok(block) => block,
             Err(e) => {
                 self.table.lock().abort_restore(job.id, e);
@@ -550,15 +560,10 @@ impl Connection {
     }
 
     async fn create(&self, id: ObjectId, size: u64, evictable: bool) -> Result<Reply, WireError> {
-        if size == 0 {
-            return Err(WireError::Internal(
-                "objects must have at least one byte".into(),
-            ));
-        }
         if self.table().exists(&id) {
             return Err(WireError::AlreadyExists(id));
         }
-        let block = self.shared.allocate(size).await?;
+        let block = self.shared.allocate(size.max(1)).await?;
         let mut table = self.table();
         match table.insert_creating(self.client, id, block, size, evictable) {
             Ok(()) => Ok(Reply::Created {

@@ -7,7 +7,7 @@
 mod support;
 
 use braid_store::protocol::{Reply, ReplyFrame, Request, WireError, MAX_FRAME};
-use braid_store::{CreateError, DeleteError, ObjectId, PutError, StoreClient};
+use braid_store::{CreateError, DeleteError, ObjectId, StoreClient};
 use std::time::Duration;
 use support::*;
 
@@ -194,24 +194,33 @@ fn requests_a_client_is_not_entitled_to_get_typed_errors() {
         assert_eq!(reply.body, Err(WireError::AlreadyExists(id)));
     }
 
-    // Empty objects.
-    assert!(matches!(
-        f.client.create(ObjectId::random(), 0),
-        Err(CreateError::ZeroSize)
-    ));
-    assert!(matches!(
-        f.client.put(&[]),
-        Err(PutError::Create(CreateError::ZeroSize))
-    ));
+    // Empty objects are objects like any other.
+    let empty = f
+        .client
+        .create(ObjectId::random(), 0)
+        .unwrap()
+        .seal()
+        .unwrap();
+    assert!(empty.is_empty());
+    let put_empty = f.client.put(&[]).unwrap();
+    assert!(f.client.contains(put_empty.id()).unwrap());
+    for view in [empty, put_empty] {
+        let id = view.id();
+        drop(view);
+        f.client.delete(id).unwrap();
+    }
+    let raw_empty = ObjectId::random();
     let reply = raw.call(
         8,
         Request::Create {
-            id: ObjectId::random(),
+            id: raw_empty,
             size: 0,
             evictable: false,
         },
     );
-    assert!(reply.body.is_err(), "{reply:?}");
+    assert!(matches!(reply.body, Ok(Reply::Created { .. })), "{reply:?}");
+    let reply = raw.call(8, Request::Abort { id: raw_empty });
+    assert_eq!(reply.body, Ok(Reply::Aborted));
 
     // Leases: bad block sizes, and blocks that were never leased.
     for class in [3, 32, 128 << 10] {

@@ -344,7 +344,6 @@ fn small_put_is_visible_to_another_process() {
 /// A value whose encoding is empty (`()`, a unit struct) must round-trip
 /// like any other.
 #[test]
-#[ignore = "store bug: put_value stores a 1-byte object for an empty encoding and get_value rejects the extra byte"]
 fn empty_encoding_round_trips() {
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Marker;

@@ -42,6 +42,24 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// Median rate of `call` over five 300 ms windows.
+fn calls_per_s(mut call: impl FnMut() -> Result<()>) -> Result<f64> {
+    let window = Duration::from_millis(300);
+    let mut rates = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < window {
+            for _ in 0..20 {
+                call()?;
+            }
+            n += 20;
+        }
+        rates.push(n as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(median(&rates))
+}
+
 fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
@@ -213,71 +231,58 @@ fn run_bench(json: bool) -> Result<()> {
     eprintln!("multi-client put {multi:.2} GB/s");
 
     // Small synchronous calls, Ray's workloads: put(0) and get of one object.
-    let window = Duration::from_millis(300);
-    let mut put_calls = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        let mut n = 0u64;
-        while t.elapsed() < window {
-            for _ in 0..100 {
-                drop(client.put(&0u64.to_le_bytes())?);
-            }
-            n += 100;
-        }
-        put_calls.push(n as f64 / t.elapsed().as_secs_f64());
-    }
-    out.push(("single_client_put_calls_Plasma_Store", median(&put_calls)));
+    let put_calls = calls_per_s(|| {
+        drop(client.put(&0u64.to_le_bytes())?);
+        Ok(())
+    })?;
+    out.push(("single_client_put_calls_Plasma_Store", put_calls));
     let value = client.put(&0u64.to_le_bytes())?;
-    let mut get_calls = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        let mut n = 0u64;
-        while t.elapsed() < window {
-            for _ in 0..100 {
-                drop(client.get(value.id(), Duration::from_secs(1))?);
-            }
-            n += 100;
-        }
-        get_calls.push(n as f64 / t.elapsed().as_secs_f64());
-    }
-    out.push(("single_client_get_calls_Plasma_Store", median(&get_calls)));
+    let get_calls = calls_per_s(|| {
+        drop(client.get(value.id(), Duration::from_secs(1))?);
+        Ok(())
+    })?;
+    out.push(("single_client_get_calls_Plasma_Store", get_calls));
 
     // Gets that each go through the store: another client pins the object,
     // this one takes and drops its own pin every call.
     let reader = StoreClient::connect(&socket)?;
-    let mut remote_calls = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        let mut n = 0u64;
-        while t.elapsed() < window {
-            for _ in 0..20 {
-                drop(reader.get(value.id(), Duration::from_secs(1))?);
-            }
-            n += 20;
-        }
-        remote_calls.push(n as f64 / t.elapsed().as_secs_f64());
-    }
-    out.push(("single_client_get_calls_via_socket", median(&remote_calls)));
+    let socket_calls = calls_per_s(|| {
+        drop(reader.get(value.id(), Duration::from_secs(1))?);
+        Ok(())
+    })?;
+    out.push(("single_client_get_calls_via_socket", socket_calls));
     drop(reader);
     drop(value);
 
-    // Get latency from another process, 1 MiB and 1 GiB objects.
-    for (name, cold_name, size) in [
-        ("get_latency_us_1MiB", "get_latency_us_1MiB_cold", MIB),
-        ("get_latency_us_1GiB", "get_latency_us_1GiB_cold", GIB),
-    ] {
+    // Get latency from another process, 1 MiB and 1 GiB objects, sampled
+    // alternately in one reader so both medians see the same conditions.
+    let mut objects = Vec::new();
+    for size in [MIB, GIB] {
         let id = ObjectId::random();
         let mut buf = client.create(id, size)?;
         buf.as_mut_slice().fill(7);
-        let view = buf.seal()?;
-        let mut p = Proc::spawn(&["--role", "getter", &socket_s, &id.to_string(), "300"])?;
-        let line = p.expect("latency")?;
-        let mut parts = line.split_whitespace().map(|x| x.parse::<f64>());
-        let cold = parts.next().context("cold")??;
-        let warm = parts.next().context("warm")??;
-        out.push((name, warm));
-        out.push((cold_name, cold));
-        eprintln!("get {size} bytes: {warm:.1} us (first get in a new process {cold:.1} us)");
+        objects.push(buf.seal()?);
+    }
+    let (small, big) = (objects[0].id().to_string(), objects[1].id().to_string());
+    let mut p = Proc::spawn(&["--role", "getter", &socket_s, &small, &big, "1000"])?;
+    let line = p.expect("latency")?;
+    let figures: Vec<f64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let [cold_small, warm_small, cold_big, warm_big] = figures[..] else {
+        bail!("getter printed {line:?}");
+    };
+    out.push(("get_latency_us_1MiB", warm_small));
+    out.push(("get_latency_us_1GiB", warm_big));
+    out.push(("get_latency_1GiB_over_1MiB", warm_big / warm_small));
+    out.push(("get_latency_us_1MiB_cold", cold_small));
+    out.push(("get_latency_us_1GiB_cold", cold_big));
+    eprintln!(
+        "get 1 MiB {warm_small:.1} us, 1 GiB {warm_big:.1} us (first get in a new process: {cold_small:.1} us, {cold_big:.1} us)"
+    );
+    for view in objects {
+        let id = view.id();
         drop(view);
         client.delete(id)?;
     }
@@ -396,21 +401,33 @@ fn role_putter(args: &[String]) -> Result<()> {
 
 fn role_getter(args: &[String]) -> Result<()> {
     let client = StoreClient::connect(args.first().context("socket")?)?;
-    let id: ObjectId = args.get(1).context("id")?.parse()?;
-    let samples: usize = args.get(2).context("samples")?.parse()?;
+    let small: ObjectId = args.get(1).context("id")?.parse()?;
+    let big: ObjectId = args.get(2).context("id")?.parse()?;
+    let samples: usize = args.get(3).context("samples")?.parse()?;
     let timeout = Duration::from_secs(10);
-    let t = Instant::now();
-    let view = client.get(id, timeout)?;
-    let cold = t.elapsed().as_secs_f64() * 1e6;
-    drop(view);
-    let mut lat = Vec::with_capacity(samples);
-    for _ in 0..samples {
+    let mut cold = Vec::new();
+    for id in [small, big] {
         let t = Instant::now();
         let view = client.get(id, timeout)?;
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
-        std::hint::black_box(view.as_bytes().first());
+        cold.push(t.elapsed().as_secs_f64() * 1e6);
         drop(view);
     }
-    println!("latency {cold} {}", median(&lat));
+    let mut lat = [Vec::with_capacity(samples), Vec::with_capacity(samples)];
+    for _ in 0..samples {
+        for (i, id) in [small, big].into_iter().enumerate() {
+            let t = Instant::now();
+            let view = client.get(id, timeout)?;
+            lat[i].push(t.elapsed().as_secs_f64() * 1e6);
+            std::hint::black_box(view.as_bytes().first());
+            drop(view);
+        }
+    }
+    println!(
+        "latency {} {} {} {}",
+        cold[0],
+        median(&lat[0]),
+        cold[1],
+        median(&lat[1])
+    );
     Ok(())
 }

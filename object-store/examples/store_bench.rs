@@ -42,6 +42,41 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The spill directory's own limits: median rates of writing `count` fresh
+/// `size`-byte extents to a plain file there, in 1 MiB writes as the store
+/// does, then reading them back.
+fn disk_speed(dir: &Path, size: u64, count: u64) -> Result<(f64, f64)> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("disk-speed");
+    let file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let chunk = vec![5u8; MIB as usize];
+    let mut back = vec![0u8; MIB as usize];
+    let (mut writes, mut reads) = (Vec::new(), Vec::new());
+    for i in 0..count {
+        let base = i * size;
+        let t = Instant::now();
+        for at in (0..size).step_by(MIB as usize) {
+            file.write_all_at(&chunk, base + at)?;
+        }
+        writes.push(gbps(size, t.elapsed()));
+    }
+    for i in 0..count {
+        let base = i * size;
+        let t = Instant::now();
+        for at in (0..size).step_by(MIB as usize) {
+            file.read_exact_at(&mut back, base + at)?;
+        }
+        reads.push(gbps(size, t.elapsed()));
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok((median(&writes), median(&reads)))
+}
+
 /// Median rate of `call` over five 300 ms windows.
 fn calls_per_s(mut call: impl FnMut() -> Result<()>) -> Result<f64> {
     let window = Duration::from_millis(300);
@@ -316,14 +351,18 @@ fn run_bench(json: bool) -> Result<()> {
         drop(view);
         resident = id;
     }
+    drop(sc);
+    drop(_spill_store);
+    let (disk_write, disk_read) = disk_speed(dir.path(), size, 4)?;
     out.push(("spill_gigabytes_per_s", median(&spills)));
     out.push(("restore_gigabytes_per_s", median(&restores)));
+    out.push(("disk_write_gigabytes_per_s", disk_write));
+    out.push(("disk_read_gigabytes_per_s", disk_read));
     eprintln!(
-        "spill {:.2} GB/s, restore {:.2} GB/s",
+        "spill {:.2} GB/s, restore {:.2} GB/s; plain file writes {disk_write:.2} GB/s, reads {disk_read:.2} GB/s",
         median(&spills),
         median(&restores)
     );
-    drop(sc);
 
     let body: Vec<String> = out
         .iter()

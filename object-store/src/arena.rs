@@ -121,16 +121,6 @@ impl Mapping {
         self.map.as_mut_ptr()
     }
 
-    /// Whether `[ptr, ptr + len)` lies inside this mapping.
-    pub fn contains_range(&self, ptr: *const u8, len: usize) -> bool {
-        let base = self.base() as usize;
-        let start = ptr as usize;
-        start >= base
-            && start
-                .checked_add(len)
-                .is_some_and(|end| end <= base + self.len as usize)
-    }
-
     /// Whether `[offset, offset + len)` is a valid range of the arena.
     pub fn in_bounds(&self, offset: u64, len: u64) -> bool {
         offset.checked_add(len).is_some_and(|end| end <= self.len)

@@ -67,7 +67,6 @@ pub enum SpillError {
 #[derive(Debug)]
 pub struct SpillFile {
     file: File,
-    dir: PathBuf,
     extents: Mutex<Allocator>,
 }
 
@@ -103,14 +102,8 @@ impl SpillFile {
         };
         Ok(SpillFile {
             file: File::from(fd),
-            dir: dir.to_owned(),
             extents: Mutex::new(Allocator::new(SPILL_SPACE)),
         })
-    }
-
-    /// The directory the file lives in.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Writes `data` to a fresh extent and returns it with the data's CRC32.

@@ -204,6 +204,20 @@ impl StoreClient {
         Ok(buf.seal()?)
     }
 
+    /// [`StoreClient::put`] under an id the caller made fresh (random in at
+    /// least 96 of its bits, such as a job tag followed by random bytes).
+    /// Small objects take the same leased, one-way path as `put`, where an
+    /// id collision could not be reported; a reused id is the caller's bug.
+    pub fn put_with_fresh_id(&self, id: ObjectId, data: &[u8]) -> Result<ObjectView, PutError> {
+        let len = data.len() as u64;
+        if len > 0 && len <= self.inner.hello.max_leased_size {
+            return self.put_leased(id, data);
+        }
+        let mut buf = self.create(id, len)?;
+        buf.as_mut_slice().copy_from_slice(data);
+        Ok(buf.seal()?)
+    }
+
     /// Puts a slice of plain-old-data values; read it back zero-copy with
     /// [`ObjectView::as_slice`].
     pub fn put_array<T: bytemuck::Pod>(&self, values: &[T]) -> Result<ObjectView, PutError> {

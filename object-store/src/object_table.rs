@@ -381,6 +381,16 @@ impl ObjectTable {
 
     /// Deletes an object now if unpinned, or once its last pin is released.
     /// Returns the spill extent to free, if the object was spilled.
+    /// Ids of every object that is sealed, spilled or being moved (not ones
+    /// still being written).
+    pub fn sealed_ids(&self) -> Vec<ObjectId> {
+        self.objects
+            .iter()
+            .filter(|(_, e)| !matches!(e, Entry::Creating(_)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     pub fn delete(&mut self, id: ObjectId) -> Result<Option<Extent>, WireError> {
         let entry = self.objects.get_mut(&id).ok_or(WireError::NotFound(id))?;
         match entry {

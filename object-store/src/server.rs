@@ -108,6 +108,27 @@ impl StoreHandle {
         self.shared.stats()
     }
 
+    /// Deletes every sealed object whose id satisfies `select`, as if each
+    /// were deleted by a client: pinned ones go when their last pin does.
+    /// The node daemon uses it to drop a finished job's objects. Returns how
+    /// many were deleted or marked.
+    pub fn delete_where(&self, select: impl Fn(&ObjectId) -> bool) -> usize {
+        let mut table = self.shared.table.lock();
+        let mut deleted = 0;
+        for id in table.sealed_ids() {
+            if !select(&id) {
+                continue;
+            }
+            if let Ok(extent) = table.delete(id) {
+                deleted += 1;
+                if let (Some(extent), Some(spill)) = (extent, self.shared.spill.as_ref()) {
+                    spill.release(extent);
+                }
+            }
+        }
+        deleted
+    }
+
     /// Asks [`StoreServer::run`] to stop accepting and return.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);

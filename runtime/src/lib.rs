@@ -1,14 +1,106 @@
 //! braid: a Ray-style runtime for fused computing.
 //!
-//! This crate will hold the API users import (init, tasks, actors,
-//! `ObjectRef<T>`, get/wait/put), the head and node daemons and the `braid`
-//! CLI. Today it re-exports the node-local object store, [`store`], which
-//! everything else stands on.
+//! Tasks, actors and object references over a shared-memory object store on
+//! every node. Write remote functions and actors with
+//! [`#[braid::remote]`](remote) and [`#[braid::actor]`](actor), start or
+//! join a cluster with [`init`], and call them:
 //!
+//! ```no_run
+//! #[braid::remote]
+//! fn add(a: i64, b: i64) -> i64 {
+//!     a + b
+//! }
+//!
+//! #[braid::actor]
+//! pub struct Counter {
+//!     n: u64,
+//! }
+//!
+//! #[braid::actor]
+//! impl Counter {
+//!     fn new(start: u64) -> Self {
+//!         Counter { n: start }
+//!     }
+//!     fn incr(&mut self, by: u64) -> u64 {
+//!         self.n += by;
+//!         self.n
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> braid::Result<()> {
+//!     let rt = braid::init().await?; // BRAID_ADDRESS, or an embedded cluster
+//!     let x = add::remote(&rt, 1, 2)?; // returns at once
+//!     let y = add::remote(&rt, &x, 10)?; // references as arguments
+//!     let c = Counter::remote(&rt, 0).max_restarts(3).spawn().await?;
+//!     assert_eq!(c.incr(5).await?, 5);
+//!     let big = rt.put_array(&vec![0f32; 1 << 20])?; // lands in shared memory
+//!     let view = rt.get_array(&big).await?; // zero-copy view
+//!     assert_eq!(view.len(), 1 << 20);
+//!     assert_eq!(rt.get(&y).await?, 13);
+//!     Ok(())
+//! }
 //! ```
-//! use braid::store::ObjectId;
-//! let id = ObjectId::random();
-//! assert_eq!(id.as_bytes().len(), 16);
-//! ```
+//!
+//! The processes (ARCHITECTURE §2): a head keeps cluster metadata; a node
+//! daemon per node embeds the [object store](store), a scheduler and a pool
+//! of worker processes, which are the job's own binary re-executed with a
+//! role ([`role`]). Callers push tasks and actor calls directly to workers
+//! over Unix sockets ([`wire`]); nodes and the head speak gRPC ([`rpc`]).
 
+pub use braid_macros::{actor, remote};
 pub use braid_store as store;
+
+pub mod actor;
+pub mod address;
+pub mod cluster;
+pub(crate) mod core;
+pub mod error;
+pub(crate) mod executor;
+pub mod ids;
+mod init;
+pub mod node;
+pub mod object_ref;
+pub mod refs;
+pub mod registry;
+pub mod resources;
+pub mod role;
+pub mod rpc;
+pub mod runtime;
+pub mod submit;
+pub mod value;
+pub mod wire;
+
+pub use actor::{ActorBuilder, ActorCall, ActorHandle, TypedHandle};
+pub use error::{Error, Result};
+pub use ids::{ActorId, JobId, NodeId, PlacementGroupId, TaskId, WorkerId};
+pub use init::{init, init_blocking, init_blocking_with, InitOptions};
+pub use object_ref::ObjectRef;
+pub use resources::Resources;
+pub use runtime::{current, Array, ArrayView, PlacementGroup, PlacementStrategy, Raw, Runtime};
+pub use submit::TaskOptions;
+pub use value::{Arg, IntoArg};
+
+/// What `#[braid::remote]` and `#[braid::actor]` expand to. Not a public
+/// API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::registry::{
+        ActorCell, ActorClassEntry, ActorObject, ActorRef, Dispatch, FunctionEntry, Invoke, Method,
+        ACTOR_CLASSES, REMOTE_FUNCTIONS,
+    };
+    pub use crate::value::{encode_return, Args, Encoded};
+    pub use futures::future::BoxFuture;
+    pub use linkme;
+    pub use serde;
+
+    /// Submits a task by its registered name.
+    pub fn submit_task<R>(
+        rt: &crate::Runtime,
+        name: &'static str,
+        opts: &crate::TaskOptions,
+        args: crate::Result<Vec<crate::Arg>>,
+    ) -> crate::Result<crate::ObjectRef<R>> {
+        rt.core.submitter.submit(name, opts, args)
+    }
+}

@@ -1,0 +1,49 @@
+//! Where a braid process can be reached: its worker id, its node, and the
+//! Unix socket it serves direct calls on.
+
+use crate::ids::{NodeId, WorkerId};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+/// The address of a driver or worker process.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Address {
+    /// The process's worker id (drivers have one too).
+    pub worker: WorkerId,
+    /// The node it runs on.
+    pub node: NodeId,
+    /// The Unix socket it serves direct calls on.
+    pub socket: String,
+    /// Its process id.
+    pub pid: u32,
+}
+
+impl fmt::Debug for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}@{}", self.worker, self.socket)
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pid {} ({})", self.pid, self.socket)
+    }
+}
+
+/// Shares one allocation among equal addresses, so a value holding ten
+/// thousand references owned by one process holds one address.
+pub(crate) fn intern(address: Address) -> Arc<Address> {
+    static TABLE: OnceLock<Mutex<HashMap<WorkerId, Arc<Address>>>> = OnceLock::new();
+    let mut table = TABLE.get_or_init(Default::default).lock();
+    match table.get(&address.worker) {
+        Some(a) if **a == address => a.clone(),
+        _ => {
+            let a = Arc::new(address);
+            table.insert(a.worker, a.clone());
+            a
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The error every braid call returns. It is plain data, so an error raised
+//! in another process crosses the wire and reaches the caller as the same
+//! variant it was raised as.
+
+use crate::ids::{ActorId, NodeId};
+use braid_store::ObjectId;
+use serde::{Deserialize, Serialize};
+
+/// What went wrong in a braid call.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+pub enum Error {
+    /// The task or actor method ran and failed: it panicked, or its
+    /// arguments could not be decoded.
+    #[error("task {function} failed: {message}")]
+    TaskError {
+        /// The function or `Class::method` that failed.
+        function: String,
+        /// The panic message or decoding error.
+        message: String,
+    },
+    /// The worker process running the task died, and the retries are spent.
+    #[error("worker died running {function} (after {attempts} attempts): {cause}")]
+    WorkerDied {
+        /// The function that was running.
+        function: String,
+        /// How many times the task was tried.
+        attempts: u32,
+        /// What is known about the death.
+        cause: String,
+    },
+    /// The actor's process died while the call was in flight, or the actor
+    /// is dead for good (restarts spent, or killed).
+    #[error("actor {actor} died: {cause}")]
+    ActorDied {
+        /// The actor.
+        actor: ActorId,
+        /// What is known about the death.
+        cause: String,
+    },
+    /// Every copy of the object is gone (its node died, or its owner did).
+    #[error("object {0} lost")]
+    ObjectLost(ObjectId),
+    /// The object store could not make room for an object.
+    #[error("object store full: {0}")]
+    StoreFull(String),
+    /// The call did not finish within its timeout.
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// The task was cancelled.
+    #[error("task cancelled")]
+    Cancelled,
+    /// A daemon or peer could not be reached.
+    #[error("cannot reach {address}: {message}")]
+    Unreachable {
+        /// Who was called.
+        address: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// The cluster refused the cluster token.
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
+    /// No function of this name is registered in the job's binary.
+    #[error("no remote function named {0}")]
+    UnknownFunction(String),
+    /// No actor class of this name is registered in the job's binary.
+    #[error("no actor class named {0}")]
+    UnknownActorClass(String),
+    /// The actor class has no method of this name.
+    #[error("actor class {class} has no method {method}")]
+    UnknownMethod {
+        /// The actor class.
+        class: String,
+        /// The method asked for.
+        method: String,
+    },
+    /// No live actor has this name.
+    #[error("no actor named {0}")]
+    ActorNotFound(String),
+    /// A worker was started from a different build of the job's binary.
+    #[error("worker binary differs from the job's: expected build {expected}, found {found}")]
+    BuildMismatch {
+        /// The job's build hash.
+        expected: String,
+        /// The worker's build hash.
+        found: String,
+    },
+    /// No node can ever satisfy the resource demand.
+    #[error("no node can satisfy {0}")]
+    Infeasible(String),
+    /// A node the call depended on died.
+    #[error("node {0} died")]
+    NodeDied(NodeId),
+    /// A value could not be encoded or decoded.
+    #[error("codec: {0}")]
+    Codec(String),
+    /// The request was malformed or not allowed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The runtime is not initialised, or has shut down.
+    #[error("runtime not running: {0}")]
+    NotRunning(String),
+    /// An operating-system call failed.
+    #[error("{context}: {message}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        message: String,
+    },
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, err: impl std::fmt::Display) -> Error {
+        Error::Io {
+            context: context.into(),
+            message: err.to_string(),
+        }
+    }
+
+    /// Whether the error says a peer process is gone (as opposed to the
+    /// call itself failing), so a retry elsewhere may succeed.
+    pub fn is_peer_death(&self) -> bool {
+        matches!(
+            self,
+            Error::Unreachable { .. } | Error::WorkerDied { .. } | Error::NodeDied(_)
+        )
+    }
+}
+
+impl From<bincode::Error> for Error {
+    fn from(e: bincode::Error) -> Self {
+        Error::Codec(e.to_string())
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

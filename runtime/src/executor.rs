@@ -1,0 +1,308 @@
+//! The worker side: runs pushed tasks one after another, or hosts one actor
+//! and runs its calls in arrival order (or up to its declared concurrency).
+//! Arguments are resolved before a task runs; a panic becomes
+//! [`Error::TaskError`] carrying the message and the function's name.
+
+use crate::address::Address;
+use crate::core::Core;
+use crate::error::{Error, Result};
+use crate::ids::{ActorId, TaskId};
+use crate::registry::{self, ActorObject, Invoke};
+use crate::value::{ArgData, Args, Encoded};
+use crate::wire::messages::{ActorSpec, CallSpec, ReturnValue, TaskResult, TaskSpec, WireArg};
+use crate::wire::{Message, Reply, Responder, INLINE_LIMIT};
+use braid_store::ObjectId;
+use futures::FutureExt;
+use parking_lot::Mutex;
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, OnceLock, Weak};
+use tokio::sync::mpsc;
+
+/// The task or actor this worker is running, for prefixing its output.
+pub(crate) fn current_label() -> &'static Mutex<String> {
+    static LABEL: OnceLock<Mutex<String>> = OnceLock::new();
+    LABEL.get_or_init(|| Mutex::new(String::from("worker")))
+}
+
+struct Hosted {
+    actor: ActorId,
+    class: String,
+    calls: mpsc::UnboundedSender<(CallSpec, Responder)>,
+}
+
+/// Runs what callers push to this worker.
+pub(crate) struct Executor {
+    core: Weak<Core>,
+    tasks: mpsc::UnboundedSender<(TaskSpec, Responder)>,
+    actor: Mutex<Option<Hosted>>,
+    cancelled: Mutex<HashSet<TaskId>>,
+    running: Mutex<Option<(TaskId, tokio::task::AbortHandle)>>,
+}
+
+impl Executor {
+    /// Starts the executor's task loop.
+    pub(crate) fn start(core: &Arc<Core>) -> Arc<Executor> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let executor = Arc::new(Executor {
+            core: Arc::downgrade(core),
+            tasks: tx,
+            actor: Mutex::new(None),
+            cancelled: Mutex::new(HashSet::new()),
+            running: Mutex::new(None),
+        });
+        core.handle.spawn(task_loop(Arc::downgrade(&executor), rx));
+        executor
+    }
+
+    pub(crate) fn on_request(self: &Arc<Self>, message: Message, responder: Responder) {
+        match message {
+            Message::PushTask(spec) => {
+                let _ = self.tasks.send((spec, responder));
+            }
+            Message::CreateActor(spec) => {
+                let this = self.clone();
+                if let Some(core) = self.core.upgrade() {
+                    core.handle.spawn(async move {
+                        let result = this.create_actor(spec).await;
+                        responder.respond(result.map(|_| Reply::Ok));
+                    });
+                }
+            }
+            Message::CallActor(spec) => {
+                let actor = self.actor.lock();
+                match actor.as_ref() {
+                    Some(hosted) if hosted.actor == spec.actor => {
+                        let _ = hosted.calls.send((spec, responder));
+                    }
+                    _ => responder.respond(Err(Error::ActorDied {
+                        actor: spec.actor,
+                        cause: "this worker does not host the actor".into(),
+                    })),
+                }
+            }
+            _ => responder.respond(Err(Error::BadRequest("not an executor request".into()))),
+        }
+    }
+
+    /// Cancels a task: one not started never runs; a running async task is
+    /// aborted.
+    pub(crate) fn cancel(&self, task: TaskId) {
+        self.cancelled.lock().insert(task);
+        if let Some((running, abort)) = self.running.lock().as_ref() {
+            if *running == task {
+                abort.abort();
+            }
+        }
+    }
+
+    async fn create_actor(&self, spec: ActorSpec) -> Result<()> {
+        let core = self
+            .core
+            .upgrade()
+            .ok_or_else(|| Error::NotRunning("worker shutting down".into()))?;
+        if self.actor.lock().is_some() {
+            return Err(Error::BadRequest("this worker already hosts an actor".into()));
+        }
+        let entry = registry::actor_class(&spec.class)?;
+        let args = resolve(&core, spec.args).await?;
+        *current_label() .lock() = short_name(&spec.class).to_string();
+        let construct = entry.construct;
+        let instance = std::panic::catch_unwind(AssertUnwindSafe(|| construct(args)))
+            .map_err(|p| Error::TaskError {
+                function: format!("{}::new", spec.class),
+                message: panic_message(p),
+            })??;
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.actor.lock() = Some(Hosted {
+            actor: spec.actor,
+            class: spec.class.clone(),
+            calls: tx,
+        });
+        core.handle.spawn(actor_loop(
+            Arc::downgrade(&core),
+            Arc::from(instance),
+            spec.class,
+            spec.max_concurrency.max(1),
+            rx,
+        ));
+        Ok(())
+    }
+
+    /// The class of the hosted actor, if any.
+    pub(crate) fn hosted_class(&self) -> Option<String> {
+        self.actor.lock().as_ref().map(|h| h.class.clone())
+    }
+}
+
+fn short_name(path: &str) -> &str {
+    path.rsplit("::").next().unwrap_or(path)
+}
+
+async fn task_loop(executor: Weak<Executor>, mut rx: mpsc::UnboundedReceiver<(TaskSpec, Responder)>) {
+    while let Some((spec, responder)) = rx.recv().await {
+        let Some(executor) = executor.upgrade() else { return };
+        let Some(core) = executor.core.upgrade() else { return };
+        if executor.cancelled.lock().remove(&spec.task) {
+            responder.respond(Err(Error::Cancelled));
+            continue;
+        }
+        *current_label().lock() = short_name(&spec.function).to_string();
+        let task = spec.task;
+        let caller = spec.owner.clone();
+        let returns = spec.returns;
+        let function = spec.function.clone();
+        let core2 = core.clone();
+        let run = tokio::spawn(async move { run_task(&core2, spec).await });
+        *executor.running.lock() = Some((task, run.abort_handle()));
+        let outcome = match run.await {
+            Ok(r) => r,
+            Err(e) if e.is_cancelled() => Err(Error::Cancelled),
+            Err(e) => Err(Error::TaskError {
+                function,
+                message: e.to_string(),
+            }),
+        };
+        *executor.running.lock() = None;
+        executor.cancelled.lock().remove(&task);
+        let reply = match outcome {
+            Ok(encoded) => finish(&core, encoded, returns, &caller).await.map(Reply::Done),
+            Err(e) => Err(e),
+        };
+        responder.respond(reply);
+    }
+}
+
+async fn run_task(core: &Core, spec: TaskSpec) -> Result<Encoded> {
+    let entry = registry::function(&spec.function)?;
+    let args = resolve(core, spec.args).await?;
+    match entry.invoke {
+        Invoke::Sync(f) => std::panic::catch_unwind(AssertUnwindSafe(|| f(args)))
+            .map_err(|p| Error::TaskError {
+                function: spec.function.clone(),
+                message: panic_message(p),
+            })?,
+        Invoke::Async(f) => AssertUnwindSafe(f(args))
+            .catch_unwind()
+            .await
+            .map_err(|p| Error::TaskError {
+                function: spec.function.clone(),
+                message: panic_message(p),
+            })?,
+    }
+}
+
+async fn actor_loop(
+    core: Weak<Core>,
+    instance: Arc<dyn ActorObject>,
+    class: String,
+    max_concurrency: u32,
+    mut rx: mpsc::UnboundedReceiver<(CallSpec, Responder)>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_concurrency as usize));
+    while let Some((spec, responder)) = rx.recv().await {
+        let Some(core) = core.upgrade() else { return };
+        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let instance = instance.clone();
+        let function = format!("{}::{}", short_name(&class), spec.method);
+        let call = async move {
+            let caller = spec.owner.clone();
+            let returns = spec.returns;
+            let outcome = match resolve(&core, spec.args).await {
+                Ok(args) => AssertUnwindSafe(instance.invoke(&spec.method, args))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|p| {
+                        Err(Error::TaskError {
+                            function,
+                            message: panic_message(p),
+                        })
+                    }),
+                Err(e) => Err(e),
+            };
+            let reply = match outcome {
+                Ok(encoded) => finish(&core, encoded, returns, &caller).await.map(Reply::Done),
+                Err(e) => Err(e),
+            };
+            responder.respond(reply);
+            drop(permit);
+        };
+        if max_concurrency == 1 {
+            call.await;
+        } else {
+            tokio::spawn(call);
+        }
+    }
+}
+
+/// Turns wire arguments into values the function can decode, fetching
+/// stored ones (from other nodes if need be).
+pub(crate) async fn resolve(core: &Core, args: Vec<WireArg>) -> Result<Args> {
+    let mut items = Vec::with_capacity(args.len());
+    for arg in args {
+        items.push(match arg {
+            WireArg::Inline(bytes) => ArgData::Inline(bytes),
+            WireArg::Stored { id, nodes, owner } => {
+                ArgData::Stored(core.fetch_stored(id, &nodes, &owner).await?)
+            }
+        });
+    }
+    Ok(Args { items })
+}
+
+/// Packs a return value: inline when small, into this node's store when
+/// large; registers the caller as borrower of the references inside it, and
+/// lists the borrows this process still holds.
+pub(crate) async fn finish(
+    core: &Core,
+    encoded: Encoded,
+    returns: ObjectId,
+    caller: &Address,
+) -> Result<TaskResult> {
+    let value = if encoded.bytes.len() <= INLINE_LIMIT {
+        ReturnValue::Inline(encoded.bytes)
+    } else {
+        let mut buf = core
+            .store
+            .create(returns, encoded.bytes.len() as u64)
+            .map_err(|e| match e {
+                braid_store::CreateError::StoreFull { .. } => Error::StoreFull(e.to_string()),
+                e => Error::io("store create", e),
+            })?;
+        buf.as_mut_slice().copy_from_slice(&encoded.bytes);
+        buf.seal().map_err(|e| Error::io("store seal", e))?;
+        ReturnValue::Stored(core.node_id)
+    };
+    let mut contained = Vec::with_capacity(encoded.refs.len());
+    for handle in &encoded.refs {
+        if handle.owner.worker == core.me.worker {
+            core.refs.add_borrower(handle.id, caller.worker);
+        } else if handle.owner.worker != caller.worker {
+            if let Ok(conn) = core.peer(&handle.owner).await {
+                conn.send(Message::AddBorrower {
+                    id: handle.id,
+                    borrower: caller.clone(),
+                });
+            }
+        }
+        contained.push((handle.id, (*handle.owner).clone()));
+    }
+    let borrowed = core.refs.take_unregistered();
+    drop(encoded.refs);
+    Ok(TaskResult {
+        value,
+        contained,
+        borrowed,
+        executor: (*core.me).clone(),
+    })
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panicked".to_string()
+    }
+}

@@ -1,0 +1,200 @@
+//! `braid::init()`: join the cluster named by `BRAID_ADDRESS` (or an
+//! explicit address), or start an embedded one, and register this program
+//! as a job.
+
+use crate::cluster::{self, EmbeddedCluster, ADDRESS_VAR};
+use crate::core::{Core, CoreConfig, Role};
+use crate::error::{Error, Result};
+use crate::ids::{JobId, WorkerId};
+use crate::resources::Resources;
+use crate::wire::messages::JobSpec;
+use crate::wire::{Message, Reply};
+use crate::Runtime;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// How [`init`] finds or starts a cluster.
+#[derive(Debug, Clone, Default)]
+pub struct InitOptions {
+    address: Option<String>,
+    token: Option<String>,
+    num_cpus: Option<f64>,
+    object_store_memory: Option<u64>,
+    resources: Resources,
+}
+
+impl InitOptions {
+    /// Defaults: `BRAID_ADDRESS` if set, else an embedded cluster with
+    /// this machine's CPUs.
+    pub fn new() -> Self {
+        InitOptions::default()
+    }
+
+    /// Join the cluster whose head is at `host:port`.
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        self.address = Some(address.into());
+        self
+    }
+
+    /// The cluster token (else `BRAID_TOKEN`, else the head's token file
+    /// on this machine).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// CPUs of the embedded node.
+    pub fn num_cpus(mut self, n: f64) -> Self {
+        self.num_cpus = Some(n);
+        self
+    }
+
+    /// Object store capacity of the embedded node, in bytes.
+    pub fn object_store_memory(mut self, bytes: u64) -> Self {
+        self.object_store_memory = Some(bytes);
+        self
+    }
+
+    /// A custom resource of the embedded node.
+    pub fn resource(mut self, name: &str, amount: f64) -> Self {
+        self.resources.set(name, amount);
+        self
+    }
+
+    /// Finds or starts the cluster and joins it as a driver.
+    pub async fn init(self) -> Result<Runtime> {
+        crate::role::enter_role();
+        let address = self
+            .address
+            .clone()
+            .or_else(|| std::env::var(ADDRESS_VAR).ok().filter(|a| !a.is_empty()));
+        let (cluster, head, token, node_socket, session_dir) = match address {
+            Some(address) => {
+                let token = match &self.token {
+                    Some(t) => t.clone(),
+                    None => cluster::token_for(&address)?,
+                };
+                let client = crate::rpc::HeadClient::connect(&address, &token).await?;
+                let nodes = client.list_nodes().await?;
+                let host = cluster::hostname();
+                let local = nodes
+                    .iter()
+                    .filter(|n| n.alive && n.info.hostname == host)
+                    .filter(|n| std::path::Path::new(&n.info.control_address).exists())
+                    .max_by_key(|n| n.info.is_head_node)
+                    .ok_or_else(|| Error::Unreachable {
+                        address: address.clone(),
+                        message: format!(
+                            "the cluster has no node on this machine ({host}); start one with `braid start --address {address}`"
+                        ),
+                    })?;
+                (
+                    None,
+                    address,
+                    token,
+                    PathBuf::from(&local.info.control_address),
+                    local.info.session_dir.clone(),
+                )
+            }
+            None => {
+                let cpus = self
+                    .num_cpus
+                    .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0));
+                let memory = self.object_store_memory;
+                let resources = self.resources.clone();
+                let (cluster, head, token, socket) = tokio::task::spawn_blocking(move || {
+                    EmbeddedCluster::start(cpus, memory, resources)
+                })
+                .await
+                .map_err(|e| Error::io("start embedded cluster", e))??;
+                let session = socket
+                    .parent()
+                    .and_then(|p| p.parent())
+                    .map(PathBuf::from)
+                    .unwrap_or_default();
+                (Some(Arc::new(cluster)), head, token, socket, session)
+            }
+        };
+        let job = JobId::random();
+        let core = Core::start(CoreConfig {
+            role: Role::Driver,
+            job,
+            worker: WorkerId::random(),
+            token,
+            node_socket,
+            session_dir,
+        })
+        .await?;
+        register_job(&core).await?;
+        let rt = Runtime { core, cluster };
+        crate::runtime::set_current(&Runtime {
+            core: rt.core.clone(),
+            cluster: None,
+        });
+        let _ = head;
+        Ok(rt)
+    }
+}
+
+async fn register_job(core: &Arc<Core>) -> Result<()> {
+    let exe = std::fs::read_link("/proc/self/exe").map_err(|e| Error::io("find own executable", e))?;
+    let build_hash = tokio::task::spawn_blocking(|| crate::registry::build_hash().to_string())
+        .await
+        .map_err(|e| Error::io("hash executable", e))?;
+    let env = std::env::vars()
+        .filter(|(k, _)| {
+            (k.starts_with("BRAID_") && k != ADDRESS_VAR) || k == "RUST_LOG" || k == "RUST_BACKTRACE"
+        })
+        .collect();
+    let spec = JobSpec {
+        job: core.job,
+        exe: exe.display().to_string(),
+        build_hash: build_hash.clone(),
+
+        driver: (*core.me).clone(),
+        env,
+    };
+    match core.node.request(Message::RegisterJob(spec)).await? {
+        Reply::Ok => {}
+        _ => return Err(Error::BadRequest("node answered RegisterJob oddly".into())),
+    }
+    let head = core.head().await?;
+    head.register_job(&crate::rpc::JobInfo {
+        job_id: core.job,
+        driver_pid: std::process::id(),
+        driver_address: crate::actor::address_string(&core.me),
+        exe_path: exe,
+        build_hash,
+    })
+    .await
+}
+
+/// Joins the cluster at `BRAID_ADDRESS`, or starts an embedded one (a head,
+/// a node and its workers, stopped when the runtime is dropped or the
+/// program exits).
+pub async fn init() -> Result<Runtime> {
+    InitOptions::new().init().await
+}
+
+/// [`init`] for programs that are not async: the runtime runs on its own
+/// background threads.
+pub fn init_blocking() -> Result<Runtime> {
+    init_blocking_with(InitOptions::new())
+}
+
+/// [`InitOptions::init`] for programs that are not async.
+pub fn init_blocking_with(options: InitOptions) -> Result<Runtime> {
+    crate::role::enter_role();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("braid")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("start tokio", e))?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("braid-runtime".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .map_err(|e| Error::io("start runtime thread", e))?;
+    crate::runtime::block_on(&handle, options.init())
+}

@@ -1,0 +1,122 @@
+//! Resource demands and capacities: CPUs, memory and custom named
+//! quantities, as in Ray.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// The key for CPUs.
+pub const CPU: &str = "CPU";
+/// The key for memory, in bytes.
+pub const MEMORY: &str = "memory";
+
+/// A set of named quantities: a demand, a capacity, or what is left.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resources(pub BTreeMap<String, f64>);
+
+const EPSILON: f64 = 1e-9;
+
+impl Resources {
+    /// No resources.
+    pub fn new() -> Self {
+        Resources::default()
+    }
+
+    /// `n` CPUs.
+    pub fn cpus(n: f64) -> Self {
+        Resources::new().with(CPU, n)
+    }
+
+    /// Adds (or replaces) one quantity; zero removes it.
+    pub fn with(mut self, name: &str, amount: f64) -> Self {
+        self.set(name, amount);
+        self
+    }
+
+    /// Sets one quantity; zero removes it.
+    pub fn set(&mut self, name: &str, amount: f64) {
+        if amount.abs() < EPSILON {
+            self.0.remove(name);
+        } else {
+            self.0.insert(name.to_string(), amount);
+        }
+    }
+
+    /// One quantity (zero when absent).
+    pub fn get(&self, name: &str) -> f64 {
+        self.0.get(name).copied().unwrap_or(0.0)
+    }
+
+    /// Whether `demand` fits in `self`.
+    pub fn fits(&self, demand: &Resources) -> bool {
+        demand
+            .0
+            .iter()
+            .all(|(k, v)| self.get(k) + EPSILON >= *v)
+    }
+
+    /// Takes `demand` out of `self`.
+    pub fn subtract(&mut self, demand: &Resources) {
+        for (k, v) in &demand.0 {
+            let left = self.get(k) - v;
+            self.0.insert(k.clone(), left.max(0.0));
+        }
+    }
+
+    /// Gives `demand` back to `self`, never above `cap`.
+    pub fn add(&mut self, demand: &Resources, cap: &Resources) {
+        for (k, v) in &demand.0 {
+            let back = (self.get(k) + v).min(cap.get(k));
+            self.0.insert(k.clone(), back);
+        }
+    }
+
+    /// Parses a JSON object of custom resources, such as `{"GPU": 2}`.
+    pub fn parse_json(text: &str) -> Result<Resources, String> {
+        let map: BTreeMap<String, f64> =
+            serde_json::from_str(text).map_err(|e| format!("not a JSON object of numbers: {e}"))?;
+        if let Some((k, v)) = map.iter().find(|(_, v)| !v.is_finite() || **v < 0.0) {
+            return Err(format!("resource {k} must be a non-negative number, got {v}"));
+        }
+        Ok(Resources(map))
+    }
+}
+
+impl fmt::Debug for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("{")?;
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{k}: {v}")?;
+        }
+        f.write_str("}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fit_subtract_add() {
+        let total = Resources::cpus(2.0).with("GPU", 1.0);
+        let mut avail = total.clone();
+        let demand = Resources::cpus(1.5);
+        assert!(avail.fits(&demand));
+        avail.subtract(&demand);
+        assert!(!avail.fits(&demand));
+        avail.add(&demand, &total);
+        assert_eq!(avail, total);
+        assert!(!total.fits(&Resources::new().with("TPU", 1.0)));
+        assert!(Resources::parse_json("{\"GPU\": -1}").is_err());
+        assert_eq!(Resources::parse_json("{\"GPU\": 2}").unwrap().get("GPU"), 2.0);
+    }
+}

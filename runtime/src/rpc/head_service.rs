@@ -1,0 +1,491 @@
+//! The head's `Head` service: the cluster's metadata, kept in memory, and
+//! the calls it makes to nodes (kill an actor's worker, job finished,
+//! reserve and release placement-group bundles).
+
+use super::auth::ServerAuth;
+use super::channel::{ClientOptions, MAX_MESSAGE};
+use super::head_state::{HeadState, NodeTarget, PgPlan, Refusal};
+use super::node_client::NodeClient;
+use super::proto;
+use super::proto::head_server::{Head, HeadServer};
+use super::server::{self, HeadError, ServerRunning, StopHandle};
+use super::types::{
+    parse_id, ActorLookup, ActorSpec, ActorUpdate, Bundle, JobInfo, NodeHeartbeat, NodeInfo,
+    PickNodeOptions, PlacementGroupSpec,
+};
+use crate::error::Error;
+use crate::ids::PlacementGroupId;
+use futures::future::join_all;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{Instant, MissedTickBehavior};
+use tonic::{Request, Response, Status};
+
+/// How the head is served.
+#[derive(Debug, Clone)]
+pub struct HeadConfig {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The cluster token every call must carry.
+    pub token: String,
+    /// A node with no heartbeat for this long is declared dead: its actors
+    /// are marked DEAD (cause "node died") and it is no longer picked.
+    pub node_timeout: Duration,
+}
+
+impl HeadConfig {
+    /// The default node timeout.
+    pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// A configuration with the default node timeout (10 s).
+    pub fn new(listen: SocketAddr, token: impl Into<String>) -> HeadConfig {
+        HeadConfig {
+            listen,
+            token: token.into(),
+            node_timeout: Self::DEFAULT_NODE_TIMEOUT,
+        }
+    }
+}
+
+/// A running head.
+#[derive(Debug)]
+pub struct HeadRunning {
+    /// The address the head listens on (with the real port).
+    pub local_addr: SocketAddr,
+    /// The cluster's id, as given to registering nodes.
+    pub cluster_id: String,
+    server: ServerRunning,
+}
+
+impl HeadRunning {
+    /// A handle that stops the head from elsewhere.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.server.stop_handle()
+    }
+
+    /// Stops the head gracefully and waits until it has.
+    pub async fn shutdown(self) -> Result<(), HeadError> {
+        self.server.shutdown().await
+    }
+
+    /// Waits until the head stops.
+    pub async fn wait(self) -> Result<(), HeadError> {
+        self.server.wait().await
+    }
+}
+
+/// Serves the head on `config.listen` until stopped. The listener is bound
+/// before this returns, so [`HeadRunning::local_addr`] has the real port.
+/// Dropping the returned [`HeadRunning`] stops the head.
+pub async fn serve_head(config: HeadConfig) -> Result<HeadRunning, HeadError> {
+    let auth = ServerAuth::new(&config.token)?;
+    let (listener, local_addr) = server::bind(config.listen).await?;
+    let cluster_id = uuid::Uuid::new_v4().simple().to_string();
+    let service = HeadService::new(cluster_id.clone(), config.token.clone());
+    let reaper_service = service.clone();
+    let node_timeout = config.node_timeout;
+    let grpc = HeadServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let grpc = tonic::service::interceptor::InterceptedService::new(grpc, auth);
+    let server = server::spawn(listener, local_addr, move |incoming, stop| async move {
+        let serve = server::builder()
+            .add_service(grpc)
+            .serve_with_incoming_shutdown(incoming, stop);
+        tokio::select! {
+            result = serve => result,
+            never = reaper_service.reap(node_timeout) => match never {},
+        }
+    });
+    tracing::info!(%local_addr, %cluster_id, "head serving");
+    Ok(HeadRunning {
+        local_addr,
+        cluster_id,
+        server,
+    })
+}
+
+/// How long the head waits for a node to answer.
+const NODE_CALL_OPTIONS: ClientOptions = ClientOptions {
+    connect_timeout: Duration::from_secs(2),
+    call_timeout: Duration::from_secs(5),
+};
+
+/// The `Head` service.
+#[derive(Clone)]
+pub(crate) struct HeadService {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<HeadState>,
+    token: String,
+    /// Lazily connected clients of the nodes, by gRPC address.
+    nodes: Mutex<HashMap<String, NodeClient>>,
+}
+
+fn refusal(r: Refusal) -> Status {
+    match r {
+        Refusal::NotFound(m) => Status::not_found(m),
+        Refusal::AlreadyExists(m) => Status::already_exists(m),
+        Refusal::Infeasible(m) => Status::failed_precondition(format!("infeasible: {m}")),
+        Refusal::NotNow(m) => Status::resource_exhausted(m),
+        Refusal::ActorDead(cause) => Status::failed_precondition(cause),
+        Refusal::Invalid(m) => Status::invalid_argument(m),
+    }
+}
+
+fn required<T>(field: &'static str, value: Option<T>) -> Result<T, Status> {
+    value.ok_or_else(|| Status::invalid_argument(format!("invalid {field}: missing")))
+}
+
+impl HeadService {
+    fn new(cluster_id: String, token: String) -> HeadService {
+        HeadService {
+            shared: Arc::new(Shared {
+                state: Mutex::new(HeadState::new(cluster_id)),
+                token,
+                nodes: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Declares dead the nodes that stopped heartbeating, forever.
+    async fn reap(&self, timeout: Duration) -> std::convert::Infallible {
+        let period = (timeout / 4).max(Duration::from_millis(10));
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let died = self
+                .shared
+                .state
+                .lock()
+                .expire_nodes(Instant::now(), timeout);
+            for (node_id, actors) in died {
+                tracing::warn!(
+                    %node_id,
+                    dead_actors = actors.len(),
+                    "node missed heartbeats for {timeout:?}; declared dead"
+                );
+            }
+        }
+    }
+
+    fn node_client(&self, address: &str) -> Result<NodeClient, Error> {
+        let mut nodes = self.shared.nodes.lock();
+        if let Some(client) = nodes.get(address) {
+            return Ok(client.clone());
+        }
+        let client = NodeClient::connect_lazy_with(address, &self.shared.token, NODE_CALL_OPTIONS)?;
+        nodes.insert(address.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// Tells every target to release a group's bundles, logging failures.
+    async fn release_bundles(&self, pg_id: PlacementGroupId, targets: &[NodeTarget]) {
+        join_all(targets.iter().map(|target| async move {
+            let result = match self.node_client(&target.address) {
+                Ok(client) => client.release_bundles(pg_id).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::warn!(node_id = %target.node_id, %pg_id, "cannot release bundles: {e}");
+            }
+        }))
+        .await;
+    }
+}
+
+#[tonic::async_trait]
+impl Head for HeadService {
+    async fn register_node(
+        &self,
+        request: Request<proto::RegisterNodeRequest>,
+    ) -> Result<Response<proto::RegisterNodeReply>, Status> {
+        let node = NodeInfo::try_from(required("node", request.into_inner().node)?)?;
+        tracing::info!(node_id = %node.node_id, address = %node.grpc_address, "node registered");
+        let mut state = self.shared.state.lock();
+        state.register_node(node, Instant::now());
+        Ok(Response::new(proto::RegisterNodeReply {
+            cluster_id: state.cluster_id().to_owned(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatReply>, Status> {
+        let beat = NodeHeartbeat::try_from(request.into_inner())?;
+        let known = self.shared.state.lock().heartbeat(beat, Instant::now());
+        Ok(Response::new(proto::HeartbeatReply { known }))
+    }
+
+    async fn unregister_node(
+        &self,
+        request: Request<proto::UnregisterNodeRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let node_id = parse_id("node_id", &request.into_inner().node_id)?;
+        // Unregistering an unknown node is a no-op.
+        if let Ok(actors) = self.shared.state.lock().unregister_node(node_id) {
+            tracing::info!(%node_id, dead_actors = actors.len(), "node unregistered");
+        }
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<proto::Empty>,
+    ) -> Result<Response<proto::ListNodesReply>, Status> {
+        let nodes = self.shared.state.lock().list_nodes(Instant::now());
+        Ok(Response::new(proto::ListNodesReply {
+            nodes: nodes.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn register_job(
+        &self,
+        request: Request<proto::RegisterJobRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let job = JobInfo::try_from(required("job", request.into_inner().job)?)?;
+        tracing::info!(job_id = %job.job_id, "job registered");
+        self.shared.state.lock().register_job(job);
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn finish_job(
+        &self,
+        request: Request<proto::FinishJobRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let job_id = parse_id("job_id", &request.into_inner().job_id)?;
+        let cleanup = self.shared.state.lock().finish_job(job_id);
+        tracing::info!(
+            %job_id,
+            dead_actors = cleanup.dead_actors.len(),
+            placement_groups = cleanup.placement_groups.len(),
+            "job finished"
+        );
+        let notify = join_all(cleanup.nodes.iter().map(|target| async move {
+            let result = match self.node_client(&target.address) {
+                Ok(client) => client.job_finished(job_id).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::warn!(node_id = %target.node_id, %job_id, "cannot tell the node the job finished: {e}");
+            }
+        }));
+        let release = join_all(
+            cleanup
+                .placement_groups
+                .iter()
+                .map(|(pg_id, targets)| self.release_bundles(*pg_id, targets)),
+        );
+        futures::join!(notify, release);
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<proto::Empty>,
+    ) -> Result<Response<proto::ListJobsReply>, Status> {
+        let jobs = self.shared.state.lock().list_jobs();
+        Ok(Response::new(proto::ListJobsReply {
+            jobs: jobs.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn register_actor(
+        &self,
+        request: Request<proto::RegisterActorRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let spec = ActorSpec::try_from(required("actor", request.into_inner().actor)?)?;
+        self.shared
+            .state
+            .lock()
+            .register_actor(spec)
+            .map_err(refusal)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn update_actor(
+        &self,
+        request: Request<proto::UpdateActorRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let update = ActorUpdate::try_from(request.into_inner())?;
+        self.shared
+            .state
+            .lock()
+            .update_actor(update)
+            .map_err(refusal)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn get_actor(
+        &self,
+        request: Request<proto::GetActorRequest>,
+    ) -> Result<Response<proto::ActorInfo>, Status> {
+        let lookup = ActorLookup::try_from(request.into_inner().actor)?;
+        let actor = self
+            .shared
+            .state
+            .lock()
+            .get_actor(&lookup)
+            .map_err(refusal)?;
+        Ok(Response::new((&actor).into()))
+    }
+
+    async fn list_actors(
+        &self,
+        _request: Request<proto::Empty>,
+    ) -> Result<Response<proto::ListActorsReply>, Status> {
+        let actors = self.shared.state.lock().list_actors();
+        Ok(Response::new(proto::ListActorsReply {
+            actors: actors.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn kill_actor(
+        &self,
+        request: Request<proto::KillActorRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let request = request.into_inner();
+        let lookup = ActorLookup::try_from(request.actor)?;
+        let order = self
+            .shared
+            .state
+            .lock()
+            .kill_actor(&lookup, request.no_restart)
+            .map_err(refusal)?;
+        if let Some(order) = order {
+            tracing::info!(actor_id = %order.actor_id, node_id = %order.node.node_id, "killing actor");
+            let result = match self.node_client(&order.node.address) {
+                Ok(client) => {
+                    client
+                        .kill_actor(order.actor_id, order.worker_pid, order.no_restart)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::warn!(actor_id = %order.actor_id, node_id = %order.node.node_id, "cannot tell the node to kill the actor: {e}");
+            }
+        }
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn pick_node(
+        &self,
+        request: Request<proto::PickNodeRequest>,
+    ) -> Result<Response<proto::PickNodeReply>, Status> {
+        let options = PickNodeOptions::try_from(request.into_inner())?;
+        let node = self
+            .shared
+            .state
+            .lock()
+            .pick_node(&options)
+            .map_err(refusal)?;
+        Ok(Response::new(proto::PickNodeReply {
+            node: Some((&node).into()),
+        }))
+    }
+
+    async fn create_placement_group(
+        &self,
+        request: Request<proto::CreatePlacementGroupRequest>,
+    ) -> Result<Response<proto::CreatePlacementGroupReply>, Status> {
+        let spec = PlacementGroupSpec::try_from(required("pg", request.into_inner().pg)?)?;
+        let pg_id = spec.pg_id;
+        let plan = self
+            .shared
+            .state
+            .lock()
+            .plan_placement_group(spec)
+            .map_err(refusal)?;
+        let (bundle_nodes, reservations) = match plan {
+            PgPlan::Existing(bundle_nodes) => {
+                return Ok(Response::new(proto::CreatePlacementGroupReply {
+                    bundle_nodes: bundle_nodes.iter().map(ToString::to_string).collect(),
+                }))
+            }
+            PgPlan::New {
+                bundle_nodes,
+                reservations,
+            } => (bundle_nodes, reservations),
+        };
+        let results = join_all(reservations.iter().map(|(target, bundles)| async move {
+            let bundles: Vec<Bundle> = bundles
+                .iter()
+                .map(|(index, resources)| Bundle {
+                    index: *index,
+                    resources: resources.clone(),
+                })
+                .collect();
+            let result = match self.node_client(&target.address) {
+                Ok(client) => client.reserve_bundles(pg_id, &bundles).await,
+                Err(e) => Err(e),
+            };
+            result.map_err(|e| (target.node_id, e))
+        }))
+        .await;
+        let targets: Vec<NodeTarget> = reservations.into_iter().map(|(t, _)| t).collect();
+        if let Some((node_id, e)) = results.into_iter().find_map(Result::err) {
+            tracing::warn!(%pg_id, %node_id, "cannot reserve bundles; rolling back: {e}");
+            self.shared.state.lock().remove_placement_group(pg_id);
+            self.release_bundles(pg_id, &targets).await;
+            return Err(Status::unavailable(format!(
+                "node {node_id} could not reserve the bundles of placement group {pg_id}: {e}"
+            )));
+        }
+        if !self.shared.state.lock().commit_placement_group(pg_id) {
+            // Removed while its bundles were being reserved.
+            self.release_bundles(pg_id, &targets).await;
+            return Err(Status::aborted(format!(
+                "placement group {pg_id} was removed while being created"
+            )));
+        }
+        tracing::info!(%pg_id, nodes = targets.len(), "placement group created");
+        Ok(Response::new(proto::CreatePlacementGroupReply {
+            bundle_nodes: bundle_nodes.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    async fn remove_placement_group(
+        &self,
+        request: Request<proto::RemovePlacementGroupRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let pg_id = parse_id("pg_id", &request.into_inner().pg_id)?;
+        // Removing an unknown group is a no-op.
+        let targets = self.shared.state.lock().remove_placement_group(pg_id);
+        if let Some(targets) = targets {
+            self.release_bundles(pg_id, &targets).await;
+        }
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn get_placement_group(
+        &self,
+        request: Request<proto::GetPlacementGroupRequest>,
+    ) -> Result<Response<proto::GetPlacementGroupReply>, Status> {
+        let pg_id = parse_id("pg_id", &request.into_inner().pg_id)?;
+        let pg = self
+            .shared
+            .state
+            .lock()
+            .get_placement_group(pg_id)
+            .map_err(refusal)?;
+        Ok(Response::new(proto::GetPlacementGroupReply {
+            pg: Some((&pg).into()),
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<proto::Empty>,
+    ) -> Result<Response<proto::ClusterStatusReply>, Status> {
+        let status = self.shared.state.lock().status(Instant::now());
+        Ok(Response::new((&status).into()))
+    }
+}

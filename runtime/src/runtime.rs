@@ -1,0 +1,512 @@
+//! [`Runtime`]: what a driver or a task holds to use the cluster — put,
+//! get, wait, cancel, actors by name, placement groups — plus the helpers
+//! that let code that is not async block on it.
+
+use crate::actor::{parse_address, ActorHandle, TypedHandle};
+use crate::core::{Core, ObjectBytes};
+use crate::error::{Error, Result};
+use crate::ids::{NodeId, PlacementGroupId};
+use crate::object_ref::ObjectRef;
+use crate::refs::ValueState;
+use crate::resources::Resources;
+use crate::value::{decode, encode_return};
+use braid_store::batch::{BatchLayout, BatchWriter};
+use braid_store::ObjectView;
+use futures::stream::{FuturesUnordered, StreamExt};
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+static CURRENT: Mutex<Option<Runtime>> = Mutex::new(None);
+
+/// The process's core, once the runtime is up.
+pub(crate) fn current_core() -> Option<Arc<Core>> {
+    CURRENT.lock().as_ref().map(|r| r.core.clone())
+}
+
+/// The runtime of this process: the driver's after [`init`](crate::init),
+/// or the worker's inside a task or actor.
+pub fn current() -> Result<Runtime> {
+    CURRENT
+        .lock()
+        .clone()
+        .ok_or_else(|| Error::NotRunning("call braid::init() first".into()))
+}
+
+pub(crate) fn set_current(rt: &Runtime) {
+    let mut current = CURRENT.lock();
+    if current.is_none() {
+        *current = Some(rt.clone());
+    }
+}
+
+pub(crate) fn clear_current() {
+    CURRENT.lock().take();
+}
+
+/// Runs `future` on the runtime behind `handle` and blocks this thread
+/// until it finishes. Safe to call from a task's synchronous code.
+pub(crate) fn block_on<F>(handle: &tokio::runtime::Handle, future: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let join = handle.spawn(future);
+    let wait = async move {
+        join.await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| futures::executor::block_on(wait))
+        }
+        _ => futures::executor::block_on(wait),
+    }
+}
+
+/// Marks an [`ObjectRef`] to a plain-old-data array put with
+/// [`Runtime::put_array`]: its bytes are the elements, not an encoding.
+pub struct Array<T>(PhantomData<T>);
+
+/// Marks an [`ObjectRef`] to raw bytes or a columnar batch put with
+/// [`Runtime::put_batch`].
+pub struct Raw;
+
+/// A zero-copy view of an array in the node's shared memory. Dropping it
+/// unpins the object.
+pub struct ArrayView<T> {
+    view: ObjectView,
+    _type: PhantomData<T>,
+}
+
+impl<T: bytemuck::Pod> std::ops::Deref for ArrayView<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.view.as_slice().unwrap_or(&[])
+    }
+}
+
+impl<T> ArrayView<T> {
+    /// The underlying store view.
+    pub fn view(&self) -> &ObjectView {
+        &self.view
+    }
+}
+
+/// A placement group: resource bundles reserved together, on one node
+/// (PACK) or spread over several (SPREAD).
+#[derive(Debug, Clone)]
+pub struct PlacementGroup {
+    id: PlacementGroupId,
+    nodes: Vec<NodeId>,
+}
+
+impl PlacementGroup {
+    /// The group's id.
+    pub fn id(&self) -> PlacementGroupId {
+        self.id
+    }
+
+    /// The node bundle `index` was placed on.
+    pub fn node_of(&self, index: u32) -> Option<NodeId> {
+        self.nodes.get(index as usize).copied()
+    }
+
+    /// The node of every bundle, in bundle order.
+    pub fn nodes(&self) -> &[NodeId] {
+        &self.nodes
+    }
+}
+
+/// How a placement group's bundles are spread over nodes.
+pub use crate::rpc::PlacementStrategy;
+
+/// A handle on a braid cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    pub(crate) core: Arc<Core>,
+    pub(crate) cluster: Option<Arc<crate::cluster::EmbeddedCluster>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Runtime(node {}, job {})", self.core.node_id, self.core.job)
+    }
+}
+
+impl Runtime {
+    /// The node this process runs on.
+    pub fn node_id(&self) -> NodeId {
+        self.core.node_id
+    }
+
+    /// The job this process belongs to.
+    pub fn job_id(&self) -> crate::ids::JobId {
+        self.core.job
+    }
+
+    /// The head's gRPC address (`host:port`).
+    pub fn address(&self) -> &str {
+        &self.core.head_address
+    }
+
+    /// The node's object store, for direct zero-copy work.
+    pub fn store(&self) -> &braid_store::StoreClient {
+        &self.core.store
+    }
+
+    /// Stores a value in the node's object store and returns a reference
+    /// owned by this process. References nested in the value stay alive as
+    /// long as it does.
+    pub fn put<T: Serialize>(&self, value: &T) -> Result<ObjectRef<T>> {
+        let encoded = encode_return(value)?;
+        let id = self.core.new_object_id();
+        self.core
+            .store
+            .put_with_fresh_id(id, &encoded.bytes)
+            .map_err(store_put_error)?;
+        let handle = self
+            .core
+            .refs
+            .new_owned(id, ValueState::Stored(vec![self.core.node_id]));
+        if !encoded.refs.is_empty() {
+            self.core.refs.set_contained(id, encoded.refs);
+        }
+        Ok(ObjectRef::from_handle(handle))
+    }
+
+    /// Stores an array of plain-old-data values; any process on the node
+    /// reads it in place with [`Runtime::get_array`].
+    pub fn put_array<T: bytemuck::Pod>(&self, values: &[T]) -> Result<ObjectRef<Array<T>>> {
+        let id = self.core.new_object_id();
+        self.core
+            .store
+            .put_with_fresh_id(id, bytemuck::cast_slice(values))
+            .map_err(store_put_error)?;
+        Ok(ObjectRef::from_handle(
+            self.core
+                .refs
+                .new_owned(id, ValueState::Stored(vec![self.core.node_id])),
+        ))
+    }
+
+    /// Lays a columnar batch out directly in the store: `fill` writes the
+    /// columns in place, then the batch is sealed.
+    pub fn put_batch(
+        &self,
+        layout: &BatchLayout,
+        fill: impl FnOnce(&mut BatchWriter<'_>) -> Result<()>,
+    ) -> Result<ObjectRef<Raw>> {
+        let id = self.core.new_object_id();
+        let mut buf = self
+            .core
+            .store
+            .create(id, layout.total_len())
+            .map_err(|e| match e {
+                braid_store::CreateError::StoreFull { .. } => Error::StoreFull(e.to_string()),
+                e => Error::io("store create", e),
+            })?;
+        {
+            let mut writer = buf
+                .batch_writer(layout)
+                .map_err(|e| Error::BadRequest(e.to_string()))?;
+            fill(&mut writer)?;
+        }
+        buf.seal().map_err(|e| Error::io("store seal", e))?;
+        Ok(ObjectRef::from_handle(
+            self.core
+                .refs
+                .new_owned(id, ValueState::Stored(vec![self.core.node_id])),
+        ))
+    }
+
+    /// Gets a value: waits until it is ready, fetches it to this node if it
+    /// lives elsewhere, and decodes it.
+    pub async fn get<T: DeserializeOwned>(&self, r: &ObjectRef<T>) -> Result<T> {
+        let bytes = self.fetch(r).await?;
+        decode(bytes.as_bytes())
+    }
+
+    /// [`Runtime::get`] with a timeout.
+    pub async fn get_timeout<T: DeserializeOwned>(
+        &self,
+        r: &ObjectRef<T>,
+        timeout: Duration,
+    ) -> Result<T> {
+        tokio::time::timeout(timeout, self.get(r))
+            .await
+            .unwrap_or(Err(Error::Timeout(timeout)))
+    }
+
+    /// Gets many values, in order.
+    pub async fn get_all<T: DeserializeOwned>(&self, refs: &[ObjectRef<T>]) -> Result<Vec<T>> {
+        let futures: Vec<_> = refs.iter().map(|r| self.get(r)).collect();
+        futures::future::join_all(futures).await.into_iter().collect()
+    }
+
+    /// [`Runtime::get`], for code that is not async.
+    pub fn get_blocking<T: DeserializeOwned + Send + 'static>(&self, r: &ObjectRef<T>) -> Result<T> {
+        let rt = self.clone();
+        let r = r.clone();
+        block_on(&self.core.handle, async move { rt.get(&r).await })
+    }
+
+    /// Maps a stored array in place: no copy, wherever it was put on this
+    /// node (arrays on other nodes are transferred first).
+    pub async fn get_array<T: bytemuck::Pod>(&self, r: &ObjectRef<Array<T>>) -> Result<ArrayView<T>> {
+        match self.fetch(r).await? {
+            ObjectBytes::Stored(view) => {
+                view.as_slice::<T>()
+                    .map_err(|e| Error::Codec(e.to_string()))?;
+                Ok(ArrayView {
+                    view,
+                    _type: PhantomData,
+                })
+            }
+            ObjectBytes::Inline(_) => Err(Error::BadRequest("not an array object".into())),
+        }
+    }
+
+    /// Maps a stored object (such as a batch) in place.
+    pub async fn get_view(&self, r: &ObjectRef<Raw>) -> Result<ObjectView> {
+        match self.fetch(r).await? {
+            ObjectBytes::Stored(view) => Ok(view),
+            ObjectBytes::Inline(_) => Err(Error::BadRequest("not a stored object".into())),
+        }
+    }
+
+    async fn fetch<T>(&self, r: &ObjectRef<T>) -> Result<ObjectBytes> {
+        let core = self.core.clone();
+        let handle = r.handle.clone();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            core.fetch_bytes(handle.id, &handle.owner).await
+        } else {
+            block_on(&self.core.handle.clone(), async move {
+                core.fetch_bytes(handle.id, &handle.owner).await
+            })
+        }
+    }
+
+    /// Waits until `k` of `refs` are ready or `timeout` passes, and returns
+    /// the ready ones (in readiness order, at most `k`) and the rest (in
+    /// their original order). A failed task counts as ready: `get` returns
+    /// its error.
+    pub async fn wait<T>(
+        &self,
+        refs: &[ObjectRef<T>],
+        k: usize,
+        timeout: Option<Duration>,
+    ) -> (Vec<ObjectRef<T>>, Vec<ObjectRef<T>>) {
+        let k = k.min(refs.len());
+        let mut pending: FuturesUnordered<_> = refs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let core = self.core.clone();
+                let handle = r.handle.clone();
+                async move {
+                    let _ = core.resolve(handle.id, &handle.owner).await;
+                    i
+                }
+            })
+            .collect();
+        let mut ready = Vec::with_capacity(k);
+        let collect = async {
+            while ready.len() < k {
+                match pending.next().await {
+                    Some(i) => ready.push(i),
+                    None => break,
+                }
+            }
+        };
+        match timeout {
+            Some(d) => {
+                let _ = tokio::time::timeout(d, collect).await;
+            }
+            None => collect.await,
+        }
+        let mut is_ready = vec![false; refs.len()];
+        for &i in &ready {
+            is_ready[i] = true;
+        }
+        let ready_refs = ready.iter().map(|&i| refs[i].clone()).collect();
+        let rest = refs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !is_ready[*i])
+            .map(|(_, r)| r.clone())
+            .collect();
+        (ready_refs, rest)
+    }
+
+    /// Cancels the task behind `r`: its reference resolves to
+    /// [`Error::Cancelled`]. A task that has not started never runs; a
+    /// running async task is aborted; a running sync task finishes but its
+    /// result is dropped. Returns false if this process did not submit it
+    /// or it already finished.
+    pub fn cancel<T>(&self, r: &ObjectRef<T>) -> bool {
+        self.core.submitter.cancel(r.id())
+    }
+
+    /// Looks a named actor up.
+    pub async fn get_actor<H: TypedHandle>(&self, name: &str) -> Result<H> {
+        let core = self.core.clone();
+        let name = name.to_string();
+        let raw = self
+            .core
+            .handle
+            .spawn(async move { lookup_actor(&core, &name).await })
+            .await
+            .map_err(|e| Error::io("lookup actor", e))??;
+        if raw.class() != H::CLASS {
+            return Err(Error::BadRequest(format!(
+                "actor {} is a {}, not a {}",
+                raw.name().unwrap_or_default(),
+                raw.class(),
+                H::CLASS
+            )));
+        }
+        Ok(H::from_raw(raw))
+    }
+
+    /// Kills an actor: it is not restarted, and calls fail with
+    /// [`Error::ActorDied`].
+    pub async fn kill_actor(&self, handle: &ActorHandle) -> Result<()> {
+        handle.client.kill_local("killed");
+        let core = self.core.clone();
+        let id = handle.id();
+        self.core
+            .handle
+            .spawn(async move { core.head().await?.kill_actor(id, true).await })
+            .await
+            .map_err(|e| Error::io("kill actor", e))?
+    }
+
+    /// Kills a named actor (detached ones included).
+    pub async fn kill_actor_by_name(&self, name: &str) -> Result<()> {
+        let core = self.core.clone();
+        let name = name.to_string();
+        self.core
+            .handle
+            .spawn(async move {
+                core.head()
+                    .await?
+                    .kill_actor(crate::rpc::ActorLookup::Name(name), true)
+                    .await
+            })
+            .await
+            .map_err(|e| Error::io("kill actor", e))?
+    }
+
+    /// Reserves resource bundles together.
+    pub async fn placement_group(
+        &self,
+        bundles: Vec<Resources>,
+        strategy: PlacementStrategy,
+    ) -> Result<PlacementGroup> {
+        let core = self.core.clone();
+        let id = PlacementGroupId::random();
+        let nodes = self
+            .core
+            .handle
+            .spawn(async move {
+                let spec = crate::rpc::PlacementGroupSpec {
+                    pg_id: id,
+                    name: None,
+                    bundles: bundles.into_iter().map(|b| b.0).collect(),
+                    strategy,
+                    job_id: Some(core.job),
+                };
+                core.head().await?.create_placement_group(&spec).await
+            })
+            .await
+            .map_err(|e| Error::io("placement group", e))??;
+        Ok(PlacementGroup { id, nodes })
+    }
+
+    /// Releases a placement group's bundles.
+    pub async fn remove_placement_group(&self, group: &PlacementGroup) -> Result<()> {
+        let core = self.core.clone();
+        let id = group.id;
+        self.core
+            .handle
+            .spawn(async move { core.head().await?.remove_placement_group(id).await })
+            .await
+            .map_err(|e| Error::io("placement group", e))?
+    }
+
+    /// The cluster's nodes, as the head sees them.
+    pub async fn nodes(&self) -> Result<Vec<crate::rpc::NodeRecord>> {
+        let core = self.core.clone();
+        self.core
+            .handle
+            .spawn(async move { core.head().await?.list_nodes().await })
+            .await
+            .map_err(|e| Error::io("list nodes", e))?
+    }
+
+    /// How many objects this process's reference table tracks (owned and
+    /// borrowed), for tests and diagnostics.
+    pub fn tracked_objects(&self) -> usize {
+        self.core.refs.len()
+    }
+
+    /// Leaves the cluster: finishes the job (its workers, non-detached
+    /// actors and objects are cleaned up) and, for an embedded cluster,
+    /// stops its daemons.
+    pub async fn shutdown(self) {
+        clear_current();
+        let core = self.core.clone();
+        let _ = self
+            .core
+            .handle
+            .spawn(async move {
+                if let Ok(head) = core.head().await {
+                    let _ = head.finish_job(core.job).await;
+                }
+            })
+            .await;
+        self.core.node.close();
+        if let Some(cluster) = &self.cluster {
+            cluster.stop();
+        }
+    }
+}
+
+async fn lookup_actor(core: &Arc<Core>, name: &str) -> Result<ActorHandle> {
+    let head = core.head().await?;
+    let record = head
+        .get_actor(crate::rpc::ActorLookup::Name(name.to_string()))
+        .await?;
+    if record.state == crate::rpc::ActorState::Dead {
+        return Err(Error::ActorNotFound(name.to_string()));
+    }
+    if let Some(client) = core.actors.lock().get(&record.spec.actor_id) {
+        return Ok(ActorHandle {
+            client: client.clone(),
+        });
+    }
+    let worker = parse_address(&record.worker_address);
+    let owner = parse_address(&record.spec.owner_address).unwrap_or_else(|| (*core.me).clone());
+    crate::actor::remote_client(
+        core,
+        record.spec.actor_id,
+        record.spec.class_name,
+        Some(name.to_string()),
+        owner,
+        worker,
+    )
+}
+
+fn store_put_error(e: braid_store::PutError) -> Error {
+    match e {
+        braid_store::PutError::Create(braid_store::CreateError::StoreFull { .. }) => {
+            Error::StoreFull(e.to_string())
+        }
+        e => Error::io("store put", e),
+    }
+}

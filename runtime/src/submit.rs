@@ -1,0 +1,594 @@
+//! The task submitter: leases workers from nodes and pushes tasks to them
+//! directly, as Ray's core worker does. Tasks with the same scheduling key
+//! (resource shape, placement-group bundle, node affinity) share a pool of
+//! leased workers; each worker takes up to [`PIPELINE_DEPTH`] tasks at once
+//! so the socket round trip overlaps with execution; an idle lease goes back
+//! to its node after [`IDLE_LEASE`].
+
+use crate::address::Address;
+use crate::core::Core;
+use crate::error::{Error, Result};
+use crate::ids::{NodeId, PlacementGroupId, TaskId};
+use crate::object_ref::{ObjectRef, RefHandle};
+use crate::refs::ValueState;
+use crate::resources::Resources;
+use crate::value::Arg;
+use crate::wire::messages::{Hello, Lease, LeaseRequest, ReturnValue, TaskResult, TaskSpec, WireArg};
+use crate::wire::{Conn, Message, Reply};
+use braid_store::ObjectId;
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Tasks a leased worker may hold at once.
+pub const PIPELINE_DEPTH: u32 = 4;
+/// How long an unused lease is kept before it is returned.
+pub const IDLE_LEASE: Duration = Duration::from_millis(200);
+
+/// How a task is scheduled and retried.
+#[derive(Debug, Clone)]
+pub struct TaskOptions {
+    pub(crate) resources: Resources,
+    pub(crate) max_retries: u32,
+    pub(crate) node: Option<NodeId>,
+    pub(crate) soft_affinity: bool,
+    pub(crate) bundle: Option<(PlacementGroupId, u32)>,
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl Default for TaskOptions {
+    fn default() -> Self {
+        TaskOptions {
+            resources: Resources::cpus(1.0),
+            max_retries: 3,
+            node: None,
+            soft_affinity: false,
+            bundle: None,
+            timeout: None,
+        }
+    }
+}
+
+impl TaskOptions {
+    /// Default options: one CPU, three retries.
+    pub fn new() -> Self {
+        TaskOptions::default()
+    }
+
+    /// CPUs the task holds while it runs (default 1).
+    pub fn num_cpus(mut self, n: f64) -> Self {
+        self.resources.set(crate::resources::CPU, n);
+        self
+    }
+
+    /// Memory, in bytes, the task holds while it runs.
+    pub fn memory(mut self, bytes: u64) -> Self {
+        self.resources.set(crate::resources::MEMORY, bytes as f64);
+        self
+    }
+
+    /// A custom resource the task holds while it runs.
+    pub fn resource(mut self, name: &str, amount: f64) -> Self {
+        self.resources.set(name, amount);
+        self
+    }
+
+    /// Retries when the worker dies mid-task (default 3).
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// Run on this node; with `soft`, elsewhere if it cannot.
+    pub fn node_affinity(mut self, node: NodeId, soft: bool) -> Self {
+        self.node = Some(node);
+        self.soft_affinity = soft;
+        self
+    }
+
+    /// Run inside bundle `index` of a placement group.
+    pub fn placement_group(mut self, group: &crate::PlacementGroup, index: u32) -> Self {
+        self.bundle = Some((group.id(), index));
+        self.node = group.node_of(index);
+        self
+    }
+
+    /// Fail the task with [`Error::Timeout`] if it has not finished in `d`.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+struct SchedKey {
+    resources: String,
+    node: Option<NodeId>,
+    bundle: Option<(PlacementGroupId, u32)>,
+}
+
+struct QueuedTask {
+    task: TaskId,
+    function: &'static str,
+    args: Vec<WireArg>,
+    keep: Vec<Arc<RefHandle>>,
+    returns: ObjectId,
+    attempts: u32,
+    max_retries: u32,
+    timeout: Option<Duration>,
+}
+
+enum PoolMsg {
+    Ready(QueuedTask),
+    Granted(Result<(Lease, Conn)>),
+    Finished { lease: u64, task: QueuedTask, outcome: Result<TaskResult>, worker: Address },
+}
+
+struct Leased {
+    lease: Lease,
+    node: Conn,
+    conn: Option<Conn>,
+    inflight: u32,
+    idle_since: Instant,
+    dead: bool,
+}
+
+/// Cancellation state of submitted tasks, by return object.
+struct Submitted {
+    task: TaskId,
+    worker: Option<Conn>,
+}
+
+/// Submits tasks for one process.
+pub(crate) struct Submitter {
+    core: Weak<Core>,
+    pools: Mutex<HashMap<SchedKey, mpsc::UnboundedSender<PoolMsg>>>,
+    submitted: Arc<Mutex<HashMap<ObjectId, Submitted>>>,
+}
+
+impl Submitter {
+    pub(crate) fn new(core: Weak<Core>) -> Submitter {
+        Submitter {
+            core,
+            pools: Mutex::new(HashMap::new()),
+            submitted: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Submits a task; its value lands in the returned reference.
+    pub(crate) fn submit<R>(
+        &self,
+        function: &'static str,
+        opts: &TaskOptions,
+        args: Result<Vec<Arg>>,
+    ) -> Result<ObjectRef<R>> {
+        let core = self
+            .core
+            .upgrade()
+            .ok_or_else(|| Error::NotRunning("runtime shut down".into()))?;
+        let args = args?;
+        let returns = core.new_object_id();
+        let handle = core.refs.new_owned(returns, ValueState::Pending);
+        let task = TaskId::random();
+        self.submitted.lock().insert(returns, Submitted { task, worker: None });
+        let key = SchedKey {
+            resources: opts.resources.to_string(),
+            node: opts.node.filter(|_| !opts.soft_affinity),
+            bundle: opts.bundle,
+        };
+        let pool = {
+            let mut pools = self.pools.lock();
+            pools
+                .entry(key)
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let request = LeaseRequest {
+                        job: core.job,
+                        resources: opts.resources.clone(),
+                        bundle: opts.bundle,
+                        actor: None,
+                        detached: false,
+                        strict_node: opts.node.is_some() && !opts.soft_affinity,
+                    };
+                    core.handle.spawn(run_pool(
+                        self.core.clone(),
+                        request,
+                        opts.node,
+                        tx.clone(),
+                        rx,
+                        self.submitted.clone(),
+                    ));
+                    tx
+                })
+                .clone()
+        };
+        let queued = QueuedTask {
+            task,
+            function,
+            args: Vec::new(),
+            keep: Vec::new(),
+            returns,
+            attempts: 0,
+            max_retries: opts.max_retries,
+            timeout: opts.timeout,
+        };
+        match prepare_inline(args) {
+            Ok((wire, keep)) => {
+                let _ = pool.send(PoolMsg::Ready(QueuedTask {
+                    args: wire,
+                    keep,
+                    ..queued
+                }));
+            }
+            Err(args) => {
+                let core2 = core.clone();
+                core.handle.spawn(async move {
+                    match resolve_args(&core2, args).await {
+                        Ok((wire, keep)) => {
+                            let _ = pool.send(PoolMsg::Ready(QueuedTask {
+                                args: wire,
+                                keep,
+                                ..queued
+                            }));
+                        }
+                        Err(e) => core2.refs.set_state(returns, ValueState::Failed(e)),
+                    }
+                });
+            }
+        }
+        Ok(ObjectRef::from_handle(handle))
+    }
+
+    /// Cancels the task producing `returns`: a queued task never runs, a
+    /// running one is told to stop, and its reference resolves to
+    /// [`Error::Cancelled`] at once.
+    pub(crate) fn cancel(&self, returns: ObjectId) -> bool {
+        let Some(core) = self.core.upgrade() else { return false };
+        let Some(entry) = self.submitted.lock().remove(&returns) else {
+            return false;
+        };
+        if let Some(conn) = entry.worker {
+            conn.send(Message::Cancel(entry.task));
+        }
+        core.refs.set_state(returns, ValueState::Failed(Error::Cancelled));
+        true
+    }
+}
+
+/// Encodes arguments that need no waiting; hands them back otherwise.
+pub(crate) fn prepare_inline(
+    args: Vec<Arg>,
+) -> std::result::Result<(Vec<WireArg>, Vec<Arc<RefHandle>>), Vec<Arg>> {
+    if args.iter().any(|a| matches!(a, Arg::Ref(_))) {
+        return Err(args);
+    }
+    let mut wire = Vec::with_capacity(args.len());
+    let mut keep = Vec::new();
+    for arg in args {
+        if let Arg::Value { bytes, nested } = arg {
+            wire.push(WireArg::Inline(bytes));
+            keep.extend(nested);
+        }
+    }
+    Ok((wire, keep))
+}
+
+/// Waits for every referenced argument to be ready and encodes the lot.
+pub(crate) async fn resolve_args(
+    core: &Core,
+    args: Vec<Arg>,
+) -> Result<(Vec<WireArg>, Vec<Arc<RefHandle>>)> {
+    let mut wire = Vec::with_capacity(args.len());
+    let mut keep = Vec::new();
+    for arg in args {
+        match arg {
+            Arg::Value { bytes, nested } => {
+                wire.push(WireArg::Inline(bytes));
+                keep.extend(nested);
+            }
+            Arg::Ref(handle) => {
+                match core.resolve(handle.id, &handle.owner).await? {
+                    ValueState::Inline(bytes) => wire.push(WireArg::Inline(bytes.to_vec())),
+                    ValueState::Stored(nodes) => wire.push(WireArg::Stored {
+                        id: handle.id,
+                        nodes,
+                        owner: (*handle.owner).clone(),
+                    }),
+                    ValueState::Failed(e) => return Err(e),
+                    ValueState::Pending => return Err(Error::ObjectLost(handle.id)),
+                }
+                keep.push(handle);
+            }
+        }
+    }
+    Ok((wire, keep))
+}
+
+/// Records a finished task's or call's result at its owner (this process):
+/// takes over the references nested in the value, registers the borrows
+/// the executor kept, and sets the value.
+pub(crate) async fn record_result(
+    core: &Core,
+    returns: ObjectId,
+    result: TaskResult,
+) {
+    let TaskResult {
+        value,
+        contained,
+        borrowed,
+        executor,
+    } = result;
+    let inner: Vec<Arc<RefHandle>> = contained
+        .into_iter()
+        .map(|(id, owner)| core.refs.new_registered(id, crate::address::intern(owner)))
+        .collect();
+    for (id, owner) in borrowed {
+        if owner.worker == core.me.worker {
+            core.refs.add_borrower(id, executor.worker);
+        } else if let Ok(conn) = core.peer(&owner).await {
+            conn.send(Message::AddBorrower {
+                id,
+                borrower: executor.clone(),
+            });
+        }
+    }
+    if !inner.is_empty() {
+        core.refs.set_contained(returns, inner);
+    }
+    let state = match value {
+        ReturnValue::Inline(bytes) => ValueState::Inline(bytes.into()),
+        ReturnValue::Stored(node) => ValueState::Stored(vec![node]),
+    };
+    core.refs.set_state(returns, state);
+}
+
+async fn node_conn_for(core: &Core, socket: &str) -> Result<Conn> {
+    let hello = Message::Hello(Hello::Peer {
+        token: core.token.clone(),
+        address: (*core.me).clone(),
+    });
+    let (conn, _) = Conn::connect(
+        std::path::Path::new(socket),
+        hello,
+        Arc::new(crate::wire::conn::NoHandler),
+    )
+    .await?;
+    Ok(conn)
+}
+
+/// Leases a worker, following spillbacks to other nodes.
+pub(crate) async fn lease_worker(
+    core: &Core,
+    request: LeaseRequest,
+    node: Option<NodeId>,
+) -> Result<(Lease, Conn)> {
+    let mut conn = match node {
+        Some(n) if n != core.node_id => {
+            let socket = core.node_socket_of(n).await?;
+            node_conn_for(core, &socket).await?
+        }
+        _ => core.node.clone(),
+    };
+    for _ in 0..8 {
+        match conn.request(Message::RequestLease(request.clone())).await? {
+            Reply::Leased(lease) => return Ok((lease, conn)),
+            Reply::Spillback { socket, .. } => {
+                conn = node_conn_for(core, &socket).await?;
+            }
+            _ => return Err(Error::BadRequest("node answered a lease oddly".into())),
+        }
+    }
+    Err(Error::Infeasible(format!("{} (too many spillbacks)", request.resources)))
+}
+
+async fn run_pool(
+    core: Weak<Core>,
+    request: LeaseRequest,
+    node: Option<NodeId>,
+    tx: mpsc::UnboundedSender<PoolMsg>,
+    mut rx: mpsc::UnboundedReceiver<PoolMsg>,
+    submitted: Arc<Mutex<HashMap<ObjectId, Submitted>>>,
+) {
+    let mut queue: VecDeque<QueuedTask> = VecDeque::new();
+    let mut workers: Vec<Leased> = Vec::new();
+    let mut leasing = false;
+    let mut tick = tokio::time::interval(IDLE_LEASE / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => match m { Some(m) => Some(m), None => return },
+            _ = tick.tick() => None,
+        };
+        let Some(core) = core.upgrade() else { return };
+        match msg {
+            Some(PoolMsg::Ready(task)) => queue.push_back(task),
+            Some(PoolMsg::Granted(Ok((lease, node_conn)))) => {
+                leasing = false;
+                match core.peer(&lease.worker).await {
+                    Ok(conn) => workers.push(Leased {
+                        lease,
+                        node: node_conn,
+                        conn: Some(conn),
+                        inflight: 0,
+                        idle_since: Instant::now(),
+                        dead: false,
+                    }),
+                    Err(e) => {
+                        tracing::warn!("leased worker unreachable: {e}");
+                        node_conn.send(Message::ReturnLease {
+                            lease: lease.lease,
+                            kill: true,
+                        });
+                    }
+                }
+            }
+            Some(PoolMsg::Granted(Err(e))) => {
+                leasing = false;
+                for task in queue.drain(..) {
+                    submitted.lock().remove(&task.returns);
+                    core.refs.set_state(task.returns, ValueState::Failed(e.clone()));
+                }
+            }
+            Some(PoolMsg::Finished {
+                lease,
+                task,
+                outcome,
+                worker,
+            }) => {
+                let mut died = false;
+                if let Some(w) = workers.iter_mut().find(|w| w.lease.lease == lease) {
+                    w.inflight = w.inflight.saturating_sub(1);
+                    w.idle_since = Instant::now();
+                    if matches!(outcome, Err(Error::Unreachable { .. })) {
+                        w.dead = true;
+                        died = true;
+                    }
+                }
+                let cancelled = !submitted.lock().contains_key(&task.returns);
+                match outcome {
+                    _ if cancelled => {}
+                    Ok(result) => {
+                        submitted.lock().remove(&task.returns);
+                        record_result(&core, task.returns, result).await;
+                    }
+                    Err(Error::Unreachable { message, .. }) if died => {
+                        if task.attempts <= task.max_retries {
+                            tracing::info!(
+                                "worker {} died running {}; retrying ({}/{})",
+                                worker.pid,
+                                task.function,
+                                task.attempts,
+                                task.max_retries
+                            );
+                            queue.push_front(task);
+                        } else {
+                            submitted.lock().remove(&task.returns);
+                            core.refs.set_state(
+                                task.returns,
+                                ValueState::Failed(Error::WorkerDied {
+                                    function: task.function.to_string(),
+                                    attempts: task.attempts,
+                                    cause: message,
+                                }),
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        submitted.lock().remove(&task.returns);
+                        core.refs.set_state(task.returns, ValueState::Failed(e));
+                    }
+                }
+            }
+            None => {}
+        }
+        workers.retain(|w| {
+            if w.dead && w.inflight == 0 {
+                w.node.send(Message::ReturnLease {
+                    lease: w.lease.lease,
+                    kill: true,
+                });
+                false
+            } else {
+                true
+            }
+        });
+        while !queue.is_empty() {
+            let Some(w) = workers
+                .iter_mut()
+                .filter(|w| !w.dead && w.inflight < PIPELINE_DEPTH)
+                .min_by_key(|w| w.inflight)
+            else {
+                break;
+            };
+            if w.inflight > 0 && !leasing && workers_could_grow(&queue) {
+                break;
+            }
+            let Some(mut task) = queue.pop_front() else { break };
+            if !submitted.lock().contains_key(&task.returns) {
+                continue;
+            }
+            let Some(conn) = w.conn.clone() else { break };
+            if let Some(s) = submitted.lock().get_mut(&task.returns) {
+                s.worker = Some(conn.clone());
+            }
+            task.attempts += 1;
+            w.inflight += 1;
+            let spec = TaskSpec {
+                task: task.task,
+                function: task.function.to_string(),
+                args: std::mem::take(&mut task.args),
+                returns: task.returns,
+                owner: (*core.me).clone(),
+            };
+            let reply = conn.request(Message::PushTask(spec));
+            let lease = w.lease.lease;
+            let worker = w.lease.worker.clone();
+            let tx = tx.clone();
+            let timeout = task.timeout;
+            tokio::spawn(async move {
+                let outcome = match timeout {
+                    Some(d) => match tokio::time::timeout(d, reply).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            conn.send(Message::Cancel(task.task));
+                            Err(Error::Timeout(d))
+                        }
+                    },
+                    None => reply.await,
+                };
+                let outcome = match outcome {
+                    Ok(Reply::Done(result)) => Ok(result),
+                    Ok(_) => Err(Error::BadRequest("worker answered a task oddly".into())),
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(PoolMsg::Finished {
+                    lease,
+                    task,
+                    outcome,
+                    worker,
+                });
+            });
+        }
+        if !queue.is_empty() && !leasing {
+            leasing = true;
+            let tx = tx.clone();
+            let request = request.clone();
+            let core2 = core.clone();
+            tokio::spawn(async move {
+                let granted = lease_worker(&core2, request, node).await;
+                let _ = tx.send(PoolMsg::Granted(granted));
+            });
+        }
+        let now = Instant::now();
+        workers.retain(|w| {
+            if queue.is_empty() && w.inflight == 0 && now.duration_since(w.idle_since) >= IDLE_LEASE {
+                w.node.send(Message::ReturnLease {
+                    lease: w.lease.lease,
+                    kill: false,
+                });
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+fn workers_could_grow(queue: &VecDeque<QueuedTask>) -> bool {
+    queue.len() > 1
+}
+
+impl Core {
+    /// The local socket of another node on this machine, from the head.
+    pub(crate) async fn node_socket_of(&self, node: NodeId) -> Result<String> {
+        let head = self.head().await?;
+        let nodes = head.list_nodes().await?;
+        nodes
+            .into_iter()
+            .find(|n| n.info.node_id == node && n.alive)
+            .map(|n| n.info.control_address)
+            .ok_or(Error::NodeDied(node))
+    }
+}

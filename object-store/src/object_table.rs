@@ -391,6 +391,8 @@ impl ObjectTable {
             .collect()
     }
 
+    /// Deletes a sealed object now, or when its last pin goes; returns the
+    /// spill extent to release if it was spilled.
     pub fn delete(&mut self, id: ObjectId) -> Result<Option<Extent>, WireError> {
         let entry = self.objects.get_mut(&id).ok_or(WireError::NotFound(id))?;
         match entry {

@@ -129,6 +129,23 @@ impl StoreHandle {
         deleted
     }
 
+    /// Deletes these objects, as if each were deleted by a client (pinned
+    /// ones go when their last pin does; unknown ones are skipped). Returns
+    /// how many were deleted or marked.
+    pub fn delete_many(&self, ids: &[ObjectId]) -> usize {
+        let mut table = self.shared.table.lock();
+        let mut deleted = 0;
+        for id in ids {
+            if let Ok(extent) = table.delete(*id) {
+                deleted += 1;
+                if let (Some(extent), Some(spill)) = (extent, self.shared.spill.as_ref()) {
+                    spill.release(extent);
+                }
+            }
+        }
+        deleted
+    }
+
     /// Asks [`StoreServer::run`] to stop accepting and return.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);

@@ -23,6 +23,10 @@ use tokio::sync::{mpsc, OnceCell};
 /// reported sealed.
 const STORE_GET_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Stored objects up to this size stay mapped and pinned while referenced,
+/// so repeated gets are answered in process.
+const CACHED_VIEW_LIMIT: usize = 64 * 1024;
+
 /// Whether this process is a driver or a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -44,7 +48,6 @@ pub struct Core {
     pub(crate) refs: Arc<RefTable>,
     pub(crate) handle: tokio::runtime::Handle,
     pub(crate) head_address: String,
-    pub(crate) session_dir: PathBuf,
     peers: Mutex<HashMap<String, Arc<OnceCell<Conn>>>>,
     pub(crate) submitter: Submitter,
     pub(crate) actors: Mutex<HashMap<ActorId, Arc<crate::actor::ActorClient>>>,
@@ -68,6 +71,7 @@ pub(crate) struct CoreHandler {
     core: OnceCell<Weak<Core>>,
     token: String,
     role: Role,
+    peers: Mutex<HashMap<u64, WorkerId>>,
 }
 
 impl CoreHandler {
@@ -83,6 +87,9 @@ impl Handler for CoreHandler {
                 Hello::Driver { token, .. } | Hello::Worker { token, .. } | Hello::Peer { token, .. } => token,
             };
             if crate::cluster::token_matches(token, &self.token) {
+                if let Hello::Peer { address, .. } = hello {
+                    self.peers.lock().insert(conn.id(), address.worker);
+                }
                 responder.respond(Ok(Reply::Ok));
             } else {
                 responder.respond(Err(Error::Unauthenticated("wrong cluster token".into())));
@@ -113,6 +120,13 @@ impl Handler for CoreHandler {
                 "unexpected request {}",
                 crate::wire::conn::message_name(&other)
             )))),
+        }
+    }
+
+    fn on_close(&self, conn: &Conn) {
+        let peer = self.peers.lock().remove(&conn.id());
+        if let (Some(worker), Some(core)) = (peer, self.core()) {
+            core.refs.remove_dead_borrower(worker);
         }
     }
 
@@ -165,6 +179,7 @@ impl Core {
             core: OnceCell::new(),
             token: config.token.clone(),
             role: config.role,
+            peers: Mutex::new(HashMap::new()),
         });
         let mut me = Address {
             worker: config.worker,
@@ -213,7 +228,6 @@ impl Core {
             refs,
             handle: tokio::runtime::Handle::current(),
             head_address: head,
-            session_dir: config.session_dir,
             peers: Mutex::new(HashMap::new()),
             submitter: Submitter::new(weak.clone()),
             actors: Mutex::new(HashMap::new()),
@@ -225,13 +239,6 @@ impl Core {
         tokio::spawn(accept_loop(listener, handler));
         tokio::spawn(ref_event_loop(Arc::downgrade(&core), events_rx));
         Ok(core)
-    }
-
-    /// A strong reference to this core.
-    pub(crate) fn arc(&self) -> Result<Arc<Core>> {
-        self.self_ref
-            .upgrade()
-            .ok_or_else(|| Error::NotRunning("runtime shut down".into()))
     }
 
     /// A connection to another braid process, opened on first use.
@@ -250,26 +257,22 @@ impl Core {
                     core: OnceCell::new_with(Some(self.self_ref.clone())),
                     token: self.token.clone(),
                     role: self.role,
+                    peers: Mutex::new(HashMap::new()),
                 });
                 let hello = Message::Hello(Hello::Peer {
                     token: self.token.clone(),
                     address: (*self.me).clone(),
                 });
-                let (conn, _) =
-                    Conn::connect(std::path::Path::new(&address.socket), hello, handler).await?;
+                let path = PathBuf::from(&address.socket);
+                let (conn, _) = self
+                    .handle
+                    .spawn(async move { Conn::connect(&path, hello, handler).await })
+                    .await
+                    .map_err(|e| Error::io("connect", e))??;
                 Ok::<Conn, Error>(conn)
             })
             .await?;
         Ok(conn.clone())
-    }
-
-    /// The connection to `address` if one is open.
-    pub(crate) fn open_peer(&self, address: &Address) -> Option<Conn> {
-        self.peers
-            .lock()
-            .get(&address.socket)
-            .and_then(|c| c.get().cloned())
-            .filter(|c| !c.is_closed())
     }
 
     /// The head's client, connected on first use.
@@ -377,9 +380,16 @@ impl Core {
     ) -> Result<ObjectBytes> {
         match self.resolve(id, owner).await? {
             ValueState::Inline(bytes) => Ok(ObjectBytes::Inline(bytes)),
-            ValueState::Stored(nodes) => Ok(ObjectBytes::Stored(
-                self.fetch_stored(id, &nodes, owner).await?,
-            )),
+            ValueState::Stored(nodes) => {
+                if let Some(view) = self.refs.cached_view(id) {
+                    return Ok(ObjectBytes::Stored(view));
+                }
+                let view = self.fetch_stored(id, &nodes, owner).await?;
+                if view.len() <= CACHED_VIEW_LIMIT {
+                    self.refs.cache_view(id, &view);
+                }
+                Ok(ObjectBytes::Stored(view))
+            }
             ValueState::Failed(e) => Err(e),
             ValueState::Pending => Err(Error::ObjectLost(id)),
         }

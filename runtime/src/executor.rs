@@ -27,7 +27,6 @@ pub(crate) fn current_label() -> &'static Mutex<String> {
 
 struct Hosted {
     actor: ActorId,
-    class: String,
     calls: mpsc::UnboundedSender<(CallSpec, Responder)>,
 }
 
@@ -116,7 +115,6 @@ impl Executor {
         let (tx, rx) = mpsc::unbounded_channel();
         *self.actor.lock() = Some(Hosted {
             actor: spec.actor,
-            class: spec.class.clone(),
             calls: tx,
         });
         core.handle.spawn(actor_loop(
@@ -129,10 +127,6 @@ impl Executor {
         Ok(())
     }
 
-    /// The class of the hosted actor, if any.
-    pub(crate) fn hosted_class(&self) -> Option<String> {
-        self.actor.lock().as_ref().map(|h| h.class.clone())
-    }
 }
 
 fn short_name(path: &str) -> &str {

@@ -66,6 +66,7 @@ struct Entry {
     state: ValueState,
     waiters: Vec<oneshot::Sender<ValueState>>,
     contained: Vec<Arc<RefHandle>>,
+    view: Option<braid_store::ObjectView>,
 }
 
 impl Entry {
@@ -79,6 +80,7 @@ impl Entry {
             state: ValueState::Pending,
             waiters: Vec::new(),
             contained: Vec::new(),
+            view: None,
         }
     }
 
@@ -198,6 +200,19 @@ impl RefTable {
         }
     }
 
+    /// A mapped view of the object kept from an earlier get.
+    pub(crate) fn cached_view(&self, id: ObjectId) -> Option<braid_store::ObjectView> {
+        self.entries.lock().get(&id).and_then(|e| e.view.clone())
+    }
+
+    /// Keeps a view of a small object mapped (and pinned) while this
+    /// process references it, so later gets need no store round trip.
+    pub(crate) fn cache_view(&self, id: ObjectId, view: &braid_store::ObjectView) {
+        if let Some(e) = self.entries.lock().get_mut(&id) {
+            e.view = Some(view.clone());
+        }
+    }
+
     /// Adds a node holding a copy of an owned object.
     pub(crate) fn add_location(&self, id: ObjectId, node: NodeId) {
         let mut entries = self.entries.lock();
@@ -248,11 +263,6 @@ impl RefTable {
             }
         }
         Some(rx)
-    }
-
-    /// Whether this process owns `id` and still tracks it.
-    pub(crate) fn owns(&self, id: ObjectId) -> bool {
-        self.entries.lock().get(&id).is_some_and(|e| e.owned)
     }
 
     /// Records that `borrower` holds a reference to an owned object.
@@ -347,9 +357,10 @@ impl RefTable {
         if !e.releasable() {
             return Vec::new();
         }
-        let Some(e) = entries.remove(&id) else {
+        let Some(mut e) = entries.remove(&id) else {
             return Vec::new();
         };
+        drop(e.view.take());
         if e.owned {
             if let ValueState::Stored(nodes) = e.state {
                 let _ = self.events.send(RefEvent::Free { id, nodes });

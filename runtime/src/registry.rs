@@ -47,13 +47,18 @@ pub trait ActorObject: Send + Sync + 'static {
 /// One actor method, decoded and ready to run against the instance.
 pub enum Method<A> {
     /// A `&mut self` method.
-    Mut(Box<dyn FnOnce(&mut A) -> Result<Encoded> + Send>),
+    Mut(MutMethod<A>),
     /// A `&self` method.
-    Ref(Box<dyn FnOnce(&A) -> Result<Encoded> + Send>),
+    Ref(RefMethod<A>),
     /// An `async fn(&self, ..)` method; several may run at once, up to the
     /// actor's declared concurrency.
     Async(Box<dyn FnOnce(ActorRef<A>) -> BoxFuture<'static, Result<Encoded>> + Send>),
 }
+
+/// A decoded `&mut self` method call.
+pub type MutMethod<A> = Box<dyn FnOnce(&mut A) -> Result<Encoded> + Send>;
+/// A decoded `&self` method call.
+pub type RefMethod<A> = Box<dyn FnOnce(&A) -> Result<Encoded> + Send>;
 
 /// Shared access to an actor's state for an async method.
 pub type ActorRef<A> = tokio::sync::OwnedRwLockReadGuard<A>;

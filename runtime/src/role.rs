@@ -89,7 +89,7 @@ fn run_daemon() -> i32 {
             DaemonConfig::Head {
                 listen,
                 token,
-                session_dir: _,
+                session_dir,
             } => {
                 let listen = listen
                     .parse()
@@ -103,7 +103,10 @@ fn run_daemon() -> i32 {
                 .map_err(|e| Error::io("start head", e))?;
                 report_ready(&head.local_addr.to_string(), &options);
                 stop.await;
-                head.shutdown().await;
+                let _ = head.shutdown().await;
+                if options.parent.is_some() {
+                    let _ = std::fs::remove_dir_all(&session_dir);
+                }
                 Ok(())
             }
             DaemonConfig::Node {
@@ -210,7 +213,12 @@ pub(crate) async fn wait_for_exit(pid: u32) {
     let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
         return;
     };
-    let Ok(fd) = tokio::io::unix::AsyncFd::new(fd) else { return };
+    // SAFETY: `fd` is an `OwnedFd` moved into the `AsyncFd`: it is open,
+    // owned by nothing else, and stays the same descriptor until the
+    // `AsyncFd` drops it.
+    let Ok(fd) = (unsafe { tokio::io::unix::AsyncFd::register(fd) }) else {
+        return;
+    };
     let _ = fd.readable().await;
 }
 

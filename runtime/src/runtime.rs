@@ -139,6 +139,17 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
+    /// Runs `future` on the runtime's threads and blocks this thread until
+    /// it finishes: for synchronous code (a task body, a non-async `main`)
+    /// that wants several things at once.
+    pub fn block_on<F>(&self, future: F) -> F::Output
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        block_on(&self.core.handle, future)
+    }
+
     /// The node this process runs on.
     pub fn node_id(&self) -> NodeId {
         self.core.node_id
@@ -302,32 +313,46 @@ impl Runtime {
         timeout: Option<Duration>,
     ) -> (Vec<ObjectRef<T>>, Vec<ObjectRef<T>>) {
         let k = k.min(refs.len());
-        let mut pending: FuturesUnordered<_> = refs
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let core = self.core.clone();
-                let handle = r.handle.clone();
-                async move {
-                    let _ = core.resolve(handle.id, &handle.owner).await;
-                    i
-                }
-            })
-            .collect();
         let mut ready = Vec::with_capacity(k);
-        let collect = async {
-            while ready.len() < k {
-                match pending.next().await {
-                    Some(i) => ready.push(i),
-                    None => break,
+        for (i, r) in refs.iter().enumerate() {
+            if ready.len() >= k {
+                break;
+            }
+            if matches!(
+                self.core.refs.state(r.id()),
+                Some(ValueState::Inline(_) | ValueState::Stored(_) | ValueState::Failed(_))
+            ) {
+                ready.push(i);
+            }
+        }
+        if ready.len() < k {
+            let mut pending: FuturesUnordered<_> = refs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !ready.contains(i))
+                .map(|(i, r)| {
+                    let core = self.core.clone();
+                    let handle = r.handle.clone();
+                    async move {
+                        let _ = core.resolve(handle.id, &handle.owner).await;
+                        i
+                    }
+                })
+                .collect();
+            let collect = async {
+                while ready.len() < k {
+                    match pending.next().await {
+                        Some(i) => ready.push(i),
+                        None => break,
+                    }
                 }
+            };
+            match timeout {
+                Some(d) => {
+                    let _ = tokio::time::timeout(d, collect).await;
+                }
+                None => collect.await,
             }
-        };
-        match timeout {
-            Some(d) => {
-                let _ = tokio::time::timeout(d, collect).await;
-            }
-            None => collect.await,
         }
         let mut is_ready = vec![false; refs.len()];
         for &i in &ready {

@@ -24,6 +24,10 @@ use tokio::sync::mpsc;
 
 /// Tasks a leased worker may hold at once.
 pub const PIPELINE_DEPTH: u32 = 4;
+/// A worker gets more than one task at a time only while it is finishing
+/// them this quickly; a worker busy with a long task gets none queued
+/// behind it, and the pool leases another instead.
+pub const PIPELINE_IF_PROGRESS_WITHIN: Duration = Duration::from_millis(1);
 /// How long an unused lease is kept before it is returned.
 pub const IDLE_LEASE: Duration = Duration::from_millis(200);
 
@@ -113,7 +117,7 @@ struct QueuedTask {
     task: TaskId,
     function: &'static str,
     args: Vec<WireArg>,
-    keep: Vec<Arc<RefHandle>>,
+    _keep: Vec<Arc<RefHandle>>,
     returns: ObjectId,
     attempts: u32,
     max_retries: u32,
@@ -121,9 +125,9 @@ struct QueuedTask {
 }
 
 enum PoolMsg {
-    Ready(QueuedTask),
+    Ready(Box<QueuedTask>),
     Granted(Result<(Lease, Conn)>),
-    Finished { lease: u64, task: QueuedTask, outcome: Result<TaskResult>, worker: Address },
+    Finished { lease: u64, task: Box<QueuedTask>, outcome: Result<TaskResult>, worker: Address },
 }
 
 struct Leased {
@@ -132,6 +136,7 @@ struct Leased {
     conn: Option<Conn>,
     inflight: u32,
     idle_since: Instant,
+    progress: Instant,
     dead: bool,
 }
 
@@ -208,7 +213,7 @@ impl Submitter {
             task,
             function,
             args: Vec::new(),
-            keep: Vec::new(),
+            _keep: Vec::new(),
             returns,
             attempts: 0,
             max_retries: opts.max_retries,
@@ -216,22 +221,22 @@ impl Submitter {
         };
         match prepare_inline(args) {
             Ok((wire, keep)) => {
-                let _ = pool.send(PoolMsg::Ready(QueuedTask {
+                let _ = pool.send(PoolMsg::Ready(Box::new(QueuedTask {
                     args: wire,
-                    keep,
+                    _keep: keep,
                     ..queued
-                }));
+                })));
             }
             Err(args) => {
                 let core2 = core.clone();
                 core.handle.spawn(async move {
                     match resolve_args(&core2, args).await {
                         Ok((wire, keep)) => {
-                            let _ = pool.send(PoolMsg::Ready(QueuedTask {
+                            let _ = pool.send(PoolMsg::Ready(Box::new(QueuedTask {
                                 args: wire,
-                                keep,
+                                _keep: keep,
                                 ..queued
-                            }));
+                            })));
                         }
                         Err(e) => core2.refs.set_state(returns, ValueState::Failed(e)),
                     }
@@ -257,10 +262,11 @@ impl Submitter {
     }
 }
 
+/// Arguments ready to ship, and the references to keep alive meanwhile.
+pub(crate) type Prepared = (Vec<WireArg>, Vec<Arc<RefHandle>>);
+
 /// Encodes arguments that need no waiting; hands them back otherwise.
-pub(crate) fn prepare_inline(
-    args: Vec<Arg>,
-) -> std::result::Result<(Vec<WireArg>, Vec<Arc<RefHandle>>), Vec<Arg>> {
+pub(crate) fn prepare_inline(args: Vec<Arg>) -> std::result::Result<Prepared, Vec<Arg>> {
     if args.iter().any(|a| matches!(a, Arg::Ref(_))) {
         return Err(args);
     }
@@ -276,10 +282,7 @@ pub(crate) fn prepare_inline(
 }
 
 /// Waits for every referenced argument to be ready and encodes the lot.
-pub(crate) async fn resolve_args(
-    core: &Core,
-    args: Vec<Arg>,
-) -> Result<(Vec<WireArg>, Vec<Arc<RefHandle>>)> {
+pub(crate) async fn resolve_args(core: &Core, args: Vec<Arg>) -> Result<Prepared> {
     let mut wire = Vec::with_capacity(args.len());
     let mut keep = Vec::new();
     for arg in args {
@@ -403,7 +406,7 @@ async fn run_pool(
         };
         let Some(core) = core.upgrade() else { return };
         match msg {
-            Some(PoolMsg::Ready(task)) => queue.push_back(task),
+            Some(PoolMsg::Ready(task)) => queue.push_back(*task),
             Some(PoolMsg::Granted(Ok((lease, node_conn)))) => {
                 leasing = false;
                 match core.peer(&lease.worker).await {
@@ -413,6 +416,9 @@ async fn run_pool(
                         conn: Some(conn),
                         inflight: 0,
                         idle_since: Instant::now(),
+                        progress: Instant::now()
+                            .checked_sub(Duration::from_secs(1))
+                            .unwrap_or_else(Instant::now),
                         dead: false,
                     }),
                     Err(e) => {
@@ -441,6 +447,7 @@ async fn run_pool(
                 if let Some(w) = workers.iter_mut().find(|w| w.lease.lease == lease) {
                     w.inflight = w.inflight.saturating_sub(1);
                     w.idle_since = Instant::now();
+                    w.progress = Instant::now();
                     if matches!(outcome, Err(Error::Unreachable { .. })) {
                         w.dead = true;
                         died = true;
@@ -462,7 +469,7 @@ async fn run_pool(
                                 task.attempts,
                                 task.max_retries
                             );
-                            queue.push_front(task);
+                            queue.push_front(*task);
                         } else {
                             submitted.lock().remove(&task.returns);
                             core.refs.set_state(
@@ -495,16 +502,20 @@ async fn run_pool(
             }
         });
         while !queue.is_empty() {
+            let now = Instant::now();
             let Some(w) = workers
                 .iter_mut()
-                .filter(|w| !w.dead && w.inflight < PIPELINE_DEPTH)
+                .filter(|w| {
+                    !w.dead
+                        && (w.inflight == 0
+                            || (w.inflight < PIPELINE_DEPTH
+                                && now.duration_since(w.progress) < PIPELINE_IF_PROGRESS_WITHIN))
+                })
                 .min_by_key(|w| w.inflight)
             else {
                 break;
             };
-            if w.inflight > 0 && !leasing && workers_could_grow(&queue) {
-                break;
-            }
+
             let Some(mut task) = queue.pop_front() else { break };
             if !submitted.lock().contains_key(&task.returns) {
                 continue;
@@ -545,7 +556,7 @@ async fn run_pool(
                 };
                 let _ = tx.send(PoolMsg::Finished {
                     lease,
-                    task,
+                    task: Box::new(task),
                     outcome,
                     worker,
                 });
@@ -574,10 +585,6 @@ async fn run_pool(
             }
         });
     }
-}
-
-fn workers_could_grow(queue: &VecDeque<QueuedTask>) -> bool {
-    queue.len() > 1
 }
 
 impl Core {

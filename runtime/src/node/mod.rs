@@ -143,7 +143,6 @@ pub async fn run_node(
         .await
         .map_err(|e| Error::io("start object store", e))?;
     let store_handle = store_server.handle();
-    let store_capacity = store_handle.stats().arena.capacity;
     tokio::spawn(async move {
         if let Err(e) = store_server.run().await {
             tracing::error!("object store stopped: {e}");
@@ -814,14 +813,19 @@ impl Node {
     /// Deletes objects here and on the other nodes holding them.
     async fn free(&self, list: Vec<(ObjectId, Vec<NodeId>)>) {
         let mut remote: HashMap<NodeId, Vec<ObjectId>> = HashMap::new();
+        let mut local = Vec::new();
         for (id, nodes) in list {
             for n in nodes {
                 if n == self.id {
-                    let _ = self.store.delete(id);
+                    local.push(id);
                 } else {
                     remote.entry(n).or_default().push(id);
                 }
             }
+        }
+        if !local.is_empty() {
+            let store = self.store_handle.clone();
+            store.delete_many(&local);
         }
         for (node, ids) in remote {
             match self.node_client(node).await {
@@ -837,9 +841,7 @@ impl Node {
 
     /// Deletes objects from this node's store.
     pub(crate) fn free_local(&self, ids: &[ObjectId]) {
-        for id in ids {
-            let _ = self.store.delete(*id);
-        }
+        self.store_handle.delete_many(ids);
     }
 }
 

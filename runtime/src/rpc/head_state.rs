@@ -322,7 +322,9 @@ impl HeadState {
         let owned: Vec<PlacementGroupId> = self
             .pgs
             .values()
-            .filter(|pg| pg.committed && pg.record.spec.job_id == Some(job_id))
+            // Groups still being created go too: their creation then fails
+            // and releases what it reserved.
+            .filter(|pg| pg.record.spec.job_id == Some(job_id))
             .map(|pg| pg.record.spec.pg_id)
             .collect();
         for pg_id in owned {

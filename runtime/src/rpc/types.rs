@@ -1,5 +1,5 @@
 //! Plain Rust records of what the head knows, and their conversions to and
-//! from the wire messages of [`proto`](super::proto).
+//! from the wire messages of [`proto`].
 //!
 //! Conversions to the wire cannot fail (`From`); conversions from the wire
 //! check ids and amounts and fail with [`InvalidMessage`], which a server

@@ -1,2 +1,0 @@
-//! The `braid` command line.
-fn main() {}

@@ -1,0 +1,40 @@
+//! The `braid` command line: start a cluster or join one (`braid start`),
+//! inspect it (`braid status`), stop this user's daemons (`braid stop`) and
+//! run Ray's microbenchmarks (`braid microbenchmark`).
+//!
+//! The same binary is the head, node and worker daemons: started with a
+//! braid role in its environment it runs that role instead of `main`.
+//!
+//! Exit codes: 0 on success, 2 for a usage error (a bad flag or value, a
+//! missing token or address), 1 when the command itself fails.
+
+mod cli;
+mod client;
+mod microbench;
+mod procs;
+mod start;
+mod status;
+mod stop;
+
+use clap::Parser;
+use cli::{Cli, Command};
+
+fn main() {
+    // The library enters a daemon role from a constructor before `main`;
+    // this is the fallback should the linker have dropped it.
+    braid::role::enter_role();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Start(args) => start::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Stop(args) => stop::run(args),
+        Command::Microbenchmark(args) => microbench::run(args.json),
+    };
+    if let Err(e) = result {
+        if let Some(usage) = e.downcast_ref::<clap::Error>() {
+            usage.exit();
+        }
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

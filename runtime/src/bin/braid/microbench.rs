@@ -1,0 +1,4 @@
+//! Ray's microbenchmark workloads.
+pub fn run(_json: bool) -> anyhow::Result<()> {
+    anyhow::bail!("not built yet")
+}

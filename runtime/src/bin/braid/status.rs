@@ -1,0 +1,380 @@
+//! `braid status`: what the head knows, as tables or as one JSON object.
+
+use crate::cli::{usage_error, StatusArgs};
+use crate::client;
+use anyhow::bail;
+use braid::cluster::{self, ADDRESS_VAR, TOKEN_VAR};
+use braid::resources::{CPU, MEMORY};
+use braid::rpc::{
+    ActorRecord, ClusterStatusRecord, JobRecord, NodeRecord, PlacementGroupRecord,
+    PlacementStrategy, ResourceMap,
+};
+use serde_json::{json, Value};
+
+/// Runs `braid status`.
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let address = resolve_address(args.address)?;
+    let token = match args.token {
+        Some(token) if !token.is_empty() => token,
+        Some(_) => return Err(usage_error("status", "the value of --token is empty").into()),
+        None => cluster::token_for(&address).map_err(|_| {
+            usage_error(
+                "status",
+                format!(
+                "no token for the cluster at {address}: pass --token <TOKEN> or set {TOKEN_VAR} \
+                 (the head's machine keeps it in {})",
+                cluster::cluster_file_path(&address).display()
+            ),
+            )
+        })?,
+    };
+    let status = client::connect(&address, &token)?.cluster_status()?;
+    if args.json {
+        println!("{}", to_json(&address, &status));
+    } else {
+        print!("{}", to_text(&address, &status));
+    }
+    Ok(())
+}
+
+/// The head to ask: `--address`, else `BRAID_ADDRESS`, else the one cluster
+/// this user started on this machine.
+fn resolve_address(flag: Option<String>) -> anyhow::Result<String> {
+    if let Some(address) = flag {
+        return Ok(address);
+    }
+    if let Ok(address) = std::env::var(ADDRESS_VAR) {
+        if !address.is_empty() {
+            return Ok(address);
+        }
+    }
+    let mut files = cluster::cluster_files();
+    match files.len() {
+        0 => bail!(
+            "no cluster to show: no --address given, {ADDRESS_VAR} is not set, and no cluster was \
+             started on this machine (`braid start --head` starts one)"
+        ),
+        1 => Ok(files.remove(0).1.address),
+        _ => {
+            let mut addresses: Vec<String> = files.into_iter().map(|(_, f)| f.address).collect();
+            addresses.sort();
+            Err(usage_error(
+                "status",
+                format!(
+                    "several clusters run on this machine ({}): pass --address <HOST:PORT>",
+                    addresses.join(", ")
+                ),
+            )
+            .into())
+        }
+    }
+}
+
+/// The status as one JSON object (live nodes under `nodes`, dead ones
+/// under `dead_nodes`).
+pub fn to_json(address: &str, status: &ClusterStatusRecord) -> Value {
+    let (alive, dead): (Vec<&NodeRecord>, Vec<&NodeRecord>) =
+        status.nodes.iter().partition(|n| n.alive);
+    json!({
+        "cluster_id": status.cluster_id,
+        "address": address,
+        "nodes": alive.iter().map(|n| node_json(n)).collect::<Vec<_>>(),
+        "dead_nodes": dead.iter().map(|n| node_json(n)).collect::<Vec<_>>(),
+        "actors": status.actors.iter().map(actor_json).collect::<Vec<_>>(),
+        "placement_groups": status.placement_groups.iter().map(pg_json).collect::<Vec<_>>(),
+        "jobs": status.jobs.iter().map(job_json).collect::<Vec<_>>(),
+    })
+}
+
+fn node_json(n: &NodeRecord) -> Value {
+    json!({
+        "node_id": n.info.node_id.to_string(),
+        "hostname": n.info.hostname,
+        "pid": n.info.pid,
+        "grpc_address": n.info.grpc_address,
+        "is_head_node": n.info.is_head_node,
+        "alive": n.alive,
+        "resources_total": n.info.resources_total,
+        "resources_available": n.resources_available,
+        "store_used": n.store_used,
+        "store_capacity": n.store_capacity,
+        "num_workers": n.num_workers,
+        "millis_since_heartbeat": u64::try_from(n.since_heartbeat.as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+fn actor_json(a: &ActorRecord) -> Value {
+    json!({
+        "actor_id": a.spec.actor_id.to_string(),
+        "job_id": a.spec.job_id.to_string(),
+        "class": a.spec.class_name,
+        "name": a.spec.name,
+        "state": a.state.to_string(),
+        "node_id": a.node_id.map(|n| n.to_string()),
+        "worker_pid": a.worker_pid,
+        "restarts": a.restarts,
+        "detached": a.spec.detached,
+        "death_cause": a.death_cause,
+    })
+}
+
+fn strategy_name(s: PlacementStrategy) -> &'static str {
+    match s {
+        PlacementStrategy::Pack => "PACK",
+        PlacementStrategy::Spread => "SPREAD",
+        PlacementStrategy::StrictPack => "STRICT_PACK",
+        PlacementStrategy::StrictSpread => "STRICT_SPREAD",
+    }
+}
+
+fn pg_json(p: &PlacementGroupRecord) -> Value {
+    json!({
+        "pg_id": p.spec.pg_id.to_string(),
+        "name": p.spec.name,
+        "strategy": strategy_name(p.spec.strategy),
+        "bundles": p.spec.bundles,
+        "bundle_nodes": p.bundle_nodes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "job_id": p.spec.job_id.map(|j| j.to_string()),
+        "created_ms": p.created_ms,
+    })
+}
+
+fn job_json(j: &JobRecord) -> Value {
+    json!({
+        "job_id": j.info.job_id.to_string(),
+        "driver_pid": j.info.driver_pid,
+        "driver_address": j.info.driver_address,
+        "exe_path": j.info.exe_path.display().to_string(),
+        "finished": j.finished,
+        "start_time_ms": j.start_time_ms,
+        "end_time_ms": j.end_time_ms,
+    })
+}
+
+/// A byte count for people.
+fn bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n.max(0.0);
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A resource amount for people: integers without decimals.
+fn amount(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{n:.0}")
+    } else {
+        format!("{n:.2}")
+    }
+}
+
+/// The first 8 hex digits of an id.
+fn short(id: &str) -> String {
+    id.chars().take(8).collect()
+}
+
+/// Used / total of one resource of a node.
+fn used(total: &ResourceMap, available: &ResourceMap, name: &str) -> (f64, f64) {
+    let t = total.get(name).copied().unwrap_or(0.0);
+    let a = available.get(name).copied().unwrap_or(t);
+    ((t - a).max(0.0), t)
+}
+
+/// Lays out `rows` under `headers`, columns padded to their widest cell.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::new();
+        for (cell, w) in cells.zip(&widths) {
+            text.push_str(&format!("{cell:<w$}  "));
+        }
+        out.push_str("  ");
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut headers.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// The status as tables.
+pub fn to_text(address: &str, status: &ClusterStatusRecord) -> String {
+    let live = status.nodes.iter().filter(|n| n.alive).count();
+    let mut out = format!(
+        "Cluster {} at {address}: {live} live node{}{}\n",
+        short(&status.cluster_id),
+        if live == 1 { "" } else { "s" },
+        match status.nodes.len() - live {
+            0 => String::new(),
+            dead => format!(", {dead} dead"),
+        }
+    );
+
+    out.push_str("\nNodes\n");
+    let rows: Vec<Vec<String>> = status
+        .nodes
+        .iter()
+        .map(|n| {
+            let total = &n.info.resources_total;
+            let avail = &n.resources_available;
+            let (cpu_used, cpu_total) = used(total, avail, CPU);
+            let (mem_used, mem_total) = used(total, avail, MEMORY);
+            let custom: Vec<String> = total
+                .keys()
+                .filter(|k| *k != CPU && *k != MEMORY)
+                .map(|k| {
+                    let (u, t) = used(total, avail, k);
+                    format!("{k} {}/{}", amount(u), amount(t))
+                })
+                .collect();
+            vec![
+                short(&n.info.node_id.to_string()),
+                n.info.hostname.clone(),
+                if n.info.is_head_node { "yes" } else { "no" }.into(),
+                format!("{}/{}", amount(cpu_used), amount(cpu_total)),
+                format!("{}/{}", bytes(mem_used), bytes(mem_total)),
+                if custom.is_empty() {
+                    "-".into()
+                } else {
+                    custom.join(", ")
+                },
+                format!(
+                    "{}/{}",
+                    bytes(n.store_used as f64),
+                    bytes(n.store_capacity as f64)
+                ),
+                n.num_workers.to_string(),
+                if n.alive { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "NODE", "HOST", "HEAD", "CPU", "MEMORY", "CUSTOM", "STORE", "WORKERS", "ALIVE",
+        ],
+        &rows,
+    ));
+
+    out.push_str(&format!("\nActors: {}\n", status.actors.len()));
+    if !status.actors.is_empty() {
+        let rows: Vec<Vec<String>> = status
+            .actors
+            .iter()
+            .map(|a| {
+                vec![
+                    short(&a.spec.actor_id.to_string()),
+                    a.spec.class_name.clone(),
+                    a.spec.name.clone().unwrap_or_else(|| "-".into()),
+                    a.state.to_string(),
+                    a.node_id
+                        .map(|n| short(&n.to_string()))
+                        .unwrap_or_else(|| "-".into()),
+                    a.restarts.to_string(),
+                    if a.spec.detached { "yes" } else { "no" }.into(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "ACTOR", "CLASS", "NAME", "STATE", "NODE", "RESTARTS", "DETACHED",
+            ],
+            &rows,
+        ));
+    }
+
+    out.push_str(&format!(
+        "\nPlacement groups: {}\n",
+        status.placement_groups.len()
+    ));
+    if !status.placement_groups.is_empty() {
+        let rows: Vec<Vec<String>> = status
+            .placement_groups
+            .iter()
+            .map(|p| {
+                let mut nodes: Vec<String> = p
+                    .bundle_nodes
+                    .iter()
+                    .map(|n| short(&n.to_string()))
+                    .collect();
+                nodes.dedup();
+                vec![
+                    short(&p.spec.pg_id.to_string()),
+                    p.spec.name.clone().unwrap_or_else(|| "-".into()),
+                    strategy_name(p.spec.strategy).into(),
+                    p.spec.bundles.len().to_string(),
+                    if nodes.is_empty() {
+                        "-".into()
+                    } else {
+                        nodes.join(",")
+                    },
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["GROUP", "NAME", "STRATEGY", "BUNDLES", "NODES"],
+            &rows,
+        ));
+    }
+
+    let running = status.jobs.iter().filter(|j| !j.finished).count();
+    out.push_str(&format!(
+        "\nJobs: {} ({running} running)\n",
+        status.jobs.len()
+    ));
+    if !status.jobs.is_empty() {
+        let rows: Vec<Vec<String>> = status
+            .jobs
+            .iter()
+            .map(|j| {
+                vec![
+                    short(&j.info.job_id.to_string()),
+                    j.info.driver_pid.to_string(),
+                    if j.finished { "FINISHED" } else { "RUNNING" }.into(),
+                    j.info
+                        .exe_path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| j.info.exe_path.display().to_string()),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["JOB", "DRIVER PID", "STATUS", "PROGRAM"], &rows));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_amounts_read_well() {
+        assert_eq!(bytes(512.0), "512 B");
+        assert_eq!(bytes(1536.0), "1.5 KiB");
+        assert_eq!(bytes(2.0 * 1024.0 * 1024.0 * 1024.0), "2.0 GiB");
+        assert_eq!(amount(2.0), "2");
+        assert_eq!(amount(0.5), "0.50");
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "  A    BB\n  xxx  y\n");
+    }
+}

@@ -1,0 +1,300 @@
+//! The `braid` command line end to end: `start --head`, `start --address`,
+//! `status`, `stop`, and its usage errors. Every test runs the real binary
+//! with its own `BRAID_TMPDIR`, so it sees (and stops) only its own
+//! clusters, and stops them in a guard even when it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Once;
+
+const BRAID: &str = env!("CARGO_BIN_EXE_braid");
+
+/// A private `BRAID_TMPDIR` and the `braid` commands run with it. Dropping
+/// it runs `braid stop` and reaps the stopped daemons.
+struct Braid {
+    dir: tempfile::TempDir,
+    /// Every daemon seen running after a command, to reap once stopped.
+    seen: RefCell<BTreeSet<u32>>,
+}
+
+impl Braid {
+    fn new() -> Braid {
+        // Daemons detach from `braid start`, which exits; as a subreaper
+        // this test process inherits them and can reap them once stopped.
+        static SUBREAPER: Once = Once::new();
+        SUBREAPER.call_once(|| {
+            let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
+        });
+        Braid {
+            dir: tempfile::tempdir().unwrap(),
+            seen: RefCell::default(),
+        }
+    }
+
+    /// Runs `braid args...` to completion.
+    fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new(BRAID)
+            .args(args)
+            .env("BRAID_TMPDIR", self.dir.path())
+            .env_remove("BRAID_ADDRESS")
+            .env_remove("BRAID_TOKEN")
+            .env_remove("BRAID_ROLE")
+            .output()
+            .unwrap();
+        self.daemons();
+        out
+    }
+
+    /// Runs `braid args...` and checks it succeeded.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "braid {args:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `braid status --json`, parsed; checks it is exactly one line.
+    fn status(&self) -> Value {
+        let text = self.ok(&["status", "--json"]);
+        assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+        serde_json::from_str(text.trim_end()).unwrap()
+    }
+
+    /// Starts a cluster of one head and its node with `cpus` CPUs; returns
+    /// the head's address.
+    fn start_head(&self, cpus: &str) -> String {
+        let out = self.ok(&[
+            "start",
+            "--head",
+            "--port",
+            "0",
+            "--num-cpus",
+            cpus,
+            "--object-store-memory",
+            "64MiB",
+        ]);
+        assert!(out.contains("BRAID_ADDRESS="), "{out}");
+        assert!(out.contains("braid stop"), "{out}");
+        self.status()["address"].as_str().unwrap().to_owned()
+    }
+
+    /// This user's braid directory under the private `BRAID_TMPDIR`.
+    fn user_dir(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("braid-{}", rustix::process::getuid().as_raw()))
+    }
+
+    /// The cluster file of `address`.
+    fn cluster_file(&self, address: &str) -> PathBuf {
+        self.user_dir()
+            .join(format!("cluster-{}.json", address.replace([':', '/'], "_")))
+    }
+
+    /// Live braid processes of this user started with this `BRAID_TMPDIR`.
+    fn daemons(&self) -> Vec<(u32, String)> {
+        let found = daemons_under(self.dir.path());
+        self.seen
+            .borrow_mut()
+            .extend(found.iter().map(|(pid, _)| *pid));
+        found
+    }
+}
+
+impl Drop for Braid {
+    fn drop(&mut self) {
+        let _ = self.run(&["stop"]);
+        for pid in self.seen.take() {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                // Reaps it if it is our (inherited) child and has exited.
+                let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG);
+            }
+        }
+    }
+}
+
+/// Live (not zombie) processes of this user named `braid-head`,
+/// `braid-node` or `braid-worker` whose environment has
+/// `BRAID_TMPDIR=tmpdir`, as (pid, name).
+fn daemons_under(tmpdir: &Path) -> Vec<(u32, String)> {
+    let uid = rustix::process::getuid().as_raw();
+    let mut want = b"BRAID_TMPDIR=".to_vec();
+    want.extend_from_slice(tmpdir.as_os_str().as_encoded_bytes());
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let comm = comm.trim_end().to_owned();
+        if !matches!(comm.as_str(), "braid-head" | "braid-node" | "braid-worker") {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(dir.join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let zombie = field("State:").starts_with(['Z', 'X']);
+        let ours = field("Uid:")
+            .split_whitespace()
+            .next()
+            .and_then(|u| u.parse::<u32>().ok())
+            == Some(uid);
+        if zombie || !ours {
+            continue;
+        }
+        let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
+        if environ.split(|b| *b == 0).any(|var| var == want.as_slice()) {
+            found.push((pid, comm));
+        }
+    }
+    found
+}
+
+fn count(daemons: &[(u32, String)], name: &str) -> usize {
+    daemons.iter().filter(|(_, n)| n == name).count()
+}
+
+fn nodes(status: &Value) -> &Vec<Value> {
+    status["nodes"].as_array().unwrap()
+}
+
+#[test]
+fn start_join_status_and_stop() {
+    let braid = Braid::new();
+    let address = braid.start_head("2");
+    assert!(braid.cluster_file(&address).is_file());
+
+    let status = braid.status();
+    assert_eq!(nodes(&status).len(), 1, "{status}");
+    let head_node = &nodes(&status)[0];
+    assert_eq!(head_node["resources_total"]["CPU"], 2.0, "{status}");
+    assert_eq!(head_node["is_head_node"], true);
+    assert_eq!(head_node["alive"], true);
+    assert_eq!(head_node["store_capacity"], 64u64 << 20);
+    assert!(status["cluster_id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+    for list in ["actors", "placement_groups", "jobs"] {
+        assert!(status[list].as_array().is_some(), "{list}: {status}");
+    }
+
+    // The token comes from the cluster file the head's start wrote.
+    let out = braid.ok(&[
+        "start",
+        "--address",
+        &address,
+        "--num-cpus",
+        "1",
+        "--object-store-memory",
+        "64MiB",
+        "--resources",
+        r#"{"GPU": 1}"#,
+    ]);
+    let status = braid.status();
+    let nodes = nodes(&status);
+    assert_eq!(nodes.len(), 2, "{status}");
+    let joined = nodes
+        .iter()
+        .find(|n| n["is_head_node"] == false)
+        .expect("the joined node");
+    assert!(out.contains(joined["node_id"].as_str().unwrap()), "{out}");
+    assert_eq!(joined["resources_total"]["CPU"], 1.0);
+    assert_eq!(joined["resources_total"]["GPU"], 1.0);
+    assert!(nodes.iter().all(|n| n["alive"] == true));
+
+    let text = braid.ok(&["status"]);
+    assert!(text.contains("2 live nodes"), "{text}");
+    assert!(text.contains("GPU 0/1"), "{text}");
+
+    let running = braid.daemons();
+    assert_eq!(count(&running, "braid-head"), 1, "{running:?}");
+    assert_eq!(count(&running, "braid-node"), 2, "{running:?}");
+
+    let out = braid.ok(&["stop"]);
+    assert!(out.contains("Stopped 3"), "{out}");
+    assert_eq!(braid.daemons(), Vec::new());
+    assert!(!braid.cluster_file(&address).exists());
+    assert!(!braid.run(&["status"]).status.success());
+}
+
+#[test]
+fn a_wrong_token_is_refused() {
+    let braid = Braid::new();
+    let address = braid.start_head("1");
+    let out = braid.run(&["start", "--address", &address, "--token", "wrong"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused the token"), "{stderr}");
+    let running = braid.daemons();
+    assert_eq!(count(&running, "braid-node"), 1, "{running:?}");
+    assert_eq!(nodes(&braid.status()).len(), 1);
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    let braid = Braid::new();
+    let cases: &[(&[&str], &str)] = &[
+        (&["start", "--head", "--num-cpus", "abc"], "--num-cpus"),
+        (&["start", "--head", "--num-cpus", "-1"], "--num-cpus"),
+        (&["start", "--head", "--resources", "{bad"], "--resources"),
+        (&["start", "--head", "--resources", "[1]"], "--resources"),
+        (
+            &["start", "--head", "--object-store-memory", "lots"],
+            "--object-store-memory",
+        ),
+        (&["start", "--head", "--port", "http"], "--port"),
+        (&["start", "--address", "nowhere"], "--address"),
+        (&["frobnicate"], "frobnicate"),
+        (&["start"], "--head"),
+        (
+            &["start", "--head", "--address", "127.0.0.1:1"],
+            "--address",
+        ),
+        (&["status", "--verbose"], "--verbose"),
+        // No token anywhere for a cluster this machine did not start.
+        (&["start", "--address", "127.0.0.1:9"], "--token"),
+    ];
+    for (args, flag) in cases {
+        let out = braid.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "braid {args:?}: {stderr}");
+        assert!(stderr.contains(flag), "braid {args:?}: {stderr}");
+    }
+    assert_eq!(braid.daemons(), Vec::new());
+}
+
+#[test]
+fn status_without_a_cluster_says_so() {
+    let braid = Braid::new();
+    for args in [&["status"][..], &["status", "--json"]] {
+        let out = braid.run(args);
+        assert!(!out.status.success());
+        assert!(out.stdout.is_empty());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no cluster"), "{stderr}");
+        assert!(stderr.contains("braid start --head"), "{stderr}");
+    }
+}

@@ -1,0 +1,205 @@
+//! Tasks and objects against a real embedded cluster (a head, a node and
+//! worker processes re-executed from this test binary): values, references
+//! as arguments, nested references, wait, cancel, timeouts, panics, unknown
+//! functions, zero-copy arrays and batches, and blocking wrappers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use braid::{Error, ObjectRef, Runtime, TaskOptions};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+#[braid::remote]
+fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[braid::remote]
+fn sum(values: Vec<f32>) -> f64 {
+    values.iter().map(|v| f64::from(*v)).sum()
+}
+
+#[braid::remote]
+fn big(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+#[braid::remote]
+fn sum_refs(refs: Vec<ObjectRef<i64>>) -> i64 {
+    let rt = braid::current().unwrap();
+    refs.iter().map(|r| rt.get_blocking(r).unwrap()).sum()
+}
+
+#[braid::remote]
+fn make_refs(n: i64) -> Vec<ObjectRef<i64>> {
+    let rt = braid::current().unwrap();
+    (0..n).map(|i| rt.put(&i).unwrap()).collect()
+}
+
+#[braid::remote]
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[braid::remote]
+async fn async_sleep_ms(ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    ms
+}
+
+#[braid::remote]
+fn panics(message: String) -> i64 {
+    panic!("{message}")
+}
+
+fn rt() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        braid::init_blocking_with(braid::InitOptions::new().num_cpus(2.0)).expect("embedded cluster")
+    })
+}
+
+#[tokio::test]
+async fn tasks_return_values_and_take_references_as_arguments() {
+    let rt = rt();
+    let x = add::remote(rt, 1, 2).unwrap();
+    let y = add::remote(rt, &x, 10).unwrap();
+    assert_eq!(rt.get(&y).await.unwrap(), 13);
+    assert_eq!(rt.get(&x).await.unwrap(), 3);
+    assert_eq!(add(2, 2), 4, "the function stays callable locally");
+}
+
+#[tokio::test]
+async fn large_values_travel_through_the_store() {
+    let rt = rt();
+    let values = vec![0.5f32; 1 << 20];
+    let stored = rt.put(&values).unwrap();
+    let total = sum::remote(rt, &stored).unwrap();
+    assert_eq!(rt.get(&total).await.unwrap(), 0.5 * (1 << 20) as f64);
+    let returned = big::remote(rt, 3 << 20).unwrap();
+    let bytes = rt.get(&returned).await.unwrap();
+    assert_eq!(bytes.len(), 3 << 20);
+    assert!(bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+}
+
+#[tokio::test]
+async fn nested_references_are_borrowed_and_resolved_where_used() {
+    let rt = rt();
+    let refs: Vec<ObjectRef<i64>> = (1..=10).map(|i| rt.put(&i).unwrap()).collect();
+    let total = sum_refs::remote(rt, refs.clone()).unwrap();
+    assert_eq!(rt.get(&total).await.unwrap(), 55);
+
+    let made = make_refs::remote(rt, 5).unwrap();
+    let inner = rt.get(&made).await.unwrap();
+    drop(made);
+    let values = rt.get_all(&inner).await.unwrap();
+    assert_eq!(values, vec![0, 1, 2, 3, 4], "refs owned by a worker outlive its task while borrowed");
+}
+
+#[tokio::test]
+async fn wait_returns_the_first_k_ready() {
+    let rt = rt();
+    let slow = sleep_ms::remote(rt, 1500).unwrap();
+    let fast1 = async_sleep_ms::remote(rt, 1).unwrap();
+    let fast2 = add::remote(rt, 1, 1).unwrap().cast::<u64>();
+    let refs = vec![slow.clone(), fast1.clone(), fast2.clone()];
+    let (ready, rest) = rt.wait(&refs, 2, Some(Duration::from_secs(10))).await;
+    assert_eq!(ready.len(), 2);
+    assert!(ready.contains(&fast1) && ready.contains(&fast2));
+    assert_eq!(rest, vec![slow.clone()]);
+    let (ready, rest) = rt.wait(&rest, 1, Some(Duration::from_millis(20))).await;
+    assert!(ready.is_empty() && rest.len() == 1, "timeout returns what is ready");
+}
+
+#[tokio::test]
+async fn a_panic_becomes_a_task_error_naming_the_function() {
+    let rt = rt();
+    let r = panics::remote(rt, "boom at line 7".to_string()).unwrap();
+    match rt.get(&r).await {
+        Err(Error::TaskError { function, message }) => {
+            assert!(function.ends_with("panics"), "{function}");
+            assert!(message.contains("boom at line 7"), "{message}");
+        }
+        other => panic!("expected TaskError, got {other:?}"),
+    }
+    let after = add::remote(rt, 20, 22).unwrap();
+    assert_eq!(rt.get(&after).await.unwrap(), 42, "the pool keeps serving");
+}
+
+#[tokio::test]
+async fn an_unknown_function_is_a_typed_error() {
+    let rt = rt();
+    let r: ObjectRef<i64> = braid::__private::submit_task(rt, "no::such::function", &TaskOptions::new(), Ok(vec![])).unwrap();
+    assert_eq!(
+        rt.get(&r).await.unwrap_err(),
+        Error::UnknownFunction("no::such::function".into())
+    );
+}
+
+#[tokio::test]
+async fn per_call_timeout_and_cancel() {
+    let rt = rt();
+    let opts = TaskOptions::new().timeout(Duration::from_millis(100));
+    let start = Instant::now();
+    let r = async_sleep_ms::remote_with(rt, &opts, 5_000).unwrap();
+    assert!(matches!(rt.get(&r).await, Err(Error::Timeout(_))));
+    assert!(start.elapsed() < Duration::from_secs(4));
+
+    let r = async_sleep_ms::remote(rt, 5_000).unwrap();
+    assert!(rt.cancel(&r));
+    assert_eq!(rt.get(&r).await.unwrap_err(), Error::Cancelled);
+    assert!(start.elapsed() < Duration::from_secs(4));
+}
+
+#[tokio::test]
+async fn arrays_are_read_in_place() {
+    let rt = rt();
+    let values: Vec<f32> = (0..1 << 20).map(|i| i as f32).collect();
+    let r = rt.put_array(&values).unwrap();
+    let view = rt.get_array(&r).await.unwrap();
+    assert_eq!(&view[..], &values[..]);
+    let ptr = view.as_ptr() as usize;
+    assert!(rt.store().arena_range().contains(&ptr), "the view points into the shared arena");
+}
+
+#[tokio::test]
+async fn batches_are_written_and_read_in_place() {
+    use braid::store::batch::{BatchLayout, ColumnSpec};
+    let rt = rt();
+    let layout = BatchLayout::new(&[
+        ColumnSpec::new::<f32>("label", 4),
+        ColumnSpec::new::<u64>("feature", 4),
+    ])
+    .unwrap();
+    let r = rt
+        .put_batch(&layout, |w| {
+            w.column_mut::<f32>("label").unwrap().copy_from_slice(&[1.0, 0.0, 1.0, 0.0]);
+            w.column_mut::<u64>("feature").unwrap().copy_from_slice(&[7, 8, 9, 10]);
+            Ok(())
+        })
+        .unwrap();
+    let view = rt.get_view(&r).await.unwrap();
+    let batch = view.batch().unwrap();
+    assert_eq!(batch.column::<u64>("feature").unwrap(), &[7, 8, 9, 10]);
+}
+
+#[test]
+fn blocking_wrappers_work_outside_async_code() {
+    let rt = rt();
+    let r = add::remote(rt, 40, 2).unwrap();
+    assert_eq!(rt.get_blocking(&r).unwrap(), 42);
+}
+
+#[tokio::test]
+async fn a_dropped_object_leaves_the_store() {
+    let rt = rt();
+    let r = rt.put(&vec![1u8; 1 << 20]).unwrap();
+    let id = r.id();
+    assert!(rt.store().contains(id).unwrap());
+    drop(r);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rt.store().contains(id).unwrap() {
+        assert!(Instant::now() < deadline, "object still in the store");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

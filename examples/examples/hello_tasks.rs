@@ -34,7 +34,10 @@ async fn main() -> anyhow::Result<()> {
 
     let big = rt.put(&vec![0.5f32; 1 << 20])?;
     let sum = total::remote(&rt, &big)?;
-    println!("sum of a 4 MiB vector passed by reference: {}", rt.get(&sum).await?);
+    println!(
+        "sum of a 4 MiB vector passed by reference: {}",
+        rt.get(&sum).await?
+    );
     rt.shutdown().await;
     Ok(())
 }

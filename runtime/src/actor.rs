@@ -12,14 +12,15 @@ use crate::resources::Resources;
 use crate::rpc::ActorState;
 use crate::submit::{lease_worker, prepare_inline, record_result, resolve_args};
 use crate::value::{decode, Arg};
-use crate::wire::messages::{ActorSpec, CallSpec, Lease, LeaseRequest, ReturnValue, TaskResult, WireArg};
+use crate::wire::messages::{
+    ActorSpec, CallSpec, Lease, LeaseRequest, ReturnValue, TaskResult, WireArg,
+};
 use crate::wire::{Conn, Message, Reply};
 use crate::Runtime;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::future::IntoFuture;
 use std::marker::PhantomData;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -237,7 +238,9 @@ impl<H: TypedHandle> ActorBuilder<H> {
 
     /// Memory, in bytes, held for the actor's lifetime.
     pub fn memory(mut self, bytes: u64) -> Self {
-        self.opts.resources.set(crate::resources::MEMORY, bytes as f64);
+        self.opts
+            .resources
+            .set(crate::resources::MEMORY, bytes as f64);
         self
     }
 
@@ -443,8 +446,14 @@ impl ActorClient {
         *creation.lease.lock() = Some((lease, node_conn));
         let head = core.head().await?;
         let restarts = *self.restarts.lock();
-        head.update_actor(&update(self.id, ActorState::Alive, Some(&worker), restarts, ""))
-            .await?;
+        head.update_actor(&update(
+            self.id,
+            ActorState::Alive,
+            Some(&worker),
+            restarts,
+            "",
+        ))
+        .await?;
         self.set_link(Link::Alive { conn, worker });
         Ok(())
     }
@@ -487,7 +496,10 @@ impl ActorClient {
                 Link::Alive { worker, .. } | Link::Connecting { worker } => {
                     match core.peer(&worker).await {
                         Ok(conn) => {
-                            self.set_link(Link::Alive { conn: conn.clone(), worker });
+                            self.set_link(Link::Alive {
+                                conn: conn.clone(),
+                                worker,
+                            });
                             return Ok(conn);
                         }
                         Err(_) if self.creation.is_none() => *self.link.lock() = Link::Lookup,
@@ -536,7 +548,9 @@ async fn watch(client: Arc<ActorClient>) {
             _ => return,
         };
         conn.closed().await;
-        let Some(core) = client.core.upgrade() else { return };
+        let Some(core) = client.core.upgrade() else {
+            return;
+        };
         if matches!(&*client.link.lock(), Link::Dead(_)) {
             return;
         }
@@ -550,6 +564,17 @@ async fn watch(client: Arc<ActorClient>) {
             }
         }
         let head = core.head().await;
+        let killed = match &head {
+            Ok(h) => h
+                .get_actor(client.id)
+                .await
+                .is_ok_and(|r| r.state == ActorState::Dead),
+            Err(_) => false,
+        };
+        if killed {
+            client.set_link(Link::Dead("killed".into()));
+            return;
+        }
         if restarts >= client.max_restarts {
             let cause = format!("its process died ({restarts} restarts used)");
             client.set_link(Link::Dead(cause.clone()));
@@ -564,16 +589,33 @@ async fn watch(client: Arc<ActorClient>) {
         client.set_link(Link::Restarting);
         if let Ok(head) = &head {
             let _ = head
-                .update_actor(&update(client.id, ActorState::Restarting, None, restarts + 1, ""))
+                .update_actor(&update(
+                    client.id,
+                    ActorState::Restarting,
+                    None,
+                    restarts + 1,
+                    "",
+                ))
                 .await;
         }
-        tracing::info!("restarting actor {} ({}/{})", client.id, restarts + 1, client.max_restarts);
+        tracing::info!(
+            "restarting actor {} ({}/{})",
+            client.id,
+            restarts + 1,
+            client.max_restarts
+        );
         if let Err(e) = client.instantiate(&core).await {
             let cause = format!("restart failed: {e}");
             client.set_link(Link::Dead(cause.clone()));
             if let Ok(head) = head {
                 let _ = head
-                    .update_actor(&update(client.id, ActorState::Dead, None, restarts + 1, &cause))
+                    .update_actor(&update(
+                        client.id,
+                        ActorState::Dead,
+                        None,
+                        restarts + 1,
+                        &cause,
+                    ))
                     .await;
             }
             return;
@@ -617,7 +659,9 @@ impl ActorHandle {
         let returns = core.new_object_id();
         let task = TaskId::random();
         let fast = match (&*client.link.lock(), prepare_inline(args)) {
-            (Link::Alive { conn, .. }, Ok((wire, keep))) if !conn.is_closed() && client.max_task_retries == 0 => {
+            (Link::Alive { conn, .. }, Ok((wire, keep)))
+                if !conn.is_closed() && client.max_task_retries == 0 =>
+            {
                 let spec = CallSpec {
                     task,
                     actor: client.id,
@@ -679,6 +723,7 @@ impl ActorHandle {
             returns,
             reply: Some(reply),
             timeout: None,
+            running: None,
             _type: PhantomData,
         }
     }
@@ -721,6 +766,7 @@ pub struct ActorCall<R> {
     returns: braid_store::ObjectId,
     reply: Option<BoxFuture<'static, Result<TaskResult>>>,
     timeout: Option<Duration>,
+    running: Option<BoxFuture<'static, Result<R>>>,
     _type: PhantomData<fn() -> R>,
 }
 
@@ -731,6 +777,7 @@ impl<R: DeserializeOwned + Send + 'static> ActorCall<R> {
             returns: braid_store::ObjectId::from_bytes([0; 16]),
             reply: Some(Box::pin(async move { Err(e) })),
             timeout: None,
+            running: None,
             _type: PhantomData,
         }
     }
@@ -756,7 +803,9 @@ impl<R: DeserializeOwned + Send + 'static> ActorCall<R> {
         core.handle.spawn(async move {
             let Some(reply) = reply else { return };
             let out = match timeout {
-                Some(d) => tokio::time::timeout(d, reply).await.unwrap_or(Err(Error::Timeout(d))),
+                Some(d) => tokio::time::timeout(d, reply)
+                    .await
+                    .unwrap_or(Err(Error::Timeout(d))),
                 None => reply.await,
             };
             match out {
@@ -770,17 +819,12 @@ impl<R: DeserializeOwned + Send + 'static> ActorCall<R> {
     /// Waits for the value, for code that is not async.
     pub fn blocking(self) -> Result<R> {
         match self.core.clone() {
-            Some(core) => crate::runtime::block_on(&core.handle, self.into_future()),
-            None => futures::executor::block_on(self.into_future()),
+            Some(core) => crate::runtime::block_on(&core.handle, self),
+            None => futures::executor::block_on(self),
         }
     }
-}
 
-impl<R: DeserializeOwned + Send + 'static> IntoFuture for ActorCall<R> {
-    type Output = Result<R>;
-    type IntoFuture = BoxFuture<'static, Result<R>>;
-
-    fn into_future(mut self) -> Self::IntoFuture {
+    fn start(&mut self) -> BoxFuture<'static, Result<R>> {
         let reply = self.reply.take();
         let core = self.core.take();
         let timeout = self.timeout;
@@ -788,12 +832,32 @@ impl<R: DeserializeOwned + Send + 'static> IntoFuture for ActorCall<R> {
         Box::pin(async move {
             let reply = reply.ok_or_else(|| Error::BadRequest("call already consumed".into()))?;
             let result = match timeout {
-                Some(d) => tokio::time::timeout(d, reply).await.unwrap_or(Err(Error::Timeout(d)))?,
+                Some(d) => tokio::time::timeout(d, reply)
+                    .await
+                    .unwrap_or(Err(Error::Timeout(d)))?,
                 None => reply.await?,
             };
             let core = core.ok_or_else(|| Error::NotRunning("runtime not started".into()))?;
             decode_result(&core, returns, result).await
         })
+    }
+}
+
+impl<R: DeserializeOwned + Send + 'static> std::future::Future for ActorCall<R> {
+    type Output = Result<R>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<R>> {
+        if self.running.is_none() {
+            let running = self.start();
+            self.running = Some(running);
+        }
+        match self.running.as_mut() {
+            Some(running) => running.as_mut().poll(cx),
+            None => std::task::Poll::Ready(Err(Error::BadRequest("call already consumed".into()))),
+        }
     }
 }
 
@@ -815,7 +879,8 @@ async fn decode_result<R: DeserializeOwned>(
             let view = core.fetch_stored(returns, &[node], &core.me).await?;
             let v = decode(view.as_bytes())?;
             drop(view);
-            core.node.send(Message::FreeObjects(vec![(returns, vec![node])]));
+            core.node
+                .send(Message::FreeObjects(vec![(returns, vec![node])]));
             v
         }
     };

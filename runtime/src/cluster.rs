@@ -200,7 +200,8 @@ pub fn start_daemon(exe: &Path, config: &DaemonConfig, options: &DaemonOptions) 
         DaemonConfig::Head { .. } => "head",
         DaemonConfig::Node { .. } => "node",
     };
-    let json = serde_json::to_string(&(config, options)).map_err(|e| Error::Codec(e.to_string()))?;
+    let json =
+        serde_json::to_string(&(config, options)).map_err(|e| Error::Codec(e.to_string()))?;
     let mut command = Command::new(exe);
     command
         .env(ROLE_VAR, role)
@@ -264,6 +265,7 @@ impl EmbeddedCluster {
         num_cpus: f64,
         object_store_memory: Option<u64>,
         resources: crate::resources::Resources,
+        extra_nodes: Vec<(f64, crate::resources::Resources)>,
     ) -> Result<(EmbeddedCluster, String, String, PathBuf)> {
         let exe = std::env::current_exe().map_err(|e| Error::io("find own executable", e))?;
         let session_dir = new_session_dir()?;
@@ -303,6 +305,23 @@ impl EmbeddedCluster {
         )?;
         let socket = PathBuf::from(node.ready.split_whitespace().next().unwrap_or_default());
         cluster.children.lock().push(node.child);
+        for (num_cpus, resources) in extra_nodes {
+            let node = start_daemon(
+                &exe,
+                &DaemonConfig::Node {
+                    head: address.clone(),
+                    token: token.clone(),
+                    session_dir: session_dir.clone(),
+                    num_cpus,
+                    object_store_memory,
+                    resources,
+                    host: "127.0.0.1".into(),
+                    is_head_node: false,
+                },
+                &options,
+            )?;
+            cluster.children.lock().push(node.child);
+        }
         Ok((cluster, address, token, socket))
     }
 

@@ -84,7 +84,9 @@ impl Handler for CoreHandler {
     fn on_request(&self, conn: &Conn, message: Message, responder: Responder) {
         if let Message::Hello(hello) = &message {
             let token = match hello {
-                Hello::Driver { token, .. } | Hello::Worker { token, .. } | Hello::Peer { token, .. } => token,
+                Hello::Driver { token, .. }
+                | Hello::Worker { token, .. }
+                | Hello::Peer { token, .. } => token,
             };
             if crate::cluster::token_matches(token, &self.token) {
                 if let Hello::Peer { address, .. } = hello {
@@ -169,7 +171,8 @@ impl Core {
     /// node (as a driver or a worker), and opens the store.
     pub(crate) async fn start(config: CoreConfig) -> Result<Arc<Core>> {
         let socket_dir = config.session_dir.join("sockets");
-        std::fs::create_dir_all(&socket_dir).map_err(|e| Error::io("create socket directory", e))?;
+        std::fs::create_dir_all(&socket_dir)
+            .map_err(|e| Error::io("create socket directory", e))?;
         let socket = socket_dir.join(format!("{}.sock", config.worker));
         let _ = std::fs::remove_file(&socket);
         let listener = tokio::net::UnixListener::bind(&socket)
@@ -365,19 +368,15 @@ impl Core {
         };
         match store.get(id, timeout) {
             Ok(view) => Ok(view),
-            Err(GetError::Timeout { .. }) | Err(GetError::Lost { .. }) | Err(GetError::Deleted(_)) => {
-                Err(Error::ObjectLost(id))
-            }
+            Err(GetError::Timeout { .. })
+            | Err(GetError::Lost { .. })
+            | Err(GetError::Deleted(_)) => Err(Error::ObjectLost(id)),
             Err(e) => Err(Error::io("store get", e)),
         }
     }
 
     /// The encoded bytes of a ready object, wherever they are.
-    pub(crate) async fn fetch_bytes(
-        &self,
-        id: ObjectId,
-        owner: &Address,
-    ) -> Result<ObjectBytes> {
+    pub(crate) async fn fetch_bytes(&self, id: ObjectId, owner: &Address) -> Result<ObjectBytes> {
         match self.resolve(id, owner).await? {
             ValueState::Inline(bytes) => Ok(ObjectBytes::Inline(bytes)),
             ValueState::Stored(nodes) => {

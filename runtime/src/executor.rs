@@ -101,16 +101,20 @@ impl Executor {
             .upgrade()
             .ok_or_else(|| Error::NotRunning("worker shutting down".into()))?;
         if self.actor.lock().is_some() {
-            return Err(Error::BadRequest("this worker already hosts an actor".into()));
+            return Err(Error::BadRequest(
+                "this worker already hosts an actor".into(),
+            ));
         }
         let entry = registry::actor_class(&spec.class)?;
         let args = resolve(&core, spec.args).await?;
-        *current_label() .lock() = short_name(&spec.class).to_string();
+        *current_label().lock() = short_name(&spec.class).to_string();
         let construct = entry.construct;
-        let instance = std::panic::catch_unwind(AssertUnwindSafe(|| construct(args)))
-            .map_err(|p| Error::TaskError {
-                function: format!("{}::new", spec.class),
-                message: panic_message(p),
+        let instance =
+            std::panic::catch_unwind(AssertUnwindSafe(|| construct(args))).map_err(|p| {
+                Error::TaskError {
+                    function: format!("{}::new", spec.class),
+                    message: panic_message(p),
+                }
             })??;
         let (tx, rx) = mpsc::unbounded_channel();
         *self.actor.lock() = Some(Hosted {
@@ -126,17 +130,23 @@ impl Executor {
         ));
         Ok(())
     }
-
 }
 
 fn short_name(path: &str) -> &str {
     path.rsplit("::").next().unwrap_or(path)
 }
 
-async fn task_loop(executor: Weak<Executor>, mut rx: mpsc::UnboundedReceiver<(TaskSpec, Responder)>) {
+async fn task_loop(
+    executor: Weak<Executor>,
+    mut rx: mpsc::UnboundedReceiver<(TaskSpec, Responder)>,
+) {
     while let Some((spec, responder)) = rx.recv().await {
-        let Some(executor) = executor.upgrade() else { return };
-        let Some(core) = executor.core.upgrade() else { return };
+        let Some(executor) = executor.upgrade() else {
+            return;
+        };
+        let Some(core) = executor.core.upgrade() else {
+            return;
+        };
         if executor.cancelled.lock().remove(&spec.task) {
             responder.respond(Err(Error::Cancelled));
             continue;
@@ -160,7 +170,9 @@ async fn task_loop(executor: Weak<Executor>, mut rx: mpsc::UnboundedReceiver<(Ta
         *executor.running.lock() = None;
         executor.cancelled.lock().remove(&task);
         let reply = match outcome {
-            Ok(encoded) => finish(&core, encoded, returns, &caller).await.map(Reply::Done),
+            Ok(encoded) => finish(&core, encoded, returns, &caller)
+                .await
+                .map(Reply::Done),
             Err(e) => Err(e),
         };
         responder.respond(reply);
@@ -171,11 +183,12 @@ async fn run_task(core: &Core, spec: TaskSpec) -> Result<Encoded> {
     let entry = registry::function(&spec.function)?;
     let args = resolve(core, spec.args).await?;
     match entry.invoke {
-        Invoke::Sync(f) => std::panic::catch_unwind(AssertUnwindSafe(|| f(args)))
-            .map_err(|p| Error::TaskError {
+        Invoke::Sync(f) => std::panic::catch_unwind(AssertUnwindSafe(|| f(args))).map_err(|p| {
+            Error::TaskError {
                 function: spec.function.clone(),
                 message: panic_message(p),
-            })?,
+            }
+        })?,
         Invoke::Async(f) => AssertUnwindSafe(f(args))
             .catch_unwind()
             .await
@@ -196,7 +209,9 @@ async fn actor_loop(
     let permits = Arc::new(tokio::sync::Semaphore::new(max_concurrency as usize));
     while let Some((spec, responder)) = rx.recv().await {
         let Some(core) = core.upgrade() else { return };
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let instance = instance.clone();
         let function = format!("{}::{}", short_name(&class), spec.method);
         let call = async move {
@@ -215,7 +230,9 @@ async fn actor_loop(
                 Err(e) => Err(e),
             };
             let reply = match outcome {
-                Ok(encoded) => finish(&core, encoded, returns, &caller).await.map(Reply::Done),
+                Ok(encoded) => finish(&core, encoded, returns, &caller)
+                    .await
+                    .map(Reply::Done),
                 Err(e) => Err(e),
             };
             responder.respond(reply);

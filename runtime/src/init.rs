@@ -21,6 +21,7 @@ pub struct InitOptions {
     num_cpus: Option<f64>,
     object_store_memory: Option<u64>,
     resources: Resources,
+    extra_nodes: Vec<(f64, Resources)>,
 }
 
 impl InitOptions {
@@ -61,6 +62,14 @@ impl InitOptions {
         self
     }
 
+    /// Adds another node to the embedded cluster, with its own object store,
+    /// offering `num_cpus` CPUs and `resources`: a multi-node cluster on one
+    /// machine.
+    pub fn extra_node(mut self, num_cpus: f64, resources: Resources) -> Self {
+        self.extra_nodes.push((num_cpus, resources));
+        self
+    }
+
     /// Finds or starts the cluster and joins it as a driver.
     pub async fn init(self) -> Result<Runtime> {
         crate::role::enter_role();
@@ -97,13 +106,16 @@ impl InitOptions {
                 )
             }
             None => {
-                let cpus = self
-                    .num_cpus
-                    .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0));
+                let cpus = self.num_cpus.unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get() as f64)
+                        .unwrap_or(1.0)
+                });
                 let memory = self.object_store_memory;
                 let resources = self.resources.clone();
+                let extra = self.extra_nodes.clone();
                 let (cluster, head, token, socket) = tokio::task::spawn_blocking(move || {
-                    EmbeddedCluster::start(cpus, memory, resources)
+                    EmbeddedCluster::start(cpus, memory, resources, extra)
                 })
                 .await
                 .map_err(|e| Error::io("start embedded cluster", e))??;
@@ -137,13 +149,16 @@ impl InitOptions {
 }
 
 async fn register_job(core: &Arc<Core>) -> Result<()> {
-    let exe = std::fs::read_link("/proc/self/exe").map_err(|e| Error::io("find own executable", e))?;
+    let exe =
+        std::fs::read_link("/proc/self/exe").map_err(|e| Error::io("find own executable", e))?;
     let build_hash = tokio::task::spawn_blocking(|| crate::registry::build_hash().to_string())
         .await
         .map_err(|e| Error::io("hash executable", e))?;
     let env = std::env::vars()
         .filter(|(k, _)| {
-            (k.starts_with("BRAID_") && k != ADDRESS_VAR) || k == "RUST_LOG" || k == "RUST_BACKTRACE"
+            (k.starts_with("BRAID_") && k != ADDRESS_VAR)
+                || k == "RUST_LOG"
+                || k == "RUST_BACKTRACE"
         })
         .collect();
     let spec = JobSpec {

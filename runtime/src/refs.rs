@@ -366,10 +366,7 @@ impl RefTable {
                 let _ = self.events.send(RefEvent::Free { id, nodes });
             }
         } else if e.registered {
-            let _ = self.events.send(RefEvent::Unborrow {
-                id,
-                owner: e.owner,
-            });
+            let _ = self.events.send(RefEvent::Unborrow { id, owner: e.owner });
         }
         e.contained
     }

@@ -49,10 +49,7 @@ impl Resources {
 
     /// Whether `demand` fits in `self`.
     pub fn fits(&self, demand: &Resources) -> bool {
-        demand
-            .0
-            .iter()
-            .all(|(k, v)| self.get(k) + EPSILON >= *v)
+        demand.0.iter().all(|(k, v)| self.get(k) + EPSILON >= *v)
     }
 
     /// Takes `demand` out of `self`.
@@ -76,7 +73,9 @@ impl Resources {
         let map: BTreeMap<String, f64> =
             serde_json::from_str(text).map_err(|e| format!("not a JSON object of numbers: {e}"))?;
         if let Some((k, v)) = map.iter().find(|(_, v)| !v.is_finite() || **v < 0.0) {
-            return Err(format!("resource {k} must be a non-negative number, got {v}"));
+            return Err(format!(
+                "resource {k} must be a non-negative number, got {v}"
+            ));
         }
         Ok(Resources(map))
     }
@@ -117,6 +116,9 @@ mod tests {
         assert_eq!(avail, total);
         assert!(!total.fits(&Resources::new().with("TPU", 1.0)));
         assert!(Resources::parse_json("{\"GPU\": -1}").is_err());
-        assert_eq!(Resources::parse_json("{\"GPU\": 2}").unwrap().get("GPU"), 2.0);
+        assert_eq!(
+            Resources::parse_json("{\"GPU\": 2}").unwrap().get("GPU"),
+            2.0
+        );
     }
 }

@@ -37,7 +37,11 @@ pub fn enter_role() {
             run_worker()
         }
         "head" | "node" => {
-            set_process_name(if role == "head" { "braid-head" } else { "braid-node" });
+            set_process_name(if role == "head" {
+                "braid-head"
+            } else {
+                "braid-node"
+            });
             run_daemon()
         }
         _ => return,
@@ -169,7 +173,11 @@ fn report_ready(what: &str, options: &DaemonOptions) {
     let _ = out.flush();
     drop(out);
     let target = match &options.log_file {
-        Some(path) => std::fs::OpenOptions::new().create(true).append(true).open(path).ok(),
+        Some(path) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok(),
         None => None,
     };
     match target {
@@ -209,7 +217,9 @@ async fn stop_signal(parent: Option<u32>) {
 
 /// Resolves when process `pid` exits (a pidfd becomes readable).
 pub(crate) async fn wait_for_exit(pid: u32) {
-    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else { return };
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+        return;
+    };
     let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
         return;
     };
@@ -269,6 +279,7 @@ fn run_worker() -> i32 {
             cluster: None,
         });
         forward_output(&core);
+        core.node.send(crate::wire::Message::WorkerReady);
         core.node.closed().await;
         Ok::<(), Error>(())
     });
@@ -286,7 +297,9 @@ fn run_worker() -> i32 {
 /// copy still goes to the worker's log.
 fn forward_output(core: &std::sync::Arc<Core>) {
     for stderr in [false, true] {
-        let Ok((reader, writer)) = rustix::pipe::pipe() else { return };
+        let Ok((reader, writer)) = rustix::pipe::pipe() else {
+            return;
+        };
         let original = if stderr {
             rustix::io::dup(std::io::stderr().as_fd())
         } else {

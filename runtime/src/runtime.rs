@@ -134,7 +134,11 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Runtime(node {}, job {})", self.core.node_id, self.core.job)
+        write!(
+            f,
+            "Runtime(node {}, job {})",
+            self.core.node_id, self.core.job
+        )
     }
 }
 
@@ -158,6 +162,12 @@ impl Runtime {
     /// The job this process belongs to.
     pub fn job_id(&self) -> crate::ids::JobId {
         self.core.job
+    }
+
+    /// The cluster token, for starting more drivers or nodes that join
+    /// this cluster (`BRAID_TOKEN`).
+    pub fn token(&self) -> &str {
+        &self.core.token
     }
 
     /// The head's gRPC address (`host:port`).
@@ -198,11 +208,10 @@ impl Runtime {
             .store
             .put_with_fresh_id(id, bytemuck::cast_slice(values))
             .map_err(store_put_error)?;
-        Ok(ObjectRef::from_handle(
-            self.core
-                .refs
-                .new_owned(id, ValueState::Stored(vec![self.core.node_id])),
-        ))
+        Ok(ObjectRef::from_handle(self.core.refs.new_owned(
+            id,
+            ValueState::Stored(vec![self.core.node_id]),
+        )))
     }
 
     /// Lays a columnar batch out directly in the store: `fill` writes the
@@ -228,11 +237,10 @@ impl Runtime {
             fill(&mut writer)?;
         }
         buf.seal().map_err(|e| Error::io("store seal", e))?;
-        Ok(ObjectRef::from_handle(
-            self.core
-                .refs
-                .new_owned(id, ValueState::Stored(vec![self.core.node_id])),
-        ))
+        Ok(ObjectRef::from_handle(self.core.refs.new_owned(
+            id,
+            ValueState::Stored(vec![self.core.node_id]),
+        )))
     }
 
     /// Gets a value: waits until it is ready, fetches it to this node if it
@@ -256,11 +264,17 @@ impl Runtime {
     /// Gets many values, in order.
     pub async fn get_all<T: DeserializeOwned>(&self, refs: &[ObjectRef<T>]) -> Result<Vec<T>> {
         let futures: Vec<_> = refs.iter().map(|r| self.get(r)).collect();
-        futures::future::join_all(futures).await.into_iter().collect()
+        futures::future::join_all(futures)
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// [`Runtime::get`], for code that is not async.
-    pub fn get_blocking<T: DeserializeOwned + Send + 'static>(&self, r: &ObjectRef<T>) -> Result<T> {
+    pub fn get_blocking<T: DeserializeOwned + Send + 'static>(
+        &self,
+        r: &ObjectRef<T>,
+    ) -> Result<T> {
         let rt = self.clone();
         let r = r.clone();
         block_on(&self.core.handle, async move { rt.get(&r).await })
@@ -268,7 +282,10 @@ impl Runtime {
 
     /// Maps a stored array in place: no copy, wherever it was put on this
     /// node (arrays on other nodes are transferred first).
-    pub async fn get_array<T: bytemuck::Pod>(&self, r: &ObjectRef<Array<T>>) -> Result<ArrayView<T>> {
+    pub async fn get_array<T: bytemuck::Pod>(
+        &self,
+        r: &ObjectRef<Array<T>>,
+    ) -> Result<ArrayView<T>> {
         match self.fetch(r).await? {
             ObjectBytes::Stored(view) => {
                 view.as_slice::<T>()
@@ -418,9 +435,15 @@ impl Runtime {
         self.core
             .handle
             .spawn(async move {
-                core.head()
-                    .await?
-                    .kill_actor(crate::rpc::ActorLookup::Name(name), true)
+                let head = core.head().await?;
+                let record = head
+                    .get_actor(crate::rpc::ActorLookup::Name(name.clone()))
+                    .await?;
+                let local = core.actors.lock().get(&record.spec.actor_id).cloned();
+                if let Some(client) = local {
+                    client.kill_local("killed");
+                }
+                head.kill_actor(crate::rpc::ActorLookup::Name(name), true)
                     .await
             })
             .await

@@ -13,7 +13,9 @@ use crate::object_ref::{ObjectRef, RefHandle};
 use crate::refs::ValueState;
 use crate::resources::Resources;
 use crate::value::Arg;
-use crate::wire::messages::{Hello, Lease, LeaseRequest, ReturnValue, TaskResult, TaskSpec, WireArg};
+use crate::wire::messages::{
+    Hello, Lease, LeaseRequest, ReturnValue, TaskResult, TaskSpec, WireArg,
+};
 use crate::wire::{Conn, Message, Reply};
 use braid_store::ObjectId;
 use parking_lot::Mutex;
@@ -127,7 +129,12 @@ struct QueuedTask {
 enum PoolMsg {
     Ready(Box<QueuedTask>),
     Granted(Result<(Lease, Conn)>),
-    Finished { lease: u64, task: Box<QueuedTask>, outcome: Result<TaskResult>, worker: Address },
+    Finished {
+        lease: u64,
+        task: Box<QueuedTask>,
+        outcome: Result<TaskResult>,
+        worker: Address,
+    },
 }
 
 struct Leased {
@@ -177,7 +184,9 @@ impl Submitter {
         let returns = core.new_object_id();
         let handle = core.refs.new_owned(returns, ValueState::Pending);
         let task = TaskId::random();
-        self.submitted.lock().insert(returns, Submitted { task, worker: None });
+        self.submitted
+            .lock()
+            .insert(returns, Submitted { task, worker: None });
         let key = SchedKey {
             resources: opts.resources.to_string(),
             node: opts.node.filter(|_| !opts.soft_affinity),
@@ -250,14 +259,17 @@ impl Submitter {
     /// running one is told to stop, and its reference resolves to
     /// [`Error::Cancelled`] at once.
     pub(crate) fn cancel(&self, returns: ObjectId) -> bool {
-        let Some(core) = self.core.upgrade() else { return false };
+        let Some(core) = self.core.upgrade() else {
+            return false;
+        };
         let Some(entry) = self.submitted.lock().remove(&returns) else {
             return false;
         };
         if let Some(conn) = entry.worker {
             conn.send(Message::Cancel(entry.task));
         }
-        core.refs.set_state(returns, ValueState::Failed(Error::Cancelled));
+        core.refs
+            .set_state(returns, ValueState::Failed(Error::Cancelled));
         true
     }
 }
@@ -312,11 +324,7 @@ pub(crate) async fn resolve_args(core: &Core, args: Vec<Arg>) -> Result<Prepared
 /// Records a finished task's or call's result at its owner (this process):
 /// takes over the references nested in the value, registers the borrows
 /// the executor kept, and sets the value.
-pub(crate) async fn record_result(
-    core: &Core,
-    returns: ObjectId,
-    result: TaskResult,
-) {
+pub(crate) async fn record_result(core: &Core, returns: ObjectId, result: TaskResult) {
     let TaskResult {
         value,
         contained,
@@ -383,7 +391,10 @@ pub(crate) async fn lease_worker(
             _ => return Err(Error::BadRequest("node answered a lease oddly".into())),
         }
     }
-    Err(Error::Infeasible(format!("{} (too many spillbacks)", request.resources)))
+    Err(Error::Infeasible(format!(
+        "{} (too many spillbacks)",
+        request.resources
+    )))
 }
 
 async fn run_pool(
@@ -434,7 +445,8 @@ async fn run_pool(
                 leasing = false;
                 for task in queue.drain(..) {
                     submitted.lock().remove(&task.returns);
-                    core.refs.set_state(task.returns, ValueState::Failed(e.clone()));
+                    core.refs
+                        .set_state(task.returns, ValueState::Failed(e.clone()));
                 }
             }
             Some(PoolMsg::Finished {
@@ -516,7 +528,9 @@ async fn run_pool(
                 break;
             };
 
-            let Some(mut task) = queue.pop_front() else { break };
+            let Some(mut task) = queue.pop_front() else {
+                break;
+            };
             if !submitted.lock().contains_key(&task.returns) {
                 continue;
             }
@@ -574,7 +588,8 @@ async fn run_pool(
         }
         let now = Instant::now();
         workers.retain(|w| {
-            if queue.is_empty() && w.inflight == 0 && now.duration_since(w.idle_since) >= IDLE_LEASE {
+            if queue.is_empty() && w.inflight == 0 && now.duration_since(w.idle_since) >= IDLE_LEASE
+            {
                 w.node.send(Message::ReturnLease {
                     lease: w.lease.lease,
                     kill: false,

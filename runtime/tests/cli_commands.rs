@@ -298,3 +298,30 @@ fn status_without_a_cluster_says_so() {
         assert!(stderr.contains("braid start --head"), "{stderr}");
     }
 }
+
+#[test]
+fn a_failed_start_leaves_nothing_running() {
+    let braid = Braid::new();
+    // The head cannot listen on a port that is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = braid.run(&["start", "--head", "--port", &port]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("head did not start"), "{stderr}");
+    assert_eq!(braid.daemons(), Vec::new());
+
+    // The head starts but its node cannot map so large a store: the head
+    // is stopped again and its cluster file removed.
+    let out = braid.run(&["start", "--head", "--object-store-memory", "100000TiB"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("node did not start"), "{stderr}");
+    assert_eq!(braid.daemons(), Vec::new());
+    let files: Vec<_> = std::fs::read_dir(braid.user_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("cluster-"))
+        .collect();
+    assert!(files.is_empty(), "{files:?}");
+}

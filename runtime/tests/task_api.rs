@@ -55,7 +55,8 @@ fn panics(message: String) -> i64 {
 fn rt() -> &'static Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        braid::init_blocking_with(braid::InitOptions::new().num_cpus(2.0)).expect("embedded cluster")
+        braid::init_blocking_with(braid::InitOptions::new().num_cpus(2.0))
+            .expect("embedded cluster")
     })
 }
 
@@ -93,7 +94,11 @@ async fn nested_references_are_borrowed_and_resolved_where_used() {
     let inner = rt.get(&made).await.unwrap();
     drop(made);
     let values = rt.get_all(&inner).await.unwrap();
-    assert_eq!(values, vec![0, 1, 2, 3, 4], "refs owned by a worker outlive its task while borrowed");
+    assert_eq!(
+        values,
+        vec![0, 1, 2, 3, 4],
+        "refs owned by a worker outlive its task while borrowed"
+    );
 }
 
 #[tokio::test]
@@ -108,7 +113,10 @@ async fn wait_returns_the_first_k_ready() {
     assert!(ready.contains(&fast1) && ready.contains(&fast2));
     assert_eq!(rest, vec![slow.clone()]);
     let (ready, rest) = rt.wait(&rest, 1, Some(Duration::from_millis(20))).await;
-    assert!(ready.is_empty() && rest.len() == 1, "timeout returns what is ready");
+    assert!(
+        ready.is_empty() && rest.len() == 1,
+        "timeout returns what is ready"
+    );
 }
 
 #[tokio::test]
@@ -129,7 +137,9 @@ async fn a_panic_becomes_a_task_error_naming_the_function() {
 #[tokio::test]
 async fn an_unknown_function_is_a_typed_error() {
     let rt = rt();
-    let r: ObjectRef<i64> = braid::__private::submit_task(rt, "no::such::function", &TaskOptions::new(), Ok(vec![])).unwrap();
+    let r: ObjectRef<i64> =
+        braid::__private::submit_task(rt, "no::such::function", &TaskOptions::new(), Ok(vec![]))
+            .unwrap();
     assert_eq!(
         rt.get(&r).await.unwrap_err(),
         Error::UnknownFunction("no::such::function".into())
@@ -159,7 +169,10 @@ async fn arrays_are_read_in_place() {
     let view = rt.get_array(&r).await.unwrap();
     assert_eq!(&view[..], &values[..]);
     let ptr = view.as_ptr() as usize;
-    assert!(rt.store().arena_range().contains(&ptr), "the view points into the shared arena");
+    assert!(
+        rt.store().arena_range().contains(&ptr),
+        "the view points into the shared arena"
+    );
 }
 
 #[tokio::test]
@@ -173,8 +186,12 @@ async fn batches_are_written_and_read_in_place() {
     .unwrap();
     let r = rt
         .put_batch(&layout, |w| {
-            w.column_mut::<f32>("label").unwrap().copy_from_slice(&[1.0, 0.0, 1.0, 0.0]);
-            w.column_mut::<u64>("feature").unwrap().copy_from_slice(&[7, 8, 9, 10]);
+            w.column_mut::<f32>("label")
+                .unwrap()
+                .copy_from_slice(&[1.0, 0.0, 1.0, 0.0]);
+            w.column_mut::<u64>("feature")
+                .unwrap()
+                .copy_from_slice(&[7, 8, 9, 10]);
             Ok(())
         })
         .unwrap();

@@ -90,6 +90,7 @@ fn type_def(
         #[doc = #handle_doc]
         #[derive(
             ::core::clone::Clone,
+            ::core::fmt::Debug,
             ::braid::__private::serde::Serialize,
             ::braid::__private::serde::Deserialize
         )]

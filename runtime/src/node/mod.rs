@@ -4,8 +4,8 @@
 //! over a Unix socket; the head and other nodes over gRPC.
 
 pub(crate) mod scheduler;
-pub mod worker_pool;
 mod service;
+pub mod worker_pool;
 
 use crate::address::Address;
 use crate::error::{Error, Result};
@@ -131,7 +131,9 @@ pub async fn run_node(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let id = NodeId::random();
-    let dir = config.session_dir.join(format!("node-{}", &id.to_string()[..8]));
+    let dir = config
+        .session_dir
+        .join(format!("node-{}", &id.to_string()[..8]));
     std::fs::create_dir_all(dir.join("logs")).map_err(|e| Error::io("create node directory", e))?;
     let store_socket = dir.join("store.sock");
     let control_socket = dir.join("node.sock");
@@ -243,8 +245,7 @@ async fn heartbeat_loop(node: Weak<Node>) {
             store_capacity: stats.arena.capacity,
             num_workers: workers,
         };
-        match node.head.heartbeat(&beat).await
-        {
+        match node.head.heartbeat(&beat).await {
             Ok(true) => {}
             Ok(false) => {
                 let _ = node.register().await;
@@ -286,7 +287,9 @@ impl Handler for ControlHandler {
     }
 
     fn on_message(&self, conn: &Conn, message: Message) {
-        let Some(node) = self.node.upgrade() else { return };
+        let Some(node) = self.node.upgrade() else {
+            return;
+        };
         match message {
             Message::ReturnLease { lease, kill } => node.return_lease(lease, kill),
             Message::FreeObjects(list) => {
@@ -294,6 +297,7 @@ impl Handler for ControlHandler {
                 tokio::spawn(async move { node2.free(list).await });
             }
             Message::Log { .. } => node.forward_log(conn, message),
+            Message::WorkerReady => node.worker_ready(conn),
             _ => {}
         }
     }
@@ -340,7 +344,9 @@ impl Node {
 
     fn hello(&self, conn: &Conn, hello: Hello, responder: Responder) {
         let token = match &hello {
-            Hello::Driver { token, .. } | Hello::Worker { token, .. } | Hello::Peer { token, .. } => token,
+            Hello::Driver { token, .. }
+            | Hello::Worker { token, .. }
+            | Hello::Peer { token, .. } => token,
         };
         if !crate::cluster::token_matches(token, &self.config.token) {
             responder.respond(Err(Error::Unauthenticated("wrong cluster token".into())));
@@ -350,7 +356,9 @@ impl Node {
         let mut state = self.state.lock();
         state.conns.insert(conn.id(), conn.clone());
         if let Hello::Worker {
-            address, build_hash, ..
+            address,
+            build_hash,
+            ..
         } = hello
         {
             let expected = state
@@ -380,17 +388,31 @@ impl Node {
                     if let Some(w) = state.workers.get_mut(&address.worker) {
                         w.conn = Some(conn.clone());
                         w.address = Some(address);
-                        w.state = WorkerState::Idle;
                     }
                 }
             }
             drop(state);
             responder.respond(Ok(self.welcome()));
-            self.dispatch();
             return;
         }
         drop(state);
         responder.respond(Ok(self.welcome()));
+    }
+
+    fn worker_ready(&self, conn: &Conn) {
+        {
+            let mut state = self.state.lock();
+            if let Some(w) = state
+                .workers
+                .values_mut()
+                .find(|w| w.conn.as_ref().is_some_and(|c| c.id() == conn.id()))
+            {
+                if matches!(w.state, WorkerState::Starting) {
+                    w.state = WorkerState::Idle;
+                }
+            }
+        }
+        self.dispatch();
     }
 
     fn register_job(&self, conn: &Conn, spec: JobSpec) -> Result<()> {
@@ -402,7 +424,14 @@ impl Node {
                 Some(existing) => existing.driver,
                 None => Some(conn.id()),
             };
-            state.jobs.insert(job, JobEntry { spec, driver, stamp });
+            state.jobs.insert(
+                job,
+                JobEntry {
+                    spec,
+                    driver,
+                    stamp,
+                },
+            );
         }
         self.top_up(job);
         Ok(())
@@ -412,11 +441,15 @@ impl Node {
     fn top_up(&self, job: JobId) {
         let (want, spec, stamp) = {
             let state = self.state.lock();
-            let Some(entry) = state.jobs.get(&job) else { return };
+            let Some(entry) = state.jobs.get(&job) else {
+                return;
+            };
             let spare = state
                 .workers
                 .values()
-                .filter(|w| w.job == job && matches!(w.state, WorkerState::Idle | WorkerState::Starting))
+                .filter(|w| {
+                    w.job == job && matches!(w.state, WorkerState::Idle | WorkerState::Starting)
+                })
                 .count();
             let waiting = state.queue.iter().filter(|w| w.request.job == job).count();
             let want = (self.config.warm_workers + waiting).saturating_sub(spare);
@@ -479,7 +512,8 @@ impl Node {
     fn fail_waiting(&self, job: JobId, e: Error) {
         let failed: Vec<Waiting> = {
             let mut state = self.state.lock();
-            let (fail, keep): (Vec<_>, Vec<_>) = state.queue.drain(..).partition(|w| w.request.job == job);
+            let (fail, keep): (Vec<_>, Vec<_>) =
+                state.queue.drain(..).partition(|w| w.request.job == job);
             state.queue = keep.into();
             fail
         };
@@ -547,7 +581,9 @@ impl Node {
                 let idle = state
                     .workers
                     .iter()
-                    .find(|(_, w)| w.job == job && matches!(w.state, WorkerState::Idle) && w.conn.is_some())
+                    .find(|(_, w)| {
+                        w.job == job && matches!(w.state, WorkerState::Idle) && w.conn.is_some()
+                    })
                     .map(|(id, _)| *id);
                 let Some(worker) = idle else {
                     i += 1;
@@ -557,14 +593,20 @@ impl Node {
                     i += 1;
                     continue;
                 };
-                let Some(waiting) = state.queue.remove(i) else { break };
+                let Some(waiting) = state.queue.remove(i) else {
+                    break;
+                };
                 let lease = state.next_lease;
                 state.next_lease += 1;
-                let Some(w) = state.workers.get_mut(&worker) else { continue };
+                let Some(w) = state.workers.get_mut(&worker) else {
+                    continue;
+                };
                 w.state = WorkerState::Leased(lease);
                 w.actor = waiting.request.actor;
                 w.detached = waiting.request.detached;
-                let Some(address) = w.address.clone() else { continue };
+                let Some(address) = w.address.clone() else {
+                    continue;
+                };
                 state.leases.insert(
                     lease,
                     LeaseEntry {
@@ -574,7 +616,13 @@ impl Node {
                         holder: waiting.holder,
                     },
                 );
-                grants.push((waiting.responder, Lease { lease, worker: address }));
+                grants.push((
+                    waiting.responder,
+                    Lease {
+                        lease,
+                        worker: address,
+                    },
+                ));
             }
         }
         let granted = !grants.is_empty();
@@ -592,7 +640,9 @@ impl Node {
     fn return_lease(&self, lease: u64, kill: bool) {
         let victim = {
             let mut state = self.state.lock();
-            let Some(entry) = state.leases.remove(&lease) else { return };
+            let Some(entry) = state.leases.remove(&lease) else {
+                return;
+            };
             state.ledger.release(entry.pool, &entry.resources);
             match state.workers.get_mut(&entry.worker) {
                 Some(w) if kill || w.actor.is_some() => Some(w.pid),
@@ -612,7 +662,9 @@ impl Node {
     fn worker_exited(&self, worker: WorkerId, status: Option<std::process::ExitStatus>) {
         let job = {
             let mut state = self.state.lock();
-            let Some(entry) = state.workers.remove(&worker) else { return };
+            let Some(entry) = state.workers.remove(&worker) else {
+                return;
+            };
             tracing::debug!("worker pid {} exited: {status:?}", entry.pid);
             if let WorkerState::Leased(lease) = entry.state {
                 if let Some(l) = state.leases.remove(&lease) {
@@ -689,7 +741,9 @@ impl Node {
             kill_pid(pid);
         }
         let tag = crate::core::job_tag(job);
-        let deleted = self.store_handle.delete_where(|id| id.as_bytes()[..4] == tag);
+        let deleted = self
+            .store_handle
+            .delete_where(|id| id.as_bytes()[..4] == tag);
         tracing::debug!("job {job} finished: {deleted} objects deleted");
     }
 
@@ -708,7 +762,11 @@ impl Node {
         }
     }
 
-    pub(crate) fn reserve_bundles(&self, pg: PlacementGroupId, bundles: Vec<(u32, Resources)>) -> Result<()> {
+    pub(crate) fn reserve_bundles(
+        &self,
+        pg: PlacementGroupId,
+        bundles: Vec<(u32, Resources)>,
+    ) -> Result<()> {
         self.state.lock().ledger.reserve(pg, bundles)?;
         Ok(())
     }
@@ -765,7 +823,9 @@ impl Node {
         let nodes = self.head.list_nodes().await?;
         let mut state = self.state.lock();
         for n in &nodes {
-            state.grpc_addresses.insert(n.info.node_id, n.info.grpc_address.clone());
+            state
+                .grpc_addresses
+                .insert(n.info.node_id, n.info.grpc_address.clone());
         }
         nodes
             .iter()

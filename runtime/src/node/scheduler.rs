@@ -129,7 +129,12 @@ impl Ledger {
     /// Releases every bundle of a placement group. Resources still leased
     /// from a bundle return to the node when those leases end.
     pub(crate) fn release_group(&mut self, pg: PlacementGroupId) {
-        let keys: Vec<_> = self.bundles.keys().filter(|(g, _)| *g == pg).copied().collect();
+        let keys: Vec<_> = self
+            .bundles
+            .keys()
+            .filter(|(g, _)| *g == pg)
+            .copied()
+            .collect();
         for key in keys {
             if let Some(b) = self.bundles.remove(&key) {
                 self.available.add(&b.available, &self.total);

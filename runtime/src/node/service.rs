@@ -38,7 +38,8 @@ impl NodeService for NodeGrpc {
         request: Request<proto::PullObjectRequest>,
     ) -> Result<Response<Self::PullObjectStream>, Status> {
         let id = object_id(&request.get_ref().object_id)?;
-        let stream = crate::rpc::pull_stream(self.0.store.clone(), id, crate::rpc::DEFAULT_CHUNK_SIZE);
+        let stream =
+            crate::rpc::pull_stream(self.0.store.clone(), id, crate::rpc::DEFAULT_CHUNK_SIZE);
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -38,7 +38,8 @@ pub struct WorkerConfig {
 /// Identity of a file on disk: device, inode, size and modification time.
 /// A rebuilt binary gets a new one.
 pub fn file_stamp(path: &Path) -> Result<String> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
     Ok(format!(
         "{:x}:{:x}:{:x}:{:x}.{:x}",
         meta.dev(),
@@ -62,7 +63,8 @@ impl BuildHashes {
         if let Some(h) = self.cache.lock().get(&stamp) {
             return Ok((h.clone(), stamp));
         }
-        let bytes = std::fs::read(exe).map_err(|e| Error::io(format!("read {}", exe.display()), e))?;
+        let bytes =
+            std::fs::read(exe).map_err(|e| Error::io(format!("read {}", exe.display()), e))?;
         let hash = crate::registry::hash_bytes(&bytes);
         self.cache.lock().insert(stamp.clone(), hash.clone());
         Ok((hash, stamp))

@@ -117,6 +117,7 @@ pub fn message_name(message: &Message) -> &'static str {
         Message::RemoveBorrower { .. } => "RemoveBorrower",
         Message::AddLocation { .. } => "AddLocation",
         Message::Exit => "Exit",
+        Message::WorkerReady => "WorkerReady",
         Message::NodeInfo => "NodeInfo",
     }
 }
@@ -167,10 +168,12 @@ impl Conn {
         hello: Message,
         handler: Arc<dyn Handler>,
     ) -> Result<(Conn, Reply)> {
-        let stream = UnixStream::connect(path).await.map_err(|e| Error::Unreachable {
-            address: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| Error::Unreachable {
+                address: path.display().to_string(),
+                message: e.to_string(),
+            })?;
         let conn = Conn::start(stream, path.display().to_string(), handler);
         match conn.request(hello).await {
             Ok(reply) => Ok((conn, reply)),
@@ -308,7 +311,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(write: W, mut rx: mpsc::UnboundedRece
     let _ = writer.shutdown().await;
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(read: R, conn: &Conn, handler: &dyn Handler) -> Result<()> {
+async fn read_loop<R: AsyncRead + Unpin>(
+    read: R,
+    conn: &Conn,
+    handler: &dyn Handler,
+) -> Result<()> {
     let mut reader = BufReader::with_capacity(256 * 1024, read);
     let mut buf = Vec::new();
     loop {

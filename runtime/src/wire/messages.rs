@@ -264,6 +264,8 @@ pub enum Message {
     },
     /// Node → worker: exit now.
     Exit,
+    /// Worker → node: its executor is up; it may be leased.
+    WorkerReady,
     /// Anyone → node: describe the node.
     NodeInfo,
 }

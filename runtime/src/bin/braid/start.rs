@@ -219,19 +219,21 @@ fn start_head(host: Option<IpAddr>, port: u16, node: NodeSettings) -> anyhow::Re
             ))
         }
     };
-    let mut both = [(&mut node_daemon, Kind::Node), (&mut head, Kind::Head)];
-    let ready = match parse_node_ready(&node_daemon.ready) {
-        Ok(r) => r,
-        Err(e) => return Err(fail(&mut both, format!("{e:#}"))),
+    let checked = parse_node_ready(&node_daemon.ready).and_then(|ready| {
+        client::connect(&address, &token)
+            .and_then(|connected| wait_listed(&connected, &ready.node_id))
+            .map(|()| ready)
+            .context("the new cluster does not answer")
+    });
+    let ready = match checked {
+        Ok(ready) => ready,
+        Err(e) => {
+            return Err(fail(
+                &mut [(&mut node_daemon, Kind::Node), (&mut head, Kind::Head)],
+                format!("{e:#}"),
+            ))
+        }
     };
-    let checked = client::connect(&address, &token)
-        .and_then(|connected| wait_listed(&connected, &ready.node_id));
-    if let Err(e) = checked {
-        return Err(fail(
-            &mut both,
-            format!("the new cluster does not answer: {e:#}"),
-        ));
-    }
 
     println!("Started a braid cluster.");
     println!("  address:     {address}");

@@ -1,0 +1,301 @@
+//! Actors against a real embedded cluster: state and call order, named
+//! actors, handles passed to tasks and actors, async methods with declared
+//! concurrency, detached actors outliving their driver, kills, restarts
+//! after the actor's process is killed, and per-call timeouts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use braid::{Error, Runtime, TypedHandle};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+#[braid::actor]
+pub struct Counter {
+    n: u64,
+}
+
+#[braid::actor]
+impl Counter {
+    fn new(start: u64) -> Self {
+        Counter { n: start }
+    }
+
+    fn incr(&mut self, by: u64) -> u64 {
+        self.n += by;
+        self.n
+    }
+
+    fn get(&self) -> u64 {
+        self.n
+    }
+
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    fn sleep_ms(&self, ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    }
+}
+
+#[braid::actor]
+pub struct Gate {
+    arrived: std::sync::Arc<tokio::sync::Barrier>,
+}
+
+#[braid::actor]
+impl Gate {
+    fn new(parties: usize) -> Self {
+        Gate {
+            arrived: std::sync::Arc::new(tokio::sync::Barrier::new(parties)),
+        }
+    }
+
+    /// Returns only once `parties` calls are inside at the same time.
+    async fn meet(&self) -> bool {
+        self.arrived.wait().await;
+        true
+    }
+}
+
+#[braid::remote]
+fn bump(counter: CounterHandle, times: u64) -> u64 {
+    let mut last = 0;
+    for _ in 0..times {
+        last = counter.incr(1).blocking().unwrap();
+    }
+    last
+}
+
+#[braid::remote]
+fn lookup_and_bump(name: String) -> u64 {
+    let rt = braid::current().unwrap();
+    let rt2 = rt.clone();
+    let counter: CounterHandle = rt
+        .block_on(async move { rt2.get_actor(&name).await })
+        .unwrap();
+    counter.incr(100).blocking().unwrap()
+}
+
+fn rt() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        braid::init_blocking_with(braid::InitOptions::new().num_cpus(2.0)).expect("cluster")
+    })
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}-{:08x}", uuid_like())
+}
+
+fn uuid_like() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        ^ std::process::id()
+}
+
+#[tokio::test]
+async fn an_actor_keeps_state_and_runs_calls_in_order() {
+    let rt = rt();
+    let c = Counter::remote(rt, 10).spawn().await.unwrap();
+    let calls: Vec<_> = (0..200).map(|_| c.incr(1)).collect();
+    let values = futures::future::join_all(calls).await;
+    let values: Vec<u64> = values.into_iter().map(Result::unwrap).collect();
+    assert_eq!(values, (11..=210).collect::<Vec<_>>());
+    assert_eq!(c.get().await.unwrap(), 210);
+    let r = c.incr(5).object_ref().unwrap();
+    assert_eq!(rt.get(&r).await.unwrap(), 215);
+    rt.kill_actor(c.raw()).await.unwrap();
+}
+
+#[tokio::test]
+async fn named_actors_are_found_by_name_from_drivers_and_tasks() {
+    let rt = rt();
+    let name = unique("counter");
+    let c = Counter::remote(rt, 0).name(&name).spawn().await.unwrap();
+    let found: CounterHandle = rt.get_actor(&name).await.unwrap();
+    assert_eq!(found.incr(1).await.unwrap(), 1);
+    let r = lookup_and_bump::remote(rt, name.clone()).unwrap();
+    assert_eq!(rt.get(&r).await.unwrap(), 101);
+    assert_eq!(c.get().await.unwrap(), 101);
+
+    let taken = Counter::remote(rt, 0).name(&name).spawn().await;
+    assert!(matches!(taken, Err(Error::BadRequest(_))), "{taken:?}");
+    let wrong: Result<GateHandle, _> = rt.get_actor(&name).await;
+    assert!(matches!(wrong, Err(Error::BadRequest(_))));
+    assert!(matches!(
+        rt.get_actor::<CounterHandle>("no-such-actor").await,
+        Err(Error::ActorNotFound(_))
+    ));
+    rt.kill_actor_by_name(&name).await.unwrap();
+    assert!(matches!(c.get().await, Err(Error::ActorDied { .. })));
+}
+
+#[tokio::test]
+async fn handles_pass_to_tasks() {
+    let rt = rt();
+    let c = Counter::remote(rt, 0).spawn().await.unwrap();
+    let r = bump::remote(rt, c.clone(), 5).unwrap();
+    assert_eq!(rt.get(&r).await.unwrap(), 5);
+    assert_eq!(c.get().await.unwrap(), 5);
+    rt.kill_actor(c.raw()).await.unwrap();
+}
+
+#[tokio::test]
+async fn async_methods_run_concurrently_up_to_the_declared_limit() {
+    let rt = rt();
+    let gate = Gate::remote(rt, 4)
+        .max_concurrency(4)
+        .spawn()
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..4).map(|_| gate.meet()).collect();
+    let met = tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(calls))
+        .await
+        .expect("four concurrent calls meet");
+    assert!(met.into_iter().all(|m| m.unwrap()));
+
+    let serial = Gate::remote(rt, 2).spawn().await.unwrap();
+    let first = serial.meet().timeout(Duration::from_millis(300));
+    assert!(
+        matches!(first.await, Err(Error::Timeout(_))),
+        "one call at a time cannot meet"
+    );
+    rt.kill_actor(gate.raw()).await.unwrap();
+    rt.kill_actor(serial.raw()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_killed_actor_process_restarts_and_later_calls_reach_the_new_instance() {
+    let rt = rt();
+    let c = Counter::remote(rt, 0)
+        .max_restarts(1)
+        .spawn()
+        .await
+        .unwrap();
+    assert_eq!(c.incr(3).await.unwrap(), 3);
+    let pid = c.pid().await.unwrap();
+    let in_flight = c.sleep_ms(5_000);
+    let in_flight = tokio::spawn(in_flight);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kill(pid);
+    let died = in_flight.await.unwrap();
+    assert!(matches!(died, Err(Error::ActorDied { .. })), "{died:?}");
+    let start = Instant::now();
+    let new_pid = c.pid().await.unwrap();
+    assert_ne!(new_pid, pid);
+    assert_eq!(
+        c.get().await.unwrap(),
+        0,
+        "the new instance starts from its constructor"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+
+    kill(new_pid);
+    let after = c.get().await;
+    assert!(
+        matches!(after, Err(Error::ActorDied { .. })),
+        "restarts spent: {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn calls_in_flight_are_retried_when_max_task_retries_allows() {
+    let rt = rt();
+    let c = Counter::remote(rt, 0)
+        .max_restarts(2)
+        .max_task_retries(2)
+        .spawn()
+        .await
+        .unwrap();
+    let pid = c.pid().await.unwrap();
+    let call = tokio::spawn(c.sleep_ms(1_000));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kill(pid);
+    assert_eq!(
+        call.await.unwrap().unwrap(),
+        1_000,
+        "retried on the new instance"
+    );
+    assert_ne!(c.pid().await.unwrap(), pid);
+    rt.kill_actor(c.raw()).await.unwrap();
+}
+
+fn kill(pid: u32) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+}
+
+const CHILD_VAR: &str = "BRAID_TEST_CHILD_DRIVER";
+
+/// Entry point of the child driver `detached_actors_outlive_their_driver`
+/// starts: joins the cluster from `BRAID_ADDRESS`, creates a detached and
+/// a non-detached named actor, and exits.
+#[test]
+fn child_driver_entry() {
+    let Ok(prefix) = std::env::var(CHILD_VAR) else {
+        return;
+    };
+    let rt = braid::init_blocking().unwrap();
+    let rt2 = rt.clone();
+    rt.block_on(async move {
+        let d = Counter::remote(&rt2, 7)
+            .name(format!("{prefix}-detached"))
+            .detached()
+            .spawn()
+            .await
+            .unwrap();
+        d.incr(1).await.unwrap();
+        let a = Counter::remote(&rt2, 1)
+            .name(format!("{prefix}-attached"))
+            .spawn()
+            .await
+            .unwrap();
+        a.incr(1).await.unwrap();
+        println!("child ready");
+    });
+    std::process::exit(0);
+}
+
+#[tokio::test]
+async fn detached_actors_outlive_their_driver_until_killed_by_name() {
+    let rt = rt();
+    let prefix = unique("job");
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_driver_entry", "--nocapture"])
+        .env(CHILD_VAR, &prefix)
+        .env("BRAID_ADDRESS", rt.address())
+        .env("BRAID_TOKEN", rt.token())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let detached: CounterHandle = rt.get_actor(&format!("{prefix}-detached")).await.unwrap();
+    assert_eq!(
+        detached.incr(1).await.unwrap(),
+        9,
+        "the detached actor lives on"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match rt
+            .get_actor::<CounterHandle>(&format!("{prefix}-attached"))
+            .await
+        {
+            Err(Error::ActorNotFound(_)) => break,
+            Ok(h) if h.get().await.is_err() => break,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the driver's own actor outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rt.kill_actor_by_name(&format!("{prefix}-detached"))
+        .await
+        .unwrap();
+    assert!(matches!(detached.get().await, Err(Error::ActorDied { .. })));
+}

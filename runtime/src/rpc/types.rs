@@ -98,6 +98,19 @@ pub fn parse_resources(
         .collect()
 }
 
+/// Checks a map of resources free off the wire: every amount finite; a
+/// negative amount (a node's rounding, or oversubscription) counts as 0.
+pub fn parse_available(
+    field: &'static str,
+    map: HashMap<String, f64>,
+) -> Result<ResourceMap, InvalidMessage> {
+    let clamped = map.into_iter().map(|(name, amount)| {
+        let amount = if amount < 0.0 { 0.0 } else { amount };
+        (name, amount)
+    });
+    parse_resources(field, clamped.collect())
+}
+
 /// A resource map for the wire.
 pub fn resources_to_wire(map: &ResourceMap) -> HashMap<String, f64> {
     map.iter().map(|(k, v)| (k.clone(), *v)).collect()
@@ -209,7 +222,7 @@ impl TryFrom<proto::HeartbeatRequest> for NodeHeartbeat {
     fn try_from(h: proto::HeartbeatRequest) -> Result<Self, InvalidMessage> {
         Ok(NodeHeartbeat {
             node_id: parse_id("node_id", &h.node_id)?,
-            resources_available: parse_resources("resources_available", h.resources_available)?,
+            resources_available: parse_available("resources_available", h.resources_available)?,
             store_used: h.store_used,
             store_capacity: h.store_capacity,
             num_workers: h.num_workers,
@@ -256,7 +269,7 @@ impl TryFrom<proto::NodeStatus> for NodeRecord {
     fn try_from(n: proto::NodeStatus) -> Result<Self, InvalidMessage> {
         Ok(NodeRecord {
             info: required("info", n.info)?.try_into()?,
-            resources_available: parse_resources("resources_available", n.resources_available)?,
+            resources_available: parse_available("resources_available", n.resources_available)?,
             store_used: n.store_used,
             store_capacity: n.store_capacity,
             num_workers: n.num_workers,
@@ -936,7 +949,13 @@ mod tests {
         let bad = HashMap::from([("CPU".to_owned(), f64::NAN)]);
         assert!(parse_resources("r", bad).is_err());
         let bad = HashMap::from([("CPU".to_owned(), -1.0)]);
-        assert!(parse_resources("r", bad).is_err());
+        assert!(parse_resources("r", bad.clone()).is_err());
+        assert_eq!(
+            parse_available("r", bad).unwrap(),
+            ResourceMap::from([("CPU".to_owned(), 0.0)])
+        );
+        let bad = HashMap::from([("CPU".to_owned(), f64::INFINITY)]);
+        assert!(parse_available("r", bad).is_err());
     }
 
     #[test]

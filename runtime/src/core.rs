@@ -95,7 +95,7 @@ impl Handler for CoreHandler {
                 responder.respond(Ok(Reply::Ok));
             } else {
                 responder.respond(Err(Error::Unauthenticated("wrong cluster token".into())));
-                conn.close();
+                conn.close_after_flush();
             }
             return;
         }

@@ -420,6 +420,12 @@ async fn run_pool(
             Some(PoolMsg::Ready(task)) => queue.push_back(*task),
             Some(PoolMsg::Granted(Ok((lease, node_conn)))) => {
                 leasing = false;
+                tracing::debug!(
+                    lease = lease.lease,
+                    worker = lease.worker.pid,
+                    queued = queue.len(),
+                    "lease granted"
+                );
                 match core.peer(&lease.worker).await {
                     Ok(conn) => workers.push(Leased {
                         lease,
@@ -578,6 +584,11 @@ async fn run_pool(
         }
         if !queue.is_empty() && !leasing {
             leasing = true;
+            tracing::debug!(
+                queued = queue.len(),
+                workers = workers.len(),
+                "requesting a lease"
+            );
             let tx = tx.clone();
             let request = request.clone();
             let core2 = core.clone();

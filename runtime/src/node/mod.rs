@@ -350,7 +350,7 @@ impl Node {
         };
         if !crate::cluster::token_matches(token, &self.config.token) {
             responder.respond(Err(Error::Unauthenticated("wrong cluster token".into())));
-            conn.close();
+            conn.close_after_flush();
             return;
         }
         let mut state = self.state.lock();
@@ -372,7 +372,7 @@ impl Node {
                     responder.respond(Err(Error::BadRequest(
                         "this node did not start that worker".into(),
                     )));
-                    conn.close();
+                    conn.close_after_flush();
                     return;
                 }
                 Some(expected) if expected != build_hash => {
@@ -381,7 +381,7 @@ impl Node {
                         expected,
                         found: build_hash,
                     }));
-                    conn.close();
+                    conn.close_after_flush();
                     return;
                 }
                 Some(_) => {
@@ -624,8 +624,29 @@ impl Node {
                     },
                 ));
             }
+            if !state.queue.is_empty() {
+                let count = |f: fn(&WorkerState) -> bool| {
+                    state.workers.values().filter(|w| f(&w.state)).count()
+                };
+                tracing::debug!(
+                    waiting = state.queue.len(),
+                    available = %state.ledger.available,
+                    idle = count(|s| matches!(s, WorkerState::Idle)),
+                    starting = count(|s| matches!(s, WorkerState::Starting)),
+                    leased = count(|s| matches!(s, WorkerState::Leased(_))),
+                    "leases waiting"
+                );
+            }
         }
         let granted = !grants.is_empty();
+        for (responder, lease) in &grants {
+            let _ = responder;
+            tracing::debug!(
+                lease = lease.lease,
+                worker = lease.worker.pid,
+                "lease granted"
+            );
+        }
         for (responder, lease) in grants {
             responder.respond(Ok(Reply::Leased(lease)));
         }
@@ -644,6 +665,7 @@ impl Node {
                 return;
             };
             state.ledger.release(entry.pool, &entry.resources);
+            tracing::debug!(lease, kill, available = %state.ledger.available, "lease returned");
             match state.workers.get_mut(&entry.worker) {
                 Some(w) if kill || w.actor.is_some() => Some(w.pid),
                 Some(w) => {
@@ -660,7 +682,7 @@ impl Node {
     }
 
     fn worker_exited(&self, worker: WorkerId, status: Option<std::process::ExitStatus>) {
-        let job = {
+        let (job, conn) = {
             let mut state = self.state.lock();
             let Some(entry) = state.workers.remove(&worker) else {
                 return;
@@ -671,11 +693,11 @@ impl Node {
                     state.ledger.release(l.pool, &l.resources);
                 }
             }
-            if let Some(conn) = entry.conn {
-                conn.close();
-            }
-            entry.job
+            (entry.job, entry.conn)
         };
+        if let Some(conn) = conn {
+            conn.close();
+        }
         self.dispatch();
         if self.state.lock().jobs.contains_key(&job) {
             self.top_up(job);

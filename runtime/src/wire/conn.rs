@@ -70,6 +70,7 @@ struct Inner {
     closed: AtomicBool,
     closed_notify: tokio::sync::Notify,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    handler: Mutex<Option<Arc<dyn Handler>>>,
 }
 
 /// One connection. Cheap to clone; closes when [`Conn::close`] is called or
@@ -142,6 +143,7 @@ impl Conn {
                 closed: AtomicBool::new(false),
                 closed_notify: tokio::sync::Notify::new(),
                 tasks: Mutex::new(Vec::new()),
+                handler: Mutex::new(Some(handler.clone())),
             }),
         };
         let writer = tokio::spawn(write_loop(write, rx));
@@ -151,8 +153,7 @@ impl Conn {
             if let Err(e) = result {
                 tracing::debug!(conn = ?reader_conn, "connection ended: {e}");
             }
-            reader_conn.mark_closed();
-            handler.on_close(&reader_conn);
+            reader_conn.finish();
         });
         conn.inner
             .tasks
@@ -205,12 +206,27 @@ impl Conn {
         }
     }
 
-    /// Closes the connection; pending requests fail.
+    /// Closes the connection; pending requests fail, and the handler hears
+    /// of it as if the peer had gone.
     pub fn close(&self) {
         for task in self.inner.tasks.lock().drain(..) {
             task.abort();
         }
+        self.finish();
+    }
+
+    /// Closes the connection once what was sent before is written (the
+    /// peer sees the last reply, then end of stream).
+    pub fn close_after_flush(&self) {
+        let _ = self.inner.tx.send(Vec::new());
+    }
+
+    fn finish(&self) {
         self.mark_closed();
+        let handler = self.inner.handler.lock().take();
+        if let Some(handler) = handler {
+            handler.on_close(self);
+        }
     }
 
     fn mark_closed(&self) {
@@ -295,11 +311,17 @@ impl Conn {
 
 async fn write_loop<W: AsyncWrite + Unpin>(write: W, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
     let mut writer = BufWriter::with_capacity(256 * 1024, write);
-    while let Some(buf) = rx.recv().await {
+    'outer: while let Some(buf) = rx.recv().await {
+        if buf.is_empty() {
+            break;
+        }
         if writer.write_all(&buf).await.is_err() {
             return;
         }
         while let Ok(buf) = rx.try_recv() {
+            if buf.is_empty() {
+                break 'outer;
+            }
             if writer.write_all(&buf).await.is_err() {
                 return;
             }
@@ -308,6 +330,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(write: W, mut rx: mpsc::UnboundedRece
             return;
         }
     }
+    let _ = writer.flush().await;
     let _ = writer.shutdown().await;
 }
 

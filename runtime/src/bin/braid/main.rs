@@ -23,6 +23,13 @@ fn main() {
     // The library enters a daemon role from a constructor before `main`;
     // this is the fallback should the linker have dropped it.
     braid::role::enter_role();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Start(args) => start::run(args),

@@ -9,7 +9,8 @@
 //! Ray's `timeit` runs a workload for 1 s to warm up, then four 2 s rounds,
 //! and prints their mean. This runs a shorter warm-up and five rounds of
 //! about [`ROUND`] each, and reports their median. `TESTS_TO_RUN=pattern`
-//! runs the metrics whose names contain `pattern`, as Ray's does. The last
+//! runs the metrics whose names contain `pattern` (or any of several
+//! comma-separated patterns), as Ray's does. The last
 //! stdout line is one JSON object; logs go to stderr.
 
 use anyhow::Context;
@@ -95,12 +96,12 @@ pub fn work(actors: Vec<ActorHandle>, n: u32) -> u32 {
 
 /// Ray's `Actor` (it holds no CPU).
 #[braid::actor]
-pub struct Actor;
+pub struct BenchActor;
 
 #[braid::actor]
-impl Actor {
+impl BenchActor {
     fn new() -> Self {
-        Actor
+        BenchActor
     }
 
     /// Returns `b"ok"`.
@@ -202,7 +203,9 @@ struct Bench {
 
 impl Bench {
     fn wanted(&self, name: &str) -> bool {
-        self.filter.as_deref().is_none_or(|f| name.contains(f))
+        self.filter
+            .as_deref()
+            .is_none_or(|f| f.split(',').any(|f| name.contains(f)))
     }
 
     /// Times `f` like Ray's `timeit`: `multiplier` operations per call.
@@ -338,11 +341,19 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
     .await?;
     if b.wanted("single_client_get_object_containing_10k_refs") {
         let containing = create_object_containing_ref::remote(&rt)?;
-        b.timeit("single_client_get_object_containing_10k_refs", 1.0, || async {
-            let refs = rt.get(&containing).await?;
-            anyhow::ensure!(refs.len() == 10_000, "expected 10k refs, got {}", refs.len());
-            Ok(())
-        })
+        b.timeit(
+            "single_client_get_object_containing_10k_refs",
+            1.0,
+            || async {
+                let refs = rt.get(&containing).await?;
+                anyhow::ensure!(
+                    refs.len() == 10_000,
+                    "expected 10k refs, got {}",
+                    refs.len()
+                );
+                Ok(())
+            },
+        )
         .await?;
     }
     b.timeit("single_client_wait_1k_refs", 1.0, || async {
@@ -373,20 +384,24 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
 
     if b.wanted("multi_client_tasks_async") {
         let (n, m) = (10_000u32, 4);
-        let actors = spawn_actors(m, || Actor::remote(&rt)).await?;
-        b.timeit("multi_client_tasks_async", f64::from(n) * m as f64, || async {
-            let calls: Vec<_> = actors.iter().map(|a| a.small_value_batch(n)).collect();
-            for code in futures::future::join_all(calls).await {
-                check(code?, "small_value_batch")?;
-            }
-            Ok(())
-        })
+        let actors = spawn_actors(m, || BenchActor::remote(&rt)).await?;
+        b.timeit(
+            "multi_client_tasks_async",
+            f64::from(n) * m as f64,
+            || async {
+                let calls: Vec<_> = actors.iter().map(|a| a.small_value_batch(n)).collect();
+                for code in futures::future::join_all(calls).await {
+                    check(code?, "small_value_batch")?;
+                }
+                Ok(())
+            },
+        )
         .await?;
         kill_all(&rt, &actors).await;
     }
 
     if b.wanted("1_1_actor_calls_sync") || b.wanted("actor_call_latency") {
-        let a = Actor::remote(&rt).spawn().await?;
+        let a = BenchActor::remote(&rt).spawn().await?;
         b.timeit("1_1_actor_calls_sync", 1.0, || async {
             a.small_value().await?;
             Ok(())
@@ -408,7 +423,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         rt.kill_actor(a.raw()).await?;
     }
     if b.wanted("1_1_actor_calls_async") {
-        let a = Actor::remote(&rt).spawn().await?;
+        let a = BenchActor::remote(&rt).spawn().await?;
         b.timeit("1_1_actor_calls_async", 1000.0, || async {
             let calls: Vec<_> = (0..1000).map(|_| a.small_value()).collect();
             for r in futures::future::join_all(calls).await {
@@ -420,7 +435,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         rt.kill_actor(a.raw()).await?;
     }
     if b.wanted("1_1_actor_calls_concurrent") {
-        let a = Actor::remote(&rt).max_concurrency(16).spawn().await?;
+        let a = BenchActor::remote(&rt).max_concurrency(16).spawn().await?;
         b.timeit("1_1_actor_calls_concurrent", 1000.0, || async {
             let calls: Vec<_> = (0..1000).map(|_| a.small_value()).collect();
             for r in futures::future::join_all(calls).await {
@@ -433,19 +448,26 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
     }
     if b.wanted("1_n_actor_calls_async") {
         let n = 5000u32;
-        let servers = spawn_actors(n_cpu, || Actor::remote(&rt)).await?;
+        let servers = spawn_actors(n_cpu, || BenchActor::remote(&rt)).await?;
         let raws: Vec<ActorHandle> = servers.iter().map(|s| s.raw().clone()).collect();
         let client = Client::remote(&rt, raws).spawn().await?;
-        b.timeit("1_n_actor_calls_async", f64::from(n) * n_cpu as f64, || async {
-            check(client.small_value_batch(n).await?, "Client::small_value_batch")
-        })
+        b.timeit(
+            "1_n_actor_calls_async",
+            f64::from(n) * n_cpu as f64,
+            || async {
+                check(
+                    client.small_value_batch(n).await?,
+                    "Client::small_value_batch",
+                )
+            },
+        )
         .await?;
         kill_all(&rt, &servers).await;
         rt.kill_actor(client.raw()).await?;
     }
     if b.wanted("n_n_actor_calls_async") {
         let (n, m) = (5000u32, 4);
-        let actors = spawn_actors(n_cpu, || Actor::remote(&rt)).await?;
+        let actors = spawn_actors(n_cpu, || BenchActor::remote(&rt)).await?;
         let raws: Vec<ActorHandle> = actors.iter().map(|s| s.raw().clone()).collect();
         b.timeit("n_n_actor_calls_async", f64::from(n) * m as f64, || async {
             let refs: Vec<_> = (0..m)
@@ -461,7 +483,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
     }
     if b.wanted("n_n_actor_calls_with_arg_async") {
         let n = 1000u32;
-        let actors = spawn_actors(n_cpu, || Actor::remote(&rt)).await?;
+        let actors = spawn_actors(n_cpu, || BenchActor::remote(&rt)).await?;
         let mut clients = Vec::new();
         for a in &actors {
             clients.push(Client::remote(&rt, vec![a.raw().clone()]).spawn().await?);
@@ -482,7 +504,10 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         kill_all(&rt, &clients).await;
     }
     if b.wanted("1_1_async_actor_calls_sync") {
-        let a = AsyncActor::remote(&rt).max_concurrency(1000).spawn().await?;
+        let a = AsyncActor::remote(&rt)
+            .max_concurrency(1000)
+            .spawn()
+            .await?;
         b.timeit("1_1_async_actor_calls_sync", 1.0, || async {
             a.small_value().await?;
             Ok(())
@@ -491,7 +516,10 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         rt.kill_actor(a.raw()).await?;
     }
     if b.wanted("1_1_async_actor_calls_async") {
-        let a = AsyncActor::remote(&rt).max_concurrency(1000).spawn().await?;
+        let a = AsyncActor::remote(&rt)
+            .max_concurrency(1000)
+            .spawn()
+            .await?;
         b.timeit("1_1_async_actor_calls_async", 1000.0, || async {
             let calls: Vec<_> = (0..1000).map(|_| a.small_value()).collect();
             for r in futures::future::join_all(calls).await {
@@ -503,9 +531,14 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         rt.kill_actor(a.raw()).await?;
     }
     if b.wanted("1_1_async_actor_calls_with_args_async") {
-        let a = AsyncActor::remote(&rt).max_concurrency(1000).spawn().await?;
+        let a = AsyncActor::remote(&rt)
+            .max_concurrency(1000)
+            .spawn()
+            .await?;
         b.timeit("1_1_async_actor_calls_with_args_async", 1000.0, || async {
-            let calls: Vec<_> = (0..1000).map(|i| a.small_value_with_arg(i as i64)).collect();
+            let calls: Vec<_> = (0..1000)
+                .map(|i| a.small_value_with_arg(i as i64))
+                .collect();
             for r in futures::future::join_all(calls).await {
                 r?;
             }
@@ -519,9 +552,16 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         let servers = spawn_actors(n_cpu, || AsyncActor::remote(&rt).max_concurrency(1000)).await?;
         let raws: Vec<ActorHandle> = servers.iter().map(|s| s.raw().clone()).collect();
         let client = Client::remote(&rt, raws).spawn().await?;
-        b.timeit("1_n_async_actor_calls_async", f64::from(n) * n_cpu as f64, || async {
-            check(client.small_value_batch(n).await?, "Client::small_value_batch")
-        })
+        b.timeit(
+            "1_n_async_actor_calls_async",
+            f64::from(n) * n_cpu as f64,
+            || async {
+                check(
+                    client.small_value_batch(n).await?,
+                    "Client::small_value_batch",
+                )
+            },
+        )
         .await?;
         kill_all(&rt, &servers).await;
         rt.kill_actor(client.raw()).await?;
@@ -530,15 +570,19 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         let (n, m) = (5000u32, 4);
         let actors = spawn_actors(n_cpu, || AsyncActor::remote(&rt).max_concurrency(1000)).await?;
         let raws: Vec<ActorHandle> = actors.iter().map(|s| s.raw().clone()).collect();
-        b.timeit("n_n_async_actor_calls_async", f64::from(n) * m as f64, || async {
-            let refs: Vec<_> = (0..m)
-                .map(|_| work::remote(&rt, raws.clone(), n))
-                .collect::<Result<_, _>>()?;
-            for code in rt.get_all(&refs).await? {
-                check(code, "work")?;
-            }
-            Ok(())
-        })
+        b.timeit(
+            "n_n_async_actor_calls_async",
+            f64::from(n) * m as f64,
+            || async {
+                let refs: Vec<_> = (0..m)
+                    .map(|_| work::remote(&rt, raws.clone(), n))
+                    .collect::<Result<_, _>>()?;
+                for code in rt.get_all(&refs).await? {
+                    check(code, "work")?;
+                }
+                Ok(())
+            },
+        )
         .await?;
         kill_all(&rt, &actors).await;
     }
@@ -546,7 +590,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         let mut rates = Vec::new();
         for _ in 0..3 {
             let start = Instant::now();
-            let actors = spawn_actors(100, || Actor::remote(&rt)).await?;
+            let actors = spawn_actors(100, || BenchActor::remote(&rt)).await?;
             let calls: Vec<_> = actors.iter().map(|a| a.small_value()).collect();
             for r in futures::future::join_all(calls).await {
                 r?;
@@ -558,10 +602,11 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
             .insert("actor_creations_per_s".into(), median(&mut rates));
     }
     if b.wanted("idle_worker_rss") {
-        let a = Actor::remote(&rt).spawn().await?;
+        let a = BenchActor::remote(&rt).spawn().await?;
         let pid = a.pid().await?;
         a.small_value().await?;
-        b.results.insert("idle_worker_rss_mib".into(), rss_mib(pid)?);
+        b.results
+            .insert("idle_worker_rss_mib".into(), rss_mib(pid)?);
         rt.kill_actor(a.raw()).await?;
     }
     Ok(b.results)

@@ -129,6 +129,11 @@ impl StoreHandle {
         deleted
     }
 
+    /// Whether the store holds `id` (sealed, spilled or being written).
+    pub fn contains(&self, id: &ObjectId) -> bool {
+        self.shared.table.lock().contains(id)
+    }
+
     /// Deletes these objects, as if each were deleted by a client (pinned
     /// ones go when their last pin does; unknown ones are skipped). Returns
     /// how many were deleted or marked.

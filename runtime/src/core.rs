@@ -89,6 +89,7 @@ impl Handler for CoreHandler {
                 | Hello::Peer { token, .. } => token,
             };
             if crate::cluster::token_matches(token, &self.token) {
+                conn.set_authenticated();
                 if let Hello::Peer { address, .. } = hello {
                     self.peers.lock().insert(conn.id(), address.worker);
                 }

@@ -549,7 +549,11 @@ async fn run_pool(
             let spec = TaskSpec {
                 task: task.task,
                 function: task.function.to_string(),
-                args: std::mem::take(&mut task.args),
+                args: if task.attempts <= task.max_retries {
+                    task.args.clone()
+                } else {
+                    std::mem::take(&mut task.args)
+                },
                 returns: task.returns,
                 owner: (*core.me).clone(),
             };

@@ -24,6 +24,10 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 use worker_pool::{spawn_worker, BuildHashes, WorkerConfig};
 
+/// How long a placement-group reservation waits for leased resources to
+/// come back.
+const RESERVE_WAIT: Duration = Duration::from_secs(8);
+
 /// How often a node reports to the head.
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
@@ -109,6 +113,7 @@ pub(crate) struct Node {
     grpc_address: String,
     state: Mutex<State>,
     hashes: BuildHashes,
+    released: tokio::sync::Notify,
     self_ref: Weak<Node>,
 }
 
@@ -191,6 +196,7 @@ pub async fn run_node(
             grpc_addresses: HashMap::new(),
         }),
         hashes: BuildHashes::default(),
+        released: tokio::sync::Notify::new(),
         config,
         self_ref: weak.clone(),
     });
@@ -385,6 +391,7 @@ impl Node {
                     return;
                 }
                 Some(_) => {
+                    conn.set_authenticated();
                     if let Some(w) = state.workers.get_mut(&address.worker) {
                         w.conn = Some(conn.clone());
                         w.address = Some(address);
@@ -396,6 +403,7 @@ impl Node {
             return;
         }
         drop(state);
+        conn.set_authenticated();
         responder.respond(Ok(self.welcome()));
     }
 
@@ -434,6 +442,31 @@ impl Node {
             );
         }
         self.top_up(job);
+        Ok(())
+    }
+
+    /// Registers a job started elsewhere (its driver runs on another node),
+    /// from what the head knows of it, so this node can start its workers.
+    async fn adopt_job(&self, job: JobId) -> Result<()> {
+        let jobs = self.head.list_jobs().await?;
+        let record = jobs
+            .into_iter()
+            .find(|j| j.info.job_id == job && !j.finished)
+            .ok_or_else(|| Error::BadRequest(format!("job {job} is unknown or finished")))?;
+        let spec = JobSpec {
+            job,
+            exe: record.info.exe_path.display().to_string(),
+            build_hash: record.info.build_hash.clone(),
+            driver: crate::actor::parse_address(&record.info.driver_address)
+                .ok_or_else(|| Error::BadRequest(format!("job {job} has no driver address")))?,
+            env: Vec::new(),
+        };
+        let stamp = self.hashes.check(&spec)?;
+        self.state.lock().jobs.entry(job).or_insert(JobEntry {
+            spec,
+            driver: None,
+            stamp,
+        });
         Ok(())
     }
 
@@ -551,10 +584,14 @@ impl Node {
                 let job = request.job;
                 let known = self.state.lock().jobs.contains_key(&job);
                 if !known {
-                    responder.respond(Err(Error::BadRequest(format!(
-                        "job {job} is not registered on node {}",
-                        self.id
-                    ))));
+                    let Some(node) = self.arc() else { return };
+                    let conn = conn.clone();
+                    tokio::spawn(async move {
+                        match node.adopt_job(job).await {
+                            Ok(()) => node.request_lease(&conn, request, responder),
+                            Err(e) => responder.respond(Err(e)),
+                        }
+                    });
                     return;
                 }
                 self.state.lock().queue.push_back(Waiting {
@@ -678,6 +715,7 @@ impl Node {
         if let Some(pid) = victim {
             kill_pid(pid);
         }
+        self.released.notify_waiters();
         self.dispatch();
     }
 
@@ -698,6 +736,7 @@ impl Node {
         if let Some(conn) = conn {
             conn.close();
         }
+        self.released.notify_waiters();
         self.dispatch();
         if self.state.lock().jobs.contains_key(&job) {
             self.top_up(job);
@@ -784,13 +823,42 @@ impl Node {
         }
     }
 
-    pub(crate) fn reserve_bundles(
+    /// Reserves placement-group bundles, waiting up to [`RESERVE_WAIT`] for
+    /// leases to give the resources back when the node has them in total
+    /// but not free now.
+    pub(crate) async fn reserve_bundles(
         &self,
         pg: PlacementGroupId,
         bundles: Vec<(u32, Resources)>,
     ) -> Result<()> {
-        self.state.lock().ledger.reserve(pg, bundles)?;
-        Ok(())
+        let deadline = tokio::time::Instant::now() + RESERVE_WAIT;
+        loop {
+            let released = self.released.notified();
+            let attempt = {
+                let mut state = self.state.lock();
+                let mut need = Resources::new();
+                for (_, r) in &bundles {
+                    for (k, v) in &r.0 {
+                        need.set(k, need.get(k) + v);
+                    }
+                }
+                if !state.ledger.total.fits(&need) {
+                    return Err(Error::Infeasible(format!(
+                        "bundles {need} on a node with {} in total",
+                        state.ledger.total
+                    )));
+                }
+                state.ledger.reserve(pg, bundles.clone())
+            };
+            match attempt {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if tokio::time::timeout_at(deadline, released).await.is_err() {
+                        return Err(e);
+                    }
+                }
+            }
+        }
     }
 
     pub(crate) fn release_bundles(&self, pg: PlacementGroupId) {
@@ -863,7 +931,7 @@ impl Node {
 
     /// Copies an object from one of `from` into this node's store.
     async fn pull(&self, id: ObjectId, from: Vec<NodeId>) -> Result<()> {
-        if self.store.contains(id).unwrap_or(false) {
+        if self.store_handle.contains(&id) {
             return Ok(());
         }
         let mut last = Error::ObjectLost(id);
@@ -874,7 +942,8 @@ impl Node {
             let client = match self.node_client(source).await {
                 Ok(c) => c,
                 Err(e) => {
-                    last = e;
+                    tracing::warn!("pulling {id}: node {source} unreachable: {e}");
+                    last = Error::ObjectLost(id);
                     continue;
                 }
             };

@@ -91,6 +91,7 @@ impl NodeService for NodeGrpc {
             .collect();
         self.0
             .reserve_bundles(pg, bundles)
+            .await
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(Response::new(proto::Empty {}))
     }

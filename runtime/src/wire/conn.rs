@@ -68,6 +68,7 @@ struct Inner {
     pending: Pending,
     next_seq: AtomicU64,
     closed: AtomicBool,
+    authenticated: AtomicBool,
     closed_notify: tokio::sync::Notify,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     handler: Mutex<Option<Arc<dyn Handler>>>,
@@ -141,6 +142,7 @@ impl Conn {
                 pending: Mutex::new(HashMap::new()),
                 next_seq: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
+                authenticated: AtomicBool::new(false),
                 closed_notify: tokio::sync::Notify::new(),
                 tasks: Mutex::new(Vec::new()),
                 handler: Mutex::new(Some(handler.clone())),
@@ -152,6 +154,7 @@ impl Conn {
             let result = read_loop(read, &reader_conn, handler.as_ref()).await;
             if let Err(e) = result {
                 tracing::debug!(conn = ?reader_conn, "connection ended: {e}");
+                reader_conn.close_after_flush();
             }
             reader_conn.finish();
         });
@@ -176,6 +179,7 @@ impl Conn {
                 message: e.to_string(),
             })?;
         let conn = Conn::start(stream, path.display().to_string(), handler);
+        conn.set_authenticated();
         match conn.request(hello).await {
             Ok(reply) => Ok((conn, reply)),
             Err(e) => {
@@ -183,6 +187,18 @@ impl Conn {
                 Err(e)
             }
         }
+    }
+
+    /// Marks the peer as authenticated: its hello carried the cluster
+    /// token (or this side opened the connection). Until then only a
+    /// `Hello` request is handed to the handler; anything else is refused.
+    pub fn set_authenticated(&self) {
+        self.inner.authenticated.store(true, Ordering::Release);
+    }
+
+    /// Whether the peer has authenticated.
+    pub fn is_authenticated(&self) -> bool {
+        self.inner.authenticated.load(Ordering::Acquire)
     }
 
     /// A number unique to this connection within the process.
@@ -372,15 +388,24 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     let _ = waiter.send(reply);
                 }
             }
-            Body::Request(message) => handler.on_request(
-                conn,
-                message,
-                Responder {
+            Body::Request(message) => {
+                let responder = Responder {
                     conn: conn.clone(),
                     seq: frame.seq,
-                },
-            ),
-            Body::OneWay(message) => handler.on_message(conn, message),
+                };
+                if conn.is_authenticated() || matches!(message, Message::Hello(_)) {
+                    handler.on_request(conn, message, responder);
+                } else {
+                    responder.respond(Err(Error::Unauthenticated(
+                        "send a Hello with the cluster token first".into(),
+                    )));
+                }
+            }
+            Body::OneWay(message) => {
+                if conn.is_authenticated() {
+                    handler.on_message(conn, message);
+                }
+            }
         }
         if buf.capacity() > 1 << 20 {
             buf = Vec::new();

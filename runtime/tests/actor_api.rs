@@ -9,6 +9,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// A counter whose state lives in its actor process.
 #[braid::actor]
 pub struct Counter {
     n: u64,
@@ -39,6 +40,7 @@ impl Counter {
     }
 }
 
+/// Lets calls through only once `parties` of them are inside at once.
 #[braid::actor]
 pub struct Gate {
     arrived: std::sync::Arc<tokio::sync::Barrier>,

@@ -394,7 +394,10 @@ impl Node {
                     conn.set_authenticated();
                     if let Some(w) = state.workers.get_mut(&address.worker) {
                         w.conn = Some(conn.clone());
-                        w.address = Some(address);
+                        w.address = Some(Address {
+                            node: self.id,
+                            ..address
+                        });
                     }
                 }
             }

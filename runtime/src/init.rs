@@ -151,6 +151,12 @@ impl InitOptions {
 async fn register_job(core: &Arc<Core>) -> Result<()> {
     let exe =
         std::fs::read_link("/proc/self/exe").map_err(|e| Error::io("find own executable", e))?;
+    // A binary replaced on disk (rebuilt) since this process started: name
+    // the path, so the node finds the new file there and refuses it.
+    let exe = match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+        Some(path) => PathBuf::from(path),
+        None => exe,
+    };
     let build_hash = tokio::task::spawn_blocking(|| crate::registry::build_hash().to_string())
         .await
         .map_err(|e| Error::io("hash executable", e))?;

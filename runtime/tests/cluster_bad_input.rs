@@ -650,15 +650,10 @@ fn listening_socket_of(pid: u32, dir: &Path) -> Option<PathBuf> {
     })
 }
 
-/// Regression test for a library bug (ignored until fixed): neither the
-/// node's control handler (`runtime/src/node/mod.rs`, `ControlHandler`) nor
-/// a process's `CoreHandler` (`runtime/src/core.rs`) requires an accepted
-/// `Hello` before serving a connection, and after refusing a token they only
-/// half-close (`Conn::close_after_flush`) while the reader keeps dispatching.
-/// So a client without the token can query the node, and one `Exit` frame,
-/// with or without a wrong-token `Hello` before it, ends a worker.
+/// A connection is served nothing before a `Hello` with the cluster token
+/// has been accepted: the node answers no request, and a worker obeys no
+/// `Exit` frame, with or without a wrong-token `Hello` before it.
 #[tokio::test]
-#[ignore = "library bug: connections are served without an accepted Hello"]
 async fn a_connection_without_an_accepted_hello_is_served_nothing() {
     let rt = rt();
     let node = the_node(rt).await;

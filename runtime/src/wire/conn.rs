@@ -399,6 +399,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     responder.respond(Err(Error::Unauthenticated(
                         "send a Hello with the cluster token first".into(),
                     )));
+                    conn.close_after_flush();
                 }
             }
             Body::OneWay(message) => {

@@ -289,37 +289,28 @@ impl EmbeddedCluster {
             children: parking_lot::Mutex::new(vec![head.child]),
             session_dir: session_dir.clone(),
         };
-        let node = start_daemon(
-            &exe,
-            &DaemonConfig::Node {
-                head: address.clone(),
-                token: token.clone(),
-                session_dir: session_dir.clone(),
-                num_cpus,
-                object_store_memory,
-                resources,
-                host: "127.0.0.1".into(),
-                is_head_node: true,
-            },
-            &options,
-        )?;
+        let start_node =
+            |num_cpus: f64, resources: crate::resources::Resources, is_head_node: bool| {
+                start_daemon(
+                    &exe,
+                    &DaemonConfig::Node {
+                        head: address.clone(),
+                        token: token.clone(),
+                        session_dir: session_dir.clone(),
+                        num_cpus,
+                        object_store_memory,
+                        resources,
+                        host: "127.0.0.1".into(),
+                        is_head_node,
+                    },
+                    &options,
+                )
+            };
+        let node = start_node(num_cpus, resources, true)?;
         let socket = PathBuf::from(node.ready.split_whitespace().next().unwrap_or_default());
         cluster.children.lock().push(node.child);
         for (num_cpus, resources) in extra_nodes {
-            let node = start_daemon(
-                &exe,
-                &DaemonConfig::Node {
-                    head: address.clone(),
-                    token: token.clone(),
-                    session_dir: session_dir.clone(),
-                    num_cpus,
-                    object_store_memory,
-                    resources,
-                    host: "127.0.0.1".into(),
-                    is_head_node: false,
-                },
-                &options,
-            )?;
+            let node = start_node(num_cpus, resources, false)?;
             cluster.children.lock().push(node.child);
         }
         Ok((cluster, address, token, socket))

@@ -267,30 +267,24 @@ impl RefTable {
 
     /// Records that `borrower` holds a reference to an owned object.
     pub(crate) fn add_borrower(&self, id: ObjectId, borrower: WorkerId) {
-        let released = {
-            let mut entries = self.entries.lock();
-            match entries.get_mut(&id) {
-                Some(e) => {
-                    *e.borrowers.entry(borrower).or_insert(0) += 1;
-                    if e.borrowers.get(&borrower) == Some(&0) {
-                        e.borrowers.remove(&borrower);
-                    }
-                    self.release_if_done(&mut entries, id)
-                }
-                None => Vec::new(),
-            }
-        };
-        drop(released);
+        self.adjust_borrower(id, borrower, 1);
     }
 
     /// Records that `borrower` holds no reference any more.
     pub(crate) fn remove_borrower(&self, id: ObjectId, borrower: WorkerId) {
+        self.adjust_borrower(id, borrower, -1);
+    }
+
+    /// Moves `borrower`'s signed count by `delta`, and frees the object if
+    /// nothing references it any more.
+    fn adjust_borrower(&self, id: ObjectId, borrower: WorkerId, delta: i32) {
         let released = {
             let mut entries = self.entries.lock();
             match entries.get_mut(&id) {
                 Some(e) => {
-                    *e.borrowers.entry(borrower).or_insert(0) -= 1;
-                    if e.borrowers.get(&borrower) == Some(&0) {
+                    let count = e.borrowers.entry(borrower).or_insert(0);
+                    *count += delta;
+                    if *count == 0 {
                         e.borrowers.remove(&borrower);
                     }
                     self.release_if_done(&mut entries, id)

@@ -270,7 +270,13 @@ impl Core {
                 let path = PathBuf::from(&address.socket);
                 let (conn, _) = self
                     .handle
-                    .spawn(async move { Conn::connect(&path, hello, handler).await })
+                    .spawn(async move {
+                        let (conn, reply) = Conn::connect(&path, hello, handler).await?;
+                        if let Err(e) = conn.open_ring().await {
+                            tracing::debug!(?conn, "staying on the socket: {e}");
+                        }
+                        Ok::<_, Error>((conn, reply))
+                    })
                     .await
                     .map_err(|e| Error::io("connect", e))??;
                 Ok::<Conn, Error>(conn)

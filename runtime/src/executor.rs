@@ -28,6 +28,12 @@ pub(crate) fn current_label() -> &'static Mutex<String> {
 struct Hosted {
     actor: ActorId,
     calls: mpsc::UnboundedSender<(CallSpec, Responder)>,
+    instance: Arc<dyn ActorObject>,
+    class: Arc<str>,
+    /// One permit per call that may run at once; calls from the loop and
+    /// calls run on a ring's reader thread take the same permits.
+    lane: Arc<tokio::sync::Semaphore>,
+    max_concurrency: u32,
 }
 
 /// Runs what callers push to this worker.
@@ -71,6 +77,27 @@ impl Executor {
             Message::CallActor(spec) => {
                 let actor = self.actor.lock();
                 match actor.as_ref() {
+                    Some(hosted)
+                        if hosted.actor == spec.actor
+                            && hosted.max_concurrency == 1
+                            && crate::wire::conn::on_serving_ring_thread() =>
+                    {
+                        let instance = hosted.instance.clone();
+                        let class = hosted.class.clone();
+                        let lane = hosted.lane.clone();
+                        drop(actor);
+                        let Some(core) = self.core.upgrade() else {
+                            responder.respond(Err(Error::NotRunning("worker shutting down".into())));
+                            return;
+                        };
+                        let handle = core.handle.clone();
+                        handle.block_on(async move {
+                            let Ok(_permit) = lane.acquire().await else {
+                                return;
+                            };
+                            run_call(&core, instance, &class, spec, responder).await;
+                        });
+                    }
                     Some(hosted) if hosted.actor == spec.actor => {
                         let _ = hosted.calls.send((spec, responder));
                     }
@@ -117,15 +144,24 @@ impl Executor {
                 }
             })??;
         let (tx, rx) = mpsc::unbounded_channel();
+        let instance: Arc<dyn ActorObject> = Arc::from(instance);
+        let class: Arc<str> = Arc::from(spec.class.as_str());
+        let max_concurrency = spec.max_concurrency.max(1);
+        let lane = Arc::new(tokio::sync::Semaphore::new(max_concurrency as usize));
         *self.actor.lock() = Some(Hosted {
             actor: spec.actor,
             calls: tx,
+            instance: instance.clone(),
+            class: class.clone(),
+            lane: lane.clone(),
+            max_concurrency,
         });
         core.handle.spawn(actor_loop(
             Arc::downgrade(&core),
-            Arc::from(instance),
-            spec.class,
-            spec.max_concurrency.max(1),
+            instance,
+            class,
+            lane,
+            max_concurrency,
             rx,
         ));
         Ok(())
@@ -202,40 +238,20 @@ async fn run_task(core: &Core, spec: TaskSpec) -> Result<Encoded> {
 async fn actor_loop(
     core: Weak<Core>,
     instance: Arc<dyn ActorObject>,
-    class: String,
+    class: Arc<str>,
+    permits: Arc<tokio::sync::Semaphore>,
     max_concurrency: u32,
     mut rx: mpsc::UnboundedReceiver<(CallSpec, Responder)>,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(max_concurrency as usize));
     while let Some((spec, responder)) = rx.recv().await {
         let Some(core) = core.upgrade() else { return };
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let instance = instance.clone();
-        let function = format!("{}::{}", short_name(&class), spec.method);
+        let class = class.clone();
         let call = async move {
-            let caller = spec.owner.clone();
-            let returns = spec.returns;
-            let outcome = match resolve(&core, spec.args).await {
-                Ok(args) => AssertUnwindSafe(instance.invoke(&spec.method, args))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|p| {
-                        Err(Error::TaskError {
-                            function,
-                            message: panic_message(p),
-                        })
-                    }),
-                Err(e) => Err(e),
-            };
-            let reply = match outcome {
-                Ok(encoded) => finish(&core, encoded, returns, &caller)
-                    .await
-                    .map(Reply::Done),
-                Err(e) => Err(e),
-            };
-            responder.respond(reply);
+            run_call(&core, instance, &class, spec, responder).await;
             drop(permit);
         };
         if max_concurrency == 1 {
@@ -244,6 +260,37 @@ async fn actor_loop(
             tokio::spawn(call);
         }
     }
+}
+
+/// Runs one actor call and answers it.
+async fn run_call(
+    core: &Core,
+    instance: Arc<dyn ActorObject>,
+    class: &str,
+    spec: CallSpec,
+    responder: Responder,
+) {
+    let caller = spec.owner.clone();
+    let returns = spec.returns;
+    let outcome = match resolve(core, spec.args).await {
+        Ok(args) => AssertUnwindSafe(instance.invoke(&spec.method, args))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| {
+                Err(Error::TaskError {
+                    function: format!("{}::{}", short_name(class), spec.method),
+                    message: panic_message(p),
+                })
+            }),
+        Err(e) => Err(e),
+    };
+    let reply = match outcome {
+        Ok(encoded) => finish(core, encoded, returns, &caller)
+            .await
+            .map(Reply::Done),
+        Err(e) => Err(e),
+    };
+    responder.respond(reply);
 }
 
 /// Turns wire arguments into values the function can decode, fetching

@@ -1,9 +1,11 @@
 //! The task submitter: leases workers from nodes and pushes tasks to them
 //! directly, as Ray's core worker does. Tasks with the same scheduling key
 //! (resource shape, placement-group bundle, node affinity) share a pool of
-//! leased workers; each worker takes up to [`PIPELINE_DEPTH`] tasks at once
-//! so the socket round trip overlaps with execution; an idle lease goes back
-//! to its node after [`IDLE_LEASE`].
+//! leased workers; a worker takes up to [`PIPELINE_DEPTH`] tasks at once
+//! while everything it holds is of functions seen to finish within
+//! [`QUICK_TASK`], so the round trip overlaps with execution but nothing
+//! waits behind a long task; an idle lease goes back to its node after
+//! [`IDLE_LEASE`].
 
 use crate::address::Address;
 use crate::core::Core;
@@ -26,10 +28,11 @@ use tokio::sync::mpsc;
 
 /// Tasks a leased worker may hold at once.
 pub const PIPELINE_DEPTH: u32 = 4;
-/// A worker gets more than one task at a time only while it is finishing
-/// them this quickly; a worker busy with a long task gets none queued
-/// behind it, and the pool leases another instead.
-pub const PIPELINE_IF_PROGRESS_WITHIN: Duration = Duration::from_millis(1);
+/// A function whose last run took less than this, from push to reply, is
+/// quick: tasks may queue behind it on a worker. Behind anything else (a
+/// function not yet seen, or seen to be slow) nothing queues, and the pool
+/// leases another worker instead.
+pub const QUICK_TASK: Duration = Duration::from_millis(1);
 /// How long an unused lease is kept before it is returned.
 pub const IDLE_LEASE: Duration = Duration::from_millis(200);
 
@@ -124,6 +127,8 @@ struct QueuedTask {
     attempts: u32,
     max_retries: u32,
     timeout: Option<Duration>,
+    /// When it was last pushed, and whether it then counted as unproven.
+    pushed: Option<(Instant, bool)>,
 }
 
 enum PoolMsg {
@@ -142,8 +147,9 @@ struct Leased {
     node: Conn,
     conn: Option<Conn>,
     inflight: u32,
+    /// In-flight tasks of functions not known to be quick.
+    unproven: u32,
     idle_since: Instant,
-    progress: Instant,
     dead: bool,
 }
 
@@ -227,6 +233,7 @@ impl Submitter {
             attempts: 0,
             max_retries: opts.max_retries,
             timeout: opts.timeout,
+            pushed: None,
         };
         match prepare_inline(args) {
             Ok((wire, keep)) => {
@@ -408,6 +415,7 @@ async fn run_pool(
     let mut queue: VecDeque<QueuedTask> = VecDeque::new();
     let mut workers: Vec<Leased> = Vec::new();
     let mut leasing = false;
+    let mut quick: HashMap<&'static str, bool> = HashMap::new();
     let mut tick = tokio::time::interval(IDLE_LEASE / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -432,10 +440,8 @@ async fn run_pool(
                         node: node_conn,
                         conn: Some(conn),
                         inflight: 0,
+                        unproven: 0,
                         idle_since: Instant::now(),
-                        progress: Instant::now()
-                            .checked_sub(Duration::from_secs(1))
-                            .unwrap_or_else(Instant::now),
                         dead: false,
                     }),
                     Err(e) => {
@@ -457,15 +463,22 @@ async fn run_pool(
             }
             Some(PoolMsg::Finished {
                 lease,
-                task,
+                mut task,
                 outcome,
                 worker,
             }) => {
                 let mut died = false;
+                let mut unproven = false;
+                if let Some((pushed, counted)) = task.pushed.take() {
+                    quick.insert(task.function, pushed.elapsed() < QUICK_TASK);
+                    unproven = counted;
+                }
                 if let Some(w) = workers.iter_mut().find(|w| w.lease.lease == lease) {
                     w.inflight = w.inflight.saturating_sub(1);
+                    if unproven {
+                        w.unproven = w.unproven.saturating_sub(1);
+                    }
                     w.idle_since = Instant::now();
-                    w.progress = Instant::now();
                     if matches!(outcome, Err(Error::Unreachable { .. })) {
                         w.dead = true;
                         died = true;
@@ -520,14 +533,11 @@ async fn run_pool(
             }
         });
         while !queue.is_empty() {
-            let now = Instant::now();
             let Some(w) = workers
                 .iter_mut()
                 .filter(|w| {
                     !w.dead
-                        && (w.inflight == 0
-                            || (w.inflight < PIPELINE_DEPTH
-                                && now.duration_since(w.progress) < PIPELINE_IF_PROGRESS_WITHIN))
+                        && (w.inflight == 0 || (w.inflight < PIPELINE_DEPTH && w.unproven == 0))
                 })
                 .min_by_key(|w| w.inflight)
             else {
@@ -546,6 +556,11 @@ async fn run_pool(
             }
             task.attempts += 1;
             w.inflight += 1;
+            let unproven = !quick.get(task.function).copied().unwrap_or(false);
+            if unproven {
+                w.unproven += 1;
+            }
+            task.pushed = Some((Instant::now(), unproven));
             let spec = TaskSpec {
                 task: task.task,
                 function: task.function.to_string(),

@@ -4,13 +4,19 @@
 //! replies to their waiters and everything else to a [`Handler`].
 
 use super::messages::{Body, Frame, Message, Reply};
+use super::ring::{self, RingPair};
 use super::MAX_FRAME;
 use crate::error::{Error, Result};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
@@ -72,6 +78,52 @@ struct Inner {
     closed_notify: tokio::sync::Notify,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     handler: Mutex<Option<Arc<dyn Handler>>>,
+    ring: OnceLock<Arc<RingLink>>,
+}
+
+/// Which end of a connection a ring belongs to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RingEnd {
+    /// This process dialed: it made the rings and sends requests.
+    Dialed,
+    /// This process accepted: it serves requests, and runs them on the
+    /// ring's reader thread when they allow it.
+    Accepted,
+}
+
+/// A connection's shared-memory transport, once both ends mapped it.
+struct RingLink {
+    pair: RingPair,
+    end: RingEnd,
+    /// Whether frames this end sends go through the ring rather than the
+    /// socket. The dialing end switches only once the peer has mapped it.
+    sending: AtomicBool,
+    producer: Mutex<Producer>,
+    consumer: Mutex<Vec<u8>>,
+}
+
+/// Frames that did not fit in the ring wait here, in order, for a flusher
+/// thread that writes them as space frees.
+#[derive(Default)]
+struct Producer {
+    overflow: VecDeque<Vec<u8>>,
+    flushing: bool,
+}
+
+/// How long the accepting end's reader keeps polling after its last frame
+/// before it sleeps: long enough to catch a caller's next synchronous call.
+const SERVE_SPIN: Duration = Duration::from_micros(60);
+/// How long a lone request polls for its reply before it parks.
+const CALL_SPIN: Duration = Duration::from_micros(100);
+
+thread_local! {
+    static SERVING_RING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is the reader of an accepted connection's ring,
+/// where a request may run to completion before the next one is read.
+pub fn on_serving_ring_thread() -> bool {
+    SERVING_RING.with(Cell::get)
 }
 
 /// One connection. Cheap to clone; closes when [`Conn::close`] is called or
@@ -121,6 +173,7 @@ pub fn message_name(message: &Message) -> &'static str {
         Message::Exit => "Exit",
         Message::WorkerReady => "WorkerReady",
         Message::NodeInfo => "NodeInfo",
+        Message::OpenRing { .. } => "OpenRing",
     }
 }
 
@@ -146,6 +199,7 @@ impl Conn {
                 closed_notify: tokio::sync::Notify::new(),
                 tasks: Mutex::new(Vec::new()),
                 handler: Mutex::new(Some(handler.clone())),
+                ring: OnceLock::new(),
             }),
         };
         let writer = tokio::spawn(write_loop(write, rx));
@@ -249,6 +303,9 @@ impl Conn {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        if let Some(link) = self.inner.ring.get() {
+            link.pair.wake_reader();
+        }
         let pending: Vec<_> = self.inner.pending.lock().drain().collect();
         for (_, waiter) in pending {
             let _ = waiter.send(Err(self.unreachable("connection closed")));
@@ -263,10 +320,21 @@ impl Conn {
         }
     }
 
+    /// Queues an encoded frame on the ring when it carries this end's
+    /// frames, else on the socket. False if the connection is closed.
+    fn send_bytes(&self, buf: Vec<u8>) -> bool {
+        if let Some(link) = self.inner.ring.get() {
+            if link.sending.load(Ordering::Acquire) {
+                return link.send(self, buf);
+            }
+        }
+        self.inner.tx.send(buf).is_ok()
+    }
+
     fn send_frame(&self, frame: &Frame) {
         match encode_frame(frame) {
             Ok(buf) => {
-                let _ = self.inner.tx.send(buf);
+                self.send_bytes(buf);
             }
             Err(e) => {
                 if let Body::Reply(_) = frame.body {
@@ -274,7 +342,7 @@ impl Conn {
                         seq: frame.seq,
                         body: Body::Reply(Err(e)),
                     }) {
-                        let _ = self.inner.tx.send(buf);
+                        self.send_bytes(buf);
                     }
                 } else {
                     tracing::warn!("dropping a message that cannot be encoded: {e}");
@@ -294,10 +362,7 @@ impl Conn {
     /// Sends a request and returns a future of its reply. The request is
     /// on the wire (in order with everything else sent from this
     /// connection) before this returns.
-    pub fn request(
-        &self,
-        message: Message,
-    ) -> impl std::future::Future<Output = Result<Reply>> + Send + 'static {
+    pub fn request(&self, message: Message) -> RequestFuture {
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let early = match encode_frame(&Frame {
@@ -307,7 +372,7 @@ impl Conn {
             Err(e) => Some(e),
             Ok(buf) => {
                 self.inner.pending.lock().insert(seq, tx);
-                if self.is_closed() || self.inner.tx.send(buf).is_err() {
+                if self.is_closed() || !self.send_bytes(buf) {
                     self.inner.pending.lock().remove(&seq);
                     Some(self.unreachable("connection closed"))
                 } else {
@@ -315,12 +380,324 @@ impl Conn {
                 }
             }
         };
-        let closed = self.unreachable("connection closed");
-        async move {
-            if let Some(e) = early {
-                return Err(e);
+        RequestFuture {
+            conn: self.clone(),
+            early,
+            rx,
+            polled: false,
+        }
+    }
+
+    /// Moves this connection's frames onto a shared-memory ring pair (the
+    /// dialing end; the peer must be a process on this machine run by the
+    /// same user). The socket stays open as the liveness signal. On error
+    /// the connection keeps working over the socket.
+    pub async fn open_ring(&self) -> Result<()> {
+        let (pair, fd) = RingPair::create()?;
+        let link = Arc::new(RingLink::new(pair, RingEnd::Dialed));
+        if self.inner.ring.set(link.clone()).is_err() {
+            return Ok(());
+        }
+        self.start_ring_reader(link.clone())?;
+        let reply = self
+            .request(Message::OpenRing {
+                pid: std::process::id(),
+                fd: ring::raw_fd(&fd),
+            })
+            .await;
+        drop(fd);
+        match reply {
+            Ok(Reply::Ok) => {
+                link.sending.store(true, Ordering::Release);
+                Ok(())
             }
-            rx.await.unwrap_or(Err(closed))
+            Ok(_) => Err(Error::BadRequest("peer answered OpenRing oddly".into())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The accepting end of [`Conn::open_ring`]: maps the peer's rings and
+    /// sends everything after this through them.
+    fn accept_ring(&self, pid: u32, fd: i32) -> Result<()> {
+        let pair = RingPair::open(pid, fd)?;
+        let link = Arc::new(RingLink::new(pair, RingEnd::Accepted));
+        link.sending.store(true, Ordering::Release);
+        self.inner
+            .ring
+            .set(link.clone())
+            .map_err(|_| Error::BadRequest("this connection already has a ring".into()))?;
+        self.start_ring_reader(link)
+    }
+
+    fn start_ring_reader(&self, link: Arc<RingLink>) -> Result<()> {
+        let conn = self.clone();
+        std::thread::Builder::new()
+            .name("braid-ring".into())
+            .spawn(move || ring_reader(conn, link))
+            .map(|_| ())
+            .map_err(|e| Error::io("spawn ring reader", e))
+    }
+
+    /// Polls the ring for the reply to the only request in flight, for up
+    /// to [`CALL_SPIN`], dispatching whatever else arrives meanwhile.
+    fn spin_for_reply(
+        &self,
+        rx: &mut oneshot::Receiver<Result<Reply>>,
+    ) -> Option<Result<Reply>> {
+        let link = self.inner.ring.get()?;
+        if !link.sending.load(Ordering::Relaxed) || self.inner.pending.lock().len() != 1 {
+            return None;
+        }
+        let mut consumer = link.consumer.try_lock()?;
+        let handler = self.inner.handler.lock().clone()?;
+        link.pair.mark_polling();
+        let deadline = Instant::now() + CALL_SPIN;
+        let mut spins = 0u32;
+        let outcome = loop {
+            if let Err(e) = drain_ring(self, link, &mut consumer, handler.as_ref()) {
+                tracing::debug!(conn = ?self, "ring failed: {e}");
+                self.close();
+                break None;
+            }
+            match rx.try_recv() {
+                Ok(reply) => break Some(reply),
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    break Some(Err(self.unreachable("connection closed")))
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            if self.is_closed() || Instant::now() > deadline {
+                break None;
+            }
+            spin_pause(&mut spins);
+        };
+        if link.pair.end_polling().is_err() {
+            self.close();
+        }
+        outcome
+    }
+}
+
+/// The reply to a [`Conn::request`]. A request that is alone on a ring
+/// connection polls the ring itself for a short while before parking, so
+/// a synchronous call costs no wake-ups.
+#[must_use = "a request's reply is lost unless awaited"]
+pub struct RequestFuture {
+    conn: Conn,
+    early: Option<Error>,
+    rx: oneshot::Receiver<Result<Reply>>,
+    polled: bool,
+}
+
+impl Future for RequestFuture {
+    type Output = Result<Reply>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Reply>> {
+        let this = &mut *self;
+        if let Some(e) = this.early.take() {
+            return Poll::Ready(Err(e));
+        }
+        if !this.polled {
+            this.polled = true;
+            if let Some(reply) = this.conn.spin_for_reply(&mut this.rx) {
+                return Poll::Ready(reply);
+            }
+        }
+        match Pin::new(&mut this.rx).poll(cx) {
+            Poll::Ready(Ok(reply)) => Poll::Ready(reply),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(this.conn.unreachable("connection closed"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl RingLink {
+    fn new(pair: RingPair, end: RingEnd) -> Self {
+        RingLink {
+            pair,
+            end,
+            sending: AtomicBool::new(false),
+            producer: Mutex::new(Producer::default()),
+            consumer: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Writes a frame now if it fits and nothing waits before it; else
+    /// queues it for a flusher thread.
+    fn send(self: &Arc<Self>, conn: &Conn, buf: Vec<u8>) -> bool {
+        if conn.is_closed() {
+            return false;
+        }
+        let mut producer = self.producer.lock();
+        if !producer.flushing {
+            match self.pair.fits(buf.len()) {
+                Ok(true) => {
+                    return match self.pair.write_some(&buf) {
+                        Ok(_) => true,
+                        Err(e) => {
+                            drop(producer);
+                            tracing::debug!(?conn, "ring failed: {e}");
+                            conn.close();
+                            false
+                        }
+                    };
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    drop(producer);
+                    tracing::debug!(?conn, "ring failed: {e}");
+                    conn.close();
+                    return false;
+                }
+            }
+        }
+        producer.overflow.push_back(buf);
+        if !producer.flushing {
+            producer.flushing = true;
+            let link = self.clone();
+            let flusher_conn = conn.clone();
+            let spawned = std::thread::Builder::new()
+                .name("braid-ring-flush".into())
+                .spawn(move || link.flush(&flusher_conn));
+            if let Err(e) = spawned {
+                producer.overflow.clear();
+                producer.flushing = false;
+                drop(producer);
+                tracing::warn!(?conn, "cannot start a ring flusher: {e}");
+                conn.close();
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Writes queued frames piece by piece as the peer frees space.
+    fn flush(&self, conn: &Conn) {
+        loop {
+            let next = {
+                let mut producer = self.producer.lock();
+                match producer.overflow.pop_front() {
+                    Some(buf) => buf,
+                    None => {
+                        producer.flushing = false;
+                        return;
+                    }
+                }
+            };
+            let mut done = 0;
+            while done < next.len() {
+                if conn.is_closed() {
+                    let mut producer = self.producer.lock();
+                    producer.overflow.clear();
+                    producer.flushing = false;
+                    return;
+                }
+                match self.pair.write_some(&next[done..]) {
+                    Ok(0) => {
+                        if self.pair.wait_for_space(Duration::from_millis(50)).is_err() {
+                            conn.close();
+                        }
+                    }
+                    Ok(n) => done += n,
+                    Err(e) => {
+                        tracing::debug!(?conn, "ring failed: {e}");
+                        conn.close();
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn spin_pause(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 64 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// Reads every whole frame waiting in the ring and dispatches it.
+fn drain_ring(
+    conn: &Conn,
+    link: &RingLink,
+    buf: &mut Vec<u8>,
+    handler: &dyn Handler,
+) -> Result<usize> {
+    link.pair.read_into(buf)?;
+    let mut at = 0;
+    let mut frames = 0;
+    while buf.len() - at >= 4 {
+        let mut len_bytes = [0u8; 4];
+        len_bytes.copy_from_slice(&buf[at..at + 4]);
+        let len = u32::from_le_bytes(len_bytes) as usize;
+        if len > MAX_FRAME {
+            return Err(Error::BadRequest(format!("frame of {len} bytes")));
+        }
+        if buf.len() - at - 4 < len {
+            break;
+        }
+        dispatch(conn, &buf[at + 4..at + 4 + len], handler)?;
+        at += 4 + len;
+        frames += 1;
+    }
+    buf.drain(..at);
+    if buf.is_empty() && buf.capacity() > 1 << 20 {
+        *buf = Vec::new();
+    }
+    Ok(frames)
+}
+
+/// The thread that reads a ring connection's inbound frames: it polls
+/// for a while after each one (on the accepting end), then sleeps on the
+/// ring's futex until the peer writes or the connection closes.
+fn ring_reader(conn: Conn, link: Arc<RingLink>) {
+    let Some(handler) = conn.inner.handler.lock().clone() else {
+        return;
+    };
+    let spin = match link.end {
+        RingEnd::Accepted => {
+            SERVING_RING.with(|s| s.set(true));
+            SERVE_SPIN
+        }
+        RingEnd::Dialed => Duration::ZERO,
+    };
+    'outer: loop {
+        if conn.is_closed() {
+            return;
+        }
+        let drained = {
+            let mut buf = link.consumer.lock();
+            drain_ring(&conn, &link, &mut buf, handler.as_ref())
+        };
+        if let Err(e) = drained {
+            tracing::debug!(?conn, "ring failed: {e}");
+            conn.close();
+            return;
+        }
+        if !spin.is_zero() {
+            let deadline = Instant::now() + spin;
+            let mut spins = 0;
+            while Instant::now() < deadline {
+                if conn.is_closed() || link.pair.available().map_or(true, |n| n > 0) {
+                    continue 'outer;
+                }
+                spin_pause(&mut spins);
+            }
+        }
+        match link.pair.prepare_sleep() {
+            Ok(Some(signal)) => {
+                if !conn.is_closed() {
+                    link.pair.sleep(signal, Duration::from_secs(1));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(?conn, "ring failed: {e}");
+                conn.close();
+                return;
+            }
         }
     }
 }
@@ -371,45 +748,55 @@ async fn read_loop<R: AsyncRead + Unpin>(
             .read_exact(&mut buf)
             .await
             .map_err(|e| Error::io("read frame", e))?;
-        let frame: Frame = match bincode::deserialize(&buf) {
-            Ok(f) => f,
-            Err(e) => {
-                conn.send_frame(&Frame {
-                    seq: 0,
-                    body: Body::Reply(Err(Error::BadRequest(format!("malformed frame: {e}")))),
-                });
-                return Err(Error::BadRequest(format!("malformed frame: {e}")));
-            }
-        };
-        match frame.body {
-            Body::Reply(reply) => {
-                let waiter = conn.inner.pending.lock().remove(&frame.seq);
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(reply);
-                }
-            }
-            Body::Request(message) => {
-                let responder = Responder {
-                    conn: conn.clone(),
-                    seq: frame.seq,
-                };
-                if conn.is_authenticated() || matches!(message, Message::Hello(_)) {
-                    handler.on_request(conn, message, responder);
-                } else {
-                    responder.respond(Err(Error::Unauthenticated(
-                        "send a Hello with the cluster token first".into(),
-                    )));
-                    conn.close_after_flush();
-                }
-            }
-            Body::OneWay(message) => {
-                if conn.is_authenticated() {
-                    handler.on_message(conn, message);
-                }
-            }
-        }
+        dispatch(conn, &buf, handler)?;
         if buf.capacity() > 1 << 20 {
             buf = Vec::new();
         }
     }
+}
+
+/// Decodes one frame and routes it: replies to their waiters, requests and
+/// one-way messages to the handler (once the peer has authenticated).
+fn dispatch(conn: &Conn, bytes: &[u8], handler: &dyn Handler) -> Result<()> {
+    let frame: Frame = match bincode::deserialize(bytes) {
+        Ok(f) => f,
+        Err(e) => {
+            conn.send_frame(&Frame {
+                seq: 0,
+                body: Body::Reply(Err(Error::BadRequest(format!("malformed frame: {e}")))),
+            });
+            return Err(Error::BadRequest(format!("malformed frame: {e}")));
+        }
+    };
+    match frame.body {
+        Body::Reply(reply) => {
+            let waiter = conn.inner.pending.lock().remove(&frame.seq);
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(reply);
+            }
+        }
+        Body::Request(message) => {
+            let responder = Responder {
+                conn: conn.clone(),
+                seq: frame.seq,
+            };
+            if !conn.is_authenticated() && !matches!(message, Message::Hello(_)) {
+                responder.respond(Err(Error::Unauthenticated(
+                    "send a Hello with the cluster token first".into(),
+                )));
+                conn.close_after_flush();
+            } else if let Message::OpenRing { pid, fd } = message {
+                let opened = conn.accept_ring(pid, fd);
+                responder.respond(opened.map(|_| Reply::Ok));
+            } else {
+                handler.on_request(conn, message, responder);
+            }
+        }
+        Body::OneWay(message) => {
+            if conn.is_authenticated() {
+                handler.on_message(conn, message);
+            }
+        }
+    }
+    Ok(())
 }

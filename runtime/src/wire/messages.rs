@@ -268,6 +268,15 @@ pub enum Message {
     WorkerReady,
     /// Anyone → node: describe the node.
     NodeInfo,
+    /// Dialing end → accepting end, on the same machine: map the memfd
+    /// this process holds open as `fd` and carry frames through its rings
+    /// from now on.
+    OpenRing {
+        /// The dialing process.
+        pid: u32,
+        /// Its descriptor of the ring pair's memfd.
+        fd: i32,
+    },
 }
 
 /// Answers to requests.

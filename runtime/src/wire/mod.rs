@@ -6,6 +6,7 @@
 
 pub mod conn;
 pub mod messages;
+pub mod ring;
 
 pub use conn::{Conn, Handler, Responder};
 pub use messages::{Body, Frame, Message, Reply};

@@ -87,7 +87,8 @@ impl Executor {
                         let lane = hosted.lane.clone();
                         drop(actor);
                         let Some(core) = self.core.upgrade() else {
-                            responder.respond(Err(Error::NotRunning("worker shutting down".into())));
+                            responder
+                                .respond(Err(Error::NotRunning("worker shutting down".into())));
                             return;
                         };
                         let handle = core.handle.clone();

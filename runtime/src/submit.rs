@@ -536,8 +536,7 @@ async fn run_pool(
             let Some(w) = workers
                 .iter_mut()
                 .filter(|w| {
-                    !w.dead
-                        && (w.inflight == 0 || (w.inflight < PIPELINE_DEPTH && w.unproven == 0))
+                    !w.dead && (w.inflight == 0 || (w.inflight < PIPELINE_DEPTH && w.unproven == 0))
                 })
                 .min_by_key(|w| w.inflight)
             else {

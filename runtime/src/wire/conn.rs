@@ -210,6 +210,7 @@ impl Conn {
                 tracing::debug!(conn = ?reader_conn, "connection ended: {e}");
                 reader_conn.close_after_flush();
             }
+            reader_conn.drain_ring_at_end();
             reader_conn.finish();
         });
         conn.inner
@@ -289,6 +290,26 @@ impl Conn {
     /// peer sees the last reply, then end of stream).
     pub fn close_after_flush(&self) {
         let _ = self.inner.tx.send(Vec::new());
+    }
+
+    /// The peer's socket ended: whatever it wrote into the ring before it
+    /// went is delivered before pending requests fail, as a socket's last
+    /// bytes would be. (On the accepting end the reader may be running a
+    /// call, and a dead caller's last frames need no answer.)
+    fn drain_ring_at_end(&self) {
+        let Some(link) = self.inner.ring.get() else {
+            return;
+        };
+        if link.end != RingEnd::Dialed || self.is_closed() {
+            return;
+        }
+        let Some(handler) = self.inner.handler.lock().clone() else {
+            return;
+        };
+        let mut buf = link.consumer.lock();
+        if let Err(e) = drain_ring(self, link, &mut buf, handler.as_ref()) {
+            tracing::debug!(conn = ?self, "ring failed at close: {e}");
+        }
     }
 
     fn finish(&self) {
@@ -440,10 +461,7 @@ impl Conn {
 
     /// Polls the ring for the reply to the only request in flight, for up
     /// to [`CALL_SPIN`], dispatching whatever else arrives meanwhile.
-    fn spin_for_reply(
-        &self,
-        rx: &mut oneshot::Receiver<Result<Reply>>,
-    ) -> Option<Result<Reply>> {
+    fn spin_for_reply(&self, rx: &mut oneshot::Receiver<Result<Reply>>) -> Option<Result<Reply>> {
         let link = self.inner.ring.get()?;
         if !link.sending.load(Ordering::Relaxed) || self.inner.pending.lock().len() != 1 {
             return None;

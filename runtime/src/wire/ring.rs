@@ -389,7 +389,10 @@ mod tests {
     #[test]
     fn a_corrupt_cursor_is_an_error() {
         let (a, b, _fd) = pair();
-        b.control(0).tail.0.store(RING_CAPACITY * 5, Ordering::Release);
+        b.control(0)
+            .tail
+            .0
+            .store(RING_CAPACITY * 5, Ordering::Release);
         assert!(b.available().is_err());
         assert!(a.free().is_err());
     }

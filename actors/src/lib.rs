@@ -1,12 +1,27 @@
-//! braid-actors: streaming dataflow graphs, exactly-once checkpoints,
-//! parameter servers and FTRL, built on the [`braid`] runtime.
+//! braid-actors: streaming dataflow graphs with exactly-once checkpoints,
+//! and (later) parameter servers and FTRL, built on the [`braid`] runtime.
 //!
-//! The streaming and training layers arrive with later issues; the crate
-//! exists now so the workspace has its final shape and dependency direction.
+//! * [`stream`]: the operator contract, windows and watermarks.
+//! * [`checkpoint`]: checkpoint storage behind the `object_store`
+//!   interface, with checksums, commit markers and retention.
 //!
 //! ```
-//! use braid_actors::braid::store::ObjectId;
-//! assert_ne!(ObjectId::random(), ObjectId::random());
+//! use braid_actors::stream::operator::{Collector, Operator};
+//!
+//! struct Double;
+//! impl Operator for Double {
+//!     type In = u64;
+//!     type Out = u64;
+//!     fn process(&mut self, v: u64, t: Option<i64>, out: &mut dyn Collector<u64>) {
+//!         out.emit(v * 2, t);
+//!     }
+//! }
+//! let mut out = Vec::new();
+//! Double.process(21, None, &mut out);
+//! assert_eq!(out, vec![(42, None)]);
 //! ```
 
 pub use braid;
+
+pub mod checkpoint;
+pub mod stream;

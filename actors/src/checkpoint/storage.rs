@@ -1,0 +1,1 @@
+//! Checkpoint storage (being written).

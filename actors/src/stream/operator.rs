@@ -1,0 +1,108 @@
+//! The operator contract every stream transformation implements: records
+//! in, records out through a [`Collector`], watermarks and end of input
+//! passed through, and state taken as a cheap [`Snapshot`] at a barrier and
+//! serialized later, off the record path.
+
+use thiserror::Error;
+
+/// Event time, in milliseconds since an epoch the job chooses.
+pub type EventTime = i64;
+
+/// Where an operator sends what it produces.
+pub trait Collector<T> {
+    /// Emits one record, with its event time if it has one.
+    fn emit(&mut self, value: T, time: Option<EventTime>);
+}
+
+impl<T> Collector<T> for Vec<(T, Option<EventTime>)> {
+    fn emit(&mut self, value: T, time: Option<EventTime>) {
+        self.push((value, time));
+    }
+}
+
+/// Why state could not be saved or restored.
+#[derive(Debug, Error)]
+pub enum StateError {
+    /// The state could not be encoded.
+    #[error("cannot encode operator state: {0}")]
+    Encode(String),
+    /// The saved bytes do not decode as this operator's state.
+    #[error("cannot decode operator state: {0}")]
+    Decode(String),
+}
+
+/// State frozen at a barrier: cheap to take (a persistent map's clone, a
+/// copy of a few counters), encoded later on another thread so the record
+/// path does not wait for serialization.
+pub struct Snapshot(Box<dyn FnOnce() -> Result<Vec<u8>, StateError> + Send>);
+
+impl Snapshot {
+    /// A snapshot encoded when [`Snapshot::encode`] runs.
+    pub fn new(encode: impl FnOnce() -> Result<Vec<u8>, StateError> + Send + 'static) -> Self {
+        Snapshot(Box::new(encode))
+    }
+
+    /// The snapshot of a stateless operator.
+    pub fn empty() -> Self {
+        Snapshot::new(|| Ok(Vec::new()))
+    }
+
+    /// A snapshot of a value that is itself the frozen copy: bincode of it.
+    pub fn of<S: serde::Serialize + Send + 'static>(state: S) -> Self {
+        Snapshot::new(move || {
+            bincode::serialize(&state).map_err(|e| StateError::Encode(e.to_string()))
+        })
+    }
+
+    /// Encodes the state.
+    pub fn encode(self) -> Result<Vec<u8>, StateError> {
+        (self.0)()
+    }
+}
+
+/// Decodes bytes written by [`Snapshot::of`].
+pub fn decode_state<S: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<S, StateError> {
+    bincode::deserialize(bytes).map_err(|e| StateError::Decode(e.to_string()))
+}
+
+/// One step of a stream: `map`, `filter`, a keyed process function, a
+/// window, a sink's writer. An operator instance runs in one thread, one
+/// record at a time; each parallel subtask has its own instance.
+pub trait Operator: Send + 'static {
+    /// What it consumes.
+    type In: Send + 'static;
+    /// What it produces.
+    type Out: Send + 'static;
+
+    /// Handles one record.
+    fn process(
+        &mut self,
+        value: Self::In,
+        time: Option<EventTime>,
+        out: &mut dyn Collector<Self::Out>,
+    );
+
+    /// Event time has reached `watermark` on every input: no record with
+    /// an earlier time will follow. Fire what is due. The runtime forwards
+    /// the watermark downstream after this returns.
+    fn on_watermark(&mut self, watermark: EventTime, out: &mut dyn Collector<Self::Out>) {
+        let _ = (watermark, out);
+    }
+
+    /// A bounded input has ended: flush what is pending.
+    fn on_end(&mut self, out: &mut dyn Collector<Self::Out>) {
+        let _ = out;
+    }
+
+    /// Freezes the operator's state at a barrier.
+    fn snapshot(&mut self) -> Snapshot {
+        Snapshot::empty()
+    }
+
+    /// Replaces the state with one a snapshot saved (bytes from
+    /// [`Snapshot::encode`]; empty bytes for a stateless operator).
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        let _ = bytes;
+        Ok(())
+    }
+}

@@ -241,7 +241,15 @@ impl Core {
         });
         let _ = handler.core.set(Arc::downgrade(&core));
         tokio::spawn(accept_loop(listener, handler));
-        tokio::spawn(ref_event_loop(Arc::downgrade(&core), events_rx));
+        // Frees run on their own thread: a task that never yields (a tight
+        // loop of puts) must not hold back the frees its drops queued, which
+        // tokio would run on that task's worker.
+        let handle = tokio::runtime::Handle::current();
+        let weak = Arc::downgrade(&core);
+        std::thread::Builder::new()
+            .name("braid-refs".into())
+            .spawn(move || handle.block_on(ref_event_loop(weak, events_rx)))
+            .map_err(|e| Error::io("spawn the reference thread", e))?;
         Ok(core)
     }
 

@@ -1,5 +1,28 @@
-//! Stream processing: the operator contract, and windows over counts and
-//! event time with watermarks.
+//! Stream processing: a DataStream API over a graph of operators, chained
+//! over forward edges, connected by bounded channels, checkpointed with
+//! aligned barriers.
+//!
+//! * [`operator`]: the contract every operator implements.
+//! * [`graph`]: the DataStream API that builds a job's graph.
+//! * [`functions`], [`window`], [`sink`], [`source`]: built-in operators,
+//!   windows with watermarks, the transactional file sink, replayable
+//!   sources.
+//! * [`plan`]: chaining and channel numbering.
+//! * [`stage`], [`channel`], [`runner`]: a subtask's chain, its channel
+//!   ends, and its loop (barrier alignment, watermarks).
+//! * [`coordinator`]: checkpoints and recovery.
+//! * [`local`]: runs a plan with one thread per subtask in this process.
 
+pub mod channel;
+pub mod context;
+pub mod coordinator;
+pub mod functions;
+pub mod graph;
+pub mod local;
 pub mod operator;
+pub mod plan;
+pub mod runner;
+pub mod sink;
+pub mod source;
+pub mod stage;
 pub mod window;

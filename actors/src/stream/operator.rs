@@ -99,6 +99,12 @@ pub trait Operator: Send + 'static {
         Snapshot::empty()
     }
 
+    /// Checkpoint `epoch` completed everywhere: a transactional sink makes
+    /// what it pre-committed for that epoch visible.
+    fn notify_checkpoint_complete(&mut self, epoch: u64) {
+        let _ = epoch;
+    }
+
     /// Replaces the state with one a snapshot saved (bytes from
     /// [`Snapshot::encode`]; empty bytes for a stateless operator).
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {

@@ -164,10 +164,13 @@ pub async fn run_node(
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .map_err(|e| Error::io(format!("bind {}", config.grpc_listen), e))?;
-    let grpc_address = grpc_listener
-        .local_addr()
-        .map_err(|e| Error::io("gRPC address", e))?
-        .to_string();
+    let grpc_address = advertised(
+        grpc_listener
+            .local_addr()
+            .map_err(|e| Error::io("gRPC address", e))?,
+        &config.head,
+    )
+    .to_string();
 
     let head = HeadClient::connect(&config.head, &config.token).await?;
     let mut total = config.resources.clone();
@@ -1005,5 +1008,69 @@ fn kill_pid(pid: u32) {
     }
     if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// The address other nodes reach a listener on: the bound one, or, for a
+/// listener on every interface, the local address that routes to the head
+/// (when the head is not on loopback), else this machine's outbound
+/// address, else loopback.
+fn advertised(bound: std::net::SocketAddr, head: &str) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let route = |target: SocketAddr| -> Option<IpAddr> {
+        let any: SocketAddr = if target.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = UdpSocket::bind(any).ok()?;
+        socket.connect(target).ok()?;
+        let ip = socket.local_addr().ok()?.ip();
+        (!ip.is_unspecified()).then_some(ip)
+    };
+    let via_head = head
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .filter(|a| !a.ip().is_loopback() && !a.ip().is_unspecified())
+        .and_then(route);
+    let outbound = || {
+        let probe: SocketAddr = if bound.is_ipv4() {
+            (Ipv4Addr::new(192, 0, 2, 1), 9).into()
+        } else {
+            (Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), 9).into()
+        };
+        route(probe)
+    };
+    let loopback = if bound.is_ipv4() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        IpAddr::V6(Ipv6Addr::LOCALHOST)
+    };
+    let ip = via_head.or_else(outbound).unwrap_or(loopback);
+    SocketAddr::new(ip, bound.port())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod advertise_tests {
+    use super::advertised;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn a_bound_address_is_advertised_as_is() {
+        let a: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        assert_eq!(advertised(a, "127.0.0.1:1"), a);
+    }
+
+    #[test]
+    fn every_interface_is_advertised_as_a_concrete_address() {
+        let a: SocketAddr = "0.0.0.0:4000".parse().unwrap();
+        let got = advertised(a, "127.0.0.1:1");
+        assert!(!got.ip().is_unspecified());
+        assert_eq!(got.port(), 4000);
     }
 }

@@ -98,6 +98,8 @@ struct RingLink {
     /// Whether frames this end sends go through the ring rather than the
     /// socket. The dialing end switches only once the peer has mapped it.
     sending: AtomicBool,
+    /// Set when the peer refused the ring: its reader thread exits.
+    abandoned: AtomicBool,
     producer: Mutex<Producer>,
     consumer: Mutex<Vec<u8>>,
 }
@@ -427,14 +429,17 @@ impl Conn {
             })
             .await;
         drop(fd);
-        match reply {
+        let refused = match reply {
             Ok(Reply::Ok) => {
                 link.sending.store(true, Ordering::Release);
-                Ok(())
+                return Ok(());
             }
-            Ok(_) => Err(Error::BadRequest("peer answered OpenRing oddly".into())),
-            Err(e) => Err(e),
-        }
+            Ok(_) => Error::BadRequest("peer answered OpenRing oddly".into()),
+            Err(e) => e,
+        };
+        link.abandoned.store(true, Ordering::Release);
+        link.pair.wake_reader();
+        Err(refused)
     }
 
     /// The accepting end of [`Conn::open_ring`]: maps the peer's rings and
@@ -535,6 +540,7 @@ impl RingLink {
             pair,
             end,
             sending: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             producer: Mutex::new(Producer::default()),
             consumer: Mutex::new(Vec::new()),
         }
@@ -682,7 +688,7 @@ fn ring_reader(conn: Conn, link: Arc<RingLink>) {
         RingEnd::Dialed => Duration::ZERO,
     };
     'outer: loop {
-        if conn.is_closed() {
+        if conn.is_closed() || link.abandoned.load(Ordering::Acquire) {
             return;
         }
         let drained = {

@@ -1,0 +1,322 @@
+//! What crosses a channel between subtasks, and the two ends of a chain
+//! that meet it: [`ChannelOut`] buffers a chain's output per target
+//! channel, partitions it and sends encoded batches; [`BatchIn`] decodes a
+//! batch and pushes its records into a chain. Barriers and watermarks
+//! travel in band, after the records sent before them.
+
+use super::operator::{EventTime, StateError};
+use super::stage::{ChainSnapshot, Stage};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Records per batch before a channel sends it.
+pub const BATCH_RECORDS: usize = 1024;
+
+/// One message on a channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ChannelMsg {
+    /// Records: bincode of `Vec<(T, Option<EventTime>)>`.
+    Batch(Vec<u8>),
+    /// No earlier event time follows on this channel.
+    Watermark(EventTime),
+    /// Checkpoint barrier for an epoch.
+    Barrier(u64),
+    /// The channel's upstream finished.
+    End,
+}
+
+/// Why a channel's bytes could not be used.
+#[derive(Debug, Error)]
+pub enum ChannelError {
+    /// A batch did not decode as the records this input expects.
+    #[error("a batch does not decode: {0}")]
+    Decode(String),
+    /// The receiving end is gone.
+    #[error("channel {0} is closed")]
+    Closed(usize),
+}
+
+/// Where a subtask's output channels lead; `send` waits while the
+/// receiver has no room (credit-based backpressure).
+pub trait Outbox: Send {
+    /// Sends `msg` on output channel `channel`.
+    fn send(&mut self, channel: usize, msg: ChannelMsg) -> Result<(), ChannelError>;
+    /// How many output channels there are.
+    fn channels(&self) -> usize;
+}
+
+/// A function hashing a record's key, to pick its subtask.
+pub type KeyHash<T> = Arc<dyn Fn(&T) -> u64 + Send + Sync>;
+
+/// How records of an edge are spread over the consumer's subtasks.
+pub enum Partitioner<T> {
+    /// Subtask i sends to subtask i.
+    Forward,
+    /// Round robin.
+    Rebalance,
+    /// Every record to every subtask.
+    Broadcast,
+    /// By a hash of the record's key.
+    Hash(KeyHash<T>),
+}
+
+impl<T> Clone for Partitioner<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Partitioner::Forward => Partitioner::Forward,
+            Partitioner::Rebalance => Partitioner::Rebalance,
+            Partitioner::Broadcast => Partitioner::Broadcast,
+            Partitioner::Hash(f) => Partitioner::Hash(f.clone()),
+        }
+    }
+}
+
+/// The hash that spreads keys over subtasks: the same in every process
+/// of one build.
+pub fn key_hash<K: Hash + ?Sized>(key: &K) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// One edge leaving a chain: its partitioner and the outbox channels of
+/// the consumer's subtasks, in subtask order.
+pub struct OutEdge<T> {
+    /// How records are spread.
+    pub partitioner: Partitioner<T>,
+    /// Outbox channel per consumer subtask (one entry for forward edges).
+    pub channels: Vec<usize>,
+}
+
+/// The end of a chain that sends its output to other subtasks.
+pub struct ChannelOut<T> {
+    edges: Vec<OutEdge<T>>,
+    buffers: HashMap<usize, Vec<(T, Option<EventTime>)>>,
+    next_round: Vec<usize>,
+    outbox: Box<dyn Outbox>,
+    failed: Option<ChannelError>,
+}
+
+impl<T: Serialize + Clone + Send> ChannelOut<T> {
+    /// A chain end sending along `edges` through `outbox`.
+    pub fn new(edges: Vec<OutEdge<T>>, outbox: Box<dyn Outbox>) -> Self {
+        let next_round = vec![0; edges.len()];
+        ChannelOut {
+            edges,
+            buffers: HashMap::new(),
+            next_round,
+            outbox,
+            failed: None,
+        }
+    }
+
+    /// The first send error, if any: the subtask must stop.
+    pub fn failure(&mut self) -> Option<ChannelError> {
+        self.failed.take()
+    }
+
+    fn buffer(&mut self, channel: usize, value: T, time: Option<EventTime>) {
+        let buf = self.buffers.entry(channel).or_default();
+        buf.push((value, time));
+        if buf.len() >= BATCH_RECORDS {
+            let batch = std::mem::take(buf);
+            self.send_batch(channel, &batch);
+        }
+    }
+
+    fn send_batch(&mut self, channel: usize, batch: &[(T, Option<EventTime>)]) {
+        if batch.is_empty() || self.failed.is_some() {
+            return;
+        }
+        match bincode::serialize(batch) {
+            Ok(bytes) => self.send(channel, ChannelMsg::Batch(bytes)),
+            Err(e) => self.failed = Some(ChannelError::Decode(e.to_string())),
+        }
+    }
+
+    fn send(&mut self, channel: usize, msg: ChannelMsg) {
+        if self.failed.is_some() {
+            return;
+        }
+        if let Err(e) = self.outbox.send(channel, msg) {
+            self.failed = Some(e);
+        }
+    }
+
+    fn flush_all(&mut self) {
+        let mut channels: Vec<usize> = self.buffers.keys().copied().collect();
+        channels.sort_unstable();
+        for channel in channels {
+            if let Some(buf) = self.buffers.get_mut(&channel) {
+                let batch = std::mem::take(buf);
+                self.send_batch(channel, &batch);
+            }
+        }
+    }
+
+    fn all_channels(&self) -> Vec<usize> {
+        let mut all: Vec<usize> = self
+            .edges
+            .iter()
+            .flat_map(|e| e.channels.iter().copied())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// Flushes, then sends `msg` on every output channel.
+    pub fn broadcast(&mut self, msg: ChannelMsg) {
+        self.flush_all();
+        for channel in self.all_channels() {
+            self.send(channel, msg.clone());
+        }
+    }
+}
+
+impl<T: Serialize + Clone + Send> Stage<T> for ChannelOut<T> {
+    fn push(&mut self, value: T, time: Option<EventTime>) {
+        let mut targets: Vec<usize> = Vec::new();
+        for (i, edge) in self.edges.iter().enumerate() {
+            match &edge.partitioner {
+                Partitioner::Forward => targets.extend(edge.channels.first().copied()),
+                Partitioner::Rebalance => {
+                    if !edge.channels.is_empty() {
+                        let at = self.next_round[i] % edge.channels.len();
+                        self.next_round[i] = at + 1;
+                        targets.push(edge.channels[at]);
+                    }
+                }
+                Partitioner::Broadcast => targets.extend(edge.channels.iter().copied()),
+                Partitioner::Hash(f) => {
+                    if !edge.channels.is_empty() {
+                        let at = (f(&value) % edge.channels.len() as u64) as usize;
+                        targets.push(edge.channels[at]);
+                    }
+                }
+            }
+        }
+        if let Some((last, rest)) = targets.split_last() {
+            for &channel in rest {
+                self.buffer(channel, value.clone(), time);
+            }
+            self.buffer(*last, value, time);
+        }
+    }
+
+    fn watermark(&mut self, watermark: EventTime) {
+        self.broadcast(ChannelMsg::Watermark(watermark));
+    }
+
+    fn end(&mut self) {
+        self.broadcast(ChannelMsg::End);
+    }
+
+    fn snapshot(&mut self, _into: &mut ChainSnapshot) {}
+
+    fn restore(&mut self, _states: &HashMap<String, Vec<u8>>) -> Result<(), StateError> {
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        self.flush_all();
+    }
+
+    fn checkpoint_complete(&mut self, _epoch: u64) {}
+
+    fn barrier(&mut self, epoch: u64) {
+        self.broadcast(ChannelMsg::Barrier(epoch));
+    }
+
+    fn take_failure(&mut self) -> Option<ChannelError> {
+        self.failure()
+    }
+}
+
+/// The start of a chain fed by channels: decodes batches of `T`.
+pub struct BatchIn<T> {
+    chain: Box<dyn Stage<T>>,
+}
+
+impl<T> BatchIn<T> {
+    /// Feeds `chain`.
+    pub fn new(chain: Box<dyn Stage<T>>) -> Self {
+        BatchIn { chain }
+    }
+}
+
+/// A chain head that takes encoded batches: what a subtask with inputs
+/// drives.
+pub trait BatchSink: Send {
+    /// Decodes a batch and pushes its records through the chain.
+    fn deliver(&mut self, bytes: &[u8]) -> Result<usize, ChannelError>;
+    /// The chain itself, for control events.
+    fn chain(&mut self) -> &mut dyn ChainControl;
+}
+
+/// The control half of a chain, independent of its record type.
+pub trait ChainControl: Send {
+    /// See [`Stage::watermark`].
+    fn watermark(&mut self, watermark: EventTime);
+    /// See [`Stage::end`].
+    fn end(&mut self);
+    /// See [`Stage::snapshot`].
+    fn snapshot(&mut self, into: &mut ChainSnapshot);
+    /// See [`Stage::restore`].
+    fn restore(&mut self, states: &HashMap<String, Vec<u8>>) -> Result<(), StateError>;
+    /// See [`Stage::flush`].
+    fn flush(&mut self);
+    /// See [`Stage::barrier`].
+    fn barrier(&mut self, epoch: u64);
+    /// See [`Stage::checkpoint_complete`].
+    fn checkpoint_complete(&mut self, epoch: u64);
+    /// See [`Stage::take_failure`].
+    fn take_failure(&mut self) -> Option<ChannelError>;
+}
+
+impl<T: 'static> ChainControl for Box<dyn Stage<T>> {
+    fn watermark(&mut self, watermark: EventTime) {
+        (**self).watermark(watermark)
+    }
+    fn end(&mut self) {
+        (**self).end()
+    }
+    fn snapshot(&mut self, into: &mut ChainSnapshot) {
+        (**self).snapshot(into)
+    }
+    fn restore(&mut self, states: &HashMap<String, Vec<u8>>) -> Result<(), StateError> {
+        (**self).restore(states)
+    }
+    fn flush(&mut self) {
+        (**self).flush()
+    }
+    fn barrier(&mut self, epoch: u64) {
+        (**self).barrier(epoch)
+    }
+    fn checkpoint_complete(&mut self, epoch: u64) {
+        (**self).checkpoint_complete(epoch)
+    }
+    fn take_failure(&mut self) -> Option<ChannelError> {
+        (**self).take_failure()
+    }
+}
+
+impl<T: DeserializeOwned + Send + 'static> BatchSink for BatchIn<T> {
+    fn deliver(&mut self, bytes: &[u8]) -> Result<usize, ChannelError> {
+        let records: Vec<(T, Option<EventTime>)> =
+            bincode::deserialize(bytes).map_err(|e| ChannelError::Decode(e.to_string()))?;
+        let n = records.len();
+        for (value, time) in records {
+            self.chain.push(value, time);
+        }
+        Ok(n)
+    }
+
+    fn chain(&mut self) -> &mut dyn ChainControl {
+        &mut self.chain
+    }
+}

@@ -255,7 +255,7 @@ mod tests {
         chain.push(1, None);
         assert_eq!(
             seen.lock().unwrap_or_else(|e| e.into_inner()).last(),
-            Some(&(105, None)),
+            Some(&(108, None)),
             "state rolled back to the snapshot"
         );
     }

@@ -154,6 +154,15 @@ impl Runtime {
         block_on(&self.core.handle, future)
     }
 
+    /// Runs `future` on the runtime's threads in the background.
+    pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.core.handle.spawn(future)
+    }
+
     /// The node this process runs on.
     pub fn node_id(&self) -> NodeId {
         self.core.node_id

@@ -128,6 +128,15 @@ pub enum CoordinatorEvent {
     Finished(SubtaskId),
     /// A subtask failed.
     Failed(SubtaskId, String),
+    /// A subtask stored its state of an epoch itself.
+    Stored {
+        /// Whose.
+        id: SubtaskId,
+        /// The epoch.
+        epoch: u64,
+        /// Where it went.
+        handle: StateHandle,
+    },
 }
 
 enum Stored {
@@ -211,6 +220,12 @@ impl Coordinator {
 
     fn fault(&self, point: FaultPoint) -> bool {
         self.config.faults.as_ref().is_some_and(|f| f(point))
+    }
+
+    /// Records a failed attempt that never got running (its subtasks could
+    /// not be placed or started); errors once too many attempts failed.
+    pub fn note_failure(&mut self, why: String) -> Result<(), JobError> {
+        self.fail(why)
     }
 
     fn fail(&mut self, why: String) -> Result<(), JobError> {
@@ -318,6 +333,9 @@ impl Coordinator {
                     Ok(CoordinatorEvent::Snapshot { id, epoch, states, offset }) => {
                         self.store(id, epoch, states, offset, &stored_tx);
                     }
+                    Ok(CoordinatorEvent::Stored { id, epoch, handle }) => {
+                        let _ = stored_tx.send(Stored::Ok { id, epoch, handle });
+                    }
                     Ok(CoordinatorEvent::Exhausted(id)) => {
                         exhausted.insert(id);
                     }
@@ -390,18 +408,7 @@ impl Coordinator {
         let crash = self.fault(FaultPoint::DuringSnapshot(epoch));
         let done = done.clone();
         self.runtime.spawn(async move {
-            let encoded = tokio::task::spawn_blocking(move || {
-                let mut out = Vec::with_capacity(states.len());
-                for (name, snapshot) in states {
-                    out.push((name, snapshot.encode()?));
-                }
-                bincode::serialize(&SubtaskState {
-                    states: out,
-                    offset,
-                })
-                .map_err(|e| StateError::Encode(e.to_string()))
-            })
-            .await;
+            let encoded = tokio::task::spawn_blocking(move || encode_subtask(states, offset)).await;
             let bytes = match encoded {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
@@ -452,4 +459,21 @@ impl Coordinator {
         self.report.checkpoints += 1;
         Ok(())
     }
+}
+
+/// Encodes a subtask's frozen chain state and source offset into the blob
+/// checkpoint storage keeps.
+pub(crate) fn encode_subtask(
+    states: ChainSnapshot,
+    offset: Option<Vec<u8>>,
+) -> Result<Vec<u8>, StateError> {
+    let mut out = Vec::with_capacity(states.len());
+    for (name, snapshot) in states {
+        out.push((name, snapshot.encode()?));
+    }
+    bincode::serialize(&SubtaskState {
+        states: out,
+        offset,
+    })
+    .map_err(|e| StateError::Encode(e.to_string()))
 }

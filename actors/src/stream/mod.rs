@@ -12,8 +12,10 @@
 //!   ends, and its loop (barrier alignment, watermarks).
 //! * [`coordinator`]: checkpoints and recovery.
 //! * [`local`]: runs a plan with one thread per subtask in this process.
+//! * [`cluster`]: runs a registered job with every subtask a braid actor.
 
 pub mod channel;
+pub mod cluster;
 pub mod context;
 pub mod coordinator;
 pub mod functions;

@@ -278,10 +278,15 @@ fn run_inputs(
 ) -> Result<TaskExit, TaskError> {
     let mut inputs = Inputs::new(channels);
     let mut dirty = false;
+    let mut snapshotted = 0u64;
+    let mut completed = 0u64;
     loop {
         while let Some(command) = reporter.command(Duration::ZERO) {
             match command {
-                Command::Complete(epoch) => sink.chain().checkpoint_complete(epoch),
+                Command::Complete(epoch) => {
+                    completed = completed.max(epoch);
+                    sink.chain().checkpoint_complete(epoch);
+                }
                 Command::Stop => return Ok(TaskExit::Stopped),
                 Command::Trigger(_) | Command::Finish => {}
             }
@@ -334,9 +339,23 @@ fn run_inputs(
             sink.chain().snapshot(&mut states);
             sink.chain().barrier(epoch);
             reporter.snapshot_taken(epoch, states, None);
+            snapshotted = epoch;
             dirty = false;
         }
         if inputs.aligning.is_none() && inputs.all_ended() {
+            // End of input follows the job's last checkpoint; its
+            // completion may still be on its way, and the chain (a sink)
+            // publishes only when it hears of it.
+            while completed < snapshotted {
+                match reporter.command(Duration::from_millis(50)) {
+                    Some(Command::Complete(epoch)) => {
+                        completed = completed.max(epoch);
+                        sink.chain().checkpoint_complete(epoch);
+                    }
+                    Some(Command::Stop) => return Ok(TaskExit::Stopped),
+                    _ => {}
+                }
+            }
             sink.chain().end();
             check(sink.chain().take_failure())?;
             reporter.finished();

@@ -1,0 +1,760 @@
+//! Runs a plan on a braid cluster: every subtask is a [`SubtaskHost`]
+//! actor in a worker process; the driver runs the coordinator.
+//!
+//! * **Jobs** are built by a function registered with [`stream_job!`](crate::stream_job),
+//!   so every process of the job's binary can rebuild the same graph from
+//!   the job's name and parameters, and a host picks out its subtask.
+//! * **Channels** are actor calls: an upstream host calls
+//!   `deliver(slot, seq, message)` on the downstream host. A call is
+//!   answered once the downstream subtask has taken the message off its
+//!   queue, and an upstream keeps at most `credits` calls in flight per
+//!   channel, so a slow consumer slows its producers and queues stay
+//!   bounded. Sequence numbers put messages back in channel order, since
+//!   calls to an async actor may start out of order.
+//! * **Snapshots** are encoded and written to checkpoint storage by the
+//!   host that took them; the driver hears of the stored handle.
+//! * **Failures**: the driver long-polls every host for events; a host's
+//!   process dying fails that call with `ActorDied`, which fails the
+//!   attempt. The driver then kills every host of that generation and
+//!   starts the next one from the newest valid checkpoint. A host of an
+//!   old generation that is still running cannot publish anything: its
+//!   sink is fenced, and the coordinator ignores its acknowledgements.
+
+use super::channel::{ChannelError, ChannelMsg, Outbox};
+use super::context::TaskContext;
+use super::coordinator::{Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport, Restored};
+use super::graph::StreamEnv;
+use super::plan::{Plan, SubtaskId};
+use super::runner::{self, Command, Inbox, Reporter, SourcePace, TaskExit};
+use super::stage::ChainSnapshot;
+use crate::checkpoint::storage::{CheckpointStorage, Epoch, StateHandle};
+use braid::{ActorCall, Runtime, TypedHandle};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Parameters a job's build function reads (sizes, paths, rates).
+pub type JobParams = BTreeMap<String, String>;
+
+/// A registered job: its name and the function building its graph.
+pub struct JobEntry {
+    /// The name [`run`] is given.
+    pub name: &'static str,
+    /// Builds the graph from the job's parameters.
+    pub build: fn(&JobParams) -> StreamEnv,
+}
+
+/// Every job registered with [`stream_job!`](crate::stream_job) in this
+/// binary.
+#[braid::__private::linkme::distributed_slice]
+#[linkme(crate = braid::__private::linkme)]
+pub static STREAM_JOBS: [JobEntry];
+
+/// Registers a job's build function under a name, so that workers can
+/// rebuild its graph.
+///
+/// ```ignore
+/// fn wordcount(params: &JobParams) -> StreamEnv { ... }
+/// braid_actors::stream_job!(WORDCOUNT, "wordcount", wordcount);
+/// ```
+#[macro_export]
+macro_rules! stream_job {
+    ($static_name:ident, $name:expr, $build:path) => {
+        #[$crate::braid::__private::linkme::distributed_slice($crate::stream::cluster::STREAM_JOBS)]
+        #[linkme(crate = $crate::braid::__private::linkme)]
+        static $static_name: $crate::stream::cluster::JobEntry =
+            $crate::stream::cluster::JobEntry {
+                name: $name,
+                build: $build,
+            };
+    };
+}
+
+fn plan_of(job: &str, params: &JobParams) -> Result<Plan, String> {
+    let entry = STREAM_JOBS
+        .iter()
+        .find(|e| e.name == job)
+        .ok_or_else(|| format!("no stream job named {job:?} is registered in this binary"))?;
+    Ok(Plan::new((entry.build)(params).into_graph()))
+}
+
+/// Where checkpoints of a cluster job go: a directory every node can
+/// reach (on one machine, any local directory).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StorageSpec {
+    /// The directory.
+    pub dir: std::path::PathBuf,
+    /// The job's name in it.
+    pub job: String,
+    /// Checkpoints kept.
+    pub retain: usize,
+}
+
+impl StorageSpec {
+    fn open(&self) -> Result<CheckpointStorage, String> {
+        CheckpointStorage::local(&self.dir, &self.job, self.retain).map_err(|e| e.to_string())
+    }
+}
+
+/// How a host is set up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostSpec {
+    /// The registered job.
+    pub job: String,
+    /// Its parameters.
+    pub params: JobParams,
+    /// Which task.
+    pub task: usize,
+    /// Which subtask of it.
+    pub subtask: usize,
+    /// The attempt.
+    pub generation: u64,
+    /// Checkpoint storage.
+    pub storage: StorageSpec,
+    /// Records per source poll.
+    pub batch: usize,
+    /// Source records per second per subtask, if throttled.
+    pub rate: Option<f64>,
+    /// Calls in flight per output channel.
+    pub credits: usize,
+}
+
+/// What a host reports to the driver.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum HostEvent {
+    /// State of an epoch stored.
+    Stored(u64, StateHandle),
+    /// Storing a snapshot failed.
+    StoreFailed(String),
+    /// A source read all its input.
+    Exhausted,
+    /// The subtask finished.
+    Finished,
+    /// The subtask failed.
+    Failed(String),
+}
+
+type SlotReceiver = crossbeam_channel::Receiver<(u64, ChannelMsg)>;
+
+/// Called with an attempt's generation and its hosts' process ids.
+pub type OnRunning = Arc<dyn Fn(u64, Vec<u32>) + Send + Sync>;
+
+struct Slot {
+    next: u64,
+    reorder: BTreeMap<u64, ChannelMsg>,
+    tx: crossbeam_channel::Sender<(u64, ChannelMsg)>,
+    consumed: tokio::sync::watch::Sender<u64>,
+}
+
+struct Shared {
+    spec: HostSpec,
+    slots: Mutex<Vec<Slot>>,
+    receivers: Mutex<Option<Vec<SlotReceiver>>>,
+    consumed_rx: Vec<tokio::sync::watch::Receiver<u64>>,
+    events: Mutex<Vec<HostEvent>>,
+    events_ready: tokio::sync::Notify,
+    commands: crossbeam_channel::Sender<Command>,
+    command_rx: Mutex<Option<crossbeam_channel::Receiver<Command>>>,
+    targets: Mutex<Vec<(SubtaskHostHandle, usize)>>,
+    storage: CheckpointStorage,
+}
+
+impl Shared {
+    fn push_event(&self, event: HostEvent) {
+        self.events.lock().push(event);
+        self.events_ready.notify_one();
+    }
+}
+
+/// One subtask of a stream job, hosted in a worker process.
+#[braid::actor]
+pub struct SubtaskHost {
+    shared: Arc<Shared>,
+}
+
+#[braid::actor]
+impl SubtaskHost {
+    fn new(spec: HostSpec) -> Self {
+        let plan = plan_of(&spec.job, &spec.params);
+        let inputs = match &plan {
+            Ok(p) => p
+                .inputs_of(SubtaskId {
+                    task: spec.task,
+                    subtask: spec.subtask,
+                })
+                .len(),
+            Err(_) => 0,
+        };
+        let mut slots = Vec::new();
+        let mut receivers = Vec::new();
+        let mut consumed_rx = Vec::new();
+        for _ in 0..inputs {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let (consumed, watch_rx) = tokio::sync::watch::channel(0u64);
+            slots.push(Slot {
+                next: 0,
+                reorder: BTreeMap::new(),
+                tx,
+                consumed,
+            });
+            receivers.push(rx);
+            consumed_rx.push(watch_rx);
+        }
+        let (commands, command_rx) = crossbeam_channel::unbounded();
+        let storage = spec
+            .storage
+            .open()
+            .unwrap_or_else(|_| CheckpointStorage::in_memory(&spec.storage.job, 1));
+        SubtaskHost {
+            shared: Arc::new(Shared {
+                spec,
+                slots: Mutex::new(slots),
+                receivers: Mutex::new(Some(receivers)),
+                consumed_rx,
+                events: Mutex::new(Vec::new()),
+                events_ready: tokio::sync::Notify::new(),
+                commands,
+                command_rx: Mutex::new(Some(command_rx)),
+                targets: Mutex::new(Vec::new()),
+                storage,
+            }),
+        }
+    }
+
+    /// Where this subtask's output channels lead: per channel, the host
+    /// and its input slot.
+    fn connect(&self, targets: Vec<(SubtaskHostHandle, usize)>) -> bool {
+        *self.shared.targets.lock() = targets;
+        true
+    }
+
+    /// Builds the subtask, restores it, and starts its thread.
+    fn start(&self, restored: Option<Restored>) -> Result<(), String> {
+        let spec = &self.shared.spec;
+        let plan = plan_of(&spec.job, &spec.params)?;
+        let id = SubtaskId {
+            task: spec.task,
+            subtask: spec.subtask,
+        };
+        let parallelism = plan.tasks.get(spec.task).map_or(1, |t| t.parallelism);
+        let context = TaskContext {
+            subtask: spec.subtask,
+            parallelism,
+            generation: spec.generation,
+        };
+        context.enter();
+        let rt = braid::current().map_err(|e| e.to_string())?;
+        let targets = self.shared.targets.lock().clone();
+        let credits = spec.credits.max(1);
+        let outbox = move || -> Box<dyn Outbox> {
+            Box::new(ActorOutbox {
+                rt: rt.clone(),
+                targets: targets.clone(),
+                next_seq: vec![0; targets.len()],
+                in_flight: (0..targets.len()).map(|_| VecDeque::new()).collect(),
+                credits,
+            })
+        };
+        let mut head = plan.build(id, &outbox);
+        if let Some((states, offset)) = restored {
+            runner::restore(&mut head, &states, offset.as_deref()).map_err(|e| e.to_string())?;
+        }
+        let receivers = self
+            .shared
+            .receivers
+            .lock()
+            .take()
+            .ok_or("the subtask was already started")?;
+        let command_rx = self
+            .shared
+            .command_rx
+            .lock()
+            .take()
+            .ok_or("the subtask was already started")?;
+        let inbox: Option<Box<dyn Inbox>> = if receivers.is_empty() {
+            None
+        } else {
+            Some(Box::new(HostInbox {
+                shared: self.shared.clone(),
+                receivers,
+            }))
+        };
+        let shared = self.shared.clone();
+        let pace = SourcePace {
+            batch: spec.batch.max(1),
+            rate: spec.rate,
+        };
+        std::thread::Builder::new()
+            .name(format!("braid-{id}"))
+            .spawn(move || {
+                context.enter();
+                let mut reporter = HostReporter {
+                    shared: shared.clone(),
+                    commands: command_rx,
+                    id,
+                };
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    runner::run(head, inbox, &mut reporter, pace)
+                }));
+                match outcome {
+                    Ok(Ok(TaskExit::Finished)) | Ok(Ok(TaskExit::Stopped)) => {}
+                    Ok(Err(e)) => shared.push_event(HostEvent::Failed(e.to_string())),
+                    Err(_) => shared.push_event(HostEvent::Failed(format!("{id} panicked"))),
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// A message on input slot `slot`; answered once the subtask took it.
+    async fn deliver(&self, slot: usize, seq: u64, msg: ChannelMsg) -> bool {
+        {
+            let mut slots = self.shared.slots.lock();
+            let Some(s) = slots.get_mut(slot) else {
+                return false;
+            };
+            s.reorder.insert(seq, msg);
+            while let Some(next) = s.reorder.remove(&s.next) {
+                if s.tx.send((s.next, next)).is_err() {
+                    return false;
+                }
+                s.next += 1;
+            }
+        }
+        let Some(consumed) = self.shared.consumed_rx.get(slot) else {
+            return false;
+        };
+        let mut consumed = consumed.clone();
+        let taken = consumed.wait_for(|c| *c > seq).await.is_ok();
+        taken
+    }
+
+    /// A command from the coordinator.
+    fn command(&self, command: WireCommand) -> bool {
+        self.shared.commands.send(command.into()).is_ok()
+    }
+
+    /// Waits up to a second for events, and returns them.
+    async fn events(&self) -> Vec<HostEvent> {
+        loop {
+            let notified = self.shared.events_ready.notified();
+            {
+                let mut events = self.shared.events.lock();
+                if !events.is_empty() {
+                    return std::mem::take(&mut *events);
+                }
+            }
+            if tokio::time::timeout(Duration::from_secs(1), notified)
+                .await
+                .is_err()
+            {
+                return Vec::new();
+            }
+        }
+    }
+
+    /// The worker's process id (for tests and chaos runs).
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+}
+
+/// [`Command`] on the wire.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub enum WireCommand {
+    /// See [`Command::Trigger`].
+    Trigger(u64),
+    /// See [`Command::Complete`].
+    Complete(u64),
+    /// See [`Command::Finish`].
+    Finish,
+    /// See [`Command::Stop`].
+    Stop,
+}
+
+impl From<WireCommand> for Command {
+    fn from(c: WireCommand) -> Command {
+        match c {
+            WireCommand::Trigger(e) => Command::Trigger(e),
+            WireCommand::Complete(e) => Command::Complete(e),
+            WireCommand::Finish => Command::Finish,
+            WireCommand::Stop => Command::Stop,
+        }
+    }
+}
+
+impl From<Command> for WireCommand {
+    fn from(c: Command) -> WireCommand {
+        match c {
+            Command::Trigger(e) => WireCommand::Trigger(e),
+            Command::Complete(e) => WireCommand::Complete(e),
+            Command::Finish => WireCommand::Finish,
+            Command::Stop => WireCommand::Stop,
+        }
+    }
+}
+
+struct ActorOutbox {
+    rt: Runtime,
+    targets: Vec<(SubtaskHostHandle, usize)>,
+    next_seq: Vec<u64>,
+    in_flight: Vec<VecDeque<tokio::task::JoinHandle<braid::Result<bool>>>>,
+    credits: usize,
+}
+
+impl ActorOutbox {
+    fn wait_oldest(&mut self, channel: usize) -> Result<(), ChannelError> {
+        let Some(oldest) = self.in_flight[channel].pop_front() else {
+            return Ok(());
+        };
+        match self.rt.block_on(oldest) {
+            Ok(Ok(true)) => Ok(()),
+            _ => Err(ChannelError::Closed(channel)),
+        }
+    }
+}
+
+impl Outbox for ActorOutbox {
+    fn send(&mut self, channel: usize, msg: ChannelMsg) -> Result<(), ChannelError> {
+        let Some((target, slot)) = self.targets.get(channel).cloned() else {
+            return Err(ChannelError::Closed(channel));
+        };
+        let seq = self.next_seq[channel];
+        self.next_seq[channel] += 1;
+        let call: ActorCall<bool> = target.deliver(slot, seq, msg);
+        let handle = self.rt.spawn(call);
+        self.in_flight[channel].push_back(handle);
+        while self.in_flight[channel].len() > self.credits {
+            self.wait_oldest(channel)?;
+        }
+        Ok(())
+    }
+
+    fn channels(&self) -> usize {
+        self.targets.len()
+    }
+}
+
+impl Drop for ActorOutbox {
+    fn drop(&mut self) {
+        for channel in 0..self.in_flight.len() {
+            while !self.in_flight[channel].is_empty() {
+                if self.wait_oldest(channel).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+struct HostInbox {
+    shared: Arc<Shared>,
+    receivers: Vec<SlotReceiver>,
+}
+
+impl Inbox for HostInbox {
+    fn recv(
+        &mut self,
+        blocked: &[bool],
+        timeout: Duration,
+    ) -> Result<Option<(usize, ChannelMsg)>, ChannelError> {
+        let mut select = crossbeam_channel::Select::new();
+        let mut index = Vec::new();
+        for (i, rx) in self.receivers.iter().enumerate() {
+            if !blocked.get(i).copied().unwrap_or(false) {
+                select.recv(rx);
+                index.push(i);
+            }
+        }
+        if index.is_empty() {
+            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+            return Ok(None);
+        }
+        let Ok(op) = select.select_timeout(timeout) else {
+            return Ok(None);
+        };
+        let channel = index[op.index()];
+        let (seq, msg) = op
+            .recv(&self.receivers[channel])
+            .map_err(|_| ChannelError::Closed(channel))?;
+        if let Some(slot) = self.shared.slots.lock().get(channel) {
+            slot.consumed.send_replace(seq + 1);
+        }
+        Ok(Some((channel, msg)))
+    }
+}
+
+struct HostReporter {
+    shared: Arc<Shared>,
+    commands: crossbeam_channel::Receiver<Command>,
+    id: SubtaskId,
+}
+
+impl Reporter for HostReporter {
+    fn snapshot_taken(&mut self, epoch: u64, states: ChainSnapshot, offset: Option<Vec<u8>>) {
+        let shared = self.shared.clone();
+        let id = self.id;
+        let generation = shared.spec.generation;
+        let Ok(rt) = braid::current() else {
+            shared.push_event(HostEvent::StoreFailed("no runtime".into()));
+            return;
+        };
+        rt.spawn(async move {
+            let encoded = tokio::task::spawn_blocking(move || {
+                super::coordinator::encode_subtask(states, offset)
+            })
+            .await;
+            let bytes = match encoded {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    shared.push_event(HostEvent::StoreFailed(format!("{id}: {e}")));
+                    return;
+                }
+                Err(e) => {
+                    shared.push_event(HostEvent::StoreFailed(format!("{id}: {e}")));
+                    return;
+                }
+            };
+            match shared
+                .storage
+                .write_state(Epoch(epoch), generation, &id.to_string(), bytes)
+                .await
+            {
+                Ok(handle) => shared.push_event(HostEvent::Stored(epoch, handle)),
+                Err(e) => shared.push_event(HostEvent::StoreFailed(format!("{id}: {e}"))),
+            }
+        });
+    }
+
+    fn exhausted(&mut self) {
+        self.shared.push_event(HostEvent::Exhausted);
+    }
+
+    fn finished(&mut self) {
+        self.shared.push_event(HostEvent::Finished);
+    }
+
+    fn command(&mut self, timeout: Duration) -> Option<Command> {
+        if timeout.is_zero() {
+            self.commands.try_recv().ok()
+        } else {
+            self.commands.recv_timeout(timeout).ok()
+        }
+    }
+}
+
+/// How a job runs on the cluster.
+pub struct ClusterJob {
+    /// The registered job's name.
+    pub job: String,
+    /// Its parameters.
+    pub params: JobParams,
+    /// Checkpoint storage (a directory every node reaches).
+    pub storage: StorageSpec,
+    /// Coordinator settings (its `storage` is ignored: `storage` above
+    /// is opened instead).
+    pub checkpoint_interval: Duration,
+    /// Failed attempts tolerated.
+    pub max_failures: u32,
+    /// Source pace.
+    pub pace: SourcePace,
+    /// Calls in flight per channel.
+    pub credits: usize,
+    /// Called with every host's process id once an attempt is running
+    /// (chaos runs pick their victims from these).
+    pub on_running: Option<OnRunning>,
+}
+
+/// Runs a registered job on the cluster `rt` belongs to, from the driver.
+pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
+    let plan = plan_of(&job.job, &job.params).map_err(|e| JobError::TooManyFailures {
+        failures: 0,
+        last: e,
+    })?;
+    let storage = job.storage.open().map_err(JobError::Runtime)?;
+    let mut config = JobConfig::new(storage);
+    config.checkpoint_interval = job.checkpoint_interval;
+    config.max_failures = job.max_failures;
+    config.pace = job.pace;
+    config.credits = job.credits;
+    let mut coordinator = Coordinator::new(&plan, config)?;
+    let subtasks = plan.subtasks();
+    loop {
+        let attempt = coordinator.begin_attempt()?;
+        let generation = attempt.generation;
+        let spawned = spawn_hosts(rt, &plan, &job, generation);
+        let hosts = match spawned {
+            Ok(h) => h,
+            Err(why) => {
+                coordinator.note_failure(why)?;
+                continue;
+            }
+        };
+        let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let started = start_hosts(rt, &plan, &hosts, &attempt);
+        if let Err(why) = started {
+            kill_hosts(rt, &hosts);
+            coordinator.note_failure(why)?;
+            continue;
+        }
+        if let Some(on_running) = &job.on_running {
+            let pids: Vec<u32> = hosts
+                .values()
+                .filter_map(|h| rt.block_on(h.pid()).ok())
+                .collect();
+            on_running(generation, pids);
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for (&id, host) in &hosts {
+            let host = host.clone();
+            let tx = events_tx.clone();
+            let stop = stop.clone();
+            rt.spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    match host.events().await {
+                        Ok(events) => {
+                            for event in events {
+                                let event = match event {
+                                    HostEvent::Stored(epoch, handle) => {
+                                        CoordinatorEvent::Stored { id, epoch, handle }
+                                    }
+                                    HostEvent::StoreFailed(why) | HostEvent::Failed(why) => {
+                                        CoordinatorEvent::Failed(id, why)
+                                    }
+                                    HostEvent::Exhausted => CoordinatorEvent::Exhausted(id),
+                                    HostEvent::Finished => CoordinatorEvent::Finished(id),
+                                };
+                                if tx.send(event).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(CoordinatorEvent::Failed(id, e.to_string()));
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        drop(events_tx);
+        let rt2 = rt.clone();
+        let hosts2 = hosts.clone();
+        let outcome = coordinator.drive(&attempt, &events_rx, &move |id, command| {
+            if let Some(host) = hosts2.get(&id) {
+                let call = host.command(WireCommand::from(command));
+                rt2.spawn(call);
+            }
+        });
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        kill_hosts(rt, &hosts);
+        let _ = &subtasks;
+        match outcome {
+            Ok(Some(report)) => return Ok(report),
+            Ok(None) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn spawn_hosts(
+    rt: &Runtime,
+    plan: &Plan,
+    job: &ClusterJob,
+    generation: u64,
+) -> Result<HashMap<SubtaskId, SubtaskHostHandle>, String> {
+    let mut builders = Vec::new();
+    for id in plan.subtasks() {
+        let spec = HostSpec {
+            job: job.job.clone(),
+            params: job.params.clone(),
+            task: id.task,
+            subtask: id.subtask,
+            generation,
+            storage: job.storage.clone(),
+            batch: job.pace.batch,
+            rate: job.pace.rate,
+            credits: job.credits,
+        };
+        builders.push((id, SubtaskHost::remote(rt, spec).max_concurrency(4096)));
+    }
+    let rt2 = rt.clone();
+    rt.block_on(async move {
+        let spawned = futures::future::join_all(
+            builders
+                .into_iter()
+                .map(|(id, b)| async move { (id, b.spawn().await) }),
+        )
+        .await;
+        let mut hosts = HashMap::new();
+        let mut failure = None;
+        for (id, h) in spawned {
+            match h {
+                Ok(h) => {
+                    hosts.insert(id, h);
+                }
+                Err(e) => failure = Some(format!("{id}: {e}")),
+            }
+        }
+        if let Some(why) = failure {
+            for h in hosts.values() {
+                let _ = rt2.kill_actor(h.raw()).await;
+            }
+            return Err(why);
+        }
+        Ok(hosts)
+    })
+}
+
+fn start_hosts(
+    rt: &Runtime,
+    plan: &Plan,
+    hosts: &HashMap<SubtaskId, SubtaskHostHandle>,
+    attempt: &super::coordinator::Attempt,
+) -> Result<(), String> {
+    let mut slot_of: HashMap<usize, (SubtaskId, usize)> = HashMap::new();
+    for id in plan.subtasks() {
+        for (slot, channel) in plan.inputs_of(id).into_iter().enumerate() {
+            slot_of.insert(channel, (id, slot));
+        }
+    }
+    let mut calls = Vec::new();
+    for id in plan.subtasks() {
+        let targets: Vec<(SubtaskHostHandle, usize)> = plan
+            .outputs_of(id)
+            .into_iter()
+            .filter_map(|c| {
+                let (to, slot) = slot_of.get(&c)?;
+                Some((hosts.get(to)?.clone(), *slot))
+            })
+            .collect();
+        let host = hosts.get(&id).ok_or("a host is missing")?.clone();
+        calls.push((id, host, targets, attempt.restored(id)));
+    }
+    rt.block_on(async move {
+        for (id, host, targets, _) in &calls {
+            host.connect(targets.clone())
+                .await
+                .map_err(|e| format!("{id}: {e}"))?;
+        }
+        for (id, host, _, restored) in calls {
+            host.start(restored)
+                .await
+                .map_err(|e| format!("{id}: {e}"))?
+                .map_err(|e| format!("{id}: {e}"))?;
+        }
+        Ok(())
+    })
+}
+
+fn kill_hosts(rt: &Runtime, hosts: &HashMap<SubtaskId, SubtaskHostHandle>) {
+    let rt2 = rt.clone();
+    let hosts: Vec<SubtaskHostHandle> = hosts.values().cloned().collect();
+    rt.block_on(async move {
+        for h in &hosts {
+            let _ = rt2.kill_actor(h.raw()).await;
+        }
+    });
+}

@@ -1,0 +1,157 @@
+//! The streaming engine on a real embedded cluster: every subtask a braid
+//! actor in its own worker process, channels as actor calls. A run
+//! without failures, and a short chaos run that SIGKILLs worker processes
+//! while the job runs, both commit every record exactly once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use braid_actors::stream::cluster::{ClusterJob, JobParams, StorageSpec};
+use braid_actors::stream::functions::{KeyedProcessFunction, ProcessContext};
+use braid_actors::stream::graph::StreamEnv;
+use braid_actors::stream::operator::EventTime;
+use braid_actors::stream::runner::SourcePace;
+use braid_actors::stream::sink::{committed_lines, TransactionalFileSink};
+use braid_actors::stream::source::GeneratorSource;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+const KEYS: u64 = 13;
+
+fn key_of(i: u64) -> u64 {
+    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 9) % KEYS
+}
+
+#[derive(Default)]
+struct Count;
+
+impl KeyedProcessFunction<u64, u64> for Count {
+    type State = u64;
+    type Out = String;
+    fn process(
+        &mut self,
+        key: &u64,
+        _index: u64,
+        _time: Option<EventTime>,
+        count: &mut u64,
+        ctx: &mut ProcessContext<'_, u64, String>,
+    ) {
+        *count += 1;
+        ctx.emit(format!("{key} {count}"), None);
+    }
+}
+
+fn counts(params: &JobParams) -> StreamEnv {
+    let records: u64 = params["records"].parse().unwrap_or(0);
+    let out = PathBuf::from(&params["out"]);
+    let env = StreamEnv::new(2);
+    env.source("numbers", move |s, p| {
+        GeneratorSource::new(records, s, p, |i| i)
+    })
+    .key_by(|i: &u64| key_of(*i))
+    .process(Count::default)
+    .sink("out", move |_| {
+        TransactionalFileSink::new(out.clone(), |line: &String| line.clone())
+    });
+    env
+}
+
+braid_actors::stream_job!(COUNTS, "counts", counts);
+
+fn rt() -> &'static braid::Runtime {
+    static RT: OnceLock<braid::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        braid::init_blocking_with(braid::InitOptions::new().num_cpus(2.0)).expect("cluster")
+    })
+}
+
+fn job(dir: &Path, records: u64, rate: Option<f64>) -> ClusterJob {
+    let mut params = JobParams::new();
+    params.insert("records".into(), records.to_string());
+    params.insert("out".into(), dir.join("out").display().to_string());
+    ClusterJob {
+        job: "counts".into(),
+        params,
+        storage: StorageSpec {
+            dir: dir.join("chk"),
+            job: "counts".into(),
+            retain: 3,
+        },
+        checkpoint_interval: Duration::from_millis(100),
+        max_failures: 10,
+        pace: SourcePace { batch: 256, rate },
+        credits: 4,
+        on_running: None,
+    }
+}
+
+fn check_exactly_once(out: &Path, records: u64) {
+    let lines = committed_lines(out).unwrap();
+    let mut seen: HashMap<u64, Vec<u64>> = HashMap::new();
+    for line in &lines {
+        let mut parts = line.split_whitespace();
+        let key: u64 = parts.next().unwrap().parse().unwrap();
+        let count: u64 = parts.next().unwrap().parse().unwrap();
+        seen.entry(key).or_default().push(count);
+    }
+    let mut expected: HashMap<u64, u64> = HashMap::new();
+    for i in 0..records {
+        *expected.entry(key_of(i)).or_insert(0) += 1;
+    }
+    for (key, n) in expected {
+        let mut got = seen.remove(&key).unwrap_or_default();
+        got.sort_unstable();
+        let dup = got.windows(2).filter(|w| w[0] == w[1]).count();
+        got.dedup();
+        let lost = (1..=n).filter(|c| got.binary_search(c).is_err()).count();
+        assert!(
+            lost == 0 && dup == 0 && got.len() as u64 == n,
+            "key {key}: {lost} counts lost, {dup} duplicated, {} of {n} present",
+            got.len()
+        );
+    }
+    assert!(seen.is_empty());
+    assert_eq!(lines.len() as u64, records);
+}
+
+#[test]
+fn a_job_of_actors_commits_every_record_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = braid_actors::stream::cluster::run(rt(), job(dir.path(), 30_000, None)).unwrap();
+    assert_eq!(report.failures, 0, "{report:?}");
+    check_exactly_once(&dir.path().join("out"), 30_000);
+}
+
+#[test]
+fn killing_worker_processes_mid_run_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let kills = Arc::new(AtomicU32::new(0));
+    let victims: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+    let mut job = job(dir.path(), 40_000, Some(4_000.0));
+    let (k2, v2) = (kills.clone(), victims.clone());
+    job.on_running = Some(Arc::new(move |generation, pids| {
+        if k2.load(Ordering::SeqCst) >= 3 || pids.is_empty() {
+            return;
+        }
+        let victim = pids[(generation as usize * 7) % pids.len()];
+        let k3 = k2.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &victim.to_string()])
+                .status();
+            k3.fetch_add(1, Ordering::SeqCst);
+        });
+        if let Ok(mut v) = v2.lock() {
+            v.push(t);
+        }
+    }));
+    let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
+    for t in victims.lock().unwrap().drain(..) {
+        let _ = t.join();
+    }
+    assert!(report.failures >= 3, "{report:?}");
+    assert!(report.checkpoints >= 3, "{report:?}");
+    check_exactly_once(&dir.path().join("out"), 40_000);
+}

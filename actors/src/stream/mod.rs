@@ -6,7 +6,8 @@
 //! * [`graph`]: the DataStream API that builds a job's graph.
 //! * [`functions`], [`window`], [`sink`], [`source`]: built-in operators,
 //!   windows with watermarks, the transactional file sink, replayable
-//!   sources.
+//!   sources ([`tcp_source`]: a TCP line source acknowledging at
+//!   checkpoints).
 //! * [`plan`]: chaining and channel numbering.
 //! * [`stage`], [`channel`], [`runner`]: a subtask's chain, its channel
 //!   ends, and its loop (barrier alignment, watermarks).
@@ -27,4 +28,5 @@ pub mod runner;
 pub mod sink;
 pub mod source;
 pub mod stage;
+pub mod tcp_source;
 pub mod window;

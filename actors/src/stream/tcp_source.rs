@@ -1,0 +1,1 @@
+//! A TCP line source (being written).

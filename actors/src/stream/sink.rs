@@ -159,24 +159,32 @@ impl<T, F: Fn(&T) -> String> TransactionalFileSink<T, F> {
                 self.generation
             ));
         }
-        let mut kept = Vec::new();
-        for (e, path) in std::mem::take(&mut self.state.pending) {
-            if e > epoch {
+        let mut failure = None;
+        let pending = std::mem::take(&mut self.state.pending);
+        let mut kept = Vec::with_capacity(pending.len());
+        for (e, path) in pending {
+            if e > epoch || failure.is_some() {
                 kept.push((e, path));
                 continue;
             }
             let target = self.final_path(e);
             if path.exists() {
-                std::fs::rename(&path, &target)
-                    .map_err(|err| format!("commit {}: {err}", path.display()))?;
+                if let Err(err) = std::fs::rename(&path, &target) {
+                    failure = Some(format!("commit {}: {err}", path.display()));
+                    kept.push((e, path));
+                }
             } else if !target.exists() {
-                return Err(format!(
+                failure = Some(format!(
                     "pre-committed file {} is missing and was never committed",
                     path.display()
                 ));
+                kept.push((e, path));
             }
         }
         self.state.pending = kept;
+        if let Some(failure) = failure {
+            return Err(failure);
+        }
         if let Ok(dir) = std::fs::File::open(&self.dir) {
             let _ = dir.sync_all();
         }

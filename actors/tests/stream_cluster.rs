@@ -26,13 +26,13 @@ fn key_of(i: u64) -> u64 {
 #[derive(Default)]
 struct Count;
 
-impl KeyedProcessFunction<u64, u64> for Count {
+impl KeyedProcessFunction<u64, (u64, String)> for Count {
     type State = u64;
     type Out = String;
     fn process(
         &mut self,
         key: &u64,
-        _index: u64,
+        _record: (u64, String),
         _time: Option<EventTime>,
         count: &mut u64,
         ctx: &mut ProcessContext<'_, u64, String>,
@@ -44,12 +44,13 @@ impl KeyedProcessFunction<u64, u64> for Count {
 
 fn counts(params: &JobParams) -> StreamEnv {
     let records: u64 = params["records"].parse().unwrap_or(0);
+    let pad: usize = params.get("pad").and_then(|p| p.parse().ok()).unwrap_or(0);
     let out = PathBuf::from(&params["out"]);
     let env = StreamEnv::new(2);
     env.source("numbers", move |s, p| {
-        GeneratorSource::new(records, s, p, |i| i)
+        GeneratorSource::new(records, s, p, move |i| (i, "x".repeat(pad)))
     })
-    .key_by(|i: &u64| key_of(*i))
+    .key_by(|r: &(u64, String)| key_of(r.0))
     .process(Count::default)
     .sink("out", move |_| {
         TransactionalFileSink::new(out.clone(), |line: &String| line.clone())
@@ -121,6 +122,20 @@ fn a_job_of_actors_commits_every_record_once() {
     let report = braid_actors::stream::cluster::run(rt(), job(dir.path(), 30_000, None)).unwrap();
     assert_eq!(report.failures, 0, "{report:?}");
     check_exactly_once(&dir.path().join("out"), 30_000);
+}
+
+#[test]
+fn batches_above_the_store_threshold_arrive_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = job(dir.path(), 20_000, None);
+    job.params.insert("pad".into(), "200".into());
+    assert!(
+        1024 * 200 > braid_actors::stream::cluster::STORE_BATCH_BYTES,
+        "a full batch of these records is above the store threshold"
+    );
+    let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
+    assert_eq!(report.failures, 0, "{report:?}");
+    check_exactly_once(&dir.path().join("out"), 20_000);
 }
 
 #[test]

@@ -16,11 +16,50 @@ use thiserror::Error;
 /// Records per batch before a channel sends it.
 pub const BATCH_RECORDS: usize = 1024;
 
+/// An encoded batch that lives in shared memory (a view of an object in
+/// the node's store): the records are decoded straight out of it.
+#[derive(Clone)]
+pub struct SharedBatch(pub Arc<dyn AsRef<[u8]> + Send + Sync>);
+
+impl SharedBatch {
+    /// The encoded records.
+    pub fn bytes(&self) -> &[u8] {
+        (*self.0).as_ref()
+    }
+}
+
+impl std::fmt::Debug for SharedBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedBatch({} bytes)", self.bytes().len())
+    }
+}
+
+impl PartialEq for SharedBatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+impl Serialize for SharedBatch {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.bytes())
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let bytes: Vec<u8> = serde::Deserialize::deserialize(deserializer)?;
+        Ok(SharedBatch(Arc::new(bytes)))
+    }
+}
+
 /// One message on a channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ChannelMsg {
     /// Records: bincode of `Vec<(T, Option<EventTime>)>`.
     Batch(Vec<u8>),
+    /// The same, in shared memory.
+    Shared(SharedBatch),
     /// No earlier event time follows on this channel.
     Watermark(EventTime),
     /// Checkpoint barrier for an epoch.

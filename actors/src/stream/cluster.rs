@@ -309,7 +309,25 @@ impl SubtaskHost {
     }
 
     /// A message on input slot `slot`; answered once the subtask took it.
-    async fn deliver(&self, slot: usize, seq: u64, msg: ChannelMsg) -> bool {
+    async fn deliver(&self, slot: usize, seq: u64, delivery: Delivery) -> bool {
+        let msg = match delivery {
+            Delivery::Inline(msg) => msg,
+            Delivery::Stored(batch) => {
+                let Ok(rt) = braid::current() else {
+                    return false;
+                };
+                match rt.get_array(&batch).await {
+                    Ok(view) => {
+                        ChannelMsg::Shared(super::channel::SharedBatch(Arc::new(ViewBytes(view))))
+                    }
+                    Err(e) => {
+                        self.shared
+                            .push_event(HostEvent::Failed(format!("a stored batch is lost: {e}")));
+                        return false;
+                    }
+                }
+            }
+        };
         {
             let mut slots = self.shared.slots.lock();
             let Some(s) = slots.get_mut(slot) else {
@@ -358,6 +376,28 @@ impl SubtaskHost {
     /// The worker's process id (for tests and chaos runs).
     fn pid(&self) -> u32 {
         std::process::id()
+    }
+}
+
+/// Batches at least this large cross through the node's store: written
+/// once, only the reference travels, and the receiver decodes the records
+/// out of shared memory (pulled to its node first if it runs elsewhere).
+pub const STORE_BATCH_BYTES: usize = 16 << 10;
+
+/// A channel message on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Delivery {
+    /// Carried in the call.
+    Inline(ChannelMsg),
+    /// An encoded batch in the store.
+    Stored(braid::ObjectRef<braid::Array<u8>>),
+}
+
+struct ViewBytes(braid::ArrayView<u8>);
+
+impl AsRef<[u8]> for ViewBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -423,7 +463,16 @@ impl Outbox for ActorOutbox {
         };
         let seq = self.next_seq[channel];
         self.next_seq[channel] += 1;
-        let call: ActorCall<bool> = target.deliver(slot, seq, msg);
+        let delivery = match msg {
+            ChannelMsg::Batch(bytes) if bytes.len() >= STORE_BATCH_BYTES => {
+                match self.rt.put_array(&bytes) {
+                    Ok(stored) => Delivery::Stored(stored),
+                    Err(_) => Delivery::Inline(ChannelMsg::Batch(bytes)),
+                }
+            }
+            msg => Delivery::Inline(msg),
+        };
+        let call: ActorCall<bool> = target.deliver(slot, seq, delivery);
         let handle = self.rt.spawn(call);
         self.in_flight[channel].push_back(handle);
         while self.in_flight[channel].len() > self.credits {

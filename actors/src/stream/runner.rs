@@ -308,6 +308,10 @@ fn run_inputs(
                 sink.deliver(&bytes)?;
                 dirty = true;
             }
+            ChannelMsg::Shared(batch) => {
+                sink.deliver(batch.bytes())?;
+                dirty = true;
+            }
             ChannelMsg::Watermark(w) => {
                 if let Some(slot) = inputs.watermarks.get_mut(channel) {
                     *slot = (*slot).max(w);

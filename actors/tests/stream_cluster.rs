@@ -129,7 +129,7 @@ fn batches_above_the_store_threshold_arrive_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut job = job(dir.path(), 20_000, None);
     job.params.insert("pad".into(), "200".into());
-    assert!(
+    const _: () = assert!(
         1024 * 200 > braid_actors::stream::cluster::STORE_BATCH_BYTES,
         "a full batch of these records is above the store threshold"
     );

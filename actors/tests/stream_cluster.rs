@@ -60,6 +60,73 @@ fn counts(params: &JobParams) -> StreamEnv {
 
 braid_actors::stream_job!(COUNTS, "counts", counts);
 
+fn read_count(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn write_count(path: &Path, n: u64) {
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, n.to_string()).is_ok() {
+        let _ = std::fs::rename(tmp, path);
+    }
+}
+
+/// Takes 200 µs per record and reports its progress in a file.
+struct SlowSink {
+    dir: PathBuf,
+    consumed: u64,
+}
+
+impl braid_actors::stream::operator::Operator for SlowSink {
+    type In = u64;
+    type Out = ();
+    fn process(
+        &mut self,
+        _v: u64,
+        _t: Option<EventTime>,
+        _out: &mut dyn braid_actors::stream::operator::Collector<()>,
+    ) {
+        std::thread::sleep(Duration::from_micros(200));
+        self.consumed += 1;
+        if self.consumed % 64 == 0 {
+            write_count(&self.dir.join("consumed"), self.consumed);
+        }
+    }
+}
+
+/// A fast source and a slow sink in different processes; the source
+/// records the largest gap between what it emitted and what the sink took.
+fn slow(params: &JobParams) -> StreamEnv {
+    let dir = PathBuf::from(&params["progress"]);
+    let env = StreamEnv::new(1);
+    let source_dir = dir.clone();
+    env.source("fast", move |s, p| {
+        let dir = source_dir.clone();
+        let mut max_gap = 0;
+        GeneratorSource::new(8_000, s, p, move |i| {
+            if i % 64 == 0 {
+                let gap = i.saturating_sub(read_count(&dir.join("consumed")));
+                if gap > max_gap {
+                    max_gap = gap;
+                    write_count(&dir.join("max_gap"), max_gap);
+                }
+            }
+            i
+        })
+    })
+    .rebalance()
+    .sink("slow", move |_| SlowSink {
+        dir: dir.clone(),
+        consumed: 0,
+    });
+    env
+}
+
+braid_actors::stream_job!(SLOW, "slow", slow);
+
 fn rt() -> &'static braid::Runtime {
     static RT: OnceLock<braid::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
@@ -136,6 +203,26 @@ fn batches_above_the_store_threshold_arrive_exactly_once() {
     let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
     assert_eq!(report.failures, 0, "{report:?}");
     check_exactly_once(&dir.path().join("out"), 20_000);
+}
+
+#[test]
+fn a_slow_sink_in_another_process_holds_back_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = job(dir.path(), 0, None);
+    job.job = "slow".into();
+    job.credits = 2;
+    job.params
+        .insert("progress".into(), dir.path().display().to_string());
+    let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
+    assert_eq!(report.failures, 0, "{report:?}");
+    let gap = read_count(&dir.path().join("max_gap"));
+    let batch = braid_actors::stream::channel::BATCH_RECORDS as u64;
+    let bound = batch * (2 + 2) + 2 * 64;
+    assert!(
+        gap <= bound,
+        "records in flight peaked at {gap}, above {bound} (credits 2, batches of {batch})"
+    );
+    assert!(gap > 0, "the source saw the sink's progress");
 }
 
 #[test]

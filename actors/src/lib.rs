@@ -4,6 +4,8 @@
 //! * [`stream`]: the operator contract, windows and watermarks.
 //! * [`checkpoint`]: checkpoint storage behind the `object_store`
 //!   interface, with checksums, commit markers and retention.
+//! * [`train`]: optimizers, parameter tables, feature data and progressive
+//!   evaluation for online learning.
 //!
 //! ```
 //! use braid_actors::stream::operator::{Collector, Operator};
@@ -25,3 +27,4 @@ pub use braid;
 
 pub mod checkpoint;
 pub mod stream;
+pub mod train;

@@ -1,0 +1,9 @@
+//! Online learning: per-key optimizers (FTRL-Proximal, SGD, AdaGrad) over
+//! a compact parameter table, feature data (gen_ctr and Criteo parsers, a
+//! synthetic click stream, columnar feature batches), and progressive
+//! evaluation.
+
+pub mod data;
+pub mod metrics;
+pub mod optimizer;
+pub mod table;

@@ -17,6 +17,20 @@ fn enter_role_before_main() {
     enter_role();
 }
 
+/// A role runs from a constructor, before the standard library's start-up
+/// would set SIGPIPE to be ignored; without this, a write to a socket whose
+/// peer was killed would kill the daemon or worker instead of failing with
+/// `EPIPE`.
+fn ignore_sigpipe() {
+    // SAFETY: `signal` with `SIG_IGN` installs no handler code, only a
+    // disposition; it is async-signal-safe and affects nothing but how this
+    // process treats SIGPIPE, which every braid process wants ignored (as
+    // Rust's own `main` does).
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 /// Sets the process name (what `ps`, `pgrep` and `braid stop` see).
 pub fn set_process_name(name: &str) {
     if let Ok(name) = std::ffi::CString::new(name) {
@@ -31,6 +45,7 @@ pub fn enter_role() {
     let Ok(role) = std::env::var(ROLE_VAR) else {
         return;
     };
+    ignore_sigpipe();
     let code = match role.as_str() {
         "worker" => {
             set_process_name("braid-worker");

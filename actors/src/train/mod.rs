@@ -6,4 +6,5 @@
 pub mod data;
 pub mod metrics;
 pub mod optimizer;
+pub mod sharding;
 pub mod table;

@@ -1,1 +1,739 @@
-//! Being written.
+//! A compact open-addressing hash table from `u64` feature keys to a small
+//! fixed-size per-key state, the storage behind a parameter-server shard.
+//!
+//! # Layout and memory
+//!
+//! Slots are `{ key: u64, state: S }` in one `Vec`, probed linearly from the
+//! key's home slot (one cache line per lookup in the common case). With the
+//! FTRL state `[f32; 2]` a slot is 16 bytes. The slot count is a power of two
+//! and the table doubles as soon as an insert would push the load factor
+//! (live keys / slots) above [`MAX_LOAD`] = 3/4. So, for a table that has
+//! grown at least once, the load factor stays in `(3/8, 3/4]` and
+//!
+//! ```text
+//! bytes per live key = slot size / load factor
+//!                    = 16 / load  ∈ [21.3, 42.7)   for 16-byte slots
+//!                    ≤ 32          exactly when load ≥ 1/2
+//! ```
+//!
+//! Right after a doubling the load is just above 3/8 (42.7 B/key); it
+//! crosses 1/2 (32 B/key) after a third of the new slots fill. To *hold* the
+//! 32 B/key budget, size the table up front with
+//! [`ParamTable::with_capacity`] for the expected number of live keys (it
+//! picks the smallest power of two that keeps the load ≤ 3/4, so the load
+//! ends in `(3/8, 3/4]` and is ≥ 1/2 once the expected keys are present, if
+//! the expected count lies in the upper two thirds of that range), or bound
+//! the key count by eviction at `3/4 · capacity`. [`ParamTable::bytes_per_key`]
+//! reports the live figure, everything included (slots at their load factor,
+//! plus the fixed table header).
+//!
+//! # Key 0, removal, hooks
+//!
+//! * The slot key `0` marks an empty slot; the real key 0 lives in a separate
+//!   side slot, so every `u64` is a valid key.
+//! * [`ParamTable::remove`] uses *backward-shift deletion* (no tombstones):
+//!   the entries after the hole in the same probe run move back when that
+//!   shortens their probe distance, so lookups never walk over dead slots and
+//!   the load factor counts live keys only.
+//! * Admission and eviction policies are left to the caller: a push path
+//!   that should admit only keys seen often enough calls
+//!   [`ParamTable::get`] first and [`ParamTable::get_or_insert_default`]
+//!   only once the key is admitted; eviction (TTL, capacity) is
+//!   [`ParamTable::retain`] over a state that carries whatever the policy
+//!   needs (e.g. a last-seen epoch).
+//!
+//! # Snapshots
+//!
+//! [`ParamTable::to_bytes`] writes the live entries (not the empty slots)
+//! with the slot count; [`ParamTable::from_bytes`] rebuilds the same layout,
+//! so `to_bytes(from_bytes(b)) == b` byte for byte.
+
+use std::fmt;
+use std::mem::size_of;
+
+/// The load factor (live keys / slots) above which the table doubles.
+pub const MAX_LOAD: f64 = 0.75;
+
+/// The smallest slot count a table allocates.
+const MIN_SLOTS: usize = 8;
+
+/// The slot key that marks an empty slot (the real key 0 lives in a side slot).
+const EMPTY: u64 = 0;
+
+/// Snapshot magic: "BRPT" (braid parameter table).
+const MAGIC: [u8; 4] = *b"BRPT";
+
+/// Snapshot format version.
+const VERSION: u8 = 1;
+
+/// Snapshot header: magic, version, state width (u32), slot count (u64),
+/// entry count (u64).
+const HEADER_LEN: usize = 4 + 1 + 4 + 8 + 8;
+
+/// A fixed-size, plain per-key state that a [`ParamTable`] stores and can
+/// write into a snapshot.
+///
+/// `Default` must be the state of a key never updated (for the optimizers,
+/// weight 0), because readers treat an absent key as the default state.
+pub trait SlotState: Copy + Default {
+    /// Bytes one state takes in a snapshot.
+    const ENCODED_LEN: usize;
+
+    /// Appends exactly [`Self::ENCODED_LEN`] bytes (little-endian) to `out`.
+    fn encode(&self, out: &mut Vec<u8>);
+
+    /// Reads a state back from exactly [`Self::ENCODED_LEN`] bytes written by
+    /// [`SlotState::encode`].
+    fn decode(bytes: &[u8]) -> Self;
+}
+
+impl SlotState for f32 {
+    const ENCODED_LEN: usize = 4;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_bits().to_le_bytes());
+    }
+
+    fn decode(bytes: &[u8]) -> Self {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&bytes[..4]);
+        f32::from_bits(u32::from_le_bytes(b))
+    }
+}
+
+impl<const N: usize> SlotState for [f32; N]
+where
+    [f32; N]: Default,
+{
+    const ENCODED_LEN: usize = 4 * N;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        for v in self {
+            v.encode(out);
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Self {
+        let mut s = [0f32; N];
+        for (v, chunk) in s.iter_mut().zip(bytes.chunks_exact(4)) {
+            *v = f32::decode(chunk);
+        }
+        s
+    }
+}
+
+/// Why a snapshot could not be read back by [`ParamTable::from_bytes`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes end before the header or an entry does.
+    #[error("snapshot truncated: need {needed} bytes, have {have}")]
+    Truncated {
+        /// Bytes the snapshot claims to hold.
+        needed: usize,
+        /// Bytes actually given.
+        have: usize,
+    },
+    /// The bytes go on after the last entry.
+    #[error("snapshot has {extra} bytes after its last entry")]
+    TrailingBytes {
+        /// Bytes after the last entry.
+        extra: usize,
+    },
+    /// The bytes do not start with the parameter-table magic.
+    #[error("not a parameter-table snapshot (bad magic)")]
+    BadMagic,
+    /// The snapshot was written by an unknown format version.
+    #[error("unsupported snapshot version {0}")]
+    UnsupportedVersion(u8),
+    /// The snapshot's per-key state has another size than this table's.
+    #[error("snapshot state is {found} bytes per key, this table's is {expected}")]
+    StateWidth {
+        /// This table's [`SlotState::ENCODED_LEN`].
+        expected: usize,
+        /// The snapshot's.
+        found: usize,
+    },
+    /// The slot count is not a power of two ≥ 8, or too small for the
+    /// entries at the maximum load factor.
+    #[error("snapshot slot count {slots} is invalid for {entries} entries")]
+    BadCapacity {
+        /// Slot count in the snapshot.
+        slots: u64,
+        /// Entry count in the snapshot.
+        entries: u64,
+    },
+    /// A key appears twice.
+    #[error("snapshot holds key {0} twice")]
+    DuplicateKey(u64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Slot<S> {
+    key: u64,
+    state: S,
+}
+
+/// An open-addressing (linear probing) hash table from `u64` keys to a small
+/// `Copy` state; see the [module docs](self) for layout, memory bound,
+/// deletion and snapshot format.
+#[derive(Clone)]
+pub struct ParamTable<S> {
+    slots: Vec<Slot<S>>,
+    /// `slots.len() - 1`; the slot count is a power of two.
+    mask: usize,
+    /// `64 - log2(slots.len())`: the home slot is the top bits of the hash.
+    shift: u32,
+    /// Live keys in `slots` (the side slot not counted).
+    in_slots: usize,
+    /// Inserts allowed before the next doubling: `slots.len() * 3 / 4`.
+    max_in_slots: usize,
+    /// The state of key 0, which cannot live in `slots` (0 marks empty).
+    zero: Option<S>,
+}
+
+/// Mixes a key into a 64-bit hash whose top bits pick the home slot. Keys
+/// are usually hashed ids already, but small integers (tests, dense ids)
+/// must spread too: fold the high half down, then one odd multiply
+/// (Fibonacci hashing) carries every low bit into the top bits.
+#[inline]
+fn mix(key: u64) -> u64 {
+    (key ^ (key >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+impl<S: SlotState> Default for ParamTable<S> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S: SlotState> ParamTable<S> {
+    /// An empty table with the minimum slot count (8).
+    pub fn new() -> Self {
+        Self::with_slots(MIN_SLOTS)
+    }
+
+    /// An empty table that holds `keys` live keys without growing: the
+    /// smallest power-of-two slot count (≥ 8) with `keys ≤ 3/4 · slots`.
+    pub fn with_capacity(keys: usize) -> Self {
+        Self::with_slots(Self::slots_for(keys))
+    }
+
+    fn slots_for(keys: usize) -> usize {
+        // slots * 3 / 4 >= keys  <=>  slots >= ceil(keys * 4 / 3)
+        let need = keys.saturating_mul(4).div_ceil(3);
+        need.max(MIN_SLOTS).next_power_of_two()
+    }
+
+    fn with_slots(n: usize) -> Self {
+        debug_assert!(n.is_power_of_two() && n >= MIN_SLOTS);
+        Self {
+            slots: vec![
+                Slot {
+                    key: EMPTY,
+                    state: S::default(),
+                };
+                n
+            ],
+            mask: n - 1,
+            shift: 64 - n.trailing_zeros(),
+            in_slots: 0,
+            max_in_slots: n / 4 * 3,
+            zero: None,
+        }
+    }
+
+    /// Live keys.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.in_slots + usize::from(self.zero.is_some())
+    }
+
+    /// True when no key is live.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Slot count (a power of two). The table holds `3/4` of this many keys
+    /// (plus key 0) before it doubles.
+    #[inline]
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Live keys / slots.
+    pub fn load_factor(&self) -> f64 {
+        self.in_slots as f64 / self.slots.len() as f64
+    }
+
+    /// Heap bytes the table holds: its slot array.
+    pub fn bytes(&self) -> usize {
+        self.slots.capacity() * size_of::<Slot<S>>()
+    }
+
+    /// Bytes per live key, everything included: [`Self::bytes`] plus the
+    /// table header, divided by [`Self::len`]. Infinite for an empty table.
+    pub fn bytes_per_key(&self) -> f64 {
+        (self.bytes() + size_of::<Self>()) as f64 / self.len() as f64
+    }
+
+    /// Bytes one slot takes (16 for `[f32; 2]`).
+    pub const fn slot_bytes() -> usize {
+        size_of::<Slot<S>>()
+    }
+
+    #[inline]
+    fn home(&self, key: u64) -> usize {
+        (mix(key) >> self.shift) as usize
+    }
+
+    /// `Ok(slot)` holding `key`, or `Err(slot)`: the empty slot that ends
+    /// its probe run. `key` must not be 0. Terminates because the load
+    /// factor is ≤ 3/4, so there is always an empty slot.
+    #[inline]
+    fn find(&self, key: u64) -> Result<usize, usize> {
+        let mut i = self.home(key);
+        loop {
+            let k = self.slots[i].key;
+            if k == key {
+                return Ok(i);
+            }
+            if k == EMPTY {
+                return Err(i);
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// The state of `key`, if present.
+    #[inline]
+    pub fn get(&self, key: u64) -> Option<&S> {
+        if key == 0 {
+            return self.zero.as_ref();
+        }
+        match self.find(key) {
+            Ok(i) => Some(&self.slots[i].state),
+            Err(_) => None,
+        }
+    }
+
+    /// The state of `key` for update, if present (never inserts).
+    #[inline]
+    pub fn get_mut(&mut self, key: u64) -> Option<&mut S> {
+        if key == 0 {
+            return self.zero.as_mut();
+        }
+        match self.find(key) {
+            Ok(i) => Some(&mut self.slots[i].state),
+            Err(_) => None,
+        }
+    }
+
+    /// True when `key` is present.
+    pub fn contains_key(&self, key: u64) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// The state of `key`, inserting `S::default()` first if absent (growing
+    /// the table if the insert would take the load above 3/4). This is the
+    /// admission point: a policy that admits keys only after N sightings
+    /// checks before calling this.
+    #[inline]
+    pub fn get_or_insert_default(&mut self, key: u64) -> &mut S {
+        if key == 0 {
+            return self.zero.get_or_insert_with(S::default);
+        }
+        let i = match self.find(key) {
+            Ok(i) => i,
+            Err(i) => self.insert_new(key, i),
+        };
+        &mut self.slots[i].state
+    }
+
+    /// Sets the state of `key`, returning the previous one.
+    pub fn insert(&mut self, key: u64, state: S) -> Option<S> {
+        if key == 0 {
+            return self.zero.replace(state);
+        }
+        match self.find(key) {
+            Ok(i) => Some(std::mem::replace(&mut self.slots[i].state, state)),
+            Err(i) => {
+                let i = self.insert_new(key, i);
+                self.slots[i].state = state;
+                None
+            }
+        }
+    }
+
+    /// Writes absent `key` (not 0) with the default state at the empty slot
+    /// `empty` found by `find`, growing first if needed; returns its slot.
+    #[inline]
+    fn insert_new(&mut self, key: u64, empty: usize) -> usize {
+        let mut i = empty;
+        if self.in_slots >= self.max_in_slots {
+            self.grow_to(self.slots.len() * 2);
+            i = match self.find(key) {
+                Ok(i) | Err(i) => i,
+            };
+        }
+        self.slots[i] = Slot {
+            key,
+            state: S::default(),
+        };
+        self.in_slots += 1;
+        i
+    }
+
+    /// Makes room for `additional` more keys without growing in between.
+    pub fn reserve(&mut self, additional: usize) {
+        let want = Self::slots_for(self.in_slots.saturating_add(additional));
+        if want > self.slots.len() {
+            self.grow_to(want);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn grow_to(&mut self, n: usize) {
+        let mut bigger = Self::with_slots(n);
+        for s in &self.slots {
+            if s.key != EMPTY {
+                if let Err(i) = bigger.find(s.key) {
+                    bigger.slots[i] = *s;
+                }
+            }
+        }
+        bigger.in_slots = self.in_slots;
+        bigger.zero = self.zero;
+        *self = bigger;
+    }
+
+    /// Removes `key`, returning its state (backward-shift deletion: no
+    /// tombstones are left behind).
+    pub fn remove(&mut self, key: u64) -> Option<S> {
+        if key == 0 {
+            return self.zero.take();
+        }
+        let i = self.find(key).ok()?;
+        let state = self.slots[i].state;
+        self.remove_at(i);
+        Some(state)
+    }
+
+    /// Empties slot `hole` and closes the gap: each later entry of the same
+    /// probe run whose home lies at or before the hole (cyclically) moves
+    /// into it, leaving its own slot as the next hole. Entries only ever
+    /// move backwards, into slots at or after `hole`.
+    fn remove_at(&mut self, mut hole: usize) {
+        let mask = self.mask;
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let key = self.slots[j].key;
+            if key == EMPTY {
+                break;
+            }
+            let home = self.home(key);
+            // The entry at j may fill the hole iff its home is not in the
+            // cyclic range (hole, j]: distance home→j ≥ distance hole→j.
+            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
+                self.slots[hole] = self.slots[j];
+                hole = j;
+            }
+        }
+        self.slots[hole] = Slot {
+            key: EMPTY,
+            state: S::default(),
+        };
+        self.in_slots -= 1;
+    }
+
+    /// An empty slot: one exists because the load factor is ≤ 3/4.
+    fn an_empty_slot(&self) -> usize {
+        self.slots
+            .iter()
+            .position(|s| s.key == EMPTY)
+            .unwrap_or_default()
+    }
+
+    /// Keeps only the keys for which `keep(key, &mut state)` returns true,
+    /// calling it exactly once per live key (it may also update the state).
+    /// The eviction hook: a TTL or capacity policy is a predicate over the
+    /// key and a state that carries what the policy needs.
+    pub fn retain(&mut self, mut keep: impl FnMut(u64, &mut S) -> bool) {
+        if let Some(z) = self.zero.as_mut() {
+            if !keep(0, z) {
+                self.zero = None;
+            }
+        }
+        // Scan cyclically from just after an empty slot: a probe run never
+        // crosses an empty slot, so backward shifts only move entries from
+        // not-yet-visited slots into the current one, which is re-examined;
+        // no entry is visited twice or skipped.
+        let n = self.slots.len();
+        let start = (self.an_empty_slot() + 1) & self.mask;
+        let mut step = 0;
+        while step < n {
+            let i = (start + step) & self.mask;
+            let slot = &mut self.slots[i];
+            if slot.key != EMPTY && !keep(slot.key, &mut slot.state) {
+                self.remove_at(i);
+                continue;
+            }
+            step += 1;
+        }
+    }
+
+    /// Removes every key, keeping the slot array.
+    pub fn clear(&mut self) {
+        for s in &mut self.slots {
+            *s = Slot {
+                key: EMPTY,
+                state: S::default(),
+            };
+        }
+        self.in_slots = 0;
+        self.zero = None;
+    }
+
+    /// Every live `(key, &state)`, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &S)> + '_ {
+        self.zero.iter().map(|s| (0, s)).chain(
+            self.slots
+                .iter()
+                .filter(|s| s.key != EMPTY)
+                .map(|s| (s.key, &s.state)),
+        )
+    }
+
+    /// Every live `(key, &mut state)`, in no particular order.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (u64, &mut S)> + '_ {
+        self.zero.iter_mut().map(|s| (0, s)).chain(
+            self.slots
+                .iter_mut()
+                .filter(|s| s.key != EMPTY)
+                .map(|s| (s.key, &mut s.state)),
+        )
+    }
+
+    /// Bytes [`Self::to_bytes`] writes.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN + self.len() * (8 + S::ENCODED_LEN)
+    }
+
+    /// A snapshot for checkpoints: header, then every live entry as
+    /// `key (u64 LE) ‖ state`. Key 0 comes first; the others in slot order
+    /// starting just after an empty slot, which is an order in which
+    /// re-inserting them into the same slot count rebuilds the same layout.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&(S::ENCODED_LEN as u32).to_le_bytes());
+        out.extend_from_slice(&(self.slots.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.len() as u64).to_le_bytes());
+        if let Some(z) = &self.zero {
+            out.extend_from_slice(&0u64.to_le_bytes());
+            z.encode(&mut out);
+        }
+        let start = self.an_empty_slot() + 1;
+        for step in 0..self.slots.len() {
+            let s = &self.slots[(start + step) & self.mask];
+            if s.key != EMPTY {
+                out.extend_from_slice(&s.key.to_le_bytes());
+                s.state.encode(&mut out);
+            }
+        }
+        out
+    }
+
+    /// Reads a snapshot written by [`Self::to_bytes`] back into a table with
+    /// the same slot count, contents and layout.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader { bytes, pos: 0 };
+        if r.take(4)? != MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let version = r.take(1)?[0];
+        if version != VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        let width = r.u32()? as usize;
+        if width != S::ENCODED_LEN {
+            return Err(DecodeError::StateWidth {
+                expected: S::ENCODED_LEN,
+                found: width,
+            });
+        }
+        let slots = r.u64()?;
+        let entries = r.u64()?;
+        let bad = DecodeError::BadCapacity { slots, entries };
+        let n = usize::try_from(slots).map_err(|_| bad.clone())?;
+        // Any power of two is a legal slot count (a table never shrinks, so
+        // it may be far larger than its entries need) as long as it can be
+        // allocated; the entries must fit at the maximum load factor (plus
+        // key 0 in its side slot).
+        let allocatable = n
+            .checked_mul(size_of::<Slot<S>>())
+            .is_some_and(|b| b <= isize::MAX as usize);
+        if !n.is_power_of_two()
+            || n < MIN_SLOTS
+            || !allocatable
+            || entries.saturating_sub(1) > (n / 4 * 3) as u64
+        {
+            return Err(bad);
+        }
+        let entry_len = 8 + S::ENCODED_LEN;
+        let needed = usize::try_from(entries)
+            .ok()
+            .and_then(|e| e.checked_mul(entry_len))
+            .and_then(|b| b.checked_add(HEADER_LEN))
+            .unwrap_or(usize::MAX);
+        if needed > bytes.len() {
+            return Err(DecodeError::Truncated {
+                needed,
+                have: bytes.len(),
+            });
+        }
+        if needed < bytes.len() {
+            return Err(DecodeError::TrailingBytes {
+                extra: bytes.len() - needed,
+            });
+        }
+        let mut table = Self::with_slots(n);
+        for _ in 0..entries {
+            let key = r.u64()?;
+            let state = S::decode(r.take(S::ENCODED_LEN)?);
+            if key == 0 {
+                if table.zero.replace(state).is_some() {
+                    return Err(DecodeError::DuplicateKey(0));
+                }
+                continue;
+            }
+            match table.find(key) {
+                Ok(_) => return Err(DecodeError::DuplicateKey(key)),
+                Err(i) => {
+                    if table.in_slots >= table.max_in_slots {
+                        return Err(bad);
+                    }
+                    table.slots[i] = Slot { key, state };
+                    table.in_slots += 1;
+                }
+            }
+        }
+        Ok(table)
+    }
+}
+
+impl<S: SlotState + fmt::Debug> fmt::Debug for ParamTable<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ParamTable")
+            .field("len", &self.len())
+            .field("capacity", &self.capacity())
+            .field("bytes", &self.bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.saturating_add(n);
+        let chunk = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(DecodeError::Truncated {
+                needed: end,
+                have: self.bytes.len(),
+            })?;
+        self.pos = end;
+        Ok(chunk)
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every entry is reachable from its home without crossing an empty slot.
+    fn check_invariants<S: SlotState>(t: &ParamTable<S>) {
+        let mut live = 0;
+        for (i, s) in t.slots.iter().enumerate() {
+            if s.key == EMPTY {
+                continue;
+            }
+            live += 1;
+            let mut j = t.home(s.key);
+            while j != i {
+                assert_ne!(t.slots[j].key, EMPTY, "gap in the probe run of {}", s.key);
+                j = (j + 1) & t.mask;
+            }
+        }
+        assert_eq!(live, t.in_slots);
+        assert!(t.in_slots <= t.max_in_slots);
+    }
+
+    #[test]
+    fn removes_keep_probe_runs_intact_across_the_wrap() {
+        let mut t = ParamTable::<f32>::new();
+        // Keys whose homes are the last slot, so their run wraps to slot 0.
+        let keys: Vec<u64> = (1..10_000u64).filter(|&k| t.home(k) == 7).take(4).collect();
+        for (n, &k) in keys.iter().enumerate() {
+            *t.get_or_insert_default(k) = n as f32;
+        }
+        check_invariants(&t);
+        assert_eq!(t.remove(keys[0]), Some(0.0));
+        check_invariants(&t);
+        for (n, &k) in keys.iter().enumerate().skip(1) {
+            assert_eq!(t.get(k), Some(&(n as f32)));
+        }
+    }
+
+    #[test]
+    fn retain_visits_every_key_once_and_keeps_invariants() {
+        let mut t = ParamTable::<f32>::new();
+        for k in 0..1000u64 {
+            *t.get_or_insert_default(k) = k as f32;
+        }
+        let mut seen = std::collections::HashSet::new();
+        t.retain(|k, _| {
+            assert!(seen.insert(k), "key {k} visited twice");
+            k % 3 != 0
+        });
+        assert_eq!(seen.len(), 1000);
+        check_invariants(&t);
+        assert_eq!(t.len(), 1000 - 334);
+        assert!(t.iter().all(|(k, s)| k % 3 != 0 && *s == k as f32));
+    }
+
+    #[test]
+    fn growth_keeps_load_in_range() {
+        let mut t = ParamTable::<[f32; 2]>::new();
+        assert_eq!(ParamTable::<[f32; 2]>::slot_bytes(), 16);
+        for k in 1..=100_000u64 {
+            t.get_or_insert_default(k.wrapping_mul(0x2545_F491_4F6C_DD1D));
+            let load = t.load_factor();
+            assert!(load <= MAX_LOAD);
+            if t.capacity() > MIN_SLOTS {
+                assert!(load > 0.375);
+            }
+        }
+        check_invariants(&t);
+    }
+}

@@ -134,8 +134,13 @@ pub enum DataError {
         found: usize,
     },
     /// A column could not be viewed as its element type.
-    #[error("cannot view column in place: {0}")]
-    Cast(#[from] bytemuck::PodCastError),
+    #[error("cannot view the {column} column in place: {reason}")]
+    Cast {
+        /// Which column.
+        column: &'static str,
+        /// Why the view failed.
+        reason: String,
+    },
     /// In-place views of the little-endian encoding need a little-endian
     /// host.
     #[error("in-place feature batch views need a little-endian host")]
@@ -475,11 +480,11 @@ impl<'a> FeatureBatchRef<'a> {
                 available: bytes.len(),
             });
         }
-        let ids: &[u64] = bytemuck::try_cast_slice(&bytes[layout.ids.0..layout.ids.1])?;
-        let labels: &[f32] = bytemuck::try_cast_slice(&bytes[layout.labels.0..layout.labels.1])?;
-        let offsets: &[u32] = bytemuck::try_cast_slice(&bytes[layout.offsets.0..layout.offsets.1])?;
+        let ids: &[u64] = view_column(bytes, layout.ids, "ids")?;
+        let labels: &[f32] = view_column(bytes, layout.labels, "labels")?;
+        let offsets: &[u32] = view_column(bytes, layout.offsets, "offsets")?;
         let values: Option<&[f32]> = match layout.values {
-            Some((a, b)) => Some(bytemuck::try_cast_slice(&bytes[a..b])?),
+            Some(range) => Some(view_column(bytes, range, "values")?),
             None => None,
         };
         check_columns(labels, offsets, ids.len(), values.map(<[f32]>::len))?;
@@ -656,6 +661,18 @@ fn check_columns(
         });
     }
     Ok(())
+}
+
+fn view_column<'a, T: bytemuck::Pod>(
+    bytes: &'a [u8],
+    (start, end): (usize, usize),
+    column: &'static str,
+) -> Result<&'a [T], DataError> {
+    let cast = |reason: String| DataError::Cast { column, reason };
+    let raw = bytes
+        .get(start..end)
+        .ok_or_else(|| cast(format!("bytes {start}..{end} out of range")))?;
+    bytemuck::try_cast_slice(raw).map_err(|e| cast(e.to_string()))
 }
 
 fn pad8(n: usize) -> usize {
@@ -1071,14 +1088,16 @@ pub fn criteo_cat_hash(column: usize, value: &[u8]) -> u64 {
 }
 
 /// Feature id of integer field `field` (`0..13`) with value `v`, or of its
-/// missing value when `v` is `None`, masked to `bits` low bits.
+/// missing value when `v` is `None`: [`criteo_int_hash`] of its bucket key
+/// `& mask`.
 pub fn criteo_int_id(field: usize, v: Option<i64>, mask: u64) -> u64 {
     let bucket = v.map_or(CRITEO_MISSING_BUCKET, criteo_int_bucket);
     criteo_int_hash(field, bucket) & mask
 }
 
 /// Feature id of categorical field `cat` (`0..26`, `C1` = 0) with raw value
-/// `value` (empty for missing), masked to `bits` low bits.
+/// `value` (empty for missing): [`criteo_cat_hash`] of column `13 + cat`
+/// `& mask`.
 pub fn criteo_cat_id(cat: usize, value: &[u8], mask: u64) -> u64 {
     criteo_cat_hash(CRITEO_INT_FIELDS + cat, value) & mask
 }
@@ -1373,7 +1392,7 @@ impl SyntheticStream {
     }
 
     fn weight(&self, field: usize, value: u64, part: u64) -> f64 {
-        let key = (((field as u64) << 2 | part) << 32) | value;
+        let key = ((((field as u64) << 2) | part) << 32) | value;
         let h = splitmix64(self.weight_seed ^ splitmix64(key));
         let sum: u64 = (0..4).map(|k| (h >> (16 * k)) & 0xffff).sum();
         (sum as f64 / 65536.0 - 2.0) * 3f64.sqrt()

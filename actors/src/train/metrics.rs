@@ -4,7 +4,8 @@
 //!
 //! # Definitions
 //!
-//! The whole-stream figures follow `shared/bench/eval_predictions.py`:
+//! Both the whole-stream and the windowed figures follow
+//! `shared/bench/eval_predictions.py`:
 //! predictions are clipped to `[1e-7, 1 - 1e-7]` in `f64` before anything
 //! else, logloss is the mean of `-(y ln p + (1 - y) ln(1 - p))`, and AUC is
 //! the Mann–Whitney statistic with tied predictions given their average rank,
@@ -25,8 +26,9 @@
 //! Whole-stream AUC in bounded memory uses per-class histograms of the
 //! clipped prediction. Bins are log-linear in `q = min(p, 1 - p)`:
 //! [`AUC_BIN_BITS`]` = 13` mantissa bits, i.e. 8192 bins per octave of `q`,
-//! 23 octaves from 2^-24 to 2^-1 on each side of 0.5, plus one bin for 0.5
-//! itself: [`AUC_BINS`]` = 376_833` bins per class. A bin spans at most
+//! 23 octaves from 2^-24 to 2^-1 on each side of 0.5, plus one bin each for
+//! exactly 0.5 and for the two clip bounds (where saturated predictions pile
+//! up): [`AUC_BINS`]` = 376_835` bins per class. A bin spans at most
 //! `2^-13 · q` in probability and at most `2^-12` (2.4e-4) in the logit,
 //! everywhere in `[1e-7, 1 - 1e-7]`.
 //!
@@ -90,7 +92,7 @@ pub const AUC_BIN_BITS: u32 = 13;
 const HALF_BINS: usize = 23 << AUC_BIN_BITS;
 
 /// Number of AUC histogram bins per class.
-pub const AUC_BINS: usize = 2 * HALF_BINS + 1;
+pub const AUC_BINS: usize = 2 * HALF_BINS + 3;
 
 const LOWEST_BIN_KEY: u64 = 999 << AUC_BIN_BITS;
 
@@ -122,10 +124,14 @@ fn lower_bin(q: f64) -> usize {
 }
 
 fn auc_bin(p: f64) -> usize {
-    if p <= 0.5 {
-        lower_bin(p)
+    if p <= CLIP_EPS {
+        0
+    } else if p >= 1.0 - CLIP_EPS {
+        AUC_BINS - 1
+    } else if p <= 0.5 {
+        1 + lower_bin(p)
     } else {
-        2 * HALF_BINS - lower_bin(1.0 - p)
+        1 + 2 * HALF_BINS - lower_bin(1.0 - p)
     }
 }
 
@@ -393,13 +399,16 @@ impl Progressive {
 
     /// The state as plain data, for checkpoints.
     pub fn snapshot(&self) -> ProgressiveSnapshot {
-        let bins = (0..AUC_BINS)
-            .filter_map(|b| {
-                let p = self.bins.pos.get(b).copied().unwrap_or(0);
-                let n = self.bins.neg.get(b).copied().unwrap_or(0);
-                let bin = u32::try_from(b).ok()?;
-                (p != 0 || n != 0).then_some((bin, p, n))
-            })
+        let bins = self
+            .bins
+            .pos
+            .iter()
+            .zip(&self.bins.neg)
+            .enumerate()
+            .skip(self.bins.lo)
+            .take(self.bins.hi.saturating_sub(self.bins.lo))
+            .filter(|(_, (&p, &n))| p != 0 || n != 0)
+            .filter_map(|(b, (&p, &n))| Some((u32::try_from(b).ok()?, p, n)))
             .collect();
         let (newer, older) = self.recent.split_at(self.head.min(self.recent.len()));
         let recent = older

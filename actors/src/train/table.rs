@@ -17,15 +17,15 @@
 //! ```
 //!
 //! Right after a doubling the load is just above 3/8 (42.7 B/key); it
-//! crosses 1/2 (32 B/key) after a third of the new slots fill. To *hold* the
-//! 32 B/key budget, size the table up front with
-//! [`ParamTable::with_capacity`] for the expected number of live keys (it
-//! picks the smallest power of two that keeps the load ≤ 3/4, so the load
-//! ends in `(3/8, 3/4]` and is ≥ 1/2 once the expected keys are present, if
-//! the expected count lies in the upper two thirds of that range), or bound
-//! the key count by eviction at `3/4 · capacity`. [`ParamTable::bytes_per_key`]
-//! reports the live figure, everything included (slots at their load factor,
-//! plus the fixed table header).
+//! reaches 1/2 (32 B/key) once a third of the new slots have filled, i.e.
+//! `len ≥ capacity / 2`. A table that must *hold* the 32 B/key budget keeps
+//! its live keys in `[capacity/2, 3/4 · capacity]`: size it up front with
+//! [`ParamTable::with_capacity`] (the smallest power of two ≥ 8 with
+//! `keys ≤ 3/4 · slots`) and let a capacity-eviction policy cap the live
+//! keys at `3/4 · capacity`, which is where the table would otherwise
+//! double. [`ParamTable::bytes_per_key`] reports the live figure: heap
+//! bytes (all slots, empty ones included) over live keys. The table header
+//! (`size_of::<ParamTable<S>>()`, 56 bytes) is per table, not per key.
 //!
 //! # Key 0, removal, hooks
 //!
@@ -167,6 +167,15 @@ pub enum DecodeError {
     DuplicateKey(u64),
 }
 
+/// The [`SlotRef`] of key 0's side slot.
+const ZERO_SLOT: usize = usize::MAX;
+
+/// Where a key's state lives in a [`ParamTable`]: a slot index, or key 0's
+/// side slot. Lets a row loop probe once and update later without a second
+/// lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SlotRef(usize);
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Slot<S> {
     key: u64,
@@ -271,10 +280,11 @@ impl<S: SlotState> ParamTable<S> {
         self.slots.capacity() * size_of::<Slot<S>>()
     }
 
-    /// Bytes per live key, everything included: [`Self::bytes`] plus the
-    /// table header, divided by [`Self::len`]. Infinite for an empty table.
+    /// Heap bytes per live key: [`Self::bytes`] (every slot, empty ones
+    /// included) over [`Self::len`]; `16 / load factor` for 16-byte slots.
+    /// Infinite for an empty table.
     pub fn bytes_per_key(&self) -> f64 {
-        (self.bytes() + size_of::<Self>()) as f64 / self.len() as f64
+        self.bytes() as f64 / self.len() as f64
     }
 
     /// Bytes one slot takes (16 for `[f32; 2]`).
@@ -340,14 +350,57 @@ impl<S: SlotState> ParamTable<S> {
     /// checks before calling this.
     #[inline]
     pub fn get_or_insert_default(&mut self, key: u64) -> &mut S {
+        let at = self.locate_or_insert(key);
+        self.state_mut(at)
+    }
+
+    /// Where `key`'s state lives, inserting the default state first if the
+    /// key is absent. The returned [`SlotRef`] stays valid until the next
+    /// insert that grows the table, or the next removal; call
+    /// [`Self::reserve`] first to hold several across inserts.
+    #[inline]
+    pub(crate) fn locate_or_insert(&mut self, key: u64) -> SlotRef {
         if key == 0 {
-            return self.zero.get_or_insert_with(S::default);
+            self.zero.get_or_insert_with(S::default);
+            return SlotRef(ZERO_SLOT);
         }
-        let i = match self.find(key) {
+        SlotRef(match self.find(key) {
             Ok(i) => i,
             Err(i) => self.insert_new(key, i),
-        };
-        &mut self.slots[i].state
+        })
+    }
+
+    /// The state at `at`, from [`Self::locate_or_insert`] since the last
+    /// growth or removal.
+    #[inline]
+    pub(crate) fn state(&self, at: SlotRef) -> S {
+        if at.0 == ZERO_SLOT {
+            return self.zero.unwrap_or_default();
+        }
+        self.slots[at.0].state
+    }
+
+    /// The state at `at` for update (see [`Self::state`]).
+    #[inline]
+    pub(crate) fn state_mut(&mut self, at: SlotRef) -> &mut S {
+        if at.0 == ZERO_SLOT {
+            return self.zero.get_or_insert_with(S::default);
+        }
+        &mut self.slots[at.0].state
+    }
+
+    /// Loads the home slot of each key, so that the lookups that follow
+    /// find them in cache: the loads here carry no data-dependent branch,
+    /// so the CPU overlaps their cache misses, which a probe loop's
+    /// mispredicted `key ==` branches would otherwise serialize. Worth it
+    /// for a row or batch of keys on a table larger than the cache.
+    #[inline]
+    pub fn prefetch(&self, keys: &[u64]) {
+        let mut acc = 0u64;
+        for &k in keys {
+            acc ^= self.slots[self.home(k)].key;
+        }
+        std::hint::black_box(acc);
     }
 
     /// Sets the state of `key`, returning the previous one.
@@ -385,7 +438,11 @@ impl<S: SlotState> ParamTable<S> {
     }
 
     /// Makes room for `additional` more keys without growing in between.
+    #[inline]
     pub fn reserve(&mut self, additional: usize) {
+        if self.in_slots.saturating_add(additional) <= self.max_in_slots {
+            return;
+        }
         let want = Self::slots_for(self.in_slots.saturating_add(additional));
         if want > self.slots.len() {
             self.grow_to(want);

@@ -151,6 +151,8 @@ fn job(dir: &Path, records: u64, rate: Option<f64>) -> ClusterJob {
         pace: SourcePace { batch: 256, rate },
         credits: 4,
         on_running: None,
+        spread: false,
+        nodes_used: Default::default(),
     }
 }
 

@@ -100,6 +100,8 @@ fn job(
         },
         credits: 8,
         on_running,
+        spread: false,
+        nodes_used: Default::default(),
     }
 }
 

@@ -271,6 +271,8 @@ fn main() -> anyhow::Result<()> {
         pace: SourcePace { batch: 512, rate },
         credits: 8,
         on_running,
+        spread: false,
+        nodes_used: Default::default(),
     };
     let started = Instant::now();
     let report = braid_actors::stream::cluster::run(&rt, job)?;

@@ -132,6 +132,8 @@ fn main() -> anyhow::Result<()> {
             pace: SourcePace::default(),
             credits: 8,
             on_running: None,
+            spread: false,
+            nodes_used: Default::default(),
         },
     )?;
     let mut totals: BTreeMap<String, u64> = BTreeMap::new();

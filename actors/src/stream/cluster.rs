@@ -377,6 +377,13 @@ impl SubtaskHost {
     fn pid(&self) -> u32 {
         std::process::id()
     }
+
+    /// The node the host runs on.
+    fn node(&self) -> String {
+        braid::current()
+            .map(|rt| rt.node_id().to_string())
+            .unwrap_or_default()
+    }
 }
 
 /// Batches at least this large cross through the node's store: written
@@ -614,6 +621,13 @@ pub struct ClusterJob {
     /// Called with every host's process id once an attempt is running
     /// (chaos runs pick their victims from these).
     pub on_running: Option<OnRunning>,
+    /// Spread the subtasks over every live node round robin (each task's
+    /// subtask `i` on node `i mod n`), instead of leaving placement to the
+    /// scheduler (which packs them on the driver's node while it fits).
+    pub spread: bool,
+    /// How many nodes the last attempt's hosts ran on (filled in when
+    /// `spread` is set).
+    pub nodes_used: Arc<Mutex<usize>>,
 }
 
 /// Runs a registered job on the cluster `rt` belongs to, from the driver.
@@ -647,6 +661,14 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
             kill_hosts(rt, &hosts);
             coordinator.note_failure(why)?;
             continue;
+        }
+        if job.spread {
+            let used: std::collections::BTreeSet<String> = hosts
+                .values()
+                .filter_map(|h| rt.block_on(h.node()).ok())
+                .collect();
+            tracing::info!("generation {generation} runs on {} nodes", used.len());
+            *job.nodes_used.lock() = used.len();
         }
         if let Some(on_running) = &job.on_running {
             let pids: Vec<u32> = hosts
@@ -714,6 +736,20 @@ fn spawn_hosts(
     job: &ClusterJob,
     generation: u64,
 ) -> Result<HashMap<SubtaskId, SubtaskHostHandle>, String> {
+    let nodes: Vec<braid::NodeId> = if job.spread {
+        let rt2 = rt.clone();
+        let mut nodes: Vec<braid::NodeId> = rt
+            .block_on(async move { rt2.nodes().await })
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|n| n.alive)
+            .map(|n| n.info.node_id)
+            .collect();
+        nodes.sort();
+        nodes
+    } else {
+        Vec::new()
+    };
     let mut builders = Vec::new();
     for id in plan.subtasks() {
         let spec = HostSpec {
@@ -727,7 +763,11 @@ fn spawn_hosts(
             rate: job.pace.rate,
             credits: job.credits,
         };
-        builders.push((id, SubtaskHost::remote(rt, spec).max_concurrency(4096)));
+        let mut builder = SubtaskHost::remote(rt, spec).max_concurrency(4096);
+        if !nodes.is_empty() {
+            builder = builder.node_affinity(nodes[id.subtask % nodes.len()], false);
+        }
+        builders.push((id, builder));
     }
     let rt2 = rt.clone();
     rt.block_on(async move {

@@ -436,7 +436,24 @@ const PREFETCH_CHUNK: usize = 32;
 ///   validation) and [`Model::predict`], which add the bias feature
 ///   ([`BIAS_KEY`], value 1) unless [`Model::with_bias_key`] turned it off.
 ///
-/// The row and key loops allocate nothing (beyond the table's own growth).
+/// The row and key loops allocate nothing once warm (beyond the table's
+/// own growth); [`Model::learn`] probes each key once and prefetches the
+/// row's slots first.
+///
+/// ```
+/// use braid_actors::train::optimizer::{FtrlParams, Model, OptimizerKind};
+///
+/// let ftrl = FtrlParams { alpha: 0.1, beta: 1.0, l1: 0.0, l2: 0.0 };
+/// let mut model = Model::new(OptimizerKind::Ftrl(ftrl))?;
+/// let p = model.learn(&[17, 4242], None, 1.0)?; // the prediction before training
+/// assert_eq!(p, 0.5);
+/// assert!(model.predict(&[17, 4242], None)? > 0.5);
+///
+/// let mut weights = Vec::new();
+/// model.pull(&[17, 99], &mut weights); // 99 was never seen: weight 0
+/// model.push(&[99], &[0.25])?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Model {
     kind: OptimizerKind,
@@ -585,6 +602,7 @@ impl Model {
     /// `(p − y)·xᵢ` for each feature (and `p − y` for the bias); returns the
     /// prediction made *before* the update (progressive validation).
     /// `label` is 0 or 1 (any value in `[0, 1]` is accepted as a soft label).
+    /// Every feature with a non-zero value is inserted into the table.
     pub fn learn(
         &mut self,
         features: &[u64],

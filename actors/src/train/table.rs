@@ -7,8 +7,9 @@
 //! key's home slot (one cache line per lookup in the common case). With the
 //! FTRL state `[f32; 2]` a slot is 16 bytes. The slot count is a power of two
 //! and the table doubles as soon as an insert would push the load factor
-//! (live keys / slots) above [`MAX_LOAD`] = 3/4. So, for a table that has
-//! grown at least once, the load factor stays in `(3/8, 3/4]` and
+//! (live keys / slots) above [`MAX_LOAD`] = 3/4. So, while keys are only
+//! added, a table that has doubled at least once has a load factor in
+//! `(3/8, 3/4]` (removals lower it; the table never shrinks), and
 //!
 //! ```text
 //! bytes per live key = slot size / load factor
@@ -25,7 +26,12 @@
 //! keys at `3/4 · capacity`, which is where the table would otherwise
 //! double. [`ParamTable::bytes_per_key`] reports the live figure: heap
 //! bytes (all slots, empty ones included) over live keys. The table header
-//! (`size_of::<ParamTable<S>>()`, 56 bytes) is per table, not per key.
+//! (`size_of::<ParamTable<S>>()`, a few dozen bytes) is per table, not per
+//! key.
+//!
+//! A lookup in a table larger than the cache is one cache miss. Row and
+//! batch loops call [`ParamTable::prefetch`] on their keys first, so those
+//! misses overlap instead of queuing behind the probe loop's branches.
 //!
 //! # Key 0, removal, hooks
 //!
@@ -203,7 +209,10 @@ pub struct ParamTable<S> {
 /// Mixes a key into a 64-bit hash whose top bits pick the home slot. Keys
 /// are usually hashed ids already, but small integers (tests, dense ids)
 /// must spread too: fold the high half down, then one odd multiply
-/// (Fibonacci hashing) carries every low bit into the top bits.
+/// (Fibonacci hashing) carries every low bit into the top bits. It must
+/// differ from the shard-placement hash (`sharding`, splitmix64): a shard
+/// owns arcs of that hash's ring, so reusing it here would leave most home
+/// slots of a shard's table unused.
 #[inline]
 fn mix(key: u64) -> u64 {
     (key ^ (key >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15)

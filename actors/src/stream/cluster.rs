@@ -516,25 +516,11 @@ impl Inbox for HostInbox {
         blocked: &[bool],
         timeout: Duration,
     ) -> Result<Option<(usize, ChannelMsg)>, ChannelError> {
-        let mut select = crossbeam_channel::Select::new();
-        let mut index = Vec::new();
-        for (i, rx) in self.receivers.iter().enumerate() {
-            if !blocked.get(i).copied().unwrap_or(false) {
-                select.recv(rx);
-                index.push(i);
-            }
-        }
-        if index.is_empty() {
-            std::thread::sleep(timeout.min(Duration::from_millis(1)));
-            return Ok(None);
-        }
-        let Ok(op) = select.select_timeout(timeout) else {
+        let Some((channel, (seq, msg))) =
+            super::local::recv_unblocked(&self.receivers, blocked, timeout)?
+        else {
             return Ok(None);
         };
-        let channel = index[op.index()];
-        let (seq, msg) = op
-            .recv(&self.receivers[channel])
-            .map_err(|_| ChannelError::Closed(channel))?;
         if let Some(slot) = self.shared.slots.lock().get(channel) {
             slot.consumed.send_replace(seq + 1);
         }

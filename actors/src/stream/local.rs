@@ -159,30 +159,37 @@ impl Inbox for LocalInbox {
         blocked: &[bool],
         timeout: Duration,
     ) -> Result<Option<(usize, ChannelMsg)>, ChannelError> {
-        let mut select = Select::new();
-        let mut index = Vec::new();
-        for (i, rx) in self.receivers.iter().enumerate() {
-            if !blocked.get(i).copied().unwrap_or(false) {
-                select.recv(rx);
-                index.push(i);
-            }
-        }
-        if index.is_empty() {
-            std::thread::sleep(timeout.min(Duration::from_millis(1)));
-            return Ok(None);
-        }
-        match select.select_timeout(timeout) {
-            Ok(op) => {
-                let slot = op.index();
-                let channel = index[slot];
-                match op.recv(&self.receivers[channel]) {
-                    Ok(msg) => Ok(Some((channel, msg))),
-                    Err(_) => Err(ChannelError::Closed(channel)),
-                }
-            }
-            Err(_) => Ok(None),
+        recv_unblocked(&self.receivers, blocked, timeout)
+    }
+}
+
+/// The next item on any of `receivers` whose `blocked` entry is false,
+/// waiting up to `timeout`: what both runners' inboxes do during barrier
+/// alignment.
+pub(crate) fn recv_unblocked<T>(
+    receivers: &[Receiver<T>],
+    blocked: &[bool],
+    timeout: Duration,
+) -> Result<Option<(usize, T)>, ChannelError> {
+    let mut select = Select::new();
+    let mut index = Vec::new();
+    for (i, rx) in receivers.iter().enumerate() {
+        if !blocked.get(i).copied().unwrap_or(false) {
+            select.recv(rx);
+            index.push(i);
         }
     }
+    if index.is_empty() {
+        std::thread::sleep(timeout.min(Duration::from_millis(1)));
+        return Ok(None);
+    }
+    let Ok(op) = select.select_timeout(timeout) else {
+        return Ok(None);
+    };
+    let channel = index[op.index()];
+    op.recv(&receivers[channel])
+        .map(|item| Some((channel, item)))
+        .map_err(|_| ChannelError::Closed(channel))
 }
 
 struct LocalReporter {

@@ -32,6 +32,7 @@ fn sink_of_generation(dir: &Path, generation: u64) -> LineSink {
         subtask: 0,
         parallelism: 1,
         generation,
+        restored_epoch: 0,
     }
     .enter();
     let sink: LineSink = TransactionalFileSink::new(dir, |s: &String| s.clone());

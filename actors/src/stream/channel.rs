@@ -138,6 +138,7 @@ pub struct ChannelOut<T> {
     next_round: Vec<usize>,
     outbox: Box<dyn Outbox>,
     failed: Option<ChannelError>,
+    max_batch: usize,
 }
 
 impl<T: Serialize + Clone + Send> ChannelOut<T> {
@@ -150,7 +151,14 @@ impl<T: Serialize + Clone + Send> ChannelOut<T> {
             next_round,
             outbox,
             failed: None,
+            max_batch: BATCH_RECORDS,
         }
+    }
+
+    /// Sends a channel's records once `records` are buffered (at least 1).
+    pub fn with_max_batch(mut self, records: usize) -> Self {
+        self.max_batch = records.max(1);
+        self
     }
 
     /// The first send error, if any: the subtask must stop.
@@ -161,7 +169,7 @@ impl<T: Serialize + Clone + Send> ChannelOut<T> {
     fn buffer(&mut self, channel: usize, value: T, time: Option<EventTime>) {
         let buf = self.buffers.entry(channel).or_default();
         buf.push((value, time));
-        if buf.len() >= BATCH_RECORDS {
+        if buf.len() >= self.max_batch {
             let batch = std::mem::take(buf);
             self.send_batch(channel, &batch);
         }

@@ -111,6 +111,8 @@ pub struct HostSpec {
     pub subtask: usize,
     /// The attempt.
     pub generation: u64,
+    /// The checkpoint epoch the attempt restored (0: fresh).
+    pub restored_epoch: u64,
     /// Checkpoint storage.
     pub storage: StorageSpec,
     /// Records per source poll.
@@ -243,6 +245,7 @@ impl SubtaskHost {
             subtask: spec.subtask,
             parallelism,
             generation: spec.generation,
+            restored_epoch: spec.restored_epoch,
         };
         context.enter();
         let rt = braid::current().map_err(|e| e.to_string())?;
@@ -633,7 +636,7 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
     loop {
         let attempt = coordinator.begin_attempt()?;
         let generation = attempt.generation;
-        let spawned = spawn_hosts(rt, &plan, &job, generation);
+        let spawned = spawn_hosts(rt, &plan, &job, generation, attempt.restored_epoch);
         let hosts = match spawned {
             Ok(h) => h,
             Err(why) => {
@@ -721,6 +724,7 @@ fn spawn_hosts(
     plan: &Plan,
     job: &ClusterJob,
     generation: u64,
+    restored_epoch: u64,
 ) -> Result<HashMap<SubtaskId, SubtaskHostHandle>, String> {
     let nodes: Vec<braid::NodeId> = if job.spread {
         let rt2 = rt.clone();
@@ -744,6 +748,7 @@ fn spawn_hosts(
             task: id.task,
             subtask: id.subtask,
             generation,
+            restored_epoch,
             storage: job.storage.clone(),
             batch: job.pace.batch,
             rate: job.pace.rate,

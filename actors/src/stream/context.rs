@@ -14,6 +14,8 @@ pub struct TaskContext {
     /// The job's attempt: increases by one on every recovery. Work of an
     /// older generation must not become visible.
     pub generation: u64,
+    /// The checkpoint epoch the attempt restored (0: it started fresh).
+    pub restored_epoch: u64,
 }
 
 thread_local! {
@@ -27,6 +29,7 @@ impl TaskContext {
             subtask: 0,
             parallelism: 1,
             generation: 0,
+            restored_epoch: 0,
         })
     }
 

@@ -71,7 +71,7 @@ pub(crate) type MakeSource =
     Arc<dyn Fn(usize, usize, AnyBox) -> Box<dyn super::source::SourceDriver> + Send + Sync>;
 pub(crate) type MakeFanOut = Arc<dyn Fn(Vec<AnyBox>) -> AnyBox + Send + Sync>;
 pub(crate) type MakeChannelOut =
-    Arc<dyn Fn(Vec<ExternalEdge>, Box<dyn Outbox>) -> AnyBox + Send + Sync>;
+    Arc<dyn Fn(Vec<ExternalEdge>, Box<dyn Outbox>, usize) -> AnyBox + Send + Sync>;
 pub(crate) type MakeBatchIn =
     Arc<dyn Fn(AnyBox) -> Box<dyn super::channel::BatchSink> + Send + Sync>;
 
@@ -96,6 +96,8 @@ pub(crate) struct Vertex {
     pub fan_out: MakeFanOut,
     /// A stage sending this vertex's output over channels.
     pub channel_out: MakeChannelOut,
+    /// Most records per channel batch.
+    pub out_batch: usize,
 }
 
 /// A job's logical graph.
@@ -165,6 +167,7 @@ impl StreamEnv {
             kind,
             fan_out: Arc::new(fan_out::<T>),
             channel_out: Arc::new(channel_out::<T>),
+            out_batch: super::channel::BATCH_RECORDS,
         });
         id
     }
@@ -199,7 +202,7 @@ fn fan_out<T: Data>(stages: Vec<AnyBox>) -> AnyBox {
     Box::new(stage)
 }
 
-fn channel_out<T: Data>(edges: Vec<ExternalEdge>, outbox: Box<dyn Outbox>) -> AnyBox {
+fn channel_out<T: Data>(edges: Vec<ExternalEdge>, outbox: Box<dyn Outbox>, max: usize) -> AnyBox {
     let edges = edges
         .into_iter()
         .map(|(partitioning, hash, channels)| {
@@ -218,7 +221,7 @@ fn channel_out<T: Data>(edges: Vec<ExternalEdge>, outbox: Box<dyn Outbox>) -> An
             }
         })
         .collect();
-    let stage: Box<dyn Stage<T>> = Box::new(ChannelOut::new(edges, outbox));
+    let stage: Box<dyn Stage<T>> = Box::new(ChannelOut::new(edges, outbox).with_max_batch(max));
     Box::new(stage)
 }
 
@@ -268,6 +271,17 @@ impl<T: Data> DataStream<T> {
         self
     }
 
+    /// Sends this stream's records to other subtasks in batches of at most
+    /// `records` (default [`BATCH_RECORDS`](super::channel::BATCH_RECORDS);
+    /// 1 sends each record as soon as it is emitted: for records that are
+    /// themselves large batches, or when a consumer's answer is awaited).
+    pub fn batch_records(self, records: usize) -> Self {
+        if let Some(v) = self.env.graph.borrow_mut().vertices.get_mut(self.vertex) {
+            v.out_batch = records.max(1);
+        }
+        self
+    }
+
     /// Sends every record to every subtask of the next operator.
     pub fn broadcast(mut self) -> Self {
         self.partitioning = Some(Partitioning::Broadcast);
@@ -290,6 +304,26 @@ impl<T: Data> DataStream<T> {
         F: Fn(usize) -> O + Send + Sync + 'static,
     {
         self.transform_with(name, self.env.parallelism, None, make)
+    }
+
+    /// Adds an operator vertex with `parallelism` subtasks, each record
+    /// going to subtask `route(record) mod parallelism` (a parameter-server
+    /// shard by its index, a training worker by its batch number).
+    pub fn transform_routed<O, F, R>(
+        &self,
+        name: &str,
+        parallelism: usize,
+        route: R,
+        make: F,
+    ) -> DataStream<O::Out>
+    where
+        O: Operator<In = T>,
+        O::Out: Data,
+        F: Fn(usize) -> O + Send + Sync + 'static,
+        R: Fn(&T) -> u64 + Send + Sync + 'static,
+    {
+        let hash: KeyHash<T> = Arc::new(route);
+        self.transform_with(name, parallelism.max(1), Some(hash), make)
     }
 
     fn transform_with<O, F>(
@@ -356,6 +390,18 @@ impl<T: Data> DataStream<T> {
         F: FnMut(T) -> I + Clone + Send + Sync + 'static,
     {
         self.transform("flat_map", move |_| FlatMap::new(f.clone()))
+    }
+
+    /// [`flat_map`](Self::flat_map) with the upstream's parallelism, so it
+    /// runs chained in each upstream subtask (its records by pointer).
+    pub fn local_flat_map<I, F>(&self, f: F) -> DataStream<I::Item>
+    where
+        I: IntoIterator + 'static,
+        I::Item: Data,
+        F: FnMut(T) -> I + Clone + Send + Sync + 'static,
+    {
+        let p = self.env.parallelism_of(self.vertex);
+        self.transform_with("flat_map", p, None, move |_| FlatMap::new(f.clone()))
     }
 
     /// Keeps the records `f` accepts.

@@ -48,6 +48,7 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
             let events = events_tx.clone();
             let pace = coordinator.config().pace;
             let generation = attempt.generation;
+            let restored_epoch = attempt.restored_epoch;
             let parallelism = plan.tasks[id.task].parallelism;
             let plan_ref: &Plan = plan;
             let head = {
@@ -55,6 +56,7 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
                     subtask: id.subtask,
                     parallelism,
                     generation,
+                    restored_epoch,
                 }
                 .enter();
                 let outbox = move || -> Box<dyn Outbox> {
@@ -76,6 +78,7 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
                         subtask: id.subtask,
                         parallelism,
                         generation,
+                        restored_epoch,
                     }
                     .enter();
                     let mut head = head;

@@ -24,6 +24,7 @@ pub mod graph;
 pub mod local;
 pub mod operator;
 pub mod plan;
+pub mod registry;
 pub mod runner;
 pub mod sink;
 pub mod source;

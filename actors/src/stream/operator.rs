@@ -99,6 +99,12 @@ pub trait Operator: Send + 'static {
         Snapshot::empty()
     }
 
+    /// The barrier of checkpoint `epoch` passed this operator, right after
+    /// [`snapshot`](Self::snapshot) froze its state for that epoch.
+    fn barrier_passed(&mut self, epoch: u64) {
+        let _ = epoch;
+    }
+
     /// Checkpoint `epoch` completed everywhere: a transactional sink makes
     /// what it pre-committed for that epoch visible.
     fn notify_checkpoint_complete(&mut self, epoch: u64) {

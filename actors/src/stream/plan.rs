@@ -255,7 +255,7 @@ impl Plan {
             }
         }
         if !external.is_empty() {
-            stages.push((v.channel_out)(external, outbox()));
+            stages.push((v.channel_out)(external, outbox(), v.out_batch));
         }
         (v.fan_out)(stages)
     }

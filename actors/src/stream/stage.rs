@@ -98,6 +98,7 @@ impl<O: Operator> Stage<O::In> for OpStage<O> {
     }
 
     fn barrier(&mut self, epoch: u64) {
+        self.op.barrier_passed(epoch);
         self.next.barrier(epoch);
     }
 

@@ -4,7 +4,12 @@
 //! evaluation.
 
 pub mod data;
+pub mod eval;
 pub mod metrics;
 pub mod optimizer;
+pub mod pipeline;
+pub mod ps;
+pub mod serving;
 pub mod sharding;
 pub mod table;
+pub mod worker;

@@ -1,0 +1,197 @@
+//! Progressive evaluation at the end of the stream: the workers'
+//! predictions (made before training on each row) are put back in stream
+//! order, scored (logloss and AUC over a sliding window and over the whole
+//! stream) and optionally written out, one line per row.
+
+use super::metrics::{Progressive, ProgressiveSnapshot};
+use super::worker::Scored;
+use crate::stream::operator::{decode_state, Collector, EventTime, Operator, Snapshot, StateError};
+use crate::stream::registry;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+
+/// Figures of the evaluation so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalFigures {
+    /// Rows scored.
+    pub rows: u64,
+    /// Logloss over every row.
+    pub logloss: f64,
+    /// AUC over every row.
+    pub auc: f64,
+    /// Logloss over the window.
+    pub window_logloss: f64,
+    /// AUC over the window.
+    pub window_auc: f64,
+    /// The largest staleness a worker's pull saw.
+    pub max_staleness: u64,
+}
+
+/// Where the evaluation publishes its figures, and the predictions file
+/// (kept across recoveries: rows already written are not written again).
+pub struct EvalHandle {
+    figures: Mutex<EvalFigures>,
+    predictions: Mutex<Option<PredictionsFile>>,
+}
+
+struct PredictionsFile {
+    out: std::io::BufWriter<std::fs::File>,
+    written: u64,
+}
+
+impl EvalHandle {
+    /// The handle of job `name` in this process (made if missing).
+    pub fn of(name: &str) -> Arc<EvalHandle> {
+        let key = format!("{name}/eval");
+        registry::get_or_register(&key, || {
+            Arc::new(EvalHandle {
+                figures: Mutex::new(EvalFigures::default()),
+                predictions: Mutex::new(None),
+            })
+        })
+        .unwrap_or_else(|_| {
+            Arc::new(EvalHandle {
+                figures: Mutex::new(EvalFigures::default()),
+                predictions: Mutex::new(None),
+            })
+        })
+    }
+
+    /// Writes every row's prediction to `path` (created or truncated).
+    pub fn write_predictions(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let file = std::fs::File::create(path)?;
+        *self.predictions.lock() = Some(PredictionsFile {
+            out: std::io::BufWriter::with_capacity(1 << 20, file),
+            written: 0,
+        });
+        Ok(())
+    }
+
+    /// Flushes the predictions file.
+    pub fn flush(&self) -> std::io::Result<()> {
+        match self.predictions.lock().as_mut() {
+            Some(p) => p.out.flush(),
+            None => Ok(()),
+        }
+    }
+
+    /// The latest figures.
+    pub fn figures(&self) -> EvalFigures {
+        *self.figures.lock()
+    }
+}
+
+/// Scores the workers' predictions in stream order.
+pub struct EvalSink {
+    handle: Arc<EvalHandle>,
+    progressive: Progressive,
+    next_row: u64,
+    waiting: BTreeMap<u64, Scored>,
+    max_staleness: u64,
+    line: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EvalState {
+    progressive: ProgressiveSnapshot,
+    next_row: u64,
+    waiting: Vec<Scored>,
+    max_staleness: u64,
+}
+
+impl EvalSink {
+    /// The evaluation of job `name`, with a sliding window of `window` rows.
+    pub fn new(name: &str, window: usize) -> Self {
+        Self {
+            handle: EvalHandle::of(name),
+            progressive: Progressive::new(window.max(1)),
+            next_row: 0,
+            waiting: BTreeMap::new(),
+            max_staleness: 0,
+            line: String::new(),
+        }
+    }
+
+    fn take(&mut self, scored: Scored) {
+        self.max_staleness = self.max_staleness.max(scored.staleness);
+        let mut predictions = self.handle.predictions.lock();
+        for (i, (&y, &p)) in scored.labels.iter().zip(&scored.predictions).enumerate() {
+            self.progressive.record(y, p);
+            let row = scored.first_row + i as u64;
+            if let Some(file) = predictions.as_mut() {
+                if row == file.written {
+                    use std::fmt::Write as _;
+                    self.line.clear();
+                    let _ = writeln!(self.line, "{p:.6}");
+                    if file.out.write_all(self.line.as_bytes()).is_ok() {
+                        file.written += 1;
+                    }
+                }
+            }
+        }
+        self.next_row = scored.first_row + scored.labels.len() as u64;
+    }
+
+    fn publish(&self) {
+        *self.handle.figures.lock() = EvalFigures {
+            rows: self.progressive.rows(),
+            logloss: self.progressive.logloss(),
+            auc: self.progressive.auc(),
+            window_logloss: self.progressive.window_logloss(),
+            window_auc: self.progressive.window_auc(),
+            max_staleness: self.max_staleness,
+        };
+    }
+}
+
+impl Operator for EvalSink {
+    type In = Scored;
+    type Out = ();
+
+    fn process(&mut self, scored: Scored, _time: Option<EventTime>, _out: &mut dyn Collector<()>) {
+        self.waiting.insert(scored.first_row, scored);
+        while let Some(next) = self.waiting.remove(&self.next_row) {
+            self.take(next);
+        }
+        self.publish();
+    }
+
+    fn on_end(&mut self, _out: &mut dyn Collector<()>) {
+        let rest: Vec<Scored> = std::mem::take(&mut self.waiting).into_values().collect();
+        for s in rest {
+            self.take(s);
+        }
+        self.publish();
+        let _ = self.handle.flush();
+    }
+
+    fn snapshot(&mut self) -> Snapshot {
+        Snapshot::of(EvalState {
+            progressive: self.progressive.snapshot(),
+            next_row: self.next_row,
+            waiting: self.waiting.values().cloned().collect(),
+            max_staleness: self.max_staleness,
+        })
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let state: EvalState = decode_state(bytes)?;
+        self.progressive = Progressive::restore(&state.progressive)
+            .map_err(|e| StateError::Decode(e.to_string()))?;
+        self.next_row = state.next_row;
+        self.waiting = state
+            .waiting
+            .into_iter()
+            .map(|s| (s.first_row, s))
+            .collect();
+        self.max_staleness = state.max_staleness;
+        self.publish();
+        Ok(())
+    }
+}

@@ -1,0 +1,449 @@
+//! The online-learning job: a replayable source of training micro-batches
+//! → training workers → parameter-server shards → serving, with the
+//! workers' predictions going to progressive evaluation.
+//!
+//! ```text
+//! source ──seq mod W──▶ worker ×W ──push by shard──▶ shard ×S ──delta──▶ serving
+//!                          │  ▲ pull (in place)        │
+//!                          │  └────────────────────────┘
+//!                          └──predictions──▶ eval
+//! ```
+//!
+//! ```
+//! use braid_actors::stream::{coordinator::JobConfig, graph::StreamEnv, local, plan::Plan};
+//! use braid_actors::checkpoint::storage::CheckpointStorage;
+//! use braid_actors::train::data::{SyntheticConfig, SyntheticStream};
+//! use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
+//! use braid_actors::train::pipeline::{self, PipelineConfig, SyntheticReader};
+//! use braid_actors::train::ps::PsConfig;
+//! use braid_actors::train::serving::Serving;
+//!
+//! let ftrl = OptimizerKind::Ftrl(FtrlParams { alpha: 0.1, beta: 1.0, l1: 0.0, l2: 0.0 });
+//! let ps = PsConfig::new("doc-job", 2, 2, ftrl);
+//! let config = PipelineConfig::new(ps.clone());
+//! let env = StreamEnv::new(1);
+//! pipeline::build(&env, config, || {
+//!     let stream = SyntheticStream::new(SyntheticConfig { rows: 20_000, ..Default::default() })?;
+//!     Ok(Box::new(SyntheticReader(stream)) as Box<dyn pipeline::RowReader>)
+//! })?;
+//! local::run(&Plan::new(env.into_graph()), JobConfig::new(CheckpointStorage::in_memory("doc-job", 2)))?;
+//! assert_eq!(Serving::of(&ps).version().records, 20_000);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use super::data::{
+    CriteoConfig, CriteoParser, DataError, FeatureBatch, GenCtrParser, ParseStats, SyntheticStream,
+};
+use super::eval::EvalSink;
+use super::ps::{Consistency, PsConfig, ShardOperator, TrainBatch};
+use super::serving::ServingSink;
+use super::worker::TrainWorker;
+use crate::stream::graph::StreamEnv;
+use crate::stream::operator::{decode_state, Collector, StateError};
+use crate::stream::source::{Source, SourcePoll};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use thiserror::Error;
+
+/// Rows from an input, with a position to resume from.
+pub trait RowReader: Send + 'static {
+    /// Appends up to `max_rows` rows to `batch`; 0 at the end.
+    fn read(&mut self, batch: &mut FeatureBatch, max_rows: usize) -> Result<usize, DataError>;
+    /// The position after the last row read.
+    fn offset(&self) -> Vec<u8>;
+    /// Continues from a position [`RowReader::offset`] returned.
+    fn seek(&mut self, offset: &[u8]) -> Result<(), DataError>;
+    /// Malformed lines skipped so far.
+    fn skipped(&self) -> u64 {
+        0
+    }
+}
+
+/// The built-in synthetic click stream as a [`RowReader`].
+pub struct SyntheticReader(pub SyntheticStream);
+
+impl RowReader for SyntheticReader {
+    fn read(&mut self, batch: &mut FeatureBatch, max_rows: usize) -> Result<usize, DataError> {
+        Ok(self.0.fill(batch, max_rows))
+    }
+
+    fn offset(&self) -> Vec<u8> {
+        self.0.position().to_le_bytes().to_vec()
+    }
+
+    fn seek(&mut self, offset: &[u8]) -> Result<(), DataError> {
+        let bytes: [u8; 8] = offset
+            .try_into()
+            .map_err(|_| DataError::Io(std::io::Error::other("bad synthetic offset")))?;
+        self.0.seek(u64::from_le_bytes(bytes))
+    }
+}
+
+/// A text file's parser, for [`FileReader`].
+pub enum LineFormat {
+    /// `label id id …` lines (`shared/data/gen_ctr.py`).
+    GenCtr(GenCtrParser),
+    /// Criteo TSV.
+    Criteo(CriteoParser),
+}
+
+impl LineFormat {
+    fn read<R: BufRead>(
+        &mut self,
+        r: &mut R,
+        batch: &mut FeatureBatch,
+        max: usize,
+    ) -> Result<ParseStats, DataError> {
+        match self {
+            LineFormat::GenCtr(p) => p.read_batch(r, batch, max),
+            LineFormat::Criteo(p) => p.read_batch(r, batch, max),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            LineFormat::GenCtr(p) => p.bytes(),
+            LineFormat::Criteo(p) => p.bytes(),
+        }
+    }
+
+    fn skipped(&self) -> u64 {
+        match self {
+            LineFormat::GenCtr(p) => p.skipped(),
+            LineFormat::Criteo(p) => p.skipped(),
+        }
+    }
+
+    fn fresh(&self, bits: u32) -> Result<LineFormat, DataError> {
+        Ok(match self {
+            LineFormat::GenCtr(_) => LineFormat::GenCtr(GenCtrParser::with_bits(bits)?),
+            LineFormat::Criteo(_) => LineFormat::Criteo(CriteoParser::new(CriteoConfig {
+                bits,
+                ..CriteoConfig::default()
+            })?),
+        })
+    }
+}
+
+/// A gen_ctr or Criteo file as a [`RowReader`]; its offset is the byte
+/// offset after the last line read.
+pub struct FileReader {
+    path: PathBuf,
+    bits: u32,
+    reader: BufReader<std::fs::File>,
+    format: LineFormat,
+    base: u64,
+    skipped_before: u64,
+}
+
+impl FileReader {
+    /// Reads a gen_ctr file, skipping ids not below `2^bits`.
+    pub fn gen_ctr(path: impl Into<PathBuf>, bits: u32) -> Result<Self, DataError> {
+        Self::open(
+            path.into(),
+            bits,
+            LineFormat::GenCtr(GenCtrParser::with_bits(bits)?),
+        )
+    }
+
+    /// Reads a Criteo TSV file, hashing features into `2^bits` buckets.
+    pub fn criteo(path: impl Into<PathBuf>, bits: u32) -> Result<Self, DataError> {
+        let format = LineFormat::Criteo(CriteoParser::new(CriteoConfig {
+            bits,
+            ..CriteoConfig::default()
+        })?);
+        Self::open(path.into(), bits, format)
+    }
+
+    fn open(path: PathBuf, bits: u32, format: LineFormat) -> Result<Self, DataError> {
+        let file = std::fs::File::open(&path).map_err(DataError::Io)?;
+        Ok(Self {
+            path,
+            bits,
+            reader: BufReader::with_capacity(1 << 20, file),
+            format,
+            base: 0,
+            skipped_before: 0,
+        })
+    }
+}
+
+impl RowReader for FileReader {
+    fn read(&mut self, batch: &mut FeatureBatch, max_rows: usize) -> Result<usize, DataError> {
+        let before = batch.rows();
+        self.format.read(&mut self.reader, batch, max_rows)?;
+        Ok(batch.rows() - before)
+    }
+
+    fn offset(&self) -> Vec<u8> {
+        let mut out = (self.base + self.format.bytes()).to_le_bytes().to_vec();
+        out.extend_from_slice(&self.skipped().to_le_bytes());
+        out
+    }
+
+    fn seek(&mut self, offset: &[u8]) -> Result<(), DataError> {
+        let bad = || DataError::Io(std::io::Error::other("bad file offset"));
+        if offset.len() != 16 {
+            return Err(bad());
+        }
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&offset[..8]);
+        let at = u64::from_le_bytes(word);
+        word.copy_from_slice(&offset[8..]);
+        let skipped = u64::from_le_bytes(word);
+        let mut file = std::fs::File::open(&self.path).map_err(DataError::Io)?;
+        file.seek(SeekFrom::Start(at)).map_err(DataError::Io)?;
+        self.reader = BufReader::with_capacity(1 << 20, file);
+        self.format = self.format.fresh(self.bits)?;
+        self.base = at;
+        self.skipped_before = skipped;
+        Ok(())
+    }
+
+    fn skipped(&self) -> u64 {
+        self.skipped_before + self.format.skipped()
+    }
+}
+
+/// Makes the reader of a source (called again on every recovery).
+pub type MakeReader = Arc<dyn Fn() -> Result<Box<dyn RowReader>, DataError> + Send + Sync>;
+
+/// The source of training micro-batches: per poll, one round of one batch
+/// per worker (so that in BSP mode every step has a batch for every
+/// worker, and a barrier always falls between rounds).
+pub struct TrainSource {
+    reader: Result<Box<dyn RowReader>, String>,
+    workers: usize,
+    batch_rows: usize,
+    rows_left: u64,
+    rate: Option<f64>,
+    started: Instant,
+    sent_since_start: u64,
+    seq: u64,
+    rows: u64,
+    pad_rounds: bool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SourceOffset {
+    reader: Vec<u8>,
+    seq: u64,
+    rows: u64,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl TrainSource {
+    fn new(reader: Result<Box<dyn RowReader>, String>, config: &PipelineConfig) -> Self {
+        Self {
+            reader,
+            workers: config.ps.workers,
+            batch_rows: config.batch_rows.max(1),
+            rows_left: config.rows.unwrap_or(u64::MAX),
+            rate: config.rate.filter(|r| *r > 0.0),
+            started: Instant::now(),
+            sent_since_start: 0,
+            seq: 0,
+            rows: 0,
+            pad_rounds: config.ps.consistency == Consistency::Bsp,
+        }
+    }
+}
+
+impl Source for TrainSource {
+    type Out = TrainBatch;
+
+    fn poll(&mut self, out: &mut dyn Collector<TrainBatch>, _max: usize) -> SourcePoll {
+        let reader = match &mut self.reader {
+            Ok(r) => r,
+            Err(e) => panic!("the training source cannot read its input: {e}"),
+        };
+        let round = (self.batch_rows * self.workers) as u64;
+        let mut allowance = round;
+        if let Some(rate) = self.rate {
+            let due = (self.started.elapsed().as_secs_f64() * rate) as u64;
+            allowance = allowance.min(due.saturating_sub(self.sent_since_start));
+            // BSP keeps its batches whole (deterministic boundaries): it
+            // waits for a full round, or the end of the input.
+            if allowance == 0 || (self.pad_rounds && allowance < round.min(self.rows_left)) {
+                return SourcePoll::Idle;
+            }
+        }
+        allowance = allowance.min(self.rows_left);
+        if allowance == 0 {
+            return SourcePoll::Exhausted;
+        }
+        let per_worker = (allowance as usize).div_ceil(self.workers).max(1);
+        let mut round = Vec::with_capacity(self.workers);
+        let mut total = 0;
+        for _ in 0..self.workers {
+            let want = per_worker.min((allowance - total) as usize);
+            let mut batch = FeatureBatch::with_capacity(want, want * 40);
+            let ingest_ns = now_ns();
+            let got = if want == 0 {
+                0
+            } else {
+                match reader.read(&mut batch, want) {
+                    Ok(n) => n,
+                    Err(e) => panic!("the training source cannot read its input: {e}"),
+                }
+            };
+            total += got as u64;
+            round.push((batch, ingest_ns));
+        }
+        if total == 0 {
+            self.rows_left = 0;
+            return SourcePoll::Exhausted;
+        }
+        let mut emitted = 0;
+        for (batch, ingest_ns) in round {
+            if batch.is_empty() && !self.pad_rounds {
+                continue;
+            }
+            let rows = batch.rows() as u64;
+            out.emit(
+                TrainBatch {
+                    seq: self.seq,
+                    first_row: self.rows,
+                    ingest_ns,
+                    batch,
+                },
+                None,
+            );
+            self.seq += 1;
+            self.rows += rows;
+            emitted += 1;
+        }
+        self.rows_left -= total;
+        self.sent_since_start += total;
+        SourcePoll::Emitted(emitted)
+    }
+
+    fn offset(&self) -> Vec<u8> {
+        let reader = match &self.reader {
+            Ok(r) => r.offset(),
+            Err(_) => Vec::new(),
+        };
+        bincode::serialize(&SourceOffset {
+            reader,
+            seq: self.seq,
+            rows: self.rows,
+        })
+        .unwrap_or_default()
+    }
+
+    fn seek(&mut self, offset: &[u8]) -> Result<(), StateError> {
+        let o: SourceOffset = decode_state(offset)?;
+        let reader = self
+            .reader
+            .as_mut()
+            .map_err(|e| StateError::Decode(e.clone()))?;
+        reader
+            .seek(&o.reader)
+            .map_err(|e| StateError::Decode(e.to_string()))?;
+        self.rows_left = self.rows_left.saturating_sub(o.rows);
+        self.seq = o.seq;
+        self.rows = o.rows;
+        Ok(())
+    }
+}
+
+/// How the job is put together.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// The parameter server (workers, shards, optimizer, consistency).
+    pub ps: PsConfig,
+    /// Most rows per worker per micro-batch.
+    pub batch_rows: usize,
+    /// Rows of the evaluation's sliding window.
+    pub window: usize,
+    /// Stop after this many rows.
+    pub rows: Option<u64>,
+    /// Rows per second the source reads at most.
+    pub rate: Option<f64>,
+}
+
+impl PipelineConfig {
+    /// Defaults: 256-row micro-batches, a 10,000-row window, no limits.
+    pub fn new(ps: PsConfig) -> Self {
+        Self {
+            ps,
+            batch_rows: 256,
+            window: 10_000,
+            rows: None,
+            rate: None,
+        }
+    }
+}
+
+/// Why the job cannot be built.
+#[derive(Debug, Error)]
+pub enum BuildError {
+    /// The optimizer's hyper-parameters are out of range.
+    #[error(transparent)]
+    Params(#[from] super::optimizer::ParamsError),
+    /// BSP needs serving refreshes by rows only (time-based ones would
+    /// publish different versions on different shards).
+    #[error("BSP refreshes serving by rows only: set refresh_ms to 0")]
+    TimedRefreshUnderBsp,
+}
+
+/// Adds the online-learning job to `env`, reading rows from `reader()`.
+pub fn build(
+    env: &StreamEnv,
+    config: PipelineConfig,
+    reader: impl Fn() -> Result<Box<dyn RowReader>, DataError> + Send + Sync + 'static,
+) -> Result<(), BuildError> {
+    config.ps.optimizer.validate()?;
+    if config.ps.consistency == Consistency::Bsp && config.ps.refresh_ms > 0 {
+        return Err(BuildError::TimedRefreshUnderBsp);
+    }
+    let workers = config.ps.workers as u64;
+    let source_config = config.clone();
+    let batches = env
+        .source("source", move |_, _| {
+            TrainSource::new(reader().map_err(|e| e.to_string()), &source_config)
+        })
+        .parallelism(1)
+        .batch_records(1);
+    let ps = config.ps.clone();
+    let worker_out = batches.transform_routed(
+        "worker",
+        config.ps.workers,
+        move |b: &TrainBatch| b.seq % workers,
+        {
+            let ps = ps.clone();
+            move |i| TrainWorker::new(ps.clone(), i)
+        },
+    );
+    let pushes = worker_out
+        .local_flat_map(|o: super::worker::WorkerOut| o.push())
+        .batch_records(1);
+    let scored = worker_out
+        .local_flat_map(|o: super::worker::WorkerOut| o.scored())
+        .batch_records(1);
+    let shard_ps = ps.clone();
+    let deltas = pushes
+        .transform_routed(
+            "shard",
+            ps.shards,
+            |p: &super::ps::Push| p.shard as u64,
+            move |i| match ShardOperator::new(shard_ps.clone(), i) {
+                Ok(op) => op,
+                Err(e) => panic!("shard {i}: {e}"),
+            },
+        )
+        .batch_records(1);
+    let serving_ps = ps.clone();
+    let _ = deltas.transform_routed("serving", 1, |_| 0, move |_| ServingSink::new(&serving_ps));
+    let name = ps.name.clone();
+    let window = config.window;
+    let _ = scored.transform_routed("eval", 1, |_| 0, move |_| EvalSink::new(&name, window));
+    Ok(())
+}

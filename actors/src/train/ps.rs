@@ -1,0 +1,863 @@
+//! The parameter server: shards of the model, each a stream operator that
+//! applies the gradients the training workers push to it and answers their
+//! pulls.
+//!
+//! * **Keys** are spread over the shards by consistent hashing with virtual
+//!   nodes ([`ConsistentHash`]).
+//! * **Pushes travel in the stream** (worker → shard, keyed by shard), so
+//!   a shard aligns the checkpoint barrier from every worker before it
+//!   snapshots: a checkpoint holds exactly the updates of the records
+//!   before it, and after a recovery the records after it are trained
+//!   again, once.
+//! * **Pulls read the shard in place**: a shard registers its state in the
+//!   process ([`registry`]) and a worker reads the weights it needs under
+//!   the shard's lock, waiting while the consistency mode requires.
+//! * **Consistency** ([`Consistency`]): BSP applies a step's pushes only
+//!   when every worker's has arrived, in worker order, so a run (and its
+//!   replay) is deterministic; SSP lets a worker run at most τ steps ahead
+//!   of the slowest; ASP never waits.
+//! * **Serving refresh**: after every `refresh_rows` rows (or
+//!   `refresh_ms`), a shard emits a [`Delta`] of the keys it changed, for
+//!   the serving model.
+//! * **Key policies** ([`KeyPolicy`]): admission after a minimum count and
+//!   eviction above a capacity are hooks a shard runs on its table.
+
+use super::data::FeatureBatch;
+use super::optimizer::{Model, OptimizerKind, PushError};
+use super::sharding::ConsistentHash;
+use super::table::ParamTable;
+use crate::stream::context::TaskContext;
+use crate::stream::operator::{Collector, EventTime, Operator, Snapshot, StateError};
+use crate::stream::registry;
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// How far workers may drift apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Consistency {
+    /// Bulk-synchronous: step `c` reads the model after every worker's
+    /// step `c − 1`, and a step's pushes are applied together, in worker
+    /// order. Deterministic.
+    Bsp,
+    /// Asynchronous: pulls never wait; pushes apply as they arrive.
+    Asp,
+    /// Bounded staleness: step `c` waits until every worker finished step
+    /// `c − 1 − τ`.
+    Ssp(u64),
+}
+
+impl Consistency {
+    /// The steps a worker may run ahead of the slowest one, if bounded.
+    pub fn staleness(self) -> Option<u64> {
+        match self {
+            Consistency::Bsp => Some(0),
+            Consistency::Ssp(t) => Some(t),
+            Consistency::Asp => None,
+        }
+    }
+}
+
+/// A consistency mode that does not parse.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("unknown consistency {0:?}: expected bsp, asp or ssp:<steps>")]
+pub struct ConsistencyParseError(pub String);
+
+impl FromStr for Consistency {
+    type Err = ConsistencyParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConsistencyParseError(s.to_string());
+        match s.trim().to_ascii_lowercase().as_str() {
+            "bsp" => Ok(Consistency::Bsp),
+            "asp" => Ok(Consistency::Asp),
+            other => {
+                let tau = other.strip_prefix("ssp:").ok_or_else(bad)?;
+                tau.parse().map(Consistency::Ssp).map_err(|_| bad())
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Consistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Consistency::Bsp => write!(f, "bsp"),
+            Consistency::Asp => write!(f, "asp"),
+            Consistency::Ssp(t) => write!(f, "ssp:{t}"),
+        }
+    }
+}
+
+/// Which keys a shard keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum KeyPolicy {
+    /// Every key pushed is kept.
+    #[default]
+    KeepAll,
+    /// A key gets a weight only from its `min_count`-th push on; earlier
+    /// pushes are counted, not applied.
+    MinCount(u32),
+    /// Above `max_keys` keys, the keys with the fewest updates (smallest
+    /// accumulated squared gradient) are evicted down to 90% of it.
+    Capacity(usize),
+}
+
+/// The parameter server's settings, shared by every worker and shard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PsConfig {
+    /// A name unique in the process (shards register under it).
+    pub name: String,
+    /// Shards.
+    pub shards: usize,
+    /// Training workers.
+    pub workers: usize,
+    /// Virtual nodes per shard on the hash ring.
+    pub replicas: u32,
+    /// The optimizer, run on the shards.
+    pub optimizer: OptimizerKind,
+    /// Consistency between workers.
+    pub consistency: Consistency,
+    /// Keys a shard's table holds before it grows.
+    pub capacity: usize,
+    /// Emit a serving delta after this many rows were applied…
+    pub refresh_rows: u64,
+    /// …or this much time passed since the last one (whichever first).
+    pub refresh_ms: u64,
+    /// Admission and eviction.
+    pub policy: KeyPolicy,
+    /// How long a pull waits for slower workers before it fails.
+    pub pull_timeout: Duration,
+    /// A failure to inject.
+    pub crash: Option<Crash>,
+}
+
+impl PsConfig {
+    /// A configuration with one shard per worker, no serving throttle
+    /// (a delta after every step), and FTRL's state kept for every key.
+    pub fn new(name: &str, workers: usize, shards: usize, optimizer: OptimizerKind) -> Self {
+        Self {
+            name: name.to_string(),
+            shards: shards.max(1),
+            workers: workers.max(1),
+            replicas: 64,
+            optimizer,
+            consistency: Consistency::Bsp,
+            capacity: 0,
+            refresh_rows: 1,
+            refresh_ms: 0,
+            policy: KeyPolicy::KeepAll,
+            pull_timeout: Duration::from_secs(60),
+            crash: None,
+        }
+    }
+
+    /// The hash ring of the shards.
+    pub fn ring(&self) -> ConsistentHash {
+        ConsistentHash::new(self.shards as u32, self.replicas)
+    }
+
+    fn shard_name(&self, generation: u64, shard: usize) -> String {
+        format!("{}/g{generation}/shard{shard}", self.name)
+    }
+}
+
+/// A model version: the checkpoint epoch the state last passed, and the
+/// records whose gradients it holds. In BSP mode the records are an exact
+/// prefix of the stream.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub struct ModelVersion {
+    /// The last checkpoint barrier passed.
+    pub epoch: u64,
+    /// Records trained.
+    pub records: u64,
+}
+
+impl std::fmt::Display for ModelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "e{}+{}", self.epoch, self.records)
+    }
+}
+
+/// One training micro-batch from the source: `rows` rows starting at
+/// stream position `first_row`, read at `ingest_ns` (wall clock).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainBatch {
+    /// Its index in the stream (workers take `seq mod workers`).
+    pub seq: u64,
+    /// The stream position of its first row.
+    pub first_row: u64,
+    /// When its first row was read (ns since the Unix epoch).
+    pub ingest_ns: u64,
+    /// The rows.
+    pub batch: FeatureBatch,
+}
+
+#[derive(Serialize)]
+struct TrainBatchOut<'a> {
+    seq: u64,
+    first_row: u64,
+    ingest_ns: u64,
+    labels: &'a [f32],
+    offsets: &'a [u32],
+    ids: &'a [u64],
+    values: Option<&'a [f32]>,
+}
+
+#[derive(Deserialize)]
+struct TrainBatchIn {
+    seq: u64,
+    first_row: u64,
+    ingest_ns: u64,
+    labels: Vec<f32>,
+    offsets: Vec<u32>,
+    ids: Vec<u64>,
+    values: Option<Vec<f32>>,
+}
+
+impl Serialize for TrainBatch {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        TrainBatchOut {
+            seq: self.seq,
+            first_row: self.first_row,
+            ingest_ns: self.ingest_ns,
+            labels: self.batch.labels(),
+            offsets: self.batch.offsets(),
+            ids: self.batch.ids(),
+            values: self.batch.values(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for TrainBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let b = TrainBatchIn::deserialize(deserializer)?;
+        let batch = FeatureBatch::from_parts(b.labels, b.offsets, b.ids, b.values)
+            .map_err(serde::de::Error::custom)?;
+        Ok(TrainBatch {
+            seq: b.seq,
+            first_row: b.first_row,
+            ingest_ns: b.ingest_ns,
+            batch,
+        })
+    }
+}
+
+/// Gradients one worker's step sends to one shard: `grads[i]` for
+/// `keys[i]`, applied in order (a key may repeat, once per occurrence).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Push {
+    /// The shard.
+    pub shard: u32,
+    /// The worker.
+    pub worker: u32,
+    /// The worker's step (its batch count before this batch).
+    pub step: u64,
+    /// Keys, in row order.
+    pub keys: Vec<u64>,
+    /// Their gradients.
+    pub grads: Vec<f32>,
+    /// Rows in the worker's batch.
+    pub rows: u64,
+    /// The batch's stream index.
+    pub seq: u64,
+    /// When the batch's first row was read.
+    pub ingest_ns: u64,
+    /// The worker's input ended: no step `step` or later will come.
+    pub done: bool,
+}
+
+/// A batch the serving model includes once every shard applied it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedBatch {
+    /// Its stream index.
+    pub seq: u64,
+    /// Its rows.
+    pub rows: u64,
+    /// When its first row was read.
+    pub ingest_ns: u64,
+}
+
+/// Weights a shard changed since its previous delta, for serving.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    /// The shard.
+    pub shard: u32,
+    /// The shard's version after the delta.
+    pub version: ModelVersion,
+    /// Replace the shard's part of the serving model (after a restore, and
+    /// in a shard's first delta) instead of updating it.
+    pub full: bool,
+    /// Keys, ascending, without repeats.
+    pub keys: Vec<u64>,
+    /// Their weights.
+    pub weights: Vec<f32>,
+    /// Batches applied since the previous delta.
+    pub batches: Vec<AppliedBatch>,
+}
+
+/// Why a pull failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum PullError {
+    /// The shard is not registered in this process.
+    #[error("parameter-server shard {0} is not reachable: {1}")]
+    Unreachable(usize, String),
+    /// Slower workers did not catch up in time.
+    #[error("shard {shard}: step {step} waited {waited_ms} ms for slower workers")]
+    Timeout {
+        /// The shard.
+        shard: usize,
+        /// The step that waited.
+        step: u64,
+        /// For how long.
+        waited_ms: u64,
+    },
+    /// The shard's operator stopped (its attempt failed).
+    #[error("shard {0} stopped")]
+    Stopped(usize),
+}
+
+/// Why a shard refused a push.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    /// The push came from a worker this shard does not know.
+    #[error("push from worker {worker}, but there are {workers} workers")]
+    UnknownWorker {
+        /// The worker.
+        worker: u32,
+        /// Workers configured.
+        workers: usize,
+    },
+    /// A step was pushed twice, or out of order.
+    #[error("worker {worker} pushed step {step}, expected {expected}")]
+    OutOfOrder {
+        /// The worker.
+        worker: u32,
+        /// The step pushed.
+        step: u64,
+        /// The step expected.
+        expected: u64,
+    },
+    /// The optimizer refused the gradients.
+    #[error(transparent)]
+    Push(#[from] PushError),
+}
+
+/// Clock bookkeeping of one shard, also what a pull reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullStats {
+    /// Steps the slowest unfinished worker had applied when the pull read.
+    pub min_clock: u64,
+    /// `step − min_clock`: how many steps of others the pull could not see
+    /// (0 in BSP).
+    pub staleness: u64,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct ShardMeta {
+    clocks: Vec<u64>,
+    next_step: Vec<u64>,
+    done: Vec<bool>,
+    pending: BTreeMap<u64, Vec<Option<Push>>>,
+    records: u64,
+    epoch: u64,
+    counts: Vec<(u64, u32)>,
+    max_staleness: u64,
+}
+
+struct ShardState {
+    model: Model,
+    meta: ShardMeta,
+    counts: ParamTable<[f32; 2]>,
+    stopped: bool,
+}
+
+/// A shard's state, shared between its operator (which applies pushes)
+/// and the workers that pull from it.
+pub struct ShardCell {
+    index: usize,
+    state: Mutex<ShardState>,
+    changed: Condvar,
+    staleness: Option<u64>,
+}
+
+impl ShardCell {
+    fn min_clock(meta: &ShardMeta) -> u64 {
+        meta.clocks
+            .iter()
+            .zip(&meta.done)
+            .filter(|(_, d)| !**d)
+            .map(|(c, _)| *c)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Reads the weights of `keys` into `out` (absent keys read 0) for a
+    /// worker's step `step`, once the consistency mode allows it.
+    pub fn pull(
+        &self,
+        step: u64,
+        keys: &[u64],
+        out: &mut Vec<f32>,
+        timeout: Duration,
+    ) -> Result<PullStats, PullError> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut state = self.state.lock();
+        loop {
+            if state.stopped {
+                return Err(PullError::Stopped(self.index));
+            }
+            let min = Self::min_clock(&state.meta);
+            let ready = match self.staleness {
+                None => true,
+                Some(tau) => min.saturating_add(tau) >= step,
+            };
+            if ready {
+                let staleness = step.saturating_sub(min.min(step));
+                state.meta.max_staleness = state.meta.max_staleness.max(staleness);
+                state.model.pull(keys, out);
+                return Ok(PullStats {
+                    min_clock: min,
+                    staleness,
+                });
+            }
+            if self.changed.wait_until(&mut state, deadline).timed_out() {
+                return Err(PullError::Timeout {
+                    shard: self.index,
+                    step,
+                    waited_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+        }
+    }
+
+    /// The largest staleness any pull saw.
+    pub fn max_staleness(&self) -> u64 {
+        self.state.lock().meta.max_staleness
+    }
+
+    /// Keys held and the table's bytes per key.
+    pub fn footprint(&self) -> (usize, usize) {
+        let s = self.state.lock();
+        (s.model.table().len(), s.model.table().bytes())
+    }
+
+    fn stop(&self) {
+        self.state.lock().stopped = true;
+        self.changed.notify_all();
+    }
+}
+
+/// One parameter-server shard as a stream operator: pushes in, serving
+/// deltas out.
+pub struct ShardOperator {
+    config: PsConfig,
+    cell: Arc<ShardCell>,
+    name: String,
+    dirty: Vec<u64>,
+    batches: Vec<AppliedBatch>,
+    rows_since: u64,
+    last_delta: Instant,
+    sent_full: bool,
+}
+
+impl ShardOperator {
+    /// Shard `index` of `config`, registered for the workers of the
+    /// current attempt.
+    pub fn new(config: PsConfig, index: usize) -> Result<Self, StateError> {
+        let ctx = TaskContext::current();
+        let model = Model::with_capacity(config.optimizer, config.capacity)
+            .map_err(|e| StateError::Decode(e.to_string()))?
+            .with_bias_key(None);
+        let workers = config.workers;
+        let cell = Arc::new(ShardCell {
+            index,
+            state: Mutex::new(ShardState {
+                model,
+                meta: ShardMeta {
+                    clocks: vec![0; workers],
+                    next_step: vec![0; workers],
+                    done: vec![false; workers],
+                    pending: BTreeMap::new(),
+                    records: 0,
+                    epoch: 0,
+                    counts: Vec::new(),
+                    max_staleness: 0,
+                },
+                counts: ParamTable::new(),
+                stopped: false,
+            }),
+            changed: Condvar::new(),
+            staleness: config.consistency.staleness(),
+        });
+        let name = config.shard_name(ctx.generation, index);
+        registry::register(&name, cell.clone());
+        Ok(Self {
+            config,
+            cell,
+            name,
+            dirty: Vec::new(),
+            batches: Vec::new(),
+            rows_since: 0,
+            last_delta: Instant::now(),
+            sent_full: false,
+        })
+    }
+
+    /// The shard's shared state.
+    pub fn cell(&self) -> &Arc<ShardCell> {
+        &self.cell
+    }
+
+    fn apply_one(
+        state: &mut ShardState,
+        policy: KeyPolicy,
+        push: &Push,
+        dirty: &mut Vec<u64>,
+    ) -> Result<(), ApplyError> {
+        match policy {
+            KeyPolicy::MinCount(min) if min > 1 => {
+                let mut keys = Vec::with_capacity(push.keys.len());
+                let mut grads = Vec::with_capacity(push.grads.len());
+                for (&k, &g) in push.keys.iter().zip(&push.grads) {
+                    if state.model.table().contains_key(k) {
+                        keys.push(k);
+                        grads.push(g);
+                        continue;
+                    }
+                    let c = state.counts.get_or_insert_default(k);
+                    c[0] += 1.0;
+                    if c[0] >= min as f32 {
+                        state.counts.remove(k);
+                        keys.push(k);
+                        grads.push(g);
+                    }
+                }
+                state.model.push(&keys, &grads)?;
+                dirty.extend_from_slice(&keys);
+            }
+            _ => {
+                state.model.push(&push.keys, &push.grads)?;
+                dirty.extend_from_slice(&push.keys);
+            }
+        }
+        if let KeyPolicy::Capacity(max) = policy {
+            let table = state.model.table_mut();
+            if max > 0 && table.len() > max {
+                let mut ns: Vec<f32> = table.iter().map(|(_, s)| s[1]).collect();
+                let keep = max * 9 / 10;
+                let cut_at = ns.len() - keep;
+                ns.select_nth_unstable_by(cut_at, |a, b| a.total_cmp(b));
+                let threshold = ns[cut_at];
+                table.retain(|_, s| s[1] >= threshold);
+            }
+        }
+        state.meta.records += push.rows;
+        Ok(())
+    }
+
+    fn apply(&mut self, push: Push) -> Result<(), ApplyError> {
+        let workers = self.config.workers;
+        let w = push.worker as usize;
+        if w >= workers {
+            return Err(ApplyError::UnknownWorker {
+                worker: push.worker,
+                workers,
+            });
+        }
+        let cell = self.cell.clone();
+        let mut state = cell.state.lock();
+        let state = &mut *state;
+        if push.step != state.meta.next_step[w] {
+            return Err(ApplyError::OutOfOrder {
+                worker: push.worker,
+                step: push.step,
+                expected: state.meta.next_step[w],
+            });
+        }
+        if push.done {
+            state.meta.done[w] = true;
+        } else {
+            state.meta.next_step[w] = push.step + 1;
+        }
+        let policy = self.config.policy;
+        if self.cell.staleness == Some(0) {
+            if !push.done {
+                let slots = state
+                    .meta
+                    .pending
+                    .entry(push.step)
+                    .or_insert_with(|| vec![None; workers]);
+                slots[w] = Some(push);
+            }
+            while let Some((&step, slots)) = state.meta.pending.iter().next() {
+                let complete = slots
+                    .iter()
+                    .zip(&state.meta.done)
+                    .all(|(s, done)| s.is_some() || *done);
+                if !complete {
+                    break;
+                }
+                let slots = state.meta.pending.remove(&step).unwrap_or_default();
+                for push in slots.into_iter().flatten() {
+                    Self::apply_one(state, policy, &push, &mut self.dirty)?;
+                    self.note_batch(&push);
+                    let worker = push.worker as usize;
+                    state.meta.clocks[worker] = step + 1;
+                }
+            }
+        } else if !push.done {
+            Self::apply_one(state, policy, &push, &mut self.dirty)?;
+            self.note_batch(&push);
+            state.meta.clocks[w] = push.step + 1;
+        }
+        self.cell.changed.notify_all();
+        Ok(())
+    }
+
+    fn note_batch(&mut self, push: &Push) {
+        self.rows_since += push.rows;
+        self.batches.push(AppliedBatch {
+            seq: push.seq,
+            rows: push.rows,
+            ingest_ns: push.ingest_ns,
+        });
+    }
+
+    fn emit_delta(&mut self, out: &mut dyn Collector<Delta>, force: bool) {
+        let due = !self.sent_full
+            || force
+            || self.rows_since >= self.config.refresh_rows.max(1)
+            || (self.config.refresh_ms > 0
+                && self.last_delta.elapsed() >= Duration::from_millis(self.config.refresh_ms)
+                && self.rows_since > 0);
+        if !due {
+            return;
+        }
+        let state = self.cell.state.lock();
+        let full = !self.sent_full;
+        let (keys, weights) = if full {
+            let mut keys: Vec<u64> = state.model.table().iter().map(|(k, _)| k).collect();
+            keys.sort_unstable();
+            let mut weights = Vec::new();
+            state.model.pull(&keys, &mut weights);
+            (keys, weights)
+        } else {
+            let mut keys = std::mem::take(&mut self.dirty);
+            keys.sort_unstable();
+            keys.dedup();
+            let mut weights = Vec::new();
+            state.model.pull(&keys, &mut weights);
+            (keys, weights)
+        };
+        let version = ModelVersion {
+            epoch: state.meta.epoch,
+            records: state.meta.records,
+        };
+        drop(state);
+        self.dirty.clear();
+        self.sent_full = true;
+        self.rows_since = 0;
+        self.last_delta = Instant::now();
+        out.emit(
+            Delta {
+                shard: self.cell.index as u32,
+                version,
+                full,
+                keys,
+                weights,
+                batches: std::mem::take(&mut self.batches),
+            },
+            None,
+        );
+    }
+}
+
+impl Drop for ShardOperator {
+    fn drop(&mut self) {
+        self.cell.stop();
+        registry::unregister(&self.name, &self.cell);
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ShardSnapshot {
+    meta: ShardMeta,
+    model: Vec<u8>,
+    counts: Vec<u8>,
+}
+
+impl Operator for ShardOperator {
+    type In = Push;
+    type Out = Delta;
+
+    fn process(&mut self, push: Push, _time: Option<EventTime>, out: &mut dyn Collector<Delta>) {
+        if let Some(Crash::Shard(i, step)) = self.config.crash {
+            if i == self.cell.index && push.step >= step && first_crash(&self.config) {
+                self.cell.stop();
+                panic!("shard {i} crashed at step {} (injected)", push.step);
+            }
+        }
+        if let Err(e) = self.apply(push) {
+            self.cell.stop();
+            panic!("parameter-server shard {}: {e}", self.cell.index);
+        }
+        self.emit_delta(out, false);
+    }
+
+    fn on_end(&mut self, out: &mut dyn Collector<Delta>) {
+        self.emit_delta(out, true);
+        let bytes = self.cell.state.lock().model.to_bytes();
+        let name = format!("{}/final/shard{}", self.config.name, self.cell.index);
+        registry::register(&name, Arc::new(FinalModel(bytes)));
+    }
+
+    fn snapshot(&mut self) -> Snapshot {
+        let state = self.cell.state.lock();
+        let snap = ShardSnapshot {
+            meta: state.meta.clone(),
+            model: state.model.to_bytes(),
+            counts: state.counts.to_bytes(),
+        };
+        drop(state);
+        Snapshot::of(snap)
+    }
+
+    fn barrier_passed(&mut self, epoch: u64) {
+        self.cell.state.lock().meta.epoch = epoch;
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let snap: ShardSnapshot = crate::stream::operator::decode_state(bytes)?;
+        let model =
+            Model::from_bytes(&snap.model).map_err(|e| StateError::Decode(e.to_string()))?;
+        let counts =
+            ParamTable::from_bytes(&snap.counts).map_err(|e| StateError::Decode(e.to_string()))?;
+        if snap.meta.clocks.len() != self.config.workers {
+            return Err(StateError::Decode(format!(
+                "the snapshot has {} workers, the job {}",
+                snap.meta.clocks.len(),
+                self.config.workers
+            )));
+        }
+        let mut state = self.cell.state.lock();
+        state.model = model;
+        state.counts = counts;
+        state.meta = snap.meta;
+        let restored = TaskContext::current().restored_epoch;
+        if restored > 0 {
+            state.meta.epoch = restored;
+        }
+        drop(state);
+        self.cell.changed.notify_all();
+        self.sent_full = false;
+        self.dirty.clear();
+        self.batches.clear();
+        Ok(())
+    }
+}
+
+/// A shard's model at the end of the input ([`Model::to_bytes`]).
+pub struct FinalModel(pub Vec<u8>);
+
+/// The model shard `shard` of `config`'s job held when its input ended,
+/// if the job ended in this process.
+pub fn final_model(config: &PsConfig, shard: usize) -> Option<Arc<FinalModel>> {
+    registry::get(&format!("{}/final/shard{shard}", config.name)).ok()
+}
+
+/// A failure injected for tests and demos: the subtask panics when it
+/// first reaches `step` (once per job in a process), as if killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Crash {
+    /// Worker `0` fails before training its step `1`.
+    Worker(usize, u64),
+    /// Shard `0` fails before applying anything of step `1`.
+    Shard(usize, u64),
+}
+
+/// Whether an injected crash of `config`'s job has not happened yet in
+/// this process (true once).
+pub(crate) fn first_crash(config: &PsConfig) -> bool {
+    let name = format!("{}/crashed", config.name);
+    registry::get_or_register(&name, || {
+        Arc::new(std::sync::atomic::AtomicBool::new(false))
+    })
+    .map(|flag| !flag.swap(true, std::sync::atomic::Ordering::AcqRel))
+    .unwrap_or(false)
+}
+
+/// A worker's handle on every shard of the current attempt.
+pub struct PsClient {
+    config: PsConfig,
+    ring: ConsistentHash,
+    shards: Vec<Arc<ShardCell>>,
+    generation: u64,
+}
+
+impl PsClient {
+    /// A client for the current attempt's shards (resolved on first use).
+    pub fn new(config: PsConfig) -> Self {
+        Self {
+            ring: config.ring(),
+            config,
+            shards: Vec::new(),
+            generation: TaskContext::current().generation,
+        }
+    }
+
+    /// The shard of `key`.
+    #[inline]
+    pub fn shard_of(&self, key: u64) -> usize {
+        self.ring.shard_of(key).unwrap_or(0) as usize
+    }
+
+    /// Shards.
+    pub fn shards(&self) -> usize {
+        self.config.shards
+    }
+
+    fn resolve(&mut self) -> Result<(), PullError> {
+        if self.shards.len() == self.config.shards {
+            return Ok(());
+        }
+        self.shards.clear();
+        for s in 0..self.config.shards {
+            let name = self.config.shard_name(self.generation, s);
+            let cell = registry::wait_for::<ShardCell>(&name, self.config.pull_timeout)
+                .map_err(|e| PullError::Unreachable(s, e.to_string()))?;
+            self.shards.push(cell);
+        }
+        Ok(())
+    }
+
+    /// Reads the weights of `keys` (all of shard `shard`) for `worker`'s
+    /// step `step` into `out`.
+    pub fn pull(
+        &mut self,
+        shard: usize,
+        worker: usize,
+        step: u64,
+        keys: &[u64],
+        out: &mut Vec<f32>,
+    ) -> Result<PullStats, PullError> {
+        self.resolve()?;
+        let cell = self
+            .shards
+            .get(shard)
+            .ok_or_else(|| PullError::Unreachable(shard, "no such shard".into()))?;
+        let _ = worker;
+        cell.pull(step, keys, out, self.config.pull_timeout)
+    }
+}

@@ -1,0 +1,365 @@
+//! The serving model: the weights the shards last published, answering
+//! prediction requests tagged with their model version.
+//!
+//! * **Refresh**: the shards' [`Delta`]s (changed keys only) reach a
+//!   [`ServingSink`] at the end of the stream, which applies them to a
+//!   [`Serving`] handle registered in the process under the job's name.
+//! * **Atomic swap**: two copies of the model; a delta is applied to the
+//!   idle copy, which then replaces the live one in one pointer swap, and
+//!   the delta is applied to the former live copy once its last reader
+//!   left (left-right). A prediction runs entirely on one version.
+//! * **Versions**: with BSP, a version is published only once every shard
+//!   reached it, so a version id always names the same weights; otherwise
+//!   every delta publishes, and the version is the oldest shard's.
+//! * **Latency**: a batch counts as served at the first prediction
+//!   answered by a version that holds it on every shard; the time from
+//!   its ingest to then is its latency.
+
+use super::metrics::LatencyHistogram;
+use super::optimizer::{sigmoid, BIAS_KEY};
+use super::ps::{AppliedBatch, Delta, ModelVersion, PsConfig};
+use super::sharding::ConsistentHash;
+use super::table::ParamTable;
+use crate::stream::operator::{Collector, EventTime, Operator};
+use crate::stream::registry;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One immutable version of the serving model.
+#[derive(Clone)]
+pub struct ServedModel {
+    version: ModelVersion,
+    shard_versions: Vec<ModelVersion>,
+    tables: Vec<ParamTable<f32>>,
+    ring: ConsistentHash,
+}
+
+impl ServedModel {
+    fn empty(shards: usize, ring: ConsistentHash) -> Self {
+        Self {
+            version: ModelVersion::default(),
+            shard_versions: vec![ModelVersion::default(); shards],
+            tables: (0..shards).map(|_| ParamTable::new()).collect(),
+            ring,
+        }
+    }
+
+    /// Its version.
+    pub fn version(&self) -> ModelVersion {
+        self.version
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.tables.iter().map(ParamTable::len).sum()
+    }
+
+    /// Whether it holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The weight of `key` (0 if absent).
+    pub fn weight(&self, key: u64) -> f32 {
+        let s = self.ring.shard_of(key).unwrap_or(0) as usize;
+        self.tables
+            .get(s)
+            .and_then(|t| t.get(key))
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    /// The click probability of a row.
+    pub fn predict(&self, ids: &[u64], values: Option<&[f32]>) -> f32 {
+        let mut m = self.weight(BIAS_KEY);
+        for (i, &k) in ids.iter().enumerate() {
+            m += self.weight(k) * values.map_or(1.0, |v| v.get(i).copied().unwrap_or(0.0));
+        }
+        sigmoid(m)
+    }
+
+    fn apply(&mut self, delta: &Delta) {
+        let s = delta.shard as usize;
+        let Some(table) = self.tables.get_mut(s) else {
+            return;
+        };
+        if delta.full {
+            *table = ParamTable::with_capacity(delta.keys.len());
+        }
+        for (&k, &w) in delta.keys.iter().zip(&delta.weights) {
+            if w == 0.0 {
+                table.remove(k);
+            } else {
+                table.insert(k, w);
+            }
+        }
+        if let Some(v) = self.shard_versions.get_mut(s) {
+            *v = delta.version;
+        }
+        self.version = self
+            .shard_versions
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or_default();
+    }
+}
+
+#[derive(Default)]
+struct Tracking {
+    /// Batch → shards that applied it.
+    applied: BTreeMap<u64, (usize, AppliedBatch)>,
+    /// Batches in the live version, not yet served.
+    unserved: VecDeque<AppliedBatch>,
+    newest_ingest_ns: u64,
+    latency: LatencyHistogram,
+    lag: LatencyHistogram,
+    interval_latency: LatencyHistogram,
+}
+
+struct Writer {
+    standby: Option<Arc<ServedModel>>,
+    log: Vec<Arc<Delta>>,
+    synced: Vec<Option<Arc<Delta>>>,
+}
+
+/// The serving model, shared by the stream's serving sink (which
+/// refreshes it) and whoever asks for predictions.
+pub struct Serving {
+    live: RwLock<Arc<ServedModel>>,
+    writer: Mutex<Writer>,
+    tracking: Mutex<Tracking>,
+    has_unserved: AtomicBool,
+    swaps: AtomicU64,
+    shards: usize,
+    sync_versions: bool,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Serving {
+    /// An empty model for the shards of `config`.
+    pub fn new(config: &PsConfig) -> Self {
+        let empty = ServedModel::empty(config.shards, config.ring());
+        Self {
+            live: RwLock::new(Arc::new(empty.clone())),
+            writer: Mutex::new(Writer {
+                standby: Some(Arc::new(empty)),
+                log: Vec::new(),
+                synced: vec![None; config.shards],
+            }),
+            tracking: Mutex::new(Tracking::default()),
+            has_unserved: AtomicBool::new(false),
+            swaps: AtomicU64::new(0),
+            shards: config.shards,
+            sync_versions: config.consistency == super::ps::Consistency::Bsp,
+        }
+    }
+
+    /// The serving model of `config`'s job in this process (made if it
+    /// does not exist yet).
+    pub fn of(config: &PsConfig) -> Arc<Serving> {
+        let name = format!("{}/serving", config.name);
+        match registry::get_or_register(&name, || Arc::new(Serving::new(config))) {
+            Ok(s) => s,
+            Err(_) => Arc::new(Serving::new(config)),
+        }
+    }
+
+    /// The live version (a reader keeps it alive while it holds it).
+    pub fn current(&self) -> Arc<ServedModel> {
+        self.live.read().clone()
+    }
+
+    /// The live version's id.
+    pub fn version(&self) -> ModelVersion {
+        self.live.read().version
+    }
+
+    /// How many versions were published.
+    pub fn swaps(&self) -> u64 {
+        self.swaps.load(Ordering::Relaxed)
+    }
+
+    /// Predicts rows (`ids` of each row, as slices) with one version, and
+    /// says which.
+    pub fn predict<'a>(
+        &self,
+        rows: impl IntoIterator<Item = (&'a [u64], Option<&'a [f32]>)>,
+    ) -> (ModelVersion, Vec<f32>) {
+        let model = self.current();
+        let out: Vec<f32> = rows
+            .into_iter()
+            .map(|(ids, v)| model.predict(ids, v))
+            .collect();
+        self.note_served(&model);
+        (model.version, out)
+    }
+
+    fn note_served(&self, model: &ServedModel) {
+        let now = now_ns();
+        let mut t = self.tracking.lock();
+        if self.has_unserved.swap(false, Ordering::AcqRel) {
+            let records = model.version.records;
+            let _ = records;
+            while let Some(b) = t.unserved.pop_front() {
+                let ms = now.saturating_sub(b.ingest_ns) as f64 / 1e6;
+                for _ in 0..b.rows.min(1 << 16) {
+                    t.latency.record_ms(ms);
+                }
+                t.interval_latency.record_ms(ms);
+            }
+        }
+        if t.newest_ingest_ns > 0 {
+            let lag = now.saturating_sub(t.newest_ingest_ns) as f64 / 1e6;
+            t.lag.record_ms(lag);
+        }
+    }
+
+    /// Ingest-to-serving latency of every row served so far.
+    pub fn latency(&self) -> LatencyHistogram {
+        self.tracking.lock().latency.clone()
+    }
+
+    /// Model-version lag of every answer so far.
+    pub fn lag(&self) -> LatencyHistogram {
+        self.tracking.lock().lag.clone()
+    }
+
+    /// Latency of the batches served since the last call (one entry per
+    /// batch), then cleared.
+    pub fn take_interval_latency(&self) -> LatencyHistogram {
+        std::mem::take(&mut self.tracking.lock().interval_latency)
+    }
+
+    /// Applies a shard's delta and publishes the result.
+    pub fn apply(&self, delta: Delta) {
+        let delta = Arc::new(delta);
+        let mut w = self.writer.lock();
+        if self.sync_versions {
+            let s = delta.shard as usize;
+            if let Some(slot) = w.synced.get_mut(s) {
+                let merged = match slot.take() {
+                    Some(prev) if !delta.full => Arc::new(merge(&prev, &delta)),
+                    _ => delta.clone(),
+                };
+                *slot = Some(merged);
+            }
+            let versions: Vec<Option<ModelVersion>> = w
+                .synced
+                .iter()
+                .map(|d| d.as_ref().map(|d| d.version))
+                .collect();
+            let all_same = versions.iter().all(|v| v.is_some() && *v == versions[0]);
+            if !all_same {
+                return;
+            }
+            let deltas: Vec<Arc<Delta>> = w.synced.iter_mut().filter_map(Option::take).collect();
+            self.publish(&mut w, deltas);
+        } else {
+            self.publish(&mut w, vec![delta]);
+        }
+    }
+
+    fn publish(&self, w: &mut Writer, deltas: Vec<Arc<Delta>>) {
+        let Some(mut standby) = w.standby.take() else {
+            return;
+        };
+        let model = loop {
+            match Arc::get_mut(&mut standby) {
+                Some(m) => break m,
+                None => std::thread::yield_now(),
+            }
+        };
+        for d in w.log.drain(..) {
+            model.apply(&d);
+        }
+        for d in &deltas {
+            model.apply(d);
+        }
+        let version = model.version;
+        let old = std::mem::replace(&mut *self.live.write(), standby);
+        w.standby = Some(old);
+        w.log = deltas.clone();
+        self.swaps.fetch_add(1, Ordering::Relaxed);
+        let mut t = self.tracking.lock();
+        for d in &deltas {
+            if d.full {
+                t.applied.clear();
+            }
+            for b in &d.batches {
+                let entry = t.applied.entry(b.seq).or_insert((0, *b));
+                entry.0 += 1;
+            }
+        }
+        let shards = self.shards;
+        let done: Vec<u64> = t
+            .applied
+            .iter()
+            .filter(|(_, (n, _))| *n >= shards)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in done {
+            if let Some((_, b)) = t.applied.remove(&seq) {
+                t.newest_ingest_ns = t.newest_ingest_ns.max(b.ingest_ns);
+                t.unserved.push_back(b);
+            }
+        }
+        let _ = version;
+        if !t.unserved.is_empty() {
+            self.has_unserved.store(true, Ordering::Release);
+        }
+    }
+}
+
+fn merge(a: &Delta, b: &Delta) -> Delta {
+    let mut map: BTreeMap<u64, f32> = a
+        .keys
+        .iter()
+        .copied()
+        .zip(a.weights.iter().copied())
+        .collect();
+    for (&k, &w) in b.keys.iter().zip(&b.weights) {
+        map.insert(k, w);
+    }
+    let mut batches = a.batches.clone();
+    batches.extend_from_slice(&b.batches);
+    Delta {
+        shard: b.shard,
+        version: b.version,
+        full: a.full,
+        keys: map.keys().copied().collect(),
+        weights: map.values().copied().collect(),
+        batches,
+    }
+}
+
+/// The stream's end: applies the shards' deltas to the job's [`Serving`].
+pub struct ServingSink {
+    serving: Arc<Serving>,
+}
+
+impl ServingSink {
+    /// The sink of `config`'s job.
+    pub fn new(config: &PsConfig) -> Self {
+        Self {
+            serving: Serving::of(config),
+        }
+    }
+}
+
+impl Operator for ServingSink {
+    type In = Delta;
+    type Out = ();
+
+    fn process(&mut self, delta: Delta, _time: Option<EventTime>, _out: &mut dyn Collector<()>) {
+        self.serving.apply(delta);
+    }
+}

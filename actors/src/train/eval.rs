@@ -84,6 +84,10 @@ impl EvalHandle {
     }
 }
 
+/// How often the figures are recomputed for [`EvalHandle::figures`]
+/// (AUC sums over every score bin).
+const PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Scores the workers' predictions in stream order.
 pub struct EvalSink {
     handle: Arc<EvalHandle>,
@@ -92,6 +96,7 @@ pub struct EvalSink {
     waiting: BTreeMap<u64, Scored>,
     max_staleness: u64,
     line: String,
+    published: std::time::Instant,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -112,6 +117,7 @@ impl EvalSink {
             waiting: BTreeMap::new(),
             max_staleness: 0,
             line: String::new(),
+            published: std::time::Instant::now(),
         }
     }
 
@@ -135,7 +141,8 @@ impl EvalSink {
         self.next_row = scored.first_row + scored.labels.len() as u64;
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        self.published = std::time::Instant::now();
         *self.handle.figures.lock() = EvalFigures {
             rows: self.progressive.rows(),
             logloss: self.progressive.logloss(),
@@ -156,7 +163,9 @@ impl Operator for EvalSink {
         while let Some(next) = self.waiting.remove(&self.next_row) {
             self.take(next);
         }
-        self.publish();
+        if self.published.elapsed() >= PUBLISH_EVERY {
+            self.publish();
+        }
     }
 
     fn on_end(&mut self, _out: &mut dyn Collector<()>) {

@@ -134,6 +134,9 @@ pub struct PsConfig {
     pub pull_timeout: Duration,
     /// A failure to inject.
     pub crash: Option<Crash>,
+    /// Feature ids are below `2^feature_bits` (hashed features): serving
+    /// then keeps its weights in a dense array.
+    pub feature_bits: Option<u32>,
 }
 
 impl PsConfig {
@@ -153,6 +156,7 @@ impl PsConfig {
             policy: KeyPolicy::KeepAll,
             pull_timeout: Duration::from_secs(60),
             crash: None,
+            feature_bits: None,
         }
     }
 
@@ -295,7 +299,8 @@ pub struct Delta {
     /// Replace the shard's part of the serving model (after a restore, and
     /// in a shard's first delta) instead of updating it.
     pub full: bool,
-    /// Keys, ascending, without repeats.
+    /// Keys changed (a key may repeat; a full delta's keys are ascending
+    /// and unique).
     pub keys: Vec<u64>,
     /// Their weights.
     pub weights: Vec<f32>,
@@ -651,9 +656,7 @@ impl ShardOperator {
             state.model.pull(&keys, &mut weights);
             (keys, weights)
         } else {
-            let mut keys = std::mem::take(&mut self.dirty);
-            keys.sort_unstable();
-            keys.dedup();
+            let keys = std::mem::take(&mut self.dirty);
             let mut weights = Vec::new();
             state.model.pull(&keys, &mut weights);
             (keys, weights)
@@ -688,11 +691,31 @@ impl Drop for ShardOperator {
     }
 }
 
-#[derive(Serialize, Deserialize)]
 struct ShardSnapshot {
     meta: ShardMeta,
-    model: Vec<u8>,
-    counts: Vec<u8>,
+}
+
+/// The three length-prefixed parts of a shard snapshot.
+fn split_parts(mut bytes: &[u8]) -> Result<[&[u8]; 3], StateError> {
+    let mut parts = [&bytes[..0]; 3];
+    for part in &mut parts {
+        let bad = || StateError::Decode("truncated shard snapshot".into());
+        let len: [u8; 8] = bytes
+            .get(..8)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?;
+        let len = usize::try_from(u64::from_le_bytes(len)).map_err(|_| bad())?;
+        let rest = &bytes[8..];
+        *part = rest.get(..len).ok_or_else(bad)?;
+        bytes = &rest[len..];
+    }
+    if !bytes.is_empty() {
+        return Err(StateError::Decode(
+            "trailing bytes after a shard snapshot".into(),
+        ));
+    }
+    Ok(parts)
 }
 
 impl Operator for ShardOperator {
@@ -722,13 +745,19 @@ impl Operator for ShardOperator {
 
     fn snapshot(&mut self) -> Snapshot {
         let state = self.cell.state.lock();
-        let snap = ShardSnapshot {
-            meta: state.meta.clone(),
-            model: state.model.to_bytes(),
-            counts: state.counts.to_bytes(),
-        };
+        let meta = state.meta.clone();
+        let model = state.model.to_bytes();
+        let counts = state.counts.to_bytes();
         drop(state);
-        Snapshot::of(snap)
+        Snapshot::new(move || {
+            let meta = bincode::serialize(&meta).map_err(|e| StateError::Encode(e.to_string()))?;
+            let mut out = Vec::with_capacity(24 + meta.len() + model.len() + counts.len());
+            for part in [&meta, &model, &counts] {
+                out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+                out.extend_from_slice(part);
+            }
+            Ok(out)
+        })
     }
 
     fn barrier_passed(&mut self, epoch: u64) {
@@ -739,11 +768,13 @@ impl Operator for ShardOperator {
         if bytes.is_empty() {
             return Ok(());
         }
-        let snap: ShardSnapshot = crate::stream::operator::decode_state(bytes)?;
-        let model =
-            Model::from_bytes(&snap.model).map_err(|e| StateError::Decode(e.to_string()))?;
+        let [meta, model, counts] = split_parts(bytes)?;
+        let snap = ShardSnapshot {
+            meta: crate::stream::operator::decode_state(meta)?,
+        };
+        let model = Model::from_bytes(model).map_err(|e| StateError::Decode(e.to_string()))?;
         let counts =
-            ParamTable::from_bytes(&snap.counts).map_err(|e| StateError::Decode(e.to_string()))?;
+            ParamTable::from_bytes(counts).map_err(|e| StateError::Decode(e.to_string()))?;
         if snap.meta.clocks.len() != self.config.workers {
             return Err(StateError::Decode(format!(
                 "the snapshot has {} workers, the job {}",
@@ -820,6 +851,9 @@ impl PsClient {
     /// The shard of `key`.
     #[inline]
     pub fn shard_of(&self, key: u64) -> usize {
+        if self.config.shards == 1 {
+            return 0;
+        }
         self.ring.shard_of(key).unwrap_or(0) as usize
     }
 

@@ -28,22 +28,52 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Where a version keeps its weights: a dense array over a hashed
+/// feature space (one load per feature, no probing), with the keys outside
+/// it (the bias) in a table; or one table per shard.
+#[derive(Clone)]
+enum Weights {
+    Dense { w: Vec<f32>, extra: ParamTable<f32> },
+    Sharded(Vec<ParamTable<f32>>),
+}
+
+/// Largest hashed feature space served from a dense array (2^26 weights,
+/// 256 MiB per copy).
+pub const MAX_DENSE_BITS: u32 = 26;
+
 /// One immutable version of the serving model.
 #[derive(Clone)]
 pub struct ServedModel {
     version: ModelVersion,
     shard_versions: Vec<ModelVersion>,
-    tables: Vec<ParamTable<f32>>,
+    weights: Weights,
     ring: ConsistentHash,
+    shards: usize,
 }
 
 impl ServedModel {
-    fn empty(shards: usize, ring: ConsistentHash) -> Self {
+    fn empty(config: &PsConfig) -> Self {
+        let weights = match config.feature_bits {
+            Some(bits) if bits <= MAX_DENSE_BITS => Weights::Dense {
+                w: vec![0.0; 1usize << bits],
+                extra: ParamTable::new(),
+            },
+            _ => Weights::Sharded((0..config.shards).map(|_| ParamTable::new()).collect()),
+        };
         Self {
             version: ModelVersion::default(),
-            shard_versions: vec![ModelVersion::default(); shards],
-            tables: (0..shards).map(|_| ParamTable::new()).collect(),
-            ring,
+            shard_versions: vec![ModelVersion::default(); config.shards],
+            weights,
+            ring: config.ring(),
+            shards: config.shards,
+        }
+    }
+
+    fn shard_of(&self, key: u64) -> usize {
+        if self.shards == 1 {
+            0
+        } else {
+            self.ring.shard_of(key).unwrap_or(0) as usize
         }
     }
 
@@ -52,24 +82,33 @@ impl ServedModel {
         self.version
     }
 
-    /// Keys held.
+    /// Keys with a non-zero weight.
     pub fn len(&self) -> usize {
-        self.tables.iter().map(ParamTable::len).sum()
+        match &self.weights {
+            Weights::Dense { w, extra } => w.iter().filter(|x| **x != 0.0).count() + extra.len(),
+            Weights::Sharded(t) => t.iter().map(ParamTable::len).sum(),
+        }
     }
 
-    /// Whether it holds no key.
+    /// Whether every weight is 0.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// The weight of `key` (0 if absent).
+    #[inline]
     pub fn weight(&self, key: u64) -> f32 {
-        let s = self.ring.shard_of(key).unwrap_or(0) as usize;
-        self.tables
-            .get(s)
-            .and_then(|t| t.get(key))
-            .copied()
-            .unwrap_or(0.0)
+        match &self.weights {
+            Weights::Dense { w, extra } => match w.get(key as usize) {
+                Some(x) if key < w.len() as u64 => *x,
+                _ => extra.get(key).copied().unwrap_or(0.0),
+            },
+            Weights::Sharded(t) => t
+                .get(self.shard_of(key))
+                .and_then(|t| t.get(key))
+                .copied()
+                .unwrap_or(0.0),
+        }
     }
 
     /// The click probability of a row.
@@ -81,20 +120,61 @@ impl ServedModel {
         sigmoid(m)
     }
 
+    fn clear_shard(&mut self, s: usize) {
+        let shards = self.shards;
+        let ring = self.ring.clone();
+        let of = |k: u64| shards == 1 || ring.shard_of(k).unwrap_or(0) as usize == s;
+        match &mut self.weights {
+            Weights::Dense { w, extra } => {
+                for (k, x) in w.iter_mut().enumerate() {
+                    if *x != 0.0 && of(k as u64) {
+                        *x = 0.0;
+                    }
+                }
+                extra.retain(|k, _| !of(k));
+            }
+            Weights::Sharded(t) => {
+                if let Some(t) = t.get_mut(s) {
+                    t.clear();
+                }
+            }
+        }
+    }
+
+    fn set(&mut self, key: u64, value: f32) {
+        let s = self.shard_of(key);
+        match &mut self.weights {
+            Weights::Dense { w, extra } => {
+                if let Some(x) = w.get_mut(key as usize).filter(|_| key < u64::MAX) {
+                    *x = value;
+                } else if value == 0.0 {
+                    extra.remove(key);
+                } else {
+                    extra.insert(key, value);
+                }
+            }
+            Weights::Sharded(t) => {
+                if let Some(t) = t.get_mut(s) {
+                    if value == 0.0 {
+                        t.remove(key);
+                    } else {
+                        t.insert(key, value);
+                    }
+                }
+            }
+        }
+    }
+
     fn apply(&mut self, delta: &Delta) {
         let s = delta.shard as usize;
-        let Some(table) = self.tables.get_mut(s) else {
+        if s >= self.shards {
             return;
-        };
+        }
         if delta.full {
-            *table = ParamTable::with_capacity(delta.keys.len());
+            self.clear_shard(s);
         }
         for (&k, &w) in delta.keys.iter().zip(&delta.weights) {
-            if w == 0.0 {
-                table.remove(k);
-            } else {
-                table.insert(k, w);
-            }
+            self.set(k, w);
         }
         if let Some(v) = self.shard_versions.get_mut(s) {
             *v = delta.version;
@@ -147,7 +227,7 @@ fn now_ns() -> u64 {
 impl Serving {
     /// An empty model for the shards of `config`.
     pub fn new(config: &PsConfig) -> Self {
-        let empty = ServedModel::empty(config.shards, config.ring());
+        let empty = ServedModel::empty(config);
         Self {
             live: RwLock::new(Arc::new(empty.clone())),
             writer: Mutex::new(Writer {

@@ -1,0 +1,288 @@
+//! The fused mode: the whole pipeline (source → feature hashing →
+//! parameter-server training → serving, with progressive evaluation) as
+//! one braid stream job inside one actor's process on the embedded
+//! cluster. Micro-batches pass between its subtasks by pointer or through
+//! in-process channels, workers read the shards' weights in place, and
+//! serving is refreshed after every training micro-batch.
+
+use crate::common::{self, InputSpec, ModeReport, TimelinePoint};
+use braid_actors::checkpoint::storage::CheckpointStorage;
+use braid_actors::stream::coordinator::JobConfig;
+use braid_actors::stream::graph::StreamEnv;
+use braid_actors::stream::local;
+use braid_actors::stream::plan::Plan;
+use braid_actors::train::data::{SyntheticConfig, SyntheticStream};
+use braid_actors::train::eval::EvalHandle;
+use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
+use braid_actors::train::pipeline::{self, FileReader, PipelineConfig, RowReader, SyntheticReader};
+use braid_actors::train::ps::{Consistency, Crash, PsConfig};
+use braid_actors::train::serving::Serving;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the fused job runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FusedConfig {
+    /// The input.
+    pub input: InputSpec,
+    /// Rows to train (`None`: all).
+    pub rows: Option<u64>,
+    /// FTRL and hashing.
+    pub hyper: common::Hyper,
+    /// Training workers.
+    pub workers: usize,
+    /// Parameter-server shards.
+    pub shards: usize,
+    /// `bsp`, `asp` or `ssp:τ`.
+    pub sync: String,
+    /// Checkpoint interval.
+    pub checkpoint_ms: u64,
+    /// Where checkpoints go.
+    pub checkpoint_dir: PathBuf,
+    /// Source rows per second, if throttled.
+    pub rate: Option<f64>,
+    /// Rows per worker per micro-batch.
+    pub batch_rows: usize,
+    /// Rows of the evaluation window.
+    pub window: usize,
+    /// The predictions file.
+    pub predictions: Option<PathBuf>,
+    /// Keys each shard's table holds before it grows.
+    pub capacity: usize,
+    /// Inject a crash (`worker:i:step` or `shard:i:step`).
+    pub crash: Option<String>,
+}
+
+/// Progress and, once done, the result.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FusedStatus {
+    /// The newest timeline point.
+    pub point: Option<TimelinePoint>,
+    /// The report, once the job ended.
+    pub done: Option<Result<ModeReport, String>>,
+    /// Failures recovered from.
+    pub failures: u32,
+    /// Bytes per live key of the shards' tables, and live keys.
+    pub ps_bytes_per_key: f64,
+    /// Live keys in the shards.
+    pub ps_keys: u64,
+    /// Resident memory of the job's process at the end, MiB.
+    pub rss_mib: f64,
+}
+
+struct Shared {
+    status: Mutex<FusedStatus>,
+}
+
+/// The fused job's host: started once, then polled.
+#[braid::actor]
+pub struct FusedJob {
+    shared: Arc<Shared>,
+}
+
+#[braid::actor]
+impl FusedJob {
+    fn new() -> Self {
+        FusedJob {
+            shared: Arc::new(Shared {
+                status: Mutex::new(FusedStatus::default()),
+            }),
+        }
+    }
+
+    /// Starts the job on its own thread.
+    fn start(&mut self, config: FusedConfig) -> Result<(), String> {
+        let shared = self.shared.clone();
+        std::thread::Builder::new()
+            .name("fused-job".into())
+            .spawn(move || {
+                let result = run(&config, &shared).map_err(|e| format!("{e:#}"));
+                shared.status.lock().done = Some(result);
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Progress so far.
+    fn status(&mut self) -> FusedStatus {
+        self.shared.status.lock().clone()
+    }
+
+    /// The process the job runs in.
+    fn pid(&mut self) -> u32 {
+        std::process::id()
+    }
+}
+
+fn parse_crash(s: &str) -> anyhow::Result<Crash> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let [role, i, step] = parts.as_slice() else {
+        anyhow::bail!("--crash wants worker:INDEX:STEP or shard:INDEX:STEP, got {s:?}");
+    };
+    let (i, step): (usize, u64) = (i.parse()?, step.parse()?);
+    match *role {
+        "worker" => Ok(Crash::Worker(i, step)),
+        "shard" => Ok(Crash::Shard(i, step)),
+        _ => anyhow::bail!("--crash wants worker:… or shard:…, got {s:?}"),
+    }
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport> {
+    let started = Instant::now();
+    let cpu_start = common::self_cpu_seconds();
+    let consistency: Consistency = config.sync.parse()?;
+    let optimizer = OptimizerKind::Ftrl(FtrlParams {
+        alpha: config.hyper.alpha,
+        beta: config.hyper.beta,
+        l1: config.hyper.l1,
+        l2: config.hyper.l2,
+    });
+    let name = format!("online-learning-{}", std::process::id());
+    let mut ps = PsConfig::new(&name, config.workers, config.shards, optimizer);
+    ps.consistency = consistency;
+    ps.capacity = config.capacity;
+    ps.feature_bits = Some(config.hyper.bits);
+    ps.crash = config.crash.as_deref().map(parse_crash).transpose()?;
+    let mut pc = PipelineConfig::new(ps.clone());
+    pc.batch_rows = config.batch_rows;
+    pc.window = config.window;
+    pc.rate = config.rate;
+    pc.rows = match config.input {
+        InputSpec::Synthetic { .. } => Some(config.rows.unwrap_or(common::DEFAULT_SYNTHETIC_ROWS)),
+        _ => config.rows,
+    };
+    let input = config.input.clone();
+    let bits = config.hyper.bits;
+    let rows_total = pc.rows;
+    let env = StreamEnv::new(1);
+    pipeline::build(&env, pc, move || -> Result<Box<dyn RowReader>, _> {
+        Ok(match &input {
+            InputSpec::GenCtr(p) => Box::new(FileReader::gen_ctr(p, bits)?),
+            InputSpec::Criteo(p) => Box::new(FileReader::criteo(p, bits)?),
+            InputSpec::Synthetic { seed } => {
+                Box::new(SyntheticReader(SyntheticStream::new(SyntheticConfig {
+                    rows: rows_total.unwrap_or(common::DEFAULT_SYNTHETIC_ROWS),
+                    bits,
+                    seed: *seed,
+                    ..SyntheticConfig::default()
+                })?))
+            }
+        })
+    })?;
+    let eval = EvalHandle::of(&name);
+    if let Some(path) = &config.predictions {
+        eval.write_predictions(path)?;
+    }
+    let serving = Serving::of(&ps);
+    let stop = Arc::new(AtomicBool::new(false));
+    let query = {
+        let serving = serving.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("serving-client".into())
+            .spawn(move || {
+                let probe: Vec<u64> = (0..20).map(|i| i * 7919).collect();
+                while !stop.load(Ordering::Acquire) {
+                    let _ = serving.predict([(probe.as_slice(), None)]);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })?
+    };
+    let monitor = {
+        let serving = serving.clone();
+        let eval = eval.clone();
+        let stop = stop.clone();
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("progress".into())
+            .spawn(move || {
+                let mut last_rows = 0;
+                let mut last_t = 0.0;
+                let mut timeline = Vec::new();
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let f = eval.figures();
+                    let t = started.elapsed().as_secs_f64();
+                    let interval = serving.take_interval_latency();
+                    let lag = serving.lag();
+                    let point = TimelinePoint {
+                        t_s: t,
+                        rows: f.rows,
+                        events_per_s: (f.rows - last_rows.min(f.rows)) as f64
+                            / (t - last_t).max(1e-9),
+                        window_auc: f.window_auc,
+                        window_logloss: f.window_logloss,
+                        latency_ms_p99: interval.quantile(0.99),
+                        model_lag_ms: lag.quantile(0.5),
+                    };
+                    last_rows = f.rows;
+                    last_t = t;
+                    timeline.push(point);
+                    shared.status.lock().point = Some(point);
+                }
+                timeline
+            })?
+    };
+    let storage = CheckpointStorage::local(&config.checkpoint_dir, &name, 2)?;
+    let mut job = JobConfig::new(storage);
+    job.checkpoint_interval = Duration::from_millis(config.checkpoint_ms.max(1));
+    job.max_failures = 5;
+    let outcome = local::run(&Plan::new(env.into_graph()), job);
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = common::self_cpu_seconds() - cpu_start;
+    stop.store(true, Ordering::Release);
+    let _ = query.join();
+    let timeline = monitor.join().unwrap_or_default();
+    eval.flush()?;
+    let report = outcome?;
+    let f = eval.figures();
+    let latency = serving.latency();
+    let lag = serving.lag();
+    let mut keys = 0u64;
+    let mut bytes = 0u64;
+    for s in 0..ps.shards {
+        if let Some(m) = braid_actors::train::ps::final_model(&ps, s) {
+            if let Ok(model) = braid_actors::train::optimizer::Model::from_bytes(&m.0) {
+                keys += model.table().len() as u64;
+                bytes += model.table().bytes() as u64;
+            }
+        }
+    }
+    {
+        let mut st = shared.status.lock();
+        st.failures = report.failures;
+        st.ps_keys = keys;
+        st.ps_bytes_per_key = bytes as f64 / keys.max(1) as f64;
+        st.rss_mib = rss_mib();
+    }
+    let _ = std::fs::remove_dir_all(config.checkpoint_dir.join(&name));
+    Ok(ModeReport {
+        rows: f.rows,
+        seconds,
+        events_per_s: f.rows as f64 / seconds.max(1e-9),
+        logloss: f.logloss,
+        auc: f.auc,
+        latency_ms_p50: latency.quantile(0.5),
+        latency_ms_p99: latency.quantile(0.99),
+        model_lag_ms_p99: lag.quantile(0.99),
+        cpu_seconds_per_million: cpu / (f.rows.max(1) as f64 / 1e6),
+        skipped_lines: 0,
+        timeline,
+    })
+}

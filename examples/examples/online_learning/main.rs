@@ -1,0 +1,394 @@
+//! Online learning on a click stream, fused: source → feature hashing →
+//! parameter-server training (FTRL-Proximal) → serving, as one braid
+//! stream job on an embedded cluster, with progressive evaluation and a
+//! live progress line; or `--mode separate`, the same pipeline the way
+//! separate systems run it (stream job, trainer and server as three
+//! processes, bincode batches over TCP, model deltas as files); or
+//! `--compare`, both at the same input rate, with their ratios.
+//!
+//! Run: `cargo run --release --example online_learning`
+//! (no file needed: the built-in synthetic click stream with drift).
+
+mod common;
+mod fused;
+mod report;
+mod separate;
+
+use anyhow::Context as _;
+use braid::TypedHandle;
+use clap::Parser;
+use common::{Hyper, InputSpec, ModeReport, TimelinePoint};
+use fused::{FusedConfig, FusedJob, FusedStatus};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    about = "Online learning (FTRL on a parameter server) over a click stream, fused or separate"
+)]
+struct Args {
+    /// A gen_ctr file (`label id id …`; shared/data/gen_ctr.py).
+    #[arg(long, conflicts_with = "criteo")]
+    input: Option<PathBuf>,
+    /// A Criteo display-advertising TSV file.
+    #[arg(long)]
+    criteo: Option<PathBuf>,
+    /// Rows to train (default: the whole file, or 1M of the built-in stream).
+    #[arg(long)]
+    rows: Option<u64>,
+    /// Seed of the built-in stream.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Training workers.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Parameter-server shards.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// FTRL alpha.
+    #[arg(long, default_value_t = 0.1)]
+    alpha: f32,
+    /// FTRL beta.
+    #[arg(long, default_value_t = 1.0)]
+    beta: f32,
+    /// L1 regularization.
+    #[arg(long, default_value_t = 0.0)]
+    l1: f32,
+    /// L2 regularization.
+    #[arg(long, default_value_t = 0.0)]
+    l2: f32,
+    /// Features are hashed into 2^bits buckets.
+    #[arg(long, default_value_t = 22)]
+    bits: u32,
+    /// Consistency between workers: bsp, asp or ssp:τ.
+    #[arg(long, default_value = "bsp")]
+    sync: String,
+    /// Checkpoint interval, ms.
+    #[arg(long, default_value_t = 1000)]
+    checkpoint_ms: u64,
+    /// fused or separate.
+    #[arg(long, default_value = "fused")]
+    mode: String,
+    /// Run both modes at the same rate and report their ratios.
+    #[arg(long)]
+    compare: bool,
+    /// Throttle the source to this many rows per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Separate mode: publish/poll interval, ms (--compare finds it).
+    #[arg(long, default_value_t = 10)]
+    refresh_ms: u64,
+    /// Write one prediction per input row (before training on it), in order.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+    /// Rows per worker per micro-batch.
+    #[arg(long, default_value_t = 256)]
+    batch_rows: usize,
+    /// Rows of the sliding evaluation window.
+    #[arg(long, default_value_t = 10_000)]
+    window: usize,
+    /// Keys each shard holds before its table grows (0: grow as needed).
+    #[arg(long, default_value_t = 0)]
+    capacity: usize,
+    /// Inject a crash: worker:INDEX:STEP or shard:INDEX:STEP (fused).
+    #[arg(long)]
+    crash: Option<String>,
+    /// Where the summary JSON and the plot go.
+    #[arg(long, default_value = "target/online_learning")]
+    out_dir: PathBuf,
+    /// Print one JSON line on stdout at the end (logs go to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+impl Args {
+    fn input(&self) -> InputSpec {
+        match (&self.input, &self.criteo) {
+            (Some(p), _) => InputSpec::GenCtr(p.clone()),
+            (None, Some(p)) => InputSpec::Criteo(p.clone()),
+            (None, None) => InputSpec::Synthetic { seed: self.seed },
+        }
+    }
+
+    fn hyper(&self) -> Hyper {
+        Hyper {
+            alpha: self.alpha,
+            beta: self.beta,
+            l1: self.l1,
+            l2: self.l2,
+            bits: self.bits,
+        }
+    }
+}
+
+struct Progress {
+    tty: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            tty: std::io::stderr().is_terminal(),
+            last: Instant::now(),
+        }
+    }
+
+    fn show(&mut self, mode: &str, p: &TimelinePoint) {
+        let line = report::progress_line(mode, p);
+        let mut err = std::io::stderr();
+        if self.tty {
+            let _ = write!(err, "\r{line}\x1b[K");
+        } else if self.last.elapsed() >= Duration::from_secs(2) {
+            let _ = writeln!(err, "{line}");
+            self.last = Instant::now();
+        }
+        let _ = err.flush();
+    }
+
+    fn end(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+fn run_fused(
+    rt: &braid::Runtime,
+    args: &Args,
+    rate: Option<f64>,
+    predictions: Option<PathBuf>,
+    scratch: &std::path::Path,
+) -> anyhow::Result<(ModeReport, FusedStatus)> {
+    let config = FusedConfig {
+        input: args.input(),
+        rows: args.rows,
+        hyper: args.hyper(),
+        workers: args.workers.max(1),
+        shards: args.shards.max(1),
+        sync: args.sync.clone(),
+        checkpoint_ms: args.checkpoint_ms,
+        checkpoint_dir: scratch.join("checkpoints"),
+        rate,
+        batch_rows: args.batch_rows.max(1),
+        window: args.window.max(1),
+        predictions,
+        capacity: args.capacity,
+        crash: args.crash.clone(),
+    };
+    config
+        .sync
+        .parse::<braid_actors::train::ps::Consistency>()
+        .map_err(|e| anyhow::anyhow!("--sync: {e}"))?;
+    let started = Instant::now();
+    let driver_cpu = common::self_cpu_seconds();
+    let job = FusedJob::remote(rt)
+        .spawn_blocking()
+        .context("start the fused job's actor")?;
+    job.start(config)
+        .blocking()?
+        .map_err(|e| anyhow::anyhow!("the fused job did not start: {e}"))?;
+    let mut progress = Progress::new();
+    let status = loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let status = job
+            .status()
+            .blocking()
+            .context("the fused job's process died")?;
+        if let Some(p) = &status.point {
+            progress.show("fused", p);
+        }
+        if status.done.is_some() {
+            break status;
+        }
+    };
+    progress.end();
+    let seconds = started.elapsed().as_secs_f64();
+    let driver_cpu = common::self_cpu_seconds() - driver_cpu;
+    let (rt2, handle) = (rt.clone(), job.raw().clone());
+    let _ = rt.block_on(async move { rt2.kill_actor(&handle).await });
+    let mut report = match status.done.clone() {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => anyhow::bail!("the fused job failed: {e}"),
+        None => anyhow::bail!("the fused job ended without a result"),
+    };
+    report.seconds = seconds;
+    report.events_per_s = report.rows as f64 / seconds.max(1e-9);
+    report.cpu_seconds_per_million += driver_cpu / (report.rows.max(1) as f64 / 1e6);
+    Ok((report, status))
+}
+
+fn separate_config(
+    args: &Args,
+    rate: Option<f64>,
+    refresh_ms: u64,
+    predictions: Option<PathBuf>,
+    scratch: &std::path::Path,
+    run: usize,
+) -> anyhow::Result<separate::SeparateConfig> {
+    let workdir = scratch.join(format!("separate-{run}"));
+    std::fs::create_dir_all(&workdir)?;
+    Ok(separate::SeparateConfig {
+        input: args.input(),
+        rows: args.rows,
+        hyper: args.hyper(),
+        rate,
+        refresh_ms,
+        predictions,
+        window: args.window.max(1),
+        workdir,
+    })
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 {
+        f64::NAN
+    } else {
+        a / b
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    if let Some(r) = separate::role_main() {
+        return r;
+    }
+    let main_started = Instant::now();
+    let args = Args::parse();
+    if args.mode != "fused" && args.mode != "separate" {
+        anyhow::bail!("--mode must be fused or separate, got {:?}", args.mode);
+    }
+    if args.rate.is_some_and(|r| !(r > 0.0)) {
+        anyhow::bail!("--rate must be positive");
+    }
+    let scratch = tempfile::tempdir()?;
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    let summary_path = args.out_dir.join("summary.json");
+    let plot_path = args.out_dir.join("online_learning.svg");
+
+    let (summary, series): (serde_json::Value, Vec<(String, Vec<TimelinePoint>)>) = if args.compare
+    {
+        let rt = braid::init_blocking().context("start an embedded cluster")?;
+        eprintln!("compare: separate mode at saturation …");
+        let mut run = 0;
+        let mut next_run = || {
+            run += 1;
+            run
+        };
+        let sat = separate::run_separate(
+            &separate_config(
+                &args,
+                None,
+                args.refresh_ms,
+                None,
+                scratch.path(),
+                next_run(),
+            )?,
+            &mut |p| Progress::new().show("separate", p),
+        )?;
+        eprintln!("compare: fused mode at saturation …");
+        let (fused_sat, _) = run_fused(&rt, &args, None, None, scratch.path())?;
+        let rate = 0.8 * sat.events_per_s;
+        eprintln!("compare: separate at {rate:.0} rows/s, finding its refresh interval …");
+        let base = separate_config(
+            &args,
+            Some(rate),
+            args.refresh_ms,
+            None,
+            scratch.path(),
+            next_run(),
+        )?;
+        let (refresh_ms, sep) =
+            separate::find_refresh(&base, rate, &mut |p| Progress::new().show("separate", p))?;
+        eprintln!("compare: fused at {rate:.0} rows/s …");
+        let (fused, _) = run_fused(
+            &rt,
+            &args,
+            Some(rate),
+            args.predictions.clone(),
+            scratch.path(),
+        )?;
+        drop(rt);
+        let mut fj = report::report_json(&fused);
+        fj["events_per_s_saturation"] = fused_sat.events_per_s.into();
+        let mut sj = report::report_json(&sep);
+        sj["events_per_s_saturation"] = sat.events_per_s.into();
+        sj["refresh_ms"] = refresh_ms.into();
+        let summary = serde_json::json!({
+            "fused": fj,
+            "separate": sj,
+            "ratios": {
+                "events_per_s_saturation": ratio(fused_sat.events_per_s, sat.events_per_s),
+                "cpu_seconds_per_million": ratio(fused.cpu_seconds_per_million, sep.cpu_seconds_per_million),
+                "latency_ms_p50": ratio(fused.latency_ms_p50, sep.latency_ms_p50),
+                "latency_ms_p99": ratio(fused.latency_ms_p99, sep.latency_ms_p99),
+                "model_lag_ms_p99": ratio(fused.model_lag_ms_p99, sep.model_lag_ms_p99),
+            },
+            "rate": rate,
+            "refresh_ms": refresh_ms,
+        });
+        (
+            summary,
+            vec![
+                ("fused".into(), fused.timeline),
+                ("separate".into(), sep.timeline),
+            ],
+        )
+    } else if args.mode == "separate" {
+        let cfg = separate_config(
+            &args,
+            args.rate,
+            args.refresh_ms,
+            args.predictions.clone(),
+            scratch.path(),
+            0,
+        )?;
+        let mut progress = Progress::new();
+        let r = separate::run_separate(&cfg, &mut |p| progress.show("separate", p))?;
+        progress.end();
+        let mut j = report::report_json(&r);
+        j["refresh_ms"] = args.refresh_ms.into();
+        (j, vec![("separate".into(), r.timeline)])
+    } else {
+        let rt = braid::init_blocking().context("start an embedded cluster")?;
+        let (mut r, status) = run_fused(
+            &rt,
+            &args,
+            args.rate,
+            args.predictions.clone(),
+            scratch.path(),
+        )?;
+        drop(rt);
+        r.seconds = main_started.elapsed().as_secs_f64();
+        r.events_per_s = r.rows as f64 / r.seconds.max(1e-9);
+        let mut j = report::report_json(&r);
+        j["failures"] = status.failures.into();
+        j["ps_keys"] = status.ps_keys.into();
+        j["ps_bytes_per_key"] = status.ps_bytes_per_key.into();
+        j["job_rss_mib"] = status.rss_mib.into();
+        j["workers"] = args.workers.into();
+        j["shards"] = args.shards.into();
+        j["sync"] = args.sync.clone().into();
+        (j, vec![("fused".into(), r.timeline)])
+    };
+
+    std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("cannot write {}", summary_path.display()))?;
+    let refs: Vec<(&str, &[TimelinePoint])> = series
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_slice()))
+        .collect();
+    report::write_plot_svg(&plot_path, &refs)?;
+    eprintln!(
+        "summary: {}  plot: {}",
+        summary_path.display(),
+        plot_path.display()
+    );
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(())
+}

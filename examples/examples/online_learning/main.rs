@@ -258,7 +258,7 @@ fn main() -> anyhow::Result<()> {
     if args.mode != "fused" && args.mode != "separate" {
         anyhow::bail!("--mode must be fused or separate, got {:?}", args.mode);
     }
-    if args.rate.is_some_and(|r| !(r > 0.0)) {
+    if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         anyhow::bail!("--rate must be positive");
     }
     let scratch = tempfile::tempdir()?;

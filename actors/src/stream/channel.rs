@@ -8,6 +8,7 @@ use super::operator::{EventTime, StateError};
 use super::stage::{ChainSnapshot, Stage};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::any::Any;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -53,6 +54,53 @@ impl<'de> Deserialize<'de> for SharedBatch {
     }
 }
 
+/// Records handed to a subtask of the same process by pointer: a
+/// `Vec<(T, Option<EventTime>)>`, taken once by the receiver. They never
+/// leave the process (serializing them fails).
+#[derive(Clone)]
+pub struct LocalRecords(Arc<parking_lot::Mutex<Option<Box<dyn Any + Send>>>>);
+
+impl LocalRecords {
+    /// Wraps a batch of records.
+    pub fn new<T: Send + 'static>(records: Vec<(T, Option<EventTime>)>) -> Self {
+        LocalRecords(Arc::new(parking_lot::Mutex::new(Some(Box::new(records)))))
+    }
+
+    /// The records, if they are of type `T` and were not taken yet.
+    pub fn take<T: 'static>(&self) -> Option<Vec<(T, Option<EventTime>)>> {
+        let boxed = self.0.lock().take()?;
+        boxed.downcast::<Vec<(T, Option<EventTime>)>>().ok().map(|b| *b)
+    }
+}
+
+impl std::fmt::Debug for LocalRecords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LocalRecords")
+    }
+}
+
+impl PartialEq for LocalRecords {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Serialize for LocalRecords {
+    fn serialize<S: serde::Serializer>(&self, _serializer: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom(
+            "records passed by pointer cannot leave their process",
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for LocalRecords {
+    fn deserialize<D: serde::Deserializer<'de>>(_deserializer: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom(
+            "records passed by pointer cannot leave their process",
+        ))
+    }
+}
+
 /// One message on a channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ChannelMsg {
@@ -60,6 +108,8 @@ pub enum ChannelMsg {
     Batch(Vec<u8>),
     /// The same, in shared memory.
     Shared(SharedBatch),
+    /// Records by pointer, between subtasks of one process.
+    Records(LocalRecords),
     /// No earlier event time follows on this channel.
     Watermark(EventTime),
     /// Checkpoint barrier for an epoch.
@@ -86,6 +136,11 @@ pub trait Outbox: Send {
     fn send(&mut self, channel: usize, msg: ChannelMsg) -> Result<(), ChannelError>;
     /// How many output channels there are.
     fn channels(&self) -> usize;
+    /// Whether every receiver lives in this process, so records may pass
+    /// by pointer ([`ChannelMsg::Records`]) instead of encoded.
+    fn in_process(&self) -> bool {
+        false
+    }
 }
 
 /// A function hashing a record's key, to pick its subtask.
@@ -141,7 +196,7 @@ pub struct ChannelOut<T> {
     max_batch: usize,
 }
 
-impl<T: Serialize + Clone + Send> ChannelOut<T> {
+impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
     /// A chain end sending along `edges` through `outbox`.
     pub fn new(edges: Vec<OutEdge<T>>, outbox: Box<dyn Outbox>) -> Self {
         let next_round = vec![0; edges.len()];
@@ -171,15 +226,19 @@ impl<T: Serialize + Clone + Send> ChannelOut<T> {
         buf.push((value, time));
         if buf.len() >= self.max_batch {
             let batch = std::mem::take(buf);
-            self.send_batch(channel, &batch);
+            self.send_batch(channel, batch);
         }
     }
 
-    fn send_batch(&mut self, channel: usize, batch: &[(T, Option<EventTime>)]) {
+    fn send_batch(&mut self, channel: usize, batch: Vec<(T, Option<EventTime>)>) {
         if batch.is_empty() || self.failed.is_some() {
             return;
         }
-        match bincode::serialize(batch) {
+        if self.outbox.in_process() {
+            self.send(channel, ChannelMsg::Records(LocalRecords::new(batch)));
+            return;
+        }
+        match bincode::serialize(&batch) {
             Ok(bytes) => self.send(channel, ChannelMsg::Batch(bytes)),
             Err(e) => self.failed = Some(ChannelError::Decode(e.to_string())),
         }
@@ -200,7 +259,7 @@ impl<T: Serialize + Clone + Send> ChannelOut<T> {
         for channel in channels {
             if let Some(buf) = self.buffers.get_mut(&channel) {
                 let batch = std::mem::take(buf);
-                self.send_batch(channel, &batch);
+                self.send_batch(channel, batch);
             }
         }
     }
@@ -225,7 +284,7 @@ impl<T: Serialize + Clone + Send> ChannelOut<T> {
     }
 }
 
-impl<T: Serialize + Clone + Send> Stage<T> for ChannelOut<T> {
+impl<T: Serialize + Clone + Send + 'static> Stage<T> for ChannelOut<T> {
     fn push(&mut self, value: T, time: Option<EventTime>) {
         let mut targets: Vec<usize> = Vec::new();
         for (i, edge) in self.edges.iter().enumerate() {
@@ -301,6 +360,8 @@ impl<T> BatchIn<T> {
 pub trait BatchSink: Send {
     /// Decodes a batch and pushes its records through the chain.
     fn deliver(&mut self, bytes: &[u8]) -> Result<usize, ChannelError>;
+    /// Pushes records passed by pointer through the chain.
+    fn deliver_records(&mut self, records: &LocalRecords) -> Result<usize, ChannelError>;
     /// The chain itself, for control events.
     fn chain(&mut self) -> &mut dyn ChainControl;
 }
@@ -356,6 +417,17 @@ impl<T: DeserializeOwned + Send + 'static> BatchSink for BatchIn<T> {
     fn deliver(&mut self, bytes: &[u8]) -> Result<usize, ChannelError> {
         let records: Vec<(T, Option<EventTime>)> =
             bincode::deserialize(bytes).map_err(|e| ChannelError::Decode(e.to_string()))?;
+        let n = records.len();
+        for (value, time) in records {
+            self.chain.push(value, time);
+        }
+        Ok(n)
+    }
+
+    fn deliver_records(&mut self, records: &LocalRecords) -> Result<usize, ChannelError> {
+        let records: Vec<(T, Option<EventTime>)> = records.take().ok_or_else(|| {
+            ChannelError::Decode("records by pointer of another type, or taken twice".into())
+        })?;
         let n = records.len();
         for (value, time) in records {
             self.chain.push(value, time);

@@ -150,6 +150,10 @@ impl Outbox for LocalOutbox {
     fn channels(&self) -> usize {
         self.senders.len()
     }
+
+    fn in_process(&self) -> bool {
+        true
+    }
 }
 
 struct LocalInbox {

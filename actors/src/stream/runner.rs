@@ -312,6 +312,10 @@ fn run_inputs(
                 sink.deliver(batch.bytes())?;
                 dirty = true;
             }
+            ChannelMsg::Records(records) => {
+                sink.deliver_records(&records)?;
+                dirty = true;
+            }
             ChannelMsg::Watermark(w) => {
                 if let Some(slot) = inputs.watermarks.get_mut(channel) {
                     *slot = (*slot).max(w);

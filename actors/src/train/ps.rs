@@ -299,8 +299,7 @@ pub struct Delta {
     /// Replace the shard's part of the serving model (after a restore, and
     /// in a shard's first delta) instead of updating it.
     pub full: bool,
-    /// Keys changed (a key may repeat; a full delta's keys are ascending
-    /// and unique).
+    /// Keys changed, each once (a full delta's keys are ascending).
     pub keys: Vec<u64>,
     /// Their weights.
     pub weights: Vec<f32>,
@@ -461,13 +460,71 @@ impl ShardCell {
     }
 }
 
+/// The keys changed since the last serving delta, each once: a bit per
+/// key over a hashed feature space (when its size is known and at most
+/// 2^26), else a sort at the end.
+struct DirtyKeys {
+    keys: Vec<u64>,
+    bits: Vec<u64>,
+    big: Vec<u64>,
+}
+
+impl DirtyKeys {
+    fn new(feature_bits: Option<u32>) -> Self {
+        let bits = match feature_bits {
+            Some(b) if b <= 26 => vec![0u64; (1usize << b).div_ceil(64)],
+            _ => Vec::new(),
+        };
+        Self {
+            keys: Vec::new(),
+            bits,
+            big: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, keys: &[u64]) {
+        let limit = self.bits.len() as u64 * 64;
+        for &k in keys {
+            if k < limit {
+                let (word, bit) = ((k / 64) as usize, k % 64);
+                if self.bits[word] & (1 << bit) == 0 {
+                    self.bits[word] |= 1 << bit;
+                    self.keys.push(k);
+                }
+            } else if limit == 0 {
+                self.keys.push(k);
+            } else if !self.big.contains(&k) {
+                self.big.push(k);
+            }
+        }
+    }
+
+    fn take(&mut self) -> Vec<u64> {
+        let mut keys = std::mem::take(&mut self.keys);
+        if self.bits.is_empty() {
+            keys.sort_unstable();
+            keys.dedup();
+        } else {
+            for &k in &keys {
+                self.bits[(k / 64) as usize] &= !(1 << (k % 64));
+            }
+        }
+        keys.append(&mut self.big);
+        keys
+    }
+
+    fn clear(&mut self) {
+        let _ = self.take();
+    }
+}
+
 /// One parameter-server shard as a stream operator: pushes in, serving
 /// deltas out.
 pub struct ShardOperator {
     config: PsConfig,
     cell: Arc<ShardCell>,
     name: String,
-    dirty: Vec<u64>,
+    dirty: DirtyKeys,
     batches: Vec<AppliedBatch>,
     rows_since: u64,
     last_delta: Instant,
@@ -504,12 +561,13 @@ impl ShardOperator {
             staleness: config.consistency.staleness(),
         });
         let name = config.shard_name(ctx.generation, index);
+        let feature_bits = config.feature_bits;
         registry::register(&name, cell.clone());
         Ok(Self {
             config,
             cell,
             name,
-            dirty: Vec::new(),
+            dirty: DirtyKeys::new(feature_bits),
             batches: Vec::new(),
             rows_since: 0,
             last_delta: Instant::now(),
@@ -526,7 +584,7 @@ impl ShardOperator {
         state: &mut ShardState,
         policy: KeyPolicy,
         push: &Push,
-        dirty: &mut Vec<u64>,
+        dirty: &mut DirtyKeys,
     ) -> Result<(), ApplyError> {
         match policy {
             KeyPolicy::MinCount(min) if min > 1 => {
@@ -547,11 +605,11 @@ impl ShardOperator {
                     }
                 }
                 state.model.push(&keys, &grads)?;
-                dirty.extend_from_slice(&keys);
+                dirty.add(&keys);
             }
             _ => {
                 state.model.push(&push.keys, &push.grads)?;
-                dirty.extend_from_slice(&push.keys);
+                dirty.add(&push.keys);
             }
         }
         if let KeyPolicy::Capacity(max) = policy {
@@ -656,7 +714,7 @@ impl ShardOperator {
             state.model.pull(&keys, &mut weights);
             (keys, weights)
         } else {
-            let keys = std::mem::take(&mut self.dirty);
+            let keys = self.dirty.take();
             let mut weights = Vec::new();
             state.model.pull(&keys, &mut weights);
             (keys, weights)

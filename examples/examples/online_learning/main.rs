@@ -261,6 +261,12 @@ fn main() -> anyhow::Result<()> {
     if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         anyhow::bail!("--rate must be positive");
     }
+    if let InputSpec::GenCtr(p) | InputSpec::Criteo(p) = args.input() {
+        std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
+    }
+    args.sync
+        .parse::<braid_actors::train::ps::Consistency>()
+        .map_err(|e| anyhow::anyhow!("--sync: {e}"))?;
     let scratch = tempfile::tempdir()?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;

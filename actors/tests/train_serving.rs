@@ -1,0 +1,106 @@
+//! The serving model's swap: a reader sees one whole version, never a mix
+//! of two; with BSP, a version is published only once every shard reached
+//! it.
+
+use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
+use braid_actors::train::ps::{Consistency, Delta, ModelVersion, PsConfig};
+use braid_actors::train::serving::Serving;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn config(name: &str, shards: usize, consistency: Consistency, bits: Option<u32>) -> PsConfig {
+    let ftrl = OptimizerKind::Ftrl(FtrlParams {
+        alpha: 0.1,
+        beta: 1.0,
+        l1: 0.0,
+        l2: 0.0,
+    });
+    let mut c = PsConfig::new(name, 1, shards, ftrl);
+    c.consistency = consistency;
+    c.feature_bits = bits;
+    c
+}
+
+fn delta(shard: u32, records: u64, keys: &[u64], value: f32) -> Delta {
+    Delta {
+        shard,
+        version: ModelVersion { epoch: 0, records },
+        full: false,
+        keys: keys.to_vec(),
+        weights: vec![value; keys.len()],
+        batches: Vec::new(),
+    }
+}
+
+#[test]
+fn readers_never_see_a_half_applied_delta() {
+    for bits in [Some(12), None] {
+        let serving = Arc::new(Serving::new(&config("swap", 1, Consistency::Asp, bits)));
+        let keys: Vec<u64> = (0..2000).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (serving, stop, keys) = (serving.clone(), stop.clone(), keys.clone());
+                std::thread::spawn(move || {
+                    let mut checked = 0u64;
+                    while !stop.load(Ordering::Acquire) {
+                        let model = serving.current();
+                        let v = model.version().records as f32;
+                        for &k in &keys {
+                            assert_eq!(model.weight(k), v, "key {k} in version {v}");
+                        }
+                        checked += 1;
+                    }
+                    checked
+                })
+            })
+            .collect();
+        for i in 1..=300u64 {
+            serving.apply(delta(0, i, &keys, i as f32));
+        }
+        stop.store(true, Ordering::Release);
+        for r in readers {
+            let checked = r
+                .join()
+                .unwrap_or_else(|_| panic!("a reader saw a torn version"));
+            assert!(checked > 0);
+        }
+        assert_eq!(serving.version().records, 300);
+        assert_eq!(serving.swaps(), 300);
+    }
+}
+
+#[test]
+fn bsp_publishes_a_version_only_when_every_shard_has_it() {
+    let serving = Serving::new(&config("bsp-swap", 2, Consistency::Bsp, Some(12)));
+    let c = config("bsp-swap", 2, Consistency::Bsp, Some(12));
+    let ring = c.ring();
+    let (k0, k1) = {
+        let mut k0 = None;
+        let mut k1 = None;
+        for k in 0..4096u64 {
+            match ring.shard_of(k) {
+                Some(0) if k0.is_none() => k0 = Some(k),
+                Some(1) if k1.is_none() => k1 = Some(k),
+                _ => {}
+            }
+        }
+        (k0.unwrap_or(0), k1.unwrap_or(1))
+    };
+    serving.apply(delta(0, 10, &[k0], 1.0));
+    assert_eq!(serving.swaps(), 0, "shard 1 has not reached version 10");
+    serving.apply(delta(1, 10, &[k1], 2.0));
+    assert_eq!(serving.swaps(), 1);
+    let m = serving.current();
+    assert_eq!(m.version().records, 10);
+    assert_eq!((m.weight(k0), m.weight(k1)), (1.0, 2.0));
+    serving.apply(delta(1, 20, &[k1], 3.0));
+    serving.apply(delta(1, 30, &[k1], 4.0));
+    assert_eq!(serving.current().weight(k1), 2.0);
+    serving.apply(delta(0, 20, &[k0], 5.0));
+    assert_eq!(serving.current().version().records, 10);
+    serving.apply(delta(0, 30, &[k0], 6.0));
+    let m = serving.current();
+    assert_eq!(m.version().records, 30);
+    assert_eq!((m.weight(k0), m.weight(k1)), (6.0, 4.0));
+}

@@ -1,0 +1,173 @@
+//! The `online_learning` example as a user runs it: the fused mode with
+//! its summary, plot and predictions; the separate mode; recovery from a
+//! crashed shard with a bitwise-identical BSP result; bad flags refused.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn example() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    profile_dir.join("examples").join("online_learning")
+}
+
+/// Runs the example, killing it (by pid) if it outlives `limit`.
+fn run(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(example())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", example().display()));
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if started.elapsed() > limit => {
+                let _ = child.kill();
+                let out = child.wait_with_output().ok();
+                panic!(
+                    "online_learning {args:?} ran over {limit:?}; stderr: {}",
+                    out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                        .unwrap_or_default()
+                );
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("waiting for the example: {e}"),
+        }
+    }
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("collecting the example's output: {e}"))
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}; stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("last line {last:?} is not JSON: {e}"))
+}
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+#[test]
+fn fused_mode_trains_serves_and_writes_its_outputs() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let out_dir = dir.path().join("out");
+    let predictions = dir.path().join("predictions.txt");
+    let j = json_of(&run(
+        &[
+            "--rows",
+            "20000",
+            "--json",
+            "--out-dir",
+            out_dir.to_str().unwrap_or_default(),
+            "--predictions",
+            predictions.to_str().unwrap_or_default(),
+        ],
+        LIMIT,
+    ));
+    assert_eq!(j["rows"], 20000);
+    for field in [
+        "seconds",
+        "events_per_s",
+        "logloss",
+        "auc",
+        "latency_ms_p50",
+        "latency_ms_p99",
+        "model_lag_ms_p99",
+        "cpu_seconds_per_million",
+    ] {
+        assert!(j[field].is_number(), "{field} missing in {j}");
+    }
+    assert!(j["auc"].as_f64().unwrap_or(0.0) > 0.55, "{j}");
+    let lines = std::fs::read_to_string(&predictions).unwrap_or_default();
+    assert_eq!(lines.lines().count(), 20000);
+    assert!(lines
+        .lines()
+        .all(|l| l.parse::<f32>().is_ok_and(|p| (0.0..=1.0).contains(&p))));
+    assert!(out_dir.join("summary.json").exists());
+    let svg = std::fs::read_to_string(out_dir.join("online_learning.svg")).unwrap_or_default();
+    assert!(svg.starts_with("<svg") || svg.contains("<svg"), "no plot");
+}
+
+#[test]
+fn separate_mode_runs_as_three_processes() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let j = json_of(&run(
+        &[
+            "--mode",
+            "separate",
+            "--rows",
+            "20000",
+            "--json",
+            "--out-dir",
+            dir.path().to_str().unwrap_or_default(),
+        ],
+        LIMIT,
+    ));
+    assert_eq!(j["rows"], 20000);
+    assert!(j["auc"].as_f64().unwrap_or(0.0) > 0.55, "{j}");
+}
+
+#[test]
+fn a_crashed_shard_recovers_to_the_same_bsp_model() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let common = [
+        "--rows",
+        "40000",
+        "--sync",
+        "bsp",
+        "--workers",
+        "2",
+        "--shards",
+        "2",
+        "--rate",
+        "40000",
+        "--checkpoint-ms",
+        "50",
+        "--json",
+        "--out-dir",
+        dir.path().to_str().unwrap_or_default(),
+    ];
+    let clean = json_of(&run(&common, LIMIT));
+    let mut crashed_args = common.to_vec();
+    crashed_args.extend(["--crash", "shard:1:40"]);
+    let crashed = json_of(&run(&crashed_args, LIMIT));
+    assert_eq!(crashed["failures"], 1, "{crashed}");
+    assert_eq!(crashed["rows"], 40000);
+    assert_eq!(clean["failures"], 0);
+    assert_eq!(
+        crashed["logloss"], clean["logloss"],
+        "BSP replay after the crash differs"
+    );
+    assert_eq!(crashed["auc"], clean["auc"]);
+}
+
+#[test]
+fn bad_flags_are_refused_with_a_message() {
+    for (args, needle) in [
+        (&["--sync", "sometimes"][..], "sync"),
+        (&["--mode", "both"][..], "mode"),
+        (&["--rate=-5"][..], "rate"),
+        (
+            &["--input", "/nonexistent/braid/ctr.txt", "--rows", "10"][..],
+            "nonexistent",
+        ),
+    ] {
+        let out = run(args, LIMIT);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

@@ -69,7 +69,10 @@ impl LocalRecords {
     /// The records, if they are of type `T` and were not taken yet.
     pub fn take<T: 'static>(&self) -> Option<Vec<(T, Option<EventTime>)>> {
         let boxed = self.0.lock().take()?;
-        boxed.downcast::<Vec<(T, Option<EventTime>)>>().ok().map(|b| *b)
+        boxed
+            .downcast::<Vec<(T, Option<EventTime>)>>()
+            .ok()
+            .map(|b| *b)
     }
 }
 

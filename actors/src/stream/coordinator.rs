@@ -151,9 +151,13 @@ enum Stored {
 /// One subtask's saved state.
 #[derive(Serialize, Deserialize)]
 struct SubtaskState {
-    states: Vec<(String, Vec<u8>)>,
+    states: Vec<NamedState>,
     offset: Option<Vec<u8>>,
 }
+
+/// One operator's state (encoded as bytes, not element by element).
+#[derive(Serialize, Deserialize)]
+struct NamedState(String, #[serde(with = "serde_bytes")] Vec<u8>);
 
 /// What a subtask restores: its chain's states by operator, and a
 /// source's offset.
@@ -263,7 +267,13 @@ impl Coordinator {
                         .block_on(self.config.storage.read_state(handle))?;
                     let saved: SubtaskState = bincode::deserialize(&bytes)
                         .map_err(|e| StateError::Decode(e.to_string()))?;
-                    restored.insert(*id, (saved.states.into_iter().collect(), saved.offset));
+                    restored.insert(
+                        *id,
+                        (
+                            saved.states.into_iter().map(|s| (s.0, s.1)).collect(),
+                            saved.offset,
+                        ),
+                    );
                 }
             }
             if self.fault(FaultPoint::DuringRestore(self.generation)) {
@@ -469,7 +479,7 @@ pub(crate) fn encode_subtask(
 ) -> Result<Vec<u8>, StateError> {
     let mut out = Vec::with_capacity(states.len());
     for (name, snapshot) in states {
-        out.push((name, snapshot.encode()?));
+        out.push(NamedState(name, snapshot.encode()?));
     }
     bincode::serialize(&SubtaskState {
         states: out,

@@ -804,10 +804,11 @@ impl Operator for ShardOperator {
     fn snapshot(&mut self) -> Snapshot {
         let state = self.cell.state.lock();
         let meta = state.meta.clone();
-        let model = state.model.to_bytes();
-        let counts = state.counts.to_bytes();
+        let model = state.model.clone();
+        let counts = state.counts.clone();
         drop(state);
         Snapshot::new(move || {
+            let (model, counts) = (model.to_bytes(), counts.to_bytes());
             let meta = bincode::serialize(&meta).map_err(|e| StateError::Encode(e.to_string()))?;
             let mut out = Vec::with_capacity(24 + meta.len() + model.len() + counts.len());
             for part in [&meta, &model, &counts] {

@@ -215,8 +215,12 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
                 let mut last_rows = 0;
                 let mut last_t = 0.0;
                 let mut timeline = Vec::new();
+                let mut next = Instant::now();
                 while !stop.load(Ordering::Acquire) {
-                    std::thread::sleep(Duration::from_millis(500));
+                    next += Duration::from_millis(500);
+                    while Instant::now() < next && !stop.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
                     let f = eval.figures();
                     let t = started.elapsed().as_secs_f64();
                     let interval = serving.take_interval_latency();

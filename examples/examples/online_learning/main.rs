@@ -191,7 +191,7 @@ fn run_fused(
         .map_err(|e| anyhow::anyhow!("the fused job did not start: {e}"))?;
     let mut progress = Progress::new();
     let status = loop {
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(20));
         let status = job
             .status()
             .blocking()

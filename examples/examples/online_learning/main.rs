@@ -23,6 +23,10 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// The embedded node's object store: the fused job passes its batches
+/// inside one process, so the store needs little room.
+const STORE_BYTES: u64 = 256 << 20;
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     about = "Online learning (FTRL on a parameter server) over a click stream, fused or separate"
@@ -275,7 +279,9 @@ fn main() -> anyhow::Result<()> {
 
     let (summary, series): (serde_json::Value, Vec<(String, Vec<TimelinePoint>)>) = if args.compare
     {
-        let rt = braid::init_blocking().context("start an embedded cluster")?;
+        let rt =
+            braid::init_blocking_with(braid::InitOptions::new().object_store_memory(STORE_BYTES))
+                .context("start an embedded cluster")?;
         eprintln!("compare: separate mode at saturation …");
         let mut run = 0;
         let mut next_run = || {
@@ -357,7 +363,9 @@ fn main() -> anyhow::Result<()> {
         j["refresh_ms"] = args.refresh_ms.into();
         (j, vec![("separate".into(), r.timeline)])
     } else {
-        let rt = braid::init_blocking().context("start an embedded cluster")?;
+        let rt =
+            braid::init_blocking_with(braid::InitOptions::new().object_store_memory(STORE_BYTES))
+                .context("start an embedded cluster")?;
         let (mut r, status) = run_fused(
             &rt,
             &args,

@@ -171,3 +171,43 @@ fn bad_flags_are_refused_with_a_message() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn criteo_input_skips_and_reports_malformed_lines() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("criteo.tsv");
+    let mut text = String::new();
+    for i in 0..3000u32 {
+        let ints: Vec<String> = (0..13).map(|f| ((i * 7 + f) % 50).to_string()).collect();
+        let cats: Vec<String> = (0..26)
+            .map(|f| format!("{:08x}", (i % 97) * 31 + f))
+            .collect();
+        let label = u32::from(i % 5 == 0);
+        text.push_str(&format!(
+            "{label}\t{}\t{}\n",
+            ints.join("\t"),
+            cats.join("\t")
+        ));
+        if i % 1000 == 0 {
+            text.push_str("not a criteo line\n");
+            text.push_str("2\t1\t2\n");
+        }
+    }
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    for mode in ["fused", "separate"] {
+        let j = json_of(&run(
+            &[
+                "--criteo",
+                path.to_str().unwrap_or_default(),
+                "--mode",
+                mode,
+                "--json",
+                "--out-dir",
+                dir.path().to_str().unwrap_or_default(),
+            ],
+            LIMIT,
+        ));
+        assert_eq!(j["rows"], 3000, "{mode}: {j}");
+        assert_eq!(j["skipped_lines"], 6, "{mode}: {j}");
+    }
+}

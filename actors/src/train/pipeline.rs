@@ -43,6 +43,7 @@ use crate::stream::operator::{decode_state, Collector, StateError};
 use crate::stream::source::{Source, SourcePoll};
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
@@ -224,6 +225,17 @@ pub struct TrainSource {
     seq: u64,
     rows: u64,
     pad_rounds: bool,
+    skipped: Arc<AtomicU64>,
+}
+
+/// Malformed input lines the source of job `name` skipped so far in this
+/// process (counted again after a recovery's seek: the count after the
+/// checkpoint's offset).
+pub fn skipped_lines(name: &str) -> Arc<AtomicU64> {
+    crate::stream::registry::get_or_register(&format!("{name}/skipped"), || {
+        Arc::new(AtomicU64::new(0))
+    })
+    .unwrap_or_else(|_| Arc::new(AtomicU64::new(0)))
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -252,6 +264,7 @@ impl TrainSource {
             seq: 0,
             rows: 0,
             pad_rounds: config.ps.consistency == Consistency::Bsp,
+            skipped: skipped_lines(&config.ps.name),
         }
     }
 }
@@ -297,6 +310,7 @@ impl Source for TrainSource {
             total += got as u64;
             round.push((batch, ingest_ns));
         }
+        self.skipped.store(reader.skipped(), Ordering::Relaxed);
         if total == 0 {
             self.rows_left = 0;
             return SourcePoll::Exhausted;

@@ -286,7 +286,7 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
         latency_ms_p99: latency.quantile(0.99),
         model_lag_ms_p99: lag.quantile(0.99),
         cpu_seconds_per_million: cpu / (f.rows.max(1) as f64 / 1e6),
-        skipped_lines: 0,
+        skipped_lines: pipeline::skipped_lines(&name).load(std::sync::atomic::Ordering::Relaxed),
         timeline,
     })
 }

@@ -769,3 +769,12 @@ impl<'de> Deserialize<'de> for LatencyHistogram {
         Ok(h)
     }
 }
+
+/// Wall-clock nanoseconds since the Unix epoch: the ingest stamp of a
+/// batch, comparable across the processes of one machine (0 if the clock
+/// is before 1970).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

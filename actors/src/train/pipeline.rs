@@ -45,7 +45,7 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use thiserror::Error;
 
 /// Rows from an input, with a position to resume from.
@@ -245,12 +245,6 @@ struct SourceOffset {
     rows: u64,
 }
 
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 impl TrainSource {
     fn new(reader: Result<Box<dyn RowReader>, String>, config: &PipelineConfig) -> Self {
         Self {
@@ -298,7 +292,7 @@ impl Source for TrainSource {
         for _ in 0..self.workers {
             let want = per_worker.min((allowance - total) as usize);
             let mut batch = FeatureBatch::with_capacity(want, want * 40);
-            let ingest_ns = now_ns();
+            let ingest_ns = super::metrics::now_ns();
             let got = if want == 0 {
                 0
             } else {

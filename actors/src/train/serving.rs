@@ -26,7 +26,6 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Where a version keeps its weights: a dense array over a hashed
 /// feature space (one load per feature, no probing), with the keys outside
@@ -218,12 +217,6 @@ pub struct Serving {
     sync_versions: bool,
 }
 
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 impl Serving {
     /// An empty model for the shards of `config`.
     pub fn new(config: &PsConfig) -> Self {
@@ -284,7 +277,7 @@ impl Serving {
     }
 
     fn note_served(&self, model: &ServedModel) {
-        let now = now_ns();
+        let now = super::metrics::now_ns();
         let mut t = self.tracking.lock();
         if self.has_unserved.swap(false, Ordering::AcqRel) {
             let records = model.version.records;

@@ -8,7 +8,7 @@ use braid_actors::train::data::{
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Rows the built-in stream has when `--rows` is not given.
 pub const DEFAULT_SYNTHETIC_ROWS: u64 = 1_000_000;
@@ -174,14 +174,7 @@ impl Pacer {
     }
 }
 
-/// Wall-clock nanoseconds since the Unix epoch: comparable across the
-/// processes of one machine.
-pub fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+pub use braid_actors::train::metrics::now_ns;
 
 /// CPU seconds (user + system) of process `pid` and of its waited-for
 /// children, from `/proc/<pid>/stat` (clock ticks are 1/100 s: Linux

@@ -7,11 +7,12 @@ use braid_actors::stream::coordinator::{JobConfig, JobReport};
 use braid_actors::stream::graph::StreamEnv;
 use braid_actors::stream::local;
 use braid_actors::stream::plan::Plan;
+use braid_actors::train::data::FeatureBatch;
 use braid_actors::train::data::{fnv1a64, SyntheticConfig, SyntheticStream};
 use braid_actors::train::eval::{EvalFigures, EvalHandle};
-use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
+use braid_actors::train::optimizer::{FtrlParams, Model, OptimizerKind, BIAS_KEY};
 use braid_actors::train::pipeline::{self, FileReader, PipelineConfig, RowReader, SyntheticReader};
-use braid_actors::train::ps::{final_model, Consistency, Crash, PsConfig};
+use braid_actors::train::ps::{final_model, Consistency, Crash, KeyPolicy, PsConfig};
 use braid_actors::train::serving::Serving;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -36,6 +37,8 @@ fn unique(prefix: &str) -> String {
 
 struct Run {
     report: JobReport,
+    /// Serving's non-zero weights, by key.
+    weights: Vec<(u64, u32)>,
     figures: EvalFigures,
     models: Vec<u64>,
     serving: u64,
@@ -71,12 +74,13 @@ fn run(mut config: PipelineConfig, rows: u64, checkpoint_ms: u64) -> Run {
         .collect();
     serving.sort_unstable();
     assert!(!serving.is_empty());
-    let serving = fnv1a64(&bincode_like(&serving));
+    let hash = fnv1a64(&bincode_like(&serving));
     Run {
         report,
+        weights: serving,
         figures: EvalHandle::of(&ps.name).figures(),
         models,
-        serving,
+        serving: hash,
         version: served.version(),
     }
 }
@@ -134,6 +138,87 @@ fn bsp_is_deterministic_and_replays_a_crash_bitwise() {
     }
 }
 
+/// The synthetic stream `run` trains on, learned row by row by one
+/// in-process [`Model`]: its non-zero weights, as `run` reports serving's.
+fn learned_alone(rows: u64) -> Vec<(u64, u32)> {
+    let stream = SyntheticStream::new(SyntheticConfig {
+        rows,
+        bits: 18,
+        ..SyntheticConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("stream: {e}"));
+    let mut reader = SyntheticReader(stream);
+    let mut model = Model::new(ftrl()).unwrap_or_else(|e| panic!("model: {e}"));
+    let mut batch = FeatureBatch::new();
+    loop {
+        batch.clear();
+        let n = reader
+            .read(&mut batch, 1000)
+            .unwrap_or_else(|e| panic!("read: {e}"));
+        if n == 0 {
+            break;
+        }
+        for (label, ids, values) in batch.iter() {
+            model
+                .learn(ids, values, label)
+                .unwrap_or_else(|e| panic!("learn: {e}"));
+        }
+    }
+    (0..1u64 << 18)
+        .chain([BIAS_KEY])
+        .map(|k| (k, model.weight(k).to_bits()))
+        .filter(|(_, w)| *w != 0)
+        .collect()
+}
+
+#[test]
+fn a_chained_worker_trains_as_one_model_and_replays_a_crash_bitwise() {
+    // One worker chains its two shards: rows train in place, one by one.
+    let clean = run(config("chained", 1, 2, Consistency::Bsp), 20_000, 10_000);
+    assert_eq!(clean.figures.rows, 20_000);
+    assert_eq!(clean.version.records, 20_000);
+    assert_eq!(
+        clean.weights,
+        learned_alone(20_000),
+        "the sharded, chained job and one Model::learn loop differ"
+    );
+    for crash in [Crash::Worker(0, 120), Crash::Shard(1, 90)] {
+        let mut c = config("chained-crash", 1, 2, Consistency::Bsp);
+        c.ps.crash = Some(crash);
+        c.rate = Some(40_000.0);
+        let crashed = run(c, 20_000, 50);
+        assert_eq!(crashed.report.failures, 1, "{crash:?}");
+        assert!(
+            crashed.report.restored_from.iter().any(|e| *e > 0),
+            "{crash:?}: the crash came before any checkpoint: {:?}",
+            crashed.report
+        );
+        assert_eq!(crashed.models, clean.models, "{crash:?}: replay differs");
+        assert_eq!(crashed.serving, clean.serving, "{crash:?}");
+        assert_eq!(
+            crashed.figures.logloss.to_bits(),
+            clean.figures.logloss.to_bits()
+        );
+    }
+}
+
+#[test]
+fn a_chained_worker_under_min_count_pushes_what_an_unchained_one_does() {
+    let with = |chain: bool| {
+        let mut c = config("min-count", 1, 2, Consistency::Bsp);
+        c.ps.policy = KeyPolicy::MinCount(2);
+        c.ps.chain = chain;
+        run(c, 10_000, 10_000)
+    };
+    let (chained, apart) = (with(true), with(false));
+    assert_eq!(chained.figures.rows, 10_000);
+    assert_eq!(chained.weights, apart.weights);
+    assert_eq!(
+        chained.figures.logloss.to_bits(),
+        apart.figures.logloss.to_bits()
+    );
+}
+
 #[test]
 fn ssp_never_exceeds_its_bound_and_asp_trains_everything() {
     for tau in [0u64, 2] {
@@ -164,8 +249,8 @@ fn one_worker_one_shard_matches_vw_on_the_committed_file() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/ctr_10k.txt");
     let mut ps = PsConfig::new(&unique("vw"), 1, 1, ftrl());
     ps.consistency = Consistency::Bsp;
-    let mut c = PipelineConfig::new(ps.clone());
-    c.batch_rows = 1;
+    // The demo's micro-batches: the chained worker trains row by row.
+    let c = PipelineConfig::new(ps.clone());
     let env = StreamEnv::new(1);
     pipeline::build(&env, c, move || {
         Ok(Box::new(FileReader::gen_ctr(&path, 22)?) as Box<dyn RowReader>)

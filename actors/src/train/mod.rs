@@ -5,6 +5,7 @@
 
 pub mod data;
 pub mod eval;
+mod hugepages;
 pub mod metrics;
 pub mod optimizer;
 pub mod pipeline;

@@ -422,6 +422,85 @@ fn learn_with<R: Rule>(
     p
 }
 
+/// [`learn_with`] over a model split into shards: `shard_of` picks each
+/// key's table. Every key of the row (then `bias`, value 1) is probed once;
+/// its shard goes into `shards`, in order, for the caller's bookkeeping.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn learn_sharded_with<R: Rule>(
+    r: R,
+    tables: &mut [&mut ParamTable<KeyState>],
+    shard_of: &dyn Fn(u64) -> usize,
+    scratch: &mut Vec<(u32, SlotRef, f32)>,
+    shards: &mut Vec<u32>,
+    bias: u64,
+    features: &[u64],
+    values: Option<&[f32]>,
+    label: f32,
+) -> f32 {
+    for t in tables.iter_mut() {
+        t.reserve(features.len() + 1);
+    }
+    if let [t] = tables {
+        t.prefetch(features);
+    }
+    scratch.clear();
+    let mut m = 0.0;
+    let x_at = |i: usize| values.map_or(1.0, |v| v[i]);
+    for (i, &k) in features.iter().chain(std::iter::once(&bias)).enumerate() {
+        let x = if i < features.len() { x_at(i) } else { 1.0 };
+        let s = shard_of(k);
+        shards.push(s as u32);
+        if x != 0.0 {
+            let t = &mut tables[s];
+            let at = t.locate_or_insert(k);
+            m += r.weight(&t.state(at)) * x;
+            scratch.push((s as u32, at, x));
+        }
+    }
+    let p = sigmoid(m);
+    let d = p - label;
+    if d != 0.0 {
+        for &(s, at, x) in scratch.iter() {
+            r.apply(tables[s as usize].state_mut(at), d * x);
+        }
+    }
+    p
+}
+
+/// Trains a model split into shards row by row, in place: for each row,
+/// predict (progressive validation), then apply `(p − y)·xᵢ` to every
+/// feature and `p − y` to `bias` in its shard's table (`shard_of`), once
+/// per occurrence. The same updates as [`Model::learn`] on one table.
+/// `predictions` gets each row's prediction; `shards` each occurrence's
+/// shard, row by row (bias last). The models' own bias keys are not used.
+pub(crate) fn learn_sharded(
+    models: &mut [&mut Model],
+    shard_of: &dyn Fn(u64) -> usize,
+    bias: u64,
+    rows: super::data::FeatureBatchRef<'_>,
+    predictions: &mut Vec<f32>,
+    shards: &mut Vec<u32>,
+) -> Result<(), RowError> {
+    let Some(kind) = models.first().map(|m| m.kind) else {
+        return Ok(());
+    };
+    let mut scratch = Vec::new();
+    let mut tables: Vec<&mut ParamTable<KeyState>> =
+        models.iter_mut().map(|m| &mut m.table).collect();
+    for (label, ids, values) in rows.iter() {
+        Model::check_values(ids, values)?;
+        if !(0.0..=1.0).contains(&label) {
+            return Err(RowError::Label(label));
+        }
+        let p = with_rule!(kind, r => learn_sharded_with(
+            r, &mut tables, shard_of, &mut scratch, shards, bias, ids, values, label
+        ));
+        predictions.push(p);
+    }
+    Ok(())
+}
+
 /// Keys per [`ParamTable::prefetch`] in batch loops: enough misses in
 /// flight to fill the core's line-fill buffers, few enough to stay cached
 /// until the lookups come.
@@ -454,13 +533,31 @@ const PREFETCH_CHUNK: usize = 32;
 /// model.push(&[99], &[0.25])?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Model {
     kind: OptimizerKind,
     table: ParamTable<KeyState>,
     bias: Option<u64>,
     /// The slots of the row being learned (reused: no allocation per row).
     scratch: Vec<(SlotRef, f32)>,
+}
+
+impl Clone for Model {
+    fn clone(&self) -> Self {
+        Self {
+            kind: self.kind,
+            table: self.table.clone(),
+            bias: self.bias,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Reuses `self`'s table buffer when it is large enough.
+    fn clone_from(&mut self, source: &Self) {
+        self.kind = source.kind;
+        self.table.clone_from(&source.table);
+        self.bias = source.bias;
+    }
 }
 
 impl Model {
@@ -569,6 +666,83 @@ impl Model {
                     if g != 0.0 {
                         r.apply(table.get_or_insert_default(k), g);
                     }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// [`Model::pull`] that also notes where each key lives (`None`:
+    /// absent), for [`Model::push_at`] to update without probing again.
+    /// The table first makes room for every absent key, so the notes stay
+    /// valid through `push_at`'s inserts; any other change to the table
+    /// in between voids them.
+    pub(crate) fn pull_at(
+        &mut self,
+        keys: &[u64],
+        at: &mut Vec<Option<SlotRef>>,
+        out: &mut Vec<f32>,
+    ) {
+        let table = &mut self.table;
+        loop {
+            at.clear();
+            out.clear();
+            at.reserve(keys.len());
+            out.reserve(keys.len());
+            let mut absent = 0usize;
+            with_rule!(self.kind, r => {
+                for chunk in keys.chunks(PREFETCH_CHUNK) {
+                    table.prefetch(chunk);
+                    for &k in chunk {
+                        let slot = table.locate(k);
+                        match slot {
+                            Some(s) => out.push(r.weight(&table.state(s))),
+                            None => {
+                                absent += 1;
+                                out.push(0.0);
+                            }
+                        }
+                        at.push(slot);
+                    }
+                }
+            });
+            if table.has_room(absent) {
+                return;
+            }
+            table.reserve(absent);
+        }
+    }
+
+    /// [`Model::push`] with the slots [`Model::pull_at`] noted for the same
+    /// `keys`: the same updates in the same order, without a second probe
+    /// for keys that were present.
+    pub(crate) fn push_at(
+        &mut self,
+        keys: &[u64],
+        at: &[Option<SlotRef>],
+        grads: &[f32],
+    ) -> Result<(), PushError> {
+        if keys.len() != grads.len() || keys.len() != at.len() {
+            return Err(PushError::Length {
+                keys: keys.len(),
+                grads: grads.len(),
+            });
+        }
+        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
+            return Err(PushError::NonFinite {
+                key: keys[i],
+                value: grads[i],
+            });
+        }
+        let table = &mut self.table;
+        with_rule!(self.kind, r => {
+            for ((&k, &slot), &g) in keys.iter().zip(at).zip(grads) {
+                if g != 0.0 {
+                    let s = match slot {
+                        Some(s) => s,
+                        None => table.locate_or_insert(k),
+                    };
+                    r.apply(table.state_mut(s), g);
                 }
             }
         });

@@ -421,24 +421,34 @@ pub fn build(
         .parallelism(1)
         .batch_records(1);
     let ps = config.ps.clone();
+    let chained = ps.workers == 1 && ps.chain;
     let worker_out = batches.transform_routed(
         "worker",
         config.ps.workers,
         move |b: &TrainBatch| b.seq % workers,
         {
             let ps = ps.clone();
-            move |i| TrainWorker::new(ps.clone(), i)
+            move |i| {
+                let worker = if chained {
+                    TrainWorker::chained(ps.clone())
+                } else {
+                    Ok(TrainWorker::new(ps.clone(), i))
+                };
+                worker.unwrap_or_else(|e| panic!("training worker {i}: {e}"))
+            }
         },
     );
-    let pushes = worker_out
-        .local_flat_map(|o: super::worker::WorkerOut| o.push())
-        .batch_records(1);
     let scored = worker_out
         .local_flat_map(|o: super::worker::WorkerOut| o.scored())
         .batch_records(1);
-    let shard_ps = ps.clone();
-    let deltas = pushes
-        .transform_routed(
+    let deltas = if chained {
+        worker_out.local_flat_map(|o: super::worker::WorkerOut| o.delta())
+    } else {
+        let pushes = worker_out
+            .local_flat_map(|o: super::worker::WorkerOut| o.push())
+            .batch_records(1);
+        let shard_ps = ps.clone();
+        pushes.transform_routed(
             "shard",
             ps.shards,
             |p: &super::ps::Push| p.shard as u64,
@@ -447,7 +457,8 @@ pub fn build(
                 Err(e) => panic!("shard {i}: {e}"),
             },
         )
-        .batch_records(1);
+    }
+    .batch_records(1);
     let serving_ps = ps.clone();
     let _ = deltas.transform_routed("serving", 1, |_| 0, move |_| ServingSink::new(&serving_ps));
     let name = ps.name.clone();

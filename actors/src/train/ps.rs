@@ -23,9 +23,9 @@
 //!   eviction above a capacity are hooks a shard runs on its table.
 
 use super::data::FeatureBatch;
-use super::optimizer::{Model, OptimizerKind, PushError};
+use super::optimizer::{learn_sharded, Model, OptimizerKind, PushError, BIAS_KEY};
 use super::sharding::ConsistentHash;
-use super::table::ParamTable;
+use super::table::{ParamTable, SlotRef};
 use crate::stream::context::TaskContext;
 use crate::stream::operator::{Collector, EventTime, Operator, Snapshot, StateError};
 use crate::stream::registry;
@@ -137,6 +137,10 @@ pub struct PsConfig {
     /// Feature ids are below `2^feature_bits` (hashed features): serving
     /// then keeps its weights in a dense array.
     pub feature_bits: Option<u32>,
+    /// With one worker, run the shards in the worker's subtask
+    /// ([`super::worker::TrainWorker::chained`]): the same updates, without
+    /// messages between them or a second lookup per key.
+    pub chain: bool,
 }
 
 impl PsConfig {
@@ -157,6 +161,7 @@ impl PsConfig {
             pull_timeout: Duration::from_secs(60),
             crash: None,
             feature_bits: None,
+            chain: true,
         }
     }
 
@@ -483,19 +488,24 @@ impl DirtyKeys {
     }
 
     fn add(&mut self, keys: &[u64]) {
-        let limit = self.bits.len() as u64 * 64;
         for &k in keys {
-            if k < limit {
-                let (word, bit) = ((k / 64) as usize, k % 64);
-                if self.bits[word] & (1 << bit) == 0 {
-                    self.bits[word] |= 1 << bit;
-                    self.keys.push(k);
-                }
-            } else if limit == 0 {
+            self.add_one(k);
+        }
+    }
+
+    #[inline]
+    fn add_one(&mut self, k: u64) {
+        let limit = self.bits.len() as u64 * 64;
+        if k < limit {
+            let (word, bit) = ((k / 64) as usize, k % 64);
+            if self.bits[word] & (1 << bit) == 0 {
+                self.bits[word] |= 1 << bit;
                 self.keys.push(k);
-            } else if !self.big.contains(&k) {
-                self.big.push(k);
             }
+        } else if limit == 0 {
+            self.keys.push(k);
+        } else if !self.big.contains(&k) {
+            self.big.push(k);
         }
     }
 
@@ -529,6 +539,10 @@ pub struct ShardOperator {
     rows_since: u64,
     last_delta: Instant,
     sent_full: bool,
+    /// A model buffer the last snapshot encoded and gave back: the next
+    /// snapshot copies into it instead of allocating (and faulting in)
+    /// a fresh table while the shard waits.
+    spare: Arc<Mutex<Option<Model>>>,
 }
 
 impl ShardOperator {
@@ -572,6 +586,7 @@ impl ShardOperator {
             rows_since: 0,
             last_delta: Instant::now(),
             sent_full: false,
+            spare: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -584,6 +599,7 @@ impl ShardOperator {
         state: &mut ShardState,
         policy: KeyPolicy,
         push: &Push,
+        at: Option<&[Option<SlotRef>]>,
         dirty: &mut DirtyKeys,
     ) -> Result<(), ApplyError> {
         match policy {
@@ -608,10 +624,21 @@ impl ShardOperator {
                 dirty.add(&keys);
             }
             _ => {
-                state.model.push(&push.keys, &push.grads)?;
+                match at {
+                    Some(at) => state.model.push_at(&push.keys, at, &push.grads)?,
+                    None => state.model.push(&push.keys, &push.grads)?,
+                }
                 dirty.add(&push.keys);
             }
         }
+        Self::evict(state, policy);
+        state.meta.records += push.rows;
+        Ok(())
+    }
+
+    /// Under [`KeyPolicy::Capacity`], evicts the least-updated keys once
+    /// the table holds more than its maximum.
+    fn evict(state: &mut ShardState, policy: KeyPolicy) {
         if let KeyPolicy::Capacity(max) = policy {
             let table = state.model.table_mut();
             if max > 0 && table.len() > max {
@@ -623,11 +650,11 @@ impl ShardOperator {
                 table.retain(|_, s| s[1] >= threshold);
             }
         }
-        state.meta.records += push.rows;
-        Ok(())
     }
 
-    fn apply(&mut self, push: Push) -> Result<(), ApplyError> {
+    /// Applies `push`; `at` holds the slots [`Model::pull_at`] noted for
+    /// its keys when the worker is chained to this shard.
+    fn apply(&mut self, push: Push, at: Option<&[Option<SlotRef>]>) -> Result<(), ApplyError> {
         let workers = self.config.workers;
         let w = push.worker as usize;
         if w >= workers {
@@ -652,6 +679,7 @@ impl ShardOperator {
             state.meta.next_step[w] = push.step + 1;
         }
         let policy = self.config.policy;
+        let this_step = push.step;
         if self.cell.staleness == Some(0) {
             if !push.done {
                 let slots = state
@@ -671,14 +699,15 @@ impl ShardOperator {
                 }
                 let slots = state.meta.pending.remove(&step).unwrap_or_default();
                 for push in slots.into_iter().flatten() {
-                    Self::apply_one(state, policy, &push, &mut self.dirty)?;
+                    let noted = at.filter(|_| push.worker as usize == w && step == this_step);
+                    Self::apply_one(state, policy, &push, noted, &mut self.dirty)?;
                     self.note_batch(&push);
                     let worker = push.worker as usize;
                     state.meta.clocks[worker] = step + 1;
                 }
             }
         } else if !push.done {
-            Self::apply_one(state, policy, &push, &mut self.dirty)?;
+            Self::apply_one(state, policy, &push, at, &mut self.dirty)?;
             self.note_batch(&push);
             state.meta.clocks[w] = push.step + 1;
         }
@@ -742,6 +771,165 @@ impl ShardOperator {
     }
 }
 
+impl ShardOperator {
+    /// Applies one push (a failure stops the shard and fails the subtask,
+    /// which the job recovers from its last checkpoint), then emits a
+    /// serving delta if one is due.
+    fn handle(
+        &mut self,
+        push: Push,
+        at: Option<&[Option<SlotRef>]>,
+        out: &mut dyn Collector<Delta>,
+    ) {
+        if let Some(Crash::Shard(i, step)) = self.config.crash {
+            if i == self.cell.index && push.step >= step && first_crash(&self.config) {
+                self.cell.stop();
+                panic!("shard {i} crashed at step {} (injected)", push.step);
+            }
+        }
+        if let Err(e) = self.apply(push, at) {
+            self.cell.stop();
+            panic!("parameter-server shard {}: {e}", self.cell.index);
+        }
+        self.emit_delta(out, false);
+    }
+
+    /// Trains the chained worker's step `step` on `shards` (all of the
+    /// job's, in order) row by row, in place ([`learn_sharded`]); then
+    /// does what a push of the step does to each shard: clocks, records,
+    /// eviction, dirty keys and a serving delta if one is due.
+    /// `predictions` gets each row's prediction before its update.
+    pub(crate) fn train_chained(
+        shards: &mut [ShardOperator],
+        shard_of: &dyn Fn(u64) -> usize,
+        worker: usize,
+        step: u64,
+        batch: &TrainBatch,
+        predictions: &mut Vec<f32>,
+        out: &mut dyn Collector<Delta>,
+    ) {
+        let rows = batch.batch.view();
+        let cells: Vec<Arc<ShardCell>> = shards.iter().map(|s| s.cell.clone()).collect();
+        let fail = |e: &dyn std::fmt::Display| -> ! {
+            for c in &cells {
+                c.stop();
+            }
+            panic!("chained parameter-server shards: {e}");
+        };
+        for shard in shards.iter() {
+            if let Some(Crash::Shard(i, at)) = shard.config.crash {
+                if i == shard.cell.index && step >= at && first_crash(&shard.config) {
+                    fail(&format!("shard {i} crashed at step {step} (injected)"));
+                }
+            }
+        }
+        let mut states: Vec<_> = cells.iter().map(|c| c.state.lock()).collect();
+        for (s, state) in states.iter().enumerate() {
+            let expected = state.meta.next_step.get(worker).copied();
+            if expected != Some(step) {
+                fail(&format!(
+                    "shard {s}: worker {worker} trained step {step}, expected {expected:?}"
+                ));
+            }
+        }
+        let mut touched = Vec::with_capacity(rows.ids().len() + rows.rows());
+        {
+            let mut models: Vec<&mut Model> = states.iter_mut().map(|s| &mut s.model).collect();
+            let learned = learn_sharded(
+                &mut models,
+                shard_of,
+                BIAS_KEY,
+                rows,
+                predictions,
+                &mut touched,
+            );
+            if let Err(e) = learned {
+                fail(&e);
+            }
+        }
+        let applied = AppliedBatch {
+            seq: batch.seq,
+            rows: rows.rows() as u64,
+            ingest_ns: batch.ingest_ns,
+        };
+        let ids = rows.ids();
+        for (shard, state) in shards.iter_mut().zip(states.iter_mut()) {
+            let state = &mut **state;
+            state.meta.next_step[worker] = step + 1;
+            state.meta.clocks[worker] = step + 1;
+            state.meta.records += applied.rows;
+            Self::evict(state, shard.config.policy);
+            shard.rows_since += applied.rows;
+            shard.batches.push(applied);
+        }
+        let mut at = 0;
+        for (_, row, _) in rows.iter() {
+            for &k in row.iter().chain(std::iter::once(&BIAS_KEY)) {
+                shards[touched[at] as usize].dirty.add_one(k);
+                at += 1;
+            }
+        }
+        debug_assert_eq!(at, ids.len() + rows.rows());
+        drop(states);
+        for shard in shards.iter_mut() {
+            shard.cell.changed.notify_all();
+            shard.emit_delta(out, false);
+        }
+    }
+
+    /// A pull by the one worker chained to this shard (in its subtask, so
+    /// no other worker's step can be pending): the weights of `keys`, and
+    /// where each lives for [`ShardOperator::push_chained`].
+    pub(crate) fn pull_chained(
+        &self,
+        keys: &[u64],
+        at: &mut Vec<Option<SlotRef>>,
+        out: &mut Vec<f32>,
+    ) {
+        self.cell.state.lock().model.pull_at(keys, at, out);
+    }
+
+    /// The chained worker's push of the step it just pulled for, with the
+    /// slots that pull noted.
+    pub(crate) fn push_chained(
+        &mut self,
+        push: Push,
+        at: &[Option<SlotRef>],
+        out: &mut dyn Collector<Delta>,
+    ) {
+        self.handle(push, Some(at), out);
+    }
+}
+
+/// `parts`, each prefixed by its length (u64, little-endian).
+pub(crate) fn join_parts(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| 8 + p.len()).sum());
+    for part in parts {
+        out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// The length-prefixed parts [`join_parts`] wrote; a truncated or
+/// over-long encoding is refused.
+pub(crate) fn split_parts(mut bytes: &[u8]) -> Result<Vec<&[u8]>, StateError> {
+    let mut parts = Vec::new();
+    while !bytes.is_empty() {
+        let bad = || StateError::Decode("truncated state parts".into());
+        let len: [u8; 8] = bytes
+            .get(..8)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?;
+        let len = usize::try_from(u64::from_le_bytes(len)).map_err(|_| bad())?;
+        let rest = &bytes[8..];
+        parts.push(rest.get(..len).ok_or_else(bad)?);
+        bytes = &rest[len..];
+    }
+    Ok(parts)
+}
+
 impl Drop for ShardOperator {
     fn drop(&mut self) {
         self.cell.stop();
@@ -753,45 +941,12 @@ struct ShardSnapshot {
     meta: ShardMeta,
 }
 
-/// The three length-prefixed parts of a shard snapshot.
-fn split_parts(mut bytes: &[u8]) -> Result<[&[u8]; 3], StateError> {
-    let mut parts = [&bytes[..0]; 3];
-    for part in &mut parts {
-        let bad = || StateError::Decode("truncated shard snapshot".into());
-        let len: [u8; 8] = bytes
-            .get(..8)
-            .ok_or_else(bad)?
-            .try_into()
-            .map_err(|_| bad())?;
-        let len = usize::try_from(u64::from_le_bytes(len)).map_err(|_| bad())?;
-        let rest = &bytes[8..];
-        *part = rest.get(..len).ok_or_else(bad)?;
-        bytes = &rest[len..];
-    }
-    if !bytes.is_empty() {
-        return Err(StateError::Decode(
-            "trailing bytes after a shard snapshot".into(),
-        ));
-    }
-    Ok(parts)
-}
-
 impl Operator for ShardOperator {
     type In = Push;
     type Out = Delta;
 
     fn process(&mut self, push: Push, _time: Option<EventTime>, out: &mut dyn Collector<Delta>) {
-        if let Some(Crash::Shard(i, step)) = self.config.crash {
-            if i == self.cell.index && push.step >= step && first_crash(&self.config) {
-                self.cell.stop();
-                panic!("shard {i} crashed at step {} (injected)", push.step);
-            }
-        }
-        if let Err(e) = self.apply(push) {
-            self.cell.stop();
-            panic!("parameter-server shard {}: {e}", self.cell.index);
-        }
-        self.emit_delta(out, false);
+        self.handle(push, None, out);
     }
 
     fn on_end(&mut self, out: &mut dyn Collector<Delta>) {
@@ -802,20 +957,25 @@ impl Operator for ShardOperator {
     }
 
     fn snapshot(&mut self) -> Snapshot {
+        let spare = self.spare.lock().take();
         let state = self.cell.state.lock();
         let meta = state.meta.clone();
-        let model = state.model.clone();
+        let model = match spare {
+            Some(mut copy) => {
+                copy.clone_from(&state.model);
+                copy
+            }
+            None => state.model.clone(),
+        };
         let counts = state.counts.clone();
         drop(state);
+        let give_back = self.spare.clone();
         Snapshot::new(move || {
-            let (model, counts) = (model.to_bytes(), counts.to_bytes());
+            let (model_bytes, counts) = (model.to_bytes(), counts.to_bytes());
+            *give_back.lock() = Some(model);
+            let model = model_bytes;
             let meta = bincode::serialize(&meta).map_err(|e| StateError::Encode(e.to_string()))?;
-            let mut out = Vec::with_capacity(24 + meta.len() + model.len() + counts.len());
-            for part in [&meta, &model, &counts] {
-                out.extend_from_slice(&(part.len() as u64).to_le_bytes());
-                out.extend_from_slice(part);
-            }
-            Ok(out)
+            Ok(join_parts(&[&meta, &model, &counts]))
         })
     }
 
@@ -827,7 +987,11 @@ impl Operator for ShardOperator {
         if bytes.is_empty() {
             return Ok(());
         }
-        let [meta, model, counts] = split_parts(bytes)?;
+        let [meta, model, counts] = split_parts(bytes)?[..] else {
+            return Err(StateError::Decode(
+                "a shard snapshot has three parts".into(),
+            ));
+        };
         let snap = ShardSnapshot {
             meta: crate::stream::operator::decode_state(meta)?,
         };

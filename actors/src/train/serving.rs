@@ -30,10 +30,21 @@ use std::sync::Arc;
 /// Where a version keeps its weights: a dense array over a hashed
 /// feature space (one load per feature, no probing), with the keys outside
 /// it (the bias) in a table; or one table per shard.
-#[derive(Clone)]
 enum Weights {
     Dense { w: Vec<f32>, extra: ParamTable<f32> },
     Sharded(Vec<ParamTable<f32>>),
+}
+
+impl Clone for Weights {
+    fn clone(&self) -> Self {
+        match self {
+            Weights::Dense { w, extra } => Weights::Dense {
+                w: super::hugepages::copied(w),
+                extra: extra.clone(),
+            },
+            Weights::Sharded(t) => Weights::Sharded(t.clone()),
+        }
+    }
 }
 
 /// Largest hashed feature space served from a dense array (2^26 weights,
@@ -54,7 +65,7 @@ impl ServedModel {
     fn empty(config: &PsConfig) -> Self {
         let weights = match config.feature_bits {
             Some(bits) if bits <= MAX_DENSE_BITS => Weights::Dense {
-                w: vec![0.0; 1usize << bits],
+                w: super::hugepages::filled(1usize << bits, 0.0),
                 extra: ParamTable::new(),
             },
             _ => Weights::Sharded((0..config.shards).map(|_| ParamTable::new()).collect()),

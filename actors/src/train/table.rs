@@ -191,7 +191,10 @@ struct Slot<S> {
 /// An open-addressing (linear probing) hash table from `u64` keys to a small
 /// `Copy` state; see the [module docs](self) for layout, memory bound,
 /// deletion and snapshot format.
-#[derive(Clone)]
+///
+/// The slot array sits on transparent huge pages where the kernel offers
+/// them, and [`Clone::clone_from`] reuses the target's array, so a
+/// checkpoint's copy into a kept buffer neither allocates nor faults.
 pub struct ParamTable<S> {
     slots: Vec<Slot<S>>,
     /// `slots.len() - 1`; the slot count is a power of two.
@@ -216,6 +219,33 @@ pub struct ParamTable<S> {
 #[inline]
 fn mix(key: u64) -> u64 {
     (key ^ (key >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+impl<S: SlotState> Clone for ParamTable<S> {
+    fn clone(&self) -> Self {
+        Self {
+            slots: super::hugepages::copied(&self.slots),
+            mask: self.mask,
+            shift: self.shift,
+            in_slots: self.in_slots,
+            max_in_slots: self.max_in_slots,
+            zero: self.zero,
+        }
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        if self.slots.capacity() < source.slots.len() {
+            *self = source.clone();
+            return;
+        }
+        self.slots.clear();
+        self.slots.extend_from_slice(&source.slots);
+        self.mask = source.mask;
+        self.shift = source.shift;
+        self.in_slots = source.in_slots;
+        self.max_in_slots = source.max_in_slots;
+        self.zero = source.zero;
+    }
 }
 
 impl<S: SlotState> Default for ParamTable<S> {
@@ -245,13 +275,13 @@ impl<S: SlotState> ParamTable<S> {
     fn with_slots(n: usize) -> Self {
         debug_assert!(n.is_power_of_two() && n >= MIN_SLOTS);
         Self {
-            slots: vec![
+            slots: super::hugepages::filled(
+                n,
                 Slot {
                     key: EMPTY,
                     state: S::default(),
-                };
-                n
-            ],
+                },
+            ),
             mask: n - 1,
             shift: 64 - n.trailing_zeros(),
             in_slots: 0,
@@ -377,6 +407,22 @@ impl<S: SlotState> ParamTable<S> {
             Ok(i) => i,
             Err(i) => self.insert_new(key, i),
         })
+    }
+
+    /// Where `key`'s state lives, if it is present (never inserts); valid
+    /// like [`Self::locate_or_insert`]'s answer.
+    #[inline]
+    pub(crate) fn locate(&self, key: u64) -> Option<SlotRef> {
+        if key == 0 {
+            return self.zero.map(|_| SlotRef(ZERO_SLOT));
+        }
+        self.find(key).ok().map(SlotRef)
+    }
+
+    /// True when `additional` more keys fit without the table growing.
+    #[inline]
+    pub(crate) fn has_room(&self, additional: usize) -> bool {
+        self.in_slots.saturating_add(additional) <= self.max_in_slots
     }
 
     /// The state at `at`, from [`Self::locate_or_insert`] since the last

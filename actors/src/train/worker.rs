@@ -2,9 +2,23 @@
 //! pulls the weights the batch needs from the parameter-server shards,
 //! predicts every row before training on it (progressive validation),
 //! computes the logistic-loss gradients and pushes them to the shards.
+//!
+//! A job with one worker chains it to the shards ([`TrainWorker::chained`],
+//! as Flink chains operators): the shards live in the worker's subtask and
+//! pulls and pushes become calls on their tables. With no other worker to
+//! be stale against, it trains row by row in place (each row pulls the
+//! weights the earlier rows of its batch pushed), probing each key once,
+//! as [`super::optimizer::Model::learn`] does. Under a minimum-count key
+//! policy it pulls and pushes per micro-batch, as unchained workers do.
+//! Either way the step's bookkeeping, its serving delta and the checkpoint
+//! cut are those of a push: the worker and its shards take the barrier
+//! together, so a checkpoint holds exactly the records before it.
 
 use super::optimizer::{sigmoid, BIAS_KEY};
-use super::ps::{PsClient, PsConfig, Push, TrainBatch};
+use super::ps::{
+    join_parts, split_parts, Delta, KeyPolicy, PsClient, PsConfig, Push, ShardOperator, TrainBatch,
+};
+use super::table::SlotRef;
 use crate::stream::operator::{decode_state, Collector, EventTime, Operator, Snapshot, StateError};
 use serde::{Deserialize, Serialize};
 
@@ -28,13 +42,16 @@ pub struct Scored {
     pub staleness: u64,
 }
 
-/// What a worker emits: gradients for a shard, or its predictions.
+/// What a worker emits: gradients for a shard, or its predictions; a
+/// chained worker emits its shards' serving deltas instead of pushes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WorkerOut {
     /// Gradients for one shard.
     Push(Push),
     /// Predictions for one batch.
     Scored(Scored),
+    /// A chained shard's serving delta.
+    Delta(Delta),
 }
 
 impl WorkerOut {
@@ -42,7 +59,15 @@ impl WorkerOut {
     pub fn push(self) -> Option<Push> {
         match self {
             WorkerOut::Push(p) => Some(p),
-            WorkerOut::Scored(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The serving delta, if this is one.
+    pub fn delta(self) -> Option<Delta> {
+        match self {
+            WorkerOut::Delta(d) => Some(d),
+            _ => None,
         }
     }
 
@@ -50,7 +75,7 @@ impl WorkerOut {
     pub fn scored(self) -> Option<Scored> {
         match self {
             WorkerOut::Scored(s) => Some(s),
-            WorkerOut::Push(_) => None,
+            _ => None,
         }
     }
 }
@@ -61,6 +86,10 @@ pub struct TrainWorker {
     index: usize,
     crash: Option<u64>,
     client: PsClient,
+    /// The shards, when chained to this worker.
+    chained: Vec<ShardOperator>,
+    /// Per shard, where the pulled keys live (chained only).
+    slots: Vec<Vec<Option<SlotRef>>>,
     step: u64,
     keys: Vec<Vec<u64>>,
     values: Vec<Vec<f32>>,
@@ -82,6 +111,8 @@ impl TrainWorker {
             index,
             crash,
             client: PsClient::new(config),
+            chained: Vec::new(),
+            slots: vec![Vec::new(); shards],
             step: 0,
             keys: vec![Vec::new(); shards],
             values: vec![Vec::new(); shards],
@@ -89,6 +120,26 @@ impl TrainWorker {
             at: Vec::new(),
             margins: Vec::new(),
         }
+    }
+
+    /// The only worker of `config`, with every shard chained to it.
+    pub fn chained(config: PsConfig) -> Result<Self, StateError> {
+        if config.workers != 1 {
+            return Err(StateError::Decode(format!(
+                "only a job's single worker chains its shards; this job has {} workers",
+                config.workers
+            )));
+        }
+        let mut worker = Self::new(config.clone(), 0);
+        worker.chained = (0..config.shards)
+            .map(|s| ShardOperator::new(config.clone(), s))
+            .collect::<Result<_, _>>()?;
+        Ok(worker)
+    }
+
+    /// True when the shards are chained to this worker.
+    pub fn is_chained(&self) -> bool {
+        !self.chained.is_empty()
     }
 
     /// Steps (batches) trained.
@@ -104,6 +155,33 @@ impl TrainWorker {
             );
         }
         let rows = batch.batch.view();
+        if self.is_chained() && !matches!(self.config.policy, KeyPolicy::MinCount(m) if m > 1) {
+            let mut predictions = Vec::with_capacity(rows.rows());
+            let client = &self.client;
+            ShardOperator::train_chained(
+                &mut self.chained,
+                &|k| client.shard_of(k),
+                self.index,
+                self.step,
+                batch,
+                &mut predictions,
+                &mut DeltaOut(out),
+            );
+            out.emit(
+                WorkerOut::Scored(Scored {
+                    seq: batch.seq,
+                    first_row: batch.first_row,
+                    ingest_ns: batch.ingest_ns,
+                    labels: rows.labels().to_vec(),
+                    predictions,
+                    worker: self.index as u32,
+                    staleness: 0,
+                }),
+                None,
+            );
+            self.step += 1;
+            return;
+        }
         let shards = self.client.shards();
         for s in 0..shards {
             self.keys[s].clear();
@@ -125,6 +203,10 @@ impl TrainWorker {
         }
         let mut staleness = 0;
         for s in 0..shards {
+            if let Some(shard) = self.chained.get(s) {
+                shard.pull_chained(&self.keys[s], &mut self.slots[s], &mut self.weights[s]);
+                continue;
+            }
             let pulled = self.client.pull(
                 s,
                 self.index,
@@ -162,20 +244,21 @@ impl TrainWorker {
             at += n;
         }
         for (s, grads) in grads.into_iter().enumerate() {
-            out.emit(
-                WorkerOut::Push(Push {
-                    shard: s as u32,
-                    worker: self.index as u32,
-                    step: self.step,
-                    keys: std::mem::take(&mut self.keys[s]),
-                    grads,
-                    rows: rows.rows() as u64,
-                    seq: batch.seq,
-                    ingest_ns: batch.ingest_ns,
-                    done: false,
-                }),
-                None,
-            );
+            let push = Push {
+                shard: s as u32,
+                worker: self.index as u32,
+                step: self.step,
+                keys: std::mem::take(&mut self.keys[s]),
+                grads,
+                rows: rows.rows() as u64,
+                seq: batch.seq,
+                ingest_ns: batch.ingest_ns,
+                done: false,
+            };
+            match self.chained.get_mut(s) {
+                Some(shard) => shard.push_chained(push, &self.slots[s], &mut DeltaOut(out)),
+                None => out.emit(WorkerOut::Push(push), None),
+            }
         }
         out.emit(
             WorkerOut::Scored(Scored {
@@ -207,6 +290,12 @@ impl Operator for TrainWorker {
     }
 
     fn on_end(&mut self, out: &mut dyn Collector<WorkerOut>) {
+        if self.is_chained() {
+            for shard in &mut self.chained {
+                shard.on_end(&mut DeltaOut(out));
+            }
+            return;
+        }
         for s in 0..self.client.shards() {
             out.emit(
                 WorkerOut::Push(Push {
@@ -226,13 +315,64 @@ impl Operator for TrainWorker {
     }
 
     fn snapshot(&mut self) -> Snapshot {
-        Snapshot::of(self.step)
+        if !self.is_chained() {
+            return Snapshot::of(self.step);
+        }
+        let step = self.step;
+        let shards: Vec<Snapshot> = self.chained.iter_mut().map(|s| s.snapshot()).collect();
+        Snapshot::new(move || {
+            let step = bincode::serialize(&step).map_err(|e| StateError::Encode(e.to_string()))?;
+            let shards = shards
+                .into_iter()
+                .map(Snapshot::encode)
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut parts: Vec<&[u8]> = vec![&step];
+            parts.extend(shards.iter().map(Vec::as_slice));
+            Ok(join_parts(&parts))
+        })
+    }
+
+    fn barrier_passed(&mut self, epoch: u64) {
+        for shard in &mut self.chained {
+            shard.barrier_passed(epoch);
+        }
     }
 
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        if !bytes.is_empty() {
-            self.step = decode_state(bytes)?;
+        if bytes.is_empty() {
+            return Ok(());
         }
+        if !self.is_chained() {
+            self.step = decode_state(bytes)?;
+            return Ok(());
+        }
+        let parts = split_parts(bytes)?;
+        let Some((step, shards)) = parts.split_first() else {
+            return Err(StateError::Decode(
+                "an empty chained-worker snapshot".into(),
+            ));
+        };
+        if shards.len() != self.chained.len() {
+            return Err(StateError::Decode(format!(
+                "the snapshot has {} shards, the job {}",
+                shards.len(),
+                self.chained.len()
+            )));
+        }
+        let step: u64 = decode_state(step)?;
+        for (shard, bytes) in self.chained.iter_mut().zip(shards) {
+            shard.restore(bytes)?;
+        }
+        self.step = step;
         Ok(())
+    }
+}
+
+/// Sends a chained shard's deltas on as the worker's output.
+struct DeltaOut<'a>(&'a mut dyn Collector<WorkerOut>);
+
+impl Collector<Delta> for DeltaOut<'_> {
+    fn emit(&mut self, delta: Delta, time: Option<EventTime>) {
+        self.0.emit(WorkerOut::Delta(delta), time);
     }
 }

@@ -31,6 +31,30 @@ pub enum InputSpec {
     },
 }
 
+/// The rows a run reads: `rows`, else the built-in stream's default, else
+/// a file's size over the mean length of its first lines (0 if it cannot
+/// be read; opening it later reports the error).
+pub fn expected_rows(input: &InputSpec, rows: Option<u64>) -> u64 {
+    if let Some(rows) = rows {
+        return rows;
+    }
+    let path = match input {
+        InputSpec::Synthetic { .. } => return DEFAULT_SYNTHETIC_ROWS,
+        InputSpec::GenCtr(p) | InputSpec::Criteo(p) => p,
+    };
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return 0;
+    };
+    let size = f.metadata().map_or(0, |m| m.len());
+    let mut head = vec![0u8; 1 << 16];
+    let n = std::io::Read::read(&mut f, &mut head).unwrap_or(0);
+    let lines = head[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+    if lines == 0 {
+        return u64::from(size > 0);
+    }
+    size.div_ceil((n as u64 / lines).max(1))
+}
+
 /// FTRL hyper-parameters and the feature space.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Hyper {

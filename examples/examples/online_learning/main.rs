@@ -92,9 +92,11 @@ struct Args {
     /// Rows of the sliding evaluation window.
     #[arg(long, default_value_t = 10_000)]
     window: usize,
-    /// Keys each shard holds before its table grows (0: grow as needed).
-    #[arg(long, default_value_t = 0)]
-    capacity: usize,
+    /// Keys the model holds before its tables grow, split over the shards
+    /// (default: the keys the input can have, min(rows, 2^bits), so a
+    /// table never rehashes mid-stream; 0: start small and grow).
+    #[arg(long)]
+    capacity: Option<usize>,
     /// Inject a crash: worker:INDEX:STEP or shard:INDEX:STEP (fused).
     #[arg(long)]
     crash: Option<String>,
@@ -113,6 +115,16 @@ impl Args {
             (None, Some(p)) => InputSpec::Criteo(p.clone()),
             (None, None) => InputSpec::Synthetic { seed: self.seed },
         }
+    }
+
+    /// `--capacity`, or the keys the input can have.
+    fn capacity(&self) -> usize {
+        self.capacity.unwrap_or_else(|| {
+            let rows = common::expected_rows(&self.input(), self.rows);
+            usize::try_from(rows)
+                .unwrap_or(usize::MAX)
+                .min(1usize << self.bits.min(40))
+        })
     }
 
     fn hyper(&self) -> Hyper {
@@ -178,7 +190,7 @@ fn run_fused(
         batch_rows: args.batch_rows.max(1),
         window: args.window.max(1),
         predictions,
-        capacity: args.capacity,
+        capacity: args.capacity().div_ceil(args.shards.max(1)),
         crash: args.crash.clone(),
     };
     config
@@ -242,6 +254,7 @@ fn separate_config(
         predictions,
         window: args.window.max(1),
         workdir,
+        capacity: args.capacity(),
     })
 }
 

@@ -102,6 +102,8 @@ pub struct SeparateConfig {
     pub window: usize,
     /// A fresh directory for the delta files.
     pub workdir: PathBuf,
+    /// Keys the trainer's and the server's tables hold before they grow.
+    pub capacity: usize,
 }
 
 /// What each role process gets, as one JSON argument.
@@ -470,12 +472,15 @@ impl Publisher {
 fn trainer_role(args: &RoleArgs) -> anyhow::Result<()> {
     let cfg = &args.cfg;
     let h = cfg.hyper;
-    let mut model = Model::new(OptimizerKind::Ftrl(FtrlParams {
-        alpha: h.alpha,
-        beta: h.beta,
-        l1: h.l1,
-        l2: h.l2,
-    }))?;
+    let mut model = Model::with_capacity(
+        OptimizerKind::Ftrl(FtrlParams {
+            alpha: h.alpha,
+            beta: h.beta,
+            l1: h.l1,
+            l2: h.l2,
+        }),
+        cfg.capacity,
+    )?;
     let mut metrics = Progressive::new(cfg.window);
     let mut predictions = match &cfg.predictions {
         Some(p) => Some(BufWriter::with_capacity(
@@ -822,7 +827,7 @@ fn server_role(args: &RoleArgs) -> anyhow::Result<()> {
     ensure!(!samples.is_empty(), "the input has no rows to query with");
     let shared = Arc::new(ServerShared {
         model: RwLock::new(Serving {
-            weights: ParamTable::new(),
+            weights: ParamTable::with_capacity(cfg.capacity),
             version: 0,
             newest_ingest_ns: 0,
         }),

@@ -423,16 +423,16 @@ fn learn_with<R: Rule>(
 }
 
 /// [`learn_with`] over a model split into shards: `shard_of` picks each
-/// key's table. Every key of the row (then `bias`, value 1) is probed once;
-/// its shard goes into `shards`, in order, for the caller's bookkeeping.
+/// key's table. Every key of the row (then `bias`, value 1) is probed once
+/// and reported to `touch` with its shard.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-fn learn_sharded_with<R: Rule>(
+fn learn_sharded_with<R: Rule, T: FnMut(usize, u64)>(
     r: R,
     tables: &mut [&mut ParamTable<KeyState>],
     shard_of: &dyn Fn(u64) -> usize,
     scratch: &mut Vec<(u32, SlotRef, f32)>,
-    shards: &mut Vec<u32>,
+    touch: &mut T,
     bias: u64,
     features: &[u64],
     values: Option<&[f32]>,
@@ -441,16 +441,13 @@ fn learn_sharded_with<R: Rule>(
     for t in tables.iter_mut() {
         t.reserve(features.len() + 1);
     }
-    if let [t] = tables {
-        t.prefetch(features);
-    }
     scratch.clear();
     let mut m = 0.0;
     let x_at = |i: usize| values.map_or(1.0, |v| v[i]);
     for (i, &k) in features.iter().chain(std::iter::once(&bias)).enumerate() {
         let x = if i < features.len() { x_at(i) } else { 1.0 };
         let s = shard_of(k);
-        shards.push(s as u32);
+        touch(s, k);
         if x != 0.0 {
             let t = &mut tables[s];
             let at = t.locate_or_insert(k);
@@ -472,15 +469,16 @@ fn learn_sharded_with<R: Rule>(
 /// predict (progressive validation), then apply `(p − y)·xᵢ` to every
 /// feature and `p − y` to `bias` in its shard's table (`shard_of`), once
 /// per occurrence. The same updates as [`Model::learn`] on one table.
-/// `predictions` gets each row's prediction; `shards` each occurrence's
-/// shard, row by row (bias last). The models' own bias keys are not used.
+/// `predictions` gets each row's prediction; `touch(shard, key)` sees
+/// every occurrence, row by row (bias last). The models' own bias keys
+/// are not used.
 pub(crate) fn learn_sharded(
     models: &mut [&mut Model],
     shard_of: &dyn Fn(u64) -> usize,
     bias: u64,
     rows: super::data::FeatureBatchRef<'_>,
     predictions: &mut Vec<f32>,
-    shards: &mut Vec<u32>,
+    mut touch: impl FnMut(usize, u64),
 ) -> Result<(), RowError> {
     let Some(kind) = models.first().map(|m| m.kind) else {
         return Ok(());
@@ -488,13 +486,19 @@ pub(crate) fn learn_sharded(
     let mut scratch = Vec::new();
     let mut tables: Vec<&mut ParamTable<KeyState>> =
         models.iter_mut().map(|m| &mut m.table).collect();
-    for (label, ids, values) in rows.iter() {
+    for i in 0..rows.rows() {
+        if let ([t], true) = (tables.as_slice(), i + 1 < rows.rows()) {
+            for &k in rows.row(i + 1).1 {
+                t.prefetch_ahead(k);
+            }
+        }
+        let (label, ids, values) = rows.row(i);
         Model::check_values(ids, values)?;
         if !(0.0..=1.0).contains(&label) {
             return Err(RowError::Label(label));
         }
         let p = with_rule!(kind, r => learn_sharded_with(
-            r, &mut tables, shard_of, &mut scratch, shards, bias, ids, values, label
+            r, &mut tables, shard_of, &mut scratch, &mut touch, bias, ids, values, label
         ));
         predictions.push(p);
     }

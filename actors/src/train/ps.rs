@@ -468,8 +468,16 @@ impl ShardCell {
 /// The keys changed since the last serving delta, each once: a bit per
 /// key over a hashed feature space (when its size is known and at most
 /// 2^26), else a sort at the end.
+///
+/// With bits, adding a key is branch-free: the key is written past the
+/// end of the list and the length grows by one only if its bit was clear.
+/// A branch on the bit (random, so mispredicted half the time) would
+/// serialize the cache misses of consecutive adds; without it the CPU
+/// overlaps them with the table probes around.
 struct DirtyKeys {
+    /// `keys[..len]` are the keys; the rest is scratch room.
     keys: Vec<u64>,
+    len: usize,
     bits: Vec<u64>,
     big: Vec<u64>,
 }
@@ -482,6 +490,7 @@ impl DirtyKeys {
         };
         Self {
             keys: Vec::new(),
+            len: 0,
             bits,
             big: Vec::new(),
         }
@@ -495,22 +504,28 @@ impl DirtyKeys {
 
     #[inline]
     fn add_one(&mut self, k: u64) {
+        if self.len == self.keys.len() {
+            self.keys.resize(self.keys.len() * 2 + 1024, 0);
+        }
         let limit = self.bits.len() as u64 * 64;
         if k < limit {
-            let (word, bit) = ((k / 64) as usize, k % 64);
-            if self.bits[word] & (1 << bit) == 0 {
-                self.bits[word] |= 1 << bit;
-                self.keys.push(k);
-            }
+            let word = &mut self.bits[(k / 64) as usize];
+            let mask = 1u64 << (k % 64);
+            let fresh = usize::from(*word & mask == 0);
+            *word |= mask;
+            self.keys[self.len] = k;
+            self.len += fresh;
         } else if limit == 0 {
-            self.keys.push(k);
+            self.keys[self.len] = k;
+            self.len += 1;
         } else if !self.big.contains(&k) {
             self.big.push(k);
         }
     }
 
     fn take(&mut self) -> Vec<u64> {
-        let mut keys = std::mem::take(&mut self.keys);
+        let mut keys = self.keys[..self.len].to_vec();
+        self.len = 0;
         if self.bits.is_empty() {
             keys.sort_unstable();
             keys.dedup();
@@ -832,16 +847,16 @@ impl ShardOperator {
                 ));
             }
         }
-        let mut touched = Vec::with_capacity(rows.ids().len() + rows.rows());
         {
             let mut models: Vec<&mut Model> = states.iter_mut().map(|s| &mut s.model).collect();
+            let mut dirty: Vec<&mut DirtyKeys> = shards.iter_mut().map(|s| &mut s.dirty).collect();
             let learned = learn_sharded(
                 &mut models,
                 shard_of,
                 BIAS_KEY,
                 rows,
                 predictions,
-                &mut touched,
+                |s, k| dirty[s].add_one(k),
             );
             if let Err(e) = learned {
                 fail(&e);
@@ -852,7 +867,6 @@ impl ShardOperator {
             rows: rows.rows() as u64,
             ingest_ns: batch.ingest_ns,
         };
-        let ids = rows.ids();
         for (shard, state) in shards.iter_mut().zip(states.iter_mut()) {
             let state = &mut **state;
             state.meta.next_step[worker] = step + 1;
@@ -862,14 +876,6 @@ impl ShardOperator {
             shard.rows_since += applied.rows;
             shard.batches.push(applied);
         }
-        let mut at = 0;
-        for (_, row, _) in rows.iter() {
-            for &k in row.iter().chain(std::iter::once(&BIAS_KEY)) {
-                shards[touched[at] as usize].dirty.add_one(k);
-                at += 1;
-            }
-        }
-        debug_assert_eq!(at, ids.len() + rows.rows());
         drop(states);
         for shard in shards.iter_mut() {
             shard.cell.changed.notify_all();

@@ -404,8 +404,56 @@ fn offsets_pos(b: &FeatureBatch) -> usize {
     32 + 8 * b.len_ids() + (4 * b.rows()).div_ceil(8) * 8
 }
 
+/// What a gen_ctr line parses to, by the plain definition: whitespace
+/// tokens, a 0/1 label, then decimal u64 ids below `2^bits`.
+fn gen_ctr_reference(line: &str, bits: u32) -> Option<(f32, Vec<u64>)> {
+    let mut tokens = line.split_ascii_whitespace();
+    let label = match tokens.next()? {
+        "0" => 0.0,
+        "1" => 1.0,
+        _ => return None,
+    };
+    let mut ids = Vec::new();
+    for t in tokens {
+        if !t.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let id: u64 = t.parse().ok()?;
+        if bits < 64 && id >= 1u64 << bits {
+            return None;
+        }
+        ids.push(id);
+    }
+    Some((label, ids))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn gen_ctr_lines_parse_as_the_reference_does(
+        lines in prop::collection::vec(
+            prop_oneof![
+                "[01] ( {1,2}[0-9]{1,7}){0,6}",
+                "[01x]?[ \t]{0,2}([0-9]{1,22}[ \t]?){0,4}[a-z-]?",
+            ],
+            1..20,
+        ),
+        bits in prop_oneof![Just(20u32), Just(64u32)],
+    ) {
+        let text = lines.join("\n");
+        let mut parser = GenCtrParser::with_bits(bits).unwrap();
+        let mut batch = FeatureBatch::new();
+        parser.read_batch(&mut text.as_bytes(), &mut batch, 1000).unwrap();
+        let expected: Vec<(f32, Vec<u64>)> =
+            lines.iter().filter_map(|l| gen_ctr_reference(l, bits)).collect();
+        let got: Vec<(f32, Vec<u64>)> =
+            batch.iter().map(|(y, ids, _)| (y, ids.to_vec())).collect();
+        prop_assert_eq!(got, expected);
+        // An empty last line is no line at all.
+        let read = lines.len() - usize::from(lines.last().is_some_and(|l| l.is_empty()));
+        prop_assert_eq!(parser.skipped(), (read - batch.rows()) as u64);
+    }
 
     #[test]
     fn encode_parse_round_trip(b in arb_batch(), extra in 0usize..3) {

@@ -906,6 +906,43 @@ impl LineState {
     }
 }
 
+/// Parses the whitespace-separated decimal ids of `rest` into `ids` in one
+/// pass over the bytes: what `split` + [`parse_u64`] per token accept,
+/// without scanning each token twice or checking overflow per digit (only a
+/// token of 20 or more digits can overflow; it is parsed again, checked).
+fn scan_ids(rest: &[u8], ids: &mut Vec<u64>, max_id: u64) -> Result<(), LineError> {
+    let (mut i, n) = (0, rest.len());
+    let mut index = 0;
+    while i < n {
+        if rest[i].is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut id = 0u64;
+        while i < n {
+            let d = rest[i].wrapping_sub(b'0');
+            if d > 9 {
+                if rest[i].is_ascii_whitespace() {
+                    break;
+                }
+                return Err(LineError::BadId { index });
+            }
+            id = id.wrapping_mul(10).wrapping_add(u64::from(d));
+            i += 1;
+        }
+        if i - start >= 20 {
+            id = parse_u64(&rest[start..i]).ok_or(LineError::BadId { index })?;
+        }
+        if id > max_id {
+            return Err(LineError::IdOutOfRange { index });
+        }
+        ids.push(id);
+        index += 1;
+    }
+    Ok(())
+}
+
 fn parse_label(token: &[u8]) -> Result<f32, LineError> {
     match token {
         b"0" => Ok(0.0),
@@ -983,17 +1020,17 @@ impl GenCtrParser {
     ) -> Result<ParseStats, DataError> {
         let max_id = self.max_id;
         self.state.drive(reader, batch, max_rows, |line, ids| {
-            let mut tokens = line
-                .split(u8::is_ascii_whitespace)
-                .filter(|t| !t.is_empty());
-            let label = parse_label(tokens.next().ok_or(LineError::Empty)?)?;
-            for (index, token) in tokens.enumerate() {
-                let id = parse_u64(token).ok_or(LineError::BadId { index })?;
-                if max_id.is_some_and(|m| id > m) {
-                    return Err(LineError::IdOutOfRange { index });
-                }
-                ids.push(id);
-            }
+            let start = line
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .ok_or(LineError::Empty)?;
+            let line = &line[start..];
+            let end = line
+                .iter()
+                .position(u8::is_ascii_whitespace)
+                .unwrap_or(line.len());
+            let label = parse_label(&line[..end])?;
+            scan_ids(&line[end..], ids, max_id.unwrap_or(u64::MAX))?;
             Ok(label)
         })
     }

@@ -19,7 +19,7 @@ use super::metrics::LatencyHistogram;
 use super::optimizer::{sigmoid, BIAS_KEY};
 use super::ps::{AppliedBatch, Delta, ModelVersion, PsConfig};
 use super::sharding::ConsistentHash;
-use super::table::ParamTable;
+use super::table::{prefetch_line, ParamTable};
 use crate::stream::operator::{Collector, EventTime, Operator};
 use crate::stream::registry;
 use parking_lot::{Mutex, RwLock};
@@ -46,6 +46,9 @@ impl Clone for Weights {
         }
     }
 }
+
+/// Keys ahead whose dense weights a delta's apply loop prefetches.
+const PREFETCH_DISTANCE: usize = 16;
 
 /// Largest hashed feature space served from a dense array (2^26 weights,
 /// 256 MiB per copy).
@@ -152,7 +155,10 @@ impl ServedModel {
     }
 
     fn set(&mut self, key: u64, value: f32) {
-        let s = self.shard_of(key);
+        let s = match self.weights {
+            Weights::Sharded(_) => self.shard_of(key),
+            Weights::Dense { .. } => 0,
+        };
         match &mut self.weights {
             Weights::Dense { w, extra } => {
                 if let Some(x) = w.get_mut(key as usize).filter(|_| key < u64::MAX) {
@@ -183,7 +189,14 @@ impl ServedModel {
         if delta.full {
             self.clear_shard(s);
         }
-        for (&k, &w) in delta.keys.iter().zip(&delta.weights) {
+        for (i, (&k, &w)) in delta.keys.iter().zip(&delta.weights).enumerate() {
+            if let (Weights::Dense { w: dense, .. }, Some(&ahead)) =
+                (&self.weights, delta.keys.get(i + PREFETCH_DISTANCE))
+            {
+                if let Some(x) = dense.get(ahead as usize) {
+                    prefetch_line(x);
+                }
+            }
             self.set(k, w);
         }
         if let Some(v) = self.shard_versions.get_mut(s) {

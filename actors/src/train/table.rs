@@ -173,6 +173,27 @@ pub enum DecodeError {
     DuplicateKey(u64),
 }
 
+/// Starts loading the cache line holding `*value` without waiting for it
+/// (a no-op off x86_64): for loops that know their next addresses.
+#[inline]
+pub(crate) fn prefetch_line<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let at: *const T = value;
+        // SAFETY: PREFETCHT0 is an SSE instruction, which every x86_64 CPU
+        // has (SSE2 is part of the architecture's baseline). It is a hint:
+        // it reads nothing the program observes and cannot fault, and `at`
+        // comes from a live reference anyway.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                at.cast::<i8>(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
 /// The [`SlotRef`] of key 0's side slot.
 const ZERO_SLOT: usize = usize::MAX;
 
@@ -463,21 +484,7 @@ impl<S: SlotState> ParamTable<S> {
     /// unlike [`Self::prefetch`] nothing stalls on the load.
     #[inline]
     pub fn prefetch_ahead(&self, key: u64) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let slot: *const Slot<S> = &self.slots[self.home(key)];
-            // SAFETY: PREFETCHT0 is an SSE instruction, which every x86_64
-            // CPU has (SSE2 is part of the architecture's baseline). It is a
-            // hint: it reads nothing the program observes, cannot fault,
-            // and `slot` points into `self.slots` anyway.
-            unsafe {
-                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                    slot.cast::<i8>(),
-                );
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = key;
+        prefetch_line(&self.slots[self.home(key)]);
     }
 
     /// Sets the state of `key`, returning the previous one.

@@ -226,6 +226,7 @@ pub struct TrainSource {
     rows: u64,
     pad_rounds: bool,
     skipped: Arc<AtomicU64>,
+    serving: Arc<super::serving::Serving>,
 }
 
 /// Malformed input lines the source of job `name` skipped so far in this
@@ -259,6 +260,7 @@ impl TrainSource {
             rows: 0,
             pad_rounds: config.ps.consistency == Consistency::Bsp,
             skipped: skipped_lines(&config.ps.name),
+            serving: super::serving::Serving::of(&config.ps),
         }
     }
 }
@@ -284,6 +286,7 @@ impl Source for TrainSource {
         }
         allowance = allowance.min(self.rows_left);
         if allowance == 0 {
+            self.serving.input_ended(self.rows);
             return SourcePoll::Exhausted;
         }
         let per_worker = (allowance as usize).div_ceil(self.workers).max(1);
@@ -307,6 +310,7 @@ impl Source for TrainSource {
         self.skipped.store(reader.skipped(), Ordering::Relaxed);
         if total == 0 {
             self.rows_left = 0;
+            self.serving.input_ended(self.rows);
             return SourcePoll::Exhausted;
         }
         let mut emitted = 0;

@@ -236,6 +236,13 @@ pub struct Serving {
     writer: Mutex<Writer>,
     tracking: Mutex<Tracking>,
     has_unserved: AtomicBool,
+    /// Rows the job's input held, once its source reached the end
+    /// (`u64::MAX` before).
+    input_rows: AtomicU64,
+    /// An answer served a version holding every input row: the model can
+    /// no longer lag the stream, so answers stop counting lag (as in
+    /// separate mode).
+    final_served: AtomicBool,
     swaps: AtomicU64,
     shards: usize,
     sync_versions: bool,
@@ -254,6 +261,8 @@ impl Serving {
             }),
             tracking: Mutex::new(Tracking::default()),
             has_unserved: AtomicBool::new(false),
+            input_rows: AtomicU64::new(u64::MAX),
+            final_served: AtomicBool::new(false),
             swaps: AtomicU64::new(0),
             shards: config.shards,
             sync_versions: config.consistency == super::ps::Consistency::Bsp,
@@ -296,16 +305,19 @@ impl Serving {
             .into_iter()
             .map(|(ids, v)| model.predict(ids, v))
             .collect();
-        self.note_served(&model);
+        self.note_served(model.version);
         (model.version, out)
     }
 
-    fn note_served(&self, model: &ServedModel) {
+    /// The job's source reached the end of its input after `rows` rows.
+    pub fn input_ended(&self, rows: u64) {
+        self.input_rows.store(rows, Ordering::Release);
+    }
+
+    fn note_served(&self, version: ModelVersion) {
         let now = super::metrics::now_ns();
         let mut t = self.tracking.lock();
         if self.has_unserved.swap(false, Ordering::AcqRel) {
-            let records = model.version.records;
-            let _ = records;
             while let Some(b) = t.unserved.pop_front() {
                 let ms = now.saturating_sub(b.ingest_ns) as f64 / 1e6;
                 for _ in 0..b.rows.min(1 << 16) {
@@ -314,9 +326,12 @@ impl Serving {
                 t.interval_latency.record_ms(ms);
             }
         }
-        if t.newest_ingest_ns > 0 {
+        if t.newest_ingest_ns > 0 && !self.final_served.load(Ordering::Acquire) {
             let lag = now.saturating_sub(t.newest_ingest_ns) as f64 / 1e6;
             t.lag.record_ms(lag);
+            if version.records >= self.input_rows.load(Ordering::Acquire) {
+                self.final_served.store(true, Ordering::Release);
+            }
         }
     }
 
@@ -325,7 +340,8 @@ impl Serving {
         self.tracking.lock().latency.clone()
     }
 
-    /// Model-version lag of every answer so far.
+    /// Model-version lag of every answer so far, until an answer served
+    /// the final version after the input ended.
     pub fn lag(&self) -> LatencyHistogram {
         self.tracking.lock().lag.clone()
     }

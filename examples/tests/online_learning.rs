@@ -91,6 +91,10 @@ fn fused_mode_trains_serves_and_writes_its_outputs() {
         assert!(j[field].is_number(), "{field} missing in {j}");
     }
     assert!(j["auc"].as_f64().unwrap_or(0.0) > 0.55, "{j}");
+    // The driver's queries through the job's actor: the last one, after the
+    // input ended, is answered by the version holding every row.
+    assert!(j["remote_predictions"].as_u64().unwrap_or(0) >= 1, "{j}");
+    assert_eq!(j["remote_version_records"], 20000, "{j}");
     let lines = std::fs::read_to_string(&predictions).unwrap_or_default();
     assert_eq!(lines.lines().count(), 20000);
     assert!(lines

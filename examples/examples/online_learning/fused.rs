@@ -15,7 +15,7 @@ use braid_actors::train::data::{SyntheticConfig, SyntheticStream};
 use braid_actors::train::eval::EvalHandle;
 use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
 use braid_actors::train::pipeline::{self, FileReader, PipelineConfig, RowReader, SyntheticReader};
-use braid_actors::train::ps::{Consistency, Crash, PsConfig};
+use braid_actors::train::ps::{Consistency, Crash, ModelVersion, PsConfig};
 use braid_actors::train::serving::Serving;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -76,6 +76,8 @@ pub struct FusedStatus {
 
 struct Shared {
     status: Mutex<FusedStatus>,
+    /// The job's serving model, once the job is built.
+    serving: Mutex<Option<Arc<Serving>>>,
 }
 
 /// The fused job's host: started once, then polled.
@@ -90,6 +92,7 @@ impl FusedJob {
         FusedJob {
             shared: Arc::new(Shared {
                 status: Mutex::new(FusedStatus::default()),
+                serving: Mutex::new(None),
             }),
         }
     }
@@ -110,6 +113,15 @@ impl FusedJob {
     /// Progress so far.
     fn status(&mut self) -> FusedStatus {
         self.shared.status.lock().clone()
+    }
+
+    /// Predicts rows (each row's hashed feature ids) with the live serving
+    /// model, for callers in any process: the version that answered, and
+    /// each row's click probability.
+    fn predict(&mut self, rows: Vec<Vec<u64>>) -> Result<(ModelVersion, Vec<f32>), String> {
+        let serving = self.shared.serving.lock().clone();
+        let serving = serving.ok_or("the job has not started serving yet")?;
+        Ok(serving.predict(rows.iter().map(|r| (r.as_slice(), None))))
     }
 
     /// The process the job runs in.
@@ -190,6 +202,7 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
         eval.write_predictions(path)?;
     }
     let serving = Serving::of(&ps);
+    *shared.serving.lock() = Some(serving.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let query = {
         let serving = serving.clone();

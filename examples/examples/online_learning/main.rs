@@ -170,13 +170,34 @@ impl Progress {
     }
 }
 
+/// The driver's queries to the fused job's serving, through its actor.
+#[derive(Debug, Default)]
+struct RemoteServing {
+    /// Answers received.
+    answers: u64,
+    /// The version of the latest answer.
+    version: Option<braid_actors::train::ps::ModelVersion>,
+}
+
+impl RemoteServing {
+    /// One query; a job that is not serving yet (or gone) answers nothing.
+    fn ask(&mut self, job: &fused::FusedJobHandle, probe: &[u64]) {
+        if let Ok(Ok((version, p))) = job.predict(vec![probe.to_vec()]).blocking() {
+            if p.len() == 1 {
+                self.answers += 1;
+                self.version = Some(version);
+            }
+        }
+    }
+}
+
 fn run_fused(
     rt: &braid::Runtime,
     args: &Args,
     rate: Option<f64>,
     predictions: Option<PathBuf>,
     scratch: &std::path::Path,
-) -> anyhow::Result<(ModeReport, FusedStatus)> {
+) -> anyhow::Result<(ModeReport, FusedStatus, RemoteServing)> {
     let config = FusedConfig {
         input: args.input(),
         rows: args.rows,
@@ -206,8 +227,13 @@ fn run_fused(
         .blocking()?
         .map_err(|e| anyhow::anyhow!("the fused job did not start: {e}"))?;
     let mut progress = Progress::new();
+    // The driver also queries serving through the job's actor, as a client
+    // in another process would.
+    let probe: Vec<u64> = (1..=20).map(|i| i * 104_729).collect();
+    let mut remote = RemoteServing::default();
     let status = loop {
         std::thread::sleep(Duration::from_millis(20));
+        remote.ask(&job, &probe);
         let status = job
             .status()
             .blocking()
@@ -221,6 +247,7 @@ fn run_fused(
     };
     progress.end();
     let seconds = started.elapsed().as_secs_f64();
+    remote.ask(&job, &probe);
     let driver_cpu = common::self_cpu_seconds() - driver_cpu;
     let (rt2, handle) = (rt.clone(), job.raw().clone());
     let _ = rt.block_on(async move { rt2.kill_actor(&handle).await });
@@ -232,7 +259,7 @@ fn run_fused(
     report.seconds = seconds;
     report.events_per_s = report.rows as f64 / seconds.max(1e-9);
     report.cpu_seconds_per_million += driver_cpu / (report.rows.max(1) as f64 / 1e6);
-    Ok((report, status))
+    Ok((report, status, remote))
 }
 
 fn separate_config(
@@ -313,7 +340,7 @@ fn main() -> anyhow::Result<()> {
             &mut |p| Progress::new().show("separate", p),
         )?;
         eprintln!("compare: fused mode at saturation …");
-        let (fused_sat, _) = run_fused(&rt, &args, None, None, scratch.path())?;
+        let (fused_sat, _, _) = run_fused(&rt, &args, None, None, scratch.path())?;
         let rate = 0.8 * sat.events_per_s;
         eprintln!("compare: separate at {rate:.0} rows/s, finding its refresh interval …");
         let base = separate_config(
@@ -327,7 +354,7 @@ fn main() -> anyhow::Result<()> {
         let (refresh_ms, sep) =
             separate::find_refresh(&base, rate, &mut |p| Progress::new().show("separate", p))?;
         eprintln!("compare: fused at {rate:.0} rows/s …");
-        let (fused, _) = run_fused(
+        let (fused, _, _) = run_fused(
             &rt,
             &args,
             Some(rate),
@@ -379,7 +406,7 @@ fn main() -> anyhow::Result<()> {
         let rt =
             braid::init_blocking_with(braid::InitOptions::new().object_store_memory(STORE_BYTES))
                 .context("start an embedded cluster")?;
-        let (mut r, status) = run_fused(
+        let (mut r, status, remote) = run_fused(
             &rt,
             &args,
             args.rate,
@@ -394,6 +421,8 @@ fn main() -> anyhow::Result<()> {
         j["ps_keys"] = status.ps_keys.into();
         j["ps_bytes_per_key"] = status.ps_bytes_per_key.into();
         j["job_rss_mib"] = status.rss_mib.into();
+        j["remote_predictions"] = remote.answers.into();
+        j["remote_version_records"] = remote.version.map_or(0, |v| v.records).into();
         j["workers"] = args.workers.into();
         j["shards"] = args.shards.into();
         j["sync"] = args.sync.clone().into();

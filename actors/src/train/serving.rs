@@ -218,6 +218,8 @@ struct Tracking {
     /// Batches in the live version, not yet served.
     unserved: VecDeque<AppliedBatch>,
     newest_ingest_ns: u64,
+    first_ingest_ns: u64,
+    last_publish_ns: u64,
     latency: LatencyHistogram,
     lag: LatencyHistogram,
     interval_latency: LatencyHistogram,
@@ -335,6 +337,14 @@ impl Serving {
         }
     }
 
+    /// From the ingest of the first batch published to the latest publish
+    /// ([`super::metrics::now_ns`] stamps): the span over which serving
+    /// kept up with the stream, start-up and shutdown excluded.
+    pub fn span_ns(&self) -> (u64, u64) {
+        let t = self.tracking.lock();
+        (t.first_ingest_ns, t.last_publish_ns)
+    }
+
     /// Ingest-to-serving latency of every row served so far.
     pub fn latency(&self) -> LatencyHistogram {
         self.tracking.lock().latency.clone()
@@ -397,7 +407,6 @@ impl Serving {
         for d in &deltas {
             model.apply(d);
         }
-        let version = model.version;
         let old = std::mem::replace(&mut *self.live.write(), standby);
         w.standby = Some(old);
         w.log = deltas.clone();
@@ -422,10 +431,13 @@ impl Serving {
         for seq in done {
             if let Some((_, b)) = t.applied.remove(&seq) {
                 t.newest_ingest_ns = t.newest_ingest_ns.max(b.ingest_ns);
+                if t.first_ingest_ns == 0 || b.ingest_ns < t.first_ingest_ns {
+                    t.first_ingest_ns = b.ingest_ns;
+                }
+                t.last_publish_ns = super::metrics::now_ns();
                 t.unserved.push_back(b);
             }
         }
-        let _ = version;
         if !t.unserved.is_empty() {
             self.has_unserved.store(true, Ordering::Release);
         }

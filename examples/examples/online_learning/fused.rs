@@ -72,6 +72,9 @@ pub struct FusedStatus {
     pub ps_keys: u64,
     /// Resident memory of the job's process at the end, MiB.
     pub rss_mib: f64,
+    /// Rows per second from the first batch's ingest to the publish of the
+    /// last (start-up and shutdown excluded; as separate's `sustained`).
+    pub sustained_per_s: f64,
 }
 
 struct Shared {
@@ -287,6 +290,8 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
         st.ps_keys = keys;
         st.ps_bytes_per_key = bytes as f64 / keys.max(1) as f64;
         st.rss_mib = rss_mib();
+        let (first, last) = serving.span_ns();
+        st.sustained_per_s = f.rows as f64 / (last.saturating_sub(first) as f64 / 1e9).max(1e-9);
     }
     let _ = std::fs::remove_dir_all(config.checkpoint_dir.join(&name));
     Ok(ModeReport {

@@ -86,7 +86,8 @@ struct Args {
     /// Write one prediction per input row (before training on it), in order.
     #[arg(long)]
     predictions: Option<PathBuf>,
-    /// Rows per worker per micro-batch.
+    /// Rows per worker per micro-batch (--compare also tries 64 and 128 at
+    /// the shared rate, and keeps the smallest that keeps up).
     #[arg(long, default_value_t = 256)]
     batch_rows: usize,
     /// Rows of the sliding evaluation window.
@@ -195,6 +196,7 @@ fn run_fused(
     rt: &braid::Runtime,
     args: &Args,
     rate: Option<f64>,
+    batch_rows: usize,
     predictions: Option<PathBuf>,
     scratch: &std::path::Path,
 ) -> anyhow::Result<(ModeReport, FusedStatus, RemoteServing)> {
@@ -208,7 +210,7 @@ fn run_fused(
         checkpoint_ms: args.checkpoint_ms,
         checkpoint_dir: scratch.join("checkpoints"),
         rate,
-        batch_rows: args.batch_rows.max(1),
+        batch_rows: batch_rows.max(1),
         window: args.window.max(1),
         predictions,
         capacity: args.capacity().div_ceil(args.shards.max(1)),
@@ -285,6 +287,12 @@ fn separate_config(
     })
 }
 
+/// Micro-batch sizes `--compare` tries for the fused mode at the shared
+/// rate, smallest first (then `--batch-rows`); one keeps up when the rate
+/// it sustained is what separate's interval must sustain
+/// ([`separate::KEEP_UP_RATE_FRACTION`] of the rate).
+const FUSED_BATCH_ROWS: [usize; 2] = [64, 128];
+
 fn ratio(a: f64, b: f64) -> f64 {
     if b == 0.0 {
         f64::NAN
@@ -340,7 +348,7 @@ fn main() -> anyhow::Result<()> {
             &mut |p| Progress::new().show("separate", p),
         )?;
         eprintln!("compare: fused mode at saturation …");
-        let (fused_sat, _, _) = run_fused(&rt, &args, None, None, scratch.path())?;
+        let (fused_sat, _, _) = run_fused(&rt, &args, None, args.batch_rows, None, scratch.path())?;
         let rate = 0.8 * sat.events_per_s;
         eprintln!("compare: separate at {rate:.0} rows/s, finding its refresh interval …");
         let base = separate_config(
@@ -353,17 +361,41 @@ fn main() -> anyhow::Result<()> {
         )?;
         let (refresh_ms, sep) =
             separate::find_refresh(&base, rate, &mut |p| Progress::new().show("separate", p))?;
-        eprintln!("compare: fused at {rate:.0} rows/s …");
-        let (fused, _, _) = run_fused(
-            &rt,
-            &args,
-            Some(rate),
-            args.predictions.clone(),
-            scratch.path(),
-        )?;
+        // Fused refreshes serving after every micro-batch; like separate's
+        // interval, its micro-batch is the smallest that keeps up.
+        eprintln!("compare: fused at {rate:.0} rows/s, finding its micro-batch …");
+        let mut candidates: Vec<usize> = FUSED_BATCH_ROWS
+            .into_iter()
+            .filter(|&b| b < args.batch_rows)
+            .collect();
+        candidates.push(args.batch_rows.max(1));
+        let mut chosen = None;
+        for batch_rows in candidates {
+            let (r, status, _) = run_fused(
+                &rt,
+                &args,
+                Some(rate),
+                batch_rows,
+                args.predictions.clone(),
+                scratch.path(),
+            )?;
+            let keeps_up = status.sustained_per_s >= separate::KEEP_UP_RATE_FRACTION * rate;
+            eprintln!(
+                "[fused] {batch_rows}-row micro-batches at {rate:.0} rows/s: sustained {:.0} rows/s{}",
+                status.sustained_per_s,
+                if keeps_up { ": keeps up" } else { ": falls behind" }
+            );
+            chosen = Some((batch_rows, r, status.sustained_per_s));
+            if keeps_up {
+                break;
+            }
+        }
         drop(rt);
+        let (batch_rows, fused, sustained) = chosen.context("no fused run")?;
         let mut fj = report::report_json(&fused);
         fj["events_per_s_saturation"] = fused_sat.events_per_s.into();
+        fj["batch_rows"] = batch_rows.into();
+        fj["sustained_per_s"] = sustained.into();
         let mut sj = report::report_json(&sep);
         sj["events_per_s_saturation"] = sat.events_per_s.into();
         sj["refresh_ms"] = refresh_ms.into();
@@ -410,6 +442,7 @@ fn main() -> anyhow::Result<()> {
             &rt,
             &args,
             args.rate,
+            args.batch_rows,
             args.predictions.clone(),
             scratch.path(),
         )?;
@@ -421,6 +454,7 @@ fn main() -> anyhow::Result<()> {
         j["ps_keys"] = status.ps_keys.into();
         j["ps_bytes_per_key"] = status.ps_bytes_per_key.into();
         j["job_rss_mib"] = status.rss_mib.into();
+        j["sustained_per_s"] = status.sustained_per_s.into();
         j["remote_predictions"] = remote.answers.into();
         j["remote_version_records"] = remote.version.map_or(0, |v| v.records).into();
         j["workers"] = args.workers.into();

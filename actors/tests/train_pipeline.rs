@@ -117,8 +117,14 @@ fn bsp_is_deterministic_and_replays_a_crash_bitwise() {
     assert_eq!(clean_a.models, clean_b.models, "two BSP runs differ");
     assert_eq!(clean_a.serving, clean_b.serving);
 
-    for crash in [Crash::Worker(1, 120), Crash::Shard(0, 90)] {
-        let mut c = config("bsp-crash", 2, 2, Consistency::Bsp);
+    assert_crashes_replay(2, 2, [Crash::Worker(1, 120), Crash::Shard(0, 90)], &clean_a);
+}
+
+/// Each crash, in a BSP job of `workers` × `shards` over the stream
+/// `clean` trained, recovers from a checkpoint and ends bitwise as `clean`.
+fn assert_crashes_replay(workers: usize, shards: usize, crashes: [Crash; 2], clean: &Run) {
+    for crash in crashes {
+        let mut c = config("bsp-crash", workers, shards, Consistency::Bsp);
         c.ps.crash = Some(crash);
         c.rate = Some(40_000.0);
         let crashed = run(c, 20_000, 50);
@@ -128,12 +134,12 @@ fn bsp_is_deterministic_and_replays_a_crash_bitwise() {
             "{crash:?}: the crash came before any checkpoint: {:?}",
             crashed.report
         );
-        assert_eq!(crashed.models, clean_a.models, "{crash:?}: replay differs");
-        assert_eq!(crashed.serving, clean_a.serving, "{crash:?}");
+        assert_eq!(crashed.models, clean.models, "{crash:?}: replay differs");
+        assert_eq!(crashed.serving, clean.serving, "{crash:?}");
         assert_eq!(crashed.figures.rows, 20_000);
         assert_eq!(
             crashed.figures.logloss.to_bits(),
-            clean_a.figures.logloss.to_bits()
+            clean.figures.logloss.to_bits()
         );
     }
 }
@@ -182,24 +188,7 @@ fn a_chained_worker_trains_as_one_model_and_replays_a_crash_bitwise() {
         learned_alone(20_000),
         "the sharded, chained job and one Model::learn loop differ"
     );
-    for crash in [Crash::Worker(0, 120), Crash::Shard(1, 90)] {
-        let mut c = config("chained-crash", 1, 2, Consistency::Bsp);
-        c.ps.crash = Some(crash);
-        c.rate = Some(40_000.0);
-        let crashed = run(c, 20_000, 50);
-        assert_eq!(crashed.report.failures, 1, "{crash:?}");
-        assert!(
-            crashed.report.restored_from.iter().any(|e| *e > 0),
-            "{crash:?}: the crash came before any checkpoint: {:?}",
-            crashed.report
-        );
-        assert_eq!(crashed.models, clean.models, "{crash:?}: replay differs");
-        assert_eq!(crashed.serving, clean.serving, "{crash:?}");
-        assert_eq!(
-            crashed.figures.logloss.to_bits(),
-            clean.figures.logloss.to_bits()
-        );
-    }
+    assert_crashes_replay(1, 2, [Crash::Worker(0, 120), Crash::Shard(1, 90)], &clean);
 }
 
 #[test]

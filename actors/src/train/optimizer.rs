@@ -505,6 +505,24 @@ pub(crate) fn learn_sharded(
     Ok(())
 }
 
+/// A push is refused as a whole if `grads` (or the `noted` slots) are not
+/// one per key, or a gradient is not finite.
+fn check_push(keys: &[u64], grads: &[f32], noted: usize) -> Result<(), PushError> {
+    if keys.len() != grads.len() || keys.len() != noted {
+        return Err(PushError::Length {
+            keys: keys.len(),
+            grads: grads.len(),
+        });
+    }
+    match grads.iter().position(|g| !g.is_finite()) {
+        Some(i) => Err(PushError::NonFinite {
+            key: keys[i],
+            value: grads[i],
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Keys per [`ParamTable::prefetch`] in batch loops: enough misses in
 /// flight to fill the core's line-fill buffers, few enough to stay cached
 /// until the lookups come.
@@ -650,18 +668,7 @@ impl Model {
     /// nothing. Refused as a whole if the lengths differ or a gradient is
     /// not finite.
     pub fn push(&mut self, keys: &[u64], grads: &[f32]) -> Result<(), PushError> {
-        if keys.len() != grads.len() {
-            return Err(PushError::Length {
-                keys: keys.len(),
-                grads: grads.len(),
-            });
-        }
-        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
-            return Err(PushError::NonFinite {
-                key: keys[i],
-                value: grads[i],
-            });
-        }
+        check_push(keys, grads, keys.len())?;
         let table = &mut self.table;
         with_rule!(self.kind, r => {
             for (keys, grads) in keys.chunks(PREFETCH_CHUNK).zip(grads.chunks(PREFETCH_CHUNK)) {
@@ -726,18 +733,7 @@ impl Model {
         at: &[Option<SlotRef>],
         grads: &[f32],
     ) -> Result<(), PushError> {
-        if keys.len() != grads.len() || keys.len() != at.len() {
-            return Err(PushError::Length {
-                keys: keys.len(),
-                grads: grads.len(),
-            });
-        }
-        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
-            return Err(PushError::NonFinite {
-                key: keys[i],
-                value: grads[i],
-            });
-        }
+        check_push(keys, grads, at.len())?;
         let table = &mut self.table;
         with_rule!(self.kind, r => {
             for ((&k, &slot), &g) in keys.iter().zip(at).zip(grads) {

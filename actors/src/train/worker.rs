@@ -147,6 +147,28 @@ impl TrainWorker {
         self.step
     }
 
+    /// Sends the batch's predictions (made before training on it) on.
+    fn emit_scored(
+        &self,
+        batch: &TrainBatch,
+        predictions: Vec<f32>,
+        staleness: u64,
+        out: &mut dyn Collector<WorkerOut>,
+    ) {
+        out.emit(
+            WorkerOut::Scored(Scored {
+                seq: batch.seq,
+                first_row: batch.first_row,
+                ingest_ns: batch.ingest_ns,
+                labels: batch.batch.view().labels().to_vec(),
+                predictions,
+                worker: self.index as u32,
+                staleness,
+            }),
+            None,
+        );
+    }
+
     fn train(&mut self, batch: &TrainBatch, out: &mut dyn Collector<WorkerOut>) {
         if self.crash.is_some_and(|s| self.step >= s) && super::ps::first_crash(&self.config) {
             panic!(
@@ -167,18 +189,7 @@ impl TrainWorker {
                 &mut predictions,
                 &mut DeltaOut(out),
             );
-            out.emit(
-                WorkerOut::Scored(Scored {
-                    seq: batch.seq,
-                    first_row: batch.first_row,
-                    ingest_ns: batch.ingest_ns,
-                    labels: rows.labels().to_vec(),
-                    predictions,
-                    worker: self.index as u32,
-                    staleness: 0,
-                }),
-                None,
-            );
+            self.emit_scored(batch, predictions, 0, out);
             self.step += 1;
             return;
         }
@@ -260,18 +271,7 @@ impl TrainWorker {
                 None => out.emit(WorkerOut::Push(push), None),
             }
         }
-        out.emit(
-            WorkerOut::Scored(Scored {
-                seq: batch.seq,
-                first_row: batch.first_row,
-                ingest_ns: batch.ingest_ns,
-                labels: rows.labels().to_vec(),
-                predictions,
-                worker: self.index as u32,
-                staleness,
-            }),
-            None,
-        );
+        self.emit_scored(batch, predictions, staleness, out);
         self.step += 1;
     }
 }

@@ -29,7 +29,7 @@ use super::table::{ParamTable, SlotRef};
 use crate::stream::context::TaskContext;
 use crate::stream::operator::{Collector, EventTime, Operator, Snapshot, StateError};
 use crate::stream::registry;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -839,13 +839,27 @@ impl ShardOperator {
             }
         }
         let mut states: Vec<_> = cells.iter().map(|c| c.state.lock()).collect();
-        for (s, state) in states.iter().enumerate() {
+        // Fails with the shards locked: stop them through the guards held
+        // (`ShardCell::stop` would lock again), then release and wake them.
+        let fail_locked =
+            |mut states: Vec<MutexGuard<'_, ShardState>>, e: &dyn std::fmt::Display| -> ! {
+                for state in &mut states {
+                    state.stopped = true;
+                }
+                drop(states);
+                for c in &cells {
+                    c.changed.notify_all();
+                }
+                panic!("chained parameter-server shards: {e}");
+            };
+        let behind = states.iter().enumerate().find_map(|(s, state)| {
             let expected = state.meta.next_step.get(worker).copied();
-            if expected != Some(step) {
-                fail(&format!(
-                    "shard {s}: worker {worker} trained step {step}, expected {expected:?}"
-                ));
-            }
+            (expected != Some(step)).then(|| {
+                format!("shard {s}: worker {worker} trained step {step}, expected {expected:?}")
+            })
+        });
+        if let Some(e) = behind {
+            fail_locked(states, &e);
         }
         {
             let mut models: Vec<&mut Model> = states.iter_mut().map(|s| &mut s.model).collect();
@@ -859,7 +873,8 @@ impl ShardOperator {
                 |s, k| dirty[s].add_one(k),
             );
             if let Err(e) = learned {
-                fail(&e);
+                drop(models);
+                fail_locked(states, &e);
             }
         }
         let applied = AppliedBatch {

@@ -465,22 +465,30 @@ impl ShardCell {
     }
 }
 
-/// The keys changed since the last serving delta, each once: a bit per
-/// key over a hashed feature space (when its size is known and at most
-/// 2^26), else a sort at the end.
+/// The keys changed since the last serving delta, each once.
 ///
-/// With bits, adding a key is branch-free: the key is written past the
-/// end of the list and the length grows by one only if its bit was clear.
-/// A branch on the bit (random, so mispredicted half the time) would
-/// serialize the cache misses of consecutive adds; without it the CPU
-/// overlaps them with the table probes around.
+/// Adding a key appends it to `pending`, repeats included: one sequential
+/// store in the training loop, no random access. [`DirtyKeys::compact`]
+/// folds `pending` into the distinct `keys` list, with a bit per key over a
+/// hashed feature space (when its size is known and at most 2^26), else by
+/// sorting; it runs when a delta takes the keys, or once `pending` holds
+/// [`COMPACT_AT`] keys, so memory stays bounded however rare deltas are.
+/// Its loop is branch-free: each key is written past the end of the list
+/// and the length grows by one only if its bit was clear, so the CPU
+/// overlaps the bitmap's cache misses instead of taking them one by one
+/// inside the training loop.
 struct DirtyKeys {
-    /// `keys[..len]` are the keys; the rest is scratch room.
+    pending: Vec<u64>,
+    /// `keys[..len]` are the distinct keys compacted so far; the rest is
+    /// scratch room.
     keys: Vec<u64>,
     len: usize,
     bits: Vec<u64>,
     big: Vec<u64>,
 }
+
+/// Keys [`DirtyKeys`] holds, repeats included, before it compacts them.
+const COMPACT_AT: usize = 1 << 16;
 
 impl DirtyKeys {
     fn new(feature_bits: Option<u32>) -> Self {
@@ -489,6 +497,7 @@ impl DirtyKeys {
             _ => Vec::new(),
         };
         Self {
+            pending: Vec::new(),
             keys: Vec::new(),
             len: 0,
             bits,
@@ -504,34 +513,47 @@ impl DirtyKeys {
 
     #[inline]
     fn add_one(&mut self, k: u64) {
-        if self.len == self.keys.len() {
-            self.keys.resize(self.keys.len() * 2 + 1024, 0);
+        if self.pending.len() >= COMPACT_AT {
+            self.compact();
         }
+        self.pending.push(k);
+    }
+
+    fn compact(&mut self) {
         let limit = self.bits.len() as u64 * 64;
-        if k < limit {
-            let word = &mut self.bits[(k / 64) as usize];
-            let mask = 1u64 << (k % 64);
-            let fresh = usize::from(*word & mask == 0);
-            *word |= mask;
-            self.keys[self.len] = k;
-            self.len += fresh;
-        } else if limit == 0 {
-            self.keys[self.len] = k;
-            self.len += 1;
-        } else if !self.big.contains(&k) {
-            self.big.push(k);
+        if limit == 0 {
+            self.keys.truncate(self.len);
+            self.keys.append(&mut self.pending);
+            self.keys.sort_unstable();
+            self.keys.dedup();
+            self.len = self.keys.len();
+            return;
         }
+        if self.keys.len() < self.len + self.pending.len() {
+            self.keys.resize(self.len + self.pending.len(), 0);
+        }
+        for &k in &self.pending {
+            if k < limit {
+                let word = &mut self.bits[(k / 64) as usize];
+                let mask = 1u64 << (k % 64);
+                let fresh = usize::from(*word & mask == 0);
+                *word |= mask;
+                self.keys[self.len] = k;
+                self.len += fresh;
+            } else if !self.big.contains(&k) {
+                self.big.push(k);
+            }
+        }
+        self.pending.clear();
     }
 
     fn take(&mut self) -> Vec<u64> {
+        self.compact();
         let mut keys = self.keys[..self.len].to_vec();
         self.len = 0;
-        if self.bits.is_empty() {
-            keys.sort_unstable();
-            keys.dedup();
-        } else {
-            for &k in &keys {
-                self.bits[(k / 64) as usize] &= !(1 << (k % 64));
+        for &k in &keys {
+            if let Some(word) = self.bits.get_mut((k / 64) as usize) {
+                *word &= !(1 << (k % 64));
             }
         }
         keys.append(&mut self.big);
@@ -1137,5 +1159,44 @@ impl PsClient {
             .ok_or_else(|| PullError::Unreachable(shard, "no such shard".into()))?;
         let _ = worker;
         cell.pull(step, keys, out, self.config.pull_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DirtyKeys, COMPACT_AT};
+
+    fn distinct_in_first_seen_order(keys: &[u64]) -> Vec<u64> {
+        let mut seen = std::collections::HashSet::new();
+        keys.iter().copied().filter(|k| seen.insert(*k)).collect()
+    }
+
+    #[test]
+    fn dirty_keys_take_each_key_once_across_compactions() {
+        let keys: Vec<u64> = (0..3 * COMPACT_AT as u64)
+            .map(|i| (i * 7919) % 5000)
+            .chain([u64::MAX, 1 << 40, u64::MAX])
+            .collect();
+        let mut dirty = DirtyKeys::new(Some(16));
+        dirty.add(&keys);
+        assert_eq!(dirty.take(), distinct_in_first_seen_order(&keys));
+        assert!(dirty.take().is_empty(), "take clears");
+        dirty.add(&[3, 3, 9]);
+        assert_eq!(dirty.take(), vec![3, 9], "bits are cleared by take");
+    }
+
+    #[test]
+    fn dirty_keys_without_a_bitmap_sort_and_dedup() {
+        let keys: Vec<u64> = (0..2 * COMPACT_AT as u64 + 5)
+            .map(|i| (i * 104_729) % 70_001 + (1 << 50))
+            .collect();
+        let mut dirty = DirtyKeys::new(None);
+        dirty.add(&keys);
+        let mut want = keys.clone();
+        want.sort_unstable();
+        want.dedup();
+        assert_eq!(dirty.take(), want);
+        dirty.add(&[5, 5]);
+        assert_eq!(dirty.take(), vec![5]);
     }
 }

@@ -400,8 +400,20 @@ impl<T: Data> DataStream<T> {
         I::Item: Data,
         F: FnMut(T) -> I + Clone + Send + Sync + 'static,
     {
+        self.transform_chained("flat_map", move |_| FlatMap::new(f.clone()))
+    }
+
+    /// [`transform`](Self::transform) with the upstream's parallelism and a
+    /// forward edge, so each instance runs chained in its upstream subtask:
+    /// records by pointer, no channel, no thread to wake.
+    pub fn transform_chained<O, F>(&self, name: &str, make: F) -> DataStream<O::Out>
+    where
+        O: Operator<In = T>,
+        O::Out: Data,
+        F: Fn(usize) -> O + Send + Sync + 'static,
+    {
         let p = self.env.parallelism_of(self.vertex);
-        self.transform_with("flat_map", p, None, move |_| FlatMap::new(f.clone()))
+        self.transform_with(name, p, None, make)
     }
 
     /// Keeps the records `f` accepts.

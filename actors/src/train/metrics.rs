@@ -273,6 +273,9 @@ pub struct Progressive {
     loss: u128,
     bins: ClassBins<u64>,
     recent: Vec<u32>,
+    /// Each recent row's fixed-point loss, so that leaving the window costs
+    /// no logarithm.
+    recent_loss: Vec<u128>,
     head: usize,
     window_loss: u128,
     window_bins: ClassBins<u32>,
@@ -290,6 +293,7 @@ impl Progressive {
             loss: 0,
             bins: ClassBins::new(),
             recent: Vec::new(),
+            recent_loss: Vec::new(),
             head: 0,
             window_loss: 0,
             window_bins: if window == 0 {
@@ -323,13 +327,19 @@ impl Progressive {
         let packed = stored.to_bits() | if positive { LABEL_BIT } else { 0 };
         if self.recent.len() < self.window {
             self.recent.push(packed);
-        } else if let Some(slot) = self.recent.get_mut(self.head) {
+            self.recent_loss.push(loss);
+        } else if let (Some(slot), Some(slot_loss)) = (
+            self.recent.get_mut(self.head),
+            self.recent_loss.get_mut(self.head),
+        ) {
             let (old_positive, old_p) = unpack(*slot);
             *slot = packed;
-            self.head = (self.head + 1) % self.window;
-            self.window_loss = self
-                .window_loss
-                .saturating_sub(fixed_loss(old_positive, old_p));
+            let old_loss = std::mem::replace(slot_loss, loss);
+            self.head += 1;
+            if self.head == self.window {
+                self.head = 0;
+            }
+            self.window_loss = self.window_loss.saturating_sub(old_loss);
             self.window_bins.remove(auc_bin(old_p), old_positive);
         }
         self.window_loss += loss;
@@ -477,7 +487,9 @@ impl Progressive {
             let clipped = f64::from(stored).clamp(CLIP_EPS, 1.0 - CLIP_EPS);
             m.recent
                 .push(stored.to_bits() | if positive { LABEL_BIT } else { 0 });
-            m.window_loss += fixed_loss(positive, clipped);
+            let loss = fixed_loss(positive, clipped);
+            m.recent_loss.push(loss);
+            m.window_loss += loss;
             m.window_bins.add(auc_bin(clipped), positive);
         }
         Ok(m)

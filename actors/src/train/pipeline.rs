@@ -9,6 +9,9 @@
 //!                          └──predictions──▶ eval
 //! ```
 //!
+//! With one worker and [`PsConfig::chain`], the shards and serving run
+//! inside the worker's subtask: `source ──▶ [worker+shards ─delta─▶ serving]`.
+//!
 //! ```
 //! use braid_actors::stream::{coordinator::JobConfig, graph::StreamEnv, local, plan::Plan};
 //! use braid_actors::checkpoint::storage::CheckpointStorage;
@@ -406,6 +409,10 @@ pub enum BuildError {
     TimedRefreshUnderBsp,
 }
 
+/// Micro-batches' predictions per message to evaluation, which no answer
+/// waits for: fewer messages wake its thread less often.
+const SCORED_PER_MESSAGE: usize = 16;
+
 /// Adds the online-learning job to `env`, reading rows from `reader()`.
 pub fn build(
     env: &StreamEnv,
@@ -444,7 +451,7 @@ pub fn build(
     );
     let scored = worker_out
         .local_flat_map(|o: super::worker::WorkerOut| o.scored())
-        .batch_records(1);
+        .batch_records(SCORED_PER_MESSAGE);
     let deltas = if chained {
         worker_out.local_flat_map(|o: super::worker::WorkerOut| o.delta())
     } else {
@@ -464,7 +471,12 @@ pub fn build(
     }
     .batch_records(1);
     let serving_ps = ps.clone();
-    let _ = deltas.transform_routed("serving", 1, |_| 0, move |_| ServingSink::new(&serving_ps));
+    if chained {
+        let _ = deltas.transform_chained("serving", move |_| ServingSink::new(&serving_ps));
+    } else {
+        let _ =
+            deltas.transform_routed("serving", 1, |_| 0, move |_| ServingSink::new(&serving_ps));
+    }
     let name = ps.name.clone();
     let window = config.window;
     let _ = scored.transform_routed("eval", 1, |_| 0, move |_| EvalSink::new(&name, window));

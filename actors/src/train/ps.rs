@@ -25,7 +25,7 @@
 use super::data::FeatureBatch;
 use super::optimizer::{learn_sharded, Model, OptimizerKind, PushError, BIAS_KEY};
 use super::sharding::ConsistentHash;
-use super::table::{ParamTable, SlotRef};
+use super::table::{prefetch_line, ParamTable, SlotRef};
 use crate::stream::context::TaskContext;
 use crate::stream::operator::{Collector, EventTime, Operator, Snapshot, StateError};
 use crate::stream::registry;
@@ -490,6 +490,9 @@ struct DirtyKeys {
 /// Keys [`DirtyKeys`] holds, repeats included, before it compacts them.
 const COMPACT_AT: usize = 1 << 16;
 
+/// How many keys ahead [`DirtyKeys::compact`] starts loading bitmap words.
+const PREFETCH_DISTANCE: usize = 16;
+
 impl DirtyKeys {
     fn new(feature_bits: Option<u32>) -> Self {
         let bits = match feature_bits {
@@ -532,7 +535,12 @@ impl DirtyKeys {
         if self.keys.len() < self.len + self.pending.len() {
             self.keys.resize(self.len + self.pending.len(), 0);
         }
-        for &k in &self.pending {
+        for (i, &k) in self.pending.iter().enumerate() {
+            if let Some(&ahead) = self.pending.get(i + PREFETCH_DISTANCE) {
+                if let Some(word) = self.bits.get((ahead / 64) as usize) {
+                    prefetch_line(word);
+                }
+            }
             if k < limit {
                 let word = &mut self.bits[(k / 64) as usize];
                 let mask = 1u64 << (k % 64);

@@ -64,6 +64,15 @@ pub struct ServedModel {
     shards: usize,
 }
 
+/// The shard of `key` among `shards` on `ring`.
+fn shard_in(shards: usize, ring: &ConsistentHash, key: u64) -> usize {
+    if shards == 1 {
+        0
+    } else {
+        ring.shard_of(key).unwrap_or(0) as usize
+    }
+}
+
 impl ServedModel {
     fn empty(config: &PsConfig) -> Self {
         let weights = match config.feature_bits {
@@ -83,11 +92,7 @@ impl ServedModel {
     }
 
     fn shard_of(&self, key: u64) -> usize {
-        if self.shards == 1 {
-            0
-        } else {
-            self.ring.shard_of(key).unwrap_or(0) as usize
-        }
+        shard_in(self.shards, &self.ring, key)
     }
 
     /// Its version.
@@ -154,33 +159,6 @@ impl ServedModel {
         }
     }
 
-    fn set(&mut self, key: u64, value: f32) {
-        let s = match self.weights {
-            Weights::Sharded(_) => self.shard_of(key),
-            Weights::Dense { .. } => 0,
-        };
-        match &mut self.weights {
-            Weights::Dense { w, extra } => {
-                if let Some(x) = w.get_mut(key as usize).filter(|_| key < u64::MAX) {
-                    *x = value;
-                } else if value == 0.0 {
-                    extra.remove(key);
-                } else {
-                    extra.insert(key, value);
-                }
-            }
-            Weights::Sharded(t) => {
-                if let Some(t) = t.get_mut(s) {
-                    if value == 0.0 {
-                        t.remove(key);
-                    } else {
-                        t.insert(key, value);
-                    }
-                }
-            }
-        }
-    }
-
     fn apply(&mut self, delta: &Delta) {
         let s = delta.shard as usize;
         if s >= self.shards {
@@ -189,15 +167,38 @@ impl ServedModel {
         if delta.full {
             self.clear_shard(s);
         }
-        for (i, (&k, &w)) in delta.keys.iter().zip(&delta.weights).enumerate() {
-            if let (Weights::Dense { w: dense, .. }, Some(&ahead)) =
-                (&self.weights, delta.keys.get(i + PREFETCH_DISTANCE))
-            {
-                if let Some(x) = dense.get(ahead as usize) {
-                    prefetch_line(x);
+        match &mut self.weights {
+            Weights::Dense { w: dense, extra } => {
+                for (i, (&k, &w)) in delta.keys.iter().zip(&delta.weights).enumerate() {
+                    if let Some(x) = delta
+                        .keys
+                        .get(i + PREFETCH_DISTANCE)
+                        .and_then(|&ahead| dense.get(ahead as usize))
+                    {
+                        prefetch_line(x);
+                    }
+                    match dense.get_mut(k as usize) {
+                        Some(x) => *x = w,
+                        None if w == 0.0 => {
+                            extra.remove(k);
+                        }
+                        None => {
+                            extra.insert(k, w);
+                        }
+                    }
                 }
             }
-            self.set(k, w);
+            Weights::Sharded(tables) => {
+                for (&k, &w) in delta.keys.iter().zip(&delta.weights) {
+                    if let Some(t) = tables.get_mut(shard_in(self.shards, &self.ring, k)) {
+                        if w == 0.0 {
+                            t.remove(k);
+                        } else {
+                            t.insert(k, w);
+                        }
+                    }
+                }
+            }
         }
         if let Some(v) = self.shard_versions.get_mut(s) {
             *v = delta.version;

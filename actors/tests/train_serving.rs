@@ -5,7 +5,7 @@
 use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
 use braid_actors::train::ps::{Consistency, Delta, ModelVersion, PsConfig};
 use braid_actors::train::serving::Serving;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 fn config(name: &str, shards: usize, consistency: Consistency, bits: Option<u32>) -> PsConfig {
@@ -38,9 +38,11 @@ fn readers_never_see_a_half_applied_delta() {
         let serving = Arc::new(Serving::new(&config("swap", 1, Consistency::Asp, bits)));
         let keys: Vec<u64> = (0..2000).collect();
         let stop = Arc::new(AtomicBool::new(false));
+        let checks = Arc::new(AtomicU64::new(0));
         let readers: Vec<_> = (0..2)
             .map(|_| {
                 let (serving, stop, keys) = (serving.clone(), stop.clone(), keys.clone());
+                let checks = checks.clone();
                 std::thread::spawn(move || {
                     let mut checked = 0u64;
                     while !stop.load(Ordering::Acquire) {
@@ -50,23 +52,27 @@ fn readers_never_see_a_half_applied_delta() {
                             assert_eq!(model.weight(k), v, "key {k} in version {v}");
                         }
                         checked += 1;
+                        checks.fetch_add(1, Ordering::AcqRel);
                     }
                     checked
                 })
             })
             .collect();
-        for i in 1..=300u64 {
-            serving.apply(delta(0, i, &keys, i as f32));
+        // At least 300 swaps, and on until the readers have checked versions
+        // while swaps went on (a fast writer could otherwise finish first).
+        let mut published = 0u64;
+        while published < 300 || checks.load(Ordering::Acquire) < 20 {
+            published += 1;
+            serving.apply(delta(0, published, &keys, published as f32));
         }
         stop.store(true, Ordering::Release);
         for r in readers {
-            let checked = r
-                .join()
+            r.join()
                 .unwrap_or_else(|_| panic!("a reader saw a torn version"));
-            assert!(checked > 0);
         }
-        assert_eq!(serving.version().records, 300);
-        assert_eq!(serving.swaps(), 300);
+        assert!(checks.load(Ordering::Acquire) >= 20);
+        assert_eq!(serving.version().records, published);
+        assert_eq!(serving.swaps(), published);
     }
 }
 

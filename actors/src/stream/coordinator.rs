@@ -473,17 +473,75 @@ impl Coordinator {
 
 /// Encodes a subtask's frozen chain state and source offset into the blob
 /// checkpoint storage keeps.
+///
+/// The blob is bincode of [`SubtaskState`], written by hand so that each
+/// operator's snapshot is encoded straight into it
+/// ([`Snapshot::encode_into`](super::operator::Snapshot::encode_into))
+/// rather than into a buffer of its own that is then copied: bincode lays a
+/// sequence or string out as its length (u64 little-endian) and then its
+/// elements, and an option as a tag byte (0 or 1) and then its value.
 pub(crate) fn encode_subtask(
     states: ChainSnapshot,
     offset: Option<Vec<u8>>,
 ) -> Result<Vec<u8>, StateError> {
-    let mut out = Vec::with_capacity(states.len());
-    for (name, snapshot) in states {
-        out.push(NamedState(name, snapshot.encode()?));
+    fn put_len(out: &mut Vec<u8>, len: usize) {
+        out.extend_from_slice(&(len as u64).to_le_bytes());
     }
-    bincode::serialize(&SubtaskState {
-        states: out,
-        offset,
-    })
-    .map_err(|e| StateError::Encode(e.to_string()))
+    let mut out = Vec::new();
+    put_len(&mut out, states.len());
+    for (name, snapshot) in states {
+        put_len(&mut out, name.len());
+        out.extend_from_slice(name.as_bytes());
+        let at = out.len();
+        put_len(&mut out, 0);
+        snapshot.encode_into(&mut out)?;
+        let len = (out.len() - at - 8) as u64;
+        out[at..at + 8].copy_from_slice(&len.to_le_bytes());
+    }
+    match offset {
+        None => out.push(0),
+        Some(offset) => {
+            out.push(1);
+            put_len(&mut out, offset.len());
+            out.extend_from_slice(&offset);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{encode_subtask, NamedState, SubtaskState};
+    use crate::stream::operator::Snapshot;
+
+    #[test]
+    fn a_subtask_blob_is_bincode_of_its_states_and_offset() {
+        for offset in [None, Some(vec![7u8, 8, 9])] {
+            let states = vec![
+                ("op-a".to_string(), Snapshot::of((1u64, "x".to_string()))),
+                ("op-b".to_string(), Snapshot::empty()),
+                (
+                    "op-c".to_string(),
+                    Snapshot::writer(|out| {
+                        out.extend_from_slice(&[1, 2, 3]);
+                        Ok(())
+                    }),
+                ),
+            ];
+            let blob = encode_subtask(states, offset.clone()).unwrap();
+            let want = bincode::serialize(&SubtaskState {
+                states: vec![
+                    NamedState(
+                        "op-a".into(),
+                        bincode::serialize(&(1u64, "x".to_string())).unwrap(),
+                    ),
+                    NamedState("op-b".into(), Vec::new()),
+                    NamedState("op-c".into(), vec![1, 2, 3]),
+                ],
+                offset,
+            })
+            .unwrap();
+            assert_eq!(blob, want);
+        }
+    }
 }

@@ -34,29 +34,56 @@ pub enum StateError {
 /// State frozen at a barrier: cheap to take (a persistent map's clone, a
 /// copy of a few counters), encoded later on another thread so the record
 /// path does not wait for serialization.
-pub struct Snapshot(Box<dyn FnOnce() -> Result<Vec<u8>, StateError> + Send>);
+pub struct Snapshot(Box<WriteState>);
+
+/// Appends an encoded state to a buffer.
+type WriteState = dyn FnOnce(&mut Vec<u8>) -> Result<(), StateError> + Send;
 
 impl Snapshot {
     /// A snapshot encoded when [`Snapshot::encode`] runs.
     pub fn new(encode: impl FnOnce() -> Result<Vec<u8>, StateError> + Send + 'static) -> Self {
-        Snapshot(Box::new(encode))
+        Snapshot::writer(move |out| {
+            let bytes = encode()?;
+            if out.is_empty() {
+                *out = bytes;
+            } else {
+                out.extend_from_slice(&bytes);
+            }
+            Ok(())
+        })
+    }
+
+    /// A snapshot that appends its encoding to the buffer it is given
+    /// ([`Snapshot::encode_into`]): a large state written once, where the
+    /// whole checkpoint blob is assembled, instead of copied part by part.
+    pub fn writer(
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), StateError> + Send + 'static,
+    ) -> Self {
+        Snapshot(Box::new(write))
     }
 
     /// The snapshot of a stateless operator.
     pub fn empty() -> Self {
-        Snapshot::new(|| Ok(Vec::new()))
+        Snapshot::writer(|_| Ok(()))
     }
 
     /// A snapshot of a value that is itself the frozen copy: bincode of it.
     pub fn of<S: serde::Serialize + Send + 'static>(state: S) -> Self {
-        Snapshot::new(move || {
-            bincode::serialize(&state).map_err(|e| StateError::Encode(e.to_string()))
+        Snapshot::writer(move |out| {
+            bincode::serialize_into(out, &state).map_err(|e| StateError::Encode(e.to_string()))
         })
     }
 
     /// Encodes the state.
     pub fn encode(self) -> Result<Vec<u8>, StateError> {
-        (self.0)()
+        let mut out = Vec::new();
+        self.encode_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the encoded state to `out`.
+    pub fn encode_into(self, out: &mut Vec<u8>) -> Result<(), StateError> {
+        (self.0)(out)
     }
 }
 

@@ -794,7 +794,14 @@ impl Model {
     /// A snapshot for checkpoints: optimizer, bias key, then the table's
     /// [`ParamTable::to_bytes`]. Round-trips byte for byte.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(MODEL_HEADER_LEN + self.table.encoded_len());
+        let mut out = Vec::new();
+        self.write_to(&mut out);
+        out
+    }
+
+    /// Appends [`Model::to_bytes`]'s encoding to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        out.reserve(MODEL_HEADER_LEN + self.table.encoded_len());
         out.extend_from_slice(&MODEL_MAGIC);
         out.push(MODEL_VERSION);
         let (tag, params) = match self.kind {
@@ -808,8 +815,7 @@ impl Model {
         }
         out.push(u8::from(self.bias.is_some()));
         out.extend_from_slice(&self.bias.unwrap_or(0).to_le_bytes());
-        out.extend_from_slice(&self.table.to_bytes());
-        out
+        self.table.write_to(out);
     }
 
     /// Reads a snapshot written by [`Model::to_bytes`].

@@ -952,17 +952,22 @@ impl ShardOperator {
     }
 }
 
-/// `parts`, each prefixed by its length (u64, little-endian).
-pub(crate) fn join_parts(parts: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(parts.iter().map(|p| 8 + p.len()).sum());
-    for part in parts {
-        out.extend_from_slice(&(part.len() as u64).to_le_bytes());
-        out.extend_from_slice(part);
-    }
-    out
+/// Appends one length-prefixed part (its length, u64 little-endian, then
+/// its bytes), the bytes written by `write` straight into `out`, so a
+/// snapshot's parts are assembled in one buffer without copies.
+pub(crate) fn write_part(
+    out: &mut Vec<u8>,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), StateError>,
+) -> Result<(), StateError> {
+    let at = out.len();
+    out.extend_from_slice(&[0; 8]);
+    write(out)?;
+    let len = (out.len() - at - 8) as u64;
+    out[at..at + 8].copy_from_slice(&len.to_le_bytes());
+    Ok(())
 }
 
-/// The length-prefixed parts [`join_parts`] wrote; a truncated or
+/// The length-prefixed parts [`write_part`] wrote; a truncated or
 /// over-long encoding is refused.
 pub(crate) fn split_parts(mut bytes: &[u8]) -> Result<Vec<&[u8]>, StateError> {
     let mut parts = Vec::new();
@@ -1021,12 +1026,19 @@ impl Operator for ShardOperator {
         let counts = state.counts.clone();
         drop(state);
         let give_back = self.spare.clone();
-        Snapshot::new(move || {
-            let (model_bytes, counts) = (model.to_bytes(), counts.to_bytes());
+        Snapshot::writer(move |out| {
+            write_part(out, |o| {
+                bincode::serialize_into(o, &meta).map_err(|e| StateError::Encode(e.to_string()))
+            })?;
+            write_part(out, |o| {
+                model.write_to(o);
+                Ok(())
+            })?;
             *give_back.lock() = Some(model);
-            let model = model_bytes;
-            let meta = bincode::serialize(&meta).map_err(|e| StateError::Encode(e.to_string()))?;
-            Ok(join_parts(&[&meta, &model, &counts]))
+            write_part(out, |o| {
+                counts.write_to(o);
+                Ok(())
+            })
         })
     }
 

@@ -667,7 +667,14 @@ impl<S: SlotState> ParamTable<S> {
     /// starting just after an empty slot, which is an order in which
     /// re-inserting them into the same slot count rebuilds the same layout.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.encoded_len());
+        let mut out = Vec::new();
+        self.write_to(&mut out);
+        out
+    }
+
+    /// Appends [`Self::to_bytes`]'s encoding to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
         out.extend_from_slice(&(S::ENCODED_LEN as u32).to_le_bytes());
@@ -675,17 +682,16 @@ impl<S: SlotState> ParamTable<S> {
         out.extend_from_slice(&(self.len() as u64).to_le_bytes());
         if let Some(z) = &self.zero {
             out.extend_from_slice(&0u64.to_le_bytes());
-            z.encode(&mut out);
+            z.encode(out);
         }
         let start = self.an_empty_slot() + 1;
         for step in 0..self.slots.len() {
             let s = &self.slots[(start + step) & self.mask];
             if s.key != EMPTY {
                 out.extend_from_slice(&s.key.to_le_bytes());
-                s.state.encode(&mut out);
+                s.state.encode(out);
             }
         }
-        out
     }
 
     /// Reads a snapshot written by [`Self::to_bytes`] back into a table with

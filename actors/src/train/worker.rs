@@ -16,7 +16,7 @@
 
 use super::optimizer::{sigmoid, BIAS_KEY};
 use super::ps::{
-    join_parts, split_parts, Delta, KeyPolicy, PsClient, PsConfig, Push, ShardOperator, TrainBatch,
+    split_parts, write_part, Delta, KeyPolicy, PsClient, PsConfig, Push, ShardOperator, TrainBatch,
 };
 use super::table::SlotRef;
 use crate::stream::operator::{decode_state, Collector, EventTime, Operator, Snapshot, StateError};
@@ -320,15 +320,14 @@ impl Operator for TrainWorker {
         }
         let step = self.step;
         let shards: Vec<Snapshot> = self.chained.iter_mut().map(|s| s.snapshot()).collect();
-        Snapshot::new(move || {
-            let step = bincode::serialize(&step).map_err(|e| StateError::Encode(e.to_string()))?;
-            let shards = shards
-                .into_iter()
-                .map(Snapshot::encode)
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut parts: Vec<&[u8]> = vec![&step];
-            parts.extend(shards.iter().map(Vec::as_slice));
-            Ok(join_parts(&parts))
+        Snapshot::writer(move |out| {
+            write_part(out, |o| {
+                bincode::serialize_into(o, &step).map_err(|e| StateError::Encode(e.to_string()))
+            })?;
+            for shard in shards {
+                write_part(out, |o| shard.encode_into(o))?;
+            }
+            Ok(())
         })
     }
 

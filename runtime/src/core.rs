@@ -172,8 +172,21 @@ impl Core {
     /// node (as a driver or a worker), and opens the store.
     pub(crate) async fn start(config: CoreConfig) -> Result<Arc<Core>> {
         let socket_dir = config.session_dir.join("sockets");
-        std::fs::create_dir_all(&socket_dir)
-            .map_err(|e| Error::io("create socket directory", e))?;
+        // Not `create_dir_all`: a process still starting while its cluster
+        // stops must not bring back the session directory just removed.
+        match std::fs::create_dir(&socket_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!(
+                        "create socket directory {} (has the cluster stopped?)",
+                        socket_dir.display()
+                    ),
+                    e,
+                ))
+            }
+        }
         let socket = socket_dir.join(format!("{}.sock", config.worker));
         let _ = std::fs::remove_file(&socket);
         let listener = tokio::net::UnixListener::bind(&socket)
@@ -202,8 +215,19 @@ impl Core {
                 build_hash: crate::registry::build_hash().to_string(),
             },
         };
-        let (node, welcome) =
-            Conn::connect(&config.node_socket, Message::Hello(hello), handler.clone()).await?;
+        let (node, welcome) = match Conn::connect(
+            &config.node_socket,
+            Message::Hello(hello),
+            handler.clone(),
+        )
+        .await
+        {
+            Ok(connected) => connected,
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
+        };
         let Reply::Welcome {
             node: node_id,
             store_socket,

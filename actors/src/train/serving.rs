@@ -141,7 +141,7 @@ impl ServedModel {
     fn clear_shard(&mut self, s: usize) {
         let shards = self.shards;
         let ring = self.ring.clone();
-        let of = |k: u64| shards == 1 || ring.shard_of(k).unwrap_or(0) as usize == s;
+        let of = |k: u64| shard_in(shards, &ring, k) == s;
         match &mut self.weights {
             Weights::Dense { w, extra } => {
                 for (k, x) in w.iter_mut().enumerate() {

@@ -12,7 +12,7 @@
 //! taken, and only after it completes are the sources told to finish, so
 //! a bounded job's output is committed in full.
 
-use super::operator::StateError;
+use super::operator::{write_part, StateError};
 use super::plan::{Plan, SubtaskId};
 use super::runner::{Command, SourcePace};
 use super::stage::ChainSnapshot;
@@ -492,11 +492,7 @@ pub(crate) fn encode_subtask(
     for (name, snapshot) in states {
         put_len(&mut out, name.len());
         out.extend_from_slice(name.as_bytes());
-        let at = out.len();
-        put_len(&mut out, 0);
-        snapshot.encode_into(&mut out)?;
-        let len = (out.len() - at - 8) as u64;
-        out[at..at + 8].copy_from_slice(&len.to_le_bytes());
+        write_part(&mut out, |o| snapshot.encode_into(o))?;
     }
     match offset {
         None => out.push(0),

@@ -87,6 +87,21 @@ impl Snapshot {
     }
 }
 
+/// Appends one length-prefixed part (its length, u64 little-endian, then
+/// its bytes), the bytes written by `write` straight into `out`, so a
+/// snapshot's parts are assembled in one buffer without copies.
+pub(crate) fn write_part(
+    out: &mut Vec<u8>,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), StateError>,
+) -> Result<(), StateError> {
+    let at = out.len();
+    out.extend_from_slice(&[0; 8]);
+    write(out)?;
+    let len = (out.len() - at - 8) as u64;
+    out[at..at + 8].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
 /// Decodes bytes written by [`Snapshot::of`].
 pub fn decode_state<S: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<S, StateError> {
     bincode::deserialize(bytes).map_err(|e| StateError::Decode(e.to_string()))

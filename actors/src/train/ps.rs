@@ -27,7 +27,7 @@ use super::optimizer::{learn_sharded, Model, OptimizerKind, PushError, BIAS_KEY}
 use super::sharding::ConsistentHash;
 use super::table::{prefetch_line, ParamTable, SlotRef};
 use crate::stream::context::TaskContext;
-use crate::stream::operator::{Collector, EventTime, Operator, Snapshot, StateError};
+use crate::stream::operator::{write_part, Collector, EventTime, Operator, Snapshot, StateError};
 use crate::stream::registry;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
@@ -950,21 +950,6 @@ impl ShardOperator {
     ) {
         self.handle(push, Some(at), out);
     }
-}
-
-/// Appends one length-prefixed part (its length, u64 little-endian, then
-/// its bytes), the bytes written by `write` straight into `out`, so a
-/// snapshot's parts are assembled in one buffer without copies.
-pub(crate) fn write_part(
-    out: &mut Vec<u8>,
-    write: impl FnOnce(&mut Vec<u8>) -> Result<(), StateError>,
-) -> Result<(), StateError> {
-    let at = out.len();
-    out.extend_from_slice(&[0; 8]);
-    write(out)?;
-    let len = (out.len() - at - 8) as u64;
-    out[at..at + 8].copy_from_slice(&len.to_le_bytes());
-    Ok(())
 }
 
 /// The length-prefixed parts [`write_part`] wrote; a truncated or

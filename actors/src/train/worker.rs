@@ -16,10 +16,12 @@
 
 use super::optimizer::{sigmoid, BIAS_KEY};
 use super::ps::{
-    split_parts, write_part, Delta, KeyPolicy, PsClient, PsConfig, Push, ShardOperator, TrainBatch,
+    split_parts, Delta, KeyPolicy, PsClient, PsConfig, Push, ShardOperator, TrainBatch,
 };
 use super::table::SlotRef;
-use crate::stream::operator::{decode_state, Collector, EventTime, Operator, Snapshot, StateError};
+use crate::stream::operator::{
+    decode_state, write_part, Collector, EventTime, Operator, Snapshot, StateError,
+};
 use serde::{Deserialize, Serialize};
 
 /// Predictions a worker made for one batch, before training on it.

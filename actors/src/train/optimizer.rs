@@ -149,6 +149,12 @@ fn non_negative(name: &'static str, value: f32) -> Result<(), ParamsError> {
 trait Rule: Copy {
     fn weight(self, s: &KeyState) -> f32;
     fn apply(self, s: &mut KeyState, g: f32);
+    /// [`Rule::apply`], then the new weight (bit for bit `weight(s)`).
+    #[inline]
+    fn apply_weight(self, s: &mut KeyState, g: f32) -> f32 {
+        self.apply(s, g);
+        self.weight(s)
+    }
 }
 
 impl FtrlParams {
@@ -179,12 +185,21 @@ impl Rule for FtrlParams {
 
     #[inline]
     fn apply(self, s: &mut KeyState, g: f32) {
+        self.apply_weight(s, g);
+    }
+
+    /// The new weight from the `√n` the update computed anyway.
+    #[inline]
+    fn apply_weight(self, s: &mut KeyState, g: f32) -> f32 {
         let [z, n] = *s;
         let sqrt_n = n.sqrt();
         let w = self.weight_from(z, sqrt_n);
         let n_new = n + g * g;
-        let sigma = (n_new.sqrt() - sqrt_n) / self.alpha;
-        *s = [z + g - sigma * w, n_new];
+        let sqrt_n_new = n_new.sqrt();
+        let sigma = (sqrt_n_new - sqrt_n) / self.alpha;
+        let z_new = z + g - sigma * w;
+        *s = [z_new, n_new];
+        self.weight_from(z_new, sqrt_n_new)
     }
 }
 
@@ -423,15 +438,15 @@ fn learn_with<R: Rule>(
 }
 
 /// [`learn_with`] over a model split into shards: `shard_of` picks each
-/// key's table. Every key of the row (then `bias`, value 1) is probed once
-/// and reported to `touch` with its shard.
+/// key's table. Every key of the row (then `bias`, value 1) is probed once;
+/// each one updated is reported to `touch` with its shard and new weight.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-fn learn_sharded_with<R: Rule, T: FnMut(usize, u64)>(
+fn learn_sharded_with<R: Rule, T: FnMut(usize, u64, f32)>(
     r: R,
     tables: &mut [&mut ParamTable<KeyState>],
     shard_of: &dyn Fn(u64) -> usize,
-    scratch: &mut Vec<(u32, SlotRef, f32)>,
+    scratch: &mut Vec<(u32, u64, SlotRef, f32)>,
     touch: &mut T,
     bias: u64,
     features: &[u64],
@@ -446,20 +461,20 @@ fn learn_sharded_with<R: Rule, T: FnMut(usize, u64)>(
     let x_at = |i: usize| values.map_or(1.0, |v| v[i]);
     for (i, &k) in features.iter().chain(std::iter::once(&bias)).enumerate() {
         let x = if i < features.len() { x_at(i) } else { 1.0 };
-        let s = shard_of(k);
-        touch(s, k);
         if x != 0.0 {
+            let s = shard_of(k);
             let t = &mut tables[s];
             let at = t.locate_or_insert(k);
             m += r.weight(&t.state(at)) * x;
-            scratch.push((s as u32, at, x));
+            scratch.push((s as u32, k, at, x));
         }
     }
     let p = sigmoid(m);
     let d = p - label;
     if d != 0.0 {
-        for &(s, at, x) in scratch.iter() {
-            r.apply(tables[s as usize].state_mut(at), d * x);
+        for &(s, k, at, x) in scratch.iter() {
+            let w = r.apply_weight(tables[s as usize].state_mut(at), d * x);
+            touch(s as usize, k, w);
         }
     }
     p
@@ -469,16 +484,16 @@ fn learn_sharded_with<R: Rule, T: FnMut(usize, u64)>(
 /// predict (progressive validation), then apply `(p − y)·xᵢ` to every
 /// feature and `p − y` to `bias` in its shard's table (`shard_of`), once
 /// per occurrence. The same updates as [`Model::learn`] on one table.
-/// `predictions` gets each row's prediction; `touch(shard, key)` sees
-/// every occurrence, row by row (bias last). The models' own bias keys
-/// are not used.
+/// `predictions` gets each row's prediction; `touch(shard, key, weight)`
+/// sees every update, in order (bias last in each row), with the key's
+/// weight after it. The models' own bias keys are not used.
 pub(crate) fn learn_sharded(
     models: &mut [&mut Model],
     shard_of: &dyn Fn(u64) -> usize,
     bias: u64,
     rows: super::data::FeatureBatchRef<'_>,
     predictions: &mut Vec<f32>,
-    mut touch: impl FnMut(usize, u64),
+    mut touch: impl FnMut(usize, u64, f32),
 ) -> Result<(), RowError> {
     let Some(kind) = models.first().map(|m| m.kind) else {
         return Ok(());

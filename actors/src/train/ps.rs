@@ -304,7 +304,8 @@ pub struct Delta {
     /// Replace the shard's part of the serving model (after a restore, and
     /// in a shard's first delta) instead of updating it.
     pub full: bool,
-    /// Keys changed, each once (a full delta's keys are ascending).
+    /// Keys changed. A key may repeat, and then its last entry holds its
+    /// weight (a full delta's keys are distinct and ascending).
     pub keys: Vec<u64>,
     /// Their weights.
     pub weights: Vec<f32>,
@@ -571,6 +572,67 @@ impl DirtyKeys {
     fn clear(&mut self) {
         let _ = self.take();
     }
+
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.len == 0 && self.big.is_empty()
+    }
+}
+
+/// The weights the chained training loop left behind, in update order: a
+/// serving delta without a second lookup per key. A key may repeat (the
+/// last entry holds its weight), which costs serving a cached store,
+/// where keeping the keys distinct would cost a bitmap test per update;
+/// the bias, updated every row, is kept once. Past [`COMPACT_AT`] entries
+/// they move to the [`DirtyKeys`], which pulls their weights at the delta.
+#[derive(Default)]
+struct FreshWeights {
+    keys: Vec<u64>,
+    weights: Vec<f32>,
+    bias: Option<f32>,
+}
+
+impl FreshWeights {
+    #[inline]
+    fn note(&mut self, key: u64, weight: f32, dirty: &mut DirtyKeys) {
+        if key == BIAS_KEY {
+            self.bias = Some(weight);
+            return;
+        }
+        if self.keys.len() >= COMPACT_AT {
+            self.move_to(dirty);
+        }
+        self.keys.push(key);
+        self.weights.push(weight);
+    }
+
+    /// Hands the keys to `dirty` (their weights are pulled later).
+    fn move_to(&mut self, dirty: &mut DirtyKeys) {
+        dirty.add(&self.keys);
+        if self.bias.take().is_some() {
+            dirty.add_one(BIAS_KEY);
+        }
+        self.keys.clear();
+        self.weights.clear();
+    }
+
+    /// The keys and weights, the bias last; the next delta's lists start
+    /// with this one's room, so a steady stream does not regrow them.
+    fn take(&mut self) -> (Vec<u64>, Vec<f32>) {
+        let room = self.keys.len() + 1;
+        let mut keys = std::mem::replace(&mut self.keys, Vec::with_capacity(room));
+        let mut weights = std::mem::replace(&mut self.weights, Vec::with_capacity(room));
+        if let Some(w) = self.bias.take() {
+            keys.push(BIAS_KEY);
+            weights.push(w);
+        }
+        (keys, weights)
+    }
+
+    fn clear(&mut self) {
+        self.keys.clear();
+        self.weights.clear();
+        self.bias = None;
+    }
 }
 
 /// One parameter-server shard as a stream operator: pushes in, serving
@@ -580,6 +642,7 @@ pub struct ShardOperator {
     cell: Arc<ShardCell>,
     name: String,
     dirty: DirtyKeys,
+    fresh: FreshWeights,
     batches: Vec<AppliedBatch>,
     rows_since: u64,
     last_delta: Instant,
@@ -627,6 +690,7 @@ impl ShardOperator {
             cell,
             name,
             dirty: DirtyKeys::new(feature_bits),
+            fresh: FreshWeights::default(),
             batches: Vec::new(),
             rows_since: 0,
             last_delta: Instant::now(),
@@ -787,7 +851,10 @@ impl ShardOperator {
             let mut weights = Vec::new();
             state.model.pull(&keys, &mut weights);
             (keys, weights)
+        } else if self.dirty.is_empty() {
+            self.fresh.take()
         } else {
+            self.fresh.move_to(&mut self.dirty);
             let keys = self.dirty.take();
             let mut weights = Vec::new();
             state.model.pull(&keys, &mut weights);
@@ -799,6 +866,7 @@ impl ShardOperator {
         };
         drop(state);
         self.dirty.clear();
+        self.fresh.clear();
         self.sent_full = true;
         self.rows_since = 0;
         self.last_delta = Instant::now();
@@ -893,14 +961,26 @@ impl ShardOperator {
         }
         {
             let mut models: Vec<&mut Model> = states.iter_mut().map(|s| &mut s.model).collect();
-            let mut dirty: Vec<&mut DirtyKeys> = shards.iter_mut().map(|s| &mut s.dirty).collect();
+            // Eviction drops keys the loop reported: their deltas pull.
+            let evicts = matches!(shards.first(), Some(s) if matches!(s.config.policy, KeyPolicy::Capacity(_)));
+            let mut noted: Vec<(&mut DirtyKeys, &mut FreshWeights)> = shards
+                .iter_mut()
+                .map(|s| (&mut s.dirty, &mut s.fresh))
+                .collect();
             let learned = learn_sharded(
                 &mut models,
                 shard_of,
                 BIAS_KEY,
                 rows,
                 predictions,
-                |s, k| dirty[s].add_one(k),
+                |s, k, w| {
+                    let (dirty, fresh) = &mut noted[s];
+                    if evicts {
+                        dirty.add_one(k);
+                    } else {
+                        fresh.note(k, w, dirty);
+                    }
+                },
             );
             if let Err(e) = learned {
                 drop(models);
@@ -1065,6 +1145,7 @@ impl Operator for ShardOperator {
         self.cell.changed.notify_all();
         self.sent_full = false;
         self.dirty.clear();
+        self.fresh.clear();
         self.batches.clear();
         Ok(())
     }

@@ -462,7 +462,7 @@ fn learn_sharded_with<R: Rule, T: FnMut(usize, u64, f32)>(
     for (i, &k) in features.iter().chain(std::iter::once(&bias)).enumerate() {
         let x = if i < features.len() { x_at(i) } else { 1.0 };
         if x != 0.0 {
-            let s = shard_of(k);
+            let s = if tables.len() == 1 { 0 } else { shard_of(k) };
             let t = &mut tables[s];
             let at = t.locate_or_insert(k);
             m += r.weight(&t.state(at)) * x;

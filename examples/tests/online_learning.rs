@@ -1,6 +1,7 @@
 //! The `online_learning` example as a user runs it: the fused mode with
 //! its summary, plot and predictions; the separate mode; recovery from a
-//! crashed shard with a bitwise-identical BSP result; bad flags refused.
+//! crashed shard, and from a SIGKILLed job process, with a bitwise-identical
+//! BSP result; bad flags refused.
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -156,6 +157,57 @@ fn a_crashed_shard_recovers_to_the_same_bsp_model() {
         "BSP replay after the crash differs"
     );
     assert_eq!(crashed["auc"], clean["auc"]);
+}
+
+#[test]
+fn a_killed_job_process_is_restarted_from_its_checkpoint_to_the_same_bsp_run() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let (clean_predictions, killed_predictions, out_dir) =
+        (path("clean.txt"), path("killed.txt"), path("out"));
+    let common = [
+        "--rows",
+        "40000",
+        "--sync",
+        "bsp",
+        "--workers",
+        "2",
+        "--shards",
+        "2",
+        "--rate",
+        "40000",
+        "--checkpoint-ms",
+        "50",
+        "--json",
+        "--out-dir",
+        &out_dir,
+    ];
+    let mut clean_args = common.to_vec();
+    clean_args.extend(["--predictions", &clean_predictions]);
+    let clean = json_of(&run(&clean_args, LIMIT));
+    let mut killed_args = common.to_vec();
+    killed_args.extend([
+        "--predictions",
+        &killed_predictions,
+        "--kill-job-at-rows",
+        "20000",
+    ]);
+    let killed = json_of(&run(&killed_args, LIMIT));
+    assert_eq!(killed["failures"], 1, "{killed}");
+    assert!(
+        killed["resumed_from_epoch"].as_u64().is_some_and(|e| e > 0),
+        "the new process started over instead of from a checkpoint: {killed}"
+    );
+    assert_eq!(killed["rows"], 40000);
+    assert_eq!(killed["logloss"], clean["logloss"], "BSP replay differs");
+    assert_eq!(killed["auc"], clean["auc"]);
+    let read = |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let (clean_bytes, killed_bytes) = (read(&clean_predictions), read(&killed_predictions));
+    assert_eq!(clean_bytes.iter().filter(|&&b| b == b'\n').count(), 40000);
+    assert!(
+        clean_bytes == killed_bytes,
+        "the predictions file after the restart differs from the clean run's"
+    );
 }
 
 #[test]

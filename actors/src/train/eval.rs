@@ -10,7 +10,7 @@ use crate::stream::registry;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::sync::Arc;
 
 /// Figures of the evaluation so far.
@@ -31,7 +31,9 @@ pub struct EvalFigures {
 }
 
 /// Where the evaluation publishes its figures, and the predictions file
-/// (kept across recoveries: rows already written are not written again).
+/// (kept across recoveries in one process: rows already written are not
+/// written again; a job resumed in a new process cuts the file back to its
+/// checkpoint's length, [`EvalHandle::resume_predictions`]).
 pub struct EvalHandle {
     figures: Mutex<EvalFigures>,
     predictions: Mutex<Option<PredictionsFile>>,
@@ -39,7 +41,12 @@ pub struct EvalHandle {
 
 struct PredictionsFile {
     out: std::io::BufWriter<std::fs::File>,
+    /// Rows written.
     written: u64,
+    /// Bytes written.
+    bytes: u64,
+    /// Opened by [`EvalHandle::resume_predictions`] and not restored yet.
+    resumed: bool,
 }
 
 impl EvalHandle {
@@ -62,12 +69,32 @@ impl EvalHandle {
 
     /// Writes every row's prediction to `path` (created or truncated).
     pub fn write_predictions(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let file = std::fs::File::create(path)?;
+        self.open_predictions(std::fs::File::create(path)?, false);
+        Ok(())
+    }
+
+    /// Goes on with the predictions file of a job that ran in a process
+    /// that died: restoring the job's checkpoint cuts `path` back to the
+    /// rows that checkpoint had written (each snapshot flushes the file),
+    /// and the replay writes the rest. A job that restores no checkpoint
+    /// starts the file over.
+    pub fn resume_predictions(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        self.open_predictions(file, true);
+        Ok(())
+    }
+
+    fn open_predictions(&self, file: std::fs::File, resumed: bool) {
         *self.predictions.lock() = Some(PredictionsFile {
             out: std::io::BufWriter::with_capacity(1 << 20, file),
             written: 0,
+            bytes: 0,
+            resumed,
         });
-        Ok(())
     }
 
     /// Flushes the predictions file.
@@ -105,6 +132,8 @@ struct EvalState {
     next_row: u64,
     waiting: Vec<Scored>,
     max_staleness: u64,
+    /// Rows and bytes of the predictions file, flushed, if there is one.
+    predictions: Option<(u64, u64)>,
 }
 
 impl EvalSink {
@@ -124,6 +153,12 @@ impl EvalSink {
     fn take(&mut self, scored: Scored) {
         self.max_staleness = self.max_staleness.max(scored.staleness);
         let mut predictions = self.handle.predictions.lock();
+        if let Some(file) = predictions.as_mut().filter(|f| f.resumed) {
+            // Resumed with no checkpoint to restore: the run starts over.
+            if file.out.get_mut().set_len(0).is_ok() {
+                file.resumed = false;
+            }
+        }
         for (i, (&y, &p)) in scored.labels.iter().zip(&scored.predictions).enumerate() {
             self.progressive.record(y, p);
             let row = scored.first_row + i as u64;
@@ -134,6 +169,7 @@ impl EvalSink {
                     let _ = writeln!(self.line, "{p:.6}");
                     if file.out.write_all(self.line.as_bytes()).is_ok() {
                         file.written += 1;
+                        file.bytes += self.line.len() as u64;
                     }
                 }
             }
@@ -178,11 +214,16 @@ impl Operator for EvalSink {
     }
 
     fn snapshot(&mut self) -> Snapshot {
+        let predictions = self.handle.predictions.lock().as_mut().and_then(|file| {
+            file.out.flush().ok()?;
+            Some((file.written, file.bytes))
+        });
         Snapshot::of(EvalState {
             progressive: self.progressive.snapshot(),
             next_row: self.next_row,
             waiting: self.waiting.values().cloned().collect(),
             max_staleness: self.max_staleness,
+            predictions,
         })
     }
 
@@ -200,6 +241,22 @@ impl Operator for EvalSink {
             .map(|s| (s.first_row, s))
             .collect();
         self.max_staleness = state.max_staleness;
+        if let Some(file) = self.handle.predictions.lock().as_mut() {
+            if file.resumed {
+                let (rows, bytes) = state.predictions.unwrap_or((0, 0));
+                let cut = file
+                    .out
+                    .get_mut()
+                    .set_len(bytes)
+                    .and_then(|()| file.out.seek(SeekFrom::Start(bytes)));
+                cut.map_err(|e| {
+                    StateError::Decode(format!("cannot cut the predictions file back: {e}"))
+                })?;
+                file.written = rows;
+                file.bytes = bytes;
+                file.resumed = false;
+            }
+        }
         self.publish();
         Ok(())
     }

@@ -27,6 +27,11 @@ use std::time::{Duration, Instant};
 /// What the fused job runs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FusedConfig {
+    /// The job's name: its checkpoints' directory under `checkpoint_dir`.
+    pub name: String,
+    /// The job ran before in a process that died: go on from its last
+    /// checkpoint, predictions file included.
+    pub resume: bool,
     /// The input.
     pub input: InputSpec,
     /// Rows to train (`None`: all).
@@ -75,6 +80,8 @@ pub struct FusedStatus {
     /// Rows per second from the first batch's ingest to the publish of the
     /// last (start-up and shutdown excluded; as separate's `sustained`).
     pub sustained_per_s: f64,
+    /// The checkpoint epoch this process's run started from, if any.
+    pub resumed_from_epoch: Option<u64>,
 }
 
 struct Shared {
@@ -168,7 +175,7 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
         l1: config.hyper.l1,
         l2: config.hyper.l2,
     });
-    let name = format!("online-learning-{}", std::process::id());
+    let name = config.name.clone();
     let mut ps = PsConfig::new(&name, config.workers, config.shards, optimizer);
     ps.consistency = consistency;
     ps.capacity = config.capacity;
@@ -202,7 +209,11 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
     })?;
     let eval = EvalHandle::of(&name);
     if let Some(path) = &config.predictions {
-        eval.write_predictions(path)?;
+        if config.resume {
+            eval.resume_predictions(path)?;
+        } else {
+            eval.write_predictions(path)?;
+        }
     }
     let serving = Serving::of(&ps);
     *shared.serving.lock() = Some(serving.clone());
@@ -259,7 +270,15 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
                 timeline
             })?
     };
+    if !config.resume {
+        let _ = std::fs::remove_dir_all(config.checkpoint_dir.join(&name));
+    }
     let storage = CheckpointStorage::local(&config.checkpoint_dir, &name, 2)?;
+    let latest = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(storage.latest())?;
+    shared.status.lock().resumed_from_epoch = latest.map(|m| m.epoch.0);
     let mut job = JobConfig::new(storage);
     job.checkpoint_interval = Duration::from_millis(config.checkpoint_ms.max(1));
     job.max_failures = 5;

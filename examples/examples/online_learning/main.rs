@@ -101,6 +101,10 @@ struct Args {
     /// Inject a crash: worker:INDEX:STEP or shard:INDEX:STEP (fused).
     #[arg(long)]
     crash: Option<String>,
+    /// Fused: SIGKILL the job's process once it has scored this many rows;
+    /// the driver starts a new one, which goes on from the last checkpoint.
+    #[arg(long)]
+    kill_job_at_rows: Option<u64>,
     /// Where the summary JSON and the plot go.
     #[arg(long, default_value = "target/online_learning")]
     out_dir: PathBuf,
@@ -192,6 +196,30 @@ impl RemoteServing {
     }
 }
 
+/// Times the driver starts a fused job's process again after it died.
+const MAX_JOB_RESTARTS: u32 = 3;
+
+/// A fused job's actor, started on `config`.
+fn start_fused(rt: &braid::Runtime, config: &FusedConfig) -> anyhow::Result<fused::FusedJobHandle> {
+    let job = FusedJob::remote(rt)
+        .spawn_blocking()
+        .context("start the fused job's actor")?;
+    job.start(config.clone())
+        .blocking()?
+        .map_err(|e| anyhow::anyhow!("the fused job did not start: {e}"))?;
+    Ok(job)
+}
+
+/// Sends SIGKILL to `pid`.
+fn kill(pid: u32) -> anyhow::Result<()> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| anyhow::anyhow!("bad pid {pid}"))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL)?;
+    Ok(())
+}
+
 fn run_fused(
     rt: &braid::Runtime,
     args: &Args,
@@ -200,7 +228,11 @@ fn run_fused(
     predictions: Option<PathBuf>,
     scratch: &std::path::Path,
 ) -> anyhow::Result<(ModeReport, FusedStatus, RemoteServing)> {
-    let config = FusedConfig {
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut config = FusedConfig {
+        name: format!("online-learning-{}-{run}", std::process::id()),
+        resume: false,
         input: args.input(),
         rows: args.rows,
         hyper: args.hyper(),
@@ -222,31 +254,42 @@ fn run_fused(
         .map_err(|e| anyhow::anyhow!("--sync: {e}"))?;
     let started = Instant::now();
     let driver_cpu = common::self_cpu_seconds();
-    let job = FusedJob::remote(rt)
-        .spawn_blocking()
-        .context("start the fused job's actor")?;
-    job.start(config)
-        .blocking()?
-        .map_err(|e| anyhow::anyhow!("the fused job did not start: {e}"))?;
+    let mut job = start_fused(rt, &config)?;
     let mut progress = Progress::new();
     // The driver also queries serving through the job's actor, as a client
     // in another process would.
     let probe: Vec<u64> = (1..=20).map(|i| i * 104_729).collect();
     let mut remote = RemoteServing::default();
-    let status = loop {
+    let mut restarts = 0u32;
+    let mut killed = false;
+    let mut status = loop {
         std::thread::sleep(Duration::from_millis(20));
         remote.ask(&job, &probe);
-        let status = job
-            .status()
-            .blocking()
-            .context("the fused job's process died")?;
+        let status = match job.status().blocking() {
+            Ok(status) => status,
+            Err(e) if restarts < MAX_JOB_RESTARTS => {
+                restarts += 1;
+                progress.end();
+                eprintln!("[fused] the job's process died ({e}): starting a new one from the last checkpoint");
+                config.resume = true;
+                job = start_fused(rt, &config)?;
+                continue;
+            }
+            Err(e) => return Err(e).context("the fused job's process died"),
+        };
         if let Some(p) = &status.point {
             progress.show("fused", p);
+            if !killed && args.kill_job_at_rows.is_some_and(|at| p.rows >= at) {
+                killed = true;
+                let pid = job.pid().blocking()?;
+                kill(pid)?;
+            }
         }
         if status.done.is_some() {
             break status;
         }
     };
+    status.failures += restarts;
     progress.end();
     let seconds = started.elapsed().as_secs_f64();
     remote.ask(&job, &probe);
@@ -451,6 +494,7 @@ fn main() -> anyhow::Result<()> {
         r.events_per_s = r.rows as f64 / r.seconds.max(1e-9);
         let mut j = report::report_json(&r);
         j["failures"] = status.failures.into();
+        j["resumed_from_epoch"] = status.resumed_from_epoch.into();
         j["ps_keys"] = status.ps_keys.into();
         j["ps_bytes_per_key"] = status.ps_bytes_per_key.into();
         j["job_rss_mib"] = status.rss_mib.into();

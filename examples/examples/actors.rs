@@ -134,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
     println!("restart: actor runs in process {pid}, count 3; killing it");
     let in_flight = tokio::spawn(phoenix.sleep_ms(5_000));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    kill(pid)?;
+    braid_examples::sigkill(pid)?;
     match in_flight.await? {
         Err(e) => println!("restart: the call in flight failed: {e}"),
         Ok(_) => println!("restart: the call in flight finished (unexpected)"),
@@ -149,15 +149,5 @@ async fn main() -> anyhow::Result<()> {
         rt.kill_actor(handle.raw()).await?;
     }
     rt.shutdown().await;
-    Ok(())
-}
-
-/// Sends SIGKILL to `pid`.
-fn kill(pid: u32) -> anyhow::Result<()> {
-    let pid = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-        .ok_or_else(|| anyhow::anyhow!("bad pid {pid}"))?;
-    rustix::process::kill_process(pid, rustix::process::Signal::KILL)?;
     Ok(())
 }

@@ -242,9 +242,7 @@ fn main() -> anyhow::Result<()> {
                 if current.load(Ordering::SeqCst) != generation {
                     return;
                 }
-                let killed = rustix::process::Pid::from_raw(victim as i32)
-                    .map(|pid| rustix::process::kill_process(pid, rustix::process::Signal::KILL));
-                if matches!(killed, Some(Ok(()))) {
+                if braid_examples::sigkill(victim).is_ok() {
                     kills.fetch_add(1, Ordering::SeqCst);
                     eprintln!("killed worker {victim} (generation {generation})");
                 }

@@ -125,10 +125,10 @@ fn separate_mode_runs_as_three_processes() {
     assert!(j["auc"].as_f64().unwrap_or(0.0) > 0.55, "{j}");
 }
 
-#[test]
-fn a_crashed_shard_recovers_to_the_same_bsp_model() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let common = [
+/// A 40,000-row BSP run with two workers and two shards, throttled and
+/// checkpointed often enough that a failure falls between checkpoints.
+fn bsp_recovery_args(out_dir: &str) -> Vec<&str> {
+    vec![
         "--rows",
         "40000",
         "--sync",
@@ -143,10 +143,16 @@ fn a_crashed_shard_recovers_to_the_same_bsp_model() {
         "50",
         "--json",
         "--out-dir",
-        dir.path().to_str().unwrap_or_default(),
-    ];
+        out_dir,
+    ]
+}
+
+#[test]
+fn a_crashed_shard_recovers_to_the_same_bsp_model() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let common = bsp_recovery_args(dir.path().to_str().unwrap_or_default());
     let clean = json_of(&run(&common, LIMIT));
-    let mut crashed_args = common.to_vec();
+    let mut crashed_args = common.clone();
     crashed_args.extend(["--crash", "shard:1:40"]);
     let crashed = json_of(&run(&crashed_args, LIMIT));
     assert_eq!(crashed["failures"], 1, "{crashed}");
@@ -165,27 +171,11 @@ fn a_killed_job_process_is_restarted_from_its_checkpoint_to_the_same_bsp_run() {
     let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
     let (clean_predictions, killed_predictions, out_dir) =
         (path("clean.txt"), path("killed.txt"), path("out"));
-    let common = [
-        "--rows",
-        "40000",
-        "--sync",
-        "bsp",
-        "--workers",
-        "2",
-        "--shards",
-        "2",
-        "--rate",
-        "40000",
-        "--checkpoint-ms",
-        "50",
-        "--json",
-        "--out-dir",
-        &out_dir,
-    ];
-    let mut clean_args = common.to_vec();
+    let common = bsp_recovery_args(&out_dir);
+    let mut clean_args = common.clone();
     clean_args.extend(["--predictions", &clean_predictions]);
     let clean = json_of(&run(&clean_args, LIMIT));
-    let mut killed_args = common.to_vec();
+    let mut killed_args = common;
     killed_args.extend([
         "--predictions",
         &killed_predictions,

@@ -210,16 +210,6 @@ fn start_fused(rt: &braid::Runtime, config: &FusedConfig) -> anyhow::Result<fuse
     Ok(job)
 }
 
-/// Sends SIGKILL to `pid`.
-fn kill(pid: u32) -> anyhow::Result<()> {
-    let pid = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-        .ok_or_else(|| anyhow::anyhow!("bad pid {pid}"))?;
-    rustix::process::kill_process(pid, rustix::process::Signal::KILL)?;
-    Ok(())
-}
-
 fn run_fused(
     rt: &braid::Runtime,
     args: &Args,
@@ -282,7 +272,7 @@ fn run_fused(
             if !killed && args.kill_job_at_rows.is_some_and(|at| p.rows >= at) {
                 killed = true;
                 let pid = job.pid().blocking()?;
-                kill(pid)?;
+                braid_examples::sigkill(pid)?;
             }
         }
         if status.done.is_some() {

@@ -4,7 +4,7 @@
 //! processes are SIGKILLed; the committed output is then checked against
 //! the failure-free reference.
 //!
-//! Run: `cargo run --release --example streaming_exactly_once -- --records 200000 --kill-every-ms 1500`
+//! Run: `cargo run --release --example streaming_exactly_once -- --records 3000000 --kill-every-ms 800`
 //!
 //! The last stdout line is one JSON object:
 //! `{"records":N,"keys":K,"kills":k,"checkpoints":c,"lost":0,"duplicated":0,"matches_reference":true,"events_per_s":...}`.

@@ -85,6 +85,9 @@ pub struct JobReport {
     pub restored_from: Vec<u64>,
     /// Time from each failure until the next attempt was running.
     pub recovery_ms: Vec<u64>,
+    /// The epoch of the checkpoint the first attempt found in storage and
+    /// restored (a job resumed after its process died), if any.
+    pub resumed_from: Option<u64>,
 }
 
 /// Why a job stopped without finishing.
@@ -211,6 +214,7 @@ impl Coordinator {
                 generation: 0,
                 restored_from: Vec::new(),
                 recovery_ms: Vec::new(),
+                resumed_from: None,
             },
             failed_at: None,
             last_failure: String::new(),
@@ -285,6 +289,8 @@ impl Coordinator {
             }
             if self.generation > 1 {
                 self.report.restored_from.push(restored_epoch);
+            } else if latest.is_some() {
+                self.report.resumed_from = Some(restored_epoch);
             }
             return Ok(Attempt {
                 generation: self.generation,

@@ -274,11 +274,6 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
         let _ = std::fs::remove_dir_all(config.checkpoint_dir.join(&name));
     }
     let storage = CheckpointStorage::local(&config.checkpoint_dir, &name, 2)?;
-    let latest = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(storage.latest())?;
-    shared.status.lock().resumed_from_epoch = latest.map(|m| m.epoch.0);
     let mut job = JobConfig::new(storage);
     job.checkpoint_interval = Duration::from_millis(config.checkpoint_ms.max(1));
     job.max_failures = 5;
@@ -306,6 +301,7 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
     {
         let mut st = shared.status.lock();
         st.failures = report.failures;
+        st.resumed_from_epoch = report.resumed_from;
         st.ps_keys = keys;
         st.ps_bytes_per_key = bytes as f64 / keys.max(1) as f64;
         st.rss_mib = rss_mib();

@@ -66,12 +66,14 @@ fn run(mut config: PipelineConfig, rows: u64, checkpoint_ms: u64) -> Run {
     let models = (0..ps.shards)
         .map(|s| final_model(&ps, s).map_or(0, |m| fnv1a64(&m.0)))
         .collect();
-    let served = Serving::of(&ps).current();
-    let mut serving: Vec<(u64, u32)> = (0..1u64 << 18)
-        .chain([u64::MAX])
-        .map(|k| (k, served.weight(k).to_bits()))
-        .filter(|(_, w)| *w != 0)
-        .collect();
+    let (version, mut serving): (_, Vec<(u64, u32)>) = Serving::of(&ps).read(|served| {
+        let weights = (0..1u64 << 18)
+            .chain([u64::MAX])
+            .map(|k| (k, served.weight(k).to_bits()))
+            .filter(|(_, w)| *w != 0)
+            .collect();
+        (served.version(), weights)
+    });
     serving.sort_unstable();
     assert!(!serving.is_empty());
     let hash = fnv1a64(&bincode_like(&serving));
@@ -81,7 +83,7 @@ fn run(mut config: PipelineConfig, rows: u64, checkpoint_ms: u64) -> Run {
         figures: EvalHandle::of(&ps.name).figures(),
         models,
         serving: hash,
-        version: served.version(),
+        version,
     }
 }
 

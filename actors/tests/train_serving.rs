@@ -1,4 +1,4 @@
-//! The serving model's swap: a reader sees one whole version, never a mix
+//! The serving model's swap: a read sees one whole version, never a mix
 //! of two; with BSP, a version is published only once every shard reached
 //! it.
 
@@ -46,11 +46,11 @@ fn readers_never_see_a_half_applied_delta() {
                 std::thread::spawn(move || {
                     let mut checked = 0u64;
                     while !stop.load(Ordering::Acquire) {
-                        let model = serving.current();
-                        let v = model.version().records as f32;
-                        for &k in &keys {
-                            assert_eq!(model.weight(k), v, "key {k} in version {v}");
-                        }
+                        let (v, torn) = serving.read(|model| {
+                            let v = model.version().records as f32;
+                            (v, keys.iter().find(|&&k| model.weight(k) != v).copied())
+                        });
+                        assert_eq!(torn, None, "a key differs from version {v}");
                         checked += 1;
                         checks.fetch_add(1, Ordering::AcqRel);
                     }
@@ -97,16 +97,35 @@ fn bsp_publishes_a_version_only_when_every_shard_has_it() {
     assert_eq!(serving.swaps(), 0, "shard 1 has not reached version 10");
     serving.apply(delta(1, 10, &[k1], 2.0));
     assert_eq!(serving.swaps(), 1);
-    let m = serving.current();
-    assert_eq!(m.version().records, 10);
-    assert_eq!((m.weight(k0), m.weight(k1)), (1.0, 2.0));
+    let seen = serving.read(|m| (m.version().records, m.weight(k0), m.weight(k1)));
+    assert_eq!(seen, (10, 1.0, 2.0));
     serving.apply(delta(1, 20, &[k1], 3.0));
     serving.apply(delta(1, 30, &[k1], 4.0));
-    assert_eq!(serving.current().weight(k1), 2.0);
+    assert_eq!(serving.read(|m| m.weight(k1)), 2.0);
     serving.apply(delta(0, 20, &[k0], 5.0));
-    assert_eq!(serving.current().version().records, 10);
+    assert_eq!(serving.version().records, 10);
     serving.apply(delta(0, 30, &[k0], 6.0));
-    let m = serving.current();
-    assert_eq!(m.version().records, 30);
-    assert_eq!((m.weight(k0), m.weight(k1)), (6.0, 4.0));
+    let seen = serving.read(|m| (m.version().records, m.weight(k0), m.weight(k1)));
+    assert_eq!(seen, (30, 6.0, 4.0));
+}
+
+#[test]
+fn a_read_that_keeps_overlapping_publishes_is_retried_then_run_under_the_writers_lock() {
+    let serving = Serving::new(&config("retry", 1, Consistency::Asp, Some(12)));
+    let keys: Vec<u64> = (0..100).collect();
+    serving.apply(delta(0, 1, &keys, 1.0));
+    let mut runs = 0u64;
+    let seen = serving.read(|m| {
+        runs += 1;
+        let first = m.weight(0);
+        // Every optimistic run overlaps a publish, as a slow read under a
+        // fast writer would; the run under the writer's lock cannot.
+        if runs <= 4 {
+            serving.apply(delta(0, 1 + runs, &keys, 1.0 + runs as f32));
+        }
+        (m.version().records, first, m.weight(99))
+    });
+    assert_eq!(runs, 5, "four optimistic runs, then one under the lock");
+    assert_eq!(seen, (5, 5.0, 5.0));
+    assert_eq!(serving.swaps(), 5);
 }

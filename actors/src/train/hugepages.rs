@@ -51,6 +51,15 @@ pub(crate) fn filled<T: Copy>(n: usize, value: T) -> Vec<T> {
     v
 }
 
+/// `n` values made by `make` in a buffer advised for huge pages before
+/// it is first written.
+pub(crate) fn filled_with<T>(n: usize, make: impl FnMut() -> T) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    advise(&v);
+    v.resize_with(n, make);
+    v
+}
+
 /// A copy of `items` in a buffer advised for huge pages.
 pub(crate) fn copied<T: Copy>(items: &[T]) -> Vec<T> {
     let mut v = Vec::with_capacity(items.len());
@@ -71,5 +80,14 @@ mod tests {
         let c = copied(&v);
         assert_eq!(c, v);
         assert_eq!(filled(3, 1u8), vec![1, 1, 1]);
+        let mut next = 0;
+        let made = filled_with(3 << 20, || {
+            next += 1;
+            next
+        });
+        assert_eq!(
+            (made.len(), made.first(), made.last()),
+            (3 << 20, Some(&1), Some(&(3 << 20)))
+        );
     }
 }

@@ -4,10 +4,15 @@
 //! * **Refresh**: the shards' [`Delta`]s (changed keys only) reach a
 //!   [`ServingSink`] at the end of the stream, which applies them to a
 //!   [`Serving`] handle registered in the process under the job's name.
-//! * **Atomic swap**: two copies of the model; a delta is applied to the
-//!   idle copy, which then replaces the live one in one pointer swap, and
-//!   the delta is applied to the former live copy once its last reader
-//!   left (left-right). A prediction runs entirely on one version.
+//! * **Atomic swap**: one copy of the weights behind a sequence lock. The
+//!   writer makes the sequence odd, applies the delta in place and makes it
+//!   even again with the new version; a read ([`Serving::read`]) counts only
+//!   if the sequence was the same even number before and after it, and is
+//!   retried otherwise. A prediction thus runs entirely on one version, and
+//!   readers never hold up the writer (the training loop), nor does a
+//!   delta have to be applied twice, as two copies (left-right) would need.
+//!   A reader that keeps losing the race takes the writer's lock for one
+//!   attempt, holding off one refresh.
 //! * **Versions**: with BSP, a version is published only once every shard
 //!   reached it, so a version id always names the same weights; otherwise
 //!   every delta publishes, and the version is the oldest shard's.
@@ -24,42 +29,34 @@ use crate::stream::operator::{Collector, EventTime, Operator};
 use crate::stream::registry;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// Where a version keeps its weights: a dense array over a hashed
-/// feature space (one load per feature, no probing), with the keys outside
-/// it (the bias) in a table; or one table per shard.
-enum Weights {
-    Dense { w: Vec<f32>, extra: ParamTable<f32> },
-    Sharded(Vec<ParamTable<f32>>),
-}
-
-impl Clone for Weights {
-    fn clone(&self) -> Self {
-        match self {
-            Weights::Dense { w, extra } => Weights::Dense {
-                w: super::hugepages::copied(w),
-                extra: extra.clone(),
-            },
-            Weights::Sharded(t) => Weights::Sharded(t.clone()),
-        }
-    }
-}
 
 /// Keys ahead whose dense weights a delta's apply loop prefetches.
 const PREFETCH_DISTANCE: usize = 16;
 
 /// Largest hashed feature space served from a dense array (2^26 weights,
-/// 256 MiB per copy).
+/// 256 MiB).
 pub const MAX_DENSE_BITS: u32 = 26;
 
-/// One immutable version of the serving model.
-#[derive(Clone)]
-pub struct ServedModel {
-    version: ModelVersion,
-    shard_versions: Vec<ModelVersion>,
-    weights: Weights,
+/// Reads tried without the writer's lock before a reader takes it.
+const OPTIMISTIC_READS: usize = 4;
+
+/// Spins a reader waits for a writer in the middle of a delta before it
+/// tries again.
+const WRITER_SPINS: usize = 256;
+
+/// The served weights, one copy, written only by the publisher and read
+/// between two checks of [`Serving`]'s sequence.
+///
+/// A hashed feature space of at most [`MAX_DENSE_BITS`] is a dense array
+/// (one load per feature, no probing); the bias has a slot of its own; any
+/// other key lives in its shard's table (each behind a lock that makes
+/// reading it during a write safe; the sequence makes it consistent).
+struct Weights {
+    dense: Vec<AtomicU32>,
+    bias: AtomicU32,
+    tables: Vec<RwLock<ParamTable<f32>>>,
     ring: ConsistentHash,
     shards: usize,
 }
@@ -73,19 +70,20 @@ fn shard_in(shards: usize, ring: &ConsistentHash, key: u64) -> usize {
     }
 }
 
-impl ServedModel {
+impl Weights {
     fn empty(config: &PsConfig) -> Self {
-        let weights = match config.feature_bits {
-            Some(bits) if bits <= MAX_DENSE_BITS => Weights::Dense {
-                w: super::hugepages::filled(1usize << bits, 0.0),
-                extra: ParamTable::new(),
-            },
-            _ => Weights::Sharded((0..config.shards).map(|_| ParamTable::new()).collect()),
+        let dense = match config.feature_bits {
+            Some(bits) if bits <= MAX_DENSE_BITS => {
+                super::hugepages::filled_with(1usize << bits, || AtomicU32::new(0))
+            }
+            _ => Vec::new(),
         };
         Self {
-            version: ModelVersion::default(),
-            shard_versions: vec![ModelVersion::default(); config.shards],
-            weights,
+            dense,
+            bias: AtomicU32::new(0),
+            tables: (0..config.shards)
+                .map(|_| RwLock::new(ParamTable::new()))
+                .collect(),
             ring: config.ring(),
             shards: config.shards,
         }
@@ -95,17 +93,101 @@ impl ServedModel {
         shard_in(self.shards, &self.ring, key)
     }
 
-    /// Its version.
+    fn dense_slot(&self, key: u64) -> Option<&AtomicU32> {
+        usize::try_from(key).ok().and_then(|i| self.dense.get(i))
+    }
+
+    #[inline]
+    fn get(&self, key: u64) -> f32 {
+        if let Some(x) = self.dense_slot(key) {
+            return f32::from_bits(x.load(Ordering::Relaxed));
+        }
+        if key == BIAS_KEY {
+            return f32::from_bits(self.bias.load(Ordering::Relaxed));
+        }
+        self.tables
+            .get(self.shard_of(key))
+            .and_then(|t| t.read().get(key).copied())
+            .unwrap_or(0.0)
+    }
+
+    fn set(&self, key: u64, w: f32) {
+        if let Some(x) = self.dense_slot(key) {
+            x.store(w.to_bits(), Ordering::Relaxed);
+        } else if key == BIAS_KEY {
+            self.bias.store(w.to_bits(), Ordering::Relaxed);
+        } else if let Some(t) = self.tables.get(self.shard_of(key)) {
+            let mut t = t.write();
+            if w == 0.0 {
+                t.remove(key);
+            } else {
+                t.insert(key, w);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        let nonzero = |x: &AtomicU32| f32::from_bits(x.load(Ordering::Relaxed)) != 0.0;
+        self.dense.iter().filter(|x| nonzero(x)).count()
+            + usize::from(nonzero(&self.bias))
+            + self.tables.iter().map(|t| t.read().len()).sum::<usize>()
+    }
+
+    fn clear_shard(&self, s: usize) {
+        if self.shards == 1 {
+            for x in &self.dense {
+                x.store(0, Ordering::Relaxed);
+            }
+        } else {
+            for (k, x) in self.dense.iter().enumerate() {
+                if x.load(Ordering::Relaxed) != 0 && self.shard_of(k as u64) == s {
+                    x.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+        if self.shard_of(BIAS_KEY) == s {
+            self.bias.store(0, Ordering::Relaxed);
+        }
+        if let Some(t) = self.tables.get(s) {
+            t.write().clear();
+        }
+    }
+
+    fn apply(&self, delta: &Delta) {
+        if delta.full {
+            self.clear_shard(delta.shard as usize);
+        }
+        for (i, (&k, &w)) in delta.keys.iter().zip(&delta.weights).enumerate() {
+            if let Some(x) = delta
+                .keys
+                .get(i + PREFETCH_DISTANCE)
+                .and_then(|&ahead| self.dense_slot(ahead))
+            {
+                prefetch_line(x);
+            }
+            self.set(k, w);
+        }
+    }
+}
+
+/// The serving model as one read sees it: every weight and the version
+/// from the same publish.
+pub struct ServedView<'a> {
+    serving: &'a Serving,
+}
+
+impl ServedView<'_> {
+    /// The version.
     pub fn version(&self) -> ModelVersion {
-        self.version
+        ModelVersion {
+            epoch: self.serving.epoch.load(Ordering::Relaxed),
+            records: self.serving.records.load(Ordering::Relaxed),
+        }
     }
 
     /// Keys with a non-zero weight.
     pub fn len(&self) -> usize {
-        match &self.weights {
-            Weights::Dense { w, extra } => w.iter().filter(|x| **x != 0.0).count() + extra.len(),
-            Weights::Sharded(t) => t.iter().map(ParamTable::len).sum(),
-        }
+        self.serving.weights.len()
     }
 
     /// Whether every weight is 0.
@@ -116,17 +198,7 @@ impl ServedModel {
     /// The weight of `key` (0 if absent).
     #[inline]
     pub fn weight(&self, key: u64) -> f32 {
-        match &self.weights {
-            Weights::Dense { w, extra } => match w.get(key as usize) {
-                Some(x) if key < w.len() as u64 => *x,
-                _ => extra.get(key).copied().unwrap_or(0.0),
-            },
-            Weights::Sharded(t) => t
-                .get(self.shard_of(key))
-                .and_then(|t| t.get(key))
-                .copied()
-                .unwrap_or(0.0),
-        }
+        self.serving.weights.get(key)
     }
 
     /// The click probability of a row.
@@ -136,79 +208,6 @@ impl ServedModel {
             m += self.weight(k) * values.map_or(1.0, |v| v.get(i).copied().unwrap_or(0.0));
         }
         sigmoid(m)
-    }
-
-    fn clear_shard(&mut self, s: usize) {
-        let shards = self.shards;
-        let ring = self.ring.clone();
-        let of = |k: u64| shard_in(shards, &ring, k) == s;
-        match &mut self.weights {
-            Weights::Dense { w, extra } => {
-                for (k, x) in w.iter_mut().enumerate() {
-                    if *x != 0.0 && of(k as u64) {
-                        *x = 0.0;
-                    }
-                }
-                extra.retain(|k, _| !of(k));
-            }
-            Weights::Sharded(t) => {
-                if let Some(t) = t.get_mut(s) {
-                    t.clear();
-                }
-            }
-        }
-    }
-
-    fn apply(&mut self, delta: &Delta) {
-        let s = delta.shard as usize;
-        if s >= self.shards {
-            return;
-        }
-        if delta.full {
-            self.clear_shard(s);
-        }
-        match &mut self.weights {
-            Weights::Dense { w: dense, extra } => {
-                for (i, (&k, &w)) in delta.keys.iter().zip(&delta.weights).enumerate() {
-                    if let Some(x) = delta
-                        .keys
-                        .get(i + PREFETCH_DISTANCE)
-                        .and_then(|&ahead| dense.get(ahead as usize))
-                    {
-                        prefetch_line(x);
-                    }
-                    match dense.get_mut(k as usize) {
-                        Some(x) => *x = w,
-                        None if w == 0.0 => {
-                            extra.remove(k);
-                        }
-                        None => {
-                            extra.insert(k, w);
-                        }
-                    }
-                }
-            }
-            Weights::Sharded(tables) => {
-                for (&k, &w) in delta.keys.iter().zip(&delta.weights) {
-                    if let Some(t) = tables.get_mut(shard_in(self.shards, &self.ring, k)) {
-                        if w == 0.0 {
-                            t.remove(k);
-                        } else {
-                            t.insert(k, w);
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(v) = self.shard_versions.get_mut(s) {
-            *v = delta.version;
-        }
-        self.version = self
-            .shard_versions
-            .iter()
-            .copied()
-            .min()
-            .unwrap_or_default();
     }
 }
 
@@ -227,15 +226,20 @@ struct Tracking {
 }
 
 struct Writer {
-    standby: Option<Arc<ServedModel>>,
-    log: Vec<Arc<Delta>>,
-    synced: Vec<Option<Arc<Delta>>>,
+    /// Each shard's version in the served weights.
+    shard_versions: Vec<ModelVersion>,
+    /// BSP: each shard's deltas since the last publish, merged.
+    synced: Vec<Option<Delta>>,
 }
 
 /// The serving model, shared by the stream's serving sink (which
 /// refreshes it) and whoever asks for predictions.
 pub struct Serving {
-    live: RwLock<Arc<ServedModel>>,
+    weights: Weights,
+    /// Odd while a publish is writing the weights.
+    seq: AtomicU64,
+    epoch: AtomicU64,
+    records: AtomicU64,
     writer: Mutex<Writer>,
     tracking: Mutex<Tracking>,
     has_unserved: AtomicBool,
@@ -254,12 +258,13 @@ pub struct Serving {
 impl Serving {
     /// An empty model for the shards of `config`.
     pub fn new(config: &PsConfig) -> Self {
-        let empty = ServedModel::empty(config);
         Self {
-            live: RwLock::new(Arc::new(empty.clone())),
+            weights: Weights::empty(config),
+            seq: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            records: AtomicU64::new(0),
             writer: Mutex::new(Writer {
-                standby: Some(Arc::new(empty)),
-                log: Vec::new(),
+                shard_versions: vec![ModelVersion::default(); config.shards],
                 synced: vec![None; config.shards],
             }),
             tracking: Mutex::new(Tracking::default()),
@@ -282,14 +287,35 @@ impl Serving {
         }
     }
 
-    /// The live version (a reader keeps it alive while it holds it).
-    pub fn current(&self) -> Arc<ServedModel> {
-        self.live.read().clone()
+    /// Runs `read` on one published version and returns what it returned.
+    ///
+    /// `read` may run more than once: a run that overlapped a publish is
+    /// discarded (what it saw may mix two versions) and retried, so it
+    /// should only compute from the view. Only the returned run's result
+    /// is guaranteed to come from one version.
+    pub fn read<R>(&self, mut read: impl FnMut(&ServedView<'_>) -> R) -> R {
+        let view = ServedView { serving: self };
+        for _ in 0..OPTIMISTIC_READS {
+            let before = self.seq.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                for _ in 0..WRITER_SPINS {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            let result = read(&view);
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == before {
+                return result;
+            }
+        }
+        let _writer = self.writer.lock();
+        read(&view)
     }
 
     /// The live version's id.
     pub fn version(&self) -> ModelVersion {
-        self.live.read().version
+        self.read(|m| m.version())
     }
 
     /// How many versions were published.
@@ -303,13 +329,15 @@ impl Serving {
         &self,
         rows: impl IntoIterator<Item = (&'a [u64], Option<&'a [f32]>)>,
     ) -> (ModelVersion, Vec<f32>) {
-        let model = self.current();
-        let out: Vec<f32> = rows
-            .into_iter()
-            .map(|(ids, v)| model.predict(ids, v))
-            .collect();
-        self.note_served(model.version);
-        (model.version, out)
+        let rows: Vec<(&[u64], Option<&[f32]>)> = rows.into_iter().collect();
+        let mut out = Vec::with_capacity(rows.len());
+        let version = self.read(|model| {
+            out.clear();
+            out.extend(rows.iter().map(|&(ids, v)| model.predict(ids, v)));
+            model.version()
+        });
+        self.note_served(version);
+        (version, out)
     }
 
     /// The job's source reached the end of its input after `rows` rows.
@@ -365,14 +393,13 @@ impl Serving {
 
     /// Applies a shard's delta and publishes the result.
     pub fn apply(&self, delta: Delta) {
-        let delta = Arc::new(delta);
         let mut w = self.writer.lock();
         if self.sync_versions {
             let s = delta.shard as usize;
             if let Some(slot) = w.synced.get_mut(s) {
                 let merged = match slot.take() {
-                    Some(prev) if !delta.full => Arc::new(merge(&prev, &delta)),
-                    _ => delta.clone(),
+                    Some(prev) if !delta.full => merge(&prev, &delta),
+                    _ => delta,
                 };
                 *slot = Some(merged);
             }
@@ -385,35 +412,30 @@ impl Serving {
             if !all_same {
                 return;
             }
-            let deltas: Vec<Arc<Delta>> = w.synced.iter_mut().filter_map(Option::take).collect();
-            self.publish(&mut w, deltas);
-        } else {
-            self.publish(&mut w, vec![delta]);
+            let deltas: Vec<Delta> = w.synced.iter_mut().filter_map(Option::take).collect();
+            self.publish(&mut w, &deltas);
+        } else if (delta.shard as usize) < self.shards {
+            self.publish(&mut w, std::slice::from_ref(&delta));
         }
     }
 
-    fn publish(&self, w: &mut Writer, deltas: Vec<Arc<Delta>>) {
-        let Some(mut standby) = w.standby.take() else {
-            return;
-        };
-        let model = loop {
-            match Arc::get_mut(&mut standby) {
-                Some(m) => break m,
-                None => std::thread::yield_now(),
+    fn publish(&self, w: &mut Writer, deltas: &[Delta]) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        for d in deltas {
+            self.weights.apply(d);
+            if let Some(v) = w.shard_versions.get_mut(d.shard as usize) {
+                *v = d.version;
             }
-        };
-        for d in w.log.drain(..) {
-            model.apply(&d);
         }
-        for d in &deltas {
-            model.apply(d);
-        }
-        let old = std::mem::replace(&mut *self.live.write(), standby);
-        w.standby = Some(old);
-        w.log = deltas.clone();
+        let version = w.shard_versions.iter().copied().min().unwrap_or_default();
+        self.epoch.store(version.epoch, Ordering::Relaxed);
+        self.records.store(version.records, Ordering::Relaxed);
+        self.seq.store(seq + 2, Ordering::Release);
         self.swaps.fetch_add(1, Ordering::Relaxed);
         let mut t = self.tracking.lock();
-        for d in &deltas {
+        for d in deltas {
             if d.full {
                 t.applied.clear();
             }

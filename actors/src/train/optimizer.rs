@@ -143,17 +143,68 @@ fn non_negative(name: &'static str, value: f32) -> Result<(), ParamsError> {
     }
 }
 
+/// A key's state as a prediction read it, with what the read computed:
+/// the weight and, for FTRL, `√n`. The key's update reuses them while its
+/// state is still those bits (a key repeated in a row changed in between),
+/// so the result is bit for bit that of reading the state again.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    state: KeyState,
+    weight: f32,
+    sqrt_n: f32,
+}
+
+impl Seen {
+    /// Whether `s` is still the state that was read.
+    #[inline]
+    fn holds(&self, s: &KeyState) -> bool {
+        s[0].to_bits() == self.state[0].to_bits() && s[1].to_bits() == self.state[1].to_bits()
+    }
+}
+
+/// What an update leaves that a key's new weight is computed from (FTRL:
+/// `z` and `√n`; SGD and AdaGrad: the weight itself, in `a`). Turning a
+/// list of them into weights afterwards ([`weights_of`]) is a loop the
+/// compiler vectorizes, where a division per update inside the training
+/// loop would sit on its critical path. The weight is bit for bit that of
+/// the updated state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Fresh {
+    a: f32,
+    b: f32,
+}
+
 /// One optimizer's per-key rule, monomorphized into the row loops so the
 /// hot path carries no per-feature dispatch. For every rule a zero gradient
 /// is a no-op and the default state has weight 0.
 trait Rule: Copy {
     fn weight(self, s: &KeyState) -> f32;
     fn apply(self, s: &mut KeyState, g: f32);
-    /// [`Rule::apply`], then the new weight (bit for bit `weight(s)`).
+    /// Reads a key for a prediction: its weight, and what its update can
+    /// reuse.
     #[inline]
-    fn apply_weight(self, s: &mut KeyState, g: f32) -> f32 {
+    fn see(self, s: &KeyState) -> Seen {
+        Seen {
+            state: *s,
+            weight: self.weight(s),
+            sqrt_n: 0.0,
+        }
+    }
+    /// [`Rule::apply`] to a key read as `seen`; what its new weight needs.
+    #[inline]
+    fn apply_seen(self, s: &mut KeyState, g: f32, _seen: &Seen) -> Fresh {
         self.apply(s, g);
-        self.weight(s)
+        Fresh {
+            a: self.weight(s),
+            b: 0.0,
+        }
+    }
+    /// The weights updates left, into `out` (as long as `fresh`).
+    #[inline]
+    fn weights_of(self, fresh: &[Fresh], out: &mut [f32]) {
+        for (w, f) in out.iter_mut().zip(fresh) {
+            *w = f.a;
+        }
     }
 }
 
@@ -164,7 +215,34 @@ impl FtrlParams {
         if z.abs() <= self.l1 {
             0.0
         } else {
-            -(z - z.signum() * self.l1) / ((self.beta + sqrt_n) / self.alpha + self.l2)
+            -(z - self.l1.copysign(z)) / ((self.beta + sqrt_n) / self.alpha + self.l2)
+        }
+    }
+
+    /// [`FtrlParams::weight_from`] of each `fresh` into `out`, written
+    /// without branches so that it vectorizes: `l1.copysign(z)` is
+    /// `signum(z)·l1` (λ1 ≥ 0), and both sides of the choice are computed.
+    fn weights_from(self, fresh: &[Fresh], out: &mut [f32]) {
+        for (w, f) in out.iter_mut().zip(fresh) {
+            let z = f.a;
+            let v = -(z - self.l1.copysign(z)) / ((self.beta + f.b) / self.alpha + self.l2);
+            *w = if z.abs() <= self.l1 { 0.0 } else { v };
+        }
+    }
+
+    /// McMahan et al.'s update of `s` by gradient `g`, given the weight `w`
+    /// and `√n` of `s`.
+    #[inline]
+    fn update(self, s: &mut KeyState, g: f32, w: f32, sqrt_n: f32) -> Fresh {
+        let [z, n] = *s;
+        let n_new = n + g * g;
+        let sqrt_n_new = n_new.sqrt();
+        let sigma = (sqrt_n_new - sqrt_n) / self.alpha;
+        let z_new = z + g - sigma * w;
+        *s = [z_new, n_new];
+        Fresh {
+            a: z_new,
+            b: sqrt_n_new,
         }
     }
 
@@ -185,21 +263,35 @@ impl Rule for FtrlParams {
 
     #[inline]
     fn apply(self, s: &mut KeyState, g: f32) {
-        self.apply_weight(s, g);
+        let sqrt_n = s[1].sqrt();
+        let w = self.weight_from(s[0], sqrt_n);
+        self.update(s, g, w, sqrt_n);
     }
 
-    /// The new weight from the `√n` the update computed anyway.
     #[inline]
-    fn apply_weight(self, s: &mut KeyState, g: f32) -> f32 {
-        let [z, n] = *s;
-        let sqrt_n = n.sqrt();
-        let w = self.weight_from(z, sqrt_n);
-        let n_new = n + g * g;
-        let sqrt_n_new = n_new.sqrt();
-        let sigma = (sqrt_n_new - sqrt_n) / self.alpha;
-        let z_new = z + g - sigma * w;
-        *s = [z_new, n_new];
-        self.weight_from(z_new, sqrt_n_new)
+    fn see(self, s: &KeyState) -> Seen {
+        let sqrt_n = s[1].sqrt();
+        Seen {
+            state: *s,
+            weight: self.weight_from(s[0], sqrt_n),
+            sqrt_n,
+        }
+    }
+
+    #[inline]
+    fn apply_seen(self, s: &mut KeyState, g: f32, seen: &Seen) -> Fresh {
+        if seen.holds(s) {
+            self.update(s, g, seen.weight, seen.sqrt_n)
+        } else {
+            let sqrt_n = s[1].sqrt();
+            let w = self.weight_from(s[0], sqrt_n);
+            self.update(s, g, w, sqrt_n)
+        }
+    }
+
+    #[inline]
+    fn weights_of(self, fresh: &[Fresh], out: &mut [f32]) {
+        self.weights_from(fresh, out);
     }
 }
 
@@ -261,6 +353,16 @@ macro_rules! with_rule {
             }
         }
     };
+}
+
+/// Appends the weights `fresh` leaves under `kind`, in order.
+pub(crate) fn weights_of(kind: OptimizerKind, fresh: &[Fresh], out: &mut Vec<f32>) {
+    fn run<R: Rule>(r: R, fresh: &[Fresh], out: &mut Vec<f32>) {
+        let start = out.len();
+        out.resize(start + fresh.len(), 0.0);
+        r.weights_of(fresh, &mut out[start..]);
+    }
+    with_rule!(kind, r => run(r, fresh, out));
 }
 
 impl OptimizerKind {
@@ -390,7 +492,7 @@ fn margin_with<R: Rule>(
 fn learn_with<R: Rule>(
     r: R,
     table: &mut ParamTable<KeyState>,
-    scratch: &mut Vec<(SlotRef, f32)>,
+    scratch: &mut Vec<(SlotRef, f32, Seen)>,
     bias: Option<u64>,
     features: &[u64],
     values: Option<&[f32]>,
@@ -405,8 +507,9 @@ fn learn_with<R: Rule>(
         None => {
             for &k in features {
                 let at = table.locate_or_insert(k);
-                m += r.weight(&table.state(at));
-                scratch.push((at, 1.0));
+                let seen = r.see(&table.state(at));
+                m += seen.weight;
+                scratch.push((at, 1.0, seen));
             }
         }
         Some(values) => {
@@ -414,24 +517,28 @@ fn learn_with<R: Rule>(
                 // A zero value has a zero gradient: nothing to read or insert.
                 if x != 0.0 {
                     let at = table.locate_or_insert(k);
-                    m += r.weight(&table.state(at)) * x;
-                    scratch.push((at, x));
+                    let seen = r.see(&table.state(at));
+                    m += seen.weight * x;
+                    scratch.push((at, x, seen));
                 }
             }
         }
     }
-    let bias_at = bias.map(|b| table.locate_or_insert(b));
-    if let Some(at) = bias_at {
-        m += r.weight(&table.state(at));
+    let bias_at = bias.map(|b| {
+        let at = table.locate_or_insert(b);
+        (at, r.see(&table.state(at)))
+    });
+    if let Some((_, seen)) = &bias_at {
+        m += seen.weight;
     }
     let p = sigmoid(m);
     let d = p - label;
     if d != 0.0 {
-        for &(at, x) in scratch.iter() {
-            r.apply(table.state_mut(at), d * x);
+        for (at, x, seen) in scratch.iter() {
+            r.apply_seen(table.state_mut(*at), d * x, seen);
         }
-        if let Some(at) = bias_at {
-            r.apply(table.state_mut(at), d);
+        if let Some((at, seen)) = &bias_at {
+            r.apply_seen(table.state_mut(*at), d, seen);
         }
     }
     p
@@ -439,14 +546,14 @@ fn learn_with<R: Rule>(
 
 /// [`learn_with`] over a model split into shards: `shard_of` picks each
 /// key's table. Every key of the row (then `bias`, value 1) is probed once;
-/// each one updated is reported to `touch` with its shard and new weight.
+/// each one updated is reported to `touch` with its shard and [`Fresh`] state.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-fn learn_sharded_with<R: Rule, T: FnMut(usize, u64, f32)>(
+fn learn_sharded_with<R: Rule, T: FnMut(usize, u64, Fresh)>(
     r: R,
     tables: &mut [&mut ParamTable<KeyState>],
     shard_of: &dyn Fn(u64) -> usize,
-    scratch: &mut Vec<(u32, u64, SlotRef, f32)>,
+    scratch: &mut Vec<(u32, u64, SlotRef, f32, Seen)>,
     touch: &mut T,
     bias: u64,
     features: &[u64],
@@ -465,16 +572,17 @@ fn learn_sharded_with<R: Rule, T: FnMut(usize, u64, f32)>(
             let s = if tables.len() == 1 { 0 } else { shard_of(k) };
             let t = &mut tables[s];
             let at = t.locate_or_insert(k);
-            m += r.weight(&t.state(at)) * x;
-            scratch.push((s as u32, k, at, x));
+            let seen = r.see(&t.state(at));
+            m += seen.weight * x;
+            scratch.push((s as u32, k, at, x, seen));
         }
     }
     let p = sigmoid(m);
     let d = p - label;
     if d != 0.0 {
-        for &(s, k, at, x) in scratch.iter() {
-            let w = r.apply_weight(tables[s as usize].state_mut(at), d * x);
-            touch(s as usize, k, w);
+        for (s, k, at, x, seen) in scratch.iter() {
+            let fresh = r.apply_seen(tables[*s as usize].state_mut(*at), d * x, seen);
+            touch(*s as usize, *k, fresh);
         }
     }
     p
@@ -484,16 +592,17 @@ fn learn_sharded_with<R: Rule, T: FnMut(usize, u64, f32)>(
 /// predict (progressive validation), then apply `(p − y)·xᵢ` to every
 /// feature and `p − y` to `bias` in its shard's table (`shard_of`), once
 /// per occurrence. The same updates as [`Model::learn`] on one table.
-/// `predictions` gets each row's prediction; `touch(shard, key, weight)`
-/// sees every update, in order (bias last in each row), with the key's
-/// weight after it. The models' own bias keys are not used.
+/// `predictions` gets each row's prediction; `touch(shard, key, fresh)`
+/// sees every update, in order (bias last in each row), with what the
+/// key's new weight is computed from ([`weights_of`]). The models' own bias
+/// keys are not used.
 pub(crate) fn learn_sharded(
     models: &mut [&mut Model],
     shard_of: &dyn Fn(u64) -> usize,
     bias: u64,
     rows: super::data::FeatureBatchRef<'_>,
     predictions: &mut Vec<f32>,
-    mut touch: impl FnMut(usize, u64, f32),
+    mut touch: impl FnMut(usize, u64, Fresh),
 ) -> Result<(), RowError> {
     let Some(kind) = models.first().map(|m| m.kind) else {
         return Ok(());
@@ -576,7 +685,7 @@ pub struct Model {
     table: ParamTable<KeyState>,
     bias: Option<u64>,
     /// The slots of the row being learned (reused: no allocation per row).
-    scratch: Vec<(SlotRef, f32)>,
+    scratch: Vec<(SlotRef, f32, Seen)>,
 }
 
 impl Clone for Model {
@@ -867,5 +976,109 @@ impl Model {
         let bias = (header[22] != 0).then_some(u64::from_le_bytes(key));
         let table = ParamTable::from_bytes(&bytes[MODEL_HEADER_LEN..])?;
         Ok(Self::from_parts(kind, table, bias)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(s: KeyState) -> [u32; 2] {
+        [s[0].to_bits(), s[1].to_bits()]
+    }
+
+    /// States and gradients across FTRL's branches: z inside and outside
+    /// [−λ1, λ1], n from 0 up, gradients of both signs and zero.
+    fn cases() -> Vec<(KeyState, f32)> {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let mut cases = vec![([0.0, 0.0], 0.5), ([0.0, 0.0], 0.0), ([-0.0, 1.0], -0.25)];
+        for _ in 0..500 {
+            let z = (next() - 0.5) * 4.0;
+            let n = next() * next() * 50.0;
+            let g = next() - 0.5;
+            cases.push(([z, n], g));
+        }
+        cases
+    }
+
+    #[test]
+    fn an_update_from_its_read_is_bit_for_bit_one_that_reads_again_and_so_are_its_weights() {
+        let ftrl = |l1, l2| FtrlParams {
+            alpha: 0.1,
+            beta: 1.0,
+            l1,
+            l2,
+        };
+        for params in [ftrl(0.0, 0.0), ftrl(0.3, 1.0)] {
+            let (mut fresh, mut want) = (Vec::new(), Vec::new());
+            for (s0, g) in cases() {
+                let mut reread = s0;
+                params.apply(&mut reread, g);
+                let mut reused = s0;
+                let seen = params.see(&reused);
+                assert_eq!(seen.weight.to_bits(), params.weight(&s0).to_bits());
+                fresh.push(params.apply_seen(&mut reused, g, &seen));
+                assert_eq!(bits(reused), bits(reread), "{s0:?} by {g}");
+                want.push(params.weight(&reused).to_bits());
+                // A read of another state is not reused.
+                let mut stale = s0;
+                let other = params.see(&[s0[0] + 1.0, s0[1] + 1.0]);
+                params.apply_seen(&mut stale, g, &other);
+                assert_eq!(bits(stale), bits(reread));
+            }
+            let mut got = vec![f32::NAN];
+            weights_of(OptimizerKind::Ftrl(params), &fresh, &mut got);
+            assert!(got[0].is_nan(), "appends after what the list held");
+            let got: Vec<u32> = got[1..].iter().map(|w| w.to_bits()).collect();
+            assert_eq!(got, want);
+        }
+        for kind in [
+            OptimizerKind::Sgd { lr: 0.1 },
+            OptimizerKind::AdaGrad { lr: 0.1, eps: 1e-6 },
+        ] {
+            let mut model = Model::new(kind).unwrap_or_else(|e| panic!("{e}"));
+            model
+                .learn(&[3, 9], None, 1.0)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let states: Vec<KeyState> = [3, 9]
+                .iter()
+                .filter_map(|k| model.table().get(*k).copied())
+                .collect();
+            let fresh: Vec<Fresh> = states.iter().map(|s| Fresh { a: s[0], b: s[1] }).collect();
+            let mut got = Vec::new();
+            weights_of(kind, &fresh, &mut got);
+            assert_eq!(got, vec![states[0][0], states[1][0]]);
+        }
+    }
+
+    #[test]
+    fn a_key_repeated_in_a_row_is_updated_twice_from_its_state_at_each_update() {
+        let p = FtrlParams {
+            alpha: 0.1,
+            beta: 1.0,
+            l1: 0.0,
+            l2: 0.0,
+        };
+        let mut model = Model::new(OptimizerKind::Ftrl(p)).unwrap_or_else(|e| panic!("{e}"));
+        model
+            .learn(&[7], None, 1.0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let before = model.table().get(7).copied().unwrap_or_default();
+        let bias = model.table().get(BIAS_KEY).copied().unwrap_or_default();
+        let got = model
+            .learn(&[7, 7], None, 0.0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let want = sigmoid(2.0 * p.weight(&before) + p.weight(&bias));
+        assert_eq!(got.to_bits(), want.to_bits());
+        let mut s = before;
+        p.apply(&mut s, want);
+        p.apply(&mut s, want);
+        assert_eq!(model.table().get(7).copied().map(bits), Some(bits(s)));
     }
 }

@@ -23,7 +23,9 @@
 //!   eviction above a capacity are hooks a shard runs on its table.
 
 use super::data::FeatureBatch;
-use super::optimizer::{learn_sharded, Model, OptimizerKind, PushError, BIAS_KEY};
+use super::optimizer::{
+    learn_sharded, weights_of, Fresh, Model, OptimizerKind, PushError, BIAS_KEY,
+};
 use super::sharding::ConsistentHash;
 use super::table::{prefetch_line, ParamTable, SlotRef};
 use crate::stream::context::TaskContext;
@@ -578,31 +580,33 @@ impl DirtyKeys {
     }
 }
 
-/// The weights the chained training loop left behind, in update order: a
-/// serving delta without a second lookup per key. A key may repeat (the
-/// last entry holds its weight), which costs serving a cached store,
-/// where keeping the keys distinct would cost a bitmap test per update;
-/// the bias, updated every row, is kept once. Past [`COMPACT_AT`] entries
-/// they move to the [`DirtyKeys`], which pulls their weights at the delta.
+/// The updates the chained training loop made, in update order, as what
+/// each key's new weight is computed from ([`Fresh`]): a serving delta
+/// without a second lookup per key, whose weights are computed in one
+/// vectorized pass when it is sent. A key may repeat (the last entry holds
+/// its weight), which costs serving a cached store, where keeping the keys
+/// distinct would cost a bitmap test per update; the bias, updated every
+/// row, is kept once. Past [`COMPACT_AT`] entries they move to the
+/// [`DirtyKeys`], which pulls their weights at the delta.
 #[derive(Default)]
 struct FreshWeights {
     keys: Vec<u64>,
-    weights: Vec<f32>,
-    bias: Option<f32>,
+    fresh: Vec<Fresh>,
+    bias: Option<Fresh>,
 }
 
 impl FreshWeights {
     #[inline]
-    fn note(&mut self, key: u64, weight: f32, dirty: &mut DirtyKeys) {
+    fn note(&mut self, key: u64, fresh: Fresh, dirty: &mut DirtyKeys) {
         if key == BIAS_KEY {
-            self.bias = Some(weight);
+            self.bias = Some(fresh);
             return;
         }
         if self.keys.len() >= COMPACT_AT {
             self.move_to(dirty);
         }
         self.keys.push(key);
-        self.weights.push(weight);
+        self.fresh.push(fresh);
     }
 
     /// Hands the keys to `dirty` (their weights are pulled later).
@@ -612,25 +616,28 @@ impl FreshWeights {
             dirty.add_one(BIAS_KEY);
         }
         self.keys.clear();
-        self.weights.clear();
+        self.fresh.clear();
     }
 
-    /// The keys and weights, the bias last; the next delta's lists start
-    /// with this one's room, so a steady stream does not regrow them.
-    fn take(&mut self) -> (Vec<u64>, Vec<f32>) {
+    /// The keys and their weights under `kind`, the bias last; the next
+    /// delta's key list starts with this one's room, so a steady stream
+    /// does not regrow it.
+    fn take(&mut self, kind: OptimizerKind) -> (Vec<u64>, Vec<f32>) {
         let room = self.keys.len() + 1;
         let mut keys = std::mem::replace(&mut self.keys, Vec::with_capacity(room));
-        let mut weights = std::mem::replace(&mut self.weights, Vec::with_capacity(room));
-        if let Some(w) = self.bias.take() {
+        let mut weights = Vec::with_capacity(room);
+        weights_of(kind, &self.fresh, &mut weights);
+        self.fresh.clear();
+        if let Some(b) = self.bias.take() {
             keys.push(BIAS_KEY);
-            weights.push(w);
+            weights_of(kind, &[b], &mut weights);
         }
         (keys, weights)
     }
 
     fn clear(&mut self) {
         self.keys.clear();
-        self.weights.clear();
+        self.fresh.clear();
         self.bias = None;
     }
 }
@@ -852,7 +859,7 @@ impl ShardOperator {
             state.model.pull(&keys, &mut weights);
             (keys, weights)
         } else if self.dirty.is_empty() {
-            self.fresh.take()
+            self.fresh.take(state.model.kind())
         } else {
             self.fresh.move_to(&mut self.dirty);
             let keys = self.dirty.take();

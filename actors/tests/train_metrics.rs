@@ -299,6 +299,26 @@ proptest! {
     }
 
     #[test]
+    fn recording_a_batch_is_recording_each_row(
+        rows in rows_of(prediction(), 600),
+        window in 0usize..100,
+        cut in 0usize..600,
+    ) {
+        let cut = cut.min(rows.len());
+        let one_by_one = feed(&rows, window);
+        let mut batched = Progressive::new(window);
+        for part in [&rows[..cut], &rows[cut..]] {
+            let (labels, predictions): (Vec<f32>, Vec<f32>) = part.iter().copied().unzip();
+            batched.record_all(&labels, &predictions);
+        }
+        prop_assert_eq!(one_by_one.snapshot(), batched.snapshot());
+        prop_assert!(same(one_by_one.logloss(), batched.logloss()));
+        prop_assert!(same(one_by_one.auc(), batched.auc()));
+        prop_assert!(same(one_by_one.window_logloss(), batched.window_logloss()));
+        prop_assert!(same(one_by_one.window_auc(), batched.window_auc()));
+    }
+
+    #[test]
     fn snapshot_round_trip_continues_identically(
         rows in rows_of(prediction(), 600),
         window in 0usize..100,

@@ -64,7 +64,7 @@ fn run(mut config: PipelineConfig, rows: u64, checkpoint_ms: u64) -> Run {
     let report =
         local::run(&Plan::new(env.into_graph()), job).unwrap_or_else(|e| panic!("run: {e}"));
     let models = (0..ps.shards)
-        .map(|s| final_model(&ps, s).map_or(0, |m| fnv1a64(&m.0)))
+        .map(|s| final_model(&ps, s).map_or(0, |m| fnv1a64(&m.0.to_bytes())))
         .collect();
     let (version, mut serving): (_, Vec<(u64, u32)>) = Serving::of(&ps).read(|served| {
         let weights = (0..1u64 << 18)

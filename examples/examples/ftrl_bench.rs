@@ -84,11 +84,13 @@ fn main() -> anyhow::Result<()> {
         let mut model = Model::with_capacity(ftrl, rows as usize)?;
         let mut metrics = Progressive::new(10_000);
         let started = Instant::now();
+        let mut scores = Vec::with_capacity(4096);
         for batch in &batches {
+            scores.clear();
             for (label, ids, values) in batch.iter() {
-                let p = model.learn(ids, values, label)?;
-                metrics.record(label, p);
+                scores.push(model.learn(ids, values, label)?);
             }
+            metrics.record_all(batch.labels(), &scores);
         }
         let learn_s = started.elapsed().as_secs_f64();
         parse_rates.push(rows as f64 / parse_s);

@@ -159,11 +159,12 @@ impl EvalSink {
                 file.resumed = false;
             }
         }
-        for (i, (&y, &p)) in scored.labels.iter().zip(&scored.predictions).enumerate() {
-            self.progressive.record(y, p);
-            let row = scored.first_row + i as u64;
-            if let Some(file) = predictions.as_mut() {
-                if row == file.written {
+        self.progressive
+            .record_all(&scored.labels, &scored.predictions);
+        if let Some(file) = predictions.as_mut() {
+            let rows = scored.labels.len();
+            for (i, &p) in scored.predictions.iter().take(rows).enumerate() {
+                if scored.first_row + i as u64 == file.written {
                     use std::fmt::Write as _;
                     self.line.clear();
                     let _ = writeln!(self.line, "{p:.6}");

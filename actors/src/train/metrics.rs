@@ -74,6 +74,7 @@
 //! assert!((lat.quantile(0.99) - 40.0).abs() <= 0.4);
 //! ```
 
+use super::table::prefetch_line;
 use std::fmt;
 use std::time::Duration;
 
@@ -207,6 +208,14 @@ impl<C: Counter> ClassBins<C> {
         }
     }
 
+    fn get(&self, bin: usize, positive: bool) -> Option<&C> {
+        if positive {
+            self.pos.get(bin)
+        } else {
+            self.neg.get(bin)
+        }
+    }
+
     fn slot(&mut self, bin: usize, positive: bool) -> Option<&mut C> {
         if positive {
             self.pos.get_mut(bin)
@@ -301,6 +310,46 @@ impl Progressive {
             } else {
                 ClassBins::new()
             },
+        }
+    }
+
+    /// [`Progressive::record`] of each `(labels[i], predictions[i])`, in
+    /// order. The histogram slots rows a few ahead will count in are
+    /// prefetched, so that their cache misses overlap instead of each
+    /// stalling its row.
+    pub fn record_all(&mut self, labels: &[f32], predictions: &[f32]) {
+        const AHEAD: usize = 8;
+        for (i, (&y, &p)) in labels.iter().zip(predictions).enumerate() {
+            if let (Some(&y_ahead), Some(&p_ahead)) =
+                (labels.get(i + AHEAD), predictions.get(i + AHEAD))
+            {
+                self.prefetch(y_ahead, p_ahead, AHEAD);
+            }
+            self.record(y, p);
+        }
+    }
+
+    /// Prefetches the slots the row `ahead` rows on (`label`, `p`) will
+    /// update.
+    fn prefetch(&self, label: f32, p: f32, ahead: usize) {
+        let positive = label >= 0.5;
+        let bin = auc_bin(f64::from(sanitize(p)).clamp(CLIP_EPS, 1.0 - CLIP_EPS));
+        if let Some(slot) = self.bins.get(bin, positive) {
+            prefetch_line(slot);
+        }
+        if self.window == 0 {
+            return;
+        }
+        if let Some(slot) = self.window_bins.get(bin, positive) {
+            prefetch_line(slot);
+        }
+        if self.recent.len() == self.window {
+            if let Some(&old) = self.recent.get((self.head + ahead) % self.window) {
+                let (old_positive, old_p) = unpack(old);
+                if let Some(slot) = self.window_bins.get(auc_bin(old_p), old_positive) {
+                    prefetch_line(slot);
+                }
+            }
         }
     }
 

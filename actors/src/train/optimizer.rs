@@ -923,9 +923,14 @@ impl Model {
         out
     }
 
+    /// The length of [`Model::to_bytes`]'s encoding.
+    pub fn encoded_len(&self) -> usize {
+        MODEL_HEADER_LEN + self.table.encoded_len()
+    }
+
     /// Appends [`Model::to_bytes`]'s encoding to `out`.
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        out.reserve(MODEL_HEADER_LEN + self.table.encoded_len());
+        out.reserve(self.encoded_len());
         out.extend_from_slice(&MODEL_MAGIC);
         out.push(MODEL_VERSION);
         let (tag, params) = match self.kind {
@@ -1080,5 +1085,18 @@ mod tests {
         p.apply(&mut s, want);
         p.apply(&mut s, want);
         assert_eq!(model.table().get(7).copied().map(bits), Some(bits(s)));
+    }
+
+    #[test]
+    fn encoded_len_is_the_length_of_the_encoding() {
+        let mut model =
+            Model::new(OptimizerKind::Sgd { lr: 0.1 }).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(model.encoded_len(), model.to_bytes().len());
+        for k in 0..1000 {
+            model
+                .learn(&[k, k * 31], None, (k % 2) as f32)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(model.encoded_len(), model.to_bytes().len());
     }
 }

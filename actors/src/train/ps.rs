@@ -1058,12 +1058,30 @@ pub(crate) fn split_parts(mut bytes: &[u8]) -> Result<Vec<&[u8]>, StateError> {
     Ok(parts)
 }
 
+impl ShardOperator {
+    /// A copy of `model`, made in the spare copy a written checkpoint gave
+    /// back (allocated and touched already) when there is one.
+    fn copy_of(&self, model: &Model) -> Model {
+        match self.spare.lock().take() {
+            Some(mut copy) => {
+                copy.clone_from(model);
+                copy
+            }
+            None => model.clone(),
+        }
+    }
+}
+
 impl Drop for ShardOperator {
     fn drop(&mut self) {
         self.cell.stop();
         registry::unregister(&self.name, &self.cell);
     }
 }
+
+/// Bytes a shard's snapshot reserves beyond its tables, for its metadata
+/// and the states that follow it in the subtask's blob.
+const SNAPSHOT_SLACK: usize = 1 << 20;
 
 struct ShardSnapshot {
     meta: ShardMeta,
@@ -1079,26 +1097,22 @@ impl Operator for ShardOperator {
 
     fn on_end(&mut self, out: &mut dyn Collector<Delta>) {
         self.emit_delta(out, true);
-        let bytes = self.cell.state.lock().model.to_bytes();
+        let model = self.copy_of(&self.cell.state.lock().model);
         let name = format!("{}/final/shard{}", self.config.name, self.cell.index);
-        registry::register(&name, Arc::new(FinalModel(bytes)));
+        registry::register(&name, Arc::new(FinalModel(model)));
     }
 
     fn snapshot(&mut self) -> Snapshot {
-        let spare = self.spare.lock().take();
         let state = self.cell.state.lock();
         let meta = state.meta.clone();
-        let model = match spare {
-            Some(mut copy) => {
-                copy.clone_from(&state.model);
-                copy
-            }
-            None => state.model.clone(),
-        };
+        let model = self.copy_of(&state.model);
         let counts = state.counts.clone();
         drop(state);
         let give_back = self.spare.clone();
         Snapshot::writer(move |out| {
+            // Room for the rest of the subtask's blob too: growing a blob
+            // this size later would copy it whole.
+            out.reserve(SNAPSHOT_SLACK + model.encoded_len() + counts.encoded_len());
             write_part(out, |o| {
                 bincode::serialize_into(o, &meta).map_err(|e| StateError::Encode(e.to_string()))
             })?;
@@ -1158,8 +1172,8 @@ impl Operator for ShardOperator {
     }
 }
 
-/// A shard's model at the end of the input ([`Model::to_bytes`]).
-pub struct FinalModel(pub Vec<u8>);
+/// A copy of a shard's model at the end of the input.
+pub struct FinalModel(pub Model);
 
 /// The model shard `shard` of `config`'s job held when its input ended,
 /// if the job ended in this process.

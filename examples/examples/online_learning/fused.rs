@@ -292,10 +292,8 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
     let mut bytes = 0u64;
     for s in 0..ps.shards {
         if let Some(m) = braid_actors::train::ps::final_model(&ps, s) {
-            if let Ok(model) = braid_actors::train::optimizer::Model::from_bytes(&m.0) {
-                keys += model.table().len() as u64;
-                bytes += model.table().bytes() as u64;
-            }
+            keys += m.0.table().len() as u64;
+            bytes += m.0.table().bytes() as u64;
         }
     }
     {

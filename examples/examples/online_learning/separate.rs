@@ -482,6 +482,7 @@ fn trainer_role(args: &RoleArgs) -> anyhow::Result<()> {
         cfg.capacity,
     )?;
     let mut metrics = Progressive::new(cfg.window);
+    let mut scores: Vec<f32> = Vec::new();
     let mut predictions = match &cfg.predictions {
         Some(p) => Some(BufWriter::with_capacity(
             1 << 20,
@@ -546,9 +547,10 @@ fn trainer_role(args: &RoleArgs) -> anyhow::Result<()> {
                     wire.ids.into_owned(),
                     wire.values.map(Cow::into_owned),
                 )?;
+                scores.clear();
                 for (label, ids, values) in batch.iter() {
                     let p = model.learn(ids, values, label)?;
-                    metrics.record(label, p);
+                    scores.push(p);
                     if let Some(w) = predictions.as_mut() {
                         writeln!(w, "{p:.6}")?;
                     }
@@ -556,6 +558,7 @@ fn trainer_role(args: &RoleArgs) -> anyhow::Result<()> {
                         dirty.mark(id);
                     }
                 }
+                metrics.record_all(batch.labels(), &scores);
                 if let Some(bias) = model.bias_key() {
                     dirty.mark(bias);
                 }

@@ -85,8 +85,9 @@ pub trait SlotState: Copy + Default {
     /// Bytes one state takes in a snapshot.
     const ENCODED_LEN: usize;
 
-    /// Appends exactly [`Self::ENCODED_LEN`] bytes (little-endian) to `out`.
-    fn encode(&self, out: &mut Vec<u8>);
+    /// Writes exactly [`Self::ENCODED_LEN`] bytes (little-endian) to the
+    /// start of `out`, which holds at least that many.
+    fn encode(&self, out: &mut [u8]);
 
     /// Reads a state back from exactly [`Self::ENCODED_LEN`] bytes written by
     /// [`SlotState::encode`].
@@ -96,8 +97,10 @@ pub trait SlotState: Copy + Default {
 impl SlotState for f32 {
     const ENCODED_LEN: usize = 4;
 
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_bits().to_le_bytes());
+    fn encode(&self, out: &mut [u8]) {
+        if let Some(dst) = out.get_mut(..4) {
+            dst.copy_from_slice(&self.to_bits().to_le_bytes());
+        }
     }
 
     fn decode(bytes: &[u8]) -> Self {
@@ -113,9 +116,9 @@ where
 {
     const ENCODED_LEN: usize = 4 * N;
 
-    fn encode(&self, out: &mut Vec<u8>) {
-        for v in self {
-            v.encode(out);
+    fn encode(&self, out: &mut [u8]) {
+        for (v, dst) in self.iter().zip(out.chunks_exact_mut(4)) {
+            v.encode(dst);
         }
     }
 
@@ -680,18 +683,31 @@ impl<S: SlotState> ParamTable<S> {
         out.extend_from_slice(&(S::ENCODED_LEN as u32).to_le_bytes());
         out.extend_from_slice(&(self.slots.len() as u64).to_le_bytes());
         out.extend_from_slice(&(self.len() as u64).to_le_bytes());
+        let entry = 8 + S::ENCODED_LEN;
+        let mut at = out.len();
+        let end = at + self.len() * entry;
+        // Room for every entry, and one more: every slot is written at the
+        // cursor, which moves past it only if the slot is live (a branch on
+        // a half-full table would mispredict every other slot).
+        out.resize(at + (self.len() + 1) * entry, 0);
         if let Some(z) = &self.zero {
-            out.extend_from_slice(&0u64.to_le_bytes());
-            z.encode(out);
-        }
-        let start = self.an_empty_slot() + 1;
-        for step in 0..self.slots.len() {
-            let s = &self.slots[(start + step) & self.mask];
-            if s.key != EMPTY {
-                out.extend_from_slice(&s.key.to_le_bytes());
-                s.state.encode(out);
+            if let Some(dst) = out.get_mut(at..at + entry) {
+                dst[..8].copy_from_slice(&0u64.to_le_bytes());
+                z.encode(&mut dst[8..]);
             }
+            at += entry;
         }
+        let start = (self.an_empty_slot() + 1).min(self.slots.len());
+        let (before, after) = self.slots.split_at(start);
+        for s in after.iter().chain(before) {
+            if let Some(dst) = out.get_mut(at..at + entry) {
+                dst[..8].copy_from_slice(&s.key.to_le_bytes());
+                s.state.encode(&mut dst[8..]);
+            }
+            at += entry * usize::from(s.key != EMPTY);
+        }
+        debug_assert_eq!(at, end, "the live slots are the table's length");
+        out.truncate(at);
     }
 
     /// Reads a snapshot written by [`Self::to_bytes`] back into a table with

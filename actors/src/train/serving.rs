@@ -111,21 +111,6 @@ impl Weights {
             .unwrap_or(0.0)
     }
 
-    fn set(&self, key: u64, w: f32) {
-        if let Some(x) = self.dense_slot(key) {
-            x.store(w.to_bits(), Ordering::Relaxed);
-        } else if key == BIAS_KEY {
-            self.bias.store(w.to_bits(), Ordering::Relaxed);
-        } else if let Some(t) = self.tables.get(self.shard_of(key)) {
-            let mut t = t.write();
-            if w == 0.0 {
-                t.remove(key);
-            } else {
-                t.insert(key, w);
-            }
-        }
-    }
-
     fn len(&self) -> usize {
         let nonzero = |x: &AtomicU32| f32::from_bits(x.load(Ordering::Relaxed)) != 0.0;
         self.dense.iter().filter(|x| nonzero(x)).count()
@@ -157,6 +142,9 @@ impl Weights {
         if delta.full {
             self.clear_shard(delta.shard as usize);
         }
+        // Every key of a delta is its shard's (the ring that routed it is
+        // this one): the shard's table is locked once, when a key needs it.
+        let mut table = None;
         for (i, (&k, &w)) in delta.keys.iter().zip(&delta.weights).enumerate() {
             if let Some(x) = delta
                 .keys
@@ -165,7 +153,19 @@ impl Weights {
             {
                 prefetch_line(x);
             }
-            self.set(k, w);
+            if let Some(x) = self.dense_slot(k) {
+                x.store(w.to_bits(), Ordering::Relaxed);
+            } else if k == BIAS_KEY {
+                self.bias.store(w.to_bits(), Ordering::Relaxed);
+            } else if let Some(t) = table
+                .get_or_insert_with(|| self.tables.get(delta.shard as usize).map(|t| t.write()))
+            {
+                if w == 0.0 {
+                    t.remove(k);
+                } else {
+                    t.insert(k, w);
+                }
+            }
         }
     }
 }

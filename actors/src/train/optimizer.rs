@@ -263,9 +263,8 @@ impl Rule for FtrlParams {
 
     #[inline]
     fn apply(self, s: &mut KeyState, g: f32) {
-        let sqrt_n = s[1].sqrt();
-        let w = self.weight_from(s[0], sqrt_n);
-        self.update(s, g, w, sqrt_n);
+        let read = self.see(s);
+        self.update(s, g, read.weight, read.sqrt_n);
     }
 
     #[inline]
@@ -280,13 +279,8 @@ impl Rule for FtrlParams {
 
     #[inline]
     fn apply_seen(self, s: &mut KeyState, g: f32, seen: &Seen) -> Fresh {
-        if seen.holds(s) {
-            self.update(s, g, seen.weight, seen.sqrt_n)
-        } else {
-            let sqrt_n = s[1].sqrt();
-            let w = self.weight_from(s[0], sqrt_n);
-            self.update(s, g, w, sqrt_n)
-        }
+        let read = if seen.holds(s) { *seen } else { self.see(s) };
+        self.update(s, g, read.weight, read.sqrt_n)
     }
 
     #[inline]

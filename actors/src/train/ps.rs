@@ -840,6 +840,18 @@ impl ShardOperator {
         });
     }
 
+    /// A copy of `model`, made in the spare copy a written checkpoint gave
+    /// back (allocated and touched already) when there is one.
+    fn copy_of(&self, model: &Model) -> Model {
+        match self.spare.lock().take() {
+            Some(mut copy) => {
+                copy.clone_from(model);
+                copy
+            }
+            None => model.clone(),
+        }
+    }
+
     fn emit_delta(&mut self, out: &mut dyn Collector<Delta>, force: bool) {
         let due = !self.sent_full
             || force
@@ -1056,20 +1068,6 @@ pub(crate) fn split_parts(mut bytes: &[u8]) -> Result<Vec<&[u8]>, StateError> {
         bytes = &rest[len..];
     }
     Ok(parts)
-}
-
-impl ShardOperator {
-    /// A copy of `model`, made in the spare copy a written checkpoint gave
-    /// back (allocated and touched already) when there is one.
-    fn copy_of(&self, model: &Model) -> Model {
-        match self.spare.lock().take() {
-            Some(mut copy) => {
-                copy.clone_from(model);
-                copy
-            }
-            None => model.clone(),
-        }
-    }
 }
 
 impl Drop for ShardOperator {

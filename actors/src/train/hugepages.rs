@@ -45,10 +45,7 @@ pub(crate) fn advise<T>(v: &Vec<T>) {
 /// `n` copies of `value` in a buffer advised for huge pages before it is
 /// first written.
 pub(crate) fn filled<T: Copy>(n: usize, value: T) -> Vec<T> {
-    let mut v = Vec::with_capacity(n);
-    advise(&v);
-    v.resize(n, value);
-    v
+    filled_with(n, || value)
 }
 
 /// `n` values made by `make` in a buffer advised for huge pages before

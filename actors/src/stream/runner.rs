@@ -182,7 +182,7 @@ fn run_source(
             let allowed = (started.elapsed().as_secs_f64() * rate) as u64;
             let room = allowed.saturating_sub(emitted) as usize;
             if room == 0 {
-                driver.chain().flush();
+                flush_if_due(driver.as_mut(), &mut last_flush);
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
@@ -190,21 +190,25 @@ fn run_source(
         }
         match driver.poll(batch) {
             SourcePoll::Emitted(n) => emitted += n as u64,
-            SourcePoll::Idle => {
-                driver.chain().flush();
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            SourcePoll::Idle => std::thread::sleep(Duration::from_millis(1)),
             SourcePoll::Exhausted => {
                 exhausted = true;
                 driver.chain().flush();
                 reporter.exhausted();
             }
         }
-        if last_flush.elapsed() >= FLUSH_EVERY {
-            driver.chain().flush();
-            last_flush = Instant::now();
-        }
+        flush_if_due(driver.as_mut(), &mut last_flush);
         check(driver.chain().take_failure())?;
+    }
+}
+
+/// Flushes the chain's buffered output once it is `FLUSH_EVERY` old, busy
+/// or idle: a flush per idle poll (every millisecond when throttled) would
+/// wake each buffered edge's consumer that often.
+fn flush_if_due(driver: &mut dyn SourceDriver, last_flush: &mut Instant) {
+    if last_flush.elapsed() >= FLUSH_EVERY {
+        driver.chain().flush();
+        *last_flush = Instant::now();
     }
 }
 

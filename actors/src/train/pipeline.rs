@@ -411,7 +411,7 @@ pub enum BuildError {
 
 /// Micro-batches' predictions per message to evaluation, which no answer
 /// waits for: fewer messages wake its thread less often.
-const SCORED_PER_MESSAGE: usize = 16;
+const SCORED_PER_MESSAGE: usize = 64;
 
 /// Adds the online-learning job to `env`, reading rows from `reader()`.
 pub fn build(
@@ -433,22 +433,20 @@ pub fn build(
         .batch_records(1);
     let ps = config.ps.clone();
     let chained = ps.workers == 1 && ps.chain;
-    let worker_out = batches.transform_routed(
-        "worker",
-        config.ps.workers,
-        move |b: &TrainBatch| b.seq % workers,
-        {
-            let ps = ps.clone();
-            move |i| {
-                let worker = if chained {
-                    TrainWorker::chained(ps.clone())
-                } else {
-                    Ok(TrainWorker::new(ps.clone(), i))
-                };
-                worker.unwrap_or_else(|e| panic!("training worker {i}: {e}"))
-            }
-        },
-    );
+    let worker_out = if chained {
+        let ps = ps.clone();
+        batches.transform_chained("worker", move |i| {
+            TrainWorker::chained(ps.clone()).unwrap_or_else(|e| panic!("training worker {i}: {e}"))
+        })
+    } else {
+        let ps = ps.clone();
+        batches.transform_routed(
+            "worker",
+            config.ps.workers,
+            move |b: &TrainBatch| b.seq % workers,
+            move |i| TrainWorker::new(ps.clone(), i),
+        )
+    };
     let scored = worker_out
         .local_flat_map(|o: super::worker::WorkerOut| o.scored())
         .batch_records(SCORED_PER_MESSAGE);

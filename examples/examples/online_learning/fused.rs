@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// What the fused job runs.
@@ -218,6 +218,8 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
     let serving = Serving::of(&ps);
     *shared.serving.lock() = Some(serving.clone());
     let stop = Arc::new(AtomicBool::new(false));
+    // Dropping `end` wakes the progress thread at once.
+    let (end, ended) = mpsc::channel::<()>();
     let query = {
         let serving = serving.clone();
         let stop = stop.clone();
@@ -234,7 +236,6 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
     let monitor = {
         let serving = serving.clone();
         let eval = eval.clone();
-        let stop = stop.clone();
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("progress".into())
@@ -243,11 +244,13 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
                 let mut last_t = 0.0;
                 let mut timeline = Vec::new();
                 let mut next = Instant::now();
-                while !stop.load(Ordering::Acquire) {
+                let mut running = true;
+                while running {
                     next += Duration::from_millis(500);
-                    while Instant::now() < next && !stop.load(Ordering::Acquire) {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
+                    running = matches!(
+                        ended.recv_timeout(next.saturating_duration_since(Instant::now())),
+                        Err(mpsc::RecvTimeoutError::Timeout)
+                    );
                     let f = eval.figures();
                     let t = started.elapsed().as_secs_f64();
                     let interval = serving.take_interval_latency();
@@ -281,6 +284,7 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
     let seconds = started.elapsed().as_secs_f64();
     let cpu = common::self_cpu_seconds() - cpu_start;
     stop.store(true, Ordering::Release);
+    drop(end);
     let _ = query.join();
     let timeline = monitor.join().unwrap_or_default();
     eval.flush()?;

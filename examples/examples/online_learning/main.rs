@@ -253,7 +253,7 @@ fn run_fused(
     let mut restarts = 0u32;
     let mut killed = false;
     let mut status = loop {
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
         remote.ask(&job, &probe);
         let status = match job.status().blocking() {
             Ok(status) => status,

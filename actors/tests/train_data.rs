@@ -440,11 +440,20 @@ proptest! {
             1..20,
         ),
         bits in prop_oneof![Just(20u32), Just(64u32)],
+        buffer in 1usize..48,
     ) {
         let text = lines.join("\n");
         let mut parser = GenCtrParser::with_bits(bits).unwrap();
         let mut batch = FeatureBatch::new();
         parser.read_batch(&mut text.as_bytes(), &mut batch, 1000).unwrap();
+        // Lines that run past the reader's buffer parse the same.
+        let mut small = GenCtrParser::with_bits(bits).unwrap();
+        let mut small_batch = FeatureBatch::new();
+        let mut reader = BufReader::with_capacity(buffer, text.as_bytes());
+        small.read_batch(&mut reader, &mut small_batch, 1000).unwrap();
+        prop_assert_eq!(&small_batch, &batch);
+        prop_assert_eq!((small.skipped(), small.bytes()), (parser.skipped(), parser.bytes()));
+        prop_assert_eq!(parser.bytes(), text.len() as u64);
         let expected: Vec<(f32, Vec<u64>)> =
             lines.iter().filter_map(|l| gen_ctr_reference(l, bits)).collect();
         let got: Vec<(f32, Vec<u64>)> =

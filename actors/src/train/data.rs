@@ -877,23 +877,29 @@ impl LineState {
             }
         }
         while stats.rows < max_rows {
-            self.buf.clear();
-            let n = reader.read_until(b'\n', &mut self.buf)?;
-            if n == 0 {
+            self.scratch.clear();
+            let available = reader.fill_buf()?;
+            if available.is_empty() {
                 stats.eof = true;
                 break;
             }
+            // A line whole in the reader's buffer is parsed there; one that
+            // runs past it is gathered into `buf` first.
+            let (n, parsed) = match memchr::memchr(b'\n', available) {
+                Some(end) => {
+                    let parsed = parse(without_line_end(&available[..end]), &mut self.scratch);
+                    reader.consume(end + 1);
+                    (end + 1, parsed)
+                }
+                None => {
+                    self.buf.clear();
+                    let n = reader.read_until(b'\n', &mut self.buf)?;
+                    (n, parse(without_line_end(&self.buf), &mut self.scratch))
+                }
+            };
             self.bytes += n as u64;
             self.line += 1;
-            let mut line = self.buf.as_slice();
-            if let Some(l) = line.strip_suffix(b"\n") {
-                line = l;
-            }
-            if let Some(l) = line.strip_suffix(b"\r") {
-                line = l;
-            }
-            self.scratch.clear();
-            match parse(line, &mut self.scratch) {
+            match parsed {
                 Ok(label) => {
                     if !self.emit(&mut stats, batch, label) {
                         break;
@@ -904,6 +910,12 @@ impl LineState {
         }
         Ok(stats)
     }
+}
+
+/// `line` without its `\n` or `\r\n`.
+fn without_line_end(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 /// The leading decimal digits of the 8 bytes of `chunk` (little-endian, so

@@ -26,6 +26,7 @@ use super::coordinator::{Coordinator, CoordinatorEvent, JobConfig, JobError, Job
 use super::graph::StreamEnv;
 use super::plan::{Plan, SubtaskId};
 use super::runner::{self, Command, Inbox, Reporter, SourcePace, TaskExit};
+use super::service::{CallError, Peers};
 use super::stage::ChainSnapshot;
 use crate::checkpoint::storage::{CheckpointStorage, Epoch, StateHandle};
 use braid::{ActorCall, Runtime, TypedHandle};
@@ -160,6 +161,7 @@ struct Shared {
     commands: crossbeam_channel::Sender<Command>,
     command_rx: Mutex<Option<crossbeam_channel::Receiver<Command>>>,
     targets: Mutex<Vec<(SubtaskHostHandle, usize)>>,
+    peers: Mutex<HashMap<(String, usize), SubtaskHostHandle>>,
     storage: CheckpointStorage,
 }
 
@@ -220,6 +222,7 @@ impl SubtaskHost {
                 commands,
                 command_rx: Mutex::new(Some(command_rx)),
                 targets: Mutex::new(Vec::new()),
+                peers: Mutex::new(HashMap::new()),
                 storage,
             }),
         }
@@ -230,6 +233,27 @@ impl SubtaskHost {
     fn connect(&self, targets: Vec<(SubtaskHostHandle, usize)>) -> bool {
         *self.shared.targets.lock() = targets;
         true
+    }
+
+    /// Every subtask of the attempt, by its task's head vertex and its
+    /// index: whose services this subtask may call.
+    fn peers(&self, peers: Vec<(String, usize, SubtaskHostHandle)>) -> bool {
+        *self.shared.peers.lock() = peers
+            .into_iter()
+            .map(|(task, subtask, host)| ((task, subtask), host))
+            .collect();
+        true
+    }
+
+    /// Calls service `service` offered in this host's process (a blocking
+    /// one runs on the blocking pool, so it holds up no other call).
+    async fn call(&self, service: String, request: Vec<u8>) -> Result<Vec<u8>, String> {
+        let name = service.clone();
+        tokio::task::spawn_blocking(move || {
+            super::service::call_local(&service, &request).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("service {name:?} panicked: {e}"))?
     }
 
     /// Builds the subtask, restores it, and starts its thread.
@@ -249,6 +273,11 @@ impl SubtaskHost {
         };
         context.enter();
         let rt = braid::current().map_err(|e| e.to_string())?;
+        let peers: Arc<dyn Peers> = Arc::new(HostPeers {
+            rt: rt.clone(),
+            hosts: self.shared.peers.lock().clone(),
+        });
+        super::service::enter(peers.clone());
         let targets = self.shared.targets.lock().clone();
         let credits = spec.credits.max(1);
         let outbox = move || -> Box<dyn Outbox> {
@@ -293,6 +322,7 @@ impl SubtaskHost {
             .name(format!("braid-{id}"))
             .spawn(move || {
                 context.enter();
+                super::service::enter(peers);
                 let mut reporter = HostReporter {
                     shared: shared.clone(),
                     commands: command_rx,
@@ -386,6 +416,32 @@ impl SubtaskHost {
         braid::current()
             .map(|rt| rt.node_id().to_string())
             .unwrap_or_default()
+    }
+}
+
+/// The attempt's hosts, as a subtask calls their services.
+struct HostPeers {
+    rt: Runtime,
+    hosts: HashMap<(String, usize), SubtaskHostHandle>,
+}
+
+impl Peers for HostPeers {
+    fn call(
+        &self,
+        task: &str,
+        subtask: usize,
+        service: &str,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, CallError> {
+        let host = self
+            .hosts
+            .get(&(task.to_string(), subtask))
+            .ok_or_else(|| CallError::NoService(format!("{task}[{subtask}]: {service}")))?;
+        match self.rt.block_on(host.call(service.to_string(), request)) {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(why)) => Err(CallError::Failed(service.to_string(), why)),
+            Err(e) => Err(CallError::Unreachable(service.to_string(), e.to_string())),
+        }
     }
 }
 
@@ -813,9 +869,23 @@ fn start_hosts(
         let host = hosts.get(&id).ok_or("a host is missing")?.clone();
         calls.push((id, host, targets, attempt.restored(id)));
     }
+    let peers: Vec<(String, usize, SubtaskHostHandle)> = hosts
+        .iter()
+        .filter_map(|(id, host)| {
+            let task = plan.tasks.get(id.task)?;
+            // The head vertex's name as the graph was given it (the plan
+            // numbers vertices: `shard#4`).
+            let head = task.name.split(" -> ").next().unwrap_or(&task.name);
+            let head = head.split('#').next().unwrap_or(head);
+            Some((head.to_string(), id.subtask, host.clone()))
+        })
+        .collect();
     rt.block_on(async move {
         for (id, host, targets, _) in &calls {
             host.connect(targets.clone())
+                .await
+                .map_err(|e| format!("{id}: {e}"))?;
+            host.peers(peers.clone())
                 .await
                 .map_err(|e| format!("{id}: {e}"))?;
         }

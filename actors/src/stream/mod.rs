@@ -14,6 +14,7 @@
 //! * [`coordinator`]: checkpoints and recovery.
 //! * [`local`]: runs a plan with one thread per subtask in this process.
 //! * [`cluster`]: runs a registered job with every subtask a braid actor.
+//! * [`service`]: request/response calls one subtask offers the others.
 
 pub mod channel;
 pub mod cluster;
@@ -26,6 +27,7 @@ pub mod operator;
 pub mod plan;
 pub mod registry;
 pub mod runner;
+pub mod service;
 pub mod sink;
 pub mod source;
 pub mod stage;

@@ -37,7 +37,7 @@
 use super::data::{
     CriteoConfig, CriteoParser, DataError, FeatureBatch, GenCtrParser, ParseStats, SyntheticStream,
 };
-use super::eval::EvalSink;
+use super::eval::{EvalHandle, EvalSink};
 use super::ps::{Consistency, PsConfig, ShardOperator, TrainBatch};
 use super::serving::ServingSink;
 use super::worker::TrainWorker;
@@ -382,6 +382,11 @@ pub struct PipelineConfig {
     pub rows: Option<u64>,
     /// Rows per second the source reads at most.
     pub rate: Option<f64>,
+    /// A file for every row's prediction, opened by the evaluation's
+    /// subtask wherever it runs (another process, on the cluster runner),
+    /// as [`EvalHandle::resume_predictions`] does: a recovery cuts it back
+    /// to the restored checkpoint's rows.
+    pub predictions: Option<std::path::PathBuf>,
 }
 
 impl PipelineConfig {
@@ -393,6 +398,7 @@ impl PipelineConfig {
             window: 10_000,
             rows: None,
             rate: None,
+            predictions: None,
         }
     }
 }
@@ -458,7 +464,7 @@ pub fn build(
             .batch_records(1);
         let shard_ps = ps.clone();
         pushes.transform_routed(
-            "shard",
+            super::ps::SHARD_TASK,
             ps.shards,
             |p: &super::ps::Push| p.shard as u64,
             move |i| match ShardOperator::new(shard_ps.clone(), i) {
@@ -477,6 +483,20 @@ pub fn build(
     }
     let name = ps.name.clone();
     let window = config.window;
-    let _ = scored.transform_routed("eval", 1, |_| 0, move |_| EvalSink::new(&name, window));
+    let predictions = config.predictions.clone();
+    let _ = scored.transform_routed(
+        "eval",
+        1,
+        |_| 0,
+        move |_| {
+            let sink = EvalSink::new(&name, window);
+            if let Some(path) = &predictions {
+                if let Err(e) = EvalHandle::of(&name).resume_predictions(path) {
+                    panic!("evaluation cannot open {}: {e}", path.display());
+                }
+            }
+            sink
+        },
+    );
     Ok(())
 }

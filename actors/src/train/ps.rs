@@ -31,6 +31,7 @@ use super::table::{prefetch_line, ParamTable, SlotRef};
 use crate::stream::context::TaskContext;
 use crate::stream::operator::{write_part, Collector, EventTime, Operator, Snapshot, StateError};
 use crate::stream::registry;
+use crate::stream::service::{self, Peers, Service, ServiceGuard};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -316,7 +317,7 @@ pub struct Delta {
 }
 
 /// Why a pull failed.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[derive(Debug, Error, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PullError {
     /// The shard is not registered in this process.
     #[error("parameter-server shard {0} is not reachable: {1}")]
@@ -658,6 +659,43 @@ pub struct ShardOperator {
     /// snapshot copies into it instead of allocating (and faulting in)
     /// a fresh table while the shard waits.
     spare: Arc<Mutex<Option<Model>>>,
+    /// Workers in other processes pull through it (cluster runner).
+    _service: ServiceGuard,
+}
+
+/// The head vertex of the shards' task in [`pipeline::build`]'s graph:
+/// the task a worker calls for remote pulls.
+///
+/// [`pipeline::build`]: super::pipeline::build
+pub const SHARD_TASK: &str = "shard";
+
+/// A remote pull: `keys` for a worker's step `step`.
+#[derive(Serialize, Deserialize)]
+struct PullRequest {
+    step: u64,
+    keys: Vec<u64>,
+}
+
+/// A remote pull's answer.
+type PullAnswer = Result<(PullStats, Vec<f32>), PullError>;
+
+/// A shard answering remote pulls as a local one would.
+struct PullService {
+    cell: Arc<ShardCell>,
+    timeout: Duration,
+}
+
+impl Service for PullService {
+    fn call(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+        let request: PullRequest =
+            bincode::deserialize(request).map_err(|e| format!("a malformed pull request: {e}"))?;
+        let mut out = Vec::with_capacity(request.keys.len());
+        let answer: PullAnswer = self
+            .cell
+            .pull(request.step, &request.keys, &mut out, self.timeout)
+            .map(|stats| (stats, out));
+        bincode::serialize(&answer).map_err(|e| e.to_string())
+    }
 }
 
 impl ShardOperator {
@@ -692,10 +730,18 @@ impl ShardOperator {
         let name = config.shard_name(ctx.generation, index);
         let feature_bits = config.feature_bits;
         registry::register(&name, cell.clone());
+        let service = service::offer(
+            &name,
+            Arc::new(PullService {
+                cell: cell.clone(),
+                timeout: config.pull_timeout,
+            }),
+        );
         Ok(Self {
             config,
             cell,
             name,
+            _service: service,
             dirty: DirtyKeys::new(feature_bits),
             fresh: FreshWeights::default(),
             batches: Vec::new(),
@@ -1200,12 +1246,22 @@ pub(crate) fn first_crash(config: &PsConfig) -> bool {
     .unwrap_or(false)
 }
 
+/// How a worker reaches a shard.
+enum ShardLink {
+    /// In this process: read in place.
+    Local(Arc<ShardCell>),
+    /// In another process (cluster runner): a call on its host, named.
+    Remote(String),
+}
+
 /// A worker's handle on every shard of the current attempt.
 pub struct PsClient {
     config: PsConfig,
     ring: ConsistentHash,
-    shards: Vec<Arc<ShardCell>>,
+    shards: Vec<ShardLink>,
     generation: u64,
+    /// The attempt's other subtasks, on the cluster runner.
+    peers: Option<Arc<dyn Peers>>,
 }
 
 impl PsClient {
@@ -1216,6 +1272,7 @@ impl PsClient {
             config,
             shards: Vec::new(),
             generation: TaskContext::current().generation,
+            peers: service::peers(),
         }
     }
 
@@ -1240,9 +1297,17 @@ impl PsClient {
         self.shards.clear();
         for s in 0..self.config.shards {
             let name = self.config.shard_name(self.generation, s);
-            let cell = registry::wait_for::<ShardCell>(&name, self.config.pull_timeout)
-                .map_err(|e| PullError::Unreachable(s, e.to_string()))?;
-            self.shards.push(cell);
+            // On the cluster runner a shard may run in another process;
+            // in one process every shard registers here.
+            let link = match (&self.peers, registry::get::<ShardCell>(&name)) {
+                (_, Ok(cell)) => ShardLink::Local(cell),
+                (Some(_), Err(_)) => ShardLink::Remote(name),
+                (None, Err(_)) => ShardLink::Local(
+                    registry::wait_for::<ShardCell>(&name, self.config.pull_timeout)
+                        .map_err(|e| PullError::Unreachable(s, e.to_string()))?,
+                ),
+            };
+            self.shards.push(link);
         }
         Ok(())
     }
@@ -1258,12 +1323,35 @@ impl PsClient {
         out: &mut Vec<f32>,
     ) -> Result<PullStats, PullError> {
         self.resolve()?;
-        let cell = self
+        let link = self
             .shards
             .get(shard)
             .ok_or_else(|| PullError::Unreachable(shard, "no such shard".into()))?;
         let _ = worker;
-        cell.pull(step, keys, out, self.config.pull_timeout)
+        match link {
+            ShardLink::Local(cell) => cell.pull(step, keys, out, self.config.pull_timeout),
+            ShardLink::Remote(name) => {
+                let unreachable = |why: String| PullError::Unreachable(shard, why);
+                let peers = self
+                    .peers
+                    .as_ref()
+                    .ok_or_else(|| unreachable("no peers".into()))?;
+                let request = bincode::serialize(&PullRequest {
+                    step,
+                    keys: keys.to_vec(),
+                })
+                .map_err(|e| unreachable(e.to_string()))?;
+                let answer = peers
+                    .call(SHARD_TASK, shard, name, request)
+                    .map_err(|e| unreachable(e.to_string()))?;
+                let answer: PullAnswer =
+                    bincode::deserialize(&answer).map_err(|e| unreachable(e.to_string()))?;
+                let (stats, weights) = answer?;
+                out.clear();
+                out.extend_from_slice(&weights);
+                Ok(stats)
+            }
+        }
     }
 }
 

@@ -1,0 +1,99 @@
+//! Services one subtask offers the others of its job: request/response
+//! calls beside the record channels (a parameter-server shard answering
+//! pulls). In one process a caller finds a service in the [`registry`];
+//! on the cluster runner it calls the subtask's host, wherever it runs,
+//! through the [`Peers`] the host installs on its threads.
+//!
+//! [`registry`]: super::registry
+
+use super::registry;
+use std::cell::RefCell;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Answers requests, encoded by the caller and the service alike.
+pub trait Service: Send + Sync + 'static {
+    /// Answers one request (may block, e.g. until slower workers catch up).
+    fn call(&self, request: &[u8]) -> Result<Vec<u8>, String>;
+}
+
+/// Why a call on a service failed.
+#[derive(Debug, Error)]
+pub enum CallError {
+    /// No subtask of that task, or no service of that name, in this attempt.
+    #[error("no service {0:?}")]
+    NoService(String),
+    /// The service answered with an error.
+    #[error("service {0:?} failed: {1}")]
+    Failed(String, String),
+    /// The host of the service could not be reached (its process died).
+    #[error("service {0:?} unreachable: {1}")]
+    Unreachable(String, String),
+}
+
+/// A registered service (the registry holds sized values).
+struct Offered(Arc<dyn Service>);
+
+fn key(name: &str) -> String {
+    format!("{name}/service")
+}
+
+/// Offers `service` under `name` in this process, until [`withdraw`]n.
+pub fn offer(name: &str, service: Arc<dyn Service>) -> ServiceGuard {
+    let offered = Arc::new(Offered(service));
+    registry::register(&key(name), offered.clone());
+    ServiceGuard {
+        name: name.to_string(),
+        offered,
+    }
+}
+
+/// Withdraws the service it was returned for when dropped.
+pub struct ServiceGuard {
+    name: String,
+    offered: Arc<Offered>,
+}
+
+impl Drop for ServiceGuard {
+    fn drop(&mut self) {
+        registry::unregister(&key(&self.name), &self.offered);
+    }
+}
+
+/// Calls service `name` offered in this process.
+pub fn call_local(name: &str, request: &[u8]) -> Result<Vec<u8>, CallError> {
+    let offered =
+        registry::get::<Offered>(&key(name)).map_err(|_| CallError::NoService(name.to_string()))?;
+    offered
+        .0
+        .call(request)
+        .map_err(|e| CallError::Failed(name.to_string(), e))
+}
+
+/// The other subtasks of this attempt, wherever they run.
+pub trait Peers: Send + Sync {
+    /// Calls service `service` of subtask `subtask` of the task whose head
+    /// vertex is `task`, blocking until it answers.
+    fn call(
+        &self,
+        task: &str,
+        subtask: usize,
+        service: &str,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, CallError>;
+}
+
+thread_local! {
+    static PEERS: RefCell<Option<Arc<dyn Peers>>> = const { RefCell::new(None) };
+}
+
+/// Makes `peers` this thread's (a host's threads, for the subtask it
+/// builds and runs).
+pub fn enter(peers: Arc<dyn Peers>) {
+    PEERS.with(|p| *p.borrow_mut() = Some(peers));
+}
+
+/// This thread's peers: set on the cluster runner, none in one process.
+pub fn peers() -> Option<Arc<dyn Peers>> {
+    PEERS.with(|p| p.borrow().clone())
+}

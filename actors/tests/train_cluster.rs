@@ -2,7 +2,8 @@
 //! serving and evaluation each a braid actor in a worker process, workers
 //! pulling from shards in other processes through the shards' hosts. Under
 //! BSP its predictions are byte for byte those of the same job run in one
-//! process.
+//! process, also when a process of the job is killed mid-run and the job
+//! recovers from its last checkpoint.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use braid_actors::checkpoint::storage::CheckpointStorage;
@@ -17,13 +18,15 @@ use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
 use braid_actors::train::pipeline::{self, PipelineConfig, RowReader, SyntheticReader};
 use braid_actors::train::ps::{Consistency, PsConfig};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 const ROWS: u64 = 12_000;
 
 /// Two workers and two shards under BSP, on the synthetic stream, writing
-/// every prediction to `params["predictions"]`.
+/// every prediction to `params["predictions"]`; `params["rate"]` throttles
+/// the source (rows per second).
 fn training(params: &JobParams) -> StreamEnv {
     let optimizer = OptimizerKind::Ftrl(FtrlParams {
         alpha: 0.1,
@@ -38,6 +41,7 @@ fn training(params: &JobParams) -> StreamEnv {
     config.batch_rows = 64;
     config.rows = Some(ROWS);
     config.predictions = Some(PathBuf::from(&params["predictions"]));
+    config.rate = params.get("rate").and_then(|r| r.parse().ok());
     let env = StreamEnv::new(1);
     pipeline::build(&env, config, || {
         let stream = SyntheticStream::new(SyntheticConfig {
@@ -67,10 +71,18 @@ fn params(name: &str, predictions: &Path) -> JobParams {
     params
 }
 
+/// A job name no other test of this process uses (names key the process
+/// registry and the checkpoints).
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id())
+}
+
 /// The job in this process, on the local runner: its predictions file.
 fn local_predictions(dir: &Path) -> Vec<u8> {
     let path = dir.join("local.txt");
-    let name = format!("train-local-{}", std::process::id());
+    let name = unique("train-local");
     let env = training(&params(&name, &path));
     let job = JobConfig::new(CheckpointStorage::in_memory(&name, 2));
     local::run(&Plan::new(env.into_graph()), job).expect("the local run");
@@ -78,7 +90,7 @@ fn local_predictions(dir: &Path) -> Vec<u8> {
 }
 
 fn cluster_job(dir: &Path, predictions: &Path) -> ClusterJob {
-    let name = format!("train-cluster-{}", std::process::id());
+    let name = unique("train-cluster");
     ClusterJob {
         job: "training".into(),
         params: params(&name, predictions),
@@ -128,5 +140,62 @@ fn shards_in_other_processes_train_the_model_one_process_does() {
     assert!(
         std::fs::read(&path).unwrap() == expected,
         "the cluster's predictions differ from one process's"
+    );
+}
+
+/// Waits until the job's storage holds a committed checkpoint (up to a
+/// minute), then SIGKILLs `victim`.
+fn kill_after_a_checkpoint(chk: PathBuf, job: String, victim: u32, killed: Arc<AtomicU32>) {
+    let storage = CheckpointStorage::local(&chk, &job, 2).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let committed = futures::executor::block_on(storage.committed_epochs()).unwrap_or_default();
+        if !committed.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status();
+    if status.is_ok_and(|s| s.success()) {
+        killed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_process_killed_mid_run_recovers_to_the_same_predictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = local_predictions(dir.path());
+    let path = dir.path().join("cluster.txt");
+    let mut job = cluster_job(dir.path(), &path);
+    // About three seconds of input, so the kill lands mid-run.
+    job.params.insert("rate".into(), (ROWS / 3).to_string());
+    let killed = Arc::new(AtomicU32::new(0));
+    let killer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+    let (chk, name) = (job.storage.dir.clone(), job.storage.job.clone());
+    let (k, slot) = (killed.clone(), killer.clone());
+    job.on_running = Some(Arc::new(move |generation, pids| {
+        if generation != 1 || pids.is_empty() {
+            return;
+        }
+        let victim = pids[pids.len() / 2];
+        let (chk, name, k) = (chk.clone(), name.clone(), k.clone());
+        let t = std::thread::spawn(move || kill_after_a_checkpoint(chk, name, victim, k));
+        *slot.lock().unwrap() = Some(t);
+    }));
+    let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
+    if let Some(t) = killer.lock().unwrap().take() {
+        t.join().unwrap();
+    }
+    assert_eq!(killed.load(Ordering::SeqCst), 1, "one process was killed");
+    assert_eq!(report.failures, 1, "{report:?}");
+    assert!(
+        report.restored_from.first().is_some_and(|&epoch| epoch > 0),
+        "the recovery restored a checkpoint: {report:?}"
+    );
+    assert!(
+        std::fs::read(&path).unwrap() == expected,
+        "the recovered run's predictions differ from one process's"
     );
 }

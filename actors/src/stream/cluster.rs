@@ -250,7 +250,7 @@ impl SubtaskHost {
     async fn call(&self, service: String, request: Vec<u8>) -> Result<Vec<u8>, String> {
         let name = service.clone();
         tokio::task::spawn_blocking(move || {
-            super::service::call_local(&service, &request).map_err(|e| e.to_string())
+            super::service::call_local(&service, &request, SERVICE_WAIT).map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| format!("service {name:?} panicked: {e}"))?
@@ -418,6 +418,11 @@ impl SubtaskHost {
             .unwrap_or_default()
     }
 }
+
+/// How long a call waits for its service to be offered: the driver starts
+/// an attempt's hosts one by one, so a caller's subtask may run before the
+/// one it calls is built.
+const SERVICE_WAIT: Duration = Duration::from_secs(60);
 
 /// The attempt's hosts, as a subtask calls their services.
 struct HostPeers {

@@ -9,6 +9,7 @@
 use super::registry;
 use std::cell::RefCell;
 use std::sync::Arc;
+use std::time::Duration;
 use thiserror::Error;
 
 /// Answers requests, encoded by the caller and the service alike.
@@ -60,10 +61,12 @@ impl Drop for ServiceGuard {
     }
 }
 
-/// Calls service `name` offered in this process.
-pub fn call_local(name: &str, request: &[u8]) -> Result<Vec<u8>, CallError> {
-    let offered =
-        registry::get::<Offered>(&key(name)).map_err(|_| CallError::NoService(name.to_string()))?;
+/// Calls service `name` offered in this process, waiting up to `wait` for
+/// it to be offered (a call may come before the subtask offering it is
+/// built: hosts start one by one).
+pub fn call_local(name: &str, request: &[u8], wait: Duration) -> Result<Vec<u8>, CallError> {
+    let offered = registry::wait_for::<Offered>(&key(name), wait)
+        .map_err(|_| CallError::NoService(name.to_string()))?;
     offered
         .0
         .call(request)

@@ -669,11 +669,12 @@ pub struct ShardOperator {
 /// [`pipeline::build`]: super::pipeline::build
 pub const SHARD_TASK: &str = "shard";
 
-/// A remote pull: `keys` for a worker's step `step`.
+/// A remote pull: `keys` for a worker's step `step` (encoded from the
+/// worker's slice, decoded into a vector).
 #[derive(Serialize, Deserialize)]
-struct PullRequest {
+struct PullRequest<'a> {
     step: u64,
-    keys: Vec<u64>,
+    keys: std::borrow::Cow<'a, [u64]>,
 }
 
 /// A remote pull's answer.
@@ -687,7 +688,7 @@ struct PullService {
 
 impl Service for PullService {
     fn call(&self, request: &[u8]) -> Result<Vec<u8>, String> {
-        let request: PullRequest =
+        let request: PullRequest<'_> =
             bincode::deserialize(request).map_err(|e| format!("a malformed pull request: {e}"))?;
         let mut out = Vec::with_capacity(request.keys.len());
         let answer: PullAnswer = self
@@ -1338,7 +1339,7 @@ impl PsClient {
                     .ok_or_else(|| unreachable("no peers".into()))?;
                 let request = bincode::serialize(&PullRequest {
                     step,
-                    keys: keys.to_vec(),
+                    keys: keys.into(),
                 })
                 .map_err(|e| unreachable(e.to_string()))?;
                 let answer = peers
@@ -1347,8 +1348,7 @@ impl PsClient {
                 let answer: PullAnswer =
                     bincode::deserialize(&answer).map_err(|e| unreachable(e.to_string()))?;
                 let (stats, weights) = answer?;
-                out.clear();
-                out.extend_from_slice(&weights);
+                *out = weights;
                 Ok(stats)
             }
         }

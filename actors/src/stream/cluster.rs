@@ -878,11 +878,7 @@ fn start_hosts(
         .iter()
         .filter_map(|(id, host)| {
             let task = plan.tasks.get(id.task)?;
-            // The head vertex's name as the graph was given it (the plan
-            // numbers vertices: `shard#4`).
-            let head = task.name.split(" -> ").next().unwrap_or(&task.name);
-            let head = head.split('#').next().unwrap_or(head);
-            Some((head.to_string(), id.subtask, host.clone()))
+            Some((task.head_name.clone(), id.subtask, host.clone()))
         })
         .collect();
     rt.block_on(async move {

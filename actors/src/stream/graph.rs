@@ -89,7 +89,10 @@ pub(crate) enum VertexKind {
 
 /// One vertex of the logical graph.
 pub(crate) struct Vertex {
+    /// The name, numbered to be unique in the graph (`shard#4`).
     pub name: String,
+    /// The name as the graph was given it (`shard`).
+    pub given_name: String,
     pub parallelism: usize,
     pub kind: VertexKind,
     /// Joins several stages consuming this vertex's output into one.
@@ -163,6 +166,7 @@ impl StreamEnv {
         let id = graph.vertices.len();
         graph.vertices.push(Vertex {
             name: format!("{name}#{id}"),
+            given_name: name.to_string(),
             parallelism,
             kind,
             fan_out: Arc::new(fan_out::<T>),

@@ -30,6 +30,8 @@ pub struct TaskDef {
     pub name: String,
     /// The head vertex (a source, or the one reading channels).
     pub head: VertexId,
+    /// The head vertex's name as the graph was given it.
+    pub head_name: String,
     /// Every vertex in the chain.
     pub vertices: Vec<VertexId>,
     /// Subtasks.
@@ -116,6 +118,7 @@ impl Plan {
                 id,
                 name,
                 head,
+                head_name: graph.vertices[head].given_name.clone(),
                 parallelism: graph.vertices[head].parallelism,
                 is_source: matches!(graph.vertices[head].kind, VertexKind::Source(_)),
                 vertices,

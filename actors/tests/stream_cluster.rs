@@ -4,6 +4,7 @@
 //! while the job runs, both commit every record exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::stream::cluster::{ClusterJob, JobParams, StorageSpec};
 use braid_actors::stream::functions::{KeyedProcessFunction, ProcessContext};
 use braid_actors::stream::graph::StreamEnv;
@@ -88,12 +89,13 @@ impl braid_actors::stream::operator::Operator for SlowSink {
         _v: u64,
         _t: Option<EventTime>,
         _out: &mut dyn braid_actors::stream::operator::Collector<()>,
-    ) {
+    ) -> Result<(), braid_actors::stream::operator::OperatorError> {
         std::thread::sleep(Duration::from_micros(200));
         self.consumed += 1;
         if self.consumed % 64 == 0 {
             write_count(&self.dir.join("consumed"), self.consumed);
         }
+        Ok(())
     }
 }
 
@@ -147,7 +149,9 @@ fn job(dir: &Path, records: u64, rate: Option<f64>) -> ClusterJob {
             retain: 3,
         },
         checkpoint_interval: Duration::from_millis(100),
-        max_failures: 10,
+        restart: RestartStrategy::fixed(10, Duration::ZERO),
+        checkpoint_timeout: Duration::from_secs(60),
+        resource_wait: Duration::from_secs(10),
         pace: SourcePace { batch: 256, rate },
         credits: 4,
         on_running: None,

@@ -4,6 +4,7 @@
 //! still exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::stream::cluster::{ClusterJob, JobParams, StorageSpec};
 use braid_actors::stream::graph::StreamEnv;
 use braid_actors::stream::runner::SourcePace;
@@ -53,7 +54,9 @@ fn a_job_spread_over_two_nodes_commits_every_record_once() {
             retain: 2,
         },
         checkpoint_interval: Duration::from_millis(100),
-        max_failures: 3,
+        restart: RestartStrategy::fixed(3, Duration::ZERO),
+        checkpoint_timeout: Duration::from_secs(60),
+        resource_wait: Duration::from_secs(10),
         pace: SourcePace::default(),
         credits: 4,
         on_running: None,

@@ -3,11 +3,12 @@
 //! every point of the checkpoint protocol, and the backpressure bound.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::checkpoint::storage::CheckpointStorage;
 use braid_actors::stream::coordinator::{FaultPoint, JobConfig};
 use braid_actors::stream::functions::{KeyedProcessFunction, ProcessContext};
 use braid_actors::stream::graph::StreamEnv;
-use braid_actors::stream::operator::{Collector, EventTime, Operator};
+use braid_actors::stream::operator::{Collector, EventTime, Operator, OperatorError};
 use braid_actors::stream::plan::Plan;
 use braid_actors::stream::sink::{committed_lines, TransactionalFileSink};
 use braid_actors::stream::source::GeneratorSource;
@@ -171,7 +172,7 @@ fn too_many_failures_end_the_job_with_a_typed_error() {
     let out = dir.path().join("out");
     let plan = build(5_000, &out, None, 1);
     let mut config = config(dir.path());
-    config.max_failures = 2;
+    config.restart = RestartStrategy::fixed(2, Duration::ZERO);
     config.faults = Some(Arc::new(|p| matches!(p, FaultPoint::BeforeBarrier(_))));
     let err = braid_actors::stream::local::run(&plan, config).unwrap_err();
     assert!(
@@ -189,9 +190,15 @@ struct Slow(Arc<AtomicU64>);
 impl Operator for Slow {
     type In = u64;
     type Out = ();
-    fn process(&mut self, _v: u64, _t: Option<EventTime>, _out: &mut dyn Collector<()>) {
+    fn process(
+        &mut self,
+        _v: u64,
+        _t: Option<EventTime>,
+        _out: &mut dyn Collector<()>,
+    ) -> Result<(), OperatorError> {
         std::thread::sleep(Duration::from_micros(200));
         self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -237,10 +244,16 @@ struct Collect<T>(Arc<std::sync::Mutex<Vec<T>>>);
 impl<T: Send + 'static> Operator for Collect<T> {
     type In = T;
     type Out = ();
-    fn process(&mut self, v: T, _t: Option<EventTime>, _out: &mut dyn Collector<()>) {
+    fn process(
+        &mut self,
+        v: T,
+        _t: Option<EventTime>,
+        _out: &mut dyn Collector<()>,
+    ) -> Result<(), OperatorError> {
         if let Ok(mut all) = self.0.lock() {
             all.push(v);
         }
+        Ok(())
     }
 }
 

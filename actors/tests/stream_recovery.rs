@@ -43,7 +43,7 @@ fn sink_of_generation(dir: &Path, generation: u64) -> LineSink {
 fn feed(sink: &mut LineSink, lines: &[&str]) {
     let mut out: Vec<((), Option<EventTime>)> = Vec::new();
     for l in lines {
-        sink.process((*l).to_string(), None, &mut out);
+        sink.process((*l).to_string(), None, &mut out).unwrap();
     }
 }
 
@@ -86,7 +86,7 @@ fn a_zombie_sink_of_an_older_generation_cannot_commit() {
     // Generation 1 writes epoch 1 and pre-commits it at the barrier.
     let mut a = sink_of_generation(&dir, 1);
     feed(&mut a, &["a1", "a2"]);
-    let a_snapshot = a.snapshot().encode().unwrap();
+    let a_snapshot = a.snapshot().unwrap().encode().unwrap();
     assert_eq!(pending_files(&dir), vec![pending_name(1, 1)]);
     assert!(
         committed_lines(&dir).unwrap().is_empty(),
@@ -107,13 +107,14 @@ fn a_zombie_sink_of_an_older_generation_cannot_commit() {
     // Zombie A keeps running: writes epoch 2, pre-commits it and is told
     // epoch 2 completed. It must not publish.
     feed(&mut a, &["zombie1", "zombie2"]);
-    let _ = a.snapshot().encode().unwrap();
+    let _ = a.snapshot().unwrap().encode().unwrap();
     assert!(
         pending_files(&dir).contains(&pending_name(2, 1)),
         "{:?}",
         pending_files(&dir)
     );
-    a.notify_checkpoint_complete(2);
+    let refused = a.notify_checkpoint_complete(2).unwrap_err();
+    assert!(refused.to_string().contains("fenced off"), "{refused}");
     let lines = committed_lines(&dir).unwrap();
     assert_eq!(lines, vec!["a1", "a2"], "the zombie published nothing");
     assert!(
@@ -129,8 +130,8 @@ fn a_zombie_sink_of_an_older_generation_cannot_commit() {
 
     // B commits its own epoch 2.
     feed(&mut b, &["b1", "b2", "b3"]);
-    let _ = b.snapshot().encode().unwrap();
-    b.notify_checkpoint_complete(2);
+    let _ = b.snapshot().unwrap().encode().unwrap();
+    b.notify_checkpoint_complete(2).unwrap();
     assert_eq!(
         committed_lines(&dir).unwrap(),
         vec!["a1", "a2", "b1", "b2", "b3"]
@@ -139,8 +140,8 @@ fn a_zombie_sink_of_an_older_generation_cannot_commit() {
 
     // A zombie retrying its commit afterwards must not replace B's part
     // file of the same epoch either.
-    a.notify_checkpoint_complete(2);
-    a.notify_checkpoint_complete(3);
+    assert!(a.notify_checkpoint_complete(2).is_err());
+    assert!(a.notify_checkpoint_complete(3).is_err());
     assert_eq!(
         committed_lines(&dir).unwrap(),
         vec!["a1", "a2", "b1", "b2", "b3"]
@@ -157,7 +158,7 @@ fn restore_commits_what_the_checkpoint_pre_committed_exactly_once() {
     // crashes before the checkpoint's completion reaches it.
     let mut first = sink_of_generation(&dir, 1);
     feed(&mut first, &["l1", "l2", "l3"]);
-    let snapshot = first.snapshot().encode().unwrap();
+    let snapshot = first.snapshot().unwrap().encode().unwrap();
     feed(&mut first, &["after-snapshot-g1"]);
     drop(first);
     assert_eq!(
@@ -197,8 +198,8 @@ fn restore_commits_what_the_checkpoint_pre_committed_exactly_once() {
 
     // And it goes on normally from epoch 2.
     feed(&mut third, &["l4"]);
-    let _ = third.snapshot().encode().unwrap();
-    third.notify_checkpoint_complete(2);
+    let _ = third.snapshot().unwrap().encode().unwrap();
+    third.notify_checkpoint_complete(2).unwrap();
     assert_eq!(committed_lines(&dir).unwrap(), vec!["l1", "l2", "l3", "l4"]);
     assert_eq!(third.error(), None);
 }
@@ -475,15 +476,16 @@ fn a_failed_commit_keeps_its_epochs_pending_for_a_later_commit() {
     let dir = tmp.path().join("out");
     let mut sink = sink_of_generation(&dir, 1);
     feed(&mut sink, &["e1"]);
-    let _ = sink.snapshot().encode().unwrap();
+    let _ = sink.snapshot().unwrap().encode().unwrap();
     feed(&mut sink, &["e2"]);
-    let _ = sink.snapshot().encode().unwrap();
+    let _ = sink.snapshot().unwrap().encode().unwrap();
     // Epoch 1's commit fails: its final name is taken by a non-empty
     // directory, so the rename is refused (a stand-in for any transient
     // I/O error).
     let blocker = dir.join(part_name(1));
     std::fs::create_dir_all(blocker.join("x")).unwrap();
-    sink.notify_checkpoint_complete(1);
+    let failed = sink.notify_checkpoint_complete(1).unwrap_err();
+    assert!(failed.to_string().contains("commit"), "{failed}");
     assert!(!dir.join(part_name(2)).exists(), "nothing committed");
     assert_eq!(
         pending_files(&dir),
@@ -494,7 +496,7 @@ fn a_failed_commit_keeps_its_epochs_pending_for_a_later_commit() {
     // reaches the sink, and the next generation restores it. Epochs 1
     // and 2 completed, so their records must be published, once.
     feed(&mut sink, &["e3"]);
-    let snapshot = sink.snapshot().encode().unwrap();
+    let snapshot = sink.snapshot().unwrap().encode().unwrap();
     drop(sink);
     let mut next = sink_of_generation(&dir, 2);
     next.restore(&snapshot).unwrap();

@@ -59,6 +59,7 @@ fn feed<A: Aggregator<u32>>(
             Event::Record { key, time, value } => op.process((key, value), time, out),
             Event::Watermark(w) => op.on_watermark(w, out),
         }
+        .unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
@@ -68,7 +69,7 @@ fn run_all<A: Aggregator<u32>>(
 ) -> Output<A::Out> {
     let mut out = Vec::new();
     feed(op, events, &mut out);
-    op.on_end(&mut out);
+    op.on_end(&mut out).unwrap_or_else(|e| panic!("{e}"));
     out
 }
 
@@ -364,14 +365,17 @@ proptest! {
 
         let mut continued = out.clone();
         feed(&mut first, suffix, &mut continued);
-        first.on_end(&mut continued);
+        first.on_end(&mut continued).unwrap_or_else(|e| panic!("{e}"));
         prop_assert_eq!(&continued, &expected);
 
-        let bytes = snapshot.encode().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let bytes = snapshot
+            .map_err(|e| TestCaseError::fail(e.to_string()))?
+            .encode()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let mut second = fresh();
         second.restore(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
         feed(&mut second, suffix, &mut out);
-        second.on_end(&mut out);
+        second.on_end(&mut out).unwrap_or_else(|e| panic!("{e}"));
         prop_assert_eq!(&out, &expected);
         prop_assert_eq!(second.late_records(), whole.late_records());
         prop_assert_eq!(second.untimed_records(), whole.untimed_records());
@@ -394,21 +398,21 @@ fn tumbling_time_fires_on_watermark_ordered_by_end_start_key() {
         &mut out,
     );
     assert!(out.is_empty());
-    op.on_watermark(9, &mut out);
+    op.on_watermark(9, &mut out).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.is_empty(), "window [0, 10) may still receive time 9");
-    op.on_watermark(10, &mut out);
+    op.on_watermark(10, &mut out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         out,
         vec![(res(1, 0, 10, 2), Some(9)), (res(2, 0, 10, 4), Some(9))]
     );
     out.clear();
-    op.on_watermark(30, &mut out);
+    op.on_watermark(30, &mut out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         out,
         vec![(res(1, 10, 20, 4), Some(19)), (res(1, 20, 30, 5), Some(29))]
     );
     out.clear();
-    op.on_end(&mut out);
+    op.on_end(&mut out).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.is_empty());
 }
 
@@ -438,7 +442,7 @@ fn late_record_is_counted_and_dropped() {
         &mut out,
     );
     assert_eq!(op.late_records(), 2);
-    op.on_end(&mut out);
+    op.on_end(&mut out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         out,
         vec![(res(0, 0, 10, 1), Some(9)), (res(0, 10, 20, 5), Some(19))]
@@ -471,9 +475,9 @@ fn allowed_lateness_refires_updated_window_until_it_expires() {
 fn untimed_records_are_counted_and_dropped_by_time_windows() {
     let mut op = sum_op(WindowSpec::TumblingTime { size: 10 });
     let mut out = Vec::new();
-    op.process((0, 5), None, &mut out);
-    op.process((0, 6), Some(1), &mut out);
-    op.on_end(&mut out);
+    op.process((0, 5), None, &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.process((0, 6), Some(1), &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.on_end(&mut out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out, vec![(res(0, 0, 10, 6), Some(9))]);
     assert_eq!(op.untimed_records(), 1);
     assert_eq!(op.late_records(), 0);
@@ -486,11 +490,11 @@ fn sliding_time_record_lands_in_several_windows() {
         slide: 10,
     });
     let mut out = Vec::new();
-    op.process((0, 1), Some(25), &mut out);
-    op.process((0, 10), Some(31), &mut out);
-    op.on_watermark(30, &mut out);
+    op.process((0, 1), Some(25), &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.process((0, 10), Some(31), &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.on_watermark(30, &mut out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out, vec![(res(0, 0, 30, 1), Some(29))]);
-    op.on_end(&mut out);
+    op.on_end(&mut out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         out,
         vec![
@@ -529,17 +533,17 @@ fn tumbling_count_fires_at_the_nth_record_of_each_key() {
         &mut out,
     );
     assert!(out.is_empty(), "count windows ignore watermarks");
-    op.process((0, 3), None, &mut out);
+    op.process((0, 3), None, &mut out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out, vec![(res(0, 1, 4, 6), None)]);
-    op.process((0, 4), Some(7), &mut out);
-    op.process((0, 5), Some(8), &mut out);
-    op.process((0, 6), Some(9), &mut out);
+    op.process((0, 4), Some(7), &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.process((0, 5), Some(8), &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.process((0, 6), Some(9), &mut out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         out,
         vec![(res(0, 1, 4, 6), None), (res(0, 4, 7, 15), Some(9))]
     );
     let before_end = out.len();
-    op.on_end(&mut out);
+    op.on_end(&mut out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.len(), before_end, "incomplete count windows never fire");
 }
 
@@ -568,9 +572,10 @@ fn reduce_combines_values_pairwise() {
 #[test]
 fn restore_rejects_a_snapshot_of_another_configuration() {
     let mut op = sum_op(WindowSpec::TumblingTime { size: 10 });
-    let bytes = match op.snapshot().encode() {
-        Ok(bytes) => bytes,
-        Err(e) => panic!("encode: {e}"),
+    let bytes = match op.snapshot().map(|s| s.encode()) {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => panic!("encode: {e}"),
+        Err(e) => panic!("snapshot: {e}"),
     };
     let mut other = sum_op(WindowSpec::TumblingTime { size: 20 });
     assert!(other.restore(&bytes).is_err());

@@ -6,6 +6,7 @@
 //! recovers from its last checkpoint.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::checkpoint::storage::CheckpointStorage;
 use braid_actors::stream::cluster::{ClusterJob, JobParams, StorageSpec};
 use braid_actors::stream::coordinator::JobConfig;
@@ -100,7 +101,9 @@ fn cluster_job(dir: &Path, predictions: &Path) -> ClusterJob {
             retain: 2,
         },
         checkpoint_interval: Duration::from_millis(200),
-        max_failures: 3,
+        restart: RestartStrategy::fixed(3, Duration::ZERO),
+        checkpoint_timeout: Duration::from_secs(60),
+        resource_wait: Duration::from_secs(10),
         pace: SourcePace {
             batch: 256,
             rate: None,

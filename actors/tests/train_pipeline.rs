@@ -2,6 +2,7 @@
 //! serving and evaluation; BSP determinism and replay after a crash;
 //! SSP's staleness bound; accuracy against Vowpal Wabbit.
 
+use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::checkpoint::storage::CheckpointStorage;
 use braid_actors::stream::coordinator::{JobConfig, JobReport};
 use braid_actors::stream::graph::StreamEnv;
@@ -60,7 +61,7 @@ fn run(mut config: PipelineConfig, rows: u64, checkpoint_ms: u64) -> Run {
     .unwrap_or_else(|e| panic!("build: {e}"));
     let mut job = JobConfig::new(CheckpointStorage::in_memory(&ps.name, 3));
     job.checkpoint_interval = Duration::from_millis(checkpoint_ms);
-    job.max_failures = 3;
+    job.restart = RestartStrategy::fixed(3, Duration::ZERO);
     let report =
         local::run(&Plan::new(env.into_graph()), job).unwrap_or_else(|e| panic!("run: {e}"));
     let models = (0..ps.shards)

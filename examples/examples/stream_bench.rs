@@ -12,7 +12,7 @@
 use anyhow::Context as _;
 use braid_actors::stream::cluster::{ClusterJob, JobParams, OnRunning, StorageSpec};
 use braid_actors::stream::graph::StreamEnv;
-use braid_actors::stream::operator::{Collector, EventTime, Operator};
+use braid_actors::stream::operator::{Collector, EventTime, Operator, OperatorError};
 use braid_actors::stream::runner::SourcePace;
 use braid_actors::stream::source::GeneratorSource;
 use clap::Parser;
@@ -42,8 +42,14 @@ struct CountSink(u64);
 impl Operator for CountSink {
     type In = (u64, u64);
     type Out = ();
-    fn process(&mut self, _v: (u64, u64), _t: Option<EventTime>, _out: &mut dyn Collector<()>) {
+    fn process(
+        &mut self,
+        _v: (u64, u64),
+        _t: Option<EventTime>,
+        _out: &mut dyn Collector<()>,
+    ) -> Result<(), OperatorError> {
         self.0 += 1;
+        Ok(())
     }
 }
 
@@ -85,27 +91,26 @@ fn job(
     params.insert("records".into(), args.records.to_string());
     params.insert("parallelism".into(), args.parallelism.to_string());
     ClusterJob {
-        job: "stream_bench".into(),
-        params,
-        storage: StorageSpec {
-            dir: dir.to_path_buf(),
-            job: "bench".into(),
-            retain: 2,
-        },
         checkpoint_interval: interval,
-        max_failures: 5,
         pace: SourcePace {
             batch: 1024,
             rate: None,
         },
-        credits: 8,
         on_running,
-        spread: false,
-        nodes_used: Default::default(),
+        ..ClusterJob::new(
+            "stream_bench",
+            params,
+            StorageSpec {
+                dir: dir.to_path_buf(),
+                job: "bench".into(),
+                retain: 2,
+            },
+        )
     }
 }
 
 fn main() -> anyhow::Result<()> {
+    braid_examples::init_logging();
     let args = Args::parse();
     let rt = braid::init_blocking().context("start an embedded cluster")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;

@@ -205,6 +205,7 @@ fn chaos_job(params: &JobParams) -> StreamEnv {
 braid_actors::stream_job!(CHAOS, "streaming_exactly_once", chaos_job);
 
 fn main() -> anyhow::Result<()> {
+    braid_examples::init_logging();
     let args = Args::parse();
     let scratch = tempfile::tempdir()?;
     let out = args
@@ -257,20 +258,18 @@ fn main() -> anyhow::Result<()> {
 
     let rate = (args.rate > 0.0).then(|| args.rate / args.parallelism.max(1) as f64);
     let job = ClusterJob {
-        job: "streaming_exactly_once".into(),
-        params,
-        storage: StorageSpec {
-            dir: scratch.path().join("checkpoints"),
-            job: "chaos".into(),
-            retain: 3,
-        },
         checkpoint_interval: Duration::from_millis(args.checkpoint_ms.max(1)),
-        max_failures: u32::MAX,
         pace: SourcePace { batch: 512, rate },
-        credits: 8,
         on_running,
-        spread: false,
-        nodes_used: Default::default(),
+        ..ClusterJob::new(
+            "streaming_exactly_once",
+            params,
+            StorageSpec {
+                dir: scratch.path().join("checkpoints"),
+                job: "chaos".into(),
+                retain: 3,
+            },
+        )
     };
     let started = Instant::now();
     let report = braid_actors::stream::cluster::run(&rt, job)?;

@@ -11,7 +11,6 @@
 use anyhow::Context as _;
 use braid_actors::stream::cluster::{ClusterJob, JobParams, StorageSpec};
 use braid_actors::stream::graph::StreamEnv;
-use braid_actors::stream::runner::SourcePace;
 use braid_actors::stream::sink::{committed_lines, TransactionalFileSink};
 use braid_actors::stream::source::{FileSource, GeneratorSource};
 use clap::Parser;
@@ -97,6 +96,7 @@ fn wordcount(params: &JobParams) -> StreamEnv {
 braid_actors::stream_job!(WORDCOUNT, "streaming_wordcount", wordcount);
 
 fn main() -> anyhow::Result<()> {
+    braid_examples::init_logging();
     let args = Args::parse();
     let scratch = tempfile::tempdir()?;
     let out = args
@@ -120,20 +120,16 @@ fn main() -> anyhow::Result<()> {
     let report = braid_actors::stream::cluster::run(
         &rt,
         ClusterJob {
-            job: "streaming_wordcount".into(),
-            params,
-            storage: StorageSpec {
-                dir: scratch.path().join("checkpoints"),
-                job: "wordcount".into(),
-                retain: 2,
-            },
             checkpoint_interval: Duration::from_millis(args.checkpoint_ms.max(1)),
-            max_failures: 3,
-            pace: SourcePace::default(),
-            credits: 8,
-            on_running: None,
-            spread: false,
-            nodes_used: Default::default(),
+            ..ClusterJob::new(
+                "streaming_wordcount",
+                params,
+                StorageSpec {
+                    dir: scratch.path().join("checkpoints"),
+                    job: "wordcount".into(),
+                    retain: 2,
+                },
+            )
         },
     )?;
     let mut totals: BTreeMap<String, u64> = BTreeMap::new();

@@ -12,3 +12,15 @@ pub fn sigkill(pid: u32) -> std::io::Result<()> {
     rustix::process::kill_process(pid, rustix::process::Signal::KILL)?;
     Ok(())
 }
+
+/// Logs to stderr: `RUST_LOG` if set, else warnings and errors, and the
+/// streaming engine's recoveries at info, so a failure and what the job
+/// did about it are never silent.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,braid_actors::stream=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

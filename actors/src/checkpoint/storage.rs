@@ -80,6 +80,8 @@ const STATE_DIR: &str = "state";
 const MANIFEST_FILE: &str = "manifest.json";
 const MARKER_FILE: &str = "_COMMITTED";
 const MANIFEST_MAGIC: &str = "braid-manifest v1";
+const QUARANTINE_DIR: &str = "corrupt";
+const GENERATION_FILE: &str = "_GENERATION";
 const IO_CONCURRENCY: usize = 8;
 
 /// A checkpoint's number; increases by one per checkpoint within a job.
@@ -175,6 +177,16 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What [`CheckpointStorage::recover`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recovery {
+    /// The newest checkpoint that verifies, if any.
+    pub manifest: Option<Manifest>,
+    /// Newer committed checkpoints that failed verification, newest
+    /// first: each was moved aside (see [`CheckpointStorage::quarantine`]).
+    pub quarantined: Vec<Epoch>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -373,6 +385,110 @@ impl CheckpointStorage {
             }
         }
         Ok(None)
+    }
+
+    /// Like [`latest`](Self::latest), but a committed checkpoint that fails
+    /// verification is moved aside ([`quarantine`](Self::quarantine)) rather
+    /// than skipped, so it is never found again, never reused, and its epoch
+    /// can be committed anew. What a recovering coordinator calls.
+    pub async fn recover(&self) -> Result<Recovery, StorageError> {
+        let mut quarantined = Vec::new();
+        for epoch in self.committed_epochs().await? {
+            match self.load_verified(epoch).await {
+                Ok(manifest) => {
+                    return Ok(Recovery {
+                        manifest: Some(manifest),
+                        quarantined,
+                    })
+                }
+                Err(e @ StorageError::Store { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(
+                        job = %self.job,
+                        epoch = epoch.0,
+                        error = %e,
+                        "moving aside a committed checkpoint that fails verification"
+                    );
+                    self.quarantine(epoch, &e.to_string()).await?;
+                    quarantined.push(epoch);
+                }
+            }
+        }
+        Ok(Recovery {
+            manifest: None,
+            quarantined,
+        })
+    }
+
+    /// Moves every object of `epoch` under `<job>/corrupt/chk-<epoch>-<nonce>/`
+    /// (its commit marker first, so a half-moved checkpoint is never
+    /// committed), beside a `REASON` file saying why: kept for inspection,
+    /// never restored, and the epoch is free to be committed again.
+    pub async fn quarantine(&self, epoch: Epoch, reason: &str) -> Result<(), StorageError> {
+        let dir = self.checkpoint_dir(epoch);
+        let aside = self.root.child(QUARANTINE_DIR).child(format!(
+            "{CHECKPOINT_DIR_PREFIX}{:020}-{:016x}",
+            epoch.0,
+            write_nonce()
+        ));
+        self.put(&aside.child("REASON"), Bytes::from(reason.to_owned()))
+            .await?;
+        let mut objects = self.scan().await?.remove(&epoch).unwrap_or_default().objects;
+        let marker = self.marker_path(epoch);
+        objects.sort_by_key(|path| *path != marker);
+        for path in objects {
+            let Some(rest) = path.prefix_match(&dir) else {
+                continue;
+            };
+            let target = rest.fold(aside.clone(), |to, part| to.child(part.as_ref()));
+            match self.store.rename(&path, &target).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(source) => return Err(store_error("rename", &path, source)),
+            }
+        }
+        Ok(())
+    }
+
+    /// A generation number above every one this job's storage has seen
+    /// (in state blobs' names, moved-aside checkpoints included, and in the
+    /// last claim), and at least `above + 1`; recorded, so the next claim
+    /// goes higher still. A coordinator that starts over (its process died)
+    /// claims one, so no name it writes can collide with an earlier
+    /// process's and no sink fence holds it off.
+    pub async fn claim_generation(&self, above: u64) -> Result<u64, StorageError> {
+        let claimed_path = self.root.child(GENERATION_FILE);
+        let mut highest = above;
+        match self.store.get(&claimed_path).await {
+            Ok(got) => {
+                let bytes = got
+                    .bytes()
+                    .await
+                    .map_err(|e| store_error("read", &claimed_path, e))?;
+                if let Some(g) = std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                {
+                    highest = highest.max(g);
+                }
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(source) => return Err(store_error("get", &claimed_path, source)),
+        }
+        let mut listing = self.store.list(Some(&self.root));
+        while let Some(item) = listing.next().await {
+            let meta = match item {
+                Ok(meta) => meta,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(source) => return Err(store_error("list", &self.root, source)),
+            };
+            if let Some(g) = meta.location.filename().and_then(state_generation) {
+                highest = highest.max(g);
+            }
+        }
+        let next = highest.saturating_add(1);
+        self.put(&claimed_path, Bytes::from(next.to_string()))
+            .await?;
+        Ok(next)
     }
 
     /// Reads one state blob, verifying its length and CRC32;
@@ -729,6 +845,16 @@ fn parse_path(raw: &str) -> Result<Path, StorageError> {
         path: raw.to_owned(),
         reason: format!("not a valid object path: {e}"),
     })
+}
+
+/// The generation in a state blob's name, `<operator>-g<generation>-<16 hex>`.
+fn state_generation(name: &str) -> Option<u64> {
+    let (rest, nonce) = name.rsplit_once('-')?;
+    if nonce.len() != 16 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let (_, generation) = rest.rsplit_once("-g")?;
+    generation.parse().ok()
 }
 
 fn parse_checkpoint_dir(name: &str) -> Option<Epoch> {

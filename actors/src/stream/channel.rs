@@ -4,8 +4,8 @@
 //! batch and pushes its records into a chain. Barriers and watermarks
 //! travel in band, after the records sent before them.
 
-use super::operator::{EventTime, StateError};
-use super::stage::{ChainSnapshot, Stage};
+use super::operator::EventTime;
+use super::stage::{ChainSnapshot, Stage, StageError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::any::Any;
@@ -122,7 +122,7 @@ pub enum ChannelMsg {
 }
 
 /// Why a channel's bytes could not be used.
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
 pub enum ChannelError {
     /// A batch did not decode as the records this input expects.
     #[error("a batch does not decode: {0}")]
@@ -219,52 +219,57 @@ impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
         self
     }
 
-    /// The first send error, if any: the subtask must stop.
-    pub fn failure(&mut self) -> Option<ChannelError> {
-        self.failed.take()
-    }
-
-    fn buffer(&mut self, channel: usize, value: T, time: Option<EventTime>) {
+    fn buffer(
+        &mut self,
+        channel: usize,
+        value: T,
+        time: Option<EventTime>,
+    ) -> Result<(), ChannelError> {
         let buf = self.buffers.entry(channel).or_default();
         buf.push((value, time));
         if buf.len() >= self.max_batch {
             let batch = std::mem::take(buf);
-            self.send_batch(channel, batch);
+            self.send_batch(channel, batch)?;
         }
+        Ok(())
     }
 
-    fn send_batch(&mut self, channel: usize, batch: Vec<(T, Option<EventTime>)>) {
-        if batch.is_empty() || self.failed.is_some() {
-            return;
+    fn send_batch(
+        &mut self,
+        channel: usize,
+        batch: Vec<(T, Option<EventTime>)>,
+    ) -> Result<(), ChannelError> {
+        if batch.is_empty() {
+            return Ok(());
         }
         if self.outbox.in_process() {
-            self.send(channel, ChannelMsg::Records(LocalRecords::new(batch)));
-            return;
+            return self.send(channel, ChannelMsg::Records(LocalRecords::new(batch)));
         }
-        match bincode::serialize(&batch) {
-            Ok(bytes) => self.send(channel, ChannelMsg::Batch(bytes)),
-            Err(e) => self.failed = Some(ChannelError::Decode(e.to_string())),
-        }
+        let bytes = bincode::serialize(&batch).map_err(|e| ChannelError::Decode(e.to_string()))?;
+        self.send(channel, ChannelMsg::Batch(bytes))
     }
 
-    fn send(&mut self, channel: usize, msg: ChannelMsg) {
-        if self.failed.is_some() {
-            return;
+    /// Sends `msg`; after a failure, fails again without sending, so no
+    /// message follows a lost one on any channel.
+    fn send(&mut self, channel: usize, msg: ChannelMsg) -> Result<(), ChannelError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
         }
-        if let Err(e) = self.outbox.send(channel, msg) {
-            self.failed = Some(e);
-        }
+        self.outbox.send(channel, msg).inspect_err(|e| {
+            self.failed = Some(e.clone());
+        })
     }
 
-    fn flush_all(&mut self) {
+    fn flush_all(&mut self) -> Result<(), ChannelError> {
         let mut channels: Vec<usize> = self.buffers.keys().copied().collect();
         channels.sort_unstable();
         for channel in channels {
             if let Some(buf) = self.buffers.get_mut(&channel) {
                 let batch = std::mem::take(buf);
-                self.send_batch(channel, batch);
+                self.send_batch(channel, batch)?;
             }
         }
+        Ok(())
     }
 
     fn all_channels(&self) -> Vec<usize> {
@@ -279,16 +284,17 @@ impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
     }
 
     /// Flushes, then sends `msg` on every output channel.
-    pub fn broadcast(&mut self, msg: ChannelMsg) {
-        self.flush_all();
+    pub fn broadcast(&mut self, msg: ChannelMsg) -> Result<(), ChannelError> {
+        self.flush_all()?;
         for channel in self.all_channels() {
-            self.send(channel, msg.clone());
+            self.send(channel, msg.clone())?;
         }
+        Ok(())
     }
 }
 
 impl<T: Serialize + Clone + Send + 'static> Stage<T> for ChannelOut<T> {
-    fn push(&mut self, value: T, time: Option<EventTime>) {
+    fn push(&mut self, value: T, time: Option<EventTime>) -> Result<(), StageError> {
         let mut targets: Vec<usize> = Vec::new();
         for (i, edge) in self.edges.iter().enumerate() {
             match &edge.partitioner {
@@ -311,38 +317,39 @@ impl<T: Serialize + Clone + Send + 'static> Stage<T> for ChannelOut<T> {
         }
         if let Some((last, rest)) = targets.split_last() {
             for &channel in rest {
-                self.buffer(channel, value.clone(), time);
+                self.buffer(channel, value.clone(), time)?;
             }
-            self.buffer(*last, value, time);
+            self.buffer(*last, value, time)?;
         }
-    }
-
-    fn watermark(&mut self, watermark: EventTime) {
-        self.broadcast(ChannelMsg::Watermark(watermark));
-    }
-
-    fn end(&mut self) {
-        self.broadcast(ChannelMsg::End);
-    }
-
-    fn snapshot(&mut self, _into: &mut ChainSnapshot) {}
-
-    fn restore(&mut self, _states: &HashMap<String, Vec<u8>>) -> Result<(), StateError> {
         Ok(())
     }
 
-    fn flush(&mut self) {
-        self.flush_all();
+    fn watermark(&mut self, watermark: EventTime) -> Result<(), StageError> {
+        Ok(self.broadcast(ChannelMsg::Watermark(watermark))?)
     }
 
-    fn checkpoint_complete(&mut self, _epoch: u64) {}
-
-    fn barrier(&mut self, epoch: u64) {
-        self.broadcast(ChannelMsg::Barrier(epoch));
+    fn end(&mut self) -> Result<(), StageError> {
+        Ok(self.broadcast(ChannelMsg::End)?)
     }
 
-    fn take_failure(&mut self) -> Option<ChannelError> {
-        self.failure()
+    fn snapshot(&mut self, _epoch: u64, _into: &mut ChainSnapshot) -> Result<(), StageError> {
+        Ok(())
+    }
+
+    fn restore(&mut self, _states: &HashMap<String, Vec<u8>>) -> Result<(), StageError> {
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StageError> {
+        Ok(self.flush_all()?)
+    }
+
+    fn checkpoint_complete(&mut self, _epoch: u64) -> Result<(), StageError> {
+        Ok(())
+    }
+
+    fn barrier(&mut self, epoch: u64) -> Result<(), StageError> {
+        Ok(self.broadcast(ChannelMsg::Barrier(epoch))?)
     }
 }
 
@@ -362,9 +369,9 @@ impl<T> BatchIn<T> {
 /// drives.
 pub trait BatchSink: Send {
     /// Decodes a batch and pushes its records through the chain.
-    fn deliver(&mut self, bytes: &[u8]) -> Result<usize, ChannelError>;
+    fn deliver(&mut self, bytes: &[u8]) -> Result<usize, StageError>;
     /// Pushes records passed by pointer through the chain.
-    fn deliver_records(&mut self, records: &LocalRecords) -> Result<usize, ChannelError>;
+    fn deliver_records(&mut self, records: &LocalRecords) -> Result<usize, StageError>;
     /// The chain itself, for control events.
     fn chain(&mut self) -> &mut dyn ChainControl;
 }
@@ -372,68 +379,63 @@ pub trait BatchSink: Send {
 /// The control half of a chain, independent of its record type.
 pub trait ChainControl: Send {
     /// See [`Stage::watermark`].
-    fn watermark(&mut self, watermark: EventTime);
+    fn watermark(&mut self, watermark: EventTime) -> Result<(), StageError>;
     /// See [`Stage::end`].
-    fn end(&mut self);
+    fn end(&mut self) -> Result<(), StageError>;
     /// See [`Stage::snapshot`].
-    fn snapshot(&mut self, into: &mut ChainSnapshot);
+    fn snapshot(&mut self, epoch: u64, into: &mut ChainSnapshot) -> Result<(), StageError>;
     /// See [`Stage::restore`].
-    fn restore(&mut self, states: &HashMap<String, Vec<u8>>) -> Result<(), StateError>;
+    fn restore(&mut self, states: &HashMap<String, Vec<u8>>) -> Result<(), StageError>;
     /// See [`Stage::flush`].
-    fn flush(&mut self);
+    fn flush(&mut self) -> Result<(), StageError>;
     /// See [`Stage::barrier`].
-    fn barrier(&mut self, epoch: u64);
+    fn barrier(&mut self, epoch: u64) -> Result<(), StageError>;
     /// See [`Stage::checkpoint_complete`].
-    fn checkpoint_complete(&mut self, epoch: u64);
-    /// See [`Stage::take_failure`].
-    fn take_failure(&mut self) -> Option<ChannelError>;
+    fn checkpoint_complete(&mut self, epoch: u64) -> Result<(), StageError>;
 }
 
 impl<T: 'static> ChainControl for Box<dyn Stage<T>> {
-    fn watermark(&mut self, watermark: EventTime) {
+    fn watermark(&mut self, watermark: EventTime) -> Result<(), StageError> {
         (**self).watermark(watermark)
     }
-    fn end(&mut self) {
+    fn end(&mut self) -> Result<(), StageError> {
         (**self).end()
     }
-    fn snapshot(&mut self, into: &mut ChainSnapshot) {
-        (**self).snapshot(into)
+    fn snapshot(&mut self, epoch: u64, into: &mut ChainSnapshot) -> Result<(), StageError> {
+        (**self).snapshot(epoch, into)
     }
-    fn restore(&mut self, states: &HashMap<String, Vec<u8>>) -> Result<(), StateError> {
+    fn restore(&mut self, states: &HashMap<String, Vec<u8>>) -> Result<(), StageError> {
         (**self).restore(states)
     }
-    fn flush(&mut self) {
+    fn flush(&mut self) -> Result<(), StageError> {
         (**self).flush()
     }
-    fn barrier(&mut self, epoch: u64) {
+    fn barrier(&mut self, epoch: u64) -> Result<(), StageError> {
         (**self).barrier(epoch)
     }
-    fn checkpoint_complete(&mut self, epoch: u64) {
+    fn checkpoint_complete(&mut self, epoch: u64) -> Result<(), StageError> {
         (**self).checkpoint_complete(epoch)
-    }
-    fn take_failure(&mut self) -> Option<ChannelError> {
-        (**self).take_failure()
     }
 }
 
 impl<T: DeserializeOwned + Send + 'static> BatchSink for BatchIn<T> {
-    fn deliver(&mut self, bytes: &[u8]) -> Result<usize, ChannelError> {
+    fn deliver(&mut self, bytes: &[u8]) -> Result<usize, StageError> {
         let records: Vec<(T, Option<EventTime>)> =
             bincode::deserialize(bytes).map_err(|e| ChannelError::Decode(e.to_string()))?;
         let n = records.len();
         for (value, time) in records {
-            self.chain.push(value, time);
+            self.chain.push(value, time)?;
         }
         Ok(n)
     }
 
-    fn deliver_records(&mut self, records: &LocalRecords) -> Result<usize, ChannelError> {
+    fn deliver_records(&mut self, records: &LocalRecords) -> Result<usize, StageError> {
         let records: Vec<(T, Option<EventTime>)> = records.take().ok_or_else(|| {
             ChannelError::Decode("records by pointer of another type, or taken twice".into())
         })?;
         let n = records.len();
         for (value, time) in records {
-            self.chain.push(value, time);
+            self.chain.push(value, time)?;
         }
         Ok(n)
     }

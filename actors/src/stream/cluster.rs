@@ -22,10 +22,14 @@
 
 use super::channel::{ChannelError, ChannelMsg, Outbox};
 use super::context::TaskContext;
-use super::coordinator::{Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport, Restored};
+use super::coordinator::{
+    AttemptFailure, Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport, Restored,
+    DEFAULT_RESOURCE_WAIT,
+};
 use super::graph::StreamEnv;
 use super::plan::{Plan, SubtaskId};
-use super::runner::{self, Command, Inbox, Reporter, SourcePace, TaskExit};
+use super::restart::RestartStrategy;
+use super::runner::{self, Command, Inbox, Reporter, SourcePace, TaskError, TaskExit};
 use super::service::{CallError, Peers};
 use super::stage::ChainSnapshot;
 use crate::checkpoint::storage::{CheckpointStorage, Epoch, StateHandle};
@@ -129,14 +133,12 @@ pub struct HostSpec {
 pub enum HostEvent {
     /// State of an epoch stored.
     Stored(u64, StateHandle),
-    /// Storing a snapshot failed.
-    StoreFailed(String),
     /// A source read all its input.
     Exhausted,
     /// The subtask finished.
     Finished,
-    /// The subtask failed.
-    Failed(String),
+    /// The subtask failed, or storing its snapshot did.
+    Failed(AttemptFailure),
 }
 
 type SlotReceiver = crossbeam_channel::Receiver<(u64, ChannelMsg)>;
@@ -162,7 +164,9 @@ struct Shared {
     command_rx: Mutex<Option<crossbeam_channel::Receiver<Command>>>,
     targets: Mutex<Vec<(SubtaskHostHandle, usize)>>,
     peers: Mutex<HashMap<(String, usize), SubtaskHostHandle>>,
-    storage: CheckpointStorage,
+    /// The job's checkpoint storage, or why it cannot be opened here (a
+    /// snapshot then fails the attempt, rather than going nowhere).
+    storage: Result<CheckpointStorage, String>,
 }
 
 impl Shared {
@@ -207,10 +211,7 @@ impl SubtaskHost {
             consumed_rx.push(watch_rx);
         }
         let (commands, command_rx) = crossbeam_channel::unbounded();
-        let storage = spec
-            .storage
-            .open()
-            .unwrap_or_else(|_| CheckpointStorage::in_memory(&spec.storage.job, 1));
+        let storage = spec.storage.open();
         SubtaskHost {
             shared: Arc::new(Shared {
                 spec,
@@ -257,13 +258,17 @@ impl SubtaskHost {
     }
 
     /// Builds the subtask, restores it, and starts its thread.
-    fn start(&self, restored: Option<Restored>) -> Result<(), String> {
+    fn start(&self, restored: Option<Restored>) -> Result<(), AttemptFailure> {
         let spec = &self.shared.spec;
-        let plan = plan_of(&spec.job, &spec.params)?;
         let id = SubtaskId {
             task: spec.task,
             subtask: spec.subtask,
         };
+        let lost = |cause: String| AttemptFailure::Lost {
+            subtask: id.to_string(),
+            cause,
+        };
+        let plan = plan_of(&spec.job, &spec.params).map_err(lost)?;
         let parallelism = plan.tasks.get(spec.task).map_or(1, |t| t.parallelism);
         let context = TaskContext {
             subtask: spec.subtask,
@@ -272,7 +277,7 @@ impl SubtaskHost {
             restored_epoch: spec.restored_epoch,
         };
         context.enter();
-        let rt = braid::current().map_err(|e| e.to_string())?;
+        let rt = braid::current().map_err(|e| lost(e.to_string()))?;
         let peers: Arc<dyn Peers> = Arc::new(HostPeers {
             rt: rt.clone(),
             hosts: self.shared.peers.lock().clone(),
@@ -291,20 +296,16 @@ impl SubtaskHost {
         };
         let mut head = plan.build(id, &outbox);
         if let Some((states, offset)) = restored {
-            runner::restore(&mut head, &states, offset.as_deref()).map_err(|e| e.to_string())?;
+            runner::restore(&mut head, &states, offset.as_deref()).map_err(|error| {
+                AttemptFailure::Subtask {
+                    subtask: id.to_string(),
+                    error,
+                }
+            })?;
         }
-        let receivers = self
-            .shared
-            .receivers
-            .lock()
-            .take()
-            .ok_or("the subtask was already started")?;
-        let command_rx = self
-            .shared
-            .command_rx
-            .lock()
-            .take()
-            .ok_or("the subtask was already started")?;
+        let started = || lost("the subtask was already started".into());
+        let receivers = self.shared.receivers.lock().take().ok_or_else(started)?;
+        let command_rx = self.shared.command_rx.lock().take().ok_or_else(started)?;
         let inbox: Option<Box<dyn Inbox>> = if receivers.is_empty() {
             None
         } else {
@@ -333,11 +334,17 @@ impl SubtaskHost {
                 }));
                 match outcome {
                     Ok(Ok(TaskExit::Finished)) | Ok(Ok(TaskExit::Stopped)) => {}
-                    Ok(Err(e)) => shared.push_event(HostEvent::Failed(e.to_string())),
-                    Err(_) => shared.push_event(HostEvent::Failed(format!("{id} panicked"))),
+                    Ok(Err(error)) => shared.push_event(HostEvent::Failed(AttemptFailure::Subtask {
+                        subtask: id.to_string(),
+                        error,
+                    })),
+                    Err(panic) => shared.push_event(HostEvent::Failed(AttemptFailure::Lost {
+                        subtask: id.to_string(),
+                        cause: format!("panicked: {}", super::local::panic_message(&panic)),
+                    })),
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| lost(format!("cannot start its thread: {e}")))?;
         Ok(())
     }
 
@@ -354,8 +361,12 @@ impl SubtaskHost {
                         ChannelMsg::Shared(super::channel::SharedBatch(Arc::new(ViewBytes(view))))
                     }
                     Err(e) => {
-                        self.shared
-                            .push_event(HostEvent::Failed(format!("a stored batch is lost: {e}")));
+                        self.shared.push_event(HostEvent::Failed(AttemptFailure::Subtask {
+                            subtask: format!("{}-{}", self.shared.spec.task, self.shared.spec.subtask),
+                            error: TaskError::Channel(super::channel::ChannelError::Decode(
+                                format!("a stored batch is lost: {e}"),
+                            )),
+                        }));
                         return false;
                     }
                 }
@@ -603,8 +614,14 @@ impl Reporter for HostReporter {
         let shared = self.shared.clone();
         let id = self.id;
         let generation = shared.spec.generation;
+        let storage_failed = move |cause: String| {
+            HostEvent::Failed(AttemptFailure::Storage {
+                epoch,
+                cause: format!("{id}: {cause}"),
+            })
+        };
         let Ok(rt) = braid::current() else {
-            shared.push_event(HostEvent::StoreFailed("no runtime".into()));
+            shared.push_event(storage_failed("no runtime".into()));
             return;
         };
         rt.spawn(async move {
@@ -615,21 +632,27 @@ impl Reporter for HostReporter {
             let bytes = match encoded {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
-                    shared.push_event(HostEvent::StoreFailed(format!("{id}: {e}")));
+                    shared.push_event(HostEvent::Failed(AttemptFailure::Subtask {
+                        subtask: id.to_string(),
+                        error: TaskError::State(e),
+                    }));
                     return;
                 }
                 Err(e) => {
-                    shared.push_event(HostEvent::StoreFailed(format!("{id}: {e}")));
+                    shared.push_event(storage_failed(format!("encoding panicked: {e}")));
                     return;
                 }
             };
-            match shared
-                .storage
-                .write_state(Epoch(epoch), generation, &id.to_string(), bytes)
-                .await
-            {
+            let stored = match &shared.storage {
+                Ok(storage) => storage
+                    .write_state(Epoch(epoch), generation, &id.to_string(), bytes)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.clone()),
+            };
+            match stored {
                 Ok(handle) => shared.push_event(HostEvent::Stored(epoch, handle)),
-                Err(e) => shared.push_event(HostEvent::StoreFailed(format!("{id}: {e}"))),
+                Err(e) => shared.push_event(storage_failed(e)),
             }
         });
     }
@@ -651,7 +674,7 @@ impl Reporter for HostReporter {
     }
 }
 
-/// How a job runs on the cluster.
+/// How a job runs on the cluster. [`ClusterJob::new`] fills in defaults.
 pub struct ClusterJob {
     /// The registered job's name.
     pub job: String,
@@ -659,11 +682,16 @@ pub struct ClusterJob {
     pub params: JobParams,
     /// Checkpoint storage (a directory every node reaches).
     pub storage: StorageSpec,
-    /// Coordinator settings (its `storage` is ignored: `storage` above
-    /// is opened instead).
+    /// Time between checkpoints.
     pub checkpoint_interval: Duration,
-    /// Failed attempts tolerated.
-    pub max_failures: u32,
+    /// A checkpoint not completed this long after its barrier fails the
+    /// attempt.
+    pub checkpoint_timeout: Duration,
+    /// When failed attempts restart, and when the job gives up.
+    pub restart: RestartStrategy,
+    /// How long attempts may fail to be placed (no node can host the
+    /// subtasks, or the head is gone) before the job fails.
+    pub resource_wait: Duration,
     /// Source pace.
     pub pace: SourcePace,
     /// Calls in flight per channel.
@@ -680,20 +708,46 @@ pub struct ClusterJob {
     pub nodes_used: Arc<Mutex<usize>>,
 }
 
+impl ClusterJob {
+    /// Job `job` with `params`, checkpointed to `storage`, with the
+    /// defaults of [`JobConfig::new`]: checkpoints every second, the
+    /// default restart strategy, 8 s of waiting for resources, 8 credits,
+    /// unthrottled sources, placement left to the scheduler.
+    pub fn new(job: impl Into<String>, params: JobParams, storage: StorageSpec) -> Self {
+        ClusterJob {
+            job: job.into(),
+            params,
+            storage,
+            checkpoint_interval: Duration::from_secs(1),
+            checkpoint_timeout: Duration::from_secs(600),
+            restart: RestartStrategy::default(),
+            resource_wait: DEFAULT_RESOURCE_WAIT,
+            pace: SourcePace::default(),
+            credits: 8,
+            on_running: None,
+            spread: false,
+            nodes_used: Arc::default(),
+        }
+    }
+}
+
 /// Runs a registered job on the cluster `rt` belongs to, from the driver.
+///
+/// A failed attempt (a subtask's error, a host's process dying) is
+/// restarted from the last completed checkpoint as `job.restart` says; an
+/// attempt that cannot be placed is tried again for up to
+/// `job.resource_wait`, then the job fails with [`JobError::NoResources`].
 pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
-    let plan = plan_of(&job.job, &job.params).map_err(|e| JobError::TooManyFailures {
-        failures: 0,
-        last: e,
-    })?;
+    let plan = plan_of(&job.job, &job.params).map_err(JobError::UnknownJob)?;
     let storage = job.storage.open().map_err(JobError::Runtime)?;
     let mut config = JobConfig::new(storage);
     config.checkpoint_interval = job.checkpoint_interval;
-    config.max_failures = job.max_failures;
+    config.checkpoint_timeout = job.checkpoint_timeout;
+    config.restart = job.restart.clone();
+    config.resource_wait = job.resource_wait;
     config.pace = job.pace;
     config.credits = job.credits;
     let mut coordinator = Coordinator::new(&plan, config)?;
-    let subtasks = plan.subtasks();
     loop {
         let attempt = coordinator.begin_attempt()?;
         let generation = attempt.generation;
@@ -701,15 +755,15 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
         let hosts = match spawned {
             Ok(h) => h,
             Err(why) => {
-                coordinator.note_failure(why)?;
+                coordinator.note_placement_failure(why)?;
                 continue;
             }
         };
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let started = start_hosts(rt, &plan, &hosts, &attempt);
-        if let Err(why) = started {
+        if let Err(failure) = started {
             kill_hosts(rt, &hosts);
-            coordinator.note_failure(why)?;
+            coordinator.note_failure(failure)?;
             continue;
         }
         if job.spread {
@@ -741,8 +795,8 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
                                     HostEvent::Stored(epoch, handle) => {
                                         CoordinatorEvent::Stored { id, epoch, handle }
                                     }
-                                    HostEvent::StoreFailed(why) | HostEvent::Failed(why) => {
-                                        CoordinatorEvent::Failed(id, why)
+                                    HostEvent::Failed(failure) => {
+                                        CoordinatorEvent::Failed(failure)
                                     }
                                     HostEvent::Exhausted => CoordinatorEvent::Exhausted(id),
                                     HostEvent::Finished => CoordinatorEvent::Finished(id),
@@ -753,7 +807,10 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
                             }
                         }
                         Err(e) => {
-                            let _ = tx.send(CoordinatorEvent::Failed(id, e.to_string()));
+                            let _ = tx.send(CoordinatorEvent::Failed(AttemptFailure::Lost {
+                                subtask: id.to_string(),
+                                cause: e.to_string(),
+                            }));
                             return;
                         }
                     }
@@ -771,7 +828,6 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
         });
         stop.store(true, std::sync::atomic::Ordering::Release);
         kill_hosts(rt, &hosts);
-        let _ = &subtasks;
         match outcome {
             Ok(Some(report)) => return Ok(report),
             Ok(None) => continue,
@@ -854,7 +910,7 @@ fn start_hosts(
     plan: &Plan,
     hosts: &HashMap<SubtaskId, SubtaskHostHandle>,
     attempt: &super::coordinator::Attempt,
-) -> Result<(), String> {
+) -> Result<(), AttemptFailure> {
     let mut slot_of: HashMap<usize, (SubtaskId, usize)> = HashMap::new();
     for id in plan.subtasks() {
         for (slot, channel) in plan.inputs_of(id).into_iter().enumerate() {
@@ -871,7 +927,12 @@ fn start_hosts(
                 Some((hosts.get(to)?.clone(), *slot))
             })
             .collect();
-        let host = hosts.get(&id).ok_or("a host is missing")?.clone();
+        let host = hosts
+            .get(&id)
+            .ok_or_else(|| AttemptFailure::Placement {
+                cause: format!("no host for {id}"),
+            })?
+            .clone();
         calls.push((id, host, targets, attempt.restored(id)));
     }
     let peers: Vec<(String, usize, SubtaskHostHandle)> = hosts
@@ -881,20 +942,19 @@ fn start_hosts(
             Some((task.head_name.clone(), id.subtask, host.clone()))
         })
         .collect();
+    let lost = |id: &SubtaskId, e: braid::Error| AttemptFailure::Lost {
+        subtask: id.to_string(),
+        cause: e.to_string(),
+    };
     rt.block_on(async move {
         for (id, host, targets, _) in &calls {
             host.connect(targets.clone())
                 .await
-                .map_err(|e| format!("{id}: {e}"))?;
-            host.peers(peers.clone())
-                .await
-                .map_err(|e| format!("{id}: {e}"))?;
+                .map_err(|e| lost(id, e))?;
+            host.peers(peers.clone()).await.map_err(|e| lost(id, e))?;
         }
         for (id, host, _, restored) in calls {
-            host.start(restored)
-                .await
-                .map_err(|e| format!("{id}: {e}"))?
-                .map_err(|e| format!("{id}: {e}"))?;
+            host.start(restored).await.map_err(|e| lost(&id, e))??;
         }
         Ok(())
     })

@@ -14,7 +14,8 @@
 
 use super::operator::{write_part, StateError};
 use super::plan::{Plan, SubtaskId};
-use super::runner::{Command, SourcePace};
+use super::restart::{RestartStrategy, Restarts};
+use super::runner::{Command, SourcePace, TaskError};
 use super::stage::ChainSnapshot;
 use crate::checkpoint::storage::{CheckpointStorage, Epoch, Manifest, StateHandle, StorageError};
 use crossbeam_channel::{Receiver, Sender};
@@ -47,8 +48,16 @@ pub struct JobConfig {
     pub storage: CheckpointStorage,
     /// Time between checkpoints.
     pub checkpoint_interval: Duration,
-    /// Failed attempts tolerated before the job fails.
-    pub max_failures: u32,
+    /// A checkpoint not completed this long after its barrier was injected
+    /// (a hung fsync, a stuck subtask) fails the attempt.
+    pub checkpoint_timeout: Duration,
+    /// When a failed attempt is followed by another, and when the job
+    /// gives up.
+    pub restart: RestartStrategy,
+    /// How long the cluster runner keeps trying to place an attempt's
+    /// subtasks (every node that could host them gone, or the head) before
+    /// the job fails with [`JobError::NoResources`], whatever `restart`.
+    pub resource_wait: Duration,
     /// Sources' pace.
     pub pace: SourcePace,
     /// Messages a channel buffers before its sender waits.
@@ -58,19 +67,25 @@ pub struct JobConfig {
 }
 
 impl JobConfig {
-    /// Defaults: checkpoints every second, 10 failures tolerated, 8
-    /// credits per channel.
+    /// Defaults: checkpoints every second, timing out after 10 minutes (as
+    /// Flink's); the default restart strategy; 8 s of waiting for
+    /// resources; 8 credits per channel.
     pub fn new(storage: CheckpointStorage) -> Self {
         JobConfig {
             storage,
             checkpoint_interval: Duration::from_secs(1),
-            max_failures: 10,
+            checkpoint_timeout: Duration::from_secs(600),
+            restart: RestartStrategy::default(),
+            resource_wait: DEFAULT_RESOURCE_WAIT,
             pace: SourcePace::default(),
             credits: 8,
             faults: None,
         }
     }
 }
+
+/// How long a job waits for resources by default.
+pub const DEFAULT_RESOURCE_WAIT: Duration = Duration::from_secs(8);
 
 /// How a finished job went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,19 +103,83 @@ pub struct JobReport {
     /// The epoch of the checkpoint the first attempt found in storage and
     /// restored (a job resumed after its process died), if any.
     pub resumed_from: Option<u64>,
+    /// Committed checkpoints a recovery fell back past because they failed
+    /// verification (moved aside in storage). Their epochs' output was
+    /// already published by transactional sinks and is published again by
+    /// the replay: a file sink's duplicates are these epochs'.
+    pub republished_epochs: Vec<u64>,
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
+pub enum AttemptFailure {
+    /// A subtask stopped with an error (an operator's, a channel's).
+    #[error("subtask {subtask}: {error}")]
+    Subtask {
+        /// Which.
+        subtask: String,
+        /// Why.
+        error: TaskError,
+    },
+    /// A subtask's thread or process died (a panic, a killed worker, a
+    /// dead node).
+    #[error("subtask {subtask} was lost: {cause}")]
+    Lost {
+        /// Which.
+        subtask: String,
+        /// What the runtime said.
+        cause: String,
+    },
+    /// Checkpoint storage failed: writing a state, committing, or reading
+    /// a checkpoint back.
+    #[error("checkpoint storage failed at epoch {epoch}: {cause}")]
+    Storage {
+        /// The checkpoint concerned (0: none).
+        epoch: u64,
+        /// The storage's error.
+        cause: String,
+    },
+    /// A checkpoint did not complete in time.
+    #[error("checkpoint {epoch} did not complete within {timeout_ms} ms")]
+    CheckpointTimeout {
+        /// Its epoch.
+        epoch: u64,
+        /// The timeout.
+        timeout_ms: u64,
+    },
+    /// The attempt's subtasks could not be placed or started.
+    #[error("cannot place the job's subtasks: {cause}")]
+    Placement {
+        /// What the cluster said.
+        cause: String,
+    },
+    /// A test hook crashed the attempt.
+    #[error("injected fault: {0}")]
+    Injected(String),
 }
 
 /// Why a job stopped without finishing.
 #[derive(Debug, Error)]
 pub enum JobError {
-    /// More attempts failed than allowed.
-    #[error("the job failed {failures} times; the last failure: {last}")]
+    /// More attempts failed than the restart strategy allows.
+    #[error("the job failed {failures} times, more than its restart strategy allows; the last failure: {last}")]
     TooManyFailures {
         /// Failed attempts.
         failures: u32,
         /// What went wrong last.
-        last: String,
+        last: AttemptFailure,
     },
+    /// No attempt could be placed for longer than the resource wait.
+    #[error("no resources to run the job for {waited_ms} ms; the last failure: {last}")]
+    NoResources {
+        /// How long it waited.
+        waited_ms: u64,
+        /// What placing the last attempt failed with.
+        last: AttemptFailure,
+    },
+    /// No job of that name is registered in this binary.
+    #[error("{0}")]
+    UnknownJob(String),
     /// Checkpoint storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -129,8 +208,8 @@ pub enum CoordinatorEvent {
     Exhausted(SubtaskId),
     /// A subtask finished after end of input.
     Finished(SubtaskId),
-    /// A subtask failed.
-    Failed(SubtaskId, String),
+    /// The attempt failed.
+    Failed(AttemptFailure),
     /// A subtask stored its state of an epoch itself.
     Stored {
         /// Whose.
@@ -148,7 +227,7 @@ enum Stored {
         epoch: u64,
         handle: StateHandle,
     },
-    Failed(String),
+    Failed(AttemptFailure),
 }
 
 /// One subtask's saved state.
@@ -168,7 +247,8 @@ pub type Restored = (HashMap<String, Vec<u8>>, Option<Vec<u8>>);
 
 /// One attempt at running the job.
 pub struct Attempt {
-    /// Increases by one per attempt.
+    /// Increases by one per attempt, and is above every generation the
+    /// job's checkpoint storage has seen.
     pub generation: u64,
     /// The epoch restored (0 when starting fresh).
     pub restored_epoch: u64,
@@ -182,6 +262,15 @@ impl Attempt {
     }
 }
 
+/// What a recovery read from checkpoint storage.
+struct Recovered {
+    generation: u64,
+    restored_epoch: Option<Epoch>,
+    states: HashMap<SubtaskId, Restored>,
+    /// Committed checkpoints moved aside on the way.
+    quarantined: Vec<Epoch>,
+}
+
 /// Drives checkpoints and recoveries of one job.
 pub struct Coordinator {
     config: JobConfig,
@@ -190,8 +279,12 @@ pub struct Coordinator {
     sources: Vec<SubtaskId>,
     generation: u64,
     report: JobReport,
+    restarts: Restarts,
     failed_at: Option<Instant>,
-    last_failure: String,
+    /// When the next attempt may start (a restart's delay).
+    next_attempt_at: Option<Instant>,
+    /// Since when, and how long apart, attempts could not be placed.
+    placing: Option<(Instant, Duration)>,
 }
 
 impl Coordinator {
@@ -202,6 +295,7 @@ impl Coordinator {
             .enable_all()
             .build()
             .map_err(|e| JobError::Runtime(e.to_string()))?;
+        let restarts = Restarts::new(config.restart.clone());
         Ok(Coordinator {
             config,
             runtime,
@@ -215,9 +309,12 @@ impl Coordinator {
                 restored_from: Vec::new(),
                 recovery_ms: Vec::new(),
                 resumed_from: None,
+                republished_epochs: Vec::new(),
             },
+            restarts,
             failed_at: None,
-            last_failure: String::new(),
+            next_attempt_at: None,
+            placing: None,
         })
     }
 
@@ -230,47 +327,185 @@ impl Coordinator {
         self.config.faults.as_ref().is_some_and(|f| f(point))
     }
 
-    /// Records a failed attempt that never got running (its subtasks could
-    /// not be placed or started); errors once too many attempts failed.
-    pub fn note_failure(&mut self, why: String) -> Result<(), JobError> {
-        self.fail(why)
+    /// Records a failed attempt that got running; errors once the restart
+    /// strategy gives up.
+    pub fn note_failure(&mut self, failure: AttemptFailure) -> Result<(), JobError> {
+        self.fail(failure)
     }
 
-    fn fail(&mut self, why: String) -> Result<(), JobError> {
-        tracing::warn!("attempt {} failed: {why}", self.generation);
-        self.report.failures += 1;
-        self.failed_at = Some(Instant::now());
-        self.last_failure = why;
-        if self.report.failures > self.config.max_failures {
-            return Err(JobError::TooManyFailures {
-                failures: self.report.failures,
-                last: self.last_failure.clone(),
+    /// Records an attempt whose subtasks could not be placed or started.
+    /// It does not count against the restart strategy: the next attempt is
+    /// tried after a short wait (100 ms, doubling up to 1 s), and the job
+    /// fails with [`JobError::NoResources`] once attempts have failed to be
+    /// placed for [`JobConfig::resource_wait`].
+    pub fn note_placement_failure(&mut self, cause: String) -> Result<(), JobError> {
+        let now = Instant::now();
+        let failure = AttemptFailure::Placement { cause };
+        let (since, last_wait) = *self
+            .placing
+            .get_or_insert((now, Duration::from_millis(50)));
+        let waited = now.duration_since(since);
+        if waited >= self.config.resource_wait {
+            tracing::error!(
+                "attempt {} cannot be placed, and none could for {} ms: {failure}",
+                self.generation,
+                waited.as_millis()
+            );
+            return Err(JobError::NoResources {
+                waited_ms: waited.as_millis() as u64,
+                last: failure,
             });
         }
+        let wait = (last_wait * 2)
+            .min(Duration::from_secs(1))
+            .min(self.config.resource_wait - waited);
+        self.placing = Some((since, wait));
+        self.failed_at.get_or_insert(now);
+        self.next_attempt_at = Some(now + wait);
+        tracing::warn!(
+            "attempt {} cannot be placed ({failure}); trying again in {} ms",
+            self.generation,
+            wait.as_millis()
+        );
         Ok(())
     }
 
-    /// Starts the next attempt: a new generation, restored from the newest
-    /// valid checkpoint.
+    fn fail(&mut self, failure: AttemptFailure) -> Result<(), JobError> {
+        let now = Instant::now();
+        self.report.failures += 1;
+        self.failed_at = Some(now);
+        match self.restarts.failed(now) {
+            Some(delay) => {
+                tracing::warn!(
+                    "attempt {} failed: {failure}; restarting from the last completed \
+                     checkpoint in {} ms",
+                    self.generation,
+                    delay.as_millis()
+                );
+                self.next_attempt_at = Some(now + delay);
+                Ok(())
+            }
+            None => {
+                tracing::error!(
+                    "attempt {} failed: {failure}; the restart strategy ({:?}) gives up \
+                     after {} failures",
+                    self.generation,
+                    self.restarts.strategy(),
+                    self.report.failures
+                );
+                Err(JobError::TooManyFailures {
+                    failures: self.report.failures,
+                    last: failure,
+                })
+            }
+        }
+    }
+
+    /// Starts the next attempt, once the restart strategy's delay has
+    /// passed: a new generation, restored from the newest valid
+    /// checkpoint. A committed checkpoint that fails verification, or
+    /// whose states do not decode, is moved aside and the one before it
+    /// tried; a storage error fails the attempt.
     pub fn begin_attempt(&mut self) -> Result<Attempt, JobError> {
         loop {
-            self.generation += 1;
-            self.report.generation = self.generation;
-            let latest = self.runtime.block_on(self.config.storage.latest())?;
-            let mut restored = HashMap::new();
-            let restored_epoch = latest.as_ref().map_or(0, |m| m.epoch.0);
-            if let Some(manifest) = &latest {
-                let names: HashMap<String, SubtaskId> =
-                    self.subtasks.iter().map(|s| (s.to_string(), *s)).collect();
-                for handle in &manifest.states {
-                    let Some(id) = names.get(&handle.operator) else {
-                        continue;
-                    };
-                    let bytes = self
-                        .runtime
-                        .block_on(self.config.storage.read_state(handle))?;
-                    let saved: SubtaskState = bincode::deserialize(&bytes)
-                        .map_err(|e| StateError::Decode(e.to_string()))?;
+            if let Some(at) = self.next_attempt_at.take() {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            }
+            let recovered = self.runtime.block_on(self.recover());
+            let (generation, latest, restored) = match recovered {
+                Ok(r) => {
+                    self.published_again(&r.quarantined);
+                    (r.generation, r.restored_epoch, r.states)
+                }
+                Err(e) => {
+                    self.fail(AttemptFailure::Storage {
+                        epoch: 0,
+                        cause: e.to_string(),
+                    })?;
+                    continue;
+                }
+            };
+            self.generation = generation;
+            self.report.generation = generation;
+            let restored_epoch = latest.map_or(0, |e| e.0);
+            if self.fault(FaultPoint::DuringRestore(self.generation)) {
+                self.fail(AttemptFailure::Injected(format!(
+                    "crash while restoring generation {}",
+                    self.generation
+                )))?;
+                continue;
+            }
+            if self.report.failures > 0 {
+                self.report.restored_from.push(restored_epoch);
+                tracing::info!(
+                    "attempt {generation} restores checkpoint {restored_epoch} and starts"
+                );
+            } else if latest.is_some() {
+                self.report.resumed_from = Some(restored_epoch);
+                tracing::info!("the job resumes from checkpoint {restored_epoch}");
+            }
+            return Ok(Attempt {
+                generation,
+                restored_epoch,
+                restored,
+            });
+        }
+    }
+
+    /// Claims a generation and reads the newest checkpoint whose states
+    /// all decode, moving aside every newer one that does not verify.
+    async fn recover(&self) -> Result<Recovered, StorageError> {
+        let storage = &self.config.storage;
+        let generation = storage.claim_generation(self.generation).await?;
+        let mut quarantined = Vec::new();
+        loop {
+            let recovery = storage.recover().await?;
+            quarantined.extend(recovery.quarantined);
+            let Some(manifest) = recovery.manifest else {
+                return Ok(Recovered {
+                    generation,
+                    restored_epoch: None,
+                    states: HashMap::new(),
+                    quarantined,
+                });
+            };
+            match self.read_states(&manifest).await? {
+                Ok(states) => {
+                    return Ok(Recovered {
+                        generation,
+                        restored_epoch: Some(manifest.epoch),
+                        states,
+                        quarantined,
+                    })
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        epoch = manifest.epoch.0,
+                        "moving aside a checkpoint whose state does not decode: {why}"
+                    );
+                    storage.quarantine(manifest.epoch, &why).await?;
+                    quarantined.push(manifest.epoch);
+                }
+            }
+        }
+    }
+
+    /// Reads and decodes every subtask's state of `manifest`; the inner
+    /// error says why a blob that verified does not decode.
+    async fn read_states(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<Result<HashMap<SubtaskId, Restored>, String>, StorageError> {
+        let names: HashMap<String, SubtaskId> =
+            self.subtasks.iter().map(|s| (s.to_string(), *s)).collect();
+        let mut restored = HashMap::new();
+        for handle in &manifest.states {
+            let Some(id) = names.get(&handle.operator) else {
+                continue;
+            };
+            let bytes = self.config.storage.read_state(handle).await?;
+            match bincode::deserialize::<SubtaskState>(&bytes) {
+                Ok(saved) => {
                     restored.insert(
                         *id,
                         (
@@ -279,25 +514,25 @@ impl Coordinator {
                         ),
                     );
                 }
+                Err(e) => return Ok(Err(format!("state of {} does not decode: {e}", handle.operator))),
             }
-            if self.fault(FaultPoint::DuringRestore(self.generation)) {
-                self.fail(format!(
-                    "crash while restoring generation {}",
-                    self.generation
-                ))?;
-                continue;
-            }
-            if self.generation > 1 {
-                self.report.restored_from.push(restored_epoch);
-            } else if latest.is_some() {
-                self.report.resumed_from = Some(restored_epoch);
-            }
-            return Ok(Attempt {
-                generation: self.generation,
-                restored_epoch,
-                restored,
-            });
         }
+        Ok(Ok(restored))
+    }
+
+    /// Committed epochs that recovery fell back past: their sinks' output
+    /// was already published, and the replay publishes it again.
+    fn published_again(&mut self, epochs: &[Epoch]) {
+        if epochs.is_empty() {
+            return;
+        }
+        let list: Vec<u64> = epochs.iter().map(|e| e.0).collect();
+        tracing::error!(
+            "recovery falls back past committed checkpoints {list:?}, which fail \
+             verification (moved aside): output that transactional sinks published \
+             for those epochs is published again"
+        );
+        self.report.republished_epochs.extend(list);
     }
 
     /// Runs an attempt's checkpoints until the job finishes (`Some`), the
@@ -308,6 +543,7 @@ impl Coordinator {
         events: &Receiver<CoordinatorEvent>,
         send: &dyn Fn(SubtaskId, Command),
     ) -> Result<Option<JobReport>, JobError> {
+        self.placing = None;
         if let Some(at) = self.failed_at.take() {
             self.report
                 .recovery_ms
@@ -316,7 +552,7 @@ impl Coordinator {
         let (stored_tx, stored_rx) = crossbeam_channel::unbounded::<Stored>();
         let mut next_epoch = attempt.restored_epoch + 1;
         let mut next_trigger = Instant::now() + self.config.checkpoint_interval;
-        let mut in_flight: Option<(u64, HashMap<SubtaskId, StateHandle>)> = None;
+        let mut in_flight: Option<(u64, Instant, HashMap<SubtaskId, StateHandle>)> = None;
         let mut exhausted: HashSet<SubtaskId> = HashSet::new();
         let mut finished: HashSet<SubtaskId> = HashSet::new();
         let mut finishing = false;
@@ -330,15 +566,26 @@ impl Coordinator {
             {
                 let epoch = next_epoch;
                 if self.fault(FaultPoint::BeforeBarrier(epoch)) {
-                    self.fail(format!("crash before barrier {epoch}"))?;
+                    self.fail(AttemptFailure::Injected(format!(
+                        "crash before barrier {epoch}"
+                    )))?;
                     return Ok(None);
                 }
                 for s in &self.sources {
                     send(*s, Command::Trigger(epoch));
                 }
-                in_flight = Some((epoch, HashMap::new()));
+                in_flight = Some((epoch, Instant::now(), HashMap::new()));
                 if all_exhausted {
                     final_epoch = Some(epoch);
+                }
+            }
+            if let Some((epoch, since, _)) = &in_flight {
+                if since.elapsed() > self.config.checkpoint_timeout {
+                    self.fail(AttemptFailure::CheckpointTimeout {
+                        epoch: *epoch,
+                        timeout_ms: self.config.checkpoint_timeout.as_millis() as u64,
+                    })?;
+                    return Ok(None);
                 }
             }
             let wait = next_trigger
@@ -361,31 +608,43 @@ impl Coordinator {
                             return Ok(Some(self.report.clone()));
                         }
                     }
-                    Ok(CoordinatorEvent::Failed(id, why)) => {
-                        self.fail(format!("{id}: {why}"))?;
+                    Ok(CoordinatorEvent::Failed(failure)) => {
+                        self.fail(failure)?;
                         return Ok(None);
                     }
                     Err(_) => {
-                        self.fail("every subtask stopped before the job finished".into())?;
+                        self.fail(AttemptFailure::Lost {
+                            subtask: "every subtask".into(),
+                            cause: "stopped before the job finished".into(),
+                        })?;
                         return Ok(None);
                     }
                 },
                 recv(stored_rx) -> stored => match stored {
                     Ok(Stored::Ok { id, epoch, handle }) => {
                         let complete = match &mut in_flight {
-                            Some((e, acks)) if *e == epoch => {
+                            Some((e, _, acks)) if *e == epoch => {
                                 acks.insert(id, handle);
                                 acks.len() == self.subtasks.len()
                             }
                             _ => false,
                         };
                         if complete {
-                            if let Some((epoch, acks)) = in_flight.take() {
+                            if let Some((epoch, _, acks)) = in_flight.take() {
                                 if self.fault(FaultPoint::BeforeCommit(epoch)) {
-                                    self.fail(format!("crash before committing {epoch}"))?;
+                                    self.fail(AttemptFailure::Injected(format!(
+                                        "crash before committing {epoch}"
+                                    )))?;
                                     return Ok(None);
                                 }
-                                self.commit(epoch, acks)?;
+                                if let Err(e) = self.commit(epoch, acks) {
+                                    self.fail(AttemptFailure::Storage {
+                                        epoch,
+                                        cause: e.to_string(),
+                                    })?;
+                                    return Ok(None);
+                                }
+                                self.restarts.progress();
                                 for s in &self.subtasks {
                                     send(*s, Command::Complete(epoch));
                                 }
@@ -400,8 +659,8 @@ impl Coordinator {
                             }
                         }
                     }
-                    Ok(Stored::Failed(why)) => {
-                        self.fail(why)?;
+                    Ok(Stored::Failed(failure)) => {
+                        self.fail(failure)?;
                         return Ok(None);
                     }
                     Err(_) => {}
@@ -428,18 +687,24 @@ impl Coordinator {
             let bytes = match encoded {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
-                    let _ = done.send(Stored::Failed(format!("{id}: {e}")));
+                    let _ = done.send(Stored::Failed(AttemptFailure::Subtask {
+                        subtask: id.to_string(),
+                        error: TaskError::State(e),
+                    }));
                     return;
                 }
                 Err(e) => {
-                    let _ = done.send(Stored::Failed(format!("{id}: {e}")));
+                    let _ = done.send(Stored::Failed(AttemptFailure::Lost {
+                        subtask: id.to_string(),
+                        cause: format!("encoding its snapshot of {epoch} panicked: {e}"),
+                    }));
                     return;
                 }
             };
             if crash {
-                let _ = done.send(Stored::Failed(format!(
+                let _ = done.send(Stored::Failed(AttemptFailure::Injected(format!(
                     "{id}: crash while writing the snapshot of {epoch}"
-                )));
+                ))));
                 return;
             }
             match storage
@@ -450,7 +715,10 @@ impl Coordinator {
                     let _ = done.send(Stored::Ok { id, epoch, handle });
                 }
                 Err(e) => {
-                    let _ = done.send(Stored::Failed(format!("{id}: {e}")));
+                    let _ = done.send(Stored::Failed(AttemptFailure::Storage {
+                        epoch,
+                        cause: format!("{id}: {e}"),
+                    }));
                 }
             }
         });
@@ -460,7 +728,7 @@ impl Coordinator {
         &mut self,
         epoch: u64,
         acks: HashMap<SubtaskId, StateHandle>,
-    ) -> Result<(), JobError> {
+    ) -> Result<(), StorageError> {
         let mut states: Vec<(SubtaskId, StateHandle)> = acks.into_iter().collect();
         states.sort_by_key(|(id, _)| *id);
         let manifest = Manifest {

@@ -3,7 +3,7 @@
 //! `reduce` / `aggregate`. Keyed state lives in persistent maps, so a
 //! snapshot at a barrier is a constant-time clone encoded later.
 
-use super::operator::{decode_state, Collector, EventTime, Operator, Snapshot, StateError};
+use super::operator::{decode_state, Collector, EventTime, Operator, OperatorError, Snapshot};
 use super::window::Aggregator;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -34,8 +34,14 @@ where
 {
     type In = A;
     type Out = B;
-    fn process(&mut self, value: A, time: Option<EventTime>, out: &mut dyn Collector<B>) {
+    fn process(
+        &mut self,
+        value: A,
+        time: Option<EventTime>,
+        out: &mut dyn Collector<B>,
+    ) -> Result<(), OperatorError> {
         out.emit((self.f)(value), time);
+        Ok(())
     }
 }
 
@@ -64,10 +70,16 @@ where
 {
     type In = A;
     type Out = I::Item;
-    fn process(&mut self, value: A, time: Option<EventTime>, out: &mut dyn Collector<I::Item>) {
+    fn process(
+        &mut self,
+        value: A,
+        time: Option<EventTime>,
+        out: &mut dyn Collector<I::Item>,
+    ) -> Result<(), OperatorError> {
         for item in (self.f)(value) {
             out.emit(item, time);
         }
+        Ok(())
     }
 }
 
@@ -94,10 +106,16 @@ where
 {
     type In = A;
     type Out = A;
-    fn process(&mut self, value: A, time: Option<EventTime>, out: &mut dyn Collector<A>) {
+    fn process(
+        &mut self,
+        value: A,
+        time: Option<EventTime>,
+        out: &mut dyn Collector<A>,
+    ) -> Result<(), OperatorError> {
         if (self.f)(&value) {
             out.emit(value, time);
         }
+        Ok(())
     }
 }
 
@@ -223,7 +241,7 @@ where
         (key, value): (K, V),
         time: Option<EventTime>,
         out: &mut dyn Collector<P::Out>,
-    ) {
+    ) -> Result<(), OperatorError> {
         let watermark = self.state.watermark;
         let state = self.state.states.entry(key.clone()).or_default();
         let mut ctx = ProcessContext {
@@ -233,22 +251,29 @@ where
             watermark,
         };
         self.function.process(&key, value, time, state, &mut ctx);
+        Ok(())
     }
 
-    fn on_watermark(&mut self, watermark: EventTime, out: &mut dyn Collector<P::Out>) {
+    fn on_watermark(
+        &mut self,
+        watermark: EventTime,
+        out: &mut dyn Collector<P::Out>,
+    ) -> Result<(), OperatorError> {
         self.state.watermark = self.state.watermark.max(watermark);
         self.fire_until(watermark, out);
+        Ok(())
     }
 
-    fn on_end(&mut self, out: &mut dyn Collector<P::Out>) {
+    fn on_end(&mut self, out: &mut dyn Collector<P::Out>) -> Result<(), OperatorError> {
         self.fire_until(EventTime::MAX, out);
+        Ok(())
     }
 
-    fn snapshot(&mut self) -> Snapshot {
-        Snapshot::of(self.state.clone())
+    fn snapshot(&mut self) -> Result<Snapshot, OperatorError> {
+        Ok(Snapshot::of(self.state.clone()))
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), OperatorError> {
         if !bytes.is_empty() {
             self.state = decode_state(bytes)?;
         }
@@ -290,7 +315,7 @@ where
         (key, value): (K, V),
         time: Option<EventTime>,
         out: &mut dyn Collector<(K, A::Out)>,
-    ) {
+    ) -> Result<(), OperatorError> {
         let aggregator = &self.aggregator;
         let acc = self
             .accs
@@ -299,13 +324,14 @@ where
         aggregator.add(acc, &value);
         let result = aggregator.result(acc);
         out.emit((key, result), time);
+        Ok(())
     }
 
-    fn snapshot(&mut self) -> Snapshot {
-        Snapshot::of(self.accs.clone())
+    fn snapshot(&mut self) -> Result<Snapshot, OperatorError> {
+        Ok(Snapshot::of(self.accs.clone()))
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), OperatorError> {
         if !bytes.is_empty() {
             self.accs = decode_state(bytes)?;
         }

@@ -9,7 +9,7 @@ use super::channel::{key_hash, ChannelOut, KeyHash, OutEdge, Outbox, Partitioner
 use super::functions::{
     Filter, FlatMap, KeyedProcess, KeyedProcessFunction, Map, RunningAggregate,
 };
-use super::operator::{Collector, EventTime, Operator};
+use super::operator::{Collector, EventTime, Operator, OperatorError};
 use super::source::Source;
 use super::stage::{OpStage, Stage, Tee};
 use super::window::{Aggregator, Reduce, WindowOperator, WindowResult, WindowSpec};
@@ -504,8 +504,14 @@ impl<T> Identity<T> {
 impl<T: Send + 'static> Operator for Identity<T> {
     type In = T;
     type Out = T;
-    fn process(&mut self, value: T, time: Option<EventTime>, out: &mut dyn Collector<T>) {
+    fn process(
+        &mut self,
+        value: T,
+        time: Option<EventTime>,
+        out: &mut dyn Collector<T>,
+    ) -> Result<(), OperatorError> {
         out.emit(value, time);
+        Ok(())
     }
 }
 

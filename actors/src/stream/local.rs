@@ -8,13 +8,20 @@
 
 use super::channel::{ChannelError, ChannelMsg, Outbox};
 use super::context::TaskContext;
-use super::coordinator::{Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport};
+use super::coordinator::{
+    AttemptFailure, Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport,
+};
 use super::plan::{Plan, SubtaskId};
 use super::runner::{self, Command, Inbox, Reporter, TaskExit};
 use super::stage::ChainSnapshot;
 use crossbeam_channel::{Receiver, Select, Sender};
 use std::collections::HashMap;
 use std::time::Duration;
+
+/// How long a stopped attempt's threads get to finish before they are
+/// left behind (a thread stuck in a hung write cannot be stopped; its
+/// sink is fenced off by the next generation).
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs `plan` to completion in this process.
 pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
@@ -30,7 +37,7 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
             receivers.push(Some(rx));
         }
         let mut commands: HashMap<SubtaskId, Sender<Command>> = HashMap::new();
-        let mut threads = Vec::new();
+        let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
         for id in plan.subtasks() {
             let outputs: Vec<Sender<ChannelMsg>> = plan
                 .outputs_of(id)
@@ -71,9 +78,11 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
             } else {
                 Some(Box::new(LocalInbox { receivers: inputs }))
             };
+            let alive = alive_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("braid-{id}"))
                 .spawn(move || {
+                    let _alive = alive;
                     TaskContext {
                         subtask: id.subtask,
                         parallelism,
@@ -87,32 +96,35 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
                         commands: cmd_rx,
                         events: events.clone(),
                     };
-                    if let Some((states, offset)) = restored {
-                        if let Err(e) = runner::restore(&mut head, &states, offset.as_deref()) {
-                            let _ = events.send(CoordinatorEvent::Failed(id, e.to_string()));
-                            return;
-                        }
-                    }
                     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        if let Some((states, offset)) = restored {
+                            runner::restore(&mut head, &states, offset.as_deref())?;
+                        }
                         runner::run(head, inbox, &mut reporter, pace)
                     }));
-                    let event = match outcome {
-                        Ok(Ok(TaskExit::Finished)) => return,
-                        Ok(Ok(TaskExit::Stopped)) => return,
-                        Ok(Err(e)) => CoordinatorEvent::Failed(id, e.to_string()),
-                        Err(_) => CoordinatorEvent::Failed(id, "panicked".into()),
+                    let failure = match outcome {
+                        Ok(Ok(TaskExit::Finished | TaskExit::Stopped)) => return,
+                        Ok(Err(error)) => AttemptFailure::Subtask {
+                            subtask: id.to_string(),
+                            error,
+                        },
+                        Err(panic) => AttemptFailure::Lost {
+                            subtask: id.to_string(),
+                            cause: format!("panicked: {}", panic_message(&panic)),
+                        },
                     };
-                    let _ = events.send(event);
+                    let _ = events.send(CoordinatorEvent::Failed(failure));
                 });
-            match thread {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    let _ = events_tx.send(CoordinatorEvent::Failed(id, e.to_string()));
-                }
+            if let Err(e) = thread {
+                let _ = events_tx.send(CoordinatorEvent::Failed(AttemptFailure::Lost {
+                    subtask: id.to_string(),
+                    cause: format!("cannot start its thread: {e}"),
+                }));
             }
         }
         drop(senders);
         drop(events_tx);
+        drop(alive_tx);
         let outcome = coordinator.drive(&attempt, &events_rx, &|id, command| {
             if let Some(tx) = commands.get(&id) {
                 let _ = tx.send(command);
@@ -123,8 +135,17 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
         }
         drop(commands);
         drop(events_rx);
-        for t in threads {
-            let _ = t.join();
+        // Every thread holds a sender: the channel disconnects when the
+        // last one has exited.
+        if let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+            alive_rx.recv_timeout(STOP_GRACE)
+        {
+            tracing::error!(
+                "subtask threads of generation {} did not stop within {} s (stuck in I/O?); \
+                 leaving them behind",
+                attempt.generation,
+                STOP_GRACE.as_secs()
+            );
         }
         match outcome {
             Ok(Some(report)) => return Ok(report),
@@ -132,6 +153,15 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
             Err(e) => return Err(e),
         }
     }
+}
+
+/// What a caught panic said.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_string())
 }
 
 struct LocalOutbox {

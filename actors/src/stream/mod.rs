@@ -11,7 +11,8 @@
 //! * [`plan`]: chaining and channel numbering.
 //! * [`stage`], [`channel`], [`runner`]: a subtask's chain, its channel
 //!   ends, and its loop (barrier alignment, watermarks).
-//! * [`coordinator`]: checkpoints and recovery.
+//! * [`coordinator`]: checkpoints and recovery; [`restart`]: when a failed
+//!   job restarts, and when it gives up.
 //! * [`local`]: runs a plan with one thread per subtask in this process.
 //! * [`cluster`]: runs a registered job with every subtask a braid actor.
 //! * [`service`]: request/response calls one subtask offers the others.
@@ -26,6 +27,7 @@ pub mod local;
 pub mod operator;
 pub mod plan;
 pub mod registry;
+pub mod restart;
 pub mod runner;
 pub mod service;
 pub mod sink;

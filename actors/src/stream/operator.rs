@@ -21,7 +21,7 @@ impl<T> Collector<T> for Vec<(T, Option<EventTime>)> {
 }
 
 /// Why state could not be saved or restored.
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, serde::Serialize, serde::Deserialize)]
 pub enum StateError {
     /// The state could not be encoded.
     #[error("cannot encode operator state: {0}")]
@@ -29,6 +29,38 @@ pub enum StateError {
     /// The saved bytes do not decode as this operator's state.
     #[error("cannot decode operator state: {0}")]
     Decode(String),
+}
+
+/// Why an operator failed. The subtask stops, the attempt fails, and the
+/// job recovers from its last completed checkpoint (or stops, past its
+/// restart strategy): an operator never drops what it cannot handle.
+#[derive(Debug, Error)]
+pub enum OperatorError {
+    /// An I/O operation failed (a sink's write, sync or rename).
+    #[error("{action}: {source}")]
+    Io {
+        /// What was being done, naming the file.
+        action: String,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// State could not be encoded or decoded.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Anything else, said in words.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl OperatorError {
+    /// An I/O failure while doing `action`.
+    pub fn io(action: impl Into<String>, source: std::io::Error) -> Self {
+        OperatorError::Io {
+            action: action.into(),
+            source,
+        }
+    }
 }
 
 /// State frozen at a barrier: cheap to take (a persistent map's clone, a
@@ -116,29 +148,38 @@ pub trait Operator: Send + 'static {
     /// What it produces.
     type Out: Send + 'static;
 
-    /// Handles one record.
+    /// Handles one record. An error fails the subtask (see
+    /// [`OperatorError`]).
     fn process(
         &mut self,
         value: Self::In,
         time: Option<EventTime>,
         out: &mut dyn Collector<Self::Out>,
-    );
+    ) -> Result<(), OperatorError>;
 
     /// Event time has reached `watermark` on every input: no record with
     /// an earlier time will follow. Fire what is due. The runtime forwards
     /// the watermark downstream after this returns.
-    fn on_watermark(&mut self, watermark: EventTime, out: &mut dyn Collector<Self::Out>) {
+    fn on_watermark(
+        &mut self,
+        watermark: EventTime,
+        out: &mut dyn Collector<Self::Out>,
+    ) -> Result<(), OperatorError> {
         let _ = (watermark, out);
+        Ok(())
     }
 
     /// A bounded input has ended: flush what is pending.
-    fn on_end(&mut self, out: &mut dyn Collector<Self::Out>) {
+    fn on_end(&mut self, out: &mut dyn Collector<Self::Out>) -> Result<(), OperatorError> {
         let _ = out;
+        Ok(())
     }
 
-    /// Freezes the operator's state at a barrier.
-    fn snapshot(&mut self) -> Snapshot {
-        Snapshot::empty()
+    /// Freezes the operator's state at a barrier. A transactional sink
+    /// pre-commits here; an error fails the checkpoint and the attempt, so
+    /// no checkpoint completes over data that was not made durable.
+    fn snapshot(&mut self) -> Result<Snapshot, OperatorError> {
+        Ok(Snapshot::empty())
     }
 
     /// The barrier of checkpoint `epoch` passed this operator, right after
@@ -148,14 +189,17 @@ pub trait Operator: Send + 'static {
     }
 
     /// Checkpoint `epoch` completed everywhere: a transactional sink makes
-    /// what it pre-committed for that epoch visible.
-    fn notify_checkpoint_complete(&mut self, epoch: u64) {
+    /// what it pre-committed for that epoch visible. An error fails the
+    /// attempt; the restore commits that checkpoint's pre-committed output
+    /// again before new records flow.
+    fn notify_checkpoint_complete(&mut self, epoch: u64) -> Result<(), OperatorError> {
         let _ = epoch;
+        Ok(())
     }
 
     /// Replaces the state with one a snapshot saved (bytes from
     /// [`Snapshot::encode`]; empty bytes for a stateless operator).
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), OperatorError> {
         let _ = bytes;
         Ok(())
     }

@@ -7,9 +7,11 @@
 
 use super::channel::{BatchSink, ChannelError, ChannelMsg};
 use super::operator::{EventTime, StateError};
+use super::stage::StageError;
 use super::source::{SourceDriver, SourcePoll};
 use super::stage::ChainSnapshot;
 use std::collections::HashMap;
+use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -63,15 +65,28 @@ pub trait Reporter: Send {
     fn command(&mut self, timeout: Duration) -> Option<Command>;
 }
 
-/// Why a subtask stopped with an error.
-#[derive(Debug, Error)]
+/// Why a subtask stopped with an error. Plain data: a subtask in another
+/// process reports it to the coordinator as the same value.
+#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
 pub enum TaskError {
     /// Its channels failed.
     #[error(transparent)]
     Channel(#[from] ChannelError),
-    /// Its state could not be restored.
+    /// Its source's offset could not be restored.
     #[error(transparent)]
     State(#[from] StateError),
+    /// One of its operators failed, or an output channel.
+    #[error(transparent)]
+    Stage(StageError),
+}
+
+impl From<StageError> for TaskError {
+    fn from(e: StageError) -> Self {
+        match e {
+            StageError::Channel(c) => TaskError::Channel(c),
+            e => TaskError::Stage(e),
+        }
+    }
 }
 
 /// How a subtask's loop ended.
@@ -107,15 +122,15 @@ pub fn restore(
     head: &mut TaskHead,
     states: &HashMap<String, Vec<u8>>,
     offset: Option<&[u8]>,
-) -> Result<(), StateError> {
+) -> Result<(), TaskError> {
     match head {
         TaskHead::Source(driver) => {
             if let Some(offset) = offset {
                 driver.seek(offset)?;
             }
-            driver.chain().restore(states)
+            Ok(driver.chain().restore(states)?)
         }
-        TaskHead::Inputs { sink, .. } => sink.chain().restore(states),
+        TaskHead::Inputs { sink, .. } => Ok(sink.chain().restore(states)?),
     }
 }
 
@@ -157,21 +172,19 @@ fn run_source(
                 Command::Trigger(epoch) => {
                     let offset = driver.offset();
                     let mut states = Vec::new();
-                    driver.chain().snapshot(&mut states);
-                    driver.chain().barrier(epoch);
+                    driver.chain().snapshot(epoch, &mut states)?;
+                    driver.chain().barrier(epoch)?;
                     reporter.snapshot_taken(epoch, states, Some(offset));
                     last_flush = Instant::now();
                 }
-                Command::Complete(epoch) => driver.checkpoint_complete(epoch),
+                Command::Complete(epoch) => driver.checkpoint_complete(epoch)?,
                 Command::Finish => {
-                    driver.chain().end();
-                    check(driver.chain().take_failure())?;
+                    driver.chain().end()?;
                     reporter.finished();
                     return Ok(TaskExit::Finished);
                 }
                 Command::Stop => return Ok(TaskExit::Stopped),
             }
-            check(driver.chain().take_failure())?;
             continue;
         }
         if exhausted {
@@ -182,41 +195,34 @@ fn run_source(
             let allowed = (started.elapsed().as_secs_f64() * rate) as u64;
             let room = allowed.saturating_sub(emitted) as usize;
             if room == 0 {
-                flush_if_due(driver.as_mut(), &mut last_flush);
+                flush_if_due(driver.as_mut(), &mut last_flush)?;
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
             batch = batch.min(room);
         }
-        match driver.poll(batch) {
+        match driver.poll(batch)? {
             SourcePoll::Emitted(n) => emitted += n as u64,
             SourcePoll::Idle => std::thread::sleep(Duration::from_millis(1)),
             SourcePoll::Exhausted => {
                 exhausted = true;
-                driver.chain().flush();
+                driver.chain().flush()?;
                 reporter.exhausted();
             }
         }
-        flush_if_due(driver.as_mut(), &mut last_flush);
-        check(driver.chain().take_failure())?;
+        flush_if_due(driver.as_mut(), &mut last_flush)?;
     }
 }
 
 /// Flushes the chain's buffered output once it is `FLUSH_EVERY` old, busy
 /// or idle: a flush per idle poll (every millisecond when throttled) would
 /// wake each buffered edge's consumer that often.
-fn flush_if_due(driver: &mut dyn SourceDriver, last_flush: &mut Instant) {
+fn flush_if_due(driver: &mut dyn SourceDriver, last_flush: &mut Instant) -> Result<(), StageError> {
     if last_flush.elapsed() >= FLUSH_EVERY {
-        driver.chain().flush();
+        driver.chain().flush()?;
         *last_flush = Instant::now();
     }
-}
-
-fn check(failure: Option<ChannelError>) -> Result<(), TaskError> {
-    match failure {
-        Some(e) => Err(TaskError::Channel(e)),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 /// Barrier alignment and watermark tracking over a subtask's inputs.
@@ -289,7 +295,7 @@ fn run_inputs(
             match command {
                 Command::Complete(epoch) => {
                     completed = completed.max(epoch);
-                    sink.chain().checkpoint_complete(epoch);
+                    sink.chain().checkpoint_complete(epoch)?;
                 }
                 Command::Stop => return Ok(TaskExit::Stopped),
                 Command::Trigger(_) | Command::Finish => {}
@@ -302,7 +308,7 @@ fn run_inputs(
         };
         let Some((channel, msg)) = inbox.recv(&inputs.blocked, timeout)? else {
             if dirty {
-                sink.chain().flush();
+                sink.chain().flush()?;
                 dirty = false;
             }
             continue;
@@ -325,7 +331,7 @@ fn run_inputs(
                     *slot = (*slot).max(w);
                 }
                 if let Some(w) = inputs.advance() {
-                    sink.chain().watermark(w);
+                    sink.chain().watermark(w)?;
                 }
             }
             ChannelMsg::Barrier(epoch) => {
@@ -342,14 +348,14 @@ fn run_inputs(
                     *slot = true;
                 }
                 if let Some(w) = inputs.advance() {
-                    sink.chain().watermark(w);
+                    sink.chain().watermark(w)?;
                 }
             }
         }
         if let Some(epoch) = inputs.aligned() {
             let mut states = Vec::new();
-            sink.chain().snapshot(&mut states);
-            sink.chain().barrier(epoch);
+            sink.chain().snapshot(epoch, &mut states)?;
+            sink.chain().barrier(epoch)?;
             reporter.snapshot_taken(epoch, states, None);
             snapshotted = epoch;
             dirty = false;
@@ -362,18 +368,16 @@ fn run_inputs(
                 match reporter.command(Duration::from_millis(50)) {
                     Some(Command::Complete(epoch)) => {
                         completed = completed.max(epoch);
-                        sink.chain().checkpoint_complete(epoch);
+                        sink.chain().checkpoint_complete(epoch)?;
                     }
                     Some(Command::Stop) => return Ok(TaskExit::Stopped),
                     _ => {}
                 }
             }
-            sink.chain().end();
-            check(sink.chain().take_failure())?;
+            sink.chain().end()?;
             reporter.finished();
             return Ok(TaskExit::Finished);
         }
-        check(sink.chain().take_failure())?;
     }
 }
 

@@ -18,7 +18,7 @@
 //! zero-padded, so names sort by epoch).
 
 use super::context::TaskContext;
-use super::operator::{decode_state, Collector, EventTime, Operator, Snapshot, StateError};
+use super::operator::{decode_state, Collector, EventTime, Operator, OperatorError, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::marker::PhantomData;
@@ -52,6 +52,12 @@ struct SinkState {
 }
 
 /// Writes each record as one line (`format(record)`), exactly once.
+///
+/// Every I/O failure is returned to the runtime, which fails the attempt:
+/// a write or pre-commit error fails that epoch's checkpoint (no
+/// checkpoint completes over records that were not made durable), a
+/// commit error fails the attempt and the restore commits the completed
+/// checkpoint's files again before new records flow.
 pub struct TransactionalFileSink<T, F> {
     dir: PathBuf,
     format: F,
@@ -59,6 +65,7 @@ pub struct TransactionalFileSink<T, F> {
     generation: u64,
     state: SinkState,
     file: Option<(PathBuf, std::io::BufWriter<std::fs::File>)>,
+    /// The error raising the fence hit; every call returns it.
     error: Option<String>,
     _type: PhantomData<fn(T)>,
 }
@@ -76,21 +83,32 @@ impl<T, F: Fn(&T) -> String> TransactionalFileSink<T, F> {
             generation: ctx.generation,
             state: SinkState {
                 pending: Vec::new(),
-                epoch: 1,
+                epoch: ctx.restored_epoch + 1,
             },
             file: None,
             error: None,
             _type: PhantomData,
         };
         if let Err(e) = sink.raise_fence() {
-            sink.error = Some(e.to_string());
+            sink.error = Some(format!(
+                "cannot raise the fence in {}: {e}",
+                sink.dir.display()
+            ));
         }
         sink
     }
 
-    /// The first I/O error the sink hit, if any.
+    /// The error the sink hit when it started (creating its directories or
+    /// raising its fence), if any; every call on it then fails with it.
     pub fn error(&self) -> Option<&str> {
         self.error.as_deref()
+    }
+
+    fn ready(&self) -> Result<(), OperatorError> {
+        match &self.error {
+            Some(e) => Err(OperatorError::Failed(e.clone())),
+            None => Ok(()),
+        }
     }
 
     fn pending_dir(&self) -> PathBuf {
@@ -101,16 +119,24 @@ impl<T, F: Fn(&T) -> String> TransactionalFileSink<T, F> {
         self.dir.join("_FENCE")
     }
 
-    fn fence(&self) -> u64 {
-        std::fs::read_to_string(self.fence_path())
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+    /// The newest generation that raised the fence (0: none yet). A fence
+    /// that cannot be read is an error, never "no fence".
+    fn fence(&self) -> std::io::Result<u64> {
+        match std::fs::read_to_string(self.fence_path()) {
+            Ok(s) => s.trim().parse().map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} holds {s:?}: {e}", self.fence_path().display()),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
     }
 
     fn raise_fence(&self) -> std::io::Result<()> {
         std::fs::create_dir_all(self.pending_dir())?;
-        if self.fence() < self.generation {
+        if self.fence()? < self.generation {
             let tmp = self
                 .pending_dir()
                 .join(format!("fence-{}-{}", self.subtask, self.generation));
@@ -120,25 +146,27 @@ impl<T, F: Fn(&T) -> String> TransactionalFileSink<T, F> {
         Ok(())
     }
 
-    fn current(&mut self) -> std::io::Result<&mut std::io::BufWriter<std::fs::File>> {
+    fn current(&mut self) -> Result<&mut std::io::BufWriter<std::fs::File>, OperatorError> {
         if self.file.is_none() {
             let path = self.pending_dir().join(format!(
                 "e{:020}-s{:04}-g{}",
                 self.state.epoch, self.subtask, self.generation
             ));
-            let file = std::fs::File::create(&path)?;
+            let file = std::fs::File::create(&path)
+                .map_err(|e| OperatorError::io(format!("create {}", path.display()), e))?;
             self.file = Some((path, std::io::BufWriter::new(file)));
         }
         match self.file.as_mut() {
             Some((_, w)) => Ok(w),
-            None => Err(std::io::Error::other("no pending file")),
+            None => Err(OperatorError::Failed("no pending file".into())),
         }
     }
 
-    fn pre_commit(&mut self) -> std::io::Result<()> {
+    /// Makes the current epoch's file durable and lists it in the state.
+    fn pre_commit(&mut self) -> Result<(), OperatorError> {
         if let Some((path, mut writer)) = self.file.take() {
-            writer.flush()?;
-            writer.get_ref().sync_all()?;
+            let synced = writer.flush().and_then(|()| writer.get_ref().sync_all());
+            synced.map_err(|e| OperatorError::io(format!("sync {}", path.display()), e))?;
             self.state.pending.push((self.state.epoch, path));
         }
         Ok(())
@@ -150,14 +178,17 @@ impl<T, F: Fn(&T) -> String> TransactionalFileSink<T, F> {
     }
 
     /// Commits pre-committed files of epochs up to `epoch`; refuses when a
-    /// newer generation has fenced this one off.
-    fn commit_through(&mut self, epoch: u64) -> Result<(), String> {
-        let fence = self.fence();
+    /// newer generation has fenced this one off. A file that cannot be
+    /// committed stays listed, so a retry (or the restore) commits it.
+    fn commit_through(&mut self, epoch: u64) -> Result<(), OperatorError> {
+        let fence = self
+            .fence()
+            .map_err(|e| OperatorError::io(format!("read {}", self.fence_path().display()), e))?;
         if fence > self.generation {
-            return Err(format!(
+            return Err(OperatorError::Failed(format!(
                 "sink of generation {} fenced off by generation {fence}",
                 self.generation
-            ));
+            )));
         }
         let mut failure = None;
         let pending = std::mem::take(&mut self.state.pending);
@@ -168,27 +199,34 @@ impl<T, F: Fn(&T) -> String> TransactionalFileSink<T, F> {
                 continue;
             }
             let target = self.final_path(e);
-            if path.exists() {
-                if let Err(err) = std::fs::rename(&path, &target) {
-                    failure = Some(format!("commit {}: {err}", path.display()));
+            match std::fs::rename(&path, &target) {
+                Ok(()) => {}
+                // Committed before: a replayed completion, or a restore
+                // after a commit that had gone through.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound && target.exists() => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    failure = Some(OperatorError::Failed(format!(
+                        "pre-committed file {} is missing and was never committed",
+                        path.display()
+                    )));
                     kept.push((e, path));
                 }
-            } else if !target.exists() {
-                failure = Some(format!(
-                    "pre-committed file {} is missing and was never committed",
-                    path.display()
-                ));
-                kept.push((e, path));
+                Err(err) => {
+                    failure = Some(OperatorError::io(
+                        format!("commit {} as {}", path.display(), target.display()),
+                        err,
+                    ));
+                    kept.push((e, path));
+                }
             }
         }
         self.state.pending = kept;
         if let Some(failure) = failure {
             return Err(failure);
         }
-        if let Ok(dir) = std::fs::File::open(&self.dir) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
+        std::fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| OperatorError::io(format!("sync {}", self.dir.display()), e))
     }
 
     /// Deletes this subtask's pending files that no snapshot refers to.
@@ -219,36 +257,39 @@ where
     type In = T;
     type Out = ();
 
-    fn process(&mut self, value: T, _time: Option<EventTime>, _out: &mut dyn Collector<()>) {
-        if self.error.is_some() {
-            return;
-        }
+    fn process(
+        &mut self,
+        value: T,
+        _time: Option<EventTime>,
+        _out: &mut dyn Collector<()>,
+    ) -> Result<(), OperatorError> {
+        self.ready()?;
         let line = (self.format)(&value);
-        let written = self.current().and_then(|w| {
-            w.write_all(line.as_bytes())
-                .and_then(|()| w.write_all(b"\n"))
-        });
-        if let Err(e) = written {
-            self.error = Some(e.to_string());
-        }
+        let w = self.current()?;
+        let written = w
+            .write_all(line.as_bytes())
+            .and_then(|()| w.write_all(b"\n"));
+        written.map_err(|e| {
+            let path = self.file.take().map(|(p, _)| p).unwrap_or_default();
+            OperatorError::io(format!("write {}", path.display()), e)
+        })
     }
 
-    fn snapshot(&mut self) -> Snapshot {
-        if let Err(e) = self.pre_commit() {
-            self.error = Some(e.to_string());
-        }
+    fn snapshot(&mut self) -> Result<Snapshot, OperatorError> {
+        self.ready()?;
+        self.pre_commit()?;
         let state = self.state.clone();
         self.state.epoch += 1;
-        Snapshot::of(state)
+        Ok(Snapshot::of(state))
     }
 
-    fn notify_checkpoint_complete(&mut self, epoch: u64) {
-        if let Err(e) = self.commit_through(epoch) {
-            tracing::error!("{e}");
-        }
+    fn notify_checkpoint_complete(&mut self, epoch: u64) -> Result<(), OperatorError> {
+        self.ready()?;
+        self.commit_through(epoch)
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), OperatorError> {
+        self.ready()?;
         self.file = None;
         let restored: SinkState = if bytes.is_empty() {
             SinkState::default()
@@ -257,7 +298,7 @@ where
         };
         let through = restored.pending.iter().map(|(e, _)| *e).max().unwrap_or(0);
         self.state = restored;
-        self.commit_through(through).map_err(StateError::Decode)?;
+        self.commit_through(through)?;
         self.state.epoch += 1;
         self.clean_strays();
         Ok(())

@@ -5,7 +5,7 @@
 
 use super::channel::ChainControl;
 use super::operator::{Collector, EventTime, StateError};
-use super::stage::Stage;
+use super::stage::{Stage, StageError};
 use std::io::{BufRead, Seek, SeekFrom};
 use std::path::PathBuf;
 
@@ -49,16 +49,16 @@ pub trait Source: Send + 'static {
 /// A source subtask with its chain, independent of the record type.
 pub trait SourceDriver: Send {
     /// Emits up to `max` records into the chain, and the watermark if it
-    /// advanced.
-    fn poll(&mut self, max: usize) -> SourcePoll;
+    /// advanced; the chain's first failure, if it failed.
+    fn poll(&mut self, max: usize) -> Result<SourcePoll, StageError>;
     /// The chain the source feeds.
     fn chain(&mut self) -> &mut dyn ChainControl;
     /// See [`Source::offset`].
     fn offset(&self) -> Vec<u8>;
     /// See [`Source::seek`].
     fn seek(&mut self, offset: &[u8]) -> Result<(), StateError>;
-    /// See [`Source::notify_checkpoint_complete`].
-    fn checkpoint_complete(&mut self, epoch: u64);
+    /// See [`Source::notify_checkpoint_complete`]; then the chain's.
+    fn checkpoint_complete(&mut self, epoch: u64) -> Result<(), StageError>;
 }
 
 /// Drives a [`Source`] into its chain.
@@ -79,11 +79,19 @@ impl<S: Source> SourceRunner<S> {
     }
 }
 
-struct Feed<'a, T>(&'a mut dyn Stage<T>);
+/// Feeds the chain, holding its first failure (nothing is pushed after it).
+struct Feed<'a, T> {
+    chain: &'a mut dyn Stage<T>,
+    failed: Option<StageError>,
+}
 
 impl<T> Collector<T> for Feed<'_, T> {
     fn emit(&mut self, value: T, time: Option<EventTime>) {
-        self.0.push(value, time);
+        if self.failed.is_none() {
+            if let Err(e) = self.chain.push(value, time) {
+                self.failed = Some(e);
+            }
+        }
     }
 }
 
@@ -91,15 +99,22 @@ impl<S: Source> SourceDriver for SourceRunner<S>
 where
     S::Out: 'static,
 {
-    fn poll(&mut self, max: usize) -> SourcePoll {
-        let polled = self.source.poll(&mut Feed(self.chain.as_mut()), max);
+    fn poll(&mut self, max: usize) -> Result<SourcePoll, StageError> {
+        let mut feed = Feed {
+            chain: self.chain.as_mut(),
+            failed: None,
+        };
+        let polled = self.source.poll(&mut feed, max);
+        if let Some(e) = feed.failed {
+            return Err(e);
+        }
         if let Some(w) = self.source.watermark() {
             if self.watermark.is_none_or(|old| w > old) {
                 self.watermark = Some(w);
-                self.chain.watermark(w);
+                self.chain.watermark(w)?;
             }
         }
-        polled
+        Ok(polled)
     }
 
     fn chain(&mut self) -> &mut dyn ChainControl {
@@ -114,9 +129,9 @@ where
         self.source.seek(offset)
     }
 
-    fn checkpoint_complete(&mut self, epoch: u64) {
+    fn checkpoint_complete(&mut self, epoch: u64) -> Result<(), StageError> {
         self.source.notify_checkpoint_complete(epoch);
-        self.chain.checkpoint_complete(epoch);
+        self.chain.checkpoint_complete(epoch)
     }
 }
 

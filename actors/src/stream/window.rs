@@ -96,7 +96,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::operator::{decode_state, Collector, EventTime, Operator, Snapshot, StateError};
+use super::operator::{
+    decode_state, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
+};
 
 /// How records are grouped into windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -547,7 +549,7 @@ where
         (key, value): (K, V),
         time: Option<EventTime>,
         out: &mut dyn Collector<Self::Out>,
-    ) {
+    ) -> Result<(), OperatorError> {
         match self.state.spec {
             WindowSpec::TumblingCount { size } => {
                 self.process_tumbling_count(key, &value, size, time, out)
@@ -560,39 +562,46 @@ where
                 None => self.state.untimed_records += 1,
             },
         }
+        Ok(())
     }
 
-    fn on_watermark(&mut self, watermark: EventTime, out: &mut dyn Collector<Self::Out>) {
+    fn on_watermark(
+        &mut self,
+        watermark: EventTime,
+        out: &mut dyn Collector<Self::Out>,
+    ) -> Result<(), OperatorError> {
         if !self.state.spec.is_time() || watermark <= self.state.watermark {
-            return;
+            return Ok(());
         }
         self.state.watermark = watermark;
         self.fire_pending(watermark, out);
         self.purge_retained();
+        Ok(())
     }
 
-    fn on_end(&mut self, out: &mut dyn Collector<Self::Out>) {
+    fn on_end(&mut self, out: &mut dyn Collector<Self::Out>) -> Result<(), OperatorError> {
         if !self.state.spec.is_time() {
-            return;
+            return Ok(());
         }
         self.state.watermark = EventTime::MAX;
         self.fire_pending(EventTime::MAX, out);
         self.state.pending = OrdMap::new();
         self.state.retained = OrdMap::new();
+        Ok(())
     }
 
-    fn snapshot(&mut self) -> Snapshot {
-        Snapshot::of(self.state.clone())
+    fn snapshot(&mut self) -> Result<Snapshot, OperatorError> {
+        Ok(Snapshot::of(self.state.clone()))
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), OperatorError> {
         let state: State<K, V, A::Acc> = decode_state(bytes)?;
         if state.spec != self.state.spec || state.allowed_lateness != self.state.allowed_lateness {
-            return Err(StateError::Decode(format!(
+            return Err(OperatorError::State(StateError::Decode(format!(
                 "snapshot of {:?} with allowed lateness {} ms cannot restore an operator \
                  configured with {:?} and {} ms",
                 state.spec, state.allowed_lateness, self.state.spec, self.state.allowed_lateness
-            )));
+            ))));
         }
         self.state = state;
         Ok(())

@@ -5,7 +5,9 @@
 
 use super::metrics::{Progressive, ProgressiveSnapshot};
 use super::worker::Scored;
-use crate::stream::operator::{decode_state, Collector, EventTime, Operator, Snapshot, StateError};
+use crate::stream::operator::{
+    decode_state, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
+};
 use crate::stream::registry;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -150,7 +152,7 @@ impl EvalSink {
         }
     }
 
-    fn take(&mut self, scored: Scored) {
+    fn take(&mut self, scored: Scored) -> Result<(), OperatorError> {
         self.max_staleness = self.max_staleness.max(scored.staleness);
         let mut predictions = self.handle.predictions.lock();
         if let Some(file) = predictions.as_mut().filter(|f| f.resumed) {
@@ -168,14 +170,16 @@ impl EvalSink {
                     use std::fmt::Write as _;
                     self.line.clear();
                     let _ = writeln!(self.line, "{p:.6}");
-                    if file.out.write_all(self.line.as_bytes()).is_ok() {
-                        file.written += 1;
-                        file.bytes += self.line.len() as u64;
-                    }
+                    file.out
+                        .write_all(self.line.as_bytes())
+                        .map_err(|e| OperatorError::io("write the predictions file", e))?;
+                    file.written += 1;
+                    file.bytes += self.line.len() as u64;
                 }
             }
         }
         self.next_row = scored.first_row + scored.labels.len() as u64;
+        Ok(())
     }
 
     fn publish(&mut self) {
@@ -195,40 +199,53 @@ impl Operator for EvalSink {
     type In = Scored;
     type Out = ();
 
-    fn process(&mut self, scored: Scored, _time: Option<EventTime>, _out: &mut dyn Collector<()>) {
+    fn process(
+        &mut self,
+        scored: Scored,
+        _time: Option<EventTime>,
+        _out: &mut dyn Collector<()>,
+    ) -> Result<(), OperatorError> {
         self.waiting.insert(scored.first_row, scored);
         while let Some(next) = self.waiting.remove(&self.next_row) {
-            self.take(next);
+            self.take(next)?;
         }
         if self.published.elapsed() >= PUBLISH_EVERY {
             self.publish();
         }
+        Ok(())
     }
 
-    fn on_end(&mut self, _out: &mut dyn Collector<()>) {
+    fn on_end(&mut self, _out: &mut dyn Collector<()>) -> Result<(), OperatorError> {
         let rest: Vec<Scored> = std::mem::take(&mut self.waiting).into_values().collect();
         for s in rest {
-            self.take(s);
+            self.take(s)?;
         }
         self.publish();
-        let _ = self.handle.flush();
+        self.handle
+            .flush()
+            .map_err(|e| OperatorError::io("flush the predictions file", e))
     }
 
-    fn snapshot(&mut self) -> Snapshot {
-        let predictions = self.handle.predictions.lock().as_mut().and_then(|file| {
-            file.out.flush().ok()?;
-            Some((file.written, file.bytes))
-        });
-        Snapshot::of(EvalState {
+    fn snapshot(&mut self) -> Result<Snapshot, OperatorError> {
+        let predictions = match self.handle.predictions.lock().as_mut() {
+            Some(file) => {
+                file.out
+                    .flush()
+                    .map_err(|e| OperatorError::io("flush the predictions file", e))?;
+                Some((file.written, file.bytes))
+            }
+            None => None,
+        };
+        Ok(Snapshot::of(EvalState {
             progressive: self.progressive.snapshot(),
             next_row: self.next_row,
             waiting: self.waiting.values().cloned().collect(),
             max_staleness: self.max_staleness,
             predictions,
-        })
+        }))
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), OperatorError> {
         if bytes.is_empty() {
             return Ok(());
         }
@@ -250,9 +267,7 @@ impl Operator for EvalSink {
                     .get_mut()
                     .set_len(bytes)
                     .and_then(|()| file.out.seek(SeekFrom::Start(bytes)));
-                cut.map_err(|e| {
-                    StateError::Decode(format!("cannot cut the predictions file back: {e}"))
-                })?;
+                cut.map_err(|e| OperatorError::io("cut the predictions file back", e))?;
                 file.written = rows;
                 file.bytes = bytes;
                 file.resumed = false;

@@ -29,7 +29,9 @@ use super::optimizer::{
 use super::sharding::ConsistentHash;
 use super::table::{prefetch_line, ParamTable, SlotRef};
 use crate::stream::context::TaskContext;
-use crate::stream::operator::{write_part, Collector, EventTime, Operator, Snapshot, StateError};
+use crate::stream::operator::{
+    write_part, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
+};
 use crate::stream::registry;
 use crate::stream::service::{self, Peers, Service, ServiceGuard};
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -1136,18 +1138,41 @@ impl Operator for ShardOperator {
     type In = Push;
     type Out = Delta;
 
-    fn process(&mut self, push: Push, _time: Option<EventTime>, out: &mut dyn Collector<Delta>) {
+    fn process(
+        &mut self,
+        push: Push,
+        _time: Option<EventTime>,
+        out: &mut dyn Collector<Delta>,
+    ) -> Result<(), OperatorError> {
         self.handle(push, None, out);
+        Ok(())
     }
 
-    fn on_end(&mut self, out: &mut dyn Collector<Delta>) {
+    fn on_end(&mut self, out: &mut dyn Collector<Delta>) -> Result<(), OperatorError> {
         self.emit_delta(out, true);
         let model = self.copy_of(&self.cell.state.lock().model);
         let name = format!("{}/final/shard{}", self.config.name, self.cell.index);
         registry::register(&name, Arc::new(FinalModel(model)));
+        Ok(())
     }
 
-    fn snapshot(&mut self) -> Snapshot {
+    fn snapshot(&mut self) -> Result<Snapshot, OperatorError> {
+        Ok(self.freeze())
+    }
+
+    fn barrier_passed(&mut self, epoch: u64) {
+        self.cell.state.lock().meta.epoch = epoch;
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), OperatorError> {
+        Ok(self.restore_state(bytes)?)
+    }
+}
+
+impl ShardOperator {
+    /// Freezes the shard's state at a barrier (a copy of its tables into
+    /// the spare buffer), encoded later into the checkpoint blob.
+    pub(crate) fn freeze(&mut self) -> Snapshot {
         let state = self.cell.state.lock();
         let meta = state.meta.clone();
         let model = self.copy_of(&state.model);
@@ -1173,11 +1198,8 @@ impl Operator for ShardOperator {
         })
     }
 
-    fn barrier_passed(&mut self, epoch: u64) {
-        self.cell.state.lock().meta.epoch = epoch;
-    }
-
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+    /// Restores the state a snapshot saved.
+    pub(crate) fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
         if bytes.is_empty() {
             return Ok(());
         }

@@ -25,7 +25,7 @@ use super::optimizer::{sigmoid, BIAS_KEY};
 use super::ps::{AppliedBatch, Delta, ModelVersion, PsConfig};
 use super::sharding::ConsistentHash;
 use super::table::{prefetch_line, ParamTable};
-use crate::stream::operator::{Collector, EventTime, Operator};
+use crate::stream::operator::{Collector, EventTime, Operator, OperatorError};
 use crate::stream::registry;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, VecDeque};
@@ -507,7 +507,13 @@ impl Operator for ServingSink {
     type In = Delta;
     type Out = ();
 
-    fn process(&mut self, delta: Delta, _time: Option<EventTime>, _out: &mut dyn Collector<()>) {
+    fn process(
+        &mut self,
+        delta: Delta,
+        _time: Option<EventTime>,
+        _out: &mut dyn Collector<()>,
+    ) -> Result<(), OperatorError> {
         self.serving.apply(delta);
+        Ok(())
     }
 }

@@ -20,7 +20,7 @@ use super::ps::{
 };
 use super::table::SlotRef;
 use crate::stream::operator::{
-    decode_state, write_part, Collector, EventTime, Operator, Snapshot, StateError,
+    decode_state, write_part, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -287,16 +287,17 @@ impl Operator for TrainWorker {
         batch: TrainBatch,
         _time: Option<EventTime>,
         out: &mut dyn Collector<WorkerOut>,
-    ) {
+    ) -> Result<(), OperatorError> {
         self.train(&batch, out);
+        Ok(())
     }
 
-    fn on_end(&mut self, out: &mut dyn Collector<WorkerOut>) {
+    fn on_end(&mut self, out: &mut dyn Collector<WorkerOut>) -> Result<(), OperatorError> {
         if self.is_chained() {
             for shard in &mut self.chained {
-                shard.on_end(&mut DeltaOut(out));
+                shard.on_end(&mut DeltaOut(out))?;
             }
-            return;
+            return Ok(());
         }
         for s in 0..self.client.shards() {
             out.emit(
@@ -314,15 +315,16 @@ impl Operator for TrainWorker {
                 None,
             );
         }
+        Ok(())
     }
 
-    fn snapshot(&mut self) -> Snapshot {
+    fn snapshot(&mut self) -> Result<Snapshot, OperatorError> {
         if !self.is_chained() {
-            return Snapshot::of(self.step);
+            return Ok(Snapshot::of(self.step));
         }
         let step = self.step;
-        let shards: Vec<Snapshot> = self.chained.iter_mut().map(|s| s.snapshot()).collect();
-        Snapshot::writer(move |out| {
+        let shards: Vec<Snapshot> = self.chained.iter_mut().map(|s| s.freeze()).collect();
+        Ok(Snapshot::writer(move |out| {
             write_part(out, |o| {
                 bincode::serialize_into(o, &step).map_err(|e| StateError::Encode(e.to_string()))
             })?;
@@ -330,7 +332,7 @@ impl Operator for TrainWorker {
                 write_part(out, |o| shard.encode_into(o))?;
             }
             Ok(())
-        })
+        }))
     }
 
     fn barrier_passed(&mut self, epoch: u64) {
@@ -339,7 +341,14 @@ impl Operator for TrainWorker {
         }
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), OperatorError> {
+        Ok(self.restore_state(bytes)?)
+    }
+}
+
+impl TrainWorker {
+    /// Restores the state a snapshot saved.
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
         if bytes.is_empty() {
             return Ok(());
         }
@@ -362,7 +371,7 @@ impl Operator for TrainWorker {
         }
         let step: u64 = decode_state(step)?;
         for (shard, bytes) in self.chained.iter_mut().zip(shards) {
-            shard.restore(bytes)?;
+            shard.restore_state(bytes)?;
         }
         self.step = step;
         Ok(())

@@ -279,7 +279,6 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
     let storage = CheckpointStorage::local(&config.checkpoint_dir, &name, 2)?;
     let mut job = JobConfig::new(storage);
     job.checkpoint_interval = Duration::from_millis(config.checkpoint_ms.max(1));
-    job.max_failures = 5;
     let outcome = local::run(&Plan::new(env.into_graph()), job);
     let seconds = started.elapsed().as_secs_f64();
     let cpu = common::self_cpu_seconds() - cpu_start;

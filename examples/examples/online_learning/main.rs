@@ -335,6 +335,7 @@ fn ratio(a: f64, b: f64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    braid_examples::init_logging();
     if let Some(r) = separate::role_main() {
         return r;
     }

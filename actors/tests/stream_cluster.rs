@@ -4,11 +4,11 @@
 //! while the job runs, both commit every record exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::stream::cluster::{ClusterJob, JobParams, StorageSpec};
 use braid_actors::stream::functions::{KeyedProcessFunction, ProcessContext};
 use braid_actors::stream::graph::StreamEnv;
 use braid_actors::stream::operator::EventTime;
+use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::stream::runner::SourcePace;
 use braid_actors::stream::sink::{committed_lines, TransactionalFileSink};
 use braid_actors::stream::source::GeneratorSource;

@@ -4,9 +4,9 @@
 //! still exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::stream::cluster::{ClusterJob, JobParams, StorageSpec};
 use braid_actors::stream::graph::StreamEnv;
+use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::stream::runner::SourcePace;
 use braid_actors::stream::sink::{committed_lines, TransactionalFileSink};
 use braid_actors::stream::source::GeneratorSource;

@@ -3,13 +3,13 @@
 //! every point of the checkpoint protocol, and the backpressure bound.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::checkpoint::storage::CheckpointStorage;
 use braid_actors::stream::coordinator::{FaultPoint, JobConfig};
 use braid_actors::stream::functions::{KeyedProcessFunction, ProcessContext};
 use braid_actors::stream::graph::StreamEnv;
 use braid_actors::stream::operator::{Collector, EventTime, Operator, OperatorError};
 use braid_actors::stream::plan::Plan;
+use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::stream::sink::{committed_lines, TransactionalFileSink};
 use braid_actors::stream::source::GeneratorSource;
 use std::collections::HashMap;

@@ -398,15 +398,18 @@ fn tumbling_time_fires_on_watermark_ordered_by_end_start_key() {
         &mut out,
     );
     assert!(out.is_empty());
-    op.on_watermark(9, &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.on_watermark(9, &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(out.is_empty(), "window [0, 10) may still receive time 9");
-    op.on_watermark(10, &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.on_watermark(10, &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         out,
         vec![(res(1, 0, 10, 2), Some(9)), (res(2, 0, 10, 4), Some(9))]
     );
     out.clear();
-    op.on_watermark(30, &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.on_watermark(30, &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         out,
         vec![(res(1, 10, 20, 4), Some(19)), (res(1, 20, 30, 5), Some(29))]
@@ -475,8 +478,10 @@ fn allowed_lateness_refires_updated_window_until_it_expires() {
 fn untimed_records_are_counted_and_dropped_by_time_windows() {
     let mut op = sum_op(WindowSpec::TumblingTime { size: 10 });
     let mut out = Vec::new();
-    op.process((0, 5), None, &mut out).unwrap_or_else(|e| panic!("{e}"));
-    op.process((0, 6), Some(1), &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.process((0, 5), None, &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
+    op.process((0, 6), Some(1), &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
     op.on_end(&mut out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out, vec![(res(0, 0, 10, 6), Some(9))]);
     assert_eq!(op.untimed_records(), 1);
@@ -490,9 +495,12 @@ fn sliding_time_record_lands_in_several_windows() {
         slide: 10,
     });
     let mut out = Vec::new();
-    op.process((0, 1), Some(25), &mut out).unwrap_or_else(|e| panic!("{e}"));
-    op.process((0, 10), Some(31), &mut out).unwrap_or_else(|e| panic!("{e}"));
-    op.on_watermark(30, &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.process((0, 1), Some(25), &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
+    op.process((0, 10), Some(31), &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
+    op.on_watermark(30, &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out, vec![(res(0, 0, 30, 1), Some(29))]);
     op.on_end(&mut out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -533,11 +541,15 @@ fn tumbling_count_fires_at_the_nth_record_of_each_key() {
         &mut out,
     );
     assert!(out.is_empty(), "count windows ignore watermarks");
-    op.process((0, 3), None, &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.process((0, 3), None, &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out, vec![(res(0, 1, 4, 6), None)]);
-    op.process((0, 4), Some(7), &mut out).unwrap_or_else(|e| panic!("{e}"));
-    op.process((0, 5), Some(8), &mut out).unwrap_or_else(|e| panic!("{e}"));
-    op.process((0, 6), Some(9), &mut out).unwrap_or_else(|e| panic!("{e}"));
+    op.process((0, 4), Some(7), &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
+    op.process((0, 5), Some(8), &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
+    op.process((0, 6), Some(9), &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         out,
         vec![(res(0, 1, 4, 6), None), (res(0, 4, 7, 15), Some(9))]

@@ -6,13 +6,13 @@
 //! recovers from its last checkpoint.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::checkpoint::storage::CheckpointStorage;
 use braid_actors::stream::cluster::{ClusterJob, JobParams, StorageSpec};
 use braid_actors::stream::coordinator::JobConfig;
 use braid_actors::stream::graph::StreamEnv;
 use braid_actors::stream::local;
 use braid_actors::stream::plan::Plan;
+use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::stream::runner::SourcePace;
 use braid_actors::train::data::{SyntheticConfig, SyntheticStream};
 use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};

@@ -2,12 +2,12 @@
 //! serving and evaluation; BSP determinism and replay after a crash;
 //! SSP's staleness bound; accuracy against Vowpal Wabbit.
 
-use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::checkpoint::storage::CheckpointStorage;
 use braid_actors::stream::coordinator::{JobConfig, JobReport};
 use braid_actors::stream::graph::StreamEnv;
 use braid_actors::stream::local;
 use braid_actors::stream::plan::Plan;
+use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::train::data::FeatureBatch;
 use braid_actors::train::data::{fnv1a64, SyntheticConfig, SyntheticStream};
 use braid_actors::train::eval::{EvalFigures, EvalHandle};

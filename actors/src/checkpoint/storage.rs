@@ -433,7 +433,12 @@ impl CheckpointStorage {
         ));
         self.put(&aside.child("REASON"), Bytes::from(reason.to_owned()))
             .await?;
-        let mut objects = self.scan().await?.remove(&epoch).unwrap_or_default().objects;
+        let mut objects = self
+            .scan()
+            .await?
+            .remove(&epoch)
+            .unwrap_or_default()
+            .objects;
         let marker = self.marker_path(epoch);
         objects.sort_by_key(|path| *path != marker);
         for path in objects {

@@ -334,10 +334,12 @@ impl SubtaskHost {
                 }));
                 match outcome {
                     Ok(Ok(TaskExit::Finished)) | Ok(Ok(TaskExit::Stopped)) => {}
-                    Ok(Err(error)) => shared.push_event(HostEvent::Failed(AttemptFailure::Subtask {
-                        subtask: id.to_string(),
-                        error,
-                    })),
+                    Ok(Err(error)) => {
+                        shared.push_event(HostEvent::Failed(AttemptFailure::Subtask {
+                            subtask: id.to_string(),
+                            error,
+                        }))
+                    }
                     Err(panic) => shared.push_event(HostEvent::Failed(AttemptFailure::Lost {
                         subtask: id.to_string(),
                         cause: format!("panicked: {}", super::local::panic_message(&panic)),
@@ -361,12 +363,16 @@ impl SubtaskHost {
                         ChannelMsg::Shared(super::channel::SharedBatch(Arc::new(ViewBytes(view))))
                     }
                     Err(e) => {
-                        self.shared.push_event(HostEvent::Failed(AttemptFailure::Subtask {
-                            subtask: format!("{}-{}", self.shared.spec.task, self.shared.spec.subtask),
-                            error: TaskError::Channel(super::channel::ChannelError::Decode(
-                                format!("a stored batch is lost: {e}"),
-                            )),
-                        }));
+                        self.shared
+                            .push_event(HostEvent::Failed(AttemptFailure::Subtask {
+                                subtask: format!(
+                                    "{}-{}",
+                                    self.shared.spec.task, self.shared.spec.subtask
+                                ),
+                                error: TaskError::Channel(super::channel::ChannelError::Decode(
+                                    format!("a stored batch is lost: {e}"),
+                                )),
+                            }));
                         return false;
                     }
                 }
@@ -795,9 +801,7 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
                                     HostEvent::Stored(epoch, handle) => {
                                         CoordinatorEvent::Stored { id, epoch, handle }
                                     }
-                                    HostEvent::Failed(failure) => {
-                                        CoordinatorEvent::Failed(failure)
-                                    }
+                                    HostEvent::Failed(failure) => CoordinatorEvent::Failed(failure),
                                     HostEvent::Exhausted => CoordinatorEvent::Exhausted(id),
                                     HostEvent::Finished => CoordinatorEvent::Finished(id),
                                 };

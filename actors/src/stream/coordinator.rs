@@ -37,6 +37,10 @@ pub enum FaultPoint {
     BeforeCommit(u64),
     /// While restoring an attempt of this generation.
     DuringRestore(u64),
+    /// Before the `n`th attempt (1, 2, ...) reads checkpoint storage, once
+    /// the restart strategy's delay has passed: where a test lifts a fault
+    /// it dealt.
+    BeforeAttempt(u64),
 }
 
 /// A test hook: returning true crashes the attempt at that point.
@@ -285,6 +289,8 @@ pub struct Coordinator {
     next_attempt_at: Option<Instant>,
     /// Since when, and how long apart, attempts could not be placed.
     placing: Option<(Instant, Duration)>,
+    /// Attempts begun.
+    attempts: u64,
 }
 
 impl Coordinator {
@@ -315,6 +321,7 @@ impl Coordinator {
             failed_at: None,
             next_attempt_at: None,
             placing: None,
+            attempts: 0,
         })
     }
 
@@ -341,9 +348,7 @@ impl Coordinator {
     pub fn note_placement_failure(&mut self, cause: String) -> Result<(), JobError> {
         let now = Instant::now();
         let failure = AttemptFailure::Placement { cause };
-        let (since, last_wait) = *self
-            .placing
-            .get_or_insert((now, Duration::from_millis(50)));
+        let (since, last_wait) = *self.placing.get_or_insert((now, Duration::from_millis(50)));
         let waited = now.duration_since(since);
         if waited >= self.config.resource_wait {
             tracing::error!(
@@ -410,6 +415,14 @@ impl Coordinator {
         loop {
             if let Some(at) = self.next_attempt_at.take() {
                 std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            }
+            self.attempts += 1;
+            if self.fault(FaultPoint::BeforeAttempt(self.attempts)) {
+                self.fail(AttemptFailure::Injected(format!(
+                    "crash before attempt {}",
+                    self.attempts
+                )))?;
+                continue;
             }
             let recovered = self.runtime.block_on(self.recover());
             let (generation, latest, restored) = match recovered {
@@ -514,7 +527,12 @@ impl Coordinator {
                         ),
                     );
                 }
-                Err(e) => return Ok(Err(format!("state of {} does not decode: {e}", handle.operator))),
+                Err(e) => {
+                    return Ok(Err(format!(
+                        "state of {} does not decode: {e}",
+                        handle.operator
+                    )))
+                }
             }
         }
         Ok(Ok(restored))

@@ -137,8 +137,7 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
         drop(events_rx);
         // Every thread holds a sender: the channel disconnects when the
         // last one has exited.
-        if let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-            alive_rx.recv_timeout(STOP_GRACE)
+        if let Err(crossbeam_channel::RecvTimeoutError::Timeout) = alive_rx.recv_timeout(STOP_GRACE)
         {
             tracing::error!(
                 "subtask threads of generation {} did not stop within {} s (stuck in I/O?); \

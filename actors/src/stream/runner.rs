@@ -7,11 +7,11 @@
 
 use super::channel::{BatchSink, ChannelError, ChannelMsg};
 use super::operator::{EventTime, StateError};
-use super::stage::StageError;
 use super::source::{SourceDriver, SourcePoll};
 use super::stage::ChainSnapshot;
-use std::collections::HashMap;
+use super::stage::StageError;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 

@@ -757,11 +757,12 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
     loop {
         let attempt = coordinator.begin_attempt()?;
         let generation = attempt.generation;
+        let tried_at = std::time::Instant::now();
         let spawned = spawn_hosts(rt, &plan, &job, generation, attempt.restored_epoch);
         let hosts = match spawned {
             Ok(h) => h,
             Err(why) => {
-                coordinator.note_placement_failure(why)?;
+                coordinator.note_placement_failure(why, tried_at)?;
                 continue;
             }
         };
@@ -772,18 +773,19 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
             coordinator.note_failure(failure)?;
             continue;
         }
+        let nodes: HashMap<SubtaskId, String> = hosts
+            .iter()
+            .filter_map(|(id, h)| Some((*id, bounded(rt, CONTROL_WAIT, h.node()).ok()?)))
+            .collect();
         if job.spread {
-            let used: std::collections::BTreeSet<String> = hosts
-                .values()
-                .filter_map(|h| rt.block_on(h.node()).ok())
-                .collect();
+            let used: std::collections::BTreeSet<&String> = nodes.values().collect();
             tracing::info!("generation {generation} runs on {} nodes", used.len());
             *job.nodes_used.lock() = used.len();
         }
         if let Some(on_running) = &job.on_running {
             let pids: Vec<u32> = hosts
                 .values()
-                .filter_map(|h| rt.block_on(h.pid()).ok())
+                .filter_map(|h| bounded(rt, CONTROL_WAIT, h.pid()).ok())
                 .collect();
             on_running(generation, pids);
         }
@@ -821,6 +823,7 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
                 }
             });
         }
+        watch_nodes(rt, nodes, events_tx.clone(), stop.clone());
         drop(events_tx);
         let rt2 = rt.clone();
         let hosts2 = hosts.clone();
@@ -882,13 +885,19 @@ fn spawn_hosts(
         builders.push((id, builder));
     }
     let rt2 = rt.clone();
+    let wait = job.resource_wait;
     rt.block_on(async move {
-        let spawned = futures::future::join_all(
+        let spawning = futures::future::join_all(
             builders
                 .into_iter()
                 .map(|(id, b)| async move { (id, b.spawn().await) }),
-        )
-        .await;
+        );
+        let Ok(spawned) = tokio::time::timeout(wait, spawning).await else {
+            return Err(format!(
+                "the subtasks' actors were not created within {} ms",
+                wait.as_millis()
+            ));
+        };
         let mut hosts = HashMap::new();
         let mut failure = None;
         for (id, h) in spawned {
@@ -950,7 +959,7 @@ fn start_hosts(
         subtask: id.to_string(),
         cause: e.to_string(),
     };
-    rt.block_on(async move {
+    let starting = async move {
         for (id, host, targets, _) in &calls {
             host.connect(targets.clone())
                 .await
@@ -961,15 +970,102 @@ fn start_hosts(
             host.start(restored).await.map_err(|e| lost(&id, e))??;
         }
         Ok(())
+    };
+    rt.block_on(async move {
+        tokio::time::timeout(START_WAIT, starting)
+            .await
+            .unwrap_or_else(|_| {
+                Err(AttemptFailure::Lost {
+                    subtask: "a host".into(),
+                    cause: format!(
+                        "the attempt's hosts did not start within {} s",
+                        START_WAIT.as_secs()
+                    ),
+                })
+            })
     })
 }
 
+/// How long connecting, restoring and starting an attempt's hosts may take
+/// (a large state restores in seconds; a host that never answers fails
+/// the attempt).
+const START_WAIT: Duration = Duration::from_secs(120);
+
+/// How long the driver waits on a call that controls a host (kill it, ask
+/// its process id or node) before it gives up on it: a host on a stopped
+/// node never answers.
+const CONTROL_WAIT: Duration = Duration::from_secs(5);
+
+/// Kills an attempt's hosts, giving up on those that do not answer within
+/// [`CONTROL_WAIT`] (their node is gone or stopped; they die with it).
 fn kill_hosts(rt: &Runtime, hosts: &HashMap<SubtaskId, SubtaskHostHandle>) {
     let rt2 = rt.clone();
     let hosts: Vec<SubtaskHostHandle> = hosts.values().cloned().collect();
+    let killing = async move {
+        futures::future::join_all(hosts.iter().map(|h| rt2.kill_actor(h.raw()))).await;
+    };
+    if bounded(rt, CONTROL_WAIT, async move {
+        killing.await;
+        Ok(())
+    })
+    .is_err()
+    {
+        tracing::warn!(
+            "some hosts of the failed attempt did not answer the kill within {} s",
+            CONTROL_WAIT.as_secs()
+        );
+    }
+}
+
+/// Runs `call` on `rt`, failing it after `wait`.
+fn bounded<T: Send + 'static>(
+    rt: &Runtime,
+    wait: Duration,
+    call: impl std::future::Future<Output = braid::Result<T>> + Send + 'static,
+) -> Result<T, String> {
     rt.block_on(async move {
-        for h in &hosts {
-            let _ = rt2.kill_actor(h.raw()).await;
+        match tokio::time::timeout(wait, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {} ms", wait.as_millis())),
+        }
+    })
+}
+
+/// How often the driver asks the head which nodes are alive.
+const NODE_WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Fails the attempt once the head declares dead a node that hosts one of
+/// its subtasks (a node that stopped answering, SIGSTOPped or cut off,
+/// whose processes' connections stay open). Ends with `stop`. The head
+/// being unreachable fails nothing: the job runs without it.
+fn watch_nodes(
+    rt: &Runtime,
+    nodes: HashMap<SubtaskId, String>,
+    events: crossbeam_channel::Sender<CoordinatorEvent>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let rt2 = rt.clone();
+    rt.spawn(async move {
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(NODE_WATCH_EVERY).await;
+            let Ok(Ok(all)) = tokio::time::timeout(CONTROL_WAIT, rt2.nodes()).await else {
+                continue;
+            };
+            let dead = all.iter().filter(|n| !n.alive).find_map(|n| {
+                let node = n.info.node_id.to_string();
+                nodes
+                    .iter()
+                    .find(|(_, on)| **on == node)
+                    .map(|(id, _)| (*id, node))
+            });
+            if let Some((id, node)) = dead {
+                let _ = events.send(CoordinatorEvent::Failed(AttemptFailure::Lost {
+                    subtask: id.to_string(),
+                    cause: format!("its node {node} was declared dead (no heartbeat)"),
+                }));
+                return;
+            }
         }
     });
 }

@@ -340,15 +340,21 @@ impl Coordinator {
         self.fail(failure)
     }
 
-    /// Records an attempt whose subtasks could not be placed or started.
-    /// It does not count against the restart strategy: the next attempt is
-    /// tried after a short wait (100 ms, doubling up to 1 s), and the job
-    /// fails with [`JobError::NoResources`] once attempts have failed to be
-    /// placed for [`JobConfig::resource_wait`].
-    pub fn note_placement_failure(&mut self, cause: String) -> Result<(), JobError> {
+    /// Records an attempt whose subtasks could not be placed, having tried
+    /// since `tried_at`. It does not count against the restart strategy:
+    /// the next attempt is tried after a short wait (100 ms, doubling up to
+    /// 1 s), and the job fails with [`JobError::NoResources`] once attempts
+    /// have failed to be placed for [`JobConfig::resource_wait`].
+    pub fn note_placement_failure(
+        &mut self,
+        cause: String,
+        tried_at: Instant,
+    ) -> Result<(), JobError> {
         let now = Instant::now();
         let failure = AttemptFailure::Placement { cause };
-        let (since, last_wait) = *self.placing.get_or_insert((now, Duration::from_millis(50)));
+        let (since, last_wait) = *self
+            .placing
+            .get_or_insert((tried_at, Duration::from_millis(50)));
         let waited = now.duration_since(since);
         if waited >= self.config.resource_wait {
             tracing::error!(

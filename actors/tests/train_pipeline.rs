@@ -3,7 +3,7 @@
 //! SSP's staleness bound; accuracy against Vowpal Wabbit.
 
 use braid_actors::checkpoint::storage::CheckpointStorage;
-use braid_actors::stream::coordinator::{JobConfig, JobReport};
+use braid_actors::stream::coordinator::{FaultPoint, JobConfig, JobError, JobReport};
 use braid_actors::stream::graph::StreamEnv;
 use braid_actors::stream::local;
 use braid_actors::stream::plan::Plan;
@@ -46,7 +46,14 @@ struct Run {
     version: braid_actors::train::ps::ModelVersion,
 }
 
-fn run(mut config: PipelineConfig, rows: u64, checkpoint_ms: u64) -> Run {
+fn run(config: PipelineConfig, rows: u64, checkpoint_ms: u64) -> Run {
+    let mut job = JobConfig::new(CheckpointStorage::in_memory(&config.ps.name, 3));
+    job.checkpoint_interval = Duration::from_millis(checkpoint_ms);
+    job.restart = RestartStrategy::fixed(3, Duration::ZERO);
+    run_with(config, rows, job).unwrap_or_else(|e| panic!("run: {e}"))
+}
+
+fn run_with(mut config: PipelineConfig, rows: u64, job: JobConfig) -> Result<Run, JobError> {
     config.rows = Some(rows);
     let ps = config.ps.clone();
     let env = StreamEnv::new(1);
@@ -59,11 +66,7 @@ fn run(mut config: PipelineConfig, rows: u64, checkpoint_ms: u64) -> Run {
         Ok(Box::new(SyntheticReader(stream)) as Box<dyn RowReader>)
     })
     .unwrap_or_else(|e| panic!("build: {e}"));
-    let mut job = JobConfig::new(CheckpointStorage::in_memory(&ps.name, 3));
-    job.checkpoint_interval = Duration::from_millis(checkpoint_ms);
-    job.restart = RestartStrategy::fixed(3, Duration::ZERO);
-    let report =
-        local::run(&Plan::new(env.into_graph()), job).unwrap_or_else(|e| panic!("run: {e}"));
+    let report = local::run(&Plan::new(env.into_graph()), job)?;
     let models = (0..ps.shards)
         .map(|s| final_model(&ps, s).map_or(0, |m| fnv1a64(&m.0.to_bytes())))
         .collect();
@@ -78,14 +81,14 @@ fn run(mut config: PipelineConfig, rows: u64, checkpoint_ms: u64) -> Run {
     serving.sort_unstable();
     assert!(!serving.is_empty());
     let hash = fnv1a64(&bincode_like(&serving));
-    Run {
+    Ok(Run {
         report,
         weights: serving,
         figures: EvalHandle::of(&ps.name).figures(),
         models,
         serving: hash,
         version,
-    }
+    })
 }
 
 fn bincode_like(pairs: &[(u64, u32)]) -> Vec<u8> {
@@ -192,6 +195,59 @@ fn a_chained_worker_trains_as_one_model_and_replays_a_crash_bitwise() {
         "the sharded, chained job and one Model::learn loop differ"
     );
     assert_crashes_replay(1, 2, [Crash::Worker(0, 120), Crash::Shard(1, 90)], &clean);
+}
+
+#[test]
+fn a_job_resumed_past_a_corrupt_newest_checkpoint_trains_the_same_model() {
+    let clean = run(config("corrupt", 1, 2, Consistency::Bsp), 20_000, 10_000);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut c = config("corrupt", 1, 2, Consistency::Bsp);
+    c.rate = Some(300.0);
+    let name = c.ps.name.clone();
+    let job = |crash_at: Option<u64>| {
+        let storage =
+            CheckpointStorage::local(dir.path(), &name, 3).unwrap_or_else(|e| panic!("{e}"));
+        let mut job = JobConfig::new(storage);
+        job.checkpoint_interval = Duration::from_millis(40);
+        job.restart = RestartStrategy::NoRestart;
+        if let Some(at) = crash_at {
+            job.faults = Some(std::sync::Arc::new(move |p| {
+                p == FaultPoint::BeforeBarrier(at)
+            }));
+        }
+        job
+    };
+    // The job's process dies before checkpoint 6; checkpoint 5, the
+    // newest, then has 8 bytes of its largest state blob flipped.
+    let crashed = run_with(c.clone(), 20_000, job(Some(6)));
+    assert!(crashed.is_err(), "the first run crashes");
+    let state = dir
+        .path()
+        .join(&name)
+        .join(format!("chk-{:020}", 5))
+        .join("state");
+    let blob = std::fs::read_dir(&state)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+        .map(|e| e.path())
+        .max_by_key(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .unwrap_or_else(|| panic!("no state in {}", state.display()));
+    let mut bytes = std::fs::read(&blob).unwrap_or_else(|e| panic!("{e}"));
+    let at = bytes.len() / 2;
+    for b in &mut bytes[at..at + 8] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&blob, bytes).unwrap_or_else(|e| panic!("{e}"));
+
+    c.rate = None;
+    let resumed = run_with(c, 20_000, job(None)).unwrap_or_else(|e| panic!("resume: {e}"));
+    assert_eq!(resumed.report.resumed_from, Some(4), "{:?}", resumed.report);
+    assert_eq!(resumed.report.republished_epochs, vec![5]);
+    assert_eq!(
+        resumed.models, clean.models,
+        "BSP resumes to the same model"
+    );
+    assert_eq!(resumed.serving, clean.serving);
 }
 
 #[test]

@@ -1,16 +1,23 @@
 //! The differential chaos run: a streaming job on an embedded cluster
 //! (every subtask a worker process) counts a deterministic stream of
-//! `(key, seq)` records into a transactional file sink while worker
-//! processes are SIGKILLed; the committed output is then checked against
-//! the failure-free reference.
+//! `(key, seq)` records into a transactional file sink while faults are
+//! dealt from outside (SIGKILL or SIGSTOP of a worker, the sink's pending
+//! directory replaced by a file, the sink's directory remounted
+//! read-only); the committed output is then checked against the
+//! failure-free reference.
 //!
 //! Run: `cargo run --release --example streaming_exactly_once -- --records 3000000 --kill-every-ms 800`
 //!
-//! The last stdout line is one JSON object:
-//! `{"records":N,"keys":K,"kills":k,"checkpoints":c,"lost":0,"duplicated":0,"matches_reference":true,"events_per_s":...}`.
-//! `lost` and `duplicated` are counted from the sink's committed files
-//! (`--out DIR`, lines `key seq`), which anyone can check without this
-//! program.
+//! A soak run, one fault per attempt from a seeded schedule, 20 runs:
+//! `... -- --kill-every-ms 400 --faults kill,stop,sink-dir,read-only --runs 20`
+//! (`read-only` needs root).
+//!
+//! Each run prints one JSON object:
+//! `{"records":N,"keys":K,"seed":S,"faults":{..},"checkpoints":c,"lost":0,"duplicated":0,"matches_reference":true,"events_per_s":...}`;
+//! with `--runs` the last stdout line sums them up. `lost` and
+//! `duplicated` are counted from the sink's committed files (`--out DIR`,
+//! lines `key seq`), which anyone can check without this program. The
+//! exit status is non-zero when any run's output differs.
 
 use anyhow::Context as _;
 use braid_actors::stream::cluster::{ClusterJob, JobParams, StorageSpec};
@@ -22,8 +29,8 @@ use braid_actors::stream::sink::{committed_lines, TransactionalFileSink};
 use braid_actors::stream::source::{Source, SourcePoll};
 use clap::Parser;
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,9 +49,23 @@ struct Args {
     /// Source throttle, events per second over all sources (0: unthrottled).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
-    /// Kill a random worker process this long after each (re)start (0: none).
+    /// Deal a fault this long after each (re)start (0: none).
     #[arg(long, default_value_t = 0)]
     kill_every_ms: u64,
+    /// The faults to deal, one per attempt, chosen from the seed:
+    /// `kill` (SIGKILL a worker), `stop` (SIGSTOP a worker for
+    /// --fault-ms), `sink-dir` (the sink's .pending directory replaced by a
+    /// file for --fault-ms), `read-only` (the sink's directory remounted
+    /// read-only for --fault-ms; needs root).
+    #[arg(long, value_delimiter = ',', default_value = "kill")]
+    faults: Vec<FaultKind>,
+    /// How long a `stop`, `sink-dir` or `read-only` fault lasts.
+    #[arg(long, default_value_t = 300)]
+    fault_ms: u64,
+    /// Run the job this many times, at seeds `seed`, `seed + 1`, ...; the
+    /// last stdout line sums them up (a soak run).
+    #[arg(long, default_value_t = 1)]
+    runs: u64,
     /// Checkpoint interval.
     #[arg(long, default_value_t = 500)]
     checkpoint_ms: u64,
@@ -54,6 +75,68 @@ struct Args {
     /// Where the sink commits (default: a fresh temporary directory).
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// A fault the chaos run deals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FaultKind {
+    /// SIGKILL a worker process.
+    Kill,
+    /// SIGSTOP a worker process, then SIGCONT it.
+    Stop,
+    /// Swap the sink's `.pending` directory for a file, then back.
+    SinkDir,
+    /// Remount the sink's directory read-only, then unmount it.
+    ReadOnly,
+}
+
+/// Deals `fault` to worker `victim` or to the sink's directory `out`,
+/// holding it for `hold`.
+fn deal(fault: FaultKind, victim: u32, out: &Path, hold: Duration) -> anyhow::Result<()> {
+    match fault {
+        FaultKind::Kill => braid_examples::sigkill(victim)?,
+        FaultKind::Stop => {
+            let pid = rustix::process::Pid::from_raw(victim as i32)
+                .ok_or_else(|| anyhow::anyhow!("bad pid {victim}"))?;
+            rustix::process::kill_process(pid, rustix::process::Signal::STOP)?;
+            std::thread::sleep(hold);
+            rustix::process::kill_process(pid, rustix::process::Signal::CONT)?;
+        }
+        FaultKind::SinkDir => {
+            let (pending, file) = (out.join(".pending"), out.join(".pending-fault"));
+            std::fs::write(&file, b"not a directory")?;
+            let swap = || {
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &pending,
+                    rustix::fs::CWD,
+                    &file,
+                    rustix::fs::RenameFlags::EXCHANGE,
+                )
+            };
+            swap()?;
+            std::thread::sleep(hold);
+            swap()?;
+            std::fs::remove_file(&file)?;
+        }
+        FaultKind::ReadOnly => {
+            let dir = out.to_string_lossy().into_owned();
+            let mount = |args: &[&str]| -> anyhow::Result<()> {
+                let status = std::process::Command::new("mount").args(args).status()?;
+                anyhow::ensure!(status.success(), "mount {args:?}: {status}");
+                Ok(())
+            };
+            mount(&["--bind", &dir, &dir])?;
+            let remounted = mount(&["-o", "remount,bind,ro", &dir, &dir]);
+            if remounted.is_ok() {
+                std::thread::sleep(hold);
+            }
+            let status = std::process::Command::new("umount").arg(&dir).status()?;
+            anyhow::ensure!(status.success(), "umount {dir}: {status}");
+            remounted?;
+        }
+    }
+    Ok(())
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -207,6 +290,51 @@ braid_actors::stream_job!(CHAOS, "streaming_exactly_once", chaos_job);
 fn main() -> anyhow::Result<()> {
     braid_examples::init_logging();
     let args = Args::parse();
+    if args.faults.contains(&FaultKind::ReadOnly) && !rustix::process::geteuid().is_root() {
+        anyhow::bail!("--faults read-only remounts the sink's directory: it needs root");
+    }
+    let rt = braid::init_blocking().context("start an embedded cluster")?;
+    let mut totals = serde_json::Map::new();
+    let (mut all_match, mut lost, mut duplicated) = (true, 0u64, 0u64);
+    for run in 0..args.runs.max(1) {
+        let mut args = args.clone();
+        args.seed = args.seed.wrapping_add(run);
+        if args.runs > 1 {
+            args.out = args.out.as_ref().map(|o| o.join(format!("run-{run}")));
+        }
+        let summary = run_once(&rt, &args)?;
+        all_match &= summary["matches_reference"] == true;
+        lost += summary["lost"].as_u64().unwrap_or(0);
+        duplicated += summary["duplicated"].as_u64().unwrap_or(0);
+        if let Some(dealt) = summary["faults"].as_object() {
+            for (kind, n) in dealt {
+                let total = totals.get(kind).and_then(|t| t.as_u64()).unwrap_or(0);
+                totals.insert(kind.clone(), (total + n.as_u64().unwrap_or(0)).into());
+            }
+        }
+        println!("{summary}");
+    }
+    if args.runs > 1 {
+        println!(
+            "{}",
+            serde_json::json!({
+                "runs": args.runs,
+                "first_seed": args.seed,
+                "all_match_reference": all_match,
+                "lost": lost,
+                "duplicated": duplicated,
+                "faults": totals,
+            })
+        );
+    }
+    drop(rt);
+    anyhow::ensure!(all_match, "the committed output differs from the reference");
+    Ok(())
+}
+
+/// Runs the job once at `args.seed`, dealing faults, and compares its
+/// committed output with the reference.
+fn run_once(rt: &braid::Runtime, args: &Args) -> anyhow::Result<serde_json::Value> {
     let scratch = tempfile::tempdir()?;
     let out = args
         .out
@@ -215,7 +343,6 @@ fn main() -> anyhow::Result<()> {
     if out.exists() && std::fs::read_dir(&out)?.next().is_some() {
         anyhow::bail!("--out {} is not empty", out.display());
     }
-    let rt = braid::init_blocking().context("start an embedded cluster")?;
 
     let mut params = JobParams::new();
     params.insert("records".into(), args.records.to_string());
@@ -224,28 +351,38 @@ fn main() -> anyhow::Result<()> {
     params.insert("parallelism".into(), args.parallelism.to_string());
     params.insert("out".into(), out.display().to_string());
 
-    let kills = Arc::new(AtomicU32::new(0));
+    let dealt: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let current = Arc::new(AtomicU64::new(0));
     let killers: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
-    let on_running: Option<braid_actors::stream::cluster::OnRunning> = if args.kill_every_ms > 0 {
-        let (kills, current, killers) = (kills.clone(), current.clone(), killers.clone());
+    let on_running: Option<braid_actors::stream::cluster::OnRunning> = if args.kill_every_ms > 0
+        && !args.faults.is_empty()
+    {
+        let (dealt, current, killers) = (dealt.clone(), current.clone(), killers.clone());
         let every = Duration::from_millis(args.kill_every_ms);
-        let seed = args.seed;
+        let hold = Duration::from_millis(args.fault_ms);
+        let (seed, faults, out) = (args.seed, args.faults.clone(), out.clone());
         Some(Arc::new(move |generation: u64, pids: Vec<u32>| {
             current.store(generation, Ordering::SeqCst);
             if pids.is_empty() {
                 return;
             }
-            let victim = pids[(mix(seed ^ generation) % pids.len() as u64) as usize];
-            let (kills, current) = (kills.clone(), current.clone());
+            let roll = mix(seed ^ generation);
+            let victim = pids[(roll % pids.len() as u64) as usize];
+            let fault = faults[((roll >> 32) % faults.len() as u64) as usize];
+            let (dealt, current, out) = (dealt.clone(), current.clone(), out.clone());
             let killer = std::thread::spawn(move || {
                 std::thread::sleep(every);
                 if current.load(Ordering::SeqCst) != generation {
                     return;
                 }
-                if braid_examples::sigkill(victim).is_ok() {
-                    kills.fetch_add(1, Ordering::SeqCst);
-                    eprintln!("killed worker {victim} (generation {generation})");
+                match deal(fault, victim, &out, hold) {
+                    Ok(()) => {
+                        if let Ok(mut d) = dealt.lock() {
+                            *d.entry(format!("{fault:?}").to_lowercase()).or_insert(0) += 1;
+                        }
+                        eprintln!("dealt {fault:?} to worker {victim} (generation {generation})");
+                    }
+                    Err(e) => eprintln!("could not deal {fault:?}: {e}"),
                 }
             });
             if let Ok(mut k) = killers.lock() {
@@ -272,7 +409,7 @@ fn main() -> anyhow::Result<()> {
         )
     };
     let started = Instant::now();
-    let report = braid_actors::stream::cluster::run(&rt, job)?;
+    let report = braid_actors::stream::cluster::run(rt, job);
     let seconds = started.elapsed().as_secs_f64();
     current.store(u64::MAX, Ordering::SeqCst);
     for killer in killers
@@ -282,6 +419,8 @@ fn main() -> anyhow::Result<()> {
     {
         let _ = killer.join();
     }
+    let report = report?;
+    let dealt: HashMap<String, u64> = dealt.lock().map(|d| d.clone()).unwrap_or_default();
 
     let keys = Keys::new(args.keys, args.seed);
     let mut reference: HashMap<u64, u64> = HashMap::new();
@@ -310,7 +449,9 @@ fn main() -> anyhow::Result<()> {
     let summary = serde_json::json!({
         "records": args.records,
         "keys": args.keys,
-        "kills": kills.load(Ordering::SeqCst),
+        "seed": args.seed,
+        "kills": dealt.get("kill").copied().unwrap_or(0),
+        "faults": dealt,
         "checkpoints": report.checkpoints,
         "failures": report.failures,
         "recovery_ms_max": report.recovery_ms.iter().max().copied().unwrap_or(0),
@@ -321,7 +462,5 @@ fn main() -> anyhow::Result<()> {
         "events_per_s": args.records as f64 / seconds,
         "out": out.display().to_string(),
     });
-    println!("{summary}");
-    drop(rt);
-    Ok(())
+    Ok(summary)
 }

@@ -9,7 +9,7 @@ use super::types::{
     PlacementGroupSpec, PlacementStrategy, ResourceMap, SchedulingStrategy,
 };
 use crate::ids::{ActorId, JobId, NodeId, PlacementGroupId};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
@@ -87,6 +87,10 @@ struct PgEntry {
     committed: bool,
 }
 
+/// How many dead actors' records the head keeps (Ray's head keeps up to
+/// 100,000 destroyed actors); older ones are dropped.
+pub(crate) const MAX_DEAD_ACTORS: usize = 10_000;
+
 /// The head's tables.
 #[derive(Debug)]
 pub(crate) struct HeadState {
@@ -94,6 +98,10 @@ pub(crate) struct HeadState {
     nodes: HashMap<NodeId, NodeEntry>,
     jobs: HashMap<JobId, JobRecord>,
     actors: HashMap<ActorId, ActorRecord>,
+    /// Dead actors, oldest death first: past [`MAX_DEAD_ACTORS`] the oldest
+    /// records are dropped, so a job that fails and restarts for days keeps
+    /// the head's memory bounded.
+    dead: VecDeque<ActorId>,
     pgs: HashMap<PlacementGroupId, PgEntry>,
     /// The node SPREAD picked last.
     spread_cursor: Option<NodeId>,
@@ -156,6 +164,7 @@ impl HeadState {
             nodes: HashMap::new(),
             jobs: HashMap::new(),
             actors: HashMap::new(),
+            dead: VecDeque::new(),
             pgs: HashMap::new(),
             spread_cursor: None,
         }
@@ -211,7 +220,25 @@ impl HeadState {
                 dead.push(actor.spec.actor_id);
             }
         }
+        self.buried(&dead);
         dead
+    }
+
+    /// Records deaths, dropping the oldest dead actors' records past
+    /// [`MAX_DEAD_ACTORS`].
+    fn buried(&mut self, ids: &[ActorId]) {
+        self.dead.extend(ids.iter().copied());
+        while self.dead.len() > MAX_DEAD_ACTORS {
+            if let Some(oldest) = self.dead.pop_front() {
+                if self
+                    .actors
+                    .get(&oldest)
+                    .is_some_and(|a| a.state == ActorState::Dead)
+                {
+                    self.actors.remove(&oldest);
+                }
+            }
+        }
     }
 
     /// A node leaves the cluster; returns the actors that died with it.
@@ -319,6 +346,8 @@ impl HeadState {
                 cleanup.dead_actors.push(actor.spec.actor_id);
             }
         }
+        let dead = cleanup.dead_actors.clone();
+        self.buried(&dead);
         let owned: Vec<PlacementGroupId> = self
             .pgs
             .values()
@@ -394,6 +423,9 @@ impl HeadState {
         actor.worker_pid = update.worker_pid;
         actor.restarts = update.restarts;
         actor.death_cause = update.death_cause;
+        if update.state == ActorState::Dead {
+            self.buried(&[update.actor_id]);
+        }
         Ok(())
     }
 
@@ -448,6 +480,9 @@ impl HeadState {
             actor.death_cause = CAUSE_KILLED.to_owned();
             (actor.node_id, actor.worker_pid, final_death)
         };
+        if final_death {
+            self.buried(&[id]);
+        }
         Ok(node_id.and_then(|n| self.target(n)).map(|node| KillOrder {
             node,
             actor_id: id,
@@ -933,6 +968,32 @@ mod tests {
             s.plan_placement_group(huge),
             Err(Refusal::Infeasible(_))
         ));
+    }
+
+    #[test]
+    fn the_head_keeps_a_bounded_number_of_dead_actors() {
+        let mut s = state_with(&[(1, 4.0)]);
+        let total = MAX_DEAD_ACTORS as u128 + 50;
+        for id in 0..total {
+            s.register_actor(ActorSpec {
+                actor_id: ActorId(id),
+                job_id: JobId(1),
+                class_name: "A".into(),
+                name: None,
+                detached: false,
+                owner_address: String::new(),
+                max_restarts: 0,
+                resources: ResourceMap::new(),
+            })
+            .unwrap();
+            s.kill_actor(&ActorLookup::Id(ActorId(id)), true).unwrap();
+        }
+        assert_eq!(s.list_actors().len(), MAX_DEAD_ACTORS);
+        assert!(
+            s.get_actor(&ActorLookup::Id(ActorId(0))).is_err(),
+            "the oldest dead are dropped"
+        );
+        assert!(s.get_actor(&ActorLookup::Id(ActorId(total - 1))).is_ok());
     }
 
     #[test]

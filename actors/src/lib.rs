@@ -8,19 +8,26 @@
 //!   evaluation for online learning.
 //!
 //! ```
-//! use braid_actors::stream::operator::{Collector, Operator};
+//! use braid_actors::stream::operator::{Collector, Operator, OperatorError};
 //!
 //! struct Double;
 //! impl Operator for Double {
 //!     type In = u64;
 //!     type Out = u64;
-//!     fn process(&mut self, v: u64, t: Option<i64>, out: &mut dyn Collector<u64>) {
+//!     fn process(
+//!         &mut self,
+//!         v: u64,
+//!         t: Option<i64>,
+//!         out: &mut dyn Collector<u64>,
+//!     ) -> Result<(), OperatorError> {
 //!         out.emit(v * 2, t);
+//!         Ok(())
 //!     }
 //! }
 //! let mut out = Vec::new();
-//! Double.process(21, None, &mut out);
+//! Double.process(21, None, &mut out)?;
 //! assert_eq!(out, vec![(42, None)]);
+//! # Ok::<(), OperatorError>(())
 //! ```
 
 pub use braid;

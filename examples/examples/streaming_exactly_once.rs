@@ -9,7 +9,7 @@
 //! Run: `cargo run --release --example streaming_exactly_once -- --records 3000000 --kill-every-ms 800`
 //!
 //! A soak run, one fault per attempt from a seeded schedule, 20 runs:
-//! `... -- --kill-every-ms 400 --faults kill,stop,sink-dir,read-only --runs 20`
+//! `... -- --kill-every-ms 400 --faults kill,stop,sink-dir,read-only,corrupt --runs 20`
 //! (`read-only` needs root).
 //!
 //! Each run prints one JSON object:
@@ -56,7 +56,8 @@ struct Args {
     /// `kill` (SIGKILL a worker), `stop` (SIGSTOP a worker for
     /// --fault-ms), `sink-dir` (the sink's .pending directory replaced by a
     /// file for --fault-ms), `read-only` (the sink's directory remounted
-    /// read-only for --fault-ms; needs root).
+    /// read-only for --fault-ms; needs root), `corrupt` (8 bytes of the
+    /// newest checkpoint flipped, then a worker SIGKILLed).
     #[arg(long, value_delimiter = ',', default_value = "kill")]
     faults: Vec<FaultKind>,
     /// How long a `stop`, `sink-dir` or `read-only` fault lasts.
@@ -88,12 +89,53 @@ enum FaultKind {
     SinkDir,
     /// Remount the sink's directory read-only, then unmount it.
     ReadOnly,
+    /// Flip 8 bytes of the newest committed checkpoint's largest state
+    /// blob, then SIGKILL a worker: the restart falls back past it.
+    Corrupt,
 }
 
-/// Deals `fault` to worker `victim` or to the sink's directory `out`,
-/// holding it for `hold`.
-fn deal(fault: FaultKind, victim: u32, out: &Path, hold: Duration) -> anyhow::Result<()> {
+/// Deals `fault` to worker `victim`, to the sink's directory `out` or to
+/// the checkpoints under `checkpoints`, holding it for `hold`.
+fn deal(
+    fault: FaultKind,
+    victim: u32,
+    out: &Path,
+    checkpoints: &Path,
+    hold: Duration,
+) -> anyhow::Result<()> {
     match fault {
+        FaultKind::Corrupt => {
+            let committed = || {
+                std::fs::read_dir(checkpoints)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.join("_COMMITTED").exists())
+                    .max()
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let newest = loop {
+                match committed() {
+                    Some(newest) => break newest,
+                    None if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    None => anyhow::bail!("no checkpoint was committed within 10 s"),
+                }
+            };
+            let blob = std::fs::read_dir(newest.join("state"))?
+                .flatten()
+                .map(|e| e.path())
+                .max_by_key(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+                .ok_or_else(|| anyhow::anyhow!("no state in {}", newest.display()))?;
+            let mut bytes = std::fs::read(&blob)?;
+            let at = bytes.len() / 2;
+            let end = (at + 8).min(bytes.len());
+            bytes[at..end].iter_mut().for_each(|b| *b ^= 0xa5);
+            std::fs::write(&blob, bytes)?;
+            braid_examples::sigkill(victim)?;
+        }
         FaultKind::Kill => braid_examples::sigkill(victim)?,
         FaultKind::Stop => {
             let pid = rustix::process::Pid::from_raw(victim as i32)
@@ -361,6 +403,7 @@ fn run_once(rt: &braid::Runtime, args: &Args) -> anyhow::Result<serde_json::Valu
         let every = Duration::from_millis(args.kill_every_ms);
         let hold = Duration::from_millis(args.fault_ms);
         let (seed, faults, out) = (args.seed, args.faults.clone(), out.clone());
+        let checkpoints = scratch.path().join("checkpoints").join("chaos");
         Some(Arc::new(move |generation: u64, pids: Vec<u32>| {
             current.store(generation, Ordering::SeqCst);
             if pids.is_empty() {
@@ -369,13 +412,18 @@ fn run_once(rt: &braid::Runtime, args: &Args) -> anyhow::Result<serde_json::Valu
             let roll = mix(seed ^ generation);
             let victim = pids[(roll % pids.len() as u64) as usize];
             let fault = faults[((roll >> 32) % faults.len() as u64) as usize];
-            let (dealt, current, out) = (dealt.clone(), current.clone(), out.clone());
+            let (dealt, current, out, checkpoints) = (
+                dealt.clone(),
+                current.clone(),
+                out.clone(),
+                checkpoints.clone(),
+            );
             let killer = std::thread::spawn(move || {
                 std::thread::sleep(every);
                 if current.load(Ordering::SeqCst) != generation {
                     return;
                 }
-                match deal(fault, victim, &out, hold) {
+                match deal(fault, victim, &out, &checkpoints, hold) {
                     Ok(()) => {
                         if let Ok(mut d) = dealt.lock() {
                             *d.entry(format!("{fault:?}").to_lowercase()).or_insert(0) += 1;
@@ -454,6 +502,7 @@ fn run_once(rt: &braid::Runtime, args: &Args) -> anyhow::Result<serde_json::Valu
         "faults": dealt,
         "checkpoints": report.checkpoints,
         "failures": report.failures,
+        "republished_epochs": report.republished_epochs,
         "recovery_ms_max": report.recovery_ms.iter().max().copied().unwrap_or(0),
         "lost": lost,
         "duplicated": duplicated,

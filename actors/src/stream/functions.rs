@@ -3,10 +3,13 @@
 //! `reduce` / `aggregate`. Keyed state lives in persistent maps, so a
 //! snapshot at a barrier is a constant-time clone encoded later.
 
-use super::operator::{decode_state, Collector, EventTime, Operator, Snapshot, StateError};
+use super::operator::{
+    decode_state, imbl_de, Collector, EventTime, Operator, Snapshot, StateError,
+};
 use super::window::Aggregator;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::marker::PhantomData;
 
@@ -159,8 +162,14 @@ pub trait KeyedProcessFunction<K, V>: Send + 'static {
 }
 
 #[derive(Clone, Serialize, Deserialize)]
+#[serde(bound(
+    serialize = "K: Serialize, S: Serialize",
+    deserialize = "K: Deserialize<'de>, S: Deserialize<'de>"
+))]
 struct KeyedState<K: Ord + Hash + Clone, S: Clone> {
+    #[serde(deserialize_with = "imbl_de::hash_map")]
     states: imbl::HashMap<K, S>,
+    #[serde(deserialize_with = "imbl_de::ord_set")]
     timers: imbl::OrdSet<(EventTime, K)>,
     watermark: EventTime,
 }
@@ -307,7 +316,9 @@ where
 
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
         if !bytes.is_empty() {
-            self.accs = decode_state(bytes)?;
+            self.accs = decode_state::<HashMap<K, A::Acc>>(bytes)?
+                .into_iter()
+                .collect();
         }
         Ok(())
     }

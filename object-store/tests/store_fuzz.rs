@@ -11,6 +11,7 @@
 //!
 //! Every target asserts that decoding never panics and that the memory it
 //! holds is bounded by its input, never by a length field it read.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "support/alloc_meter.rs"]
 mod alloc_meter;

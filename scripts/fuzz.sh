@@ -11,9 +11,7 @@
 # binaries) then fail to link libFuzzer's hooks. Here they are never built
 # (`--test`), and the binaries the test depends on link with the hooks left
 # unresolved (they are never run). The corpus and crashes go to
-# target/fuzz/<target>/; a crash's input is replayed by running the same
-# command with the crash file as the only corpus entry, or as a `cargo test`
-# input under `tests/__fuzz__/<target>/crashes/`.
+# target/fuzz/<target>/. Extra arguments go to libFuzzer.
 set -euo pipefail
 
 if [ $# -lt 3 ]; then

@@ -962,6 +962,23 @@ fn decode_manifest(path: &Path, bytes: &[u8]) -> Result<(Manifest, u32), Storage
     Ok((manifest, crc32))
 }
 
+/// Decodes a `manifest.json` object as [`CheckpointStorage::commit`]
+/// writes it: the header line, the body's length and CRC32 checked, then
+/// the JSON. Returns the manifest and the CRC32. Recovery reads manifests
+/// through [`CheckpointStorage::latest`]; this is public for the fuzz
+/// targets. Any bytes give a manifest or [`StorageError::Corrupt`].
+#[doc(hidden)]
+pub fn decode_manifest_object(bytes: &[u8]) -> Result<(Manifest, u32), StorageError> {
+    decode_manifest(&Path::from(MANIFEST_FILE), bytes)
+}
+
+/// Encodes `manifest` as [`CheckpointStorage::commit`] writes its
+/// `manifest.json`; the inverse of [`decode_manifest_object`].
+#[doc(hidden)]
+pub fn encode_manifest_object(manifest: &Manifest) -> Result<Vec<u8>, StorageError> {
+    encode_manifest(manifest).map(|(bytes, _)| bytes)
+}
+
 /// A per-write name suffix that in practice never repeats, within this
 /// process or across processes: a randomly keyed SipHash of a call counter,
 /// the process id and the clock.

@@ -249,6 +249,21 @@ struct NamedState(String, #[serde(with = "serde_bytes")] Vec<u8>);
 /// source's offset.
 pub type Restored = (HashMap<String, Vec<u8>>, Option<Vec<u8>>);
 
+/// Decodes a subtask's state blob as [`encode_subtask`] wrote it (bincode
+/// of its operators' named states and its source offset). The blob comes
+/// from checkpoint storage: any bytes give a state or a
+/// [`StateError::Decode`], never a panic. Recovery calls it for every
+/// subtask it restores; it is public for the fuzz targets.
+#[doc(hidden)]
+pub fn decode_subtask(bytes: &[u8]) -> Result<Restored, StateError> {
+    let saved: SubtaskState =
+        bincode::deserialize(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
+    Ok((
+        saved.states.into_iter().map(|s| (s.0, s.1)).collect(),
+        saved.offset,
+    ))
+}
+
 /// One attempt at running the job.
 pub struct Attempt {
     /// Increases by one per attempt, and is above every generation the
@@ -523,15 +538,9 @@ impl Coordinator {
                 continue;
             };
             let bytes = self.config.storage.read_state(handle).await?;
-            match bincode::deserialize::<SubtaskState>(&bytes) {
+            match decode_subtask(&bytes) {
                 Ok(saved) => {
-                    restored.insert(
-                        *id,
-                        (
-                            saved.states.into_iter().map(|s| (s.0, s.1)).collect(),
-                            saved.offset,
-                        ),
-                    );
+                    restored.insert(*id, saved);
                 }
                 Err(e) => {
                     return Ok(Err(format!(
@@ -778,7 +787,8 @@ impl Coordinator {
 /// rather than into a buffer of its own that is then copied: bincode lays a
 /// sequence or string out as its length (u64 little-endian) and then its
 /// elements, and an option as a tag byte (0 or 1) and then its value.
-pub(crate) fn encode_subtask(
+#[doc(hidden)]
+pub fn encode_subtask(
     states: ChainSnapshot,
     offset: Option<Vec<u8>>,
 ) -> Result<Vec<u8>, StateError> {

@@ -3,10 +3,13 @@
 //! `reduce` / `aggregate`. Keyed state lives in persistent maps, so a
 //! snapshot at a barrier is a constant-time clone encoded later.
 
-use super::operator::{decode_state, Collector, EventTime, Operator, OperatorError, Snapshot};
+use super::operator::{
+    decode_state, imbl_de, Collector, EventTime, Operator, OperatorError, Snapshot,
+};
 use super::window::Aggregator;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::marker::PhantomData;
 
@@ -177,8 +180,14 @@ pub trait KeyedProcessFunction<K, V>: Send + 'static {
 }
 
 #[derive(Clone, Serialize, Deserialize)]
+#[serde(bound(
+    serialize = "K: Serialize, S: Serialize",
+    deserialize = "K: Deserialize<'de>, S: Deserialize<'de>"
+))]
 struct KeyedState<K: Ord + Hash + Clone, S: Clone> {
+    #[serde(deserialize_with = "imbl_de::hash_map")]
     states: imbl::HashMap<K, S>,
+    #[serde(deserialize_with = "imbl_de::ord_set")]
     timers: imbl::OrdSet<(EventTime, K)>,
     watermark: EventTime,
 }
@@ -333,7 +342,9 @@ where
 
     fn restore(&mut self, bytes: &[u8]) -> Result<(), OperatorError> {
         if !bytes.is_empty() {
-            self.accs = decode_state(bytes)?;
+            self.accs = decode_state::<HashMap<K, A::Acc>>(bytes)?
+                .into_iter()
+                .collect();
         }
         Ok(())
     }

@@ -135,8 +135,57 @@ pub(crate) fn write_part(
 }
 
 /// Decodes bytes written by [`Snapshot::of`].
+///
+/// Any bytes give a state or [`StateError::Decode`]: bincode checks every
+/// length it reads against the input before it allocates for it, and
+/// serde's standard collections cap what they reserve up front. A state
+/// type whose `Deserialize` reserves whatever length it is told does not
+/// have that bound: imbl's collections do, so state fields of imbl types
+/// deserialize through [`imbl_de`].
 pub fn decode_state<S: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<S, StateError> {
     bincode::deserialize(bytes).map_err(|e| StateError::Decode(e.to_string()))
+}
+
+/// `deserialize_with` functions for operator state kept in imbl's
+/// persistent collections. imbl's own `Deserialize` reserves as many
+/// elements as the input declares, so eight corrupt bytes of a checkpoint
+/// could ask for exabytes and abort the process (found by `stream_fuzz`).
+/// These read through the standard collections, whose up-front
+/// reservation serde caps, and convert; the encoding is the same (a map
+/// stays a map, a set a sequence).
+pub mod imbl_de {
+    use serde::{Deserialize, Deserializer};
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    use std::hash::Hash;
+
+    /// An [`imbl::HashMap`].
+    pub fn hash_map<'de, D, K, V>(d: D) -> Result<imbl::HashMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Hash + Eq + Clone,
+        V: Deserialize<'de> + Clone,
+    {
+        Ok(HashMap::<K, V>::deserialize(d)?.into_iter().collect())
+    }
+
+    /// An [`imbl::OrdMap`].
+    pub fn ord_map<'de, D, K, V>(d: D) -> Result<imbl::OrdMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord + Clone,
+        V: Deserialize<'de> + Clone,
+    {
+        Ok(BTreeMap::<K, V>::deserialize(d)?.into_iter().collect())
+    }
+
+    /// An [`imbl::OrdSet`].
+    pub fn ord_set<'de, D, T>(d: D) -> Result<imbl::OrdSet<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + Ord + Clone,
+    {
+        Ok(BTreeSet::<T>::deserialize(d)?.into_iter().collect())
+    }
 }
 
 /// One step of a stream: `map`, `filter`, a keyed process function, a

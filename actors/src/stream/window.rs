@@ -97,7 +97,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::operator::{
-    decode_state, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
+    decode_state, imbl_de, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
 };
 
 /// How records are grouped into windows.
@@ -289,13 +289,17 @@ struct State<K, V, Acc> {
     late_records: u64,
     untimed_records: u64,
     /// Time windows that have not fired yet.
+    #[serde(deserialize_with = "imbl_de::ord_map")]
     pending: OrdMap<WindowKey<K>, Acc>,
     /// Fired time windows kept for late records until `end + lateness`.
+    #[serde(deserialize_with = "imbl_de::ord_map")]
     retained: OrdMap<WindowKey<K>, Acc>,
     /// Tumbling count windows: records seen per key and the open window.
+    #[serde(deserialize_with = "imbl_de::ord_map")]
     tumbling: OrdMap<K, (u64, Acc)>,
     /// Sliding count windows: records seen per key and the last `size`
     /// values.
+    #[serde(deserialize_with = "imbl_de::ord_map")]
     sliding: OrdMap<K, (u64, VecDeque<V>)>,
 }
 

@@ -1134,6 +1134,34 @@ struct ShardSnapshot {
     meta: ShardMeta,
 }
 
+/// A shard's snapshot: its metadata, model and admission counts, each a
+/// part [`write_part`] wrote.
+fn decode_snapshot(
+    bytes: &[u8],
+) -> Result<(ShardSnapshot, Model, ParamTable<[f32; 2]>), StateError> {
+    let [meta, model, counts] = split_parts(bytes)?[..] else {
+        return Err(StateError::Decode(
+            "a shard snapshot has three parts".into(),
+        ));
+    };
+    let snap = ShardSnapshot {
+        meta: crate::stream::operator::decode_state(meta)?,
+    };
+    let model = Model::from_bytes(model).map_err(|e| StateError::Decode(e.to_string()))?;
+    let counts = ParamTable::from_bytes(counts).map_err(|e| StateError::Decode(e.to_string()))?;
+    Ok((snap, model, counts))
+}
+
+/// Decodes a parameter-server shard's snapshot as its restore does, and
+/// returns the number of keys in its model. A snapshot comes from
+/// checkpoint storage: any bytes give a count or a
+/// [`StateError::Decode`], never a panic. Public for the fuzz targets.
+#[doc(hidden)]
+pub fn check_shard_snapshot(bytes: &[u8]) -> Result<usize, StateError> {
+    let (_, model, _) = decode_snapshot(bytes)?;
+    Ok(model.table().len())
+}
+
 impl Operator for ShardOperator {
     type In = Push;
     type Out = Delta;
@@ -1203,17 +1231,7 @@ impl ShardOperator {
         if bytes.is_empty() {
             return Ok(());
         }
-        let [meta, model, counts] = split_parts(bytes)?[..] else {
-            return Err(StateError::Decode(
-                "a shard snapshot has three parts".into(),
-            ));
-        };
-        let snap = ShardSnapshot {
-            meta: crate::stream::operator::decode_state(meta)?,
-        };
-        let model = Model::from_bytes(model).map_err(|e| StateError::Decode(e.to_string()))?;
-        let counts =
-            ParamTable::from_bytes(counts).map_err(|e| StateError::Decode(e.to_string()))?;
+        let (snap, model, counts) = decode_snapshot(bytes)?;
         if snap.meta.clocks.len() != self.config.workers {
             return Err(StateError::Decode(format!(
                 "the snapshot has {} workers, the job {}",

@@ -52,7 +52,10 @@
 //!
 //! [`ParamTable::to_bytes`] writes the live entries (not the empty slots)
 //! with the slot count; [`ParamTable::from_bytes`] rebuilds the same layout,
-//! so `to_bytes(from_bytes(b)) == b` byte for byte.
+//! so `to_bytes(from_bytes(b)) == b` byte for byte. (Except for a table
+//! both larger than 65,536 slots and more than 16 times sparser than its
+//! entries need: the slot count is a length field its entries do not back,
+//! so such a table is rebuilt with the slots its entries need.)
 
 use std::fmt;
 use std::mem::size_of;
@@ -65,6 +68,27 @@ const MIN_SLOTS: usize = 8;
 
 /// The slot key that marks an empty slot (the real key 0 lives in a side slot).
 const EMPTY: u64 = 0;
+
+/// A snapshot's slot count is kept as written up to this many slots ...
+const MAX_TRUSTED_SLOTS: usize = 1 << 16;
+
+/// ... or up to this many times the slots its entries need; a sparser
+/// table is rebuilt with the slots its entries need.
+const SPARSE_LIMIT: usize = 16;
+
+/// The fewest slots (a power of two, at least [`MIN_SLOTS`]) that hold
+/// `entries` keys (one of which may be key 0, kept aside) within the load
+/// factor.
+fn slots_for(entries: u64) -> usize {
+    let mut n = MIN_SLOTS;
+    while ((n / 4 * 3) as u64) < entries.saturating_sub(1) {
+        match n.checked_mul(2) {
+            Some(next) => n = next,
+            None => break,
+        }
+    }
+    n
+}
 
 /// Snapshot magic: "BRPT" (braid parameter table).
 const MAGIC: [u8; 4] = *b"BRPT";
@@ -746,6 +770,16 @@ impl<S: SlotState> ParamTable<S> {
         {
             return Err(bad);
         }
+        // A table never shrinks, so a legitimate snapshot may be sparse;
+        // but the slot count is a length field the entries do not back. A
+        // table much sparser than its entries need is rebuilt with the
+        // slots they need, so no snapshot allocates beyond what its bytes
+        // justify (found by `train_fuzz`: 25 bytes asked for 2^40 slots).
+        let n = if n > MAX_TRUSTED_SLOTS.max(slots_for(entries).saturating_mul(SPARSE_LIMIT)) {
+            slots_for(entries)
+        } else {
+            n
+        };
         let entry_len = 8 + S::ENCODED_LEN;
         let needed = usize::try_from(entries)
             .ok()
@@ -850,6 +884,27 @@ mod tests {
         }
         assert_eq!(live, t.in_slots);
         assert!(t.in_slots <= t.max_in_slots);
+    }
+
+    /// Found by `train_fuzz`: a 25-byte snapshot of no entries claiming
+    /// 2^40 slots made `from_bytes` allocate 16 TiB (an abort).
+    #[test]
+    fn a_huge_slot_count_without_entries_allocates_nothing() {
+        let mut bytes = ParamTable::<[f32; 2]>::new().to_bytes();
+        bytes[9..17].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let t = ParamTable::<[f32; 2]>::from_bytes(&bytes).unwrap();
+        assert_eq!((t.len(), t.capacity()), (0, MIN_SLOTS));
+        // A sparse table of a legitimate size keeps its layout.
+        let mut t = ParamTable::<f32>::new();
+        for k in 1..=40_000u64 {
+            t.get_or_insert_default(k);
+        }
+        t.retain(|k, _| k % 1000 == 0);
+        let bytes = t.to_bytes();
+        assert_eq!(
+            ParamTable::<f32>::from_bytes(&bytes).unwrap().to_bytes(),
+            bytes
+        );
     }
 
     #[test]

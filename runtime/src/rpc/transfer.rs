@@ -321,6 +321,24 @@ fn write_chunk(
     received: u64,
     total: u64,
 ) -> Result<(), String> {
+    let range = chunk_range(chunk, received, total)?;
+    let dst = buf
+        .as_mut_slice()
+        .get_mut(range.clone())
+        .ok_or_else(|| format!("range {range:?} is outside the buffer"))?;
+    dst.copy_from_slice(&chunk.data);
+    Ok(())
+}
+
+/// Checks a chunk a peer sent against the transfer so far (`received`
+/// bytes of an object of `total` bytes): the same total as the first
+/// chunk, the next offset, no overrun, an intact CRC-32. Returns where its
+/// bytes go in the object; the error says what is wrong with it.
+pub fn chunk_range(
+    chunk: &ObjectChunk,
+    received: u64,
+    total: u64,
+) -> Result<std::ops::Range<usize>, String> {
     if chunk.total_size != total {
         return Err(format!(
             "total size {} differs from the first chunk's {total}",
@@ -340,10 +358,5 @@ fn write_chunk(
     }
     let start = usize::try_from(received).map_err(|e| e.to_string())?;
     let end = usize::try_from(end).map_err(|e| e.to_string())?;
-    let dst = buf
-        .as_mut_slice()
-        .get_mut(start..end)
-        .ok_or_else(|| format!("range {start}..{end} is outside the buffer"))?;
-    dst.copy_from_slice(&chunk.data);
-    Ok(())
+    Ok(start..end)
 }

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::ops::Range;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -141,7 +142,10 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-fn encode_frame(frame: &Frame) -> Result<Vec<u8>> {
+/// Encodes `frame` as it goes on the wire: its body's length (`u32`
+/// little-endian) and the bincode body. Bodies over [`MAX_FRAME`] are
+/// refused.
+pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; 4];
     bincode::serialize_into(&mut buf, frame)?;
     let len = buf.len() - 4;
@@ -652,18 +656,9 @@ fn drain_ring(
     link.pair.read_into(buf)?;
     let mut at = 0;
     let mut frames = 0;
-    while buf.len() - at >= 4 {
-        let mut len_bytes = [0u8; 4];
-        len_bytes.copy_from_slice(&buf[at..at + 4]);
-        let len = u32::from_le_bytes(len_bytes) as usize;
-        if len > MAX_FRAME {
-            return Err(Error::BadRequest(format!("frame of {len} bytes")));
-        }
-        if buf.len() - at - 4 < len {
-            break;
-        }
-        dispatch(conn, &buf[at + 4..at + 4 + len], handler)?;
-        at += 4 + len;
+    while let Some(body) = next_frame(&buf[at..])? {
+        dispatch(conn, &buf[at..][body.clone()], handler)?;
+        at += body.end;
         frames += 1;
     }
     buf.drain(..at);
@@ -671,6 +666,27 @@ fn drain_ring(
         *buf = Vec::new();
     }
     Ok(frames)
+}
+
+/// Finds the first whole frame at the start of `bytes` (frames as a
+/// producer wrote them into a ring, one after another): the range of its
+/// body, `None` if the frame is not complete yet, an error if its length
+/// exceeds [`MAX_FRAME`]. The frame ends where the body does.
+pub fn next_frame(bytes: &[u8]) -> Result<Option<Range<usize>>> {
+    let Some((header, rest)) = bytes.split_first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(*header) as usize;
+    if len > MAX_FRAME {
+        return Err(Error::BadRequest(format!("frame of {len} bytes")));
+    }
+    Ok((rest.len() >= len).then_some(4..4 + len))
+}
+
+/// Decodes one frame's body, as read off a socket or a ring. Any bytes
+/// that are not one [`Frame`] are an error, whatever the peer sent.
+pub fn decode_frame(body: &[u8]) -> Result<Frame> {
+    bincode::deserialize(body).map_err(|e| Error::BadRequest(format!("malformed frame: {e}")))
 }
 
 /// The thread that reads a ring connection's inbound frames: it polls
@@ -782,14 +798,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
 /// Decodes one frame and routes it: replies to their waiters, requests and
 /// one-way messages to the handler (once the peer has authenticated).
 fn dispatch(conn: &Conn, bytes: &[u8], handler: &dyn Handler) -> Result<()> {
-    let frame: Frame = match bincode::deserialize(bytes) {
+    let frame = match decode_frame(bytes) {
         Ok(f) => f,
         Err(e) => {
             conn.send_frame(&Frame {
                 seq: 0,
-                body: Body::Reply(Err(Error::BadRequest(format!("malformed frame: {e}")))),
+                body: Body::Reply(Err(e.clone())),
             });
-            return Err(Error::BadRequest(format!("malformed frame: {e}")));
+            return Err(e);
         }
     };
     match frame.body {

@@ -305,9 +305,13 @@ pub fn raw_fd(fd: &OwnedFd) -> i32 {
     fd.as_raw_fd()
 }
 
+/// Bytes between a ring's cursors, which the peer may have written
+/// anything into. Cursors count every byte that ever passed through the
+/// ring, so a tail within a ring's length of `u64::MAX` (2^64 bytes on) is
+/// as corrupt as a head past the tail: advancing it would overflow.
 fn used(tail: u64, head: u64) -> Result<u64> {
     match tail.checked_sub(head) {
-        Some(u) if u <= RING_CAPACITY => Ok(u),
+        Some(u) if u <= RING_CAPACITY && tail <= u64::MAX - RING_CAPACITY => Ok(u),
         _ => Err(Error::BadRequest(format!(
             "ring corrupt: head {head}, tail {tail}"
         ))),
@@ -395,6 +399,23 @@ mod tests {
             .store(RING_CAPACITY * 5, Ordering::Release);
         assert!(b.available().is_err());
         assert!(a.free().is_err());
+    }
+
+    /// Found by `wire_fuzz::ring_with_hostile_cursors`: a peer that set
+    /// both cursors of the ring this side writes near `u64::MAX` made the
+    /// next write overflow the tail (a panic in debug builds, a wrapped
+    /// cursor in release).
+    #[test]
+    fn cursors_at_the_top_of_the_range_are_an_error() {
+        let (a, b, _fd) = pair();
+        for c in [b.control(1), a.control(0)] {
+            c.tail.0.store(u64::MAX - 10, Ordering::Release);
+            c.head.0.store(u64::MAX - 20, Ordering::Release);
+        }
+        assert!(b.write_some(&[1; 64]).is_err());
+        assert!(b.fits(1).is_err());
+        assert!(a.write_some(&[1; 64]).is_err());
+        assert!(b.read_into(&mut Vec::new()).is_err());
     }
 
     #[test]

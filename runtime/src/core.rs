@@ -475,7 +475,7 @@ async fn accept_loop(listener: tokio::net::UnixListener, handler: Arc<CoreHandle
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                Conn::start(stream, "peer".into(), handler.clone());
+                Conn::accept(stream, "peer".into(), handler.clone());
             }
             Err(e) => {
                 tracing::warn!("accept failed: {e}");

@@ -214,7 +214,7 @@ pub async fn run_node(
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    Conn::start(stream, "local".into(), handler.clone());
+                    Conn::accept(stream, "local".into(), handler.clone());
                 }
                 Err(e) => {
                     tracing::warn!("accept: {e}");

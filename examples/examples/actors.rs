@@ -73,8 +73,16 @@ fn bump(counter: CounterHandle, times: u64) -> Result<u64, String> {
     Ok(last)
 }
 
+/// Actors on an embedded cluster: a counter, a named actor, a handle passed
+/// to a task, an async actor, and a restart after a kill. Takes no
+/// arguments.
+#[derive(clap::Parser)]
+#[command(name = "actors")]
+struct Args {}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let Args {} = clap::Parser::parse();
     let rt = braid::init().await?;
 
     // A counter: calls from one caller run in order.

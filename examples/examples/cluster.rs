@@ -55,22 +55,31 @@ fn square(x: u64) -> (u64, Option<braid::NodeId>, u32) {
     (x * x, node, std::process::id())
 }
 
+/// A driver joining a cluster started with `braid start --head` (set
+/// BRAID_ADDRESS to its address): lists the nodes, runs 100 tasks and
+/// round-trips an object.
+#[derive(clap::Parser)]
+#[command(name = "cluster")]
+struct Args {
+    /// Create a detached actor named `cluster-example-counter`, which
+    /// outlives this program (until `--kill` or `braid stop`).
+    #[arg(long)]
+    detached: bool,
+    /// Find that actor by name and call it.
+    #[arg(long)]
+    lookup: bool,
+    /// Kill it by name.
+    #[arg(long)]
+    kill: bool,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut detached = false;
-    let mut lookup = false;
-    let mut kill = false;
-    for arg in std::env::args().skip(1) {
-        match arg.as_str() {
-            "--detached" => detached = true,
-            "--lookup" => lookup = true,
-            "--kill" => kill = true,
-            other => {
-                eprintln!("unknown argument {other:?} (expected --detached, --lookup or --kill)");
-                std::process::exit(2);
-            }
-        }
-    }
+    let Args {
+        detached,
+        lookup,
+        kill,
+    } = clap::Parser::parse();
     if std::env::var("BRAID_ADDRESS").map_or(true, |a| a.is_empty()) {
         eprintln!(
             "BRAID_ADDRESS is not set: this example joins a running cluster.\n\

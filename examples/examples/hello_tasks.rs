@@ -19,8 +19,15 @@ fn total(values: Vec<f32>) -> f64 {
     values.iter().map(|v| f64::from(*v)).sum()
 }
 
+/// Remote functions on an embedded cluster: tasks, object references passed
+/// as arguments, and a big value in shared memory. Takes no arguments.
+#[derive(clap::Parser)]
+#[command(name = "hello_tasks")]
+struct Args {}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let Args {} = clap::Parser::parse();
     let rt = braid::init().await?;
     let x = add::remote(&rt, 1, 2)?;
     let y = add::remote(&rt, &x, 10)?;

@@ -119,7 +119,7 @@ fn main() -> anyhow::Result<()> {
     let mut checkpoints = Vec::new();
     for run in 0..args.runs {
         for on in [true, false] {
-            let dir = tempfile::tempdir()?;
+            let dir = tempfile::tempdir_in(rt.scratch_dir()?)?;
             let interval = if on {
                 Duration::from_millis(args.checkpoint_ms)
             } else {
@@ -145,7 +145,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut recoveries = Vec::new();
     for _ in 0..args.runs {
-        let dir = tempfile::tempdir()?;
+        let dir = tempfile::tempdir_in(rt.scratch_dir()?)?;
         let killed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
         let recovered: Arc<Mutex<Option<Duration>>> = Arc::default();
         let (k2, r2) = (killed_at.clone(), recovered.clone());

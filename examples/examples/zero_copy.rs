@@ -22,14 +22,34 @@ use std::time::{Duration, Instant};
 const ROWS: usize = 1 << 20;
 const FEATURES_PER_ROW: usize = 16;
 
+const USAGE: &str = "\
+Usage: zero_copy
+
+Starts an object store, writes a 1M-row feature batch into shared memory and
+has a second process (this program again, with the internal `--reader
+SOCKET ID` role) read it in place, with no copy. Takes no arguments.
+
+Options:
+  -h, --help  Print this help";
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--reader") {
-        let socket = args.get(2).context("socket path")?;
-        let id = args.get(3).context("object id")?;
-        return reader(socket, id.parse()?);
+    match args.get(1).map(String::as_str) {
+        Some("--reader") => {
+            let socket = args.get(2).context("socket path")?;
+            let id = args.get(3).context("object id")?;
+            reader(socket, id.parse()?)
+        }
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => {
+            eprintln!("error: unexpected argument {other:?}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+        None => writer(),
     }
-    writer()
 }
 
 fn writer() -> Result<()> {

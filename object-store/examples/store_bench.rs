@@ -20,12 +20,37 @@ const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const BIG: u64 = 800 * MIB;
 
+const USAGE: &str = "\
+Usage: store_bench [--json]
+
+Benchmarks braid-store against this machine's own limits (memcpy, a socket
+round trip, the spill disk) in one run; logs go to stderr. Needs a few GiB
+of memory and takes minutes.
+
+Options:
+      --json  Print the figures as one JSON object on the last stdout line
+  -h, --help  Print this help";
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("--role") => run_role(&args[1..]),
-        _ => run_bench(args.iter().any(|a| a == "--json")),
+    if args.first().map(String::as_str) == Some("--role") {
+        return run_role(&args[1..]);
     }
+    let mut json = false;
+    for arg in &args {
+        match arg.as_str() {
+            "--json" => json = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            other => {
+                eprintln!("error: unexpected argument {other:?}\n\n{USAGE}");
+                std::process::exit(2);
+            }
+        }
+    }
+    run_bench(json)
 }
 
 fn median(v: &[f64]) -> f64 {

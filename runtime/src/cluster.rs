@@ -17,13 +17,7 @@ pub const ADDRESS_VAR: &str = "BRAID_ADDRESS";
 /// Environment variable carrying the cluster token.
 pub const TOKEN_VAR: &str = "BRAID_TOKEN";
 
-/// The directory braid keeps this user's sessions and token files in.
-pub fn user_dir() -> PathBuf {
-    let base = std::env::var_os("BRAID_TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    base.join(format!("braid-{}", rustix::process::getuid().as_raw()))
-}
+pub use crate::session::{new_session_dir, user_dir};
 
 /// Creates a directory readable by this user only.
 pub fn private_dir(path: &Path) -> Result<()> {
@@ -32,17 +26,6 @@ pub fn private_dir(path: &Path) -> Result<()> {
         .mode(0o700)
         .create(path)
         .map_err(|e| Error::io(format!("create {}", path.display()), e))
-}
-
-/// A new session directory.
-pub fn new_session_dir() -> Result<PathBuf> {
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    let dir = user_dir().join(format!("session-{stamp}-{}", std::process::id()));
-    private_dir(&dir)?;
-    Ok(dir)
 }
 
 /// A fresh random cluster token.
@@ -69,7 +52,7 @@ pub fn cluster_file_path(address: &str) -> PathBuf {
 
 /// Writes a cluster file, readable by this user only.
 pub fn write_cluster_file(file: &ClusterFile) -> Result<PathBuf> {
-    private_dir(&user_dir())?;
+    crate::session::private_user_dir()?;
     let path = cluster_file_path(&file.address);
     let text = serde_json::to_string(file).map_err(|e| Error::Codec(e.to_string()))?;
     let tmp = path.with_extension("tmp");
@@ -89,15 +72,20 @@ pub fn write_cluster_file(file: &ClusterFile) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Reads the cluster file for `address`, if this machine has one.
+/// Reads the cluster file for `address`, if this machine has one (and
+/// the per-user directory is private to this user).
 pub fn read_cluster_file(address: &str) -> Option<ClusterFile> {
+    crate::session::existing_user_dir().ok()??;
     let text = std::fs::read_to_string(cluster_file_path(address)).ok()?;
     serde_json::from_str(&text).ok()
 }
 
 /// Every cluster file of this user.
 pub fn cluster_files() -> Vec<(PathBuf, ClusterFile)> {
-    let Ok(dir) = std::fs::read_dir(user_dir()) else {
+    let Ok(Some(dir)) = crate::session::existing_user_dir() else {
+        return Vec::new();
+    };
+    let Ok(dir) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok())
@@ -121,6 +109,7 @@ pub fn token_for(address: &str) -> Result<String> {
             return Ok(token);
         }
     }
+    crate::session::existing_user_dir()?;
     read_cluster_file(address).map(|f| f.token).ok_or_else(|| {
         Error::Unauthenticated(format!(
             "no token for {address}: set {TOKEN_VAR} (the head's machine keeps it in {})",
@@ -256,7 +245,7 @@ pub fn start_daemon(exe: &Path, config: &DaemonConfig, options: &DaemonOptions) 
 /// killed, they notice and exit on their own).
 pub struct EmbeddedCluster {
     children: parking_lot::Mutex<Vec<Child>>,
-    session_dir: PathBuf,
+    session: crate::session::SessionDir,
 }
 
 impl EmbeddedCluster {
@@ -268,7 +257,8 @@ impl EmbeddedCluster {
         extra_nodes: Vec<(f64, crate::resources::Resources)>,
     ) -> Result<(EmbeddedCluster, String, String, PathBuf)> {
         let exe = std::env::current_exe().map_err(|e| Error::io("find own executable", e))?;
-        let session_dir = new_session_dir()?;
+        let session = new_session_dir()?;
+        let session_dir = session.path().to_path_buf();
         let token = new_token();
         let options = DaemonOptions {
             parent: Some(std::process::id()),
@@ -287,7 +277,7 @@ impl EmbeddedCluster {
         let address = head.ready.clone();
         let cluster = EmbeddedCluster {
             children: parking_lot::Mutex::new(vec![head.child]),
-            session_dir: session_dir.clone(),
+            session,
         };
         let start_node =
             |num_cpus: f64, resources: crate::resources::Resources, is_head_node: bool| {
@@ -339,7 +329,7 @@ impl EmbeddedCluster {
             }
         }
         children.clear();
-        let _ = std::fs::remove_dir_all(&self.session_dir);
+        let _ = std::fs::remove_dir_all(self.session.path());
     }
 }
 

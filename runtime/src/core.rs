@@ -48,6 +48,9 @@ pub struct Core {
     pub(crate) refs: Arc<RefTable>,
     pub(crate) handle: tokio::runtime::Handle,
     pub(crate) head_address: String,
+    /// The session directory, as the node names it (its scratch
+    /// directories are the node's to remove).
+    pub(crate) session_dir: PathBuf,
     peers: Mutex<HashMap<String, Arc<OnceCell<Conn>>>>,
     pub(crate) submitter: Submitter,
     pub(crate) actors: Mutex<HashMap<ActorId, Arc<crate::actor::ActorClient>>>,
@@ -231,7 +234,7 @@ impl Core {
         let Reply::Welcome {
             node: node_id,
             store_socket,
-            session_dir: _,
+            session_dir,
             head,
         } = welcome
         else {
@@ -256,6 +259,7 @@ impl Core {
             refs,
             handle: tokio::runtime::Handle::current(),
             head_address: head,
+            session_dir: PathBuf::from(session_dir),
             peers: Mutex::new(HashMap::new()),
             submitter: Submitter::new(weak.clone()),
             actors: Mutex::new(HashMap::new()),
@@ -471,7 +475,7 @@ async fn accept_loop(listener: tokio::net::UnixListener, handler: Arc<CoreHandle
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                Conn::start(stream, "peer".into(), handler.clone());
+                Conn::accept(stream, "peer".into(), handler.clone());
             }
             Err(e) => {
                 tracing::warn!("accept failed: {e}");

@@ -100,6 +100,25 @@ pub enum Error {
     /// The runtime is not initialised, or has shut down.
     #[error("runtime not running: {0}")]
     NotRunning(String),
+    /// A directory braid keeps private files in (sockets, the cluster
+    /// token) is not private to this user, so braid refuses to use it.
+    #[error(
+        "{path} is not safe to use: it is a {kind} owned by uid {owner} with mode {mode:04o}, \
+         but braid needs a directory owned by uid {user} with mode 0700 \
+         (remove or fix it, or set BRAID_TMPDIR to another place)"
+    )]
+    UnsafeDirectory {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What is there: `directory`, `symbolic link` or `file`.
+        kind: String,
+        /// Its owner's uid.
+        owner: u32,
+        /// Its permission bits.
+        mode: u32,
+        /// This process's uid.
+        user: u32,
+    },
     /// An operating-system call failed.
     #[error("{context}: {message}")]
     Io {

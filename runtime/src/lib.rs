@@ -67,6 +67,7 @@ pub mod resources;
 pub mod role;
 pub mod rpc;
 pub mod runtime;
+pub mod session;
 pub mod submit;
 pub mod value;
 pub mod wire;

@@ -95,6 +95,20 @@ fn run_daemon() -> i32 {
     if options.detach {
         let _ = rustix::process::setsid();
     }
+    let session_dir = match &config {
+        DaemonConfig::Head { session_dir, .. } | DaemonConfig::Node { session_dir, .. } => {
+            session_dir.clone()
+        }
+    };
+    // Held until this process exits: it marks the session live, so no
+    // `braid start` or `braid stop` cleans it up under this daemon.
+    let _session = match crate::session::SessionLock::hold(&session_dir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            println!("failed {e}");
+            return 1;
+        }
+    };
     let rt = match runtime(2) {
         Ok(rt) => rt,
         Err(e) => {

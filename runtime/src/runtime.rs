@@ -184,6 +184,16 @@ impl Runtime {
         &self.core.head_address
     }
 
+    /// This job's scratch directory, `<session>/scratch/<job-id>/` (mode
+    /// 0700), created on first use: for temporary files such as checkpoint
+    /// directories. The node removes it when the job's driver exits,
+    /// however it exits (a SIGKILL too), and `braid stop` removes what is
+    /// left of a stopped cluster's. Every process of the job on the same
+    /// node (driver and workers) gets the same directory.
+    pub fn scratch_dir(&self) -> Result<std::path::PathBuf> {
+        crate::session::create_scratch_dir(&self.core.session_dir, self.core.job)
+    }
+
     /// The node's object store, for direct zero-copy work.
     pub fn store(&self) -> &braid_store::StoreClient {
         &self.core.store

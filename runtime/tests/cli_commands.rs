@@ -325,3 +325,42 @@ fn a_failed_start_leaves_nothing_running() {
         .collect();
     assert!(files.is_empty(), "{files:?}");
 }
+
+#[test]
+fn help_answers_at_once_and_runs_nothing() {
+    let braid = Braid::new();
+    let commands: [&[&str]; 8] = [
+        &["--help"],
+        &["-h"],
+        &["start", "--help"],
+        &["start", "-h"],
+        &["status", "--help"],
+        &["stop", "--help"],
+        &["stop", "-h"],
+        &["microbenchmark", "--help"],
+    ];
+    for args in commands {
+        let started = std::time::Instant::now();
+        let out = braid.run(args);
+        assert!(out.status.success(), "braid {args:?}: {}", out.status);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.lines().any(|l| l.starts_with("Usage:")),
+            "braid {args:?} printed no usage line:\n{stdout}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "braid {args:?} took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            braid.daemons(),
+            Vec::new(),
+            "braid {args:?} started something"
+        );
+        assert!(
+            !braid.user_dir().exists(),
+            "braid {args:?} touched the user dir"
+        );
+    }
+}

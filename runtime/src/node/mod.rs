@@ -214,7 +214,7 @@ pub async fn run_node(
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    Conn::start(stream, "local".into(), handler.clone());
+                    Conn::accept(stream, "local".into(), handler.clone());
                 }
                 Err(e) => {
                     tracing::warn!("accept: {e}");
@@ -792,7 +792,8 @@ impl Node {
     }
 
     /// Cleans up after a job: kills its workers (except those hosting
-    /// detached actors) and deletes its objects from this node's store.
+    /// detached actors), deletes its objects from this node's store and
+    /// removes its scratch directory.
     pub(crate) fn finish_job(&self, job: JobId) {
         let victims: Vec<u32> = {
             let mut state = self.state.lock();
@@ -811,6 +812,7 @@ impl Node {
         let deleted = self
             .store_handle
             .delete_where(|id| id.as_bytes()[..4] == tag);
+        crate::session::remove_scratch_dir(&self.config.session_dir, job);
         tracing::debug!("job {job} finished: {deleted} objects deleted");
     }
 

@@ -10,7 +10,6 @@ use crate::rpc::{node_service, NodeService};
 use braid_store::ObjectId;
 use std::pin::Pin;
 use std::sync::Arc;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 struct NodeGrpc(Arc<Node>);
@@ -131,7 +130,7 @@ pub(super) async fn serve(
     };
     let result = tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(crate::rpc::incoming(listener), async {
             let _ = stop.await;
         })
         .await;

@@ -37,8 +37,10 @@ pub use head_client::HeadClient;
 pub use head_service::{serve_head, HeadConfig, HeadRunning};
 pub use node_client::NodeClient;
 pub use proto::node_server::{Node as NodeService, NodeServer};
+pub(crate) use server::incoming;
 pub use server::{
-    node_service, serve_node, HeadError, NodeRunning, ServeError, ServerRunning, StopHandle,
+    node_service, serve_node, HandshakeDeadline, HeadError, NodeRunning, ServeError, ServerRunning,
+    StopHandle,
 };
 pub use transfer::{pull_into, pull_stream, StoreFailure, TransferError, DEFAULT_CHUNK_SIZE};
 pub use types::{

@@ -117,6 +117,129 @@ pub(crate) async fn bind(listen: SocketAddr) -> Result<(TcpListener, SocketAddr)
     Ok((listener, local_addr))
 }
 
+/// The HTTP/2 client preface every gRPC connection opens with.
+const HTTP2_PREFACE_LEN: usize = 24;
+
+/// An accepted TCP connection that must send the HTTP/2 client preface
+/// within the [handshake timeout](crate::wire::handshake_timeout) of being
+/// accepted; one that sends nothing, or less, fails its next read and is
+/// closed. (Afterwards tonic bounds the rest: headers to hyper's 16 KiB
+/// list, messages to [`MAX_MESSAGE`], buffered data to the flow-control
+/// windows, and the token interceptor rejects a call on its headers,
+/// before its body is read.)
+#[derive(Debug)]
+pub struct HandshakeDeadline<T> {
+    inner: T,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    received: usize,
+}
+
+impl<T> HandshakeDeadline<T> {
+    /// Wraps a connection accepted now.
+    pub fn new(inner: T) -> Self {
+        HandshakeDeadline {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(
+                crate::wire::handshake_timeout(),
+            ))),
+            received: 0,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HandshakeDeadline<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Some(deadline) = this.deadline.as_mut() {
+            if let std::task::Poll::Ready(Ok(())) = polled {
+                this.received += buf.filled().len() - before;
+                if this.received >= HTTP2_PREFACE_LEN {
+                    this.deadline = None;
+                }
+                return polled;
+            }
+            if deadline.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no HTTP/2 preface within the handshake timeout",
+                )));
+            }
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HandshakeDeadline<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
+    for HandshakeDeadline<T>
+{
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// The connections a gRPC server accepts.
+pub(crate) type Incoming = Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = std::io::Result<HandshakeDeadline<tokio::net::TcpStream>>>
+            + Send,
+    >,
+>;
+
+/// The connections a gRPC server accepts on `listener`, each held to the
+/// handshake deadline ([`HandshakeDeadline`]).
+pub(crate) fn incoming(listener: TcpListener) -> Incoming {
+    use tokio_stream::StreamExt;
+    Box::pin(
+        TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(|accepted| accepted.map(HandshakeDeadline::new)),
+    )
+}
+
 /// The signal a server future stops on.
 pub(crate) type StopSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -125,7 +248,7 @@ pub(crate) type StopSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub(crate) fn spawn<F>(
     listener: TcpListener,
     local_addr: SocketAddr,
-    serve: impl FnOnce(TcpIncoming, StopSignal) -> F,
+    serve: impl FnOnce(Incoming, StopSignal) -> F,
 ) -> ServerRunning
 where
     F: Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
@@ -135,8 +258,7 @@ where
         // A dropped sender stops the server too.
         let _ = receiver.await;
     });
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let task = tokio::spawn(serve(incoming, signal));
+    let task = tokio::spawn(serve(incoming(listener), signal));
     ServerRunning {
         local_addr,
         stop: StopHandle {

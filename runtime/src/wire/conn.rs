@@ -5,7 +5,7 @@
 
 use super::messages::{Body, Frame, Message, Reply};
 use super::ring::{self, RingPair};
-use super::MAX_FRAME;
+use super::{handshake_timeout, HELLO_MAX_FRAME, MAX_FRAME};
 use crate::error::{Error, Result};
 use parking_lot::Mutex;
 use std::cell::Cell;
@@ -184,9 +184,34 @@ pub fn message_name(message: &Message) -> &'static str {
 }
 
 impl Conn {
-    /// Serves an accepted or connected stream: spawns its reader and writer
-    /// on the current runtime.
+    /// Serves a stream this process connected (its peer is trusted to
+    /// speak first only in answer): spawns its reader and writer on the
+    /// current runtime.
     pub fn start<S>(stream: S, peer: String, handler: Arc<dyn Handler>) -> Conn
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        Conn::spawn(stream, peer, handler, None)
+    }
+
+    /// Serves a stream this process accepted: until the peer's `Hello` is
+    /// accepted ([`Conn::set_authenticated`]), its frames are capped at
+    /// [`HELLO_MAX_FRAME`], and if that does not happen within
+    /// [`handshake_timeout`] the connection is closed.
+    pub fn accept<S>(stream: S, peer: String, handler: Arc<dyn Handler>) -> Conn
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let deadline = tokio::time::Instant::now() + handshake_timeout();
+        Conn::spawn(stream, peer, handler, Some(deadline))
+    }
+
+    fn spawn<S>(
+        stream: S,
+        peer: String,
+        handler: Arc<dyn Handler>,
+        handshake: Option<tokio::time::Instant>,
+    ) -> Conn
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -211,7 +236,7 @@ impl Conn {
         let writer = tokio::spawn(write_loop(write, rx));
         let reader_conn = conn.clone();
         let reader = tokio::spawn(async move {
-            let result = read_loop(read, &reader_conn, handler.as_ref()).await;
+            let result = read_loop(read, &reader_conn, handler.as_ref(), handshake).await;
             if let Err(e) = result {
                 tracing::debug!(conn = ?reader_conn, "connection ended: {e}");
                 reader_conn.close_after_flush();
@@ -767,32 +792,68 @@ async fn write_loop<W: AsyncWrite + Unpin>(write: W, mut rx: mpsc::UnboundedRece
     let _ = writer.shutdown().await;
 }
 
+/// Reads frames until the stream ends. With a `handshake` deadline (an
+/// accepted connection), frames before authentication are capped at
+/// [`HELLO_MAX_FRAME`] and must have authenticated the peer by then.
 async fn read_loop<R: AsyncRead + Unpin>(
     read: R,
     conn: &Conn,
     handler: &dyn Handler,
+    handshake: Option<tokio::time::Instant>,
 ) -> Result<()> {
     let mut reader = BufReader::with_capacity(256 * 1024, read);
     let mut buf = Vec::new();
     loop {
-        let len = match reader.read_u32_le().await {
-            Ok(n) => n as usize,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(Error::io("read frame", e)),
+        let pending_hello = handshake.filter(|_| !conn.is_authenticated());
+        let read = read_frame(&mut reader, &mut buf, pending_hello.is_some());
+        let more = match pending_hello {
+            None => read.await?,
+            Some(deadline) => tokio::time::timeout_at(deadline, read)
+                .await
+                .map_err(|_| {
+                    Error::Unauthenticated(format!(
+                        "no accepted Hello within {:?} of connecting",
+                        handshake_timeout()
+                    ))
+                })??,
         };
-        if len > MAX_FRAME {
-            return Err(Error::BadRequest(format!("frame of {len} bytes")));
+        if !more {
+            return Ok(());
         }
-        buf.resize(len, 0);
-        reader
-            .read_exact(&mut buf)
-            .await
-            .map_err(|e| Error::io("read frame", e))?;
         dispatch(conn, &buf, handler)?;
         if buf.capacity() > 1 << 20 {
             buf = Vec::new();
         }
     }
+}
+
+/// Reads one frame's body into `buf`; false at a clean end of stream.
+/// Before authentication a length above [`HELLO_MAX_FRAME`] is refused
+/// before anything of the body is read.
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    before_hello: bool,
+) -> Result<bool> {
+    let len = match reader.read_u32_le().await {
+        Ok(n) => n as usize,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(e) => return Err(Error::io("read frame", e)),
+    };
+    if before_hello && len > HELLO_MAX_FRAME {
+        return Err(Error::Unauthenticated(format!(
+            "frame of {len} bytes before an accepted Hello (at most {HELLO_MAX_FRAME})"
+        )));
+    }
+    if len > MAX_FRAME {
+        return Err(Error::BadRequest(format!("frame of {len} bytes")));
+    }
+    buf.resize(len, 0);
+    reader
+        .read_exact(buf)
+        .await
+        .map_err(|e| Error::io("read frame", e))?;
+    Ok(true)
 }
 
 /// Decodes one frame and routes it: replies to their waiters, requests and

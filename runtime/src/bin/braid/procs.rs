@@ -2,9 +2,11 @@
 //! waiting for them to exit (through pidfds, so a recycled pid is never
 //! signalled by mistake).
 
+use braid::cluster::{DaemonConfig, DaemonOptions};
 use rustix::event::{PollFd, PollFlags};
 use rustix::process::{Pid, PidfdFlags, Signal};
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// What a braid process is, by the name it gives itself.
@@ -37,6 +39,8 @@ pub struct Found {
     pub pid: u32,
     /// What it is.
     pub kind: Kind,
+    /// The session directory of a head or node (from its configuration).
+    pub session_dir: Option<PathBuf>,
     /// A pidfd on it (`None` if the kernel has no pidfds; then the pid is
     /// used).
     pidfd: Option<OwnedFd>,
@@ -73,16 +77,22 @@ pub fn find(tmpdir: Option<&[u8]>) -> Vec<Found> {
         // signalling an exited process through its pidfd does nothing).
         let pidfd = Pid::from_raw(pid as i32)
             .and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok());
-        if let Some(kind) = matches(pid, uid, tmpdir) {
-            found.push(Found { pid, kind, pidfd });
+        if let Some((kind, session_dir)) = matches(pid, uid, tmpdir) {
+            found.push(Found {
+                pid,
+                kind,
+                session_dir,
+                pidfd,
+            });
         }
     }
     found
 }
 
 /// The kind of process `pid` if it is a live braid process of user `uid`
-/// (started with `tmpdir`, if given).
-fn matches(pid: u32, uid: u32, tmpdir: Option<&[u8]>) -> Option<Kind> {
+/// (started with `tmpdir`, if given), and its session directory if it is a
+/// daemon.
+fn matches(pid: u32, uid: u32, tmpdir: Option<&[u8]>) -> Option<(Kind, Option<PathBuf>)> {
     let dir = format!("/proc/{pid}");
     let comm = std::fs::read_to_string(format!("{dir}/comm")).ok()?;
     let kind = Kind::from_comm(comm.trim_end_matches('\n'))?;
@@ -101,16 +111,27 @@ fn matches(pid: u32, uid: u32, tmpdir: Option<&[u8]>) -> Option<Kind> {
     if real_uid? != uid {
         return None;
     }
+    let environ = std::fs::read(format!("{dir}/environ")).ok();
+    let var = |name: &[u8]| {
+        environ.as_deref().and_then(|env| {
+            env.split(|b| *b == 0)
+                .find_map(|var| var.strip_prefix(name))
+                .map(<[u8]>::to_vec)
+        })
+    };
     if let Some(want) = tmpdir {
-        let environ = std::fs::read(format!("{dir}/environ")).ok()?;
-        let value = environ
-            .split(|b| *b == 0)
-            .find_map(|var| var.strip_prefix(b"BRAID_TMPDIR=".as_slice()))?;
-        if value != want {
+        if var(b"BRAID_TMPDIR=")?.as_slice() != want {
             return None;
         }
     }
-    Some(kind)
+    let session_dir = var(format!("{}=", braid::cluster::DAEMON_VAR).as_bytes())
+        .and_then(|json| serde_json::from_slice::<(DaemonConfig, DaemonOptions)>(&json).ok())
+        .map(|(config, _)| match config {
+            DaemonConfig::Head { session_dir, .. } | DaemonConfig::Node { session_dir, .. } => {
+                session_dir
+            }
+        });
+    Some((kind, session_dir))
 }
 
 impl Found {
@@ -206,6 +227,7 @@ pub fn of_child(child: &std::process::Child, kind: Kind) -> Found {
     Found {
         pid,
         kind,
+        session_dir: None,
         pidfd: Pid::from_raw(pid as i32)
             .and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok()),
     }

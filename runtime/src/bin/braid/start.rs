@@ -140,7 +140,9 @@ fn wait_listed(connected: &Connected, node_id: &str) -> anyhow::Result<()> {
 /// `braid start --head`.
 fn start_head(host: Option<IpAddr>, port: u16, node: NodeSettings) -> anyhow::Result<()> {
     let ip = host.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    let session_dir = cluster::new_session_dir().context("create the session directory")?;
+    // Held until the daemons hold the session themselves.
+    let session = cluster::new_session_dir().context("create the session directory")?;
+    let session_dir = session.path().to_path_buf();
     let token = cluster::new_token();
     let head_log = session_dir.join("head.log");
     let mut head = daemon(
@@ -333,9 +335,14 @@ fn start_node(
             }
             _ => e,
         })?;
-    let session_dir = match cluster::read_cluster_file(address) {
-        Some(file) if file.session_dir.is_dir() => file.session_dir,
-        _ => cluster::new_session_dir().context("create the session directory")?,
+    braid::session::clean_up(&braid::session::private_user_dir()?);
+    // A new session is held until the node holds it itself.
+    let (session_dir, _session) = match cluster::read_cluster_file(address) {
+        Some(file) if file.session_dir.is_dir() => (file.session_dir, None),
+        _ => {
+            let session = cluster::new_session_dir().context("create the session directory")?;
+            (session.path().to_path_buf(), Some(session))
+        }
     };
     let ip = match host.or_else(|| route_to(address)) {
         Some(ip) => ip,

@@ -502,3 +502,19 @@ fn a_failed_commit_keeps_its_epochs_pending_for_a_later_commit() {
     next.restore(&snapshot).unwrap();
     assert_eq!(committed_lines(&dir).unwrap(), vec!["e1", "e2", "e3"]);
 }
+
+#[test]
+fn a_restored_snapshot_listing_a_file_outside_the_sinks_pending_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    let victim = tmp.path().join("elsewhere");
+    std::fs::write(&victim, "not the sink's").unwrap();
+    // The sink's state as bincode lays it out: its pending files, then
+    // its epoch.
+    let forged = bincode::serialize(&(vec![(1u64, victim.clone())], 1u64)).unwrap();
+    let mut sink = sink_of_generation(&dir, 2);
+    let err = sink.restore(&forged).unwrap_err();
+    assert!(err.to_string().contains("outside"), "{err}");
+    assert!(victim.exists(), "nothing was renamed");
+    assert!(committed_lines(&dir).unwrap().is_empty());
+}

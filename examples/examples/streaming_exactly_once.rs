@@ -377,7 +377,8 @@ fn main() -> anyhow::Result<()> {
 /// Runs the job once at `args.seed`, dealing faults, and compares its
 /// committed output with the reference.
 fn run_once(rt: &braid::Runtime, args: &Args) -> anyhow::Result<serde_json::Value> {
-    let scratch = tempfile::tempdir()?;
+    // Removed by the node however this driver exits.
+    let scratch = tempfile::tempdir_in(rt.scratch_dir()?)?;
     let out = args
         .out
         .clone()

@@ -98,15 +98,18 @@ braid_actors::stream_job!(WORDCOUNT, "streaming_wordcount", wordcount);
 fn main() -> anyhow::Result<()> {
     braid_examples::init_logging();
     let args = Args::parse();
-    let scratch = tempfile::tempdir()?;
+    if let Some(out) = &args.out {
+        if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+            anyhow::bail!("--out {} is not empty", out.display());
+        }
+    }
+    let rt = braid::init_blocking().context("start an embedded cluster")?;
+    // Removed by the node however this driver exits.
+    let scratch = tempfile::tempdir_in(rt.scratch_dir()?)?;
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| scratch.path().join("out"));
-    if out.exists() && std::fs::read_dir(&out)?.next().is_some() {
-        anyhow::bail!("--out {} is not empty", out.display());
-    }
-    let rt = braid::init_blocking().context("start an embedded cluster")?;
     let mut params = JobParams::new();
     if let Some(input) = &args.input {
         let input =

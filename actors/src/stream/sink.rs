@@ -18,7 +18,9 @@
 //! zero-padded, so names sort by epoch).
 
 use super::context::TaskContext;
-use super::operator::{decode_state, Collector, EventTime, Operator, OperatorError, Snapshot};
+use super::operator::{
+    decode_state, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
+};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::marker::PhantomData;
@@ -296,6 +298,18 @@ where
         } else {
             decode_state(bytes)?
         };
+        let pending_dir = self.pending_dir();
+        if let Some((_, stray)) = restored
+            .pending
+            .iter()
+            .find(|(_, p)| p.parent() != Some(pending_dir.as_path()))
+        {
+            return Err(OperatorError::State(StateError::Decode(format!(
+                "the snapshot lists {}, outside this sink's {}",
+                stray.display(),
+                pending_dir.display()
+            ))));
+        }
         let through = restored.pending.iter().map(|(e, _)| *e).max().unwrap_or(0);
         self.state = restored;
         self.commit_through(through)?;

@@ -353,7 +353,21 @@ fn main() -> anyhow::Result<()> {
     args.sync
         .parse::<braid_actors::train::ps::Consistency>()
         .map_err(|e| anyhow::anyhow!("--sync: {e}"))?;
-    let scratch = tempfile::tempdir()?;
+    // The fused and compare modes run on an embedded cluster, whose node
+    // removes the driver's scratch directory however the driver exits;
+    // the separate mode has no cluster.
+    let mut rt = if args.compare || args.mode != "separate" {
+        Some(
+            braid::init_blocking_with(braid::InitOptions::new().object_store_memory(STORE_BYTES))
+                .context("start an embedded cluster")?,
+        )
+    } else {
+        None
+    };
+    let scratch = match &rt {
+        Some(rt) => tempfile::tempdir_in(rt.scratch_dir()?)?,
+        None => tempfile::tempdir()?,
+    };
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let summary_path = args.out_dir.join("summary.json");
@@ -361,9 +375,7 @@ fn main() -> anyhow::Result<()> {
 
     let (summary, series): (serde_json::Value, Vec<(String, Vec<TimelinePoint>)>) = if args.compare
     {
-        let rt =
-            braid::init_blocking_with(braid::InitOptions::new().object_store_memory(STORE_BYTES))
-                .context("start an embedded cluster")?;
+        let rt = rt.take().context("no cluster")?;
         eprintln!("compare: separate mode at saturation …");
         let mut run = 0;
         let mut next_run = || {
@@ -469,9 +481,7 @@ fn main() -> anyhow::Result<()> {
         j["refresh_ms"] = args.refresh_ms.into();
         (j, vec![("separate".into(), r.timeline)])
     } else {
-        let rt =
-            braid::init_blocking_with(braid::InitOptions::new().object_store_memory(STORE_BYTES))
-                .context("start an embedded cluster")?;
+        let rt = rt.take().context("no cluster")?;
         let (mut r, status, remote) = run_fused(
             &rt,
             &args,

@@ -17,16 +17,9 @@ fn a_job_outlives_its_head_and_fails_typed_when_it_then_needs_it() {
     let rt = braid::init_blocking_with(braid::InitOptions::new().num_cpus(4.0)).expect("cluster");
     let dir = tempfile::tempdir().unwrap();
     let records = 20_000;
-    let (pids_tx, pids_rx) = crossbeam_channel::unbounded::<Vec<u32>>();
-    let mut job = support::numbers_job(dir.path(), records, 2_000.0);
-    job.on_running = Some(std::sync::Arc::new(move |_, pids| {
-        let _ = pids_tx.send(pids);
-    }));
-    let driver = {
-        let rt = rt.clone();
-        std::thread::spawn(move || braid_actors::stream::cluster::run(&rt, job))
-    };
-    let workers = pids_rx
+    let job = support::numbers_job(dir.path(), records, 2_000.0);
+    let (driver, pids_rx) = support::run_in_background(&rt, job);
+    pids_rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the job runs");
     let heads = support::children_named("braid-head");
@@ -41,16 +34,8 @@ fn a_job_outlives_its_head_and_fails_typed_when_it_then_needs_it() {
 
     // A second job, whose worker dies: its next attempt needs the head.
     let dir = tempfile::tempdir().unwrap();
-    let _ = workers;
-    let (pids_tx, pids_rx) = crossbeam_channel::unbounded::<Vec<u32>>();
-    let mut job = support::numbers_job(dir.path(), 10_000_000, 2_000.0);
-    job.on_running = Some(std::sync::Arc::new(move |_, pids| {
-        let _ = pids_tx.send(pids);
-    }));
-    let driver = {
-        let rt = rt.clone();
-        std::thread::spawn(move || braid_actors::stream::cluster::run(&rt, job))
-    };
+    let job = support::numbers_job(dir.path(), 10_000_000, 2_000.0);
+    let (driver, pids_rx) = support::run_in_background(&rt, job);
     match pids_rx.recv_timeout(Duration::from_secs(30)) {
         Ok(pids) => {
             let (cpu_before, killed_at) = (support::cpu_seconds(), Instant::now());

@@ -14,16 +14,9 @@ braid_actors::stream_job!(NUMBERS, "numbers", support::numbers);
 fn sigkill_of_the_only_node_ends_the_job_with_a_typed_error_without_spinning() {
     let rt = braid::init_blocking_with(braid::InitOptions::new().num_cpus(4.0)).expect("cluster");
     let dir = tempfile::tempdir().unwrap();
-    let (running_tx, running_rx) = crossbeam_channel::bounded::<()>(1);
-    let mut job = support::numbers_job(dir.path(), 10_000_000, 5_000.0);
-    job.on_running = Some(std::sync::Arc::new(move |_, _| {
-        let _ = running_tx.try_send(());
-    }));
-    let driver = {
-        let rt = rt.clone();
-        std::thread::spawn(move || braid_actors::stream::cluster::run(&rt, job))
-    };
-    running_rx
+    let job = support::numbers_job(dir.path(), 10_000_000, 5_000.0);
+    let (driver, running) = support::run_in_background(&rt, job);
+    running
         .recv_timeout(Duration::from_secs(60))
         .expect("the job runs");
     // A checkpoint or two complete first.

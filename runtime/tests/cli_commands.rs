@@ -4,10 +4,13 @@
 //! clusters, and stops them in a guard even when it fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::daemons_under;
 use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Once;
 
@@ -120,57 +123,6 @@ impl Drop for Braid {
             }
         }
     }
-}
-
-/// Live (not zombie) processes of this user named `braid-head`,
-/// `braid-node` or `braid-worker` whose environment has
-/// `BRAID_TMPDIR=tmpdir`, as (pid, name).
-fn daemons_under(tmpdir: &Path) -> Vec<(u32, String)> {
-    let uid = rustix::process::getuid().as_raw();
-    let mut want = b"BRAID_TMPDIR=".to_vec();
-    want.extend_from_slice(tmpdir.as_os_str().as_encoded_bytes());
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let dir = entry.path();
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        let comm = comm.trim_end().to_owned();
-        if !matches!(comm.as_str(), "braid-head" | "braid-node" | "braid-worker") {
-            continue;
-        }
-        let Ok(status) = std::fs::read_to_string(dir.join("status")) else {
-            continue;
-        };
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_owned())
-                .unwrap_or_default()
-        };
-        let zombie = field("State:").starts_with(['Z', 'X']);
-        let ours = field("Uid:")
-            .split_whitespace()
-            .next()
-            .and_then(|u| u.parse::<u32>().ok())
-            == Some(uid);
-        if zombie || !ours {
-            continue;
-        }
-        let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
-        if environ.split(|b| *b == 0).any(|var| var == want.as_slice()) {
-            found.push((pid, comm));
-        }
-    }
-    found
 }
 
 fn count(daemons: &[(u32, String)], name: &str) -> usize {

@@ -370,21 +370,7 @@ impl CheckpointStorage {
     /// the previous one. `Ok(None)` when no checkpoint verifies. Errors of
     /// the store itself, other than a missing object, are returned.
     pub async fn latest(&self) -> Result<Option<Manifest>, StorageError> {
-        for epoch in self.committed_epochs().await? {
-            match self.load_verified(epoch).await {
-                Ok(manifest) => return Ok(Some(manifest)),
-                Err(e @ StorageError::Store { .. }) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(
-                        job = %self.job,
-                        epoch = epoch.0,
-                        error = %e,
-                        "skipping committed checkpoint that fails verification"
-                    );
-                }
-            }
-        }
-        Ok(None)
+        Ok(self.newest_verified(false).await?.manifest)
     }
 
     /// Like [`latest`](Self::latest), but a committed checkpoint that fails
@@ -392,13 +378,19 @@ impl CheckpointStorage {
     /// than skipped, so it is never found again, never reused, and its epoch
     /// can be committed anew. What a recovering coordinator calls.
     pub async fn recover(&self) -> Result<Recovery, StorageError> {
-        let mut quarantined = Vec::new();
+        self.newest_verified(true).await
+    }
+
+    /// The newest committed checkpoint that verifies, and the newer ones
+    /// that do not: skipped with a warning, and moved aside if `move_aside`.
+    async fn newest_verified(&self, move_aside: bool) -> Result<Recovery, StorageError> {
+        let mut failed = Vec::new();
         for epoch in self.committed_epochs().await? {
             match self.load_verified(epoch).await {
                 Ok(manifest) => {
                     return Ok(Recovery {
                         manifest: Some(manifest),
-                        quarantined,
+                        quarantined: failed,
                     })
                 }
                 Err(e @ StorageError::Store { .. }) => return Err(e),
@@ -407,16 +399,19 @@ impl CheckpointStorage {
                         job = %self.job,
                         epoch = epoch.0,
                         error = %e,
-                        "moving aside a committed checkpoint that fails verification"
+                        moved_aside = move_aside,
+                        "skipping a committed checkpoint that fails verification"
                     );
-                    self.quarantine(epoch, &e.to_string()).await?;
-                    quarantined.push(epoch);
+                    if move_aside {
+                        self.quarantine(epoch, &e.to_string()).await?;
+                    }
+                    failed.push(epoch);
                 }
             }
         }
         Ok(Recovery {
             manifest: None,
-            quarantined,
+            quarantined: failed,
         })
     }
 

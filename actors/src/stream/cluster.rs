@@ -24,6 +24,7 @@ use super::channel::{ChannelError, ChannelMsg, Outbox};
 use super::context::TaskContext;
 use super::coordinator::{
     AttemptFailure, Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport, Restored,
+    DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_CHECKPOINT_TIMEOUT, DEFAULT_CREDITS,
     DEFAULT_RESOURCE_WAIT,
 };
 use super::graph::StreamEnv;
@@ -724,12 +725,12 @@ impl ClusterJob {
             job: job.into(),
             params,
             storage,
-            checkpoint_interval: Duration::from_secs(1),
-            checkpoint_timeout: Duration::from_secs(600),
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            checkpoint_timeout: DEFAULT_CHECKPOINT_TIMEOUT,
             restart: RestartStrategy::default(),
             resource_wait: DEFAULT_RESOURCE_WAIT,
             pace: SourcePace::default(),
-            credits: 8,
+            credits: DEFAULT_CREDITS,
             on_running: None,
             spread: false,
             nodes_used: Arc::default(),

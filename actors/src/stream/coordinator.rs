@@ -77,12 +77,12 @@ impl JobConfig {
     pub fn new(storage: CheckpointStorage) -> Self {
         JobConfig {
             storage,
-            checkpoint_interval: Duration::from_secs(1),
-            checkpoint_timeout: Duration::from_secs(600),
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            checkpoint_timeout: DEFAULT_CHECKPOINT_TIMEOUT,
             restart: RestartStrategy::default(),
             resource_wait: DEFAULT_RESOURCE_WAIT,
             pace: SourcePace::default(),
-            credits: 8,
+            credits: DEFAULT_CREDITS,
             faults: None,
         }
     }
@@ -90,6 +90,12 @@ impl JobConfig {
 
 /// How long a job waits for resources by default.
 pub const DEFAULT_RESOURCE_WAIT: Duration = Duration::from_secs(8);
+/// Time between checkpoints by default.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a checkpoint may take by default (Flink's 10 minutes).
+pub const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Messages a channel buffers by default before its sender waits.
+pub const DEFAULT_CREDITS: usize = 8;
 
 /// How a finished job went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use braid_actors::stream::cluster::{ClusterJob, JobParams, StorageSpec};
+use braid_actors::stream::coordinator::{JobError, JobReport};
 use braid_actors::stream::graph::StreamEnv;
 use braid_actors::stream::runner::SourcePace;
 use braid_actors::stream::sink::{committed_lines, TransactionalFileSink};
@@ -93,6 +94,24 @@ pub fn numbers_job(dir: &Path, records: u64, rate: f64) -> ClusterJob {
             },
         )
     }
+}
+
+/// Runs `job` on `rt` in a thread: its outcome, and a channel that gets
+/// the worker pids of every attempt once it runs.
+pub fn run_in_background(
+    rt: &braid::Runtime,
+    mut job: ClusterJob,
+) -> (
+    std::thread::JoinHandle<Result<JobReport, JobError>>,
+    crossbeam_channel::Receiver<Vec<u32>>,
+) {
+    let (pids_tx, pids_rx) = crossbeam_channel::unbounded();
+    job.on_running = Some(std::sync::Arc::new(move |_, pids| {
+        let _ = pids_tx.send(pids);
+    }));
+    let rt = rt.clone();
+    let driver = std::thread::spawn(move || braid_actors::stream::cluster::run(&rt, job));
+    (driver, pids_rx)
 }
 
 /// Every record `0..records` committed under `dir/out` exactly once.

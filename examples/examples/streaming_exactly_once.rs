@@ -57,7 +57,7 @@ struct Args {
     /// --fault-ms), `sink-dir` (the sink's .pending directory replaced by a
     /// file for --fault-ms), `read-only` (the sink's directory remounted
     /// read-only for --fault-ms; needs root), `corrupt` (8 bytes of the
-    /// newest checkpoint flipped, then a worker SIGKILLed).
+    /// newest checkpoint flipped, then a worker SIGKILLed; once a run).
     #[arg(long, value_delimiter = ',', default_value = "kill")]
     faults: Vec<FaultKind>,
     /// How long a `stop`, `sink-dir` or `read-only` fault lasts.
@@ -405,6 +405,7 @@ fn run_once(rt: &braid::Runtime, args: &Args) -> anyhow::Result<serde_json::Valu
         let hold = Duration::from_millis(args.fault_ms);
         let (seed, faults, out) = (args.seed, args.faults.clone(), out.clone());
         let checkpoints = scratch.path().join("checkpoints").join("chaos");
+        let corrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         Some(Arc::new(move |generation: u64, pids: Vec<u32>| {
             current.store(generation, Ordering::SeqCst);
             if pids.is_empty() {
@@ -413,6 +414,11 @@ fn run_once(rt: &braid::Runtime, args: &Args) -> anyhow::Result<serde_json::Valu
             let roll = mix(seed ^ generation);
             let victim = pids[(roll % pids.len() as u64) as usize];
             let fault = faults[((roll >> 32) % faults.len() as u64) as usize];
+            // Corrupting the newest checkpoint on every attempt would undo
+            // each attempt's progress: it is dealt once a run.
+            if fault == FaultKind::Corrupt && corrupted.swap(true, Ordering::SeqCst) {
+                return;
+            }
             let (dealt, current, out, checkpoints) = (
                 dealt.clone(),
                 current.clone(),

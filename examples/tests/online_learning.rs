@@ -257,3 +257,73 @@ fn criteo_input_skips_and_reports_malformed_lines() {
         assert_eq!(j["skipped_lines"], 6, "{mode}: {j}");
     }
 }
+
+/// This process's child named `comm` whose parent is `parent`.
+fn child_named(parent: u32, comm: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let name = &stat[stat.find('(')? + 1..stat.rfind(')')?];
+        let ppid: u32 = stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        (name == comm && ppid == parent).then_some(pid)
+    })
+}
+
+#[test]
+fn the_node_dying_ends_the_run_with_an_error_not_a_hang() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Command::new(example())
+        .args(["--rows", "100000000", "--rate", "50000"])
+        .env("BRAID_TMPDIR", dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", example().display()));
+    let stderr = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    // The job runs once its progress line shows.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|e| panic!("no progress line: {e}"));
+        if line.starts_with("fused") {
+            break;
+        }
+    }
+    let node = child_named(child.id(), "braid-node").unwrap_or_else(|| panic!("no node"));
+    let _ = Command::new("kill")
+        .args(["-9", &node.to_string()])
+        .status();
+    let killed = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the example outlived its node by a minute");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = reader.join();
+    let said: Vec<String> = lines.try_iter().collect();
+    assert!(!status.success(), "a run whose node died cannot succeed");
+    assert!(
+        said.iter().any(|l| l.starts_with("Error")),
+        "it says why: {said:?}"
+    );
+}

@@ -12,15 +12,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use braid_actors::checkpoint::storage::CheckpointStorage;
-use braid_actors::stream::coordinator::{AttemptFailure, FaultPoint, JobConfig, JobError};
+use braid_actors::stream::coordinator::{FaultPoint, JobConfig, JobError};
+use braid_actors::stream::failure::{AttemptFailure, Phase, StageError, TaskError};
 use braid_actors::stream::graph::StreamEnv;
 use braid_actors::stream::operator::{Collector, EventTime, Operator, OperatorError, Snapshot};
 use braid_actors::stream::plan::Plan;
 use braid_actors::stream::restart::RestartStrategy;
-use braid_actors::stream::runner::TaskError;
 use braid_actors::stream::sink::{committed_lines, TransactionalFileSink};
 use braid_actors::stream::source::GeneratorSource;
-use braid_actors::stream::stage::{Phase, StageError};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,15 +4,15 @@
 //! batch and pushes its records into a chain. Barriers and watermarks
 //! travel in band, after the records sent before them.
 
+use super::failure::{ChannelError, StageError};
 use super::operator::EventTime;
-use super::stage::{ChainSnapshot, Stage, StageError};
+use super::stage::{ChainSnapshot, Stage};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::any::Any;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use thiserror::Error;
 
 /// Records per batch before a channel sends it.
 pub const BATCH_RECORDS: usize = 1024;
@@ -119,17 +119,6 @@ pub enum ChannelMsg {
     Barrier(u64),
     /// The channel's upstream finished.
     End,
-}
-
-/// Why a channel's bytes could not be used.
-#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
-pub enum ChannelError {
-    /// A batch did not decode as the records this input expects.
-    #[error("a batch does not decode: {0}")]
-    Decode(String),
-    /// The receiving end is gone.
-    #[error("channel {0} is closed")]
-    Closed(usize),
 }
 
 /// Where a subtask's output channels lead; `send` waits while the

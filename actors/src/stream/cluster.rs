@@ -20,17 +20,18 @@
 //!   old generation that is still running cannot publish anything: its
 //!   sink is fenced, and the coordinator ignores its acknowledgements.
 
-use super::channel::{ChannelError, ChannelMsg, Outbox};
+use super::channel::{ChannelMsg, Outbox};
 use super::context::TaskContext;
 use super::coordinator::{
-    AttemptFailure, Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport, Restored,
+    Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport, Restored,
     DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_CHECKPOINT_TIMEOUT, DEFAULT_CREDITS,
     DEFAULT_RESOURCE_WAIT,
 };
+use super::failure::{AttemptFailure, ChannelError, TaskError};
 use super::graph::StreamEnv;
 use super::plan::{Plan, SubtaskId};
 use super::restart::RestartStrategy;
-use super::runner::{self, Command, Inbox, Reporter, SourcePace, TaskError, TaskExit};
+use super::runner::{self, Command, Inbox, Reporter, SourcePace, TaskExit};
 use super::service::{CallError, Peers};
 use super::stage::ChainSnapshot;
 use crate::checkpoint::storage::{CheckpointStorage, Epoch, StateHandle};
@@ -370,9 +371,9 @@ impl SubtaskHost {
                                     "{}-{}",
                                     self.shared.spec.task, self.shared.spec.subtask
                                 ),
-                                error: TaskError::Channel(super::channel::ChannelError::Decode(
-                                    format!("a stored batch is lost: {e}"),
-                                )),
+                                error: TaskError::Channel(ChannelError::Decode(format!(
+                                    "a stored batch is lost: {e}"
+                                ))),
                             }));
                         return false;
                     }

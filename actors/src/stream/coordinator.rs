@@ -12,10 +12,11 @@
 //! taken, and only after it completes are the sources told to finish, so
 //! a bounded job's output is committed in full.
 
+use super::failure::{AttemptFailure, TaskError};
 use super::operator::{write_part, StateError};
 use super::plan::{Plan, SubtaskId};
 use super::restart::{RestartStrategy, Restarts};
-use super::runner::{Command, SourcePace, TaskError};
+use super::runner::{Command, SourcePace};
 use super::stage::ChainSnapshot;
 use crate::checkpoint::storage::{CheckpointStorage, Epoch, Manifest, StateHandle, StorageError};
 use crossbeam_channel::{Receiver, Sender};
@@ -118,54 +119,6 @@ pub struct JobReport {
     /// already published by transactional sinks and is published again by
     /// the replay: a file sink's duplicates are these epochs'.
     pub republished_epochs: Vec<u64>,
-}
-
-/// Why an attempt failed.
-#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
-pub enum AttemptFailure {
-    /// A subtask stopped with an error (an operator's, a channel's).
-    #[error("subtask {subtask}: {error}")]
-    Subtask {
-        /// Which.
-        subtask: String,
-        /// Why.
-        error: TaskError,
-    },
-    /// A subtask's thread or process died (a panic, a killed worker, a
-    /// dead node).
-    #[error("subtask {subtask} was lost: {cause}")]
-    Lost {
-        /// Which.
-        subtask: String,
-        /// What the runtime said.
-        cause: String,
-    },
-    /// Checkpoint storage failed: writing a state, committing, or reading
-    /// a checkpoint back.
-    #[error("checkpoint storage failed at epoch {epoch}: {cause}")]
-    Storage {
-        /// The checkpoint concerned (0: none).
-        epoch: u64,
-        /// The storage's error.
-        cause: String,
-    },
-    /// A checkpoint did not complete in time.
-    #[error("checkpoint {epoch} did not complete within {timeout_ms} ms")]
-    CheckpointTimeout {
-        /// Its epoch.
-        epoch: u64,
-        /// The timeout.
-        timeout_ms: u64,
-    },
-    /// The attempt's subtasks could not be placed or started.
-    #[error("cannot place the job's subtasks: {cause}")]
-    Placement {
-        /// What the cluster said.
-        cause: String,
-    },
-    /// A test hook crashed the attempt.
-    #[error("injected fault: {0}")]
-    Injected(String),
 }
 
 /// Why a job stopped without finishing.

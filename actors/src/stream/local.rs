@@ -6,11 +6,10 @@
 //! and the job restarts from the last completed checkpoint with a higher
 //! generation, up to a maximum number of failures.
 
-use super::channel::{ChannelError, ChannelMsg, Outbox};
+use super::channel::{ChannelMsg, Outbox};
 use super::context::TaskContext;
-use super::coordinator::{
-    AttemptFailure, Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport,
-};
+use super::coordinator::{Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport};
+use super::failure::{AttemptFailure, ChannelError};
 use super::plan::{Plan, SubtaskId};
 use super::runner::{self, Command, Inbox, Reporter, TaskExit};
 use super::stage::ChainSnapshot;

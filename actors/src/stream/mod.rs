@@ -11,6 +11,8 @@
 //! * [`plan`]: chaining and channel numbering.
 //! * [`stage`], [`channel`], [`runner`]: a subtask's chain, its channel
 //!   ends, and its loop (barrier alignment, watermarks).
+//! * [`failure`]: why a channel, an operator, a subtask or an attempt
+//!   stopped, as plain data that crosses processes.
 //! * [`coordinator`]: checkpoints and recovery; [`restart`]: when a failed
 //!   job restarts, and when it gives up.
 //! * [`local`]: runs a plan with one thread per subtask in this process.
@@ -21,6 +23,7 @@ pub mod channel;
 pub mod cluster;
 pub mod context;
 pub mod coordinator;
+pub mod failure;
 pub mod functions;
 pub mod graph;
 pub mod local;

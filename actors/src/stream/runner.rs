@@ -5,15 +5,13 @@
 //! every input delivered it), snapshots its chain, passes the barrier on,
 //! and tracks the minimum watermark over its inputs.
 
-use super::channel::{BatchSink, ChannelError, ChannelMsg};
-use super::operator::{EventTime, StateError};
+use super::channel::{BatchSink, ChannelMsg};
+use super::failure::{ChannelError, StageError, TaskError};
+use super::operator::EventTime;
 use super::source::{SourceDriver, SourcePoll};
 use super::stage::ChainSnapshot;
-use super::stage::StageError;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use thiserror::Error;
 
 /// What drives a subtask.
 pub enum TaskHead {
@@ -63,30 +61,6 @@ pub trait Reporter: Send {
     fn finished(&mut self);
     /// A command, if one is waiting; waits up to `timeout` for one.
     fn command(&mut self, timeout: Duration) -> Option<Command>;
-}
-
-/// Why a subtask stopped with an error. Plain data: a subtask in another
-/// process reports it to the coordinator as the same value.
-#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
-pub enum TaskError {
-    /// Its channels failed.
-    #[error(transparent)]
-    Channel(#[from] ChannelError),
-    /// Its source's offset could not be restored.
-    #[error(transparent)]
-    State(#[from] StateError),
-    /// One of its operators failed, or an output channel.
-    #[error(transparent)]
-    Stage(StageError),
-}
-
-impl From<StageError> for TaskError {
-    fn from(e: StageError) -> Self {
-        match e {
-            StageError::Channel(c) => TaskError::Channel(c),
-            e => TaskError::Stage(e),
-        }
-    }
 }
 
 /// How a subtask's loop ended.

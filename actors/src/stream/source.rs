@@ -4,8 +4,9 @@
 //! after a restored checkpoint are read again exactly once.
 
 use super::channel::ChainControl;
+use super::failure::StageError;
 use super::operator::{Collector, EventTime, StateError};
-use super::stage::{Stage, StageError};
+use super::stage::Stage;
 use std::io::{BufRead, Seek, SeekFrom};
 use std::path::PathBuf;
 

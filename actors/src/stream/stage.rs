@@ -10,68 +10,13 @@
 //! between them and returned when the upstream's call returns; nothing
 //! further is pushed into the failed stage.
 
-use super::channel::ChannelError;
 use super::context::TaskContext;
+use super::failure::{Phase, StageError};
 use super::operator::{Collector, EventTime, Operator, OperatorError, Snapshot};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::fmt;
-use thiserror::Error;
 
 /// The states of a chain's operators at a barrier, named by operator.
 pub type ChainSnapshot = Vec<(String, Snapshot)>;
-
-/// What an operator was doing when it failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Phase {
-    /// Handling records.
-    Process,
-    /// Handling a watermark.
-    Watermark,
-    /// Handling the end of its input.
-    End,
-    /// Freezing its state at a barrier (a sink's pre-commit).
-    Snapshot,
-    /// Making a completed checkpoint's output visible (a sink's commit).
-    Commit,
-    /// Restoring its state from a checkpoint.
-    Restore,
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Phase::Process => "processing records",
-            Phase::Watermark => "handling a watermark",
-            Phase::End => "ending its input",
-            Phase::Snapshot => "taking its snapshot (pre-commit)",
-            Phase::Commit => "committing",
-            Phase::Restore => "restoring",
-        })
-    }
-}
-
-/// Why a chain stopped: the first failure of one of its operators or
-/// channels. Plain data, so it crosses processes as the same value.
-#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
-pub enum StageError {
-    /// An operator returned an error.
-    #[error("operator {operator:?} failed {phase} of epoch {epoch}: {cause}")]
-    Operator {
-        /// The operator's name in the graph (a sink's name, say).
-        operator: String,
-        /// What it was doing.
-        phase: Phase,
-        /// The checkpoint epoch concerned: the one whose records it was
-        /// handling, snapshotting or committing, or the one restored.
-        epoch: u64,
-        /// The operator's error, in words.
-        cause: String,
-    },
-    /// An output channel failed.
-    #[error(transparent)]
-    Channel(#[from] ChannelError),
-}
 
 /// One link of a chain, consuming `T`.
 pub trait Stage<T>: Send {

@@ -242,3 +242,34 @@ fn a_huge_declared_length_in_keyed_state_is_an_error() {
         let _ = window.restore(&state[cut..]);
     }
 }
+
+/// Found by the campaign: an uppercase hex digit in the header's CRC
+/// (a flipped case bit) decoded as the same header.
+#[test]
+fn a_manifest_header_is_accepted_only_as_the_encoder_spells_it() {
+    // A manifest whose CRC has a letter in it.
+    let (text, crc) = (0u64..)
+        .find_map(|epoch| {
+            let mut fields = ManifestFields::default();
+            fields.1 = epoch;
+            let bytes = encode_manifest_object(&manifest(&fields)).expect("a manifest encodes");
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let crc = text
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("crc32="))?
+                .to_owned();
+            crc.bytes()
+                .any(|b| b.is_ascii_alphabetic())
+                .then_some((text, crc))
+        })
+        .expect("some crc has a letter");
+    for spelled in [crc.to_uppercase(), format!("+{}", &crc[1..])] {
+        let respelled = text.replacen(&format!("crc32={crc}"), &format!("crc32={spelled}"), 1);
+        assert!(
+            decode_manifest_object(respelled.as_bytes()).is_err(),
+            "crc32={spelled} accepted"
+        );
+    }
+    let longer = text.replacen(" len=", " len=+", 1);
+    assert!(decode_manifest_object(longer.as_bytes()).is_err());
+}

@@ -918,10 +918,22 @@ fn decode_manifest(path: &Path, bytes: &[u8]) -> Result<(Manifest, u32), Storage
     let mut len = None;
     for field in fields.split(' ') {
         match field.split_once('=') {
-            Some(("crc32", value)) if value.len() == 8 => {
+            // Only the canonical spelling the encoder writes (lowercase
+            // hex, plain digits) is accepted, so no flipped byte decodes
+            // as the same header.
+            Some(("crc32", value))
+                if value.len() == 8
+                    && value
+                        .bytes()
+                        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+            {
                 crc32 = u32::from_str_radix(value, 16).ok();
             }
-            Some(("len", value)) => len = value.parse::<usize>().ok(),
+            Some(("len", value))
+                if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                len = value.parse::<usize>().ok();
+            }
             _ => {
                 return Err(corrupt(
                     path,

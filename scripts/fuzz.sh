@@ -11,7 +11,8 @@
 # binaries) then fail to link libFuzzer's hooks. Here they are never built
 # (`--test`), and the binaries the test depends on link with the hooks left
 # unresolved (they are never run). The corpus and crashes go to
-# target/fuzz/<target>/. Extra arguments go to libFuzzer.
+# $CARGO_TARGET_DIR (default target)/fuzz/<target>/. Extra arguments go to
+# libFuzzer.
 set -euo pipefail
 
 if [ $# -lt 3 ]; then
@@ -23,7 +24,8 @@ shift $(($# < 4 ? $# : 4))
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 triple=$(rustc -vV | sed -n 's/^host: //p')
-work=$root/target/fuzz/$target
+tdir=${CARGO_TARGET_DIR:-$root/target}
+work=$tdir/fuzz/$target
 mkdir -p "$work/corpus" "$work/crashes"
 
 flags="--cfg fuzzing --cfg fuzzing_libfuzzer -Cpasses=sancov-module \
@@ -35,7 +37,7 @@ flags="--cfg fuzzing --cfg fuzzing_libfuzzer -Cpasses=sancov-module \
  -Clink-arg=-Wl,--unresolved-symbols=ignore-all"
 
 exe=$(cd "$root" && RUSTFLAGS="$flags" cargo test --profile fuzz --target "$triple" \
-    --target-dir "$root/target/fuzz/build" -p "$package" --test "$test" --no-run \
+    --target-dir "$tdir/fuzz/build" -p "$package" --test "$test" --no-run \
     --message-format json 2>/dev/null |
     grep '"kind":\["test"\]' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
 if [ -z "$exe" ]; then
@@ -44,6 +46,8 @@ if [ -z "$exe" ]; then
 fi
 
 export BOLERO_TEST_NAME=$target BOLERO_LIBTEST_HARNESS=1
-export BOLERO_LIBFUZZER_ARGS="$work/corpus $work/crashes -artifact_prefix=$work/crashes/ \
- -runs=$runs -max_len=4096 -print_final_stats=1 $*"
+# bolero splits these on single spaces: no doubled or trailing ones.
+args=("$work/corpus" "$work/crashes" "-artifact_prefix=$work/crashes/" "-runs=$runs"
+    -max_len=4096 -print_final_stats=1 "$@")
+export BOLERO_LIBFUZZER_ARGS="${args[*]}"
 exec "$exe" "$target" --exact --nocapture --quiet --test-threads 1

@@ -73,7 +73,7 @@ pub fn run(_args: StopArgs) -> anyhow::Result<()> {
     }
     let user_dir = match session::existing_user_dir() {
         Ok(Some(dir)) => dir,
-        Ok(None) => {
+        other => {
             report(
                 heads,
                 nodes,
@@ -83,19 +83,7 @@ pub fn run(_args: StopArgs) -> anyhow::Result<()> {
                 logs_removed,
                 &session::user_dir(),
             );
-            return Ok(());
-        }
-        Err(e) => {
-            report(
-                heads,
-                nodes,
-                workers,
-                0,
-                ended,
-                logs_removed,
-                &session::user_dir(),
-            );
-            return Err(e.into());
+            return other.map(|_| ()).map_err(Into::into);
         }
     };
     let cleanup = session::clean_up(&user_dir);

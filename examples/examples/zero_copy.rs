@@ -4,16 +4,20 @@
 //! cargo run --release --example zero_copy
 //! ```
 //!
-//! This process starts a braid object store, builds a columnar feature batch
-//! (`label: f32`, `offsets: u32`, `feature: u64`) directly in shared memory,
-//! seals it, and starts a second process: a copy of this program in the
-//! reader role. The reader gets the batch by id, checks that every column it
-//! reads lies inside its own mapping of the store's arena (so nothing was
-//! copied), sums the columns in place and reports back. The writer checks the
-//! sums against its own.
+//! This process starts a braid object store, builds an Arrow record batch of
+//! features (`label: Float32`, `features: List<UInt64>`) directly in shared
+//! memory, in Arrow IPC layout, seals it, and starts a second process: a copy
+//! of this program in the reader role. The reader gets the batch by id as an
+//! Arrow `RecordBatch`, checks that every buffer of every column lies inside
+//! its own mapping of the store's arena (so nothing was copied or decoded),
+//! sums the columns in place and reports back. The writer checks the sums
+//! against its own.
 
 use anyhow::{bail, ensure, Context, Result};
-use braid_store::batch::{BatchLayout, ColumnSpec};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, UInt64Type};
+use arrow_array::{Array, RecordBatch};
+use braid_store::batch::{BatchLayout, ColumnSpec, Primitive, ValuesMut};
 use braid_store::{ObjectId, StoreClient, StoreConfig, StoreServer};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -65,32 +69,39 @@ fn writer() -> Result<()> {
     println!("store listening on {}", socket.display());
 
     let client = StoreClient::connect(&socket)?;
-    let layout = BatchLayout::new(&[
-        ColumnSpec::new::<f32>("label", ROWS as u64),
-        ColumnSpec::new::<u32>("offsets", ROWS as u64 + 1),
-        ColumnSpec::new::<u64>("feature", (ROWS * FEATURES_PER_ROW) as u64),
-    ])?;
+    let layout = BatchLayout::new(
+        ROWS,
+        &[
+            ColumnSpec::primitive("label", Primitive::Float32),
+            ColumnSpec::list("features", Primitive::UInt64, ROWS * FEATURES_PER_ROW),
+        ],
+    )?;
     let id = ObjectId::random();
     let started = Instant::now();
-    let mut buf = client.create(id, layout.total_len())?;
+    let mut buf = client.create(id, layout.total_len() as u64)?;
     {
         let mut batch = buf.batch_writer(&layout)?;
-        let mut cols = batch.split_columns_mut()?;
-        let labels = cols.take::<f32>("label")?;
-        let offsets = cols.take::<u32>("offsets")?;
-        let features = cols.take::<u64>("feature")?;
+        let mut cols = batch.columns().into_iter();
+        let (Some(label_col), Some(feature_col)) = (cols.next(), cols.next()) else {
+            bail!("the layout has two columns");
+        };
+        let (ValuesMut::Float32(labels), ValuesMut::UInt64(features)) =
+            (label_col.values, feature_col.values)
+        else {
+            bail!("label is f32 and features u64");
+        };
         for (row, label) in labels.iter_mut().enumerate() {
             *label = (row % 7 == 0) as u32 as f32;
         }
-        for (row, offset) in offsets.iter_mut().enumerate() {
-            *offset = (row * FEATURES_PER_ROW) as u32;
+        for (row, offset) in feature_col.offsets.iter_mut().enumerate() {
+            *offset = i32::try_from(row * FEATURES_PER_ROW)?;
         }
         for (i, feature) in features.iter_mut().enumerate() {
             *feature = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
         }
     }
     let batch = buf.seal()?;
-    let (label_sum, feature_sum) = sums(&batch)?;
+    let (label_sum, feature_sum) = sums(&batch.record_batch()?)?;
     println!(
         "writer: built a {:.1} MiB batch of {ROWS} rows in place in {:.1} ms (object {id})",
         layout.total_len() as f64 / (1 << 20) as f64,
@@ -132,12 +143,23 @@ fn writer() -> Result<()> {
     Ok(())
 }
 
-fn sums(view: &braid_store::ObjectView) -> Result<(f64, u64)> {
-    let batch = view.batch()?;
-    let labels = batch.column::<f32>("label")?;
-    let features = batch.column::<u64>("feature")?;
-    let label_sum: f64 = labels.iter().map(|&x| f64::from(x)).sum();
-    let feature_sum = features.iter().fold(0u64, |a, &x| a.wrapping_add(x));
+fn sums(batch: &RecordBatch) -> Result<(f64, u64)> {
+    let labels = batch
+        .column(0)
+        .as_primitive_opt::<Float32Type>()
+        .context("label is Float32")?;
+    let features = batch
+        .column(1)
+        .as_list_opt::<i32>()
+        .context("features is a list")?
+        .values()
+        .as_primitive_opt::<UInt64Type>()
+        .context("of UInt64")?;
+    let label_sum: f64 = labels.values().iter().map(|&x| f64::from(x)).sum();
+    let feature_sum = features
+        .values()
+        .iter()
+        .fold(0u64, |a, &x| a.wrapping_add(x));
     Ok((label_sum, feature_sum))
 }
 
@@ -145,38 +167,36 @@ fn reader(socket: &str, id: ObjectId) -> Result<()> {
     let connected = Instant::now();
     let client = StoreClient::connect(socket)?;
     let view = client.get(id, Duration::from_secs(5))?;
+    let batch = view.record_batch()?;
     let latency = connected.elapsed();
+    drop(view);
     let arena = client.arena_range();
-    let batch = view.batch()?;
-    for name in batch.column_names() {
-        let bytes: &[u8] = match batch.dtype(name) {
-            Some(braid_store::batch::DType::F32) => {
-                bytemuck::cast_slice(batch.column::<f32>(name)?)
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        let mut data = vec![column.to_data()];
+        while let Some(d) = data.pop() {
+            for buffer in d.buffers() {
+                let start = buffer.as_ptr() as usize;
+                ensure!(
+                    arena.contains(&start) && start + buffer.len() <= arena.end,
+                    "a buffer of column {} is not in the shared arena",
+                    field.name()
+                );
+                println!(
+                    "reader (pid {}): column {:8} buffer of {:>9} bytes at {start:#x}, inside this process's arena mapping {:#x}..{:#x}",
+                    std::process::id(),
+                    field.name(),
+                    buffer.len(),
+                    arena.start,
+                    arena.end
+                );
             }
-            Some(braid_store::batch::DType::U32) => {
-                bytemuck::cast_slice(batch.column::<u32>(name)?)
-            }
-            Some(braid_store::batch::DType::U64) => {
-                bytemuck::cast_slice(batch.column::<u64>(name)?)
-            }
-            other => bail!("unexpected column type {other:?}"),
-        };
-        let start = bytes.as_ptr() as usize;
-        ensure!(
-            arena.contains(&start) && start + bytes.len() <= arena.end,
-            "column {name} is not in the shared arena"
-        );
-        println!(
-            "reader (pid {}): column {name:8} {:>9} bytes at {start:#x}, inside this process's arena mapping {:#x}..{:#x}",
-            std::process::id(),
-            bytes.len(),
-            arena.start,
-            arena.end
-        );
+            data.extend(d.child_data().iter().cloned());
+        }
     }
-    let (label_sum, feature_sum) = sums(&view)?;
+    let (label_sum, feature_sum) = sums(&batch)?;
     println!(
-        "reader: connected and got the batch in {:.2} ms",
+        "reader: connected and read the {}-row RecordBatch in place in {:.2} ms",
+        batch.num_rows(),
         latency.as_secs_f64() * 1e3
     );
     println!("reader: sums {label_sum} {feature_sum}");

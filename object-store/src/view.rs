@@ -7,7 +7,7 @@
 //! Views are cheap to clone (they share one pin); the store's pin is
 //! released when the last view of an object in this process is dropped.
 
-use crate::batch::{BatchError, BatchLayout, BatchReader, BatchWriter, LayoutError};
+use crate::batch::{BatchError, BatchLayout, BatchWriter, LayoutError};
 use crate::client::ClientInner;
 use crate::error::{SealError, ViewError};
 use crate::protocol::Request;
@@ -197,11 +197,39 @@ impl ObjectView {
         cast(self.as_bytes())
     }
 
-    /// Reads the object as a columnar batch, in place.
-    pub fn batch(&self) -> Result<BatchReader<'_>, BatchError> {
-        BatchReader::new(self.as_bytes())
+    /// An Arrow buffer over the object's bytes that holds this view (and
+    /// so the object's pin) until the last slice of it is dropped.
+    pub fn into_arrow_buffer(self) -> arrow_buffer::Buffer {
+        let bytes = self.as_bytes();
+        let len = bytes.len();
+        let ptr = std::ptr::NonNull::new(bytes.as_ptr().cast_mut())
+            .unwrap_or(std::ptr::NonNull::dangling());
+        let owner: Arc<dyn arrow_buffer::alloc::Allocation> = Arc::new(PinnedBytes { _pin: self });
+        // SAFETY: `ptr` is valid for reads of `len` bytes for as long as the
+        // view lives (see `as_bytes`): the object is sealed, so nobody
+        // writes it, and the view's pin keeps the store from freeing,
+        // evicting or spilling it. The buffer keeps `owner`, hence the view,
+        // alive until its last clone or slice is dropped, and only reads
+        // through the pointer. An empty object's pointer is never read.
+        unsafe { arrow_buffer::Buffer::from_custom_allocation(ptr, len, owner) }
+    }
+
+    /// Reads the object as an Arrow record batch, in place: the batch's
+    /// arrays point into this process's mapping of the arena and keep the
+    /// object pinned until the last of them is dropped.
+    pub fn record_batch(&self) -> Result<arrow_array::RecordBatch, BatchError> {
+        crate::batch::read_record_batch(self.clone().into_arrow_buffer())
     }
 }
+
+/// A view as the owner of an Arrow buffer. The view's client holds locks,
+/// which are not `RefUnwindSafe`; a panic while reading the buffer cannot
+/// leave the sealed bytes half-changed, since nothing writes them.
+struct PinnedBytes {
+    _pin: ObjectView,
+}
+
+impl std::panic::RefUnwindSafe for PinnedBytes {}
 
 impl Clone for ObjectView {
     fn clone(&self) -> Self {

@@ -1,5 +1,5 @@
 //! Fuzz targets for every decoder the store runs on bytes another process
-//! wrote: protocol frames (both directions) and columnar batch headers.
+//! wrote: protocol frames (both directions) and Arrow record batches.
 //!
 //! Under `cargo test` each target runs for about a second on random input
 //! (bolero's default). A coverage-guided campaign of one target is one
@@ -16,10 +16,12 @@
 #[path = "support/alloc_meter.rs"]
 mod alloc_meter;
 
+use arrow_array::RecordBatch;
+use arrow_buffer::Buffer;
 use bolero::check;
 use braid_store::allocator::AllocStats;
 use braid_store::batch::{
-    BatchLayout, BatchReader, BatchWriter, ColumnSpec, DType, COLUMN_ALIGN, FORMAT_VERSION, MAGIC,
+    read_record_batch, BatchLayout, BatchWriter, ColumnSpec, Primitive, ValuesMut,
 };
 use braid_store::protocol::{
     self, FrameError, Reply, ReplyFrame, Request, RequestFrame, WireError, MAX_FRAME,
@@ -198,83 +200,88 @@ fn protocol_messages_round_trip() {
 }
 
 /// `bytes` copied into a buffer aligned as a store object is.
-fn aligned(bytes: &[u8]) -> (Vec<u8>, std::ops::Range<usize>) {
-    let align = COLUMN_ALIGN as usize;
-    let mut buf = vec![0u8; bytes.len() + align];
-    let start = buf.as_ptr().align_offset(align);
-    buf[start..start + bytes.len()].copy_from_slice(bytes);
-    (buf, start..start + bytes.len())
+fn aligned(bytes: &[u8]) -> Buffer {
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+    Buffer::from_vec(words).slice_with_length(0, bytes.len())
 }
 
-/// Reads every column a reader accepted, as a consumer would.
-fn read_columns(reader: &BatchReader<'_>) {
-    let names: Vec<&str> = reader.column_names().collect();
-    assert_eq!(names.len(), reader.num_columns());
-    for name in names {
-        let dtype = reader.dtype(name).expect("a listed column has a dtype");
-        let len = match dtype {
-            DType::U8 => reader.column::<u8>(name).map(<[u8]>::len),
-            DType::U16 => reader.column::<u16>(name).map(<[u16]>::len),
-            DType::U32 => reader.column::<u32>(name).map(<[u32]>::len),
-            DType::U64 => reader.column::<u64>(name).map(<[u64]>::len),
-            DType::I8 => reader.column::<i8>(name).map(<[i8]>::len),
-            DType::I16 => reader.column::<i16>(name).map(<[i16]>::len),
-            DType::I32 => reader.column::<i32>(name).map(<[i32]>::len),
-            DType::I64 => reader.column::<i64>(name).map(<[i64]>::len),
-            DType::F32 => reader.column::<f32>(name).map(<[f32]>::len),
-            DType::F64 => reader.column::<f64>(name).map(<[f64]>::len),
-        };
-        let len = len.expect("a validated column views as its dtype");
-        assert!((len * dtype.size()) as u64 <= reader.total_len());
+/// Reads every value of a batch the reader accepted, as a consumer would.
+fn read_columns(batch: &RecordBatch) {
+    for column in batch.columns() {
+        assert_eq!(column.len(), batch.num_rows());
+        column
+            .to_data()
+            .validate_full()
+            .expect("an accepted batch is valid");
     }
-}
-
-/// The CRC-32 the batch header carries: of the header without its CRC
-/// field, and the directory (see `braid_store::batch`'s layout docs).
-fn fix_crc(batch: &mut [u8]) {
-    let Some(count) = batch.get(12..16) else {
-        return;
-    };
-    let count = u32::from_le_bytes(count.try_into().expect("4 bytes")) as usize;
-    let dir_end = (32 + 96 * count.min(256)).min(batch.len());
-    if dir_end < 32 {
-        return;
-    }
-    let mut h = crc32fast::Hasher::new();
-    h.update(&batch[..24]);
-    h.update(&batch[28..dir_end]);
-    let crc = h.finalize();
-    batch[24..28].copy_from_slice(&crc.to_le_bytes());
 }
 
 #[test]
 fn batch_reader_from_bytes() {
     check!().for_each(|bytes: &[u8]| {
-        let (buf, range) = aligned(bytes);
+        let buffer = aligned(bytes);
         alloc_meter::assert_bounded(bytes.len(), SLACK, || {
-            if let Ok(reader) = BatchReader::new(&buf[range.clone()]) {
-                read_columns(&reader);
+            if let Ok(batch) = read_record_batch(buffer.clone()) {
+                read_columns(&batch);
             }
         });
     });
 }
 
-/// Garbage behind a valid magic, version and CRC, so the fuzzer reaches
-/// the directory checks (random bytes almost never pass the CRC).
-#[test]
-fn batch_reader_with_valid_header_crc() {
-    check!().for_each(|bytes: &[u8]| {
-        let mut batch = bytes.to_vec();
-        if batch.len() < 32 {
-            batch.resize(32, 0);
+/// A valid batch of every column type, `rows` rows.
+fn valid_batch(rows: usize) -> Vec<u8> {
+    let specs = [
+        ColumnSpec::primitive("a", Primitive::Int64).with_nulls(rows / 3),
+        ColumnSpec::utf8("s", rows * 2),
+        ColumnSpec::list("l", Primitive::UInt32, rows),
+        ColumnSpec::primitive("f", Primitive::Float64),
+    ];
+    let layout = BatchLayout::new(rows, &specs).expect("laid out");
+    let mut words = vec![0u64; layout.total_len().div_ceil(8)];
+    {
+        let buf: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+        let mut writer = BatchWriter::new(&layout, buf).expect("fits");
+        for (c, column) in writer.columns().into_iter().enumerate() {
+            for i in 0..rows {
+                if i >= rows / 3 && !column.validity.is_empty() {
+                    column.validity[i / 8] |= 1 << (i % 8);
+                }
+            }
+            for (i, o) in column.offsets.iter_mut().enumerate() {
+                *o = i32::try_from(i * if c == 1 { 2 } else { 1 }).expect("small");
+            }
+            match column.values {
+                ValuesMut::Bytes(b) => b.fill(b'x'),
+                ValuesMut::Int64(v) => v.iter_mut().enumerate().for_each(|(i, x)| *x = i as i64),
+                ValuesMut::UInt32(v) => v.iter_mut().enumerate().for_each(|(i, x)| *x = i as u32),
+                ValuesMut::Float64(v) => v.fill(0.5),
+                _ => {}
+            }
         }
-        batch[..8].copy_from_slice(&MAGIC);
-        batch[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        fix_crc(&mut batch);
-        let (buf, range) = aligned(&batch);
-        alloc_meter::assert_bounded(batch.len(), SLACK, || {
-            if let Ok(reader) = BatchReader::new(&buf[range.clone()]) {
-                read_columns(&reader);
+    }
+    bytemuck::cast_slice::<u64, u8>(&words)[..layout.total_len()].to_vec()
+}
+
+/// Garbage written over a valid batch, so the fuzzer reaches the checks
+/// behind the headers (random bytes rarely pass the flatbuffer verifier).
+#[test]
+fn batch_reader_with_valid_headers() {
+    let valid = valid_batch(100);
+    assert_eq!(
+        read_record_batch(aligned(&valid)).map(|b| b.num_rows()),
+        Ok(100)
+    );
+    check!().with_type::<Vec<(u16, u8)>>().for_each(|edits| {
+        let mut bytes = valid.clone();
+        for &(at, value) in edits {
+            let at = usize::from(at) % bytes.len();
+            bytes[at] = value;
+        }
+        let buffer = aligned(&bytes);
+        alloc_meter::assert_bounded(bytes.len(), SLACK, || {
+            if let Ok(batch) = read_record_batch(buffer.clone()) {
+                read_columns(&batch);
             }
         });
     });
@@ -283,34 +290,48 @@ fn batch_reader_with_valid_header_crc() {
 #[test]
 fn batch_layout_round_trips() {
     check!()
-        .with_type::<Vec<(u8, u8, u16)>>()
-        .for_each(|columns| {
+        .with_type::<(u8, Vec<(u8, bool, u16)>)>()
+        .for_each(|(rows, columns)| {
+            let rows = usize::from(*rows);
             let specs: Vec<ColumnSpec> = columns
                 .iter()
                 .take(16)
                 .enumerate()
-                .map(|(i, &(name, dtype, len))| ColumnSpec {
-                    name: format!("c{i}-{}", "x".repeat(usize::from(name % 60))),
-                    dtype: DType::ALL[usize::from(dtype) % DType::ALL.len()],
-                    len: u64::from(len % 512),
+                .map(|(i, &(ty, nullable, values))| {
+                    let p = Primitive::ALL[usize::from(ty) % Primitive::ALL.len()];
+                    let name = format!("c{i}");
+                    let spec = match ty / 64 {
+                        0 => ColumnSpec::utf8(name, usize::from(values % 512)),
+                        1 => ColumnSpec::list(name, p, usize::from(values % 512)),
+                        _ => ColumnSpec::primitive(name, p),
+                    };
+                    if nullable {
+                        spec.with_nulls(0)
+                    } else {
+                        spec
+                    }
                 })
                 .collect();
-            let Ok(layout) = BatchLayout::new(&specs) else {
+            let Ok(layout) = BatchLayout::new(rows, &specs) else {
                 assert!(specs.is_empty());
                 return;
             };
-            let total = layout.total_len() as usize;
-            let (mut buf, range) = aligned(&vec![0xa5; total]);
-            BatchWriter::new(&layout, &mut buf[range.clone()]).expect("the buffer fits");
-            let reader = BatchReader::new(&buf[range.clone()]).expect("a written batch reads");
-            assert_eq!(reader.total_len(), layout.total_len());
-            for spec in &specs {
-                assert_eq!(reader.dtype(&spec.name), Some(spec.dtype));
+            let mut words = vec![0xa5a5_a5a5_a5a5_a5a5u64; layout.total_len().div_ceil(8)];
+            let buf: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+            let mut writer = BatchWriter::new(&layout, buf).expect("the buffer fits");
+            for (column, spec) in writer.columns().into_iter().zip(&specs) {
+                // Every value in the last row, so offsets are monotonic.
+                if let Some((last, rest)) = column.offsets.split_last_mut() {
+                    rest.fill(0);
+                    *last = i32::try_from(spec.values).expect("small");
+                }
+                if let ValuesMut::Bytes(b) = column.values {
+                    b.fill(b'z');
+                }
             }
-            read_columns(&reader);
-            // A flipped directory byte is caught by the CRC or the checks.
-            let at = (usize::from(columns[0].2) % (32 + 96 * specs.len())).max(1);
-            buf[range.start + at] ^= 0x40;
-            assert!(BatchReader::new(&buf[range]).is_err());
+            let batch = read_record_batch(Buffer::from_vec(words)).expect("a written batch reads");
+            assert_eq!(batch.num_rows(), rows);
+            assert_eq!(batch.schema().as_ref(), layout.schema().as_ref());
+            read_columns(&batch);
         });
 }

@@ -4,7 +4,10 @@
 
 mod support;
 
-use braid_store::batch::{BatchLayout, ColumnSpec, DType};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, UInt64Type};
+use arrow_array::Array;
+use braid_store::batch::{BatchLayout, ColumnSpec, Primitive, ValuesMut};
 use braid_store::{GetValueError, ObjectId, StoreClient, ViewError};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -66,11 +69,13 @@ fn nnz() -> usize {
 }
 
 fn batch_layout() -> BatchLayout {
-    BatchLayout::new(&[
-        ColumnSpec::new::<f32>("label", ROWS as u64),
-        ColumnSpec::new::<u32>("offsets", ROWS as u64 + 1),
-        ColumnSpec::new::<u64>("feature", nnz() as u64),
-    ])
+    BatchLayout::new(
+        ROWS,
+        &[
+            ColumnSpec::primitive("label", Primitive::Float32),
+            ColumnSpec::list("features", Primitive::UInt64, nnz()),
+        ],
+    )
     .unwrap()
 }
 
@@ -95,26 +100,33 @@ fn child_entry() {
         "batch" => {
             let layout = batch_layout();
             let id = ObjectId::random();
-            let mut buf = client.create(id, layout.total_len()).unwrap();
+            let mut buf = client.create(id, layout.total_len() as u64).unwrap();
             {
                 let mut writer = buf.batch_writer(&layout).unwrap();
-                let mut columns = writer.split_columns_mut().unwrap();
-                let labels = columns.take::<f32>("label").unwrap();
-                let offsets = columns.take::<u32>("offsets").unwrap();
-                let features = columns.take::<u64>("feature").unwrap();
+                let mut columns = writer.columns().into_iter();
+                let (Some(label_col), Some(feature_col)) = (columns.next(), columns.next()) else {
+                    panic!("two columns");
+                };
+                let ValuesMut::Float32(labels) = label_col.values else {
+                    panic!("f32 labels");
+                };
+                let offsets = feature_col.offsets;
+                let ValuesMut::UInt64(features) = feature_col.values else {
+                    panic!("u64 features");
+                };
                 let range = client.arena_range();
                 assert_in_range(labels.as_ptr().cast(), labels.len() * 4, &range);
                 assert_in_range(features.as_ptr().cast(), features.len() * 8, &range);
                 let mut at = 0;
                 for i in 0..ROWS {
                     labels[i] = label(i);
-                    offsets[i] = at as u32;
+                    offsets[i] = at as i32;
                     for f in row_features(i) {
                         features[at] = f;
                         at += 1;
                     }
                 }
-                offsets[ROWS] = at as u32;
+                offsets[ROWS] = at as i32;
             }
             drop(buf.seal().unwrap());
             println!("id={id}");
@@ -219,24 +231,19 @@ fn columnar_batch_built_in_place_is_read_in_place() {
 
     let client = StoreClient::connect(&store.socket).unwrap();
     let view = client.get(id, WAIT).unwrap();
-    let batch = view.batch().unwrap();
-    assert_eq!(batch.num_columns(), 3);
-    assert_eq!(
-        batch.column_names().collect::<Vec<_>>(),
-        ["label", "offsets", "feature"]
-    );
-    assert_eq!(batch.dtype("label"), Some(DType::F32));
-    assert_eq!(batch.dtype("offsets"), Some(DType::U32));
-    assert_eq!(batch.dtype("feature"), Some(DType::U64));
-    assert_eq!(batch.total_len(), batch_layout().total_len());
+    let batch = view.record_batch().unwrap();
+    assert_eq!(batch.num_columns(), 2);
+    assert_eq!(batch.schema().as_ref(), batch_layout().schema().as_ref());
+    assert_eq!(batch.num_rows(), ROWS);
 
-    let labels = batch.column::<f32>("label").unwrap();
-    let offsets = batch.column::<u32>("offsets").unwrap();
-    let features = batch.column::<u64>("feature").unwrap();
+    let labels = batch.column(0).as_primitive::<Float32Type>().values();
+    let lists = batch.column(1).as_list::<i32>();
+    let offsets = lists.value_offsets();
+    let features = lists.values().as_primitive::<UInt64Type>().values();
     let range = client.arena_range();
     assert_in_range(
         labels.as_ptr().cast(),
-        std::mem::size_of_val(labels),
+        std::mem::size_of_val(&labels[..]),
         &range,
     );
     assert_in_range(
@@ -246,7 +253,7 @@ fn columnar_batch_built_in_place_is_read_in_place() {
     );
     assert_in_range(
         features.as_ptr().cast(),
-        std::mem::size_of_val(features),
+        std::mem::size_of_val(&features[..]),
         &range,
     );
     let bytes = view.as_bytes().as_ptr_range();
@@ -263,12 +270,30 @@ fn columnar_batch_built_in_place_is_read_in_place() {
             "features of row {i}"
         );
     }
-    assert!(batch.column::<f64>("label").is_err());
-    assert!(batch.column::<f32>("nope").is_err());
 
+    // The batch holds the object's pin: with the view gone, the object
+    // stays until the batch goes.
     drop(view);
     client.delete(id).unwrap();
     settle(&client);
+    assert!(client.stats().unwrap().arena.used > 0);
+    assert_eq!(lists.len(), ROWS);
+    drop(batch);
+    settle(&client);
+    assert_eq!(client.stats().unwrap().arena.used, 0);
+}
+
+#[test]
+fn a_batch_larger_than_the_store_is_refused() {
+    let store = StoreProcess::start(1 << 20, false);
+    let client = StoreClient::connect(&store.socket).unwrap();
+    let layout =
+        BatchLayout::new(1 << 20, &[ColumnSpec::primitive("x", Primitive::UInt64)]).unwrap();
+    let err = client.create(ObjectId::random(), layout.total_len() as u64);
+    assert!(
+        matches!(err, Err(braid_store::CreateError::TooLarge { .. })),
+        "{err:?}"
+    );
     assert_eq!(client.stats().unwrap().arena.used, 0);
 }
 

@@ -73,12 +73,14 @@ pub mod value;
 pub mod wire;
 
 pub use actor::{ActorBuilder, ActorCall, ActorHandle, TypedHandle};
+/// The Arrow record batch, braid's columnar format (see [`Runtime::put_batch`]).
+pub use arrow_array::RecordBatch;
 pub use error::{Error, Result};
 pub use ids::{ActorId, JobId, NodeId, PlacementGroupId, TaskId, WorkerId};
 pub use init::{init, init_blocking, init_blocking_with, InitOptions};
 pub use object_ref::ObjectRef;
 pub use resources::Resources;
-pub use runtime::{current, Array, ArrayView, PlacementGroup, PlacementStrategy, Raw, Runtime};
+pub use runtime::{current, Array, ArrayView, Batch, PlacementGroup, PlacementStrategy, Runtime};
 pub use submit::TaskOptions;
 pub use value::{Arg, IntoArg};
 

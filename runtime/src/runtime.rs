@@ -10,6 +10,7 @@ use crate::object_ref::ObjectRef;
 use crate::refs::ValueState;
 use crate::resources::Resources;
 use crate::value::{decode, encode_return};
+use arrow_array::RecordBatch;
 use braid_store::batch::{BatchLayout, BatchWriter};
 use braid_store::ObjectView;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -72,9 +73,9 @@ where
 /// [`Runtime::put_array`]: its bytes are the elements, not an encoding.
 pub struct Array<T>(PhantomData<T>);
 
-/// Marks an [`ObjectRef`] to raw bytes or a columnar batch put with
-/// [`Runtime::put_batch`].
-pub struct Raw;
+/// Marks an [`ObjectRef`] to an Arrow record batch put with
+/// [`Runtime::put_batch`] or [`Runtime::put_batch_with`].
+pub struct Batch;
 
 /// A zero-copy view of an array in the node's shared memory. Dropping it
 /// unpins the object.
@@ -233,33 +234,62 @@ impl Runtime {
         )))
     }
 
-    /// Lays a columnar batch out directly in the store: `fill` writes the
-    /// columns in place, then the batch is sealed.
-    pub fn put_batch(
+    /// Puts an Arrow record batch into the store in Arrow IPC layout (each
+    /// buffer copied once); any process on any node reads it in place with
+    /// [`Runtime::get_batch`].
+    pub fn put_batch(&self, batch: &RecordBatch) -> Result<ObjectRef<Batch>> {
+        let layout = BatchLayout::of(batch).map_err(|e| Error::BadRequest(e.to_string()))?;
+        self.put_laid_out(&layout, |buf| {
+            braid_store::batch::write_record_batch(&layout, batch, buf)
+                .map_err(|e| Error::BadRequest(e.to_string()))
+        })
+    }
+
+    /// Builds a record batch directly in the store: `fill` writes the
+    /// columns of `layout` in place, then the batch is sealed. Nothing is
+    /// encoded or copied.
+    pub fn put_batch_with(
         &self,
         layout: &BatchLayout,
         fill: impl FnOnce(&mut BatchWriter<'_>) -> Result<()>,
-    ) -> Result<ObjectRef<Raw>> {
+    ) -> Result<ObjectRef<Batch>> {
+        self.put_laid_out(layout, |buf| {
+            let mut writer =
+                BatchWriter::new(layout, buf).map_err(|e| Error::BadRequest(e.to_string()))?;
+            fill(&mut writer)
+        })
+    }
+
+    fn put_laid_out(
+        &self,
+        layout: &BatchLayout,
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<ObjectRef<Batch>> {
         let id = self.core.new_object_id();
         let mut buf = self
             .core
             .store
-            .create(id, layout.total_len())
-            .map_err(|e| match e {
-                braid_store::CreateError::StoreFull { .. } => Error::StoreFull(e.to_string()),
-                e => Error::io("store create", e),
-            })?;
-        {
-            let mut writer = buf
-                .batch_writer(layout)
-                .map_err(|e| Error::BadRequest(e.to_string()))?;
-            fill(&mut writer)?;
-        }
+            .create(id, layout.total_len() as u64)
+            .map_err(store_create_error)?;
+        fill(buf.as_mut_slice())?;
         buf.seal().map_err(|e| Error::io("store seal", e))?;
         Ok(ObjectRef::from_handle(self.core.refs.new_owned(
             id,
             ValueState::Stored(vec![self.core.node_id]),
         )))
+    }
+
+    /// Gets a record batch put with [`Runtime::put_batch`]: waits until it
+    /// is ready, fetches it to this node if it lives elsewhere, and returns
+    /// it read in place (its arrays point into this process's mapping of
+    /// the store and keep the object pinned until they are dropped).
+    pub async fn get_batch(&self, r: &ObjectRef<Batch>) -> Result<RecordBatch> {
+        match self.fetch(r).await? {
+            ObjectBytes::Stored(view) => {
+                view.record_batch().map_err(|e| Error::Codec(e.to_string()))
+            }
+            ObjectBytes::Inline(_) => Err(Error::BadRequest("not a stored batch".into())),
+        }
     }
 
     /// Gets a value: waits until it is ready, fetches it to this node if it
@@ -315,14 +345,6 @@ impl Runtime {
                 })
             }
             ObjectBytes::Inline(_) => Err(Error::BadRequest("not an array object".into())),
-        }
-    }
-
-    /// Maps a stored object (such as a batch) in place.
-    pub async fn get_view(&self, r: &ObjectRef<Raw>) -> Result<ObjectView> {
-        match self.fetch(r).await? {
-            ObjectBytes::Stored(view) => Ok(view),
-            ObjectBytes::Inline(_) => Err(Error::BadRequest("not a stored object".into())),
         }
     }
 
@@ -567,6 +589,15 @@ async fn lookup_actor(core: &Arc<Core>, name: &str) -> Result<ActorHandle> {
         owner,
         worker,
     )
+}
+
+fn store_create_error(e: braid_store::CreateError) -> Error {
+    match e {
+        braid_store::CreateError::StoreFull { .. } | braid_store::CreateError::TooLarge { .. } => {
+            Error::StoreFull(e.to_string())
+        }
+        e => Error::io("store create", e),
+    }
 }
 
 fn store_put_error(e: braid_store::PutError) -> Error {

@@ -177,27 +177,67 @@ async fn arrays_are_read_in_place() {
 
 #[tokio::test]
 async fn batches_are_written_and_read_in_place() {
-    use braid::store::batch::{BatchLayout, ColumnSpec};
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float32Type, UInt64Type};
+    use arrow_array::{Float32Array, RecordBatch, UInt64Array};
+    use braid::store::batch::{BatchLayout, ColumnSpec, Primitive, ValuesMut};
+    use std::sync::Arc;
     let rt = rt();
-    let layout = BatchLayout::new(&[
-        ColumnSpec::new::<f32>("label", 4),
-        ColumnSpec::new::<u64>("feature", 4),
-    ])
+    let arena = rt.store().arena_range();
+    let in_arena = |batch: &RecordBatch| {
+        batch.columns().iter().all(|c| {
+            c.to_data()
+                .buffers()
+                .iter()
+                .all(|b| arena.contains(&(b.as_ptr() as usize)))
+        })
+    };
+
+    // Built in place.
+    let layout = BatchLayout::new(
+        4,
+        &[
+            ColumnSpec::primitive("label", Primitive::Float32),
+            ColumnSpec::primitive("feature", Primitive::UInt64),
+        ],
+    )
     .unwrap();
     let r = rt
-        .put_batch(&layout, |w| {
-            w.column_mut::<f32>("label")
-                .unwrap()
-                .copy_from_slice(&[1.0, 0.0, 1.0, 0.0]);
-            w.column_mut::<u64>("feature")
-                .unwrap()
-                .copy_from_slice(&[7, 8, 9, 10]);
+        .put_batch_with(&layout, |w| {
+            for column in w.columns() {
+                match column.values {
+                    ValuesMut::Float32(v) => v.copy_from_slice(&[1.0, 0.0, 1.0, 0.0]),
+                    ValuesMut::UInt64(v) => v.copy_from_slice(&[7, 8, 9, 10]),
+                    _ => unreachable!("two columns"),
+                }
+            }
             Ok(())
         })
         .unwrap();
-    let view = rt.get_view(&r).await.unwrap();
-    let batch = view.batch().unwrap();
-    assert_eq!(batch.column::<u64>("feature").unwrap(), &[7, 8, 9, 10]);
+    let batch = rt.get_batch(&r).await.unwrap();
+    assert_eq!(
+        batch.column(1).as_primitive::<UInt64Type>().values(),
+        &[7, 8, 9, 10]
+    );
+    assert!(in_arena(&batch), "the columns point into the shared arena");
+
+    // Written once from a batch built on the heap.
+    let heap = RecordBatch::try_from_iter(vec![
+        (
+            "label",
+            Arc::new(Float32Array::from(vec![0.5, 1.5])) as arrow_array::ArrayRef,
+        ),
+        ("feature", Arc::new(UInt64Array::from(vec![3, 4]))),
+    ])
+    .unwrap();
+    let r = rt.put_batch(&heap).unwrap();
+    let read = rt.get_batch(&r).await.unwrap();
+    assert_eq!(read, heap);
+    assert_eq!(
+        read.column(0).as_primitive::<Float32Type>().values(),
+        &[0.5, 1.5]
+    );
+    assert!(in_arena(&read));
 }
 
 #[test]

@@ -82,12 +82,17 @@ pub struct FusedStatus {
     pub sustained_per_s: f64,
     /// The checkpoint epoch this process's run started from, if any.
     pub resumed_from_epoch: Option<u64>,
+    /// Rows evaluated when this status was taken (`point` is refreshed
+    /// only every half second).
+    pub live_rows: u64,
 }
 
 struct Shared {
     status: Mutex<FusedStatus>,
     /// The job's serving model, once the job is built.
     serving: Mutex<Option<Arc<Serving>>>,
+    /// The job's evaluation, once the job is built.
+    eval: Mutex<Option<Arc<EvalHandle>>>,
 }
 
 /// The fused job's host: started once, then polled.
@@ -103,6 +108,7 @@ impl FusedJob {
             shared: Arc::new(Shared {
                 status: Mutex::new(FusedStatus::default()),
                 serving: Mutex::new(None),
+                eval: Mutex::new(None),
             }),
         }
     }
@@ -122,7 +128,12 @@ impl FusedJob {
 
     /// Progress so far.
     fn status(&mut self) -> FusedStatus {
-        self.shared.status.lock().clone()
+        let eval = self.shared.eval.lock().clone();
+        let mut status = self.shared.status.lock().clone();
+        if let Some(eval) = eval {
+            status.live_rows = eval.figures().rows;
+        }
+        status
     }
 
     /// Predicts rows (each row's hashed feature ids) with the live serving
@@ -217,6 +228,7 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
     }
     let serving = Serving::of(&ps);
     *shared.serving.lock() = Some(serving.clone());
+    *shared.eval.lock() = Some(eval.clone());
     let stop = Arc::new(AtomicBool::new(false));
     // Dropping `end` wakes the progress thread at once.
     let (end, ended) = mpsc::channel::<()>();

@@ -269,11 +269,17 @@ fn run_fused(
         };
         if let Some(p) = &status.point {
             progress.show("fused", p);
-            if !killed && args.kill_job_at_rows.is_some_and(|at| p.rows >= at) {
-                killed = true;
-                let pid = job.pid().blocking()?;
-                braid_examples::sigkill(pid)?;
-            }
+        }
+        if status.done.is_none()
+            && !killed
+            && args
+                .kill_job_at_rows
+                .is_some_and(|at| status.live_rows >= at)
+        {
+            killed = true;
+            let pid = job.pid().blocking()?;
+            braid_examples::sigkill(pid)?;
+            continue;
         }
         if status.done.is_some() {
             break status;

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use braid_actors::stream::cluster::{ClusterJob, JobParams, StorageSpec};
+use braid_actors::stream::edges::EdgeStats;
 use braid_actors::stream::functions::{KeyedProcessFunction, ProcessContext};
 use braid_actors::stream::graph::StreamEnv;
 use braid_actors::stream::operator::EventTime;
@@ -46,14 +47,16 @@ impl KeyedProcessFunction<u64, (u64, String)> for Count {
 fn counts(params: &JobParams) -> StreamEnv {
     let records: u64 = params["records"].parse().unwrap_or(0);
     let pad: usize = params.get("pad").and_then(|p| p.parse().ok()).unwrap_or(0);
+    let columnar = params.contains_key("columnar");
     let out = PathBuf::from(&params["out"]);
     let env = StreamEnv::new(2);
-    env.source("numbers", move |s, p| {
-        GeneratorSource::new(records, s, p, move |i| (i, "x".repeat(pad)))
-    })
-    .key_by(|r: &(u64, String)| key_of(r.0))
-    .process(Count::default)
-    .sink("out", move |_| {
+    let keyed = env
+        .source("numbers", move |s, p| {
+            GeneratorSource::new(records, s, p, move |i| (i, "x".repeat(pad)))
+        })
+        .key_by(|r: &(u64, String)| key_of(r.0));
+    let keyed = if columnar { keyed.columnar() } else { keyed };
+    keyed.process(Count::default).sink("out", move |_| {
         TransactionalFileSink::new(out.clone(), |line: &String| line.clone())
     });
     env
@@ -103,9 +106,10 @@ impl braid_actors::stream::operator::Operator for SlowSink {
 /// records the largest gap between what it emitted and what the sink took.
 fn slow(params: &JobParams) -> StreamEnv {
     let dir = PathBuf::from(&params["progress"]);
+    let columnar = params.contains_key("columnar");
     let env = StreamEnv::new(1);
     let source_dir = dir.clone();
-    env.source("fast", move |s, p| {
+    let fast = env.source("fast", move |s, p| {
         let dir = source_dir.clone();
         let mut max_gap = 0;
         GeneratorSource::new(8_000, s, p, move |i| {
@@ -118,9 +122,9 @@ fn slow(params: &JobParams) -> StreamEnv {
             }
             i
         })
-    })
-    .rebalance()
-    .sink("slow", move |_| SlowSink {
+    });
+    let fast = if columnar { fast.columnar() } else { fast };
+    fast.rebalance().sink("slow", move |_| SlowSink {
         dir: dir.clone(),
         consumed: 0,
     });
@@ -154,6 +158,7 @@ fn job(dir: &Path, records: u64, rate: Option<f64>) -> ClusterJob {
         resource_wait: Duration::from_secs(10),
         pace: SourcePace { batch: 256, rate },
         credits: 4,
+        credit_bytes: braid_actors::stream::coordinator::DEFAULT_CREDIT_BYTES,
         on_running: None,
         spread: false,
         nodes_used: Default::default(),
@@ -189,12 +194,53 @@ fn check_exactly_once(out: &Path, records: u64) {
     assert_eq!(lines.len() as u64, records);
 }
 
+/// The one edge of the counts job that crosses processes.
+fn keyed_edge(report: &braid_actors::stream::coordinator::JobReport) -> EdgeStats {
+    let crossing: Vec<&EdgeStats> = report.edges.iter().filter(|e| e.batches > 0).collect();
+    assert_eq!(crossing.len(), 1, "{:?}", report.edges);
+    crossing[0].clone()
+}
+
 #[test]
 fn a_job_of_actors_commits_every_record_once() {
     let dir = tempfile::tempdir().unwrap();
     let report = braid_actors::stream::cluster::run(rt(), job(dir.path(), 30_000, None)).unwrap();
     assert_eq!(report.failures, 0, "{report:?}");
     check_exactly_once(&dir.path().join("out"), 30_000);
+    let edge = keyed_edge(&report);
+    assert_eq!(
+        edge.codec_bytes,
+        2 * edge.bytes,
+        "every encoded batch is encoded once and decoded once: {edge:?}"
+    );
+}
+
+#[test]
+fn a_columnar_stream_crosses_processes_as_references_read_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = job(dir.path(), 30_000, None);
+    job.params.insert("columnar".into(), String::new());
+    let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
+    assert_eq!(report.failures, 0, "{report:?}");
+    check_exactly_once(&dir.path().join("out"), 30_000);
+    let edge = keyed_edge(&report);
+    assert_eq!(edge.codec_bytes, 0, "nothing went through serde: {edge:?}");
+    assert_eq!(edge.copied_bytes, 0, "nothing was copied: {edge:?}");
+    assert!(edge.bytes > 0 && edge.batches > 0, "{edge:?}");
+}
+
+#[test]
+fn strings_of_a_columnar_stream_are_copied_once_into_the_receivers_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = job(dir.path(), 20_000, None);
+    job.params.insert("columnar".into(), String::new());
+    job.params.insert("pad".into(), "200".into());
+    let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
+    assert_eq!(report.failures, 0, "{report:?}");
+    check_exactly_once(&dir.path().join("out"), 20_000);
+    let edge = keyed_edge(&report);
+    assert_eq!(edge.codec_bytes, 0, "{edge:?}");
+    assert_eq!(edge.copied_bytes, 200 * 20_000, "{edge:?}");
 }
 
 #[test]
@@ -227,6 +273,30 @@ fn a_slow_sink_in_another_process_holds_back_the_source() {
     assert!(
         gap <= bound,
         "records in flight peaked at {gap}, above {bound} (credits 2, batches of {batch})"
+    );
+    assert!(gap > 0, "the source saw the sink's progress");
+}
+
+#[test]
+fn store_bytes_in_flight_hold_back_a_columnar_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = job(dir.path(), 0, None);
+    job.job = "slow".into();
+    job.credits = 8;
+    job.credit_bytes = 1;
+    job.params.insert("columnar".into(), String::new());
+    job.params
+        .insert("progress".into(), dir.path().display().to_string());
+    let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
+    assert_eq!(report.failures, 0, "{report:?}");
+    let gap = read_count(&dir.path().join("max_gap"));
+    let batch = braid_actors::stream::channel::BATCH_RECORDS as u64;
+    let bound = batch * (1 + 2) + 2 * 64;
+    assert!(
+        gap <= bound,
+        "records in flight peaked at {gap}, above {bound} (one batch of store bytes in flight, \
+         batches of {batch}; 8 message credits would allow {})",
+        batch * (8 + 2)
     );
     assert!(gap > 0, "the source saw the sink's progress");
 }

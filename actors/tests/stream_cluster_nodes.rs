@@ -59,6 +59,7 @@ fn a_job_spread_over_two_nodes_commits_every_record_once() {
         resource_wait: Duration::from_secs(10),
         pace: SourcePace::default(),
         credits: 4,
+        credit_bytes: braid_actors::stream::coordinator::DEFAULT_CREDIT_BYTES,
         on_running: None,
         spread: true,
         nodes_used: Default::default(),

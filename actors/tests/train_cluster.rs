@@ -109,6 +109,7 @@ fn cluster_job(dir: &Path, predictions: &Path) -> ClusterJob {
             rate: None,
         },
         credits: 4,
+        credit_bytes: braid_actors::stream::coordinator::DEFAULT_CREDIT_BYTES,
         on_running: None,
         spread: false,
         nodes_used: Default::default(),

@@ -80,3 +80,5 @@ pub use id::ObjectId;
 pub use protocol::StoreStats;
 pub use server::{ServeError, StoreHandle, StoreServer};
 pub use view::{ObjectBuf, ObjectView};
+/// Arrow, braid's columnar format, as the store reads and writes it.
+pub use {arrow_array, arrow_buffer, arrow_schema};

@@ -1,12 +1,22 @@
 //! What crosses a channel between subtasks, and the two ends of a chain
 //! that meet it: [`ChannelOut`] buffers a chain's output per target
-//! channel, partitions it and sends encoded batches; [`BatchIn`] decodes a
-//! batch and pushes its records into a chain. Barriers and watermarks
-//! travel in band, after the records sent before them.
+//! channel, partitions it and sends batches; [`BatchIn`] reads a batch
+//! and pushes its records into a chain. Barriers and watermarks travel in
+//! band, after the records sent before them.
+//!
+//! A batch crosses in one of three forms: by pointer between subtasks of
+//! one process; as an Arrow record batch built in the node's store, only
+//! its reference sent, when the stream is columnar (see
+//! [`columnar`](super::columnar)) and the outbox has a store; otherwise
+//! bincode-encoded through the one codec.
 
+use super::columnar::{Columnar, ColumnarError, RecordFormat};
+use super::edges::ChannelMeter;
 use super::failure::{ChannelError, StageError};
 use super::operator::EventTime;
 use super::stage::{ChainSnapshot, Stage};
+use arrow_array::RecordBatch;
+use braid::store::batch::{BatchLayout, BatchWriter};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::any::Any;
@@ -58,12 +68,21 @@ impl<'de> Deserialize<'de> for SharedBatch {
 /// `Vec<(T, Option<EventTime>)>`, taken once by the receiver. They never
 /// leave the process (serializing them fails).
 #[derive(Clone)]
-pub struct LocalRecords(Arc<parking_lot::Mutex<Option<Box<dyn Any + Send>>>>);
+pub struct LocalRecords(Arc<parking_lot::Mutex<Option<Box<dyn Any + Send>>>>, usize);
 
 impl LocalRecords {
     /// Wraps a batch of records.
     pub fn new<T: Send + 'static>(records: Vec<(T, Option<EventTime>)>) -> Self {
-        LocalRecords(Arc::new(parking_lot::Mutex::new(Some(Box::new(records)))))
+        let bytes = std::mem::size_of_val(records.as_slice());
+        LocalRecords(
+            Arc::new(parking_lot::Mutex::new(Some(Box::new(records)))),
+            bytes,
+        )
+    }
+
+    /// The records' in-memory size (their heap parts not counted).
+    pub fn bytes(&self) -> usize {
+        self.1
     }
 
     /// The records, if they are of type `T` and were not taken yet.
@@ -104,6 +123,38 @@ impl<'de> Deserialize<'de> for LocalRecords {
     }
 }
 
+/// A columnar batch read in place: its arrays point into this process's
+/// mapping of the node's store and keep the object pinned until the last
+/// of them is dropped. It never leaves its process (serializing it fails);
+/// across processes its [`ColumnarRef`] travels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArrowBatch(pub RecordBatch);
+
+impl Serialize for ArrowBatch {
+    fn serialize<S: serde::Serializer>(&self, _serializer: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom(
+            "a batch read in place travels as its store reference",
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for ArrowBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(_deserializer: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom(
+            "a batch read in place travels as its store reference",
+        ))
+    }
+}
+
+/// A sealed columnar batch in the sender's node's store, and its size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnarRef {
+    /// The object.
+    pub object: braid::ObjectRef<braid::Batch>,
+    /// Its size in bytes.
+    pub bytes: usize,
+}
+
 /// One message on a channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ChannelMsg {
@@ -113,6 +164,11 @@ pub enum ChannelMsg {
     Shared(SharedBatch),
     /// Records by pointer, between subtasks of one process.
     Records(LocalRecords),
+    /// Records as an Arrow record batch in the store: what a columnar
+    /// stream sends between processes.
+    Columnar(ColumnarRef),
+    /// The same, read in place by the receiving process.
+    Arrow(ArrowBatch),
     /// No earlier event time follows on this channel.
     Watermark(EventTime),
     /// Checkpoint barrier for an epoch.
@@ -132,6 +188,21 @@ pub trait Outbox: Send {
     /// by pointer ([`ChannelMsg::Records`]) instead of encoded.
     fn in_process(&self) -> bool {
         false
+    }
+    /// The meter of output channel `channel`, if this outbox counts.
+    fn meter(&self, _channel: usize) -> Option<&ChannelMeter> {
+        None
+    }
+    /// Builds a record batch of `layout` in the node's store (`fill`
+    /// writes its columns in place), seals it and returns its reference;
+    /// `None` when this outbox has no store, so columnar batches are
+    /// encoded.
+    fn put_batch(
+        &mut self,
+        _layout: &BatchLayout,
+        _fill: &mut dyn FnMut(&mut BatchWriter<'_>) -> Result<(), ColumnarError>,
+    ) -> Option<Result<ColumnarRef, ChannelError>> {
+        None
     }
 }
 
@@ -186,6 +257,46 @@ pub struct ChannelOut<T> {
     outbox: Box<dyn Outbox>,
     failed: Option<ChannelError>,
     max_batch: usize,
+    format: Option<Arc<dyn Format<T>>>,
+}
+
+/// A record type's columnar format, erased from its [`Columnar`] bound so
+/// the graph can hold it beside types that have none.
+pub trait Format<T>: Send + Sync {
+    /// See [`RecordFormat::layout`].
+    fn layout(&self, records: &[(T, Option<EventTime>)]) -> Result<BatchLayout, ColumnarError>;
+    /// See [`RecordFormat::fill`].
+    fn fill(
+        &self,
+        records: &[(T, Option<EventTime>)],
+        writer: &mut BatchWriter<'_>,
+    ) -> Result<(), ColumnarError>;
+    /// See [`RecordFormat::read`].
+    fn read(
+        &self,
+        batch: &RecordBatch,
+        push: &mut dyn FnMut(T, Option<EventTime>) -> Result<(), StageError>,
+    ) -> Result<usize, StageError>;
+}
+
+impl<T: Columnar> Format<T> for RecordFormat<T> {
+    fn layout(&self, records: &[(T, Option<EventTime>)]) -> Result<BatchLayout, ColumnarError> {
+        RecordFormat::layout(self, records)
+    }
+    fn fill(
+        &self,
+        records: &[(T, Option<EventTime>)],
+        writer: &mut BatchWriter<'_>,
+    ) -> Result<(), ColumnarError> {
+        RecordFormat::fill(self, records, writer)
+    }
+    fn read(
+        &self,
+        batch: &RecordBatch,
+        push: &mut dyn FnMut(T, Option<EventTime>) -> Result<(), StageError>,
+    ) -> Result<usize, StageError> {
+        RecordFormat::read(self, batch, push)
+    }
 }
 
 impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
@@ -199,7 +310,15 @@ impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
             outbox,
             failed: None,
             max_batch: BATCH_RECORDS,
+            format: None,
         }
+    }
+
+    /// Sends batches to other processes as Arrow record batches in the
+    /// store, laid out by `format`, when the outbox has a store.
+    pub fn with_format(mut self, format: Arc<dyn Format<T>>) -> Self {
+        self.format = Some(format);
+        self
     }
 
     /// Sends a channel's records once `records` are buffered (at least 1).
@@ -232,9 +351,29 @@ impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
             return Ok(());
         }
         if self.outbox.in_process() {
-            return self.send(channel, ChannelMsg::Records(LocalRecords::new(batch)));
+            let records = LocalRecords::new(batch);
+            if let Some(meter) = self.outbox.meter(channel) {
+                meter.sent(records.bytes());
+            }
+            return self.send(channel, ChannelMsg::Records(records));
         }
-        let bytes = bincode::serialize(&batch).map_err(|e| ChannelError::Decode(e.to_string()))?;
+        if let Some(format) = self.format.clone() {
+            let layout = format.layout(&batch).map_err(columnar_error)?;
+            let mut fill = |writer: &mut BatchWriter<'_>| format.fill(&batch, writer);
+            if let Some(stored) = self.outbox.put_batch(&layout, &mut fill) {
+                let stored = stored.inspect_err(|e| self.failed = Some(e.clone()))?;
+                if let Some(meter) = self.outbox.meter(channel) {
+                    meter.sent(stored.bytes);
+                }
+                return self.send(channel, ChannelMsg::Columnar(stored));
+            }
+        }
+        let bytes =
+            braid::store::codec::encode(&batch).map_err(|e| ChannelError::Encode(e.to_string()))?;
+        if let Some(meter) = self.outbox.meter(channel) {
+            meter.sent(bytes.len());
+            meter.codec(bytes.len());
+        }
         self.send(channel, ChannelMsg::Batch(bytes))
     }
 
@@ -342,15 +481,29 @@ impl<T: Serialize + Clone + Send + 'static> Stage<T> for ChannelOut<T> {
     }
 }
 
+fn columnar_error(e: ColumnarError) -> ChannelError {
+    ChannelError::Encode(e.to_string())
+}
+
 /// The start of a chain fed by channels: decodes batches of `T`.
 pub struct BatchIn<T> {
     chain: Box<dyn Stage<T>>,
+    format: Option<Arc<dyn Format<T>>>,
 }
 
 impl<T> BatchIn<T> {
     /// Feeds `chain`.
     pub fn new(chain: Box<dyn Stage<T>>) -> Self {
-        BatchIn { chain }
+        BatchIn {
+            chain,
+            format: None,
+        }
+    }
+
+    /// Reads columnar batches with `format`.
+    pub fn with_format(mut self, format: Option<Arc<dyn Format<T>>>) -> Self {
+        self.format = format;
+        self
     }
 }
 
@@ -361,6 +514,9 @@ pub trait BatchSink: Send {
     fn deliver(&mut self, bytes: &[u8]) -> Result<usize, StageError>;
     /// Pushes records passed by pointer through the chain.
     fn deliver_records(&mut self, records: &LocalRecords) -> Result<usize, StageError>;
+    /// Reads a columnar batch in place and pushes its records through the
+    /// chain; returns the records and the bytes copied out of the batch.
+    fn deliver_arrow(&mut self, batch: &RecordBatch) -> Result<(usize, usize), StageError>;
     /// The chain itself, for control events.
     fn chain(&mut self) -> &mut dyn ChainControl;
 }
@@ -410,7 +566,7 @@ impl<T: 'static> ChainControl for Box<dyn Stage<T>> {
 impl<T: DeserializeOwned + Send + 'static> BatchSink for BatchIn<T> {
     fn deliver(&mut self, bytes: &[u8]) -> Result<usize, StageError> {
         let records: Vec<(T, Option<EventTime>)> =
-            bincode::deserialize(bytes).map_err(|e| ChannelError::Decode(e.to_string()))?;
+            braid::store::codec::decode(bytes).map_err(|e| ChannelError::Decode(e.to_string()))?;
         let n = records.len();
         for (value, time) in records {
             self.chain.push(value, time)?;
@@ -427,6 +583,18 @@ impl<T: DeserializeOwned + Send + 'static> BatchSink for BatchIn<T> {
             self.chain.push(value, time)?;
         }
         Ok(n)
+    }
+
+    fn deliver_arrow(&mut self, batch: &RecordBatch) -> Result<(usize, usize), StageError> {
+        let Some(format) = &self.format else {
+            return Err(ChannelError::Decode(
+                "a columnar batch reached an input whose upstream is not columnar".into(),
+            )
+            .into());
+        };
+        let chain = &mut self.chain;
+        let copied = format.read(batch, &mut |value, time| chain.push(value, time))?;
+        Ok((batch.num_rows(), copied))
     }
 
     fn chain(&mut self) -> &mut dyn ChainControl {

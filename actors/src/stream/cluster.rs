@@ -20,13 +20,15 @@
 //!   old generation that is still running cannot publish anything: its
 //!   sink is fenced, and the coordinator ignores its acknowledgements.
 
-use super::channel::{ChannelMsg, Outbox};
+use super::channel::{ArrowBatch, ChannelMsg, ColumnarRef, Outbox};
+use super::columnar::ColumnarError;
 use super::context::TaskContext;
 use super::coordinator::{
     Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport, Restored,
-    DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_CHECKPOINT_TIMEOUT, DEFAULT_CREDITS,
+    DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_CHECKPOINT_TIMEOUT, DEFAULT_CREDITS, DEFAULT_CREDIT_BYTES,
     DEFAULT_RESOURCE_WAIT,
 };
+use super::edges::{self, ChannelCounts, ChannelMeter, Meters};
 use super::failure::{AttemptFailure, ChannelError, TaskError};
 use super::graph::StreamEnv;
 use super::plan::{Plan, SubtaskId};
@@ -35,6 +37,7 @@ use super::runner::{self, Command, Inbox, Reporter, SourcePace, TaskExit};
 use super::service::{CallError, Peers};
 use super::stage::ChainSnapshot;
 use crate::checkpoint::storage::{CheckpointStorage, Epoch, StateHandle};
+use braid::store::batch::{BatchLayout, BatchWriter};
 use braid::{ActorCall, Runtime, TypedHandle};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -128,6 +131,8 @@ pub struct HostSpec {
     pub rate: Option<f64>,
     /// Calls in flight per output channel.
     pub credits: usize,
+    /// Store bytes in flight per output channel.
+    pub credit_bytes: usize,
 }
 
 /// What a host reports to the driver.
@@ -137,8 +142,8 @@ pub enum HostEvent {
     Stored(u64, StateHandle),
     /// A source read all its input.
     Exhausted,
-    /// The subtask finished.
-    Finished,
+    /// The subtask finished; what its ends of each channel counted.
+    Finished(Vec<ChannelCounts>),
     /// The subtask failed, or storing its snapshot did.
     Failed(AttemptFailure),
 }
@@ -169,12 +174,24 @@ struct Shared {
     /// The job's checkpoint storage, or why it cannot be opened here (a
     /// snapshot then fails the attempt, rather than going nowhere).
     storage: Result<CheckpointStorage, String>,
+    /// The plan channel of each input slot.
+    inputs: Vec<usize>,
+    /// What this subtask's ends of its channels counted.
+    meters: Meters,
 }
 
 impl Shared {
     fn push_event(&self, event: HostEvent) {
         self.events.lock().push(event);
         self.events_ready.notify_one();
+    }
+
+    /// Fails the attempt: an input of this subtask is broken.
+    fn fail(&self, error: ChannelError) {
+        self.push_event(HostEvent::Failed(AttemptFailure::Subtask {
+            subtask: format!("{}-{}", self.spec.task, self.spec.subtask),
+            error: TaskError::Channel(error),
+        }));
     }
 }
 
@@ -188,19 +205,20 @@ pub struct SubtaskHost {
 impl SubtaskHost {
     fn new(spec: HostSpec) -> Self {
         let plan = plan_of(&spec.job, &spec.params);
-        let inputs = match &plan {
-            Ok(p) => p
-                .inputs_of(SubtaskId {
+        let (inputs, meters) = match &plan {
+            Ok(p) => (
+                p.inputs_of(SubtaskId {
                     task: spec.task,
                     subtask: spec.subtask,
-                })
-                .len(),
-            Err(_) => 0,
+                }),
+                Meters::new(p.channels.len()),
+            ),
+            Err(_) => (Vec::new(), Meters::default()),
         };
         let mut slots = Vec::new();
         let mut receivers = Vec::new();
         let mut consumed_rx = Vec::new();
-        for _ in 0..inputs {
+        for _ in 0..inputs.len() {
             let (tx, rx) = crossbeam_channel::unbounded();
             let (consumed, watch_rx) = tokio::sync::watch::channel(0u64);
             slots.push(Slot {
@@ -227,6 +245,8 @@ impl SubtaskHost {
                 targets: Mutex::new(Vec::new()),
                 peers: Mutex::new(HashMap::new()),
                 storage,
+                inputs,
+                meters,
             }),
         }
     }
@@ -286,14 +306,20 @@ impl SubtaskHost {
         });
         super::service::enter(peers.clone());
         let targets = self.shared.targets.lock().clone();
-        let credits = spec.credits.max(1);
+        let outputs = plan.outputs_of(id);
+        let (credits, credit_bytes) = (spec.credits.max(1), spec.credit_bytes);
+        let meters = self.shared.meters.clone();
         let outbox = move || -> Box<dyn Outbox> {
             Box::new(ActorOutbox {
                 rt: rt.clone(),
                 targets: targets.clone(),
                 next_seq: vec![0; targets.len()],
                 in_flight: (0..targets.len()).map(|_| VecDeque::new()).collect(),
+                stored_in_flight: vec![0; targets.len()],
                 credits,
+                credit_bytes,
+                ids: outputs.clone(),
+                meters: meters.clone(),
             })
         };
         let mut head = plan.build(id, &outbox);
@@ -355,6 +381,20 @@ impl SubtaskHost {
     /// A message on input slot `slot`; answered once the subtask took it.
     async fn deliver(&self, slot: usize, seq: u64, delivery: Delivery) -> bool {
         let msg = match delivery {
+            Delivery::Inline(ChannelMsg::Columnar(stored)) => {
+                let Ok(rt) = braid::current() else {
+                    return false;
+                };
+                match rt.get_batch(&stored.object).await {
+                    Ok(batch) => ChannelMsg::Arrow(ArrowBatch(batch)),
+                    Err(e) => {
+                        self.shared.fail(ChannelError::Store(format!(
+                            "a columnar batch cannot be read: {e}"
+                        )));
+                        return false;
+                    }
+                }
+            }
             Delivery::Inline(msg) => msg,
             Delivery::Stored(batch) => {
                 let Ok(rt) = braid::current() else {
@@ -366,15 +406,7 @@ impl SubtaskHost {
                     }
                     Err(e) => {
                         self.shared
-                            .push_event(HostEvent::Failed(AttemptFailure::Subtask {
-                                subtask: format!(
-                                    "{}-{}",
-                                    self.shared.spec.task, self.shared.spec.subtask
-                                ),
-                                error: TaskError::Channel(ChannelError::Decode(format!(
-                                    "a stored batch is lost: {e}"
-                                ))),
-                            }));
+                            .fail(ChannelError::Decode(format!("a stored batch is lost: {e}")));
                         return false;
                     }
                 }
@@ -530,19 +562,34 @@ struct ActorOutbox {
     rt: Runtime,
     targets: Vec<(SubtaskHostHandle, usize)>,
     next_seq: Vec<u64>,
-    in_flight: Vec<VecDeque<tokio::task::JoinHandle<braid::Result<bool>>>>,
+    /// Per channel, the calls in flight and the store bytes each holds.
+    in_flight: Vec<VecDeque<(tokio::task::JoinHandle<braid::Result<bool>>, usize)>>,
+    /// Per channel, the store bytes of the calls in flight.
+    stored_in_flight: Vec<usize>,
     credits: usize,
+    credit_bytes: usize,
+    /// The plan channel of each output.
+    ids: Vec<usize>,
+    meters: Meters,
 }
 
 impl ActorOutbox {
     fn wait_oldest(&mut self, channel: usize) -> Result<(), ChannelError> {
-        let Some(oldest) = self.in_flight[channel].pop_front() else {
+        let Some((oldest, stored)) = self.in_flight[channel].pop_front() else {
             return Ok(());
         };
+        self.stored_in_flight[channel] -= stored;
         match self.rt.block_on(oldest) {
             Ok(Ok(true)) => Ok(()),
             _ => Err(ChannelError::Closed(channel)),
         }
+    }
+
+    /// Whether channel `channel` has used up its credit: too many calls,
+    /// or too many store bytes, in flight (one call always may be).
+    fn over_credit(&self, channel: usize) -> bool {
+        let calls = self.in_flight[channel].len();
+        calls > self.credits || (calls > 1 && self.stored_in_flight[channel] > self.credit_bytes)
     }
 }
 
@@ -553,19 +600,29 @@ impl Outbox for ActorOutbox {
         };
         let seq = self.next_seq[channel];
         self.next_seq[channel] += 1;
-        let delivery = match msg {
+        let (delivery, stored) = match msg {
             ChannelMsg::Batch(bytes) if bytes.len() >= STORE_BATCH_BYTES => {
                 match self.rt.put_array(&bytes) {
-                    Ok(stored) => Delivery::Stored(stored),
-                    Err(_) => Delivery::Inline(ChannelMsg::Batch(bytes)),
+                    Ok(object) => {
+                        if let Some(meter) = self.meter(channel) {
+                            meter.copied(bytes.len());
+                        }
+                        (Delivery::Stored(object), bytes.len())
+                    }
+                    Err(_) => (Delivery::Inline(ChannelMsg::Batch(bytes)), 0),
                 }
             }
-            msg => Delivery::Inline(msg),
+            ChannelMsg::Columnar(r) => {
+                let stored = r.bytes;
+                (Delivery::Inline(ChannelMsg::Columnar(r)), stored)
+            }
+            msg => (Delivery::Inline(msg), 0),
         };
         let call: ActorCall<bool> = target.deliver(slot, seq, delivery);
         let handle = self.rt.spawn(call);
-        self.in_flight[channel].push_back(handle);
-        while self.in_flight[channel].len() > self.credits {
+        self.in_flight[channel].push_back((handle, stored));
+        self.stored_in_flight[channel] += stored;
+        while self.over_credit(channel) {
             self.wait_oldest(channel)?;
         }
         Ok(())
@@ -573,6 +630,33 @@ impl Outbox for ActorOutbox {
 
     fn channels(&self) -> usize {
         self.targets.len()
+    }
+
+    fn meter(&self, channel: usize) -> Option<&ChannelMeter> {
+        self.meters.get(*self.ids.get(channel)?)
+    }
+
+    fn put_batch(
+        &mut self,
+        layout: &BatchLayout,
+        fill: &mut dyn FnMut(&mut BatchWriter<'_>) -> Result<(), ColumnarError>,
+    ) -> Option<Result<ColumnarRef, ChannelError>> {
+        let mut failed = None;
+        let put = self.rt.put_batch_with(layout, |writer| {
+            fill(writer).map_err(|e| {
+                let message = e.to_string();
+                failed = Some(e);
+                braid::Error::Codec(message)
+            })
+        });
+        Some(match (put, failed) {
+            (Ok(object), _) => Ok(ColumnarRef {
+                object,
+                bytes: layout.total_len(),
+            }),
+            (Err(_), Some(e)) => Err(ChannelError::Encode(e.to_string())),
+            (Err(e), None) => Err(ChannelError::Store(e.to_string())),
+        })
     }
 }
 
@@ -608,6 +692,10 @@ impl Inbox for HostInbox {
             slot.consumed.send_replace(seq + 1);
         }
         Ok(Some((channel, msg)))
+    }
+
+    fn meter(&self, channel: usize) -> Option<&ChannelMeter> {
+        self.shared.meters.get(*self.shared.inputs.get(channel)?)
     }
 }
 
@@ -670,7 +758,8 @@ impl Reporter for HostReporter {
     }
 
     fn finished(&mut self) {
-        self.shared.push_event(HostEvent::Finished);
+        self.shared
+            .push_event(HostEvent::Finished(self.shared.meters.counts()));
     }
 
     fn command(&mut self, timeout: Duration) -> Option<Command> {
@@ -704,6 +793,9 @@ pub struct ClusterJob {
     pub pace: SourcePace,
     /// Calls in flight per channel.
     pub credits: usize,
+    /// Store bytes in flight per channel (columnar batches and large
+    /// encoded ones) before the sender waits.
+    pub credit_bytes: usize,
     /// Called with every host's process id once an attempt is running
     /// (chaos runs pick their victims from these).
     pub on_running: Option<OnRunning>,
@@ -719,7 +811,8 @@ pub struct ClusterJob {
 impl ClusterJob {
     /// Job `job` with `params`, checkpointed to `storage`, with the
     /// defaults of [`JobConfig::new`]: checkpoints every second, the
-    /// default restart strategy, 8 s of waiting for resources, 8 credits,
+    /// default restart strategy, 8 s of waiting for resources, 8 credits
+    /// and 32 MiB of store bytes in flight per channel,
     /// unthrottled sources, placement left to the scheduler.
     pub fn new(job: impl Into<String>, params: JobParams, storage: StorageSpec) -> Self {
         ClusterJob {
@@ -732,6 +825,7 @@ impl ClusterJob {
             resource_wait: DEFAULT_RESOURCE_WAIT,
             pace: SourcePace::default(),
             credits: DEFAULT_CREDITS,
+            credit_bytes: DEFAULT_CREDIT_BYTES,
             on_running: None,
             spread: false,
             nodes_used: Arc::default(),
@@ -755,6 +849,7 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
     config.resource_wait = job.resource_wait;
     config.pace = job.pace;
     config.credits = job.credits;
+    config.credit_bytes = job.credit_bytes;
     let mut coordinator = Coordinator::new(&plan, config)?;
     loop {
         let attempt = coordinator.begin_attempt()?;
@@ -792,10 +887,12 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
             on_running(generation, pids);
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let counts: Arc<Mutex<Vec<ChannelCounts>>> = Arc::default();
         for (&id, host) in &hosts {
             let host = host.clone();
             let tx = events_tx.clone();
             let stop = stop.clone();
+            let counts = counts.clone();
             rt.spawn(async move {
                 while !stop.load(std::sync::atomic::Ordering::Acquire) {
                     match host.events().await {
@@ -807,7 +904,10 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
                                     }
                                     HostEvent::Failed(failure) => CoordinatorEvent::Failed(failure),
                                     HostEvent::Exhausted => CoordinatorEvent::Exhausted(id),
-                                    HostEvent::Finished => CoordinatorEvent::Finished(id),
+                                    HostEvent::Finished(c) => {
+                                        counts.lock().extend(c);
+                                        CoordinatorEvent::Finished(id)
+                                    }
                                 };
                                 if tx.send(event).is_err() {
                                     return;
@@ -838,7 +938,10 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
         stop.store(true, std::sync::atomic::Ordering::Release);
         kill_hosts(rt, &hosts);
         match outcome {
-            Ok(Some(report)) => return Ok(report),
+            Ok(Some(mut report)) => {
+                report.edges = edges::edge_stats(&plan, &counts.lock());
+                return Ok(report);
+            }
             Ok(None) => continue,
             Err(e) => return Err(e),
         }
@@ -879,6 +982,7 @@ fn spawn_hosts(
             batch: job.pace.batch,
             rate: job.pace.rate,
             credits: job.credits,
+            credit_bytes: job.credit_bytes,
         };
         let mut builder = SubtaskHost::remote(rt, spec).max_concurrency(4096);
         if !nodes.is_empty() {

@@ -12,6 +12,7 @@
 //! taken, and only after it completes are the sources told to finish, so
 //! a bounded job's output is committed in full.
 
+use super::edges::EdgeStats;
 use super::failure::{AttemptFailure, TaskError};
 use super::operator::{write_part, StateError};
 use super::plan::{Plan, SubtaskId};
@@ -67,6 +68,10 @@ pub struct JobConfig {
     pub pace: SourcePace,
     /// Messages a channel buffers before its sender waits.
     pub credits: usize,
+    /// Store bytes a channel between processes keeps in flight (batches
+    /// sealed in the store and not yet taken by their receiver) before its
+    /// sender waits; at least one batch is always let through.
+    pub credit_bytes: usize,
     /// Crash injection, for tests.
     pub faults: Option<FaultHook>,
 }
@@ -74,7 +79,8 @@ pub struct JobConfig {
 impl JobConfig {
     /// Defaults: checkpoints every second, timing out after 10 minutes (as
     /// Flink's); the default restart strategy; 8 s of waiting for
-    /// resources; 8 credits per channel.
+    /// resources; 8 credits and 32 MiB of store bytes in flight per
+    /// channel.
     pub fn new(storage: CheckpointStorage) -> Self {
         JobConfig {
             storage,
@@ -84,6 +90,7 @@ impl JobConfig {
             resource_wait: DEFAULT_RESOURCE_WAIT,
             pace: SourcePace::default(),
             credits: DEFAULT_CREDITS,
+            credit_bytes: DEFAULT_CREDIT_BYTES,
             faults: None,
         }
     }
@@ -97,6 +104,9 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Messages a channel buffers by default before its sender waits.
 pub const DEFAULT_CREDITS: usize = 8;
+/// Store bytes a channel keeps in flight by default before its sender
+/// waits.
+pub const DEFAULT_CREDIT_BYTES: usize = 32 << 20;
 
 /// How a finished job went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +129,9 @@ pub struct JobReport {
     /// already published by transactional sinks and is published again by
     /// the replay: a file sink's duplicates are these epochs'.
     pub republished_epochs: Vec<u64>,
+    /// What crossed each graph edge in the attempt that finished: batches,
+    /// bytes, and bytes encoded or copied on the way.
+    pub edges: Vec<EdgeStats>,
 }
 
 /// Why a job stopped without finishing.
@@ -290,6 +303,7 @@ impl Coordinator {
                 recovery_ms: Vec::new(),
                 resumed_from: None,
                 republished_epochs: Vec::new(),
+                edges: Vec::new(),
             },
             restarts,
             failed_at: None,

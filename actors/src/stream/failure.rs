@@ -18,6 +18,13 @@ pub enum ChannelError {
     /// The receiving end is gone.
     #[error("channel {0} is closed")]
     Closed(usize),
+    /// A batch could not be encoded or laid out.
+    #[error("a batch cannot be encoded: {0}")]
+    Encode(String),
+    /// The node's store refused a batch (full, or the batch is larger
+    /// than the store), or lost one before it was read.
+    #[error("the store refused a batch: {0}")]
+    Store(String),
 }
 
 /// What an operator was doing when it failed.

@@ -5,7 +5,8 @@
 //! subtask, so the planner can chain vertices over forward edges into one
 //! subtask without knowing their record types.
 
-use super::channel::{key_hash, ChannelOut, KeyHash, OutEdge, Outbox, Partitioner};
+use super::channel::{key_hash, ChannelOut, Format, KeyHash, OutEdge, Outbox, Partitioner};
+use super::columnar::{Columnar, RecordFormat};
 use super::functions::{
     Filter, FlatMap, KeyedProcess, KeyedProcessFunction, Map, RunningAggregate,
 };
@@ -73,7 +74,9 @@ pub(crate) type MakeFanOut = Arc<dyn Fn(Vec<AnyBox>) -> AnyBox + Send + Sync>;
 pub(crate) type MakeChannelOut =
     Arc<dyn Fn(Vec<ExternalEdge>, Box<dyn Outbox>, usize) -> AnyBox + Send + Sync>;
 pub(crate) type MakeBatchIn =
-    Arc<dyn Fn(AnyBox) -> Box<dyn super::channel::BatchSink> + Send + Sync>;
+    Arc<dyn Fn(AnyBox, Option<&AnyFormat>) -> Box<dyn super::channel::BatchSink> + Send + Sync>;
+/// An `Arc<dyn Format<T>>` of a vertex's output type.
+pub(crate) type AnyFormat = Arc<dyn Any + Send + Sync>;
 
 /// What a vertex runs.
 pub(crate) enum VertexKind {
@@ -101,6 +104,8 @@ pub(crate) struct Vertex {
     pub channel_out: MakeChannelOut,
     /// Most records per channel batch.
     pub out_batch: usize,
+    /// The output's columnar format, if the stream is columnar.
+    pub format: Option<AnyFormat>,
 }
 
 /// A job's logical graph.
@@ -172,6 +177,7 @@ impl StreamEnv {
             fan_out: Arc::new(fan_out::<T>),
             channel_out: Arc::new(channel_out::<T>),
             out_batch: super::channel::BATCH_RECORDS,
+            format: None,
         });
         id
     }
@@ -207,6 +213,15 @@ fn fan_out<T: Data>(stages: Vec<AnyBox>) -> AnyBox {
 }
 
 fn channel_out<T: Data>(edges: Vec<ExternalEdge>, outbox: Box<dyn Outbox>, max: usize) -> AnyBox {
+    channel_out_with::<T>(edges, outbox, max, None)
+}
+
+fn channel_out_with<T: Data>(
+    edges: Vec<ExternalEdge>,
+    outbox: Box<dyn Outbox>,
+    max: usize,
+    format: Option<Arc<dyn Format<T>>>,
+) -> AnyBox {
     let edges = edges
         .into_iter()
         .map(|(partitioning, hash, channels)| {
@@ -225,12 +240,22 @@ fn channel_out<T: Data>(edges: Vec<ExternalEdge>, outbox: Box<dyn Outbox>, max: 
             }
         })
         .collect();
-    let stage: Box<dyn Stage<T>> = Box::new(ChannelOut::new(edges, outbox).with_max_batch(max));
+    let mut out = ChannelOut::new(edges, outbox).with_max_batch(max);
+    if let Some(format) = format {
+        out = out.with_format(format);
+    }
+    let stage: Box<dyn Stage<T>> = Box::new(out);
     Box::new(stage)
 }
 
-fn batch_in<T: Data>(head: AnyBox) -> Box<dyn super::channel::BatchSink> {
-    Box::new(super::channel::BatchIn::new(downcast_stage::<T>(head)))
+fn batch_in<T: Data>(
+    head: AnyBox,
+    format: Option<&AnyFormat>,
+) -> Box<dyn super::channel::BatchSink> {
+    let format = format
+        .and_then(|f| f.clone().downcast::<Arc<dyn Format<T>>>().ok())
+        .map(|f| (*f).clone());
+    Box::new(super::channel::BatchIn::new(downcast_stage::<T>(head)).with_format(format))
 }
 
 /// A stream of `T` records.
@@ -282,6 +307,26 @@ impl<T: Data> DataStream<T> {
     pub fn batch_records(self, records: usize) -> Self {
         if let Some(v) = self.env.graph.borrow_mut().vertices.get_mut(self.vertex) {
             v.out_batch = records.max(1);
+        }
+        self
+    }
+
+    /// Sends this stream's batches between processes as Arrow record
+    /// batches built in the node's store, only their reference crossing
+    /// (see [`columnar`](super::columnar)); within one process records
+    /// still pass by pointer. The records' type decides whether it can:
+    /// it must map to Arrow columns ([`Columnar`]).
+    pub fn columnar(self) -> Self
+    where
+        T: Columnar,
+    {
+        let format: Arc<dyn Format<T>> = Arc::new(RecordFormat::<T>::new());
+        if let Some(v) = self.env.graph.borrow_mut().vertices.get_mut(self.vertex) {
+            let out = format.clone();
+            v.channel_out = Arc::new(move |edges, outbox, max| {
+                channel_out_with::<T>(edges, outbox, max, Some(out.clone()))
+            });
+            v.format = Some(Arc::new(format));
         }
         self
     }
@@ -531,6 +576,18 @@ impl<K: Key, V: Data> KeyedStream<K, V> {
         let hash: KeyHash<(K, V)> = Arc::new(|kv: &(K, V)| key_hash(&kv.0));
         self.inner
             .transform_with(name, self.inner.env.parallelism, Some(hash), make)
+    }
+
+    /// Sends the keyed records between processes as Arrow record batches
+    /// in the store (see [`DataStream::columnar`]); key and value must
+    /// both map to Arrow columns.
+    pub fn columnar(self) -> Self
+    where
+        (K, V): Columnar,
+    {
+        KeyedStream {
+            inner: self.inner.columnar(),
+        }
     }
 
     /// Per-key logic with state and timers.

@@ -9,6 +9,7 @@
 use super::channel::{ChannelMsg, Outbox};
 use super::context::TaskContext;
 use super::coordinator::{Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport};
+use super::edges::{self, ChannelMeter, Meters};
 use super::failure::{AttemptFailure, ChannelError};
 use super::plan::{Plan, SubtaskId};
 use super::runner::{self, Command, Inbox, Reporter, TaskExit};
@@ -35,18 +36,17 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
             senders.push(tx);
             receivers.push(Some(rx));
         }
+        let meters = Meters::new(plan.channels.len());
         let mut commands: HashMap<SubtaskId, Sender<Command>> = HashMap::new();
         let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
         for id in plan.subtasks() {
-            let outputs: Vec<Sender<ChannelMsg>> = plan
-                .outputs_of(id)
-                .into_iter()
-                .map(|c| senders[c].clone())
-                .collect();
-            let inputs: Vec<Receiver<ChannelMsg>> = plan
-                .inputs_of(id)
-                .into_iter()
-                .filter_map(|c| receivers[c].take())
+            let output_ids = plan.outputs_of(id);
+            let outputs: Vec<Sender<ChannelMsg>> =
+                output_ids.iter().map(|&c| senders[c].clone()).collect();
+            let input_ids = plan.inputs_of(id);
+            let inputs: Vec<Receiver<ChannelMsg>> = input_ids
+                .iter()
+                .filter_map(|&c| receivers[c].take())
                 .collect();
             let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
             commands.insert(id, cmd_tx);
@@ -65,9 +65,12 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
                     restored_epoch,
                 }
                 .enter();
+                let meters = meters.clone();
                 let outbox = move || -> Box<dyn Outbox> {
                     Box::new(LocalOutbox {
                         senders: outputs.clone(),
+                        ids: output_ids.clone(),
+                        meters: meters.clone(),
                     })
                 };
                 plan_ref.build(id, &outbox)
@@ -75,7 +78,11 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
             let inbox: Option<Box<dyn Inbox>> = if inputs.is_empty() {
                 None
             } else {
-                Some(Box::new(LocalInbox { receivers: inputs }))
+                Some(Box::new(LocalInbox {
+                    receivers: inputs,
+                    ids: input_ids,
+                    meters: meters.clone(),
+                }))
             };
             let alive = alive_tx.clone();
             let thread = std::thread::Builder::new()
@@ -146,7 +153,10 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
             );
         }
         match outcome {
-            Ok(Some(report)) => return Ok(report),
+            Ok(Some(mut report)) => {
+                report.edges = edges::edge_stats(plan, &meters.counts());
+                return Ok(report);
+            }
             Ok(None) => continue,
             Err(e) => return Err(e),
         }
@@ -164,6 +174,9 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 struct LocalOutbox {
     senders: Vec<Sender<ChannelMsg>>,
+    /// The plan channel of each output.
+    ids: Vec<usize>,
+    meters: Meters,
 }
 
 impl Outbox for LocalOutbox {
@@ -182,10 +195,17 @@ impl Outbox for LocalOutbox {
     fn in_process(&self) -> bool {
         true
     }
+
+    fn meter(&self, channel: usize) -> Option<&ChannelMeter> {
+        self.meters.get(*self.ids.get(channel)?)
+    }
 }
 
 struct LocalInbox {
     receivers: Vec<Receiver<ChannelMsg>>,
+    /// The plan channel of each input.
+    ids: Vec<usize>,
+    meters: Meters,
 }
 
 impl Inbox for LocalInbox {
@@ -195,6 +215,10 @@ impl Inbox for LocalInbox {
         timeout: Duration,
     ) -> Result<Option<(usize, ChannelMsg)>, ChannelError> {
         recv_unblocked(&self.receivers, blocked, timeout)
+    }
+
+    fn meter(&self, channel: usize) -> Option<&ChannelMeter> {
+        self.meters.get(*self.ids.get(channel)?)
     }
 }
 

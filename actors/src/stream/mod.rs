@@ -21,8 +21,10 @@
 
 pub mod channel;
 pub mod cluster;
+pub mod columnar;
 pub mod context;
 pub mod coordinator;
+pub mod edges;
 pub mod failure;
 pub mod functions;
 pub mod graph;

@@ -6,7 +6,7 @@
 //! knows its inputs and outputs, whatever carries them.
 
 use super::channel::Outbox;
-use super::graph::{AnyBox, ExternalEdge, Graph, Partitioning, VertexId, VertexKind};
+use super::graph::{AnyBox, AnyFormat, ExternalEdge, Graph, Partitioning, VertexId, VertexKind};
 use super::runner::TaskHead;
 use std::collections::HashMap;
 
@@ -155,6 +155,11 @@ impl Plan {
         }
     }
 
+    /// A vertex's numbered name (`map#2`).
+    pub fn vertex_name(&self, vertex: VertexId) -> Option<&str> {
+        self.graph.vertices.get(vertex).map(|v| v.name.as_str())
+    }
+
     /// Every subtask of the plan, sources first.
     pub fn subtasks(&self) -> Vec<SubtaskId> {
         self.tasks
@@ -217,10 +222,20 @@ impl Plan {
                 TaskHead::Source(make(id.subtask, task.parallelism, downstream))
             }
             VertexKind::Operator { make, batch_in } => TaskHead::Inputs {
-                sink: batch_in(make(id.subtask, downstream)),
+                sink: batch_in(make(id.subtask, downstream), self.input_format(head)),
                 channels: self.inputs_of(id).len(),
             },
         }
+    }
+
+    /// The columnar format of what reaches `head` over channels: that of
+    /// its upstream vertices (they share its input type).
+    fn input_format(&self, head: VertexId) -> Option<&AnyFormat> {
+        self.graph
+            .edges
+            .iter()
+            .filter(|e| e.to == head)
+            .find_map(|e| self.graph.vertices.get(e.from)?.format.as_ref())
     }
 
     fn downstream(

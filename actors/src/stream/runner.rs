@@ -6,6 +6,7 @@
 //! and tracks the minimum watermark over its inputs.
 
 use super::channel::{BatchSink, ChannelMsg};
+use super::edges::ChannelMeter;
 use super::failure::{ChannelError, StageError, TaskError};
 use super::operator::EventTime;
 use super::source::{SourceDriver, SourcePoll};
@@ -48,6 +49,10 @@ pub trait Inbox: Send {
         blocked: &[bool],
         timeout: Duration,
     ) -> Result<Option<(usize, ChannelMsg)>, ChannelError>;
+    /// The meter of input channel `channel`, if this inbox counts.
+    fn meter(&self, _channel: usize) -> Option<&ChannelMeter> {
+        None
+    }
 }
 
 /// What a subtask reports to its coordinator.
@@ -287,14 +292,33 @@ fn run_inputs(
             }
             continue;
         };
+        let meter = inbox.meter(channel);
         match msg {
             ChannelMsg::Batch(bytes) => {
+                if let Some(m) = meter {
+                    m.codec(bytes.len());
+                }
                 sink.deliver(&bytes)?;
                 dirty = true;
             }
             ChannelMsg::Shared(batch) => {
+                if let Some(m) = meter {
+                    m.codec(batch.bytes().len());
+                }
                 sink.deliver(batch.bytes())?;
                 dirty = true;
+            }
+            ChannelMsg::Arrow(batch) => {
+                let (_, copied) = sink.deliver_arrow(&batch.0)?;
+                if let Some(m) = meter {
+                    m.copied(copied);
+                }
+                dirty = true;
+            }
+            ChannelMsg::Columnar(_) => {
+                return Err(TaskError::Channel(ChannelError::Decode(
+                    "a columnar batch arrived that its host did not read in".into(),
+                )));
             }
             ChannelMsg::Records(records) => {
                 sink.deliver_records(&records)?;

@@ -4,6 +4,7 @@
 //! and the recovery time the report gives.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use braid::store::codec;
 use braid_actors::checkpoint::storage::CheckpointStorage;
 use braid_actors::stream::context::TaskContext;
 use braid_actors::stream::coordinator::{FaultPoint, JobConfig};
@@ -509,9 +510,9 @@ fn a_restored_snapshot_listing_a_file_outside_the_sinks_pending_directory_is_ref
     let dir = tmp.path().join("out");
     let victim = tmp.path().join("elsewhere");
     std::fs::write(&victim, "not the sink's").unwrap();
-    // The sink's state as bincode lays it out: its pending files, then
+    // The sink's state as the codec lays it out: its pending files, then
     // its epoch.
-    let forged = bincode::serialize(&(vec![(1u64, victim.clone())], 1u64)).unwrap();
+    let forged = codec::encode(&(vec![(1u64, victim.clone())], 1u64)).unwrap();
     let mut sink = sink_of_generation(&dir, 2);
     let err = sink.restore(&forged).unwrap_err();
     assert!(err.to_string().contains("outside"), "{err}");

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use braid::store::codec;
 use braid_actors::train::metrics::{
     LatencyHistogram, MetricsError, Progressive, ProgressiveSnapshot, AUC_BIN_BITS,
 };
@@ -260,9 +261,9 @@ proptest! {
         }
         ha.merge(&hb);
         prop_assert_eq!(&ha, &all);
-        let bytes = bincode::serialize(&ha).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let bytes = codec::encode(&ha).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let back: LatencyHistogram =
-            bincode::deserialize(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            codec::decode(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(&back, &all);
         let json = serde_json::to_string(&ha).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let back: LatencyHistogram =
@@ -329,9 +330,9 @@ proptest! {
         let json = serde_json::to_string(&a).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let mut b: Progressive =
             serde_json::from_str(&json).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let bytes = bincode::serialize(&a).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let bytes = codec::encode(&a).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let mut c: Progressive =
-            bincode::deserialize(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            codec::decode(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
         for &(y, p) in &rows[cut..] {
             a.record(y, p);
             b.record(y, p);

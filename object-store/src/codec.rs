@@ -111,6 +111,27 @@ pub fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut [u8]) -> Result<u
     Ok(n)
 }
 
+/// Appends the encoding of `value` to `out` and returns the number of bytes
+/// appended; the bytes already in `out` are kept.
+///
+/// Use to assemble a larger buffer (a length-prefixed frame, a checkpoint
+/// blob of several parts) without an intermediate vector. Unlike
+/// [`encode_into`] it makes a single pass over `value` (no sizing pass), and
+/// `out` grows as needed. On failure `out` is left as it was.
+pub fn encode_append<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut Vec<u8>,
+) -> Result<usize, EncodeError> {
+    let at = out.len();
+    match options().serialize_into(&mut *out, value) {
+        Ok(()) => Ok(out.len() - at),
+        Err(e) => {
+            out.truncate(at);
+            Err(serialize_error(e))
+        }
+    }
+}
+
 /// Decodes a `T` that must occupy all of `bytes`.
 ///
 /// Use for values read from store objects. Safe on untrusted bytes too: a
@@ -209,6 +230,38 @@ mod tests {
         assert_eq!(&buf[..n], &expected[..]);
         assert!(buf[n..].iter().all(|&b| b == 0xAA));
         assert_eq!(decode::<Msg>(&buf[..n]).unwrap(), m);
+    }
+
+    #[test]
+    fn encode_append_keeps_the_prefix() {
+        let m = sample();
+        let expected = encode(&m).unwrap();
+        let mut out = vec![7u8, 8, 9];
+        let n = encode_append(&m, &mut out).unwrap();
+        assert_eq!(n, expected.len());
+        assert_eq!(&out[..3], &[7, 8, 9]);
+        assert_eq!(&out[3..], &expected[..]);
+        assert_eq!(decode::<Msg>(&out[3..]).unwrap(), m);
+    }
+
+    #[test]
+    fn encode_append_failure_leaves_out_unchanged() {
+        /// Serializes one element, then fails.
+        struct FailsMidway;
+        impl Serialize for FailsMidway {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::{Error, SerializeTuple};
+                let mut t = s.serialize_tuple(2)?;
+                t.serialize_element(&0xDEAD_BEEFu32)?;
+                Err(S::Error::custom("midway"))
+            }
+        }
+        let mut out = vec![1u8, 2];
+        assert!(matches!(
+            encode_append(&FailsMidway, &mut out),
+            Err(EncodeError::Serialize(_))
+        ));
+        assert_eq!(out, vec![1, 2]);
     }
 
     #[test]

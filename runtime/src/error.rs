@@ -3,7 +3,7 @@
 //! variant it was raised as.
 
 use crate::ids::{ActorId, NodeId};
-use braid_store::ObjectId;
+use braid_store::{codec, ObjectId};
 use serde::{Deserialize, Serialize};
 
 /// What went wrong in a braid call.
@@ -148,8 +148,14 @@ impl Error {
     }
 }
 
-impl From<bincode::Error> for Error {
-    fn from(e: bincode::Error) -> Self {
+impl From<codec::EncodeError> for Error {
+    fn from(e: codec::EncodeError) -> Self {
+        Error::Codec(e.to_string())
+    }
+}
+
+impl From<codec::DecodeError> for Error {
+    fn from(e: codec::DecodeError) -> Self {
         Error::Codec(e.to_string())
     }
 }

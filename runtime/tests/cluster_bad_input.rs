@@ -8,6 +8,7 @@
 use braid::address::Address;
 use braid::ids::{NodeId, WorkerId};
 use braid::rpc::{HeadClient, NodeClient, NodeRecord};
+use braid::store::codec;
 use braid::wire::messages::{Body, Frame, Hello, Message, Reply};
 use braid::{ActorBuilder, Error, Runtime, TypedHandle};
 use std::collections::BTreeSet;
@@ -87,7 +88,7 @@ fn framed(body: &[u8]) -> Vec<u8> {
 }
 
 fn encode_frame(frame: &Frame) -> Vec<u8> {
-    framed(&bincode::serialize(frame).unwrap())
+    framed(&codec::encode(frame).unwrap())
 }
 
 fn hello(token: &str) -> Frame {
@@ -122,7 +123,7 @@ fn unix_probes(rng: &mut Rng) -> Vec<Probe> {
     let mut zero = 0u32.to_le_bytes().to_vec();
     zero.extend(rng.bytes(64));
     // A well-formed Hello frame cut short inside its token string.
-    let whole = bincode::serialize(&hello("0123456789abcdef0123456789abcdef")).unwrap();
+    let whole = codec::encode(&hello("0123456789abcdef0123456789abcdef")).unwrap();
     let truncated = framed(&whole[..whole.len() / 2]);
     // A request whose inner sequence claims 2^64-1 elements: seq, Body::Request
     // (0), Message::FreeObjects (5), then the length.
@@ -285,7 +286,7 @@ impl Wire {
         }
         let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
         self.0.read_exact(&mut body).expect("a whole frame");
-        Some(bincode::deserialize(&body).expect("a well-formed frame from the server"))
+        Some(codec::decode(&body).expect("a well-formed frame from the server"))
     }
 
     /// The reply to request `seq`.

@@ -12,6 +12,7 @@ mod common;
 
 use braid::address::Address;
 use braid::ids::{NodeId, WorkerId};
+use braid::store::codec;
 use braid::wire::messages::{Body, Frame, Hello, Message, Reply};
 use common::Braid;
 use std::io::{ErrorKind, Read, Write};
@@ -55,7 +56,7 @@ fn node_socket_and_token(braid: &Braid) -> (PathBuf, String) {
 }
 
 fn framed(frame: &Frame) -> Vec<u8> {
-    let body = bincode::serialize(frame).unwrap();
+    let body = codec::encode(frame).unwrap();
     let mut out = (body.len() as u32).to_le_bytes().to_vec();
     out.extend_from_slice(&body);
     out
@@ -66,7 +67,7 @@ fn read_frame(s: &mut UnixStream) -> Frame {
     s.read_exact(&mut len).unwrap();
     let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
     s.read_exact(&mut body).unwrap();
-    bincode::deserialize(&body).unwrap()
+    codec::decode(&body).unwrap()
 }
 
 /// A client that says hello with the right token, as a peer would.

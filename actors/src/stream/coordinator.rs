@@ -20,6 +20,7 @@ use super::restart::{RestartStrategy, Restarts};
 use super::runner::{Command, SourcePace};
 use super::stage::ChainSnapshot;
 use crate::checkpoint::storage::{CheckpointStorage, Epoch, Manifest, StateHandle, StorageError};
+use braid::store::codec;
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -229,7 +230,7 @@ pub type Restored = (HashMap<String, Vec<u8>>, Option<Vec<u8>>);
 #[doc(hidden)]
 pub fn decode_subtask(bytes: &[u8]) -> Result<Restored, StateError> {
     let saved: SubtaskState =
-        bincode::deserialize(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
+        codec::decode(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
     Ok((
         saved.states.into_iter().map(|s| (s.0, s.1)).collect(),
         saved.offset,
@@ -790,6 +791,7 @@ pub fn encode_subtask(
 mod tests {
     use super::{encode_subtask, NamedState, SubtaskState};
     use crate::stream::operator::Snapshot;
+    use braid::store::codec;
 
     #[test]
     fn a_subtask_blob_is_bincode_of_its_states_and_offset() {
@@ -806,11 +808,11 @@ mod tests {
                 ),
             ];
             let blob = encode_subtask(states, offset.clone()).unwrap();
-            let want = bincode::serialize(&SubtaskState {
+            let want = codec::encode(&SubtaskState {
                 states: vec![
                     NamedState(
                         "op-a".into(),
-                        bincode::serialize(&(1u64, "x".to_string())).unwrap(),
+                        codec::encode(&(1u64, "x".to_string())).unwrap(),
                     ),
                     NamedState("op-b".into(), Vec::new()),
                     NamedState("op-c".into(), vec![1, 2, 3]),

@@ -3,6 +3,7 @@
 //! passed through, and state taken as a cheap [`Snapshot`] at a barrier and
 //! serialized later, off the record path.
 
+use braid::store::codec;
 use thiserror::Error;
 
 /// Event time, in milliseconds since an epoch the job chooses.
@@ -99,10 +100,13 @@ impl Snapshot {
         Snapshot::writer(|_| Ok(()))
     }
 
-    /// A snapshot of a value that is itself the frozen copy: bincode of it.
+    /// A snapshot of a value that is itself the frozen copy: its
+    /// [`codec`] encoding.
     pub fn of<S: serde::Serialize + Send + 'static>(state: S) -> Self {
         Snapshot::writer(move |out| {
-            bincode::serialize_into(out, &state).map_err(|e| StateError::Encode(e.to_string()))
+            codec::encode_append(&state, out)
+                .map(drop)
+                .map_err(|e| StateError::Encode(e.to_string()))
         })
     }
 
@@ -134,16 +138,17 @@ pub(crate) fn write_part(
     Ok(())
 }
 
-/// Decodes bytes written by [`Snapshot::of`].
+/// Decodes bytes written by [`Snapshot::of`]; the state must occupy all of
+/// `bytes` (trailing bytes are a [`StateError::Decode`]).
 ///
-/// Any bytes give a state or [`StateError::Decode`]: bincode checks every
-/// length it reads against the input before it allocates for it, and
+/// Any bytes give a state or [`StateError::Decode`]: the [`codec`] checks
+/// every length it reads against the input before it allocates for it, and
 /// serde's standard collections cap what they reserve up front. A state
 /// type whose `Deserialize` reserves whatever length it is told does not
 /// have that bound: imbl's collections do, so state fields of imbl types
 /// deserialize through [`imbl_de`].
 pub fn decode_state<S: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<S, StateError> {
-    bincode::deserialize(bytes).map_err(|e| StateError::Decode(e.to_string()))
+    codec::decode(bytes).map_err(|e| StateError::Decode(e.to_string()))
 }
 
 /// `deserialize_with` functions for operator state kept in imbl's

@@ -44,6 +44,7 @@ use super::worker::TrainWorker;
 use crate::stream::graph::StreamEnv;
 use crate::stream::operator::{decode_state, Collector, StateError};
 use crate::stream::source::{Source, SourcePoll};
+use braid::store::codec;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -345,7 +346,7 @@ impl Source for TrainSource {
             Ok(r) => r.offset(),
             Err(_) => Vec::new(),
         };
-        bincode::serialize(&SourceOffset {
+        codec::encode(&SourceOffset {
             reader,
             seq: self.seq,
             rows: self.rows,

@@ -34,6 +34,7 @@ use crate::stream::operator::{
 };
 use crate::stream::registry;
 use crate::stream::service::{self, Peers, Service, ServiceGuard};
+use braid::store::codec;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -690,14 +691,14 @@ struct PullService {
 
 impl Service for PullService {
     fn call(&self, request: &[u8]) -> Result<Vec<u8>, String> {
-        let request: PullRequest<'_> =
-            bincode::deserialize(request).map_err(|e| format!("a malformed pull request: {e}"))?;
+        let request: PullRequest<'static> =
+            codec::decode(request).map_err(|e| format!("a malformed pull request: {e}"))?;
         let mut out = Vec::with_capacity(request.keys.len());
         let answer: PullAnswer = self
             .cell
             .pull(request.step, &request.keys, &mut out, self.timeout)
             .map(|stats| (stats, out));
-        bincode::serialize(&answer).map_err(|e| e.to_string())
+        codec::encode(&answer).map_err(|e| e.to_string())
     }
 }
 
@@ -1212,7 +1213,9 @@ impl ShardOperator {
             // this size later would copy it whole.
             out.reserve(SNAPSHOT_SLACK + model.encoded_len() + counts.encoded_len());
             write_part(out, |o| {
-                bincode::serialize_into(o, &meta).map_err(|e| StateError::Encode(e.to_string()))
+                codec::encode_append(&meta, o)
+                    .map(drop)
+                    .map_err(|e| StateError::Encode(e.to_string()))
             })?;
             write_part(out, |o| {
                 model.write_to(o);
@@ -1377,7 +1380,7 @@ impl PsClient {
                     .peers
                     .as_ref()
                     .ok_or_else(|| unreachable("no peers".into()))?;
-                let request = bincode::serialize(&PullRequest {
+                let request = codec::encode(&PullRequest {
                     step,
                     keys: keys.into(),
                 })
@@ -1386,7 +1389,7 @@ impl PsClient {
                     .call(SHARD_TASK, shard, name, request)
                     .map_err(|e| unreachable(e.to_string()))?;
                 let answer: PullAnswer =
-                    bincode::deserialize(&answer).map_err(|e| unreachable(e.to_string()))?;
+                    codec::decode(&answer).map_err(|e| unreachable(e.to_string()))?;
                 let (stats, weights) = answer?;
                 *out = weights;
                 Ok(stats)

@@ -22,6 +22,7 @@ use super::table::SlotRef;
 use crate::stream::operator::{
     decode_state, write_part, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
 };
+use braid::store::codec;
 use serde::{Deserialize, Serialize};
 
 /// Predictions a worker made for one batch, before training on it.
@@ -326,7 +327,9 @@ impl Operator for TrainWorker {
         let shards: Vec<Snapshot> = self.chained.iter_mut().map(|s| s.freeze()).collect();
         Ok(Snapshot::writer(move |out| {
             write_part(out, |o| {
-                bincode::serialize_into(o, &step).map_err(|e| StateError::Encode(e.to_string()))
+                codec::encode_append(&step, o)
+                    .map(drop)
+                    .map_err(|e| StateError::Encode(e.to_string()))
             })?;
             for shard in shards {
                 write_part(out, |o| shard.encode_into(o))?;

@@ -38,6 +38,7 @@ use braid_actors::train::data::FeatureBatch;
 use braid_actors::train::metrics::{LatencyHistogram, Progressive};
 use braid_actors::train::optimizer::{sigmoid, FtrlParams, Model, OptimizerKind, BIAS_KEY};
 use braid_actors::train::table::ParamTable;
+use braid_store::codec;
 use rustix::event::{PollFd, PollFlags, Timespec};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -288,7 +289,7 @@ fn write_frame(
     buf: &mut Vec<u8>,
 ) -> anyhow::Result<()> {
     buf.clear();
-    bincode::serialize_into(&mut *buf, msg)?;
+    codec::encode_append(msg, buf)?;
     let len = u32::try_from(buf.len()).context("frame too large")?;
     out.write_all(&len.to_le_bytes())?;
     out.write_all(buf)?;
@@ -417,7 +418,7 @@ fn read_frame(
     ensure!(len <= MAX_FRAME_BYTES, "frame of {len} bytes");
     buf.resize(len, 0);
     conn.read_exact(buf).context("truncated frame")?;
-    bincode::deserialize(buf).context("bad frame")
+    codec::decode(buf).context("bad frame")
 }
 
 /// Waits up to `timeout` for bytes (or the end) on the connection.
@@ -457,7 +458,7 @@ impl Publisher {
             weights,
         };
         self.buf.clear();
-        bincode::serialize_into(&mut self.buf, &delta)?;
+        codec::encode_append(&delta, &mut self.buf)?;
         let tmp = delta_path(&self.dir, self.seq, "tmp");
         let done = delta_path(&self.dir, self.seq, "bin");
         std::fs::write(&tmp, &self.buf)
@@ -765,8 +766,8 @@ fn poll_loop(shared: &ServerShared, dir: &Path, refresh: Duration) -> anyhow::Re
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                 Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
             };
-            let delta: Delta = bincode::deserialize(&bytes)
-                .with_context(|| format!("bad delta {}", path.display()))?;
+            let delta: Delta =
+                codec::decode(&bytes).with_context(|| format!("bad delta {}", path.display()))?;
             ensure!(
                 delta.seq == seq,
                 "{} holds delta {}",

@@ -7,6 +7,7 @@ use super::messages::{Body, Frame, Message, Reply};
 use super::ring::{self, RingPair};
 use super::{handshake_timeout, HELLO_MAX_FRAME, MAX_FRAME};
 use crate::error::{Error, Result};
+use braid_store::codec;
 use parking_lot::Mutex;
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
@@ -143,11 +144,11 @@ impl std::fmt::Debug for Conn {
 }
 
 /// Encodes `frame` as it goes on the wire: its body's length (`u32`
-/// little-endian) and the bincode body. Bodies over [`MAX_FRAME`] are
-/// refused.
+/// little-endian) and the body, `frame` in the store's
+/// [`codec`]. Bodies over [`MAX_FRAME`] are refused.
 pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; 4];
-    bincode::serialize_into(&mut buf, frame)?;
+    codec::encode_append(frame, &mut buf)?;
     let len = buf.len() - 4;
     if len > MAX_FRAME {
         return Err(Error::BadRequest(format!(
@@ -709,9 +710,11 @@ pub fn next_frame(bytes: &[u8]) -> Result<Option<Range<usize>>> {
 }
 
 /// Decodes one frame's body, as read off a socket or a ring. Any bytes
-/// that are not one [`Frame`] are an error, whatever the peer sent.
+/// that are not exactly one [`Frame`] (trailing bytes included) are an
+/// error, whatever the peer sent.
 pub fn decode_frame(body: &[u8]) -> Result<Frame> {
-    bincode::deserialize(body).map_err(|e| Error::BadRequest(format!("malformed frame: {e}")))
+    codec::decode_bounded(body, MAX_FRAME as u64)
+        .map_err(|e| Error::BadRequest(format!("malformed frame: {e}")))
 }
 
 /// The thread that reads a ring connection's inbound frames: it polls

@@ -102,6 +102,10 @@ impl braid_actors::stream::operator::Operator for SlowSink {
     }
 }
 
+/// Records per batch of the slow job: small, so the bounds on what is in
+/// flight are well below the 8,000 records it sends.
+const SLOW_BATCH: u64 = 256;
+
 /// A fast source and a slow sink in different processes; the source
 /// records the largest gap between what it emitted and what the sink took.
 fn slow(params: &JobParams) -> StreamEnv {
@@ -123,6 +127,7 @@ fn slow(params: &JobParams) -> StreamEnv {
             i
         })
     });
+    let fast = fast.batch_records(SLOW_BATCH as usize);
     let fast = if columnar { fast.columnar() } else { fast };
     fast.rebalance().sink("slow", move |_| SlowSink {
         dir: dir.clone(),
@@ -268,7 +273,7 @@ fn a_slow_sink_in_another_process_holds_back_the_source() {
     let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
     assert_eq!(report.failures, 0, "{report:?}");
     let gap = read_count(&dir.path().join("max_gap"));
-    let batch = braid_actors::stream::channel::BATCH_RECORDS as u64;
+    let batch = SLOW_BATCH;
     let bound = batch * (2 + 2) + 2 * 64;
     assert!(
         gap <= bound,
@@ -290,7 +295,7 @@ fn store_bytes_in_flight_hold_back_a_columnar_source() {
     let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
     assert_eq!(report.failures, 0, "{report:?}");
     let gap = read_count(&dir.path().join("max_gap"));
-    let batch = braid_actors::stream::channel::BATCH_RECORDS as u64;
+    let batch = SLOW_BATCH;
     let bound = batch * (1 + 2) + 2 * 64;
     assert!(
         gap <= bound,

@@ -202,6 +202,10 @@ impl Operator for Slow {
     }
 }
 
+/// Records per batch of the slow-sink jobs: small, so the bound on what is
+/// in flight is well below the records they send.
+const SLOW_BATCH: u64 = 256;
+
 #[test]
 fn a_slow_sink_slows_the_source_and_buffers_stay_bounded() {
     let dir = tempfile::tempdir().unwrap();
@@ -219,6 +223,7 @@ fn a_slow_sink_slows_the_source_and_buffers_stay_bounded() {
             i
         })
     })
+    .batch_records(SLOW_BATCH as usize)
     .rebalance()
     .sink("slow", {
         let consumed = consumed.clone();
@@ -229,7 +234,7 @@ fn a_slow_sink_slows_the_source_and_buffers_stay_bounded() {
     config.pace.rate = None;
     config.credits = 2;
     braid_actors::stream::local::run(&plan, config).unwrap();
-    let bound = (2 + 2) * braid_actors::stream::channel::BATCH_RECORDS as u64;
+    let bound = (2 + 2) * SLOW_BATCH;
     let gap = max_gap.load(Ordering::SeqCst);
     assert!(
         gap <= bound,

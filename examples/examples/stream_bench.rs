@@ -1,8 +1,15 @@
 //! Streaming benchmark on an embedded cluster (every subtask a worker
 //! process): events per second per core with checkpoints on, the
 //! checkpoint overhead (the same job with checkpoints on and off, in one
-//! run), and recovery time after a worker process is SIGKILLed (from the
-//! kill until the next attempt is running).
+//! run), the cost of crossing processes (the same job on the local runner,
+//! every subtask a thread of this process, in the same run), and recovery
+//! time after a worker process is SIGKILLed (from the kill until the next
+//! attempt is running).
+//!
+//! The job is source → map → key_by → reduce → sink; its keyed records
+//! cross processes as Arrow record batches in the store (`.columnar()`),
+//! or encoded with `--encoded`. Per-core figures divide by the machine's
+//! cores, the same for both runners.
 //!
 //! Run: `cargo run --release --example stream_bench`
 //!
@@ -34,6 +41,9 @@ struct Args {
     /// Checkpoint interval with checkpoints on.
     #[arg(long, default_value_t = 200)]
     checkpoint_ms: u64,
+    /// Send the keyed records between processes encoded, not columnar.
+    #[arg(long)]
+    encoded: bool,
 }
 
 /// Counts what reaches it.
@@ -63,14 +73,21 @@ fn bench_job(params: &JobParams) -> StreamEnv {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let env = StreamEnv::new(parallelism);
-    env.source("numbers", move |s, p| {
-        GeneratorSource::new(records, s, p, |i| i)
-    })
-    .map(|i: u64| (i % 4096, 1u64))
-    .key_by(|kv: &(u64, u64)| kv.0)
-    .reduce(|a: &(u64, u64), b: &(u64, u64)| (a.0, a.1 + b.1))
-    .map(|(_, v): (u64, (u64, u64))| v)
-    .sink("count", |_| CountSink(0));
+    let keyed = env
+        .source("numbers", move |s, p| {
+            GeneratorSource::new(records, s, p, |i| i)
+        })
+        .map(|i: u64| (i % 4096, 1u64))
+        .key_by(|kv: &(u64, u64)| kv.0);
+    let keyed = if params.contains_key("encoded") {
+        keyed
+    } else {
+        keyed.columnar()
+    };
+    keyed
+        .reduce(|a: &(u64, u64), b: &(u64, u64)| (a.0, a.1 + b.1))
+        .map(|(_, v): (u64, (u64, u64))| v)
+        .sink("count", |_| CountSink(0));
     env
 }
 
@@ -90,6 +107,9 @@ fn job(
     let mut params = JobParams::new();
     params.insert("records".into(), args.records.to_string());
     params.insert("parallelism".into(), args.parallelism.to_string());
+    if args.encoded {
+        params.insert("encoded".into(), String::new());
+    }
     ClusterJob {
         checkpoint_interval: interval,
         pace: SourcePace {
@@ -109,6 +129,28 @@ fn job(
     }
 }
 
+/// One run of the job on the local runner (every subtask a thread of this
+/// process), checkpoints on: its events per second.
+fn run_local(args: &Args, rt: &braid::Runtime) -> anyhow::Result<f64> {
+    use braid_actors::checkpoint::storage::CheckpointStorage;
+    use braid_actors::stream::coordinator::JobConfig;
+    use braid_actors::stream::plan::Plan;
+    let dir = tempfile::tempdir_in(rt.scratch_dir()?)?;
+    let mut params = JobParams::new();
+    params.insert("records".into(), args.records.to_string());
+    params.insert("parallelism".into(), args.parallelism.to_string());
+    let plan = Plan::new(bench_job(&params).into_graph());
+    let mut config = JobConfig::new(CheckpointStorage::local(dir.path(), "bench", 2)?);
+    config.checkpoint_interval = Duration::from_millis(args.checkpoint_ms);
+    config.pace = SourcePace {
+        batch: 1024,
+        rate: None,
+    };
+    let started = Instant::now();
+    braid_actors::stream::local::run(&plan, config)?;
+    Ok(args.records as f64 / started.elapsed().as_secs_f64())
+}
+
 fn main() -> anyhow::Result<()> {
     braid_examples::init_logging();
     let args = Args::parse();
@@ -117,7 +159,12 @@ fn main() -> anyhow::Result<()> {
     let mut with = Vec::new();
     let mut without = Vec::new();
     let mut checkpoints = Vec::new();
+    let mut local = Vec::new();
+    let mut edges = Vec::new();
     for run in 0..args.runs {
+        let rate = run_local(&args, &rt)?;
+        eprintln!("run {run}: local runner, checkpoints on -> {rate:.0} events/s");
+        local.push(rate);
         for on in [true, false] {
             let dir = tempfile::tempdir_in(rt.scratch_dir()?)?;
             let interval = if on {
@@ -137,6 +184,7 @@ fn main() -> anyhow::Result<()> {
             if on {
                 with.push(rate);
                 checkpoints.push(report.checkpoints as f64);
+                edges = report.edges;
             } else {
                 without.push(rate);
             }
@@ -192,6 +240,7 @@ fn main() -> anyhow::Result<()> {
 
     let with_rate = median(&mut with);
     let without_rate = median(&mut without);
+    let local_rate = median(&mut local);
     let summary = serde_json::json!({
         "records_per_run": args.records,
         "parallelism": args.parallelism,
@@ -199,6 +248,11 @@ fn main() -> anyhow::Result<()> {
         "events_per_s_checkpoints_on": with_rate,
         "events_per_s_checkpoints_off": without_rate,
         "events_per_s_per_core": with_rate / cores,
+        "columnar": !args.encoded,
+        "events_per_s_per_core_cluster": with_rate / cores,
+        "events_per_s_per_core_local": local_rate / cores,
+        "cluster_over_local": with_rate / local_rate,
+        "edges": edges,
         "checkpoint_overhead": 1.0 - with_rate / without_rate,
         "checkpoint_interval_ms": args.checkpoint_ms,
         "checkpoints_per_run": median(&mut checkpoints),

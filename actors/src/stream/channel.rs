@@ -25,7 +25,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 /// Records per batch before a channel sends it.
-pub const BATCH_RECORDS: usize = 1024;
+pub const BATCH_RECORDS: usize = 4096;
 
 /// An encoded batch that lives in shared memory (a view of an object in
 /// the node's store): the records are decoded straight out of it.

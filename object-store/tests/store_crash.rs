@@ -1,5 +1,6 @@
 //! Crashes: a client killed or panicking while it holds pins, unsealed
-//! creations and leases loses exactly those; a killed store gives its clients
+//! creations and leases loses exactly those (a pin held by a record batch
+//! read in place included); a killed store gives its clients
 //! typed errors and leaves nothing behind but a stale socket, which the next
 //! store replaces.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -47,6 +48,10 @@ fn child_entry() {
         return;
     };
     let client = StoreClient::connect(std::env::var(SOCKET_VAR).unwrap()).unwrap();
+    if role == "batch-reader" {
+        read_batch_and_hold(&client);
+        return;
+    }
     let mut views = Vec::new();
     for (i, &size) in SEALED.iter().enumerate() {
         let id = ObjectId::random();
@@ -179,6 +184,64 @@ fn panicking_client_loses_its_pins_creations_and_leases() {
     );
     assert!(!alive(pid));
     assert_released(&client, &objects);
+}
+
+const BATCH_VAR: &str = "BRAID_TEST_BATCH";
+
+/// The batch reader's role: views the object as an Arrow record batch,
+/// drops the view (the batch's arrays keep the pin) and holds the batch.
+fn read_batch_and_hold(client: &StoreClient) {
+    let id: ObjectId = std::env::var(BATCH_VAR).unwrap().parse().unwrap();
+    let view = client.get(id, WAIT).unwrap();
+    let batch = view.record_batch().unwrap();
+    drop(view);
+    assert_eq!(batch.num_rows(), 1000);
+    client.stats().unwrap();
+    println!("ready");
+    block_on_stdin();
+    drop(batch);
+}
+
+#[test]
+fn a_killed_reader_of_a_record_batch_releases_its_pin() {
+    use braid_store::arrow_array::{Int64Array, RecordBatch};
+    use braid_store::batch::{write_record_batch, BatchLayout};
+    use std::sync::Arc;
+    let store = StoreProcess::start(16 << 20, false);
+    let client = StoreClient::connect(&store.socket).unwrap();
+    let column = Arc::new(Int64Array::from_iter_values(0..1000));
+    let batch = RecordBatch::try_from_iter([("n", column as _)]).unwrap();
+    let layout = BatchLayout::of(&batch).unwrap();
+    let id = ObjectId::random();
+    let mut buf = client.create(id, layout.total_len() as u64).unwrap();
+    write_record_batch(&layout, &batch, buf.as_mut_slice()).unwrap();
+    drop(buf.seal().unwrap());
+
+    let mut cmd = role_command(
+        ENTRY,
+        "batch-reader",
+        &[
+            (SOCKET_VAR, store.socket.display().to_string()),
+            (BATCH_VAR, id.to_string()),
+        ],
+    );
+    cmd.stdin(Stdio::piped()).stderr(Stdio::null());
+    let mut child = RoleChild::from_command(cmd);
+    child.read_tagged("ready");
+    assert_eq!(
+        client.stats().unwrap().pins,
+        1,
+        "the reader's batch holds the object's pin after its view is dropped"
+    );
+    let pid = child.pid();
+    assert!(!child.kill().success());
+    assert!(!alive(pid));
+    eventually(Duration::from_secs(10), || {
+        client.stats().unwrap().clients == 1
+    });
+    assert_eq!(client.stats().unwrap().pins, 0);
+    client.delete(id).unwrap();
+    assert_eq!(client.stats().unwrap().arena.used, 0);
 }
 
 fn disconnected(e: &ConnectionError) -> bool {

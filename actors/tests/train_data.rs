@@ -1,12 +1,27 @@
-//! Feature data: gen_ctr and Criteo parsing, batch encoding, synthetic stream.
+//! Feature data: gen_ctr and Criteo parsing, feature batches as Arrow
+//! record batches, synthetic stream.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::io::{BufReader, Cursor};
 
+use std::sync::Arc;
+
+use braid::store::arrow_array::cast::AsArray;
+use braid::store::arrow_array::types::{
+    ArrowPrimitiveType, Float32Type, Int64Type, UInt32Type, UInt64Type,
+};
+use braid::store::arrow_array::{
+    Array, ArrayRef, Float32Array, Float64Array, Int32Array, ListArray, PrimitiveArray,
+    RecordBatch, UInt64Array,
+};
+use braid::store::arrow_buffer::{Buffer, NullBuffer, OffsetBuffer};
+use braid::store::arrow_schema::{DataType, Field, Schema};
+use braid::store::batch::{read_record_batch, BatchWriter};
 use braid_actors::train::data::{
     CriteoConfig, CriteoParser, DataError, FeatureBatch, FeatureBatchRef, GenCtrParser, LineError,
-    MissingPolicy, SyntheticConfig, SyntheticStream,
+    MissingPolicy, SyntheticConfig, SyntheticStream, EVENT_TIME_COLUMN, IDS_COLUMN, LABEL_COLUMN,
+    POSITION_COLUMN, VALUES_COLUMN,
 };
 use proptest::prelude::*;
 
@@ -375,33 +390,46 @@ fn push_row_values_and_clear() {
     assert!(FeatureBatch::from_parts(vec![1.0], vec![0, 1], vec![1], Some(vec![])).is_err());
 }
 
+/// How a row of [`arb_batch`] is pushed.
+#[derive(Debug, Clone)]
+enum Push {
+    /// `push_row`: no event time, the next position.
+    Plain,
+    /// `push_row_at` with this event time and position.
+    At(Option<i64>, u64),
+}
+
 fn arb_batch() -> impl Strategy<Value = FeatureBatch> {
+    let push = prop_oneof![
+        Just(Push::Plain),
+        (proptest::option::of(any::<i64>()), any::<u64>()).prop_map(|(t, p)| Push::At(t, p)),
+    ];
     let row = (
         prop_oneof![Just(0.0f32), Just(1.0f32), -10.0f32..10.0],
         prop::collection::vec(any::<u64>(), 0..6),
+        push,
     );
     (
-        prop::collection::vec(row, 0..12),
+        prop::collection::vec(row, 0..20),
         any::<bool>(),
         any::<u32>(),
     )
         .prop_map(|(rows, with_values, salt)| {
             let mut b = FeatureBatch::new();
-            for (k, (label, ids)) in rows.iter().enumerate() {
+            for (k, (label, ids, push)) in rows.iter().enumerate() {
                 let values: Vec<f32> = ids
                     .iter()
                     .enumerate()
                     .map(|(i, _)| ((salt as usize + k * 7 + i) % 13) as f32 * 0.25)
                     .collect();
-                b.push_row(*label, ids, with_values.then_some(values.as_slice()))
-                    .unwrap();
+                let values = with_values.then_some(values.as_slice());
+                match push {
+                    Push::Plain => b.push_row(*label, ids, values).unwrap(),
+                    Push::At(t, p) => b.push_row_at(*label, ids, values, *t, *p).unwrap(),
+                }
             }
             b
         })
-}
-
-fn offsets_pos(b: &FeatureBatch) -> usize {
-    32 + 8 * b.len_ids() + (4 * b.rows()).div_ceil(8) * 8
 }
 
 /// What a gen_ctr line parses to, by the plain definition: whitespace
@@ -465,62 +493,72 @@ proptest! {
     }
 
     #[test]
-    fn encode_parse_round_trip(b in arb_batch(), extra in 0usize..3) {
-        let mut words = b.encode_to_words();
-        prop_assert_eq!(words.len() * 8, b.encoded_len());
-        words.extend(std::iter::repeat_n(0xdead_beef, extra));
-        let bytes: &[u8] = bytemuck::cast_slice(&words);
-        let view = FeatureBatchRef::parse(bytes).unwrap();
-        prop_assert_eq!(view.encoded_len(), b.encoded_len());
+    fn record_batch_round_trip(b in arb_batch()) {
+        let rb = b.to_record_batch().unwrap();
+        let names: Vec<&str> = rb.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
+        let mut expected = vec![LABEL_COLUMN, IDS_COLUMN];
+        if b.values().is_some() {
+            expected.push(VALUES_COLUMN);
+        }
+        expected.extend([EVENT_TIME_COLUMN, POSITION_COLUMN]);
+        prop_assert_eq!(names, expected);
+        prop_assert_eq!(rb.num_rows(), b.rows());
+        let view = FeatureBatchRef::from_record_batch(&rb).unwrap();
         prop_assert_eq!(view, b.view());
         prop_assert_eq!(view.to_batch(), b.clone());
-        prop_assert_eq!(view.ids().as_ptr() as usize, bytes.as_ptr() as usize + 32);
+        prop_assert_eq!(view.times().iter().collect::<Vec<_>>(), b.times().iter().collect::<Vec<_>>());
+        prop_assert_eq!(view.positions(), b.positions());
         for (i, row) in view.iter().enumerate() {
             prop_assert_eq!(row, b.row(i));
         }
+        assert_in_place(&rb, &view);
     }
 
     #[test]
-    fn concatenated_batches_parse_in_sequence(a in arb_batch(), b in arb_batch()) {
-        let mut bytes = Vec::new();
-        prop_assert_eq!(a.encode_into(&mut bytes), 0);
-        let start = b.encode_into(&mut bytes);
-        prop_assert_eq!(start, a.encoded_len());
-        let mut words = vec![0u64; bytes.len() / 8];
-        bytemuck::cast_slice_mut::<u64, u8>(&mut words).copy_from_slice(&bytes);
-        let buf: &[u8] = bytemuck::cast_slice(&words);
-        let first = FeatureBatchRef::parse(buf).unwrap();
-        let second = FeatureBatchRef::parse(&buf[first.encoded_len()..]).unwrap();
-        prop_assert_eq!(first.to_batch(), a);
-        prop_assert_eq!(second.to_batch(), b);
+    fn write_to_fills_a_writer_in_place(b in arb_batch(), extra in 0usize..100) {
+        let layout = b.batch_layout().unwrap();
+        // A store object: 64-byte aligned, rounded up.
+        let mut words = vec![0xdead_beef_u64; (layout.total_len() + extra).div_ceil(8) + 8];
+        let skip = (64 - (words.as_ptr() as usize % 64)) % 64 / 8;
+        let object: &mut [u8] = bytemuck::cast_slice_mut(&mut words[skip..]);
+        let mut writer = BatchWriter::new(&layout, object).unwrap();
+        b.write_to(&mut writer).unwrap();
+        let buffer = Buffer::from_vec(words).slice(skip * 8);
+        let range = buffer.as_ptr() as usize..buffer.as_ptr() as usize + buffer.len();
+        let rb = read_record_batch(buffer.clone()).unwrap();
+        let view = FeatureBatchRef::from_record_batch(&rb).unwrap();
+        prop_assert_eq!(view.to_batch(), b.clone());
+        let inside = |p: *const u8, len: usize| len == 0 || range.contains(&(p as usize));
+        prop_assert!(inside(view.labels().as_ptr().cast(), view.rows()));
+        prop_assert!(inside(view.ids().as_ptr().cast(), view.len_ids()));
+        prop_assert!(inside(view.offsets().as_ptr().cast(), 1));
+        prop_assert!(inside(view.positions().as_ptr().cast(), view.rows()));
+        prop_assert!(inside(view.times().values().as_ptr().cast(), view.rows()));
+        if let Some(values) = view.values() {
+            prop_assert!(inside(values.as_ptr().cast(), values.len()));
+        }
     }
 
     #[test]
     fn corrupted_bytes_never_panic(b in arb_batch(), pos in any::<prop::sample::Index>(), xor in 1u8..=255) {
-        let mut words = b.encode_to_words();
+        let layout = b.batch_layout().unwrap();
+        let mut words = vec![0u64; layout.total_len().div_ceil(8)];
+        let mut writer = BatchWriter::new(&layout, bytemuck::cast_slice_mut(&mut words)).unwrap();
+        b.write_to(&mut writer).unwrap();
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
         let pos = pos.index(bytes.len());
         bytes[pos] ^= xor;
-        let result = FeatureBatchRef::parse(bytes);
-        if pos < 32 {
-            prop_assert!(result.is_err(), "header corruption at {} accepted", pos);
+        if let Ok(rb) = read_record_batch(Buffer::from_vec(words)) {
+            if let Ok(view) = FeatureBatchRef::from_record_batch(&rb) {
+                let n: usize = view.iter().map(|(_, ids, v)| {
+                    assert_eq!(v.map(<[f32]>::len).unwrap_or(ids.len()), ids.len());
+                    ids.len()
+                }).sum();
+                prop_assert_eq!(n, view.len_ids());
+                prop_assert_eq!(view.times().len(), view.rows());
+                prop_assert_eq!(view.positions().len(), view.rows());
+            }
         }
-        if let Ok(view) = result {
-            let n: usize = view.iter().map(|(_, ids, v)| {
-                assert_eq!(v.map(<[f32]>::len).unwrap_or(ids.len()), ids.len());
-                ids.len()
-            }).sum();
-            prop_assert_eq!(n, view.len_ids());
-        }
-    }
-
-    #[test]
-    fn truncated_buffers_are_rejected(b in arb_batch(), cut in any::<prop::sample::Index>()) {
-        let words = b.encode_to_words();
-        let bytes: &[u8] = bytemuck::cast_slice(&words);
-        let cut = cut.index(bytes.len());
-        let err = FeatureBatchRef::parse(&bytes[..cut]).unwrap_err();
-        prop_assert!(matches!(err, DataError::Truncated { .. }), "{:?}", err);
     }
 
     #[test]
@@ -529,73 +567,365 @@ proptest! {
         k in any::<prop::sample::Index>(),
         bump in 1u32..1000,
     ) {
-        let pos = offsets_pos(&b);
+        let layout = b.batch_layout().unwrap();
+        let mut words = vec![0u64; layout.total_len().div_ceil(8)];
+        let mut writer = BatchWriter::new(&layout, bytemuck::cast_slice_mut(&mut words)).unwrap();
+        b.write_to(&mut writer).unwrap();
+        // Where the ids column's offsets lie in the buffer.
+        let at = {
+            let buffer = Buffer::from_vec(words.clone());
+            let rb = read_record_batch(buffer.clone()).unwrap();
+            let view = FeatureBatchRef::from_record_batch(&rb).unwrap();
+            view.offsets().as_ptr() as usize - buffer.as_ptr() as usize
+        };
         let k = k.index(b.rows() + 1);
-        let mut words = b.encode_to_words();
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
-        let at = pos + 4 * k;
+        let at = at + 4 * k;
         let old = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
         let ids = b.len_ids() as u32;
         let new = if k == 0 { old + bump } else { ids + bump };
         bytes[at..at + 4].copy_from_slice(&new.to_le_bytes());
-        let err = FeatureBatchRef::parse(bytes).unwrap_err();
-        prop_assert!(matches!(err, DataError::BadOffsets { .. }), "{:?}", err);
+        // Arrow's validation refuses offsets past the items; none get to a
+        // view.
+        let read = read_record_batch(Buffer::from_vec(words));
+        if let Ok(rb) = read {
+            let err = FeatureBatchRef::from_record_batch(&rb).unwrap_err();
+            prop_assert!(matches!(err, DataError::BadOffsets { .. }), "{:?}", err);
+        }
     }
 }
 
-#[test]
-fn decreasing_offsets_are_rejected() {
-    let mut b = FeatureBatch::new();
-    b.push_row(1.0, &[1, 2, 3], None).unwrap();
-    b.push_row(0.0, &[4], None).unwrap();
-    let pos = offsets_pos(&b);
-    let mut words = b.encode_to_words();
-    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
-    bytes[pos + 4..pos + 8].copy_from_slice(&5u32.to_le_bytes());
-    let err = FeatureBatchRef::parse(bytes).unwrap_err();
-    assert!(
-        matches!(err, DataError::BadOffsets { index: 2, .. }),
-        "{err:?}"
+/// Asserts that every slice of `view` is the matching Arrow array's
+/// buffer in `rb`, by address.
+fn assert_in_place(rb: &RecordBatch, view: &FeatureBatchRef<'_>) {
+    let col = |name: &str| rb.column_by_name(name).unwrap();
+    let labels = col(LABEL_COLUMN).as_primitive::<Float32Type>();
+    assert_eq!(view.labels().as_ptr(), labels.values().as_ptr());
+    let ids = col(IDS_COLUMN).as_list::<i32>();
+    assert_eq!(
+        view.ids().as_ptr(),
+        ids.values().as_primitive::<UInt64Type>().values().as_ptr()
     );
+    assert_eq!(
+        view.offsets().as_ptr() as usize,
+        ids.value_offsets().as_ptr() as usize
+    );
+    if let Some(values) = view.values() {
+        let list = col(VALUES_COLUMN).as_list::<i32>();
+        let items = list.values().as_primitive::<Float32Type>();
+        assert_eq!(values.as_ptr(), items.values().as_ptr());
+    }
+    let times = col(EVENT_TIME_COLUMN).as_primitive::<Int64Type>();
+    assert_eq!(view.times().values().as_ptr(), times.values().as_ptr());
+    let positions = col(POSITION_COLUMN).as_primitive::<UInt64Type>();
+    assert_eq!(view.positions().as_ptr(), positions.values().as_ptr());
+}
+
+/// A sample batch with values, event times (one null) and positions.
+fn sample() -> FeatureBatch {
+    let mut b = FeatureBatch::new();
+    b.push_row_at(1.0, &[1, 2, 3], Some(&[0.5, 1.5, 2.5]), Some(100), 40)
+        .unwrap();
+    b.push_row(0.0, &[4], None).unwrap();
+    b.push_row_at(1.0, &[], None, Some(-7), 7).unwrap();
+    b
+}
+
+/// `rb` with column `name` replaced by `column` (or removed).
+fn with_column(rb: &RecordBatch, name: &str, column: Option<(Field, ArrayRef)>) -> RecordBatch {
+    let mut fields = Vec::new();
+    let mut columns = Vec::new();
+    for (field, array) in rb.schema_ref().fields().iter().zip(rb.columns()) {
+        if field.name() == name {
+            if let Some((f, a)) = column.clone() {
+                fields.push(Arc::new(f));
+                columns.push(a);
+            }
+        } else {
+            fields.push(field.clone());
+            columns.push(array.clone());
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+}
+
+fn item_list<T: ArrowPrimitiveType>(
+    offsets: Vec<i32>,
+    items: Vec<T::Native>,
+    nulls: Option<Vec<bool>>,
+) -> ArrayRef {
+    let item = Arc::new(Field::new("item", T::DATA_TYPE, false));
+    Arc::new(
+        ListArray::try_new(
+            item,
+            OffsetBuffer::new(offsets.into()),
+            Arc::new(PrimitiveArray::<T>::from_iter_values(items)),
+            nulls.map(NullBuffer::from),
+        )
+        .unwrap(),
+    )
 }
 
 #[test]
-fn header_errors() {
-    let mut b = FeatureBatch::new();
-    b.push_row(1.0, &[7], None).unwrap();
-    let words = b.encode_to_words();
-    let good: &[u8] = bytemuck::cast_slice(&words);
-
-    let mut w = words.clone();
-    bytemuck::cast_slice_mut::<u64, u8>(&mut w)[0] = b'X';
-    assert!(matches!(
-        FeatureBatchRef::parse(bytemuck::cast_slice(&w)),
-        Err(DataError::BadMagic)
-    ));
-    let mut w = words.clone();
-    bytemuck::cast_slice_mut::<u64, u8>(&mut w)[17] = 1;
-    assert!(matches!(
-        FeatureBatchRef::parse(bytemuck::cast_slice(&w)),
-        Err(DataError::HeaderChecksum { .. })
-    ));
-    assert!(matches!(
-        FeatureBatchRef::parse(&good[..31]),
-        Err(DataError::Truncated { .. })
-    ));
-    assert!(matches!(
-        FeatureBatchRef::parse(&[]),
-        Err(DataError::Truncated { .. })
-    ));
-
-    let mut shifted = vec![0u64; words.len() + 1];
-    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut shifted);
-    bytes[1..1 + good.len()].copy_from_slice(good);
-    let err = FeatureBatchRef::parse(&bytes[1..1 + good.len()]).unwrap_err();
-    assert!(
-        matches!(err, DataError::Misaligned { align: 8, .. }),
-        "{err:?}"
+fn event_times_and_positions() {
+    let b = sample();
+    assert_eq!(b.positions(), &[40, 41, 7]);
+    assert_eq!(
+        b.times().iter().collect::<Vec<_>>(),
+        vec![Some(100), None, Some(-7)]
     );
-    assert!(err.to_string().contains("64-byte aligned"));
+    assert_eq!(b.times().null_count(), 1);
+    let mut renumbered = b.clone();
+    renumbered.set_positions(1000);
+    assert_eq!(renumbered.positions(), &[1000, 1001, 1002]);
+    let rb = b.to_record_batch().unwrap();
+    let times = rb
+        .column_by_name(EVENT_TIME_COLUMN)
+        .unwrap()
+        .as_primitive::<Int64Type>();
+    assert_eq!(times.null_count(), 1);
+    assert!(times.is_null(1));
+    assert_eq!((times.value(0), times.value(2)), (100, -7));
+    let view = FeatureBatchRef::from_record_batch(&rb).unwrap();
+    assert_eq!(view.to_batch(), b);
+    // Rows pushed without a time or position: null times, 0, 1, 2, ...
+    let mut plain = FeatureBatch::new();
+    for i in 0..10 {
+        plain.push_row(1.0, &[i], None).unwrap();
+    }
+    assert_eq!(plain.positions(), &(0..10).collect::<Vec<_>>()[..]);
+    assert_eq!(plain.times().null_count(), 10);
+    let from_parts =
+        FeatureBatch::from_parts(vec![1.0, 0.0], vec![0, 1, 1], vec![5], None).unwrap();
+    assert_eq!(from_parts.positions(), &[0, 1]);
+    assert_eq!(
+        from_parts.times().iter().collect::<Vec<_>>(),
+        vec![None, None]
+    );
+    // A slice from row 1 (whose ids offsets still start at 0, as row 0
+    // has no ids): its times' bitmap starts at bit 1, its ids run past
+    // its last offset.
+    let empty_first = {
+        let mut e = FeatureBatch::new();
+        e.push_row(1.0, &[], None).unwrap();
+        for i in 0..12 {
+            e.push_row_at(0.0, &[i], None, (i % 3 != 0).then_some(i as i64), 50 + i)
+                .unwrap();
+        }
+        e
+    };
+    let rb = empty_first.to_record_batch().unwrap();
+    let sliced = rb.slice(1, 11);
+    let view = FeatureBatchRef::from_record_batch(&sliced).unwrap();
+    assert_eq!(view.rows(), 11);
+    assert_eq!(view.len_ids(), 11);
+    assert_eq!(
+        view.times().iter().collect::<Vec<_>>(),
+        empty_first
+            .times()
+            .iter()
+            .skip(1)
+            .take(11)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(view.positions(), &empty_first.positions()[1..12]);
+    assert_eq!(view.ids(), &empty_first.ids()[..11]);
+}
+
+#[test]
+fn schema_mismatches_are_typed_errors() {
+    let b = sample();
+    let rb = b.to_record_batch().unwrap();
+    let check = |rb: &RecordBatch, what: &str, ok: &dyn Fn(&DataError) -> bool| {
+        let err = FeatureBatchRef::from_record_batch(rb).unwrap_err();
+        assert!(ok(&err), "{what}: {err:?}");
+        assert!(!err.to_string().is_empty());
+    };
+    for name in [LABEL_COLUMN, IDS_COLUMN, EVENT_TIME_COLUMN, POSITION_COLUMN] {
+        let missing = with_column(&rb, name, None);
+        check(
+            &missing,
+            name,
+            &|e| matches!(e, DataError::MissingColumn { column } if *column == name),
+        );
+        let err = FeatureBatchRef::from_record_batch(&missing).unwrap_err();
+        assert!(err.to_string().contains(name), "{err}");
+    }
+    // Without values the batch is one with every value 1.
+    let no_values = with_column(&rb, VALUES_COLUMN, None);
+    let view = FeatureBatchRef::from_record_batch(&no_values).unwrap();
+    assert_eq!(view.values(), None);
+    assert_eq!(view.ids(), b.ids());
+    // Extra columns are ignored.
+    let extra = {
+        let mut fields: Vec<_> = rb.schema_ref().fields().iter().cloned().collect();
+        let mut columns = rb.columns().to_vec();
+        fields.push(Arc::new(Field::new("extra", DataType::Int32, false)));
+        columns.push(Arc::new(Int32Array::from(vec![1, 2, 3])));
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+    };
+    assert_eq!(
+        FeatureBatchRef::from_record_batch(&extra)
+            .unwrap()
+            .to_batch(),
+        b
+    );
+
+    let wrong_label = with_column(
+        &rb,
+        LABEL_COLUMN,
+        Some((
+            Field::new(LABEL_COLUMN, DataType::Float64, false),
+            Arc::new(Float64Array::from(vec![1.0, 0.0, 1.0])),
+        )),
+    );
+    check(&wrong_label, "label type", &|e| {
+        matches!(
+            e,
+            DataError::WrongType {
+                column: "label",
+                expected: DataType::Float32,
+                found: DataType::Float64
+            }
+        )
+    });
+    let null_label = with_column(
+        &rb,
+        LABEL_COLUMN,
+        Some((
+            Field::new(LABEL_COLUMN, DataType::Float32, true),
+            Arc::new(Float32Array::from(vec![Some(1.0), None, Some(1.0)])),
+        )),
+    );
+    check(&null_label, "null label", &|e| {
+        matches!(
+            e,
+            DataError::Null {
+                column: "label",
+                nulls: 1
+            }
+        )
+    });
+    let u32_ids = item_list::<UInt32Type>(vec![0, 3, 4, 4], vec![1, 2, 3, 4], None);
+    let wrong_ids = with_column(
+        &rb,
+        IDS_COLUMN,
+        Some((
+            Field::new(IDS_COLUMN, u32_ids.data_type().clone(), false),
+            u32_ids,
+        )),
+    );
+    check(&wrong_ids, "ids type", &|e| {
+        matches!(e, DataError::WrongType { column: "ids", .. })
+    });
+    let not_a_list = with_column(
+        &rb,
+        IDS_COLUMN,
+        Some((
+            Field::new(IDS_COLUMN, DataType::UInt64, false),
+            Arc::new(UInt64Array::from(vec![1, 2, 3])),
+        )),
+    );
+    check(&not_a_list, "ids not a list", &|e| {
+        matches!(e, DataError::WrongType { column: "ids", .. })
+    });
+    let null_ids = item_list::<UInt64Type>(
+        vec![0, 3, 4, 4],
+        vec![1, 2, 3, 4],
+        Some(vec![true, false, true]),
+    );
+    let null_ids = with_column(
+        &rb,
+        IDS_COLUMN,
+        Some((
+            Field::new(IDS_COLUMN, null_ids.data_type().clone(), true),
+            null_ids,
+        )),
+    );
+    check(&null_ids, "null ids", &|e| {
+        matches!(
+            e,
+            DataError::Null {
+                column: "ids",
+                nulls: 1
+            }
+        )
+    });
+    let other_offsets = item_list::<Float32Type>(vec![0, 2, 4, 4], vec![1.0; 4], None);
+    let other_offsets = with_column(
+        &rb,
+        VALUES_COLUMN,
+        Some((
+            Field::new(VALUES_COLUMN, other_offsets.data_type().clone(), false),
+            other_offsets,
+        )),
+    );
+    check(&other_offsets, "value offsets", &|e| {
+        matches!(e, DataError::ValueOffsets { index: 1 })
+    });
+    let wrong_time = with_column(
+        &rb,
+        EVENT_TIME_COLUMN,
+        Some((
+            Field::new(EVENT_TIME_COLUMN, DataType::UInt64, true),
+            Arc::new(UInt64Array::from(vec![1, 2, 3])),
+        )),
+    );
+    check(&wrong_time, "time type", &|e| {
+        matches!(
+            e,
+            DataError::WrongType {
+                column: "event_time",
+                ..
+            }
+        )
+    });
+    let null_position = with_column(
+        &rb,
+        POSITION_COLUMN,
+        Some((
+            Field::new(POSITION_COLUMN, DataType::UInt64, true),
+            Arc::new(UInt64Array::from(vec![Some(1), None, None])),
+        )),
+    );
+    check(&null_position, "null position", &|e| {
+        matches!(
+            e,
+            DataError::Null {
+                column: "position",
+                nulls: 2
+            }
+        )
+    });
+    // A slice that does not start at row 0 has offsets that do not start
+    // at 0.
+    check(&rb.slice(1, 2), "sliced", &|e| {
+        matches!(e, DataError::BadOffsets { index: 0, .. })
+    });
+}
+
+#[test]
+fn a_writer_for_another_batch_is_refused() {
+    let b = sample();
+    let mut other = sample();
+    other.push_row(1.0, &[9], None).unwrap();
+    let layout = other.batch_layout().unwrap();
+    let mut words = vec![0u64; layout.total_len().div_ceil(8)];
+    let mut writer = BatchWriter::new(&layout, bytemuck::cast_slice_mut(&mut words)).unwrap();
+    assert!(matches!(
+        b.write_to(&mut writer),
+        Err(DataError::LayoutMismatch)
+    ));
+    let without_values = FeatureBatch::from_parts(vec![1.0], vec![0, 1], vec![1], None).unwrap();
+    let with_values =
+        FeatureBatch::from_parts(vec![1.0], vec![0, 1], vec![1], Some(vec![2.0])).unwrap();
+    let layout = with_values.batch_layout().unwrap();
+    let mut words = vec![0u64; layout.total_len().div_ceil(8)];
+    let mut writer = BatchWriter::new(&layout, bytemuck::cast_slice_mut(&mut words)).unwrap();
+    assert!(matches!(
+        without_values.write_to(&mut writer),
+        Err(DataError::LayoutMismatch)
+    ));
 }
 
 fn config(rows: u64, seed: u64) -> SyntheticConfig {

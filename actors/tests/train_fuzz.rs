@@ -13,7 +13,9 @@
 mod alloc_meter;
 
 use bolero::check;
-use braid_actors::train::data::{FeatureBatch, FeatureBatchRef, BATCH_HEADER_LEN};
+use braid::store::arrow_buffer::Buffer;
+use braid::store::batch::{read_record_batch, BatchWriter};
+use braid_actors::train::data::{FeatureBatch, FeatureBatchRef};
 use braid_actors::train::optimizer::{Model, OptimizerKind};
 use braid_actors::train::ps::check_shard_snapshot;
 use braid_actors::train::table::ParamTable;
@@ -117,72 +119,92 @@ fn shard_snapshots_from_bytes() {
 }
 
 /// `bytes` copied into a buffer aligned as a store object is.
-fn aligned(bytes: &[u8]) -> (Vec<u64>, usize) {
+fn aligned(bytes: &[u8]) -> Buffer {
     let mut words = vec![0u64; bytes.len().div_ceil(8)];
     bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
-    (words, bytes.len())
+    Buffer::from_vec(words).slice_with_length(0, bytes.len())
 }
 
-/// Reads every row of a batch that parsed, as a trainer would.
+/// Reads every row of a batch that was accepted, as a trainer would.
 fn read_rows(batch: &FeatureBatchRef<'_>) {
     let mut ids = 0;
     for i in 0..batch.rows() {
-        ids += batch.row(i).1.len();
+        let (_, row, values) = batch.row(i);
+        assert_eq!(values.map_or(row.len(), <[f32]>::len), row.len());
+        ids += row.len();
+        let _ = (batch.times().get(i), batch.positions()[i]);
     }
     assert_eq!(ids, batch.len_ids());
 }
 
+/// A valid feature batch's Arrow bytes, with values, event times and
+/// positions, for the fuzzer to mutate.
+fn seed_batch() -> Vec<u8> {
+    let mut batch = FeatureBatch::new();
+    batch
+        .push_row_at(1.0, &[1, 2, 3], Some(&[0.5, 1.0, 2.0]), Some(10), 100)
+        .unwrap();
+    batch.push_row(0.0, &[4], None).unwrap();
+    batch.push_row_at(1.0, &[], None, None, 7).unwrap();
+    let layout = batch.batch_layout().unwrap();
+    let mut words = vec![0u64; layout.total_len().div_ceil(8)];
+    let mut writer = BatchWriter::new(&layout, bytemuck::cast_slice_mut(&mut words)).unwrap();
+    batch.write_to(&mut writer).unwrap();
+    bytemuck::cast_slice::<u64, u8>(&words)[..layout.total_len()].to_vec()
+}
+
 #[test]
 fn feature_batches_from_bytes() {
-    check!().for_each(|bytes: &[u8]| {
-        // The same bytes raw, and behind a valid magic, version and CRC, so
-        // the fuzzer reaches the columns (random bytes never pass the CRC).
-        let mut guided = bytes.to_vec();
-        guided.resize(guided.len().max(BATCH_HEADER_LEN), 0);
-        guided[..8].copy_from_slice(b"BRDFEATS");
-        guided[8..10].copy_from_slice(&1u16.to_le_bytes());
-        guided[10] &= 1;
-        guided[11] = 0;
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&guided[0..12]);
-        crc.update(&guided[16..32]);
-        let crc = crc.finalize();
-        guided[12..16].copy_from_slice(&crc.to_le_bytes());
-        for input in [bytes, &guided[..]] {
-            let (words, len) = aligned(input);
-            let buf = &bytemuck::cast_slice::<u64, u8>(&words)[..len];
-            alloc_meter::assert_bounded(len, SLACK, || {
-                if let Ok(batch) = FeatureBatchRef::parse(buf) {
-                    assert!(batch.encoded_len() <= len);
-                    read_rows(&batch);
-                }
-            });
-        }
-    });
+    let seed = seed_batch();
+    check!()
+        .with_type::<(Vec<u8>, Vec<(u16, u8)>)>()
+        .for_each(|(bytes, edits)| {
+            // The bytes raw, and a valid batch with a few bytes changed, so
+            // the fuzzer reaches the columns (random bytes are rarely an
+            // Arrow stream).
+            let mut guided = seed.clone();
+            for &(at, xor) in edits {
+                let at = usize::from(at) % guided.len();
+                guided[at] ^= xor;
+            }
+            for input in [&bytes[..], &guided[..]] {
+                let buffer = aligned(input);
+                alloc_meter::assert_bounded(input.len(), SLACK, || {
+                    if let Ok(rb) = read_record_batch(buffer.clone()) {
+                        if let Ok(batch) = FeatureBatchRef::from_record_batch(&rb) {
+                            read_rows(&batch);
+                        }
+                    }
+                });
+            }
+        });
 }
 
 #[test]
 fn feature_batches_round_trip() {
     check!()
-        .with_type::<Vec<(f32, Vec<u64>, bool)>>()
+        .with_type::<Vec<(f32, Vec<u64>, bool, Option<(Option<i64>, u64)>)>>()
         .for_each(|rows| {
             let mut batch = FeatureBatch::new();
-            for (label, ids, valued) in rows {
+            for (label, ids, valued, at) in rows {
                 let values: Vec<f32> = ids.iter().map(|&i| i as f32).collect();
-                batch
-                    .push_row(*label, ids, valued.then_some(&values[..]))
-                    .expect("a row fits");
+                let values = valued.then_some(&values[..]);
+                match at {
+                    None => batch.push_row(*label, ids, values),
+                    Some((time, position)) => {
+                        batch.push_row_at(*label, ids, values, *time, *position)
+                    }
+                }
+                .expect("a row fits");
             }
-            let mut bytes = Vec::new();
-            batch.encode_into(&mut bytes);
-            let (words, len) = aligned(&bytes);
-            let buf = &bytemuck::cast_slice::<u64, u8>(&words)[..len];
-            let got = FeatureBatchRef::parse(buf).expect("an encoded batch parses");
-            assert_eq!(got.encoded_len(), bytes.len());
+            let rb = batch.to_record_batch().expect("a batch lays out");
+            let got = FeatureBatchRef::from_record_batch(&rb).expect("a written batch reads");
             assert_eq!(got.ids(), batch.ids());
             assert_eq!(got.offsets(), batch.offsets());
             let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(got.labels()), bits(batch.labels()));
             assert_eq!(got.values().map(bits), batch.values().map(bits));
+            assert_eq!(got.times(), batch.times());
+            assert_eq!(got.positions(), batch.positions());
         });
 }

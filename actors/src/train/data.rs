@@ -1,8 +1,11 @@
 //! Feature data for online click-through learning.
 //!
 //! * [`FeatureBatch`]: columnar rows (labels, row offsets, feature ids,
-//!   optional values), with a binary encoding that [`FeatureBatchRef::parse`]
-//!   views in place, without copying.
+//!   optional values, and per row an event time and a stream position).
+//!   Outside one process a feature batch is an Arrow record batch:
+//!   [`FeatureBatch::write_to`] fills one's columns in place (in a store
+//!   object, say) and [`FeatureBatchRef::from_record_batch`] views one's
+//!   columns in place, without copying.
 //! * [`GenCtrParser`] and [`CriteoParser`]: streaming line parsers that fill
 //!   a batch from any [`BufRead`], skipping and counting malformed lines.
 //! * [`SyntheticStream`]: a deterministic, seekable click stream with drift,
@@ -11,33 +14,47 @@
 //! Rows carry only their own features: no parser or generator adds a bias
 //! feature, that is the learner's business.
 //!
-//! # Batch encoding
+//! # Feature batches in Arrow
 //!
-//! All integers are little-endian. Header, 32 bytes:
+//! A feature batch is an Arrow record batch, laid out by
+//! [`braid::store::batch`], with these columns in this order:
 //!
-//! | offset | size | field                                                  |
-//! |-------:|-----:|--------------------------------------------------------|
-//! |      0 |    8 | magic, [`BATCH_MAGIC`]                                 |
-//! |      8 |    2 | format version, [`BATCH_VERSION`]                      |
-//! |     10 |    2 | flags: bit 0 set when the values column is present     |
-//! |     12 |    4 | CRC-32 (IEEE) of bytes `0..12` and `16..32`            |
-//! |     16 |    8 | row count `r`                                          |
-//! |     24 |    8 | feature id count `n`                                   |
+//! | column                  | Arrow type      | nulls | holds                                  |
+//! |-------------------------|-----------------|-------|----------------------------------------|
+//! | [`LABEL_COLUMN`]        | `Float32`       | no    | the row's label                        |
+//! | [`IDS_COLUMN`]          | `List<UInt64>`  | no    | the row's feature ids                  |
+//! | [`VALUES_COLUMN`]       | `List<Float32>` | no    | the ids' values, same offsets as `ids` |
+//! | [`EVENT_TIME_COLUMN`]   | `Int64`         | yes   | the row's [`EventTime`], null if none  |
+//! | [`POSITION_COLUMN`]     | `UInt64`        | no    | the row's offset in its source stream  |
 //!
-//! Then the columns, each starting at a multiple of 8 bytes from the start
-//! of the batch, padded with zeros to a multiple of 8:
+//! The `values` column is present only when the batch has values (without
+//! it every value is 1). [`FeatureBatch::batch_layout`] plans such a batch,
+//! [`FeatureBatch::write_to`] fills a [`BatchWriter`]'s columns in place,
+//! and [`FeatureBatch::to_record_batch`] does both in an owned buffer.
 //!
-//! 1. ids, `n` × `u64`;
-//! 2. labels, `r` × `f32`;
-//! 3. row offsets, `r + 1` × `u32`;
-//! 4. values, `n` × `f32`, only when flag bit 0 is set.
+//! [`FeatureBatchRef::from_record_batch`] finds the columns by name (others
+//! are ignored) and borrows them in place: labels, ids, values, event times
+//! and positions are the Arrow arrays' value buffers, and the row offsets
+//! are the `ids` list's `i32` offsets reinterpreted as `u32` (Arrow
+//! validated them non-negative and non-decreasing). A batch read from a
+//! store object with [`read_record_batch`] is thus trained on where it
+//! lies. A batch that does not have this schema (a column missing or of
+//! another type, a null label, id, value or position, offsets that do not
+//! start at 0 or differ between `ids` and `values`) is a [`DataError`],
+//! never a panic.
 //!
-//! The first byte of an encoded batch must be 8-byte aligned in memory for
-//! [`FeatureBatchRef::parse`] to view the columns in place; objects in the
-//! braid object store are 64-byte aligned, so a batch written at the start
-//! of a store object always is. [`FeatureBatch::encode_to_words`] gives an
-//! aligned buffer for in-process use. A misaligned buffer is rejected with
-//! [`DataError::Misaligned`], never copied.
+//! # Event times and positions
+//!
+//! Every row has an event time, possibly none, and a position.
+//! [`FeatureBatch::push_row`] appends a row without an event time whose
+//! position is the previous row's plus one, or 0 for a batch's first row:
+//! a batch built only with `push_row` (as the parsers and the synthetic
+//! stream build theirs) numbers its rows 0, 1, 2, …, their index in the
+//! batch. [`FeatureBatch::push_row_at`] appends a row with a given event
+//! time and position (later `push_row`s count on from it), and
+//! [`FeatureBatch::set_positions`] renumbers every row from a first
+//! position. [`FeatureBatch::from_parts`] gives rows no event time and
+//! their index as position.
 //!
 //! # Feature hashing
 //!
@@ -50,66 +67,38 @@
 use std::f64::consts::FRAC_PI_2;
 use std::io::BufRead;
 
+use arrow_array::cast::AsArray;
+use arrow_array::types::{ArrowPrimitiveType, Float32Type, Int64Type, UInt64Type};
+use arrow_array::{Array, ArrayRef, PrimitiveArray, RecordBatch};
+use braid::store::arrow_buffer::Buffer;
+use braid::store::arrow_schema::DataType;
+use braid::store::batch::{
+    read_record_batch, BatchError, BatchLayout, BatchWriter, ColumnMut, ColumnSpec, ColumnType,
+    LayoutError, Primitive,
+};
 use thiserror::Error;
 
-/// The eight bytes every encoded [`FeatureBatch`] starts with.
-pub const BATCH_MAGIC: [u8; 8] = *b"BRDFEATS";
-/// The encoding version written by [`FeatureBatch::encode_into`] and the only
-/// one [`FeatureBatchRef::parse`] accepts.
-pub const BATCH_VERSION: u16 = 1;
-/// Size in bytes of the encoded batch header.
-pub const BATCH_HEADER_LEN: usize = 32;
-/// Alignment, in bytes, that an encoded batch's first byte must have in
-/// memory, and of every column within it.
-pub const BATCH_ALIGN: usize = 8;
+use crate::stream::columnar::PrimitiveColumn;
+use crate::stream::operator::EventTime;
 
-const FLAG_VALUES: u16 = 1;
+/// Name of the label column of a feature batch in Arrow.
+pub const LABEL_COLUMN: &str = "label";
+/// Name of the feature id column of a feature batch in Arrow.
+pub const IDS_COLUMN: &str = "ids";
+/// Name of the feature value column of a feature batch in Arrow.
+pub const VALUES_COLUMN: &str = "values";
+/// Name of the event time column of a feature batch in Arrow.
+pub const EVENT_TIME_COLUMN: &str = "event_time";
+/// Name of the stream position column of a feature batch in Arrow.
+pub const POSITION_COLUMN: &str = "position";
 
-/// Why feature data could not be built, encoded, decoded or read.
+/// Why feature data could not be built, written, read or parsed.
 #[derive(Debug, Error)]
 pub enum DataError {
     /// The underlying reader failed.
     #[error("read failed: {0}")]
     Io(#[from] std::io::Error),
-    /// The buffer ends before the header or a column does.
-    #[error("encoded batch truncated: needs {needed} bytes, buffer has {available}")]
-    Truncated {
-        /// Bytes the header says the batch occupies (at least).
-        needed: usize,
-        /// Bytes available.
-        available: usize,
-    },
-    /// The buffer does not start with [`BATCH_MAGIC`].
-    #[error("not an encoded feature batch (bad magic)")]
-    BadMagic,
-    /// The encoding version is not [`BATCH_VERSION`].
-    #[error("unsupported feature batch version {0}")]
-    UnsupportedVersion(u16),
-    /// The header sets flag bits this version does not define.
-    #[error("unknown feature batch flags {0:#06x}")]
-    UnknownFlags(u16),
-    /// The header checksum does not match its contents.
-    #[error(
-        "feature batch header checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
-    )]
-    HeaderChecksum {
-        /// Checksum stored in the header.
-        stored: u32,
-        /// Checksum of the header as read.
-        computed: u32,
-    },
-    /// The buffer is not aligned enough to view its columns in place.
-    #[error(
-        "encoded batch at {addr:#x} is not {align}-byte aligned; \
-         store objects are 64-byte aligned, copy other buffers into aligned memory"
-    )]
-    Misaligned {
-        /// Address of the buffer's first byte.
-        addr: usize,
-        /// Required alignment.
-        align: usize,
-    },
-    /// A count does not fit the address space or the `u32` offset column.
+    /// A count does not fit the `u32` offset column.
     #[error("feature batch too large: {what}")]
     TooLarge {
         /// Which count overflowed.
@@ -133,18 +122,50 @@ pub enum DataError {
         /// Actual length.
         found: usize,
     },
-    /// A column could not be viewed as its element type.
-    #[error("cannot view the {column} column in place: {reason}")]
-    Cast {
-        /// Which column.
+    /// A record batch lacks a column a feature batch needs.
+    #[error("not a feature batch: the record batch has no {column:?} column")]
+    MissingColumn {
+        /// The column's name.
         column: &'static str,
-        /// Why the view failed.
-        reason: String,
     },
-    /// In-place views of the little-endian encoding need a little-endian
-    /// host.
-    #[error("in-place feature batch views need a little-endian host")]
-    BigEndian,
+    /// A record batch's column has another type than a feature batch's.
+    #[error("not a feature batch: column {column:?} is {found}, a feature batch's is {expected}")]
+    WrongType {
+        /// The column's name.
+        column: &'static str,
+        /// The type a feature batch has there.
+        expected: DataType,
+        /// The type the record batch has there.
+        found: DataType,
+    },
+    /// A column that may hold no nulls (every one but the event time) holds
+    /// some, at the top level or in its lists' items.
+    #[error("not a feature batch: column {column:?} holds {nulls} nulls, it may hold none")]
+    Null {
+        /// The column's name.
+        column: &'static str,
+        /// How many nulls.
+        nulls: usize,
+    },
+    /// The values column's row offsets differ from the ids column's.
+    #[error("the {VALUES_COLUMN:?} column's row offsets differ from the {IDS_COLUMN:?} column's at index {index}")]
+    ValueOffsets {
+        /// The first index at which they differ.
+        index: usize,
+    },
+    /// The batch cannot be laid out in Arrow (more ids than `i32` offsets
+    /// reach, or a buffer too small or misaligned for the writer).
+    #[error("cannot lay out the feature batch: {0}")]
+    Layout(#[from] LayoutError),
+    /// The Arrow batch just written could not be read back.
+    #[error("cannot read the feature batch: {0}")]
+    Batch(#[from] BatchError),
+    /// A [`BatchWriter`] was planned for another batch than the one written
+    /// into it.
+    #[error(
+        "the writer's layout is not this feature batch's (plan it with FeatureBatch::batch_layout)"
+    )]
+    LayoutMismatch,
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
@@ -162,20 +183,92 @@ pub enum DataError {
 /// column, the matching feature values (`None` means every value is 1).
 pub type Row<'a> = (f32, &'a [u64], Option<&'a [f32]>);
 
+/// The event times of a batch's rows, viewed in place: one `i64` per row
+/// and a validity bitmap in Arrow's layout (bit `offset + i`, least
+/// significant bit first, set when row `i` has an event time).
+#[derive(Debug, Clone, Copy)]
+pub struct EventTimes<'a> {
+    values: &'a [i64],
+    validity: Option<&'a [u8]>,
+    offset: usize,
+}
+
+impl<'a> EventTimes<'a> {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Whether row `i` has an event time (`false` past the end).
+    pub fn is_valid(&self, i: usize) -> bool {
+        i < self.values.len()
+            && self.validity.is_none_or(|bits| {
+                let bit = self.offset + i;
+                bits.get(bit / 8).is_some_and(|b| (b >> (bit % 8)) & 1 == 1)
+            })
+    }
+
+    /// Row `i`'s event time, `None` when it has none or past the end.
+    pub fn get(&self, i: usize) -> Option<EventTime> {
+        if self.is_valid(i) {
+            self.values.get(i).copied()
+        } else {
+            None
+        }
+    }
+
+    /// The raw values, one per row; a row without an event time holds an
+    /// unspecified value (0 in batches built by [`FeatureBatch`]).
+    pub fn values(&self) -> &'a [i64] {
+        self.values
+    }
+
+    /// Number of rows without an event time.
+    pub fn null_count(&self) -> usize {
+        (0..self.len()).filter(|&i| !self.is_valid(i)).count()
+    }
+
+    /// The event times in row order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = Option<EventTime>> + 'a {
+        let times = *self;
+        (0..times.len()).map(move |i| times.get(i))
+    }
+}
+
+/// Equal when they have the same rows with the same event times (values
+/// under null rows and the bitmaps' representation do not count).
+impl PartialEq for EventTimes<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
 /// Columnar rows of sparse features.
 ///
 /// Row `i` has label `labels()[i]` and features
 /// `ids()[offsets()[i]..offsets()[i + 1]]`, with values from the same range
-/// of `values()`, or all ones when there is no values column. The offsets
-/// column always has `rows() + 1` entries, starts at 0, never decreases and
-/// ends at `len_ids()`; every constructor and mutator keeps that true, so
-/// row access cannot fail for an in-range index.
+/// of `values()`, or all ones when there is no values column; its event
+/// time is `times().get(i)` and its stream position `positions()[i]` (see
+/// the module docs for how rows get them). The offsets column always has
+/// `rows() + 1` entries, starts at 0, never decreases and ends at
+/// `len_ids()`; every constructor and mutator keeps that true, so row
+/// access cannot fail for an in-range index.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureBatch {
     labels: Vec<f32>,
     offsets: Vec<u32>,
     ids: Vec<u64>,
     values: Option<Vec<f32>>,
+    /// One per row, 0 for a row without an event time.
+    times: Vec<i64>,
+    /// Bit `i` set: row `i` has an event time; bits past the rows are 0.
+    time_validity: Vec<u8>,
+    positions: Vec<u64>,
 }
 
 impl Default for FeatureBatch {
@@ -187,12 +280,7 @@ impl Default for FeatureBatch {
 impl FeatureBatch {
     /// An empty batch without a values column.
     pub fn new() -> Self {
-        Self {
-            labels: Vec::new(),
-            offsets: vec![0],
-            ids: Vec::new(),
-            values: None,
-        }
+        Self::with_capacity(0, 0)
     }
 
     /// An empty batch with room for `rows` rows and `ids` feature ids.
@@ -204,11 +292,15 @@ impl FeatureBatch {
             offsets,
             ids: Vec::with_capacity(ids),
             values: None,
+            times: Vec::with_capacity(rows),
+            time_validity: Vec::with_capacity(rows.div_ceil(8)),
+            positions: Vec::with_capacity(rows),
         }
     }
 
-    /// A batch from its columns, checked as [`FeatureBatchRef::parse`] checks
-    /// a decoded batch.
+    /// A batch from its columns, checked as
+    /// [`FeatureBatchRef::from_record_batch`] checks a record batch. Rows
+    /// get no event time and their index as position.
     pub fn from_parts(
         labels: Vec<f32>,
         offsets: Vec<u32>,
@@ -216,15 +308,20 @@ impl FeatureBatch {
         values: Option<Vec<f32>>,
     ) -> Result<Self, DataError> {
         check_columns(&labels, &offsets, ids.len(), values.as_ref().map(Vec::len))?;
+        let rows = labels.len();
         Ok(Self {
             labels,
             offsets,
             ids,
             values,
+            times: vec![0; rows],
+            time_validity: vec![0; rows.div_ceil(8)],
+            positions: (0..rows as u64).collect(),
         })
     }
 
-    /// The columns: labels, offsets, ids and optional values.
+    /// The columns: labels, offsets, ids and optional values (event times
+    /// and positions are dropped).
     pub fn into_parts(self) -> (Vec<f32>, Vec<u32>, Vec<u64>, Option<Vec<f32>>) {
         (self.labels, self.offsets, self.ids, self.values)
     }
@@ -236,6 +333,8 @@ impl FeatureBatch {
             offsets: &self.offsets,
             ids: &self.ids,
             values: self.values.as_deref(),
+            times: self.times(),
+            positions: &self.positions,
         }
     }
 
@@ -289,14 +388,44 @@ impl FeatureBatch {
         self.values.as_deref()
     }
 
-    /// Appends a row. `values`, when given, must have one entry per id; the
-    /// first row with values gives the batch a values column (earlier
-    /// features get value 1), and later rows without values get ones.
+    /// The rows' event times.
+    pub fn times(&self) -> EventTimes<'_> {
+        EventTimes {
+            values: &self.times,
+            validity: Some(&self.time_validity),
+            offset: 0,
+        }
+    }
+
+    /// The rows' positions in their source stream.
+    pub fn positions(&self) -> &[u64] {
+        &self.positions
+    }
+
+    /// Appends a row without an event time, at the position after the
+    /// previous row's (0 for the first row). `values`, when given, must
+    /// have one entry per id; the first row with values gives the batch a
+    /// values column (earlier features get value 1), and later rows without
+    /// values get ones.
     pub fn push_row(
         &mut self,
         label: f32,
         ids: &[u64],
         values: Option<&[f32]>,
+    ) -> Result<(), DataError> {
+        let position = self.next_position();
+        self.push_row_at(label, ids, values, None, position)
+    }
+
+    /// Appends a row with event time `time` (`None`: none) at stream
+    /// position `position`; otherwise as [`push_row`](Self::push_row).
+    pub fn push_row_at(
+        &mut self,
+        label: f32,
+        ids: &[u64],
+        values: Option<&[f32]>,
+        time: Option<EventTime>,
+        position: u64,
     ) -> Result<(), DataError> {
         if let Some(v) = values {
             if v.len() != ids.len() {
@@ -329,7 +458,50 @@ impl FeatureBatch {
         self.labels.push(label);
         self.ids.extend_from_slice(ids);
         self.offsets.push(end);
+        self.push_time_and_position(time, position);
         Ok(())
+    }
+
+    /// Renumbers the rows' positions `first`, `first + 1`, … (wrapping past
+    /// `u64::MAX`).
+    pub fn set_positions(&mut self, first: u64) {
+        let mut at = first;
+        for p in &mut self.positions {
+            *p = at;
+            at = at.wrapping_add(1);
+        }
+    }
+
+    /// The position the next row pushed without one gets.
+    fn next_position(&self) -> u64 {
+        self.positions.last().map_or(0, |p| p.wrapping_add(1))
+    }
+
+    /// The event time and position of the row just pushed (its label is
+    /// already in).
+    fn push_time_and_position(&mut self, time: Option<EventTime>, position: u64) {
+        let row = self.labels.len().saturating_sub(1);
+        if row % 8 == 0 {
+            self.time_validity.push(0);
+        }
+        if let (Some(_), Some(byte)) = (time, self.time_validity.last_mut()) {
+            *byte |= 1 << (row % 8);
+        }
+        self.times.push(time.unwrap_or(0));
+        self.positions.push(position);
+    }
+
+    /// Appends a row of ids, each of value 1, without an event time at the
+    /// next position; the caller checked [`can_take`](Self::can_take).
+    fn push_ones(&mut self, label: f32, ids: &[u64]) {
+        let position = self.next_position();
+        self.labels.push(label);
+        self.ids.extend_from_slice(ids);
+        if let Some(values) = &mut self.values {
+            values.resize(self.ids.len(), 1.0);
+        }
+        self.offsets.push(self.ids.len() as u32);
+        self.push_time_and_position(None, position);
     }
 
     fn can_take(&self, ids: usize) -> bool {
@@ -339,178 +511,162 @@ impl FeatureBatch {
             .is_some_and(|n| u32::try_from(n).is_ok())
     }
 
-    /// Removes every row, keeping the allocations of the label, offset and
-    /// id columns; the batch goes back to having no values column.
+    /// Removes every row, keeping the allocations of the label, offset,
+    /// id, event time and position columns; the batch goes back to having
+    /// no values column.
     pub fn clear(&mut self) {
         self.labels.clear();
         self.offsets.clear();
         self.offsets.push(0);
         self.ids.clear();
         self.values = None;
+        self.times.clear();
+        self.time_validity.clear();
+        self.positions.clear();
     }
 
-    /// Size in bytes of this batch's encoding.
-    pub fn encoded_len(&self) -> usize {
+    /// The Arrow layout of this batch (see the module docs for its
+    /// schema): plan a store object of
+    /// [`total_len`](BatchLayout::total_len) bytes with it, then
+    /// [`write_to`](Self::write_to) a [`BatchWriter`] over the object.
+    pub fn batch_layout(&self) -> Result<BatchLayout, DataError> {
         let n = self.ids.len();
-        let r = self.labels.len();
-        BATCH_HEADER_LEN
-            + 8 * n
-            + pad8(4 * r)
-            + pad8(4 * (r + 1))
-            + if self.values.is_some() {
-                pad8(4 * n)
-            } else {
-                0
-            }
-    }
-
-    /// Appends the encoding of this batch (see the module docs) to `out` and
-    /// returns the offset in `out` where it starts: `out` is first
-    /// zero-padded to a multiple of 8 bytes, so batches appended one after
-    /// another to one aligned buffer can each be parsed in place.
-    pub fn encode_into(&self, out: &mut Vec<u8>) -> usize {
-        out.resize(pad8(out.len()), 0);
-        let start = out.len();
-        out.reserve(self.encoded_len());
-        let flags = if self.values.is_some() {
-            FLAG_VALUES
-        } else {
-            0
-        };
-        let mut header = [0u8; BATCH_HEADER_LEN];
-        header[0..8].copy_from_slice(&BATCH_MAGIC);
-        header[8..10].copy_from_slice(&BATCH_VERSION.to_le_bytes());
-        header[10..12].copy_from_slice(&flags.to_le_bytes());
-        header[16..24].copy_from_slice(&(self.labels.len() as u64).to_le_bytes());
-        header[24..32].copy_from_slice(&(self.ids.len() as u64).to_le_bytes());
-        let crc = header_crc(&header);
-        header[12..16].copy_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&header);
-        put_u64s(out, &self.ids);
-        put_f32s(out, &self.labels);
-        out.resize(pad8(out.len()), 0);
-        put_u32s(out, &self.offsets);
-        out.resize(pad8(out.len()), 0);
-        if let Some(values) = &self.values {
-            put_f32s(out, values);
-            out.resize(pad8(out.len()), 0);
+        let mut columns = vec![
+            ColumnSpec::primitive(LABEL_COLUMN, Primitive::Float32),
+            ColumnSpec::list(IDS_COLUMN, Primitive::UInt64, n),
+        ];
+        if self.values.is_some() {
+            columns.push(ColumnSpec::list(VALUES_COLUMN, Primitive::Float32, n));
         }
-        start
+        columns.push(
+            ColumnSpec::primitive(EVENT_TIME_COLUMN, Primitive::Int64)
+                .with_nulls(self.times().null_count()),
+        );
+        columns.push(ColumnSpec::primitive(POSITION_COLUMN, Primitive::UInt64));
+        Ok(BatchLayout::new(self.rows(), &columns)?)
     }
 
-    /// The encoding of this batch in an 8-byte-aligned buffer; view it with
-    /// `bytemuck::cast_slice::<u64, u8>` and [`FeatureBatchRef::parse`].
-    pub fn encode_to_words(&self) -> Vec<u64> {
-        let mut bytes = Vec::with_capacity(self.encoded_len());
-        self.encode_into(&mut bytes);
-        let mut words = vec![0u64; bytes.len() / 8];
-        bytemuck::cast_slice_mut::<u64, u8>(&mut words).copy_from_slice(&bytes);
-        words
+    /// Fills the columns of `writer`, planned by
+    /// [`batch_layout`](Self::batch_layout) for this batch, in place: the
+    /// columns are copied once, straight into the writer's buffer. A
+    /// writer planned for another batch gives [`DataError::LayoutMismatch`].
+    pub fn write_to(&self, writer: &mut BatchWriter<'_>) -> Result<(), DataError> {
+        let expected = self.batch_layout()?;
+        let layout = writer.layout();
+        if layout.rows() != expected.rows()
+            || layout.schema() != expected.schema()
+            || layout.total_len() != expected.total_len()
+        {
+            return Err(DataError::LayoutMismatch);
+        }
+        let mut columns = writer.columns().into_iter();
+        let mut next = || columns.next().ok_or(DataError::LayoutMismatch);
+        let label = next()?;
+        copy_into(f32::slot(label.values), &self.labels)?;
+        let ids = next()?;
+        let offsets: &[i32] = bytemuck::cast_slice(&self.offsets);
+        copy_into(Some(ids.offsets), offsets)?;
+        copy_into(u64::slot(ids.values), &self.ids)?;
+        if let Some(values) = &self.values {
+            let column = next()?;
+            copy_into(Some(column.offsets), offsets)?;
+            copy_into(f32::slot(column.values), values)?;
+        }
+        let times: ColumnMut<'_> = next()?;
+        if !times.validity.is_empty() {
+            copy_into(Some(times.validity), &self.time_validity)?;
+        }
+        copy_into(i64::slot(times.values), &self.times)?;
+        let positions = next()?;
+        copy_into(u64::slot(positions.values), &self.positions)?;
+        Ok(())
+    }
+
+    /// This batch as an Arrow record batch (see the module docs for its
+    /// schema), written by [`write_to`](Self::write_to) into an owned
+    /// 8-byte-aligned buffer and read back in place.
+    pub fn to_record_batch(&self) -> Result<RecordBatch, DataError> {
+        let layout = self.batch_layout()?;
+        let mut words = vec![0u64; layout.total_len().div_ceil(8)];
+        let mut writer = BatchWriter::new(&layout, bytemuck::cast_slice_mut(&mut words))?;
+        self.write_to(&mut writer)?;
+        Ok(read_record_batch(Buffer::from_vec(words))?)
+    }
+}
+
+/// Copies `from` into `out`, which must be exactly as long.
+fn copy_into<T: Copy>(out: Option<&mut [T]>, from: &[T]) -> Result<(), DataError> {
+    match out {
+        Some(out) if out.len() == from.len() => {
+            out.copy_from_slice(from);
+            Ok(())
+        }
+        _ => Err(DataError::LayoutMismatch),
     }
 }
 
 /// A borrowed, validated view of a feature batch: either of a
-/// [`FeatureBatch`] ([`FeatureBatch::view`]) or of an encoded batch in a
-/// byte buffer ([`FeatureBatchRef::parse`]), whose columns it reads in place.
+/// [`FeatureBatch`] ([`FeatureBatch::view`]) or of an Arrow record batch
+/// ([`FeatureBatchRef::from_record_batch`]), whose columns it reads in place.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FeatureBatchRef<'a> {
     labels: &'a [f32],
     offsets: &'a [u32],
     ids: &'a [u64],
     values: Option<&'a [f32]>,
+    times: EventTimes<'a>,
+    positions: &'a [u64],
 }
 
 impl<'a> FeatureBatchRef<'a> {
-    /// Views the encoded batch at the start of `bytes` without copying.
+    /// Views a feature batch's record batch (see the module docs for its
+    /// schema) without copying: every slice of the view points into the
+    /// record batch's buffers.
     ///
-    /// The buffer is untrusted: a bad magic, version, flags or header
-    /// checksum, a truncated buffer, a misaligned buffer or row offsets that
-    /// do not partition the id column give an error, never a panic. Bytes
-    /// after the batch's [`encoded_len`](Self::encoded_len) are ignored
-    /// (object stores round sizes up). Label, id and value bits are not
-    /// checked: every bit pattern is a valid element.
-    pub fn parse(bytes: &'a [u8]) -> Result<Self, DataError> {
-        if cfg!(target_endian = "big") {
-            return Err(DataError::BigEndian);
-        }
-        let header: &[u8; BATCH_HEADER_LEN] = bytes
-            .get(..BATCH_HEADER_LEN)
-            .and_then(|h| h.try_into().ok())
-            .ok_or(DataError::Truncated {
-                needed: BATCH_HEADER_LEN,
-                available: bytes.len(),
-            })?;
-        let addr = bytes.as_ptr() as usize;
-        if addr % BATCH_ALIGN != 0 {
-            return Err(DataError::Misaligned {
-                addr,
-                align: BATCH_ALIGN,
-            });
-        }
-        if header[0..8] != BATCH_MAGIC {
-            return Err(DataError::BadMagic);
-        }
-        let stored = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
-        let computed = header_crc(header);
-        if stored != computed {
-            return Err(DataError::HeaderChecksum { stored, computed });
-        }
-        let version = u16::from_le_bytes([header[8], header[9]]);
-        if version != BATCH_VERSION {
-            return Err(DataError::UnsupportedVersion(version));
-        }
-        let flags = u16::from_le_bytes([header[10], header[11]]);
-        if flags & !FLAG_VALUES != 0 {
-            return Err(DataError::UnknownFlags(flags));
-        }
-        let rows = read_u64(header, 16);
-        let n_ids = read_u64(header, 24);
-        if n_ids > u64::from(u32::MAX) {
-            return Err(DataError::TooLarge {
-                what: "more than u32::MAX feature ids in one batch",
-            });
-        }
-        let layout =
-            Layout::new(rows, n_ids, flags & FLAG_VALUES != 0).ok_or(DataError::TooLarge {
-                what: "row or id count exceeds the address space",
-            })?;
-        if layout.total > bytes.len() {
-            return Err(DataError::Truncated {
-                needed: layout.total,
-                available: bytes.len(),
-            });
-        }
-        let ids: &[u64] = view_column(bytes, layout.ids, "ids")?;
-        let labels: &[f32] = view_column(bytes, layout.labels, "labels")?;
-        let offsets: &[u32] = view_column(bytes, layout.offsets, "offsets")?;
-        let values: Option<&[f32]> = match layout.values {
-            Some(range) => Some(view_column(bytes, range, "values")?),
+    /// The batch may come from another process: a missing column, a column
+    /// of another type, a null where none may be, list offsets that do not
+    /// start at 0, values whose offsets differ from the ids', or row
+    /// offsets that do not partition the ids give an error, never a panic.
+    /// Columns of other names are ignored; list items past the last offset
+    /// are left out of the view. Label, id, value, time and position bits
+    /// are not checked: every bit pattern is a valid element.
+    pub fn from_record_batch(batch: &'a RecordBatch) -> Result<Self, DataError> {
+        let labels = primitive::<Float32Type>(batch, LABEL_COLUMN, Primitive::Float32)?;
+        let labels = not_null(labels, LABEL_COLUMN)?.values();
+        let (offsets, ids) = list::<u64>(column(batch, IDS_COLUMN)?, IDS_COLUMN)?;
+        let values = match batch.column_by_name(VALUES_COLUMN) {
             None => None,
+            Some(array) => {
+                let (value_offsets, values) = list::<f32>(array, VALUES_COLUMN)?;
+                if value_offsets != offsets {
+                    let index = value_offsets
+                        .iter()
+                        .zip(offsets)
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(value_offsets.len().min(offsets.len()));
+                    return Err(DataError::ValueOffsets { index });
+                }
+                Some(values)
+            }
         };
+        let times = primitive::<Int64Type>(batch, EVENT_TIME_COLUMN, Primitive::Int64)?;
+        let times = EventTimes {
+            values: times.values(),
+            validity: times.nulls().map(|n| n.validity()),
+            offset: times.nulls().map_or(0, |n| n.offset()),
+        };
+        let positions = primitive::<UInt64Type>(batch, POSITION_COLUMN, Primitive::UInt64)?;
+        let positions = not_null(positions, POSITION_COLUMN)?.values();
         check_columns(labels, offsets, ids.len(), values.map(<[f32]>::len))?;
+        check_rows(labels.len(), &times, positions)?;
         Ok(Self {
             labels,
             offsets,
             ids,
             values,
+            times,
+            positions,
         })
-    }
-
-    /// Size in bytes of this batch's encoding, i.e. how many bytes
-    /// [`parse`](Self::parse) consumed; the next batch in a buffer of
-    /// concatenated batches starts there.
-    pub fn encoded_len(&self) -> usize {
-        let n = self.ids.len();
-        let r = self.labels.len();
-        BATCH_HEADER_LEN
-            + 8 * n
-            + pad8(4 * r)
-            + pad8(4 * (r + 1))
-            + if self.values.is_some() {
-                pad8(4 * n)
-            } else {
-                0
-            }
     }
 
     /// Number of rows.
@@ -568,50 +724,135 @@ impl<'a> FeatureBatchRef<'a> {
         self.values
     }
 
-    /// An owned copy.
+    /// The rows' event times.
+    pub fn times(&self) -> EventTimes<'a> {
+        self.times
+    }
+
+    /// The rows' positions in their source stream.
+    pub fn positions(&self) -> &'a [u64] {
+        self.positions
+    }
+
+    /// An owned copy (a row without an event time gets value 0 under its
+    /// null).
     pub fn to_batch(&self) -> FeatureBatch {
+        let rows = self.rows();
+        let mut times = Vec::with_capacity(rows);
+        let mut time_validity = vec![0u8; rows.div_ceil(8)];
+        for (i, t) in self.times.iter().enumerate() {
+            times.push(t.unwrap_or(0));
+            if t.is_some() {
+                time_validity[i / 8] |= 1 << (i % 8);
+            }
+        }
         FeatureBatch {
             labels: self.labels.to_vec(),
             offsets: self.offsets.to_vec(),
             ids: self.ids.to_vec(),
             values: self.values.map(<[f32]>::to_vec),
+            times,
+            time_validity,
+            positions: self.positions.to_vec(),
         }
     }
 }
 
-struct Layout {
-    ids: (usize, usize),
-    labels: (usize, usize),
-    offsets: (usize, usize),
-    values: Option<(usize, usize)>,
-    total: usize,
+/// The column `name` of `batch`.
+fn column<'a>(batch: &'a RecordBatch, name: &'static str) -> Result<&'a ArrayRef, DataError> {
+    batch
+        .column_by_name(name)
+        .ok_or(DataError::MissingColumn { column: name })
 }
 
-impl Layout {
-    fn new(rows: u64, n_ids: u64, has_values: bool) -> Option<Self> {
-        fn section(start: usize, count: u64, size: u64) -> Option<((usize, usize), usize)> {
-            let len = usize::try_from(count.checked_mul(size)?).ok()?;
-            let end = start.checked_add(len)?;
-            let next = end.checked_add(7)? & !7;
-            Some(((start, end), next))
-        }
-        let (ids, next) = section(BATCH_HEADER_LEN, n_ids, 8)?;
-        let (labels, next) = section(next, rows, 4)?;
-        let (offsets, next) = section(next, rows.checked_add(1)?, 4)?;
-        let (values, total) = if has_values {
-            let (v, next) = section(next, n_ids, 4)?;
-            (Some(v), next)
-        } else {
-            (None, next)
-        };
-        Some(Self {
-            ids,
-            labels,
-            offsets,
-            values,
-            total,
+/// The column `name` of `batch`, of primitive type `T` (`p`).
+fn primitive<'a, T: ArrowPrimitiveType>(
+    batch: &'a RecordBatch,
+    name: &'static str,
+    p: Primitive,
+) -> Result<&'a PrimitiveArray<T>, DataError> {
+    let array = column(batch, name)?;
+    array
+        .as_primitive_opt::<T>()
+        .filter(|a| a.data_type() == &p.data_type())
+        .ok_or_else(|| DataError::WrongType {
+            column: name,
+            expected: p.data_type(),
+            found: array.data_type().clone(),
         })
+}
+
+/// `array`, checked to hold no nulls.
+fn not_null<'a, A: Array + ?Sized>(array: &'a A, name: &'static str) -> Result<&'a A, DataError> {
+    match array.null_count() {
+        0 => Ok(array),
+        nulls => Err(DataError::Null {
+            column: name,
+            nulls,
+        }),
     }
+}
+
+/// A list column of `T` items without nulls: its row offsets, reinterpreted
+/// as `u32`, and its items up to the last offset.
+fn list<'a, T>(array: &'a ArrayRef, name: &'static str) -> Result<(&'a [u32], &'a [T]), DataError>
+where
+    T: PrimitiveColumn,
+{
+    let expected = ColumnType::List(T::PRIMITIVE).data_type();
+    let wrong = || DataError::WrongType {
+        column: name,
+        expected: expected.clone(),
+        found: array.data_type().clone(),
+    };
+    let lists = array.as_list_opt::<i32>().ok_or_else(wrong)?;
+    not_null(lists, name)?;
+    let items = lists.values();
+    if items.data_type() != &T::PRIMITIVE.data_type() {
+        return Err(wrong());
+    }
+    not_null(items.as_ref(), name)?;
+    let items = T::values(items).ok_or_else(wrong)?;
+    let offsets = lists.value_offsets();
+    if offsets.first().is_some_and(|&o| o != 0) {
+        return Err(DataError::BadOffsets {
+            index: 0,
+            reason: "the first offset must be 0",
+        });
+    }
+    // Sound: Arrow validated the offsets non-negative and non-decreasing,
+    // and `i32` and `u32` have the same size and alignment.
+    let offsets: &[u32] = bytemuck::cast_slice(offsets);
+    let last = offsets.last().map_or(0, |&o| o as usize);
+    Ok((offsets, items.get(..last).unwrap_or(items)))
+}
+
+fn check_rows(rows: usize, times: &EventTimes<'_>, positions: &[u64]) -> Result<(), DataError> {
+    if times.len() != rows {
+        return Err(DataError::LengthMismatch {
+            what: "event times",
+            expected: rows,
+            found: times.len(),
+        });
+    }
+    if positions.len() != rows {
+        return Err(DataError::LengthMismatch {
+            what: "positions",
+            expected: rows,
+            found: positions.len(),
+        });
+    }
+    if let Some(bits) = times.validity {
+        let needed = (times.offset + rows).div_ceil(8);
+        if bits.len() < needed {
+            return Err(DataError::LengthMismatch {
+                what: "event time validity bytes",
+                expected: needed,
+                found: bits.len(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn check_columns(
@@ -661,62 +902,6 @@ fn check_columns(
         });
     }
     Ok(())
-}
-
-fn view_column<'a, T: bytemuck::Pod>(
-    bytes: &'a [u8],
-    (start, end): (usize, usize),
-    column: &'static str,
-) -> Result<&'a [T], DataError> {
-    let cast = |reason: String| DataError::Cast { column, reason };
-    let raw = bytes
-        .get(start..end)
-        .ok_or_else(|| cast(format!("bytes {start}..{end} out of range")))?;
-    bytemuck::try_cast_slice(raw).map_err(|e| cast(e.to_string()))
-}
-
-fn pad8(n: usize) -> usize {
-    n.div_ceil(8) * 8
-}
-
-fn read_u64(b: &[u8; BATCH_HEADER_LEN], at: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(w)
-}
-
-fn header_crc(h: &[u8; BATCH_HEADER_LEN]) -> u32 {
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&h[0..12]);
-    crc.update(&h[16..32]);
-    crc.finalize()
-}
-
-fn put_u64s(out: &mut Vec<u8>, xs: &[u64]) {
-    if cfg!(target_endian = "little") {
-        out.extend_from_slice(bytemuck::cast_slice(xs));
-    } else {
-        xs.iter()
-            .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-    }
-}
-
-fn put_u32s(out: &mut Vec<u8>, xs: &[u32]) {
-    if cfg!(target_endian = "little") {
-        out.extend_from_slice(bytemuck::cast_slice(xs));
-    } else {
-        xs.iter()
-            .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-    }
-}
-
-fn put_f32s(out: &mut Vec<u8>, xs: &[f32]) {
-    if cfg!(target_endian = "little") {
-        out.extend_from_slice(bytemuck::cast_slice(xs));
-    } else {
-        xs.iter()
-            .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-    }
 }
 
 /// The SplitMix64 finalizer: a fixed bijective mix of 64 bits.
@@ -838,12 +1023,7 @@ impl LineState {
 
     fn emit(&mut self, stats: &mut ParseStats, batch: &mut FeatureBatch, label: f32) -> bool {
         if batch.can_take(self.scratch.len()) {
-            batch.labels.push(label);
-            batch.ids.extend_from_slice(&self.scratch);
-            if let Some(values) = &mut batch.values {
-                values.resize(batch.ids.len(), 1.0);
-            }
-            batch.offsets.push(batch.ids.len() as u32);
+            batch.push_ones(label, &self.scratch);
             self.rows += 1;
             stats.rows += 1;
             true
@@ -1454,12 +1634,7 @@ impl SyntheticStream {
         while done < n && batch.can_take(self.fields.len()) {
             ids.clear();
             let (label, p) = self.generate(self.position, &mut ids);
-            batch.labels.push(label);
-            batch.ids.extend_from_slice(&ids);
-            if let Some(values) = &mut batch.values {
-                values.resize(batch.ids.len(), 1.0);
-            }
-            batch.offsets.push(batch.ids.len() as u32);
+            batch.push_ones(label, &ids);
             if let Some(o) = oracle.as_deref_mut() {
                 o.push(p);
             }

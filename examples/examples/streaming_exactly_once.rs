@@ -4,7 +4,8 @@
 //! dealt from outside (SIGKILL or SIGSTOP of a worker, the sink's pending
 //! directory replaced by a file, the sink's directory remounted
 //! read-only); the committed output is then checked against the
-//! failure-free reference.
+//! failure-free reference. The keyed records cross processes as Arrow
+//! record batches in the store (`.columnar()`).
 //!
 //! Run: `cargo run --release --example streaming_exactly_once -- --records 3000000 --kill-every-ms 800`
 //!
@@ -13,7 +14,7 @@
 //! (`read-only` needs root).
 //!
 //! Each run prints one JSON object:
-//! `{"records":N,"keys":K,"seed":S,"faults":{..},"checkpoints":c,"lost":0,"duplicated":0,"matches_reference":true,"events_per_s":...}`;
+//! `{"records":N,"keys":K,"seed":S,"faults":{..},"checkpoints":c,"edges":[..],"lost":0,"duplicated":0,"matches_reference":true,"events_per_s":...}`;
 //! with `--runs` the last stdout line sums them up. `lost` and
 //! `duplicated` are counted from the sink's committed files (`--out DIR`,
 //! lines `key seq`), which anyone can check without this program. The
@@ -320,6 +321,7 @@ fn chaos_job(params: &JobParams) -> StreamEnv {
         seqs: HashMap::new(),
     })
     .key_by(|r: &(u64, u64)| r.0)
+    .columnar()
     .process(CheckSeq::default)
     .sink("committed", move |_| {
         TransactionalFileSink::new(out.clone(), |line: &String| line.clone())
@@ -511,6 +513,7 @@ fn run_once(rt: &braid::Runtime, args: &Args) -> anyhow::Result<serde_json::Valu
         "failures": report.failures,
         "republished_epochs": report.republished_epochs,
         "recovery_ms_max": report.recovery_ms.iter().max().copied().unwrap_or(0),
+        "edges": report.edges,
         "lost": lost,
         "duplicated": duplicated,
         "unexpected": unexpected,

@@ -83,6 +83,7 @@ fn wordcount(params: &JobParams) -> StreamEnv {
         .flat_map(words)
         .map(|w: String| (w, 1u64))
         .key_by(|wc: &(String, u64)| wc.0.clone())
+        .columnar()
         .reduce(|a: &(String, u64), b: &(String, u64)| (a.0.clone(), a.1 + b.1))
         .sink("counts", move |_| {
             TransactionalFileSink::new(

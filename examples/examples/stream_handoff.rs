@@ -17,8 +17,10 @@
 //! every buffer of the batch lies inside its mapping of the store's arena
 //! (a buffer outside it would count as copied bytes).
 //!
-//! Beside them: serde (bincode) encode plus decode of the same columns,
-//! and a memcpy of the batch's bytes. Logs go to stderr; the last stdout
+//! Beside them: the same handoff of a hand format (the three columns back
+//! to back, 64-byte aligned, read as typed slices after checking the row
+//! offsets, as a reader of untrusted bytes must), serde (bincode) encode
+//! plus decode of the same columns, and a memcpy of the batch's bytes. Logs go to stderr; the last stdout
 //! line is one JSON object.
 
 use anyhow::{bail, Context, Result};
@@ -71,6 +73,24 @@ fn layout(rows: usize) -> Result<BatchLayout> {
             },
         ],
     )?)
+}
+
+/// Byte ranges of the hand format's columns for `rows` rows: labels,
+/// offsets, ids, and the total length.
+fn hand_layout(
+    rows: usize,
+) -> (
+    std::ops::Range<usize>,
+    std::ops::Range<usize>,
+    std::ops::Range<usize>,
+    usize,
+) {
+    let up = |n: usize| n.div_ceil(64) * 64;
+    let labels = 0..4 * rows;
+    let offsets = up(labels.end)..up(labels.end) + 4 * (rows + 1);
+    let ids = up(offsets.end)..up(offsets.end) + 8 * rows * IDS_PER_ROW;
+    let total = ids.end;
+    (labels, offsets, ids, total)
 }
 
 /// The same columns as plain vectors, for the serde comparison.
@@ -143,6 +163,7 @@ fn main() -> Result<()> {
         let batch = owned(rows, 7);
         let mut poll = handoff(&client, &socket, &layout, &batch, "poll")?;
         let mut blocked = handoff(&client, &socket, &layout, &batch, "block")?;
+        let mut hand = handoff(&client, &socket, &layout, &batch, "hand")?;
         let (mut codec, codec_len) = serde_round_trips(&batch)?;
         let mut copy = memcpy(layout.total_len());
         let entry = serde_json::json!({
@@ -151,6 +172,7 @@ fn main() -> Result<()> {
             "poll_us_p50": median(&mut poll.latencies_us),
             "poll_get_us_p50": median(&mut poll.get_us),
             "blocked_us_p50": median(&mut blocked.latencies_us),
+            "hand_format_poll_us_p50": median(&mut hand.latencies_us),
             "bincode_us_p50": median(&mut codec),
             "memcpy_us_p50": median(&mut copy),
             "codec_bytes": 0,
@@ -216,10 +238,20 @@ fn handoff(
     };
     for i in 0..WARMUP + SAMPLES {
         let id = ObjectId::random();
-        let mut buf = client.create(id, layout.total_len() as u64)?;
-        let mut writer = BatchWriter::new(layout, buf.as_mut_slice())?;
-        fill(&mut writer, batch)?;
-        let sealed = buf.seal()?;
+        let sealed = if mode == "hand" {
+            let (labels, offsets, ids, total) = hand_layout(layout.rows());
+            let mut buf = client.create(id, total as u64)?;
+            let bytes = buf.as_mut_slice();
+            bytes[labels].copy_from_slice(bytemuck::cast_slice(&batch.labels));
+            bytes[offsets].copy_from_slice(bytemuck::cast_slice(&batch.offsets));
+            bytes[ids].copy_from_slice(bytemuck::cast_slice(&batch.ids));
+            buf.seal()?
+        } else {
+            let mut buf = client.create(id, layout.total_len() as u64)?;
+            let mut writer = BatchWriter::new(layout, buf.as_mut_slice())?;
+            fill(&mut writer, batch)?;
+            buf.seal()?
+        };
         let t0 = now_ns();
         let mut msg = [0u8; MSG];
         msg[..16].copy_from_slice(id.as_bytes());
@@ -286,7 +318,8 @@ fn receiver(args: &[String]) -> Result<()> {
     let client = StoreClient::connect(socket)?;
     let arena = client.arena_range();
     let ring = RingPair::open(pid.parse()?, fd.parse()?)?;
-    let polling = mode == "poll";
+    let polling = mode != "block";
+    let hand = mode == "hand";
     let mut pending = Vec::new();
     loop {
         while pending.len() < MSG {
@@ -314,6 +347,15 @@ fn receiver(args: &[String]) -> Result<()> {
         let rows = u64::from_le_bytes(msg[24..32].try_into()?);
         let view = client.get(ObjectId::from_bytes(id), Duration::from_secs(5))?;
         let got = now_ns();
+        if hand {
+            let t1 = read_hand(view.as_bytes(), rows as usize)?;
+            drop(view);
+            let mut ack = [0u8; ACK];
+            ack[..8].copy_from_slice(&t1.saturating_sub(t0).to_le_bytes());
+            ack[8..16].copy_from_slice(&got.saturating_sub(t0).to_le_bytes());
+            send(&ring, &ack)?;
+            continue;
+        }
         let batch = view.record_batch()?;
         let t1 = now_ns();
         if batch.num_rows() as u64 != rows {
@@ -346,6 +388,29 @@ fn receiver(args: &[String]) -> Result<()> {
         ack[16..].copy_from_slice(&copied.to_le_bytes());
         send(&ring, &ack)?;
     }
+}
+
+/// Views the hand format's columns in place, checks that the row offsets
+/// partition the ids, and returns the time it was done.
+fn read_hand(bytes: &[u8], rows: usize) -> Result<u64> {
+    let (labels, offsets, ids, total) = hand_layout(rows);
+    if bytes.len() < total {
+        bail!("the object is {} bytes, not {total}", bytes.len());
+    }
+    let labels: &[f32] =
+        bytemuck::try_cast_slice(&bytes[labels]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let offsets: &[u32] =
+        bytemuck::try_cast_slice(&bytes[offsets]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ids: &[u64] = bytemuck::try_cast_slice(&bytes[ids]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let partitions = offsets.first() == Some(&0)
+        && offsets.windows(2).all(|w| w[0] <= w[1])
+        && offsets.last().map(|&l| l as usize) == Some(ids.len());
+    let t1 = now_ns();
+    if !partitions || labels.len() != rows {
+        bail!("the hand-format batch is malformed");
+    }
+    std::hint::black_box(labels.last());
+    Ok(t1)
 }
 
 /// Medians of serde encode + decode of the batch's columns, and the

@@ -578,6 +578,14 @@ impl<K: Key, V: Data> KeyedStream<K, V> {
             .transform_with(name, self.inner.env.parallelism, Some(hash), make)
     }
 
+    /// Sends a channel's keyed records once `records` are buffered (see
+    /// [`DataStream::batch_records`]).
+    pub fn batch_records(self, records: usize) -> Self {
+        KeyedStream {
+            inner: self.inner.batch_records(records),
+        }
+    }
+
     /// Sends the keyed records between processes as Arrow record batches
     /// in the store (see [`DataStream::columnar`]); key and value must
     /// both map to Arrow columns.

@@ -266,4 +266,8 @@ pub struct ModeReport {
     /// The timeline.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub timeline: Vec<TimelinePoint>,
+    /// What crossed each edge of the mode's stream job: batches, bytes,
+    /// and bytes encoded or copied on the way.
+    #[serde(default)]
+    pub edges: Vec<braid_actors::stream::edges::EdgeStats>,
 }

@@ -334,5 +334,6 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
         cpu_seconds_per_million: cpu / (f.rows.max(1) as f64 / 1e6),
         skipped_lines: pipeline::skipped_lines(&name).load(std::sync::atomic::Ordering::Relaxed),
         timeline,
+        edges: report.edges,
     })
 }

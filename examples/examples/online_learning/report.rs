@@ -200,10 +200,12 @@ pub fn progress_line(mode: &str, p: &TimelinePoint) -> String {
     )
 }
 
-/// The report as JSON: the summary figures and `skipped_lines`, without
-/// the timeline. Non-finite figures become `null`.
+/// The report as JSON: the summary figures, `skipped_lines` and the
+/// stream job's `edges`, without the timeline. Non-finite figures become
+/// `null`.
 pub fn report_json(r: &ModeReport) -> serde_json::Value {
     serde_json::json!({
+        "edges": r.edges,
         "rows": r.rows,
         "seconds": r.seconds,
         "events_per_s": r.events_per_s,

@@ -1118,6 +1118,7 @@ fn run(cfg: &SeparateConfig, progress: &mut dyn FnMut(&TimelinePoint)) -> anyhow
         },
         skipped_lines: stream.skipped_lines,
         timeline: got.timeline,
+        edges: Vec::new(),
     };
     Ok(Outcome {
         report,

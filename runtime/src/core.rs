@@ -371,6 +371,22 @@ impl Core {
         Ok(state)
     }
 
+    /// Maps an object its owner lent (sealed before it was lent, so a
+    /// missing one is lost at once rather than waited for), pulling it from
+    /// the owner's node first if that is another.
+    pub(crate) async fn fetch_lent(&self, id: ObjectId, owner: &Address) -> Result<ObjectView> {
+        if owner.node != self.node_id {
+            return self.fetch_stored(id, &[owner.node], owner).await;
+        }
+        match self.store.get(id, Duration::ZERO) {
+            Ok(view) => Ok(view),
+            Err(GetError::Timeout { .. })
+            | Err(GetError::Lost { .. })
+            | Err(GetError::Deleted(_)) => Err(Error::ObjectLost(id)),
+            Err(e) => Err(Error::io("store get", e)),
+        }
+    }
+
     /// Maps a stored object into this process, pulling it to this node
     /// first if it lives elsewhere.
     pub(crate) async fn fetch_stored(

@@ -78,7 +78,7 @@ pub use arrow_array::RecordBatch;
 pub use error::{Error, Result};
 pub use ids::{ActorId, JobId, NodeId, PlacementGroupId, TaskId, WorkerId};
 pub use init::{init, init_blocking, init_blocking_with, InitOptions};
-pub use object_ref::ObjectRef;
+pub use object_ref::{Lent, ObjectRef};
 pub use resources::Resources;
 pub use runtime::{current, Array, ArrayView, Batch, PlacementGroup, PlacementStrategy, Runtime};
 pub use submit::TaskOptions;

@@ -90,6 +90,67 @@ impl<T> ObjectRef<T> {
     pub fn cast<U>(&self) -> ObjectRef<U> {
         ObjectRef::from_handle(self.handle.clone())
     }
+
+    /// Lends the stored object to another process without counting it
+    /// there: the receiver reads it with [`Runtime::get_batch_lent`]
+    /// (pinning it in its node's store) and never asks the owner about it.
+    /// The lender keeps this reference alive until the receiver has read
+    /// the object; a lent object that was freed first is
+    /// [`Error::ObjectLost`](crate::Error::ObjectLost) to the receiver.
+    ///
+    /// [`Runtime::get_batch_lent`]: crate::Runtime::get_batch_lent
+    pub fn lend(&self) -> Lent<T> {
+        Lent {
+            id: self.handle.id,
+            owner: (*self.handle.owner).clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+/// A stored object lent by its owner for a moment (see
+/// [`ObjectRef::lend`]): its id and owner, uncounted.
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct Lent<T> {
+    id: ObjectId,
+    owner: Address,
+    #[serde(skip)]
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Lent<T> {
+    /// The object's id.
+    pub fn id(&self) -> ObjectId {
+        self.id
+    }
+
+    /// The process that owns the object.
+    pub fn owner(&self) -> &Address {
+        &self.owner
+    }
+}
+
+impl<T> Clone for Lent<T> {
+    fn clone(&self) -> Self {
+        Lent {
+            id: self.id,
+            owner: self.owner.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Lent<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Lent({})", self.id)
+    }
+}
+
+impl<T> PartialEq for Lent<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.owner == other.owner
+    }
 }
 
 impl<T> Clone for ObjectRef<T> {

@@ -6,7 +6,7 @@ use crate::actor::{parse_address, ActorHandle, TypedHandle};
 use crate::core::{Core, ObjectBytes};
 use crate::error::{Error, Result};
 use crate::ids::{NodeId, PlacementGroupId};
-use crate::object_ref::ObjectRef;
+use crate::object_ref::{Lent, ObjectRef};
 use crate::refs::ValueState;
 use crate::resources::Resources;
 use crate::value::{decode, encode_return};
@@ -277,6 +277,15 @@ impl Runtime {
             id,
             ValueState::Stored(vec![self.core.node_id]),
         )))
+    }
+
+    /// Gets a record batch lent by its owner ([`ObjectRef::lend`]) and
+    /// reads it in place: pulled to this node first if it lives elsewhere,
+    /// without asking the owner where it is or counting a reference there.
+    /// The batch's arrays pin the object until they are dropped.
+    pub async fn get_batch_lent(&self, lent: &Lent<Batch>) -> Result<RecordBatch> {
+        let view = self.core.fetch_lent(lent.id(), lent.owner()).await?;
+        view.record_batch().map_err(|e| Error::Codec(e.to_string()))
     }
 
     /// Gets a record batch put with [`Runtime::put_batch`]: waits until it

@@ -47,6 +47,25 @@ async fn async_sleep_ms(ms: u64) -> u64 {
     ms
 }
 
+/// Reads a lent batch in this worker process: its sum of `feature`, or
+/// the error.
+#[braid::remote]
+async fn sum_lent(lent: braid::Lent<braid::Batch>) -> Result<u64, String> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::UInt64Type;
+    let rt = braid::current().map_err(|e| e.to_string())?;
+    let batch = rt
+        .get_batch_lent(&lent)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(batch
+        .column(0)
+        .as_primitive::<UInt64Type>()
+        .values()
+        .iter()
+        .sum())
+}
+
 #[braid::remote]
 fn panics(message: String) -> i64 {
     panic!("{message}")
@@ -238,6 +257,30 @@ async fn batches_are_written_and_read_in_place() {
         &[0.5, 1.5]
     );
     assert!(in_arena(&read));
+}
+
+#[tokio::test]
+async fn a_lent_batch_is_read_in_another_process_and_a_freed_one_is_lost() {
+    use arrow_array::{RecordBatch, UInt64Array};
+    use std::sync::Arc;
+    let rt = rt();
+    let batch = RecordBatch::try_from_iter(vec![(
+        "feature",
+        Arc::new(UInt64Array::from(vec![1, 2, 3, 4])) as arrow_array::ArrayRef,
+    )])
+    .unwrap();
+    let r = rt.put_batch(&batch).unwrap();
+    let lent = r.lend();
+    assert_eq!(sum_lent(lent.clone()).await.unwrap(), 10);
+    let id = r.id();
+    drop(r);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rt.store().contains(id).unwrap() {
+        assert!(Instant::now() < deadline, "object still in the store");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let lost = sum_lent(lent).await.unwrap_err().to_string();
+    assert!(lost.contains("ObjectLost"), "{lost}");
 }
 
 #[test]

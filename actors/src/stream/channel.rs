@@ -146,11 +146,13 @@ impl<'de> Deserialize<'de> for ArrowBatch {
     }
 }
 
-/// A sealed columnar batch in the sender's node's store, and its size.
+/// A sealed columnar batch in the sender's node's store, lent to the
+/// receiver (the sender keeps its reference until the receiver has read
+/// the batch), and its size.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ColumnarRef {
     /// The object.
-    pub object: braid::ObjectRef<braid::Batch>,
+    pub object: braid::Lent<braid::Batch>,
     /// Its size in bytes.
     pub bytes: usize,
 }

@@ -316,6 +316,7 @@ impl SubtaskHost {
                 next_seq: vec![0; targets.len()],
                 in_flight: (0..targets.len()).map(|_| VecDeque::new()).collect(),
                 stored_in_flight: vec![0; targets.len()],
+                built: HashMap::new(),
                 credits,
                 credit_bytes,
                 ids: outputs.clone(),
@@ -385,7 +386,7 @@ impl SubtaskHost {
                 let Ok(rt) = braid::current() else {
                     return false;
                 };
-                match rt.get_batch(&stored.object).await {
+                match rt.get_batch_lent(&stored.object).await {
                     Ok(batch) => ChannelMsg::Arrow(ArrowBatch(batch)),
                     Err(e) => {
                         self.shared.fail(ChannelError::Store(format!(
@@ -562,8 +563,11 @@ struct ActorOutbox {
     rt: Runtime,
     targets: Vec<(SubtaskHostHandle, usize)>,
     next_seq: Vec<u64>,
-    /// Per channel, the calls in flight and the store bytes each holds.
-    in_flight: Vec<VecDeque<(tokio::task::JoinHandle<braid::Result<bool>>, usize)>>,
+    /// Per channel, the calls in flight, the store bytes each holds, and
+    /// the batch it lends (kept until the receiver has read it).
+    in_flight: Vec<VecDeque<InFlight>>,
+    /// Batches built and not yet sent, by id.
+    built: HashMap<braid::store::ObjectId, braid::ObjectRef<braid::Batch>>,
     /// Per channel, the store bytes of the calls in flight.
     stored_in_flight: Vec<usize>,
     credits: usize,
@@ -573,9 +577,17 @@ struct ActorOutbox {
     meters: Meters,
 }
 
+/// A `deliver` call in flight, the store bytes it holds and the batch it
+/// lends.
+type InFlight = (
+    tokio::task::JoinHandle<braid::Result<bool>>,
+    usize,
+    Option<braid::ObjectRef<braid::Batch>>,
+);
+
 impl ActorOutbox {
     fn wait_oldest(&mut self, channel: usize) -> Result<(), ChannelError> {
-        let Some((oldest, stored)) = self.in_flight[channel].pop_front() else {
+        let Some((oldest, stored, _lent)) = self.in_flight[channel].pop_front() else {
             return Ok(());
         };
         self.stored_in_flight[channel] -= stored;
@@ -600,6 +612,7 @@ impl Outbox for ActorOutbox {
         };
         let seq = self.next_seq[channel];
         self.next_seq[channel] += 1;
+        let mut lent = None;
         let (delivery, stored) = match msg {
             ChannelMsg::Batch(bytes) if bytes.len() >= STORE_BATCH_BYTES => {
                 match self.rt.put_array(&bytes) {
@@ -613,6 +626,7 @@ impl Outbox for ActorOutbox {
                 }
             }
             ChannelMsg::Columnar(r) => {
+                lent = self.built.remove(&r.object.id());
                 let stored = r.bytes;
                 (Delivery::Inline(ChannelMsg::Columnar(r)), stored)
             }
@@ -620,7 +634,7 @@ impl Outbox for ActorOutbox {
         };
         let call: ActorCall<bool> = target.deliver(slot, seq, delivery);
         let handle = self.rt.spawn(call);
-        self.in_flight[channel].push_back((handle, stored));
+        self.in_flight[channel].push_back((handle, stored, lent));
         self.stored_in_flight[channel] += stored;
         while self.over_credit(channel) {
             self.wait_oldest(channel)?;
@@ -650,10 +664,14 @@ impl Outbox for ActorOutbox {
             })
         });
         Some(match (put, failed) {
-            (Ok(object), _) => Ok(ColumnarRef {
-                object,
-                bytes: layout.total_len(),
-            }),
+            (Ok(object), _) => {
+                let lent = object.lend();
+                self.built.insert(object.id(), object);
+                Ok(ColumnarRef {
+                    object: lent,
+                    bytes: layout.total_len(),
+                })
+            }
             (Err(_), Some(e)) => Err(ChannelError::Encode(e.to_string())),
             (Err(e), None) => Err(ChannelError::Store(e.to_string())),
         })

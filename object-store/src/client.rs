@@ -16,8 +16,8 @@
 
 use crate::arena::Mapping;
 use crate::error::{
-    unexpected, ConnectionError, CreateError, DeleteError, GetError, GetValueError, PutError,
-    SealError,
+    unexpected, BuildError, ConnectionError, CreateError, DeleteError, GetError, GetValueError,
+    PutError, SealError,
 };
 use crate::protocol::{
     self, FrameError, Hello, Reply, ReplyFrame, Request, RequestFrame, StoreStats, WireError,
@@ -239,29 +239,71 @@ impl StoreClient {
     }
 
     fn put_leased(&self, id: ObjectId, data: &[u8]) -> Result<ObjectView, PutError> {
-        let len = data.len() as u64;
-        let class = len.next_power_of_two().max(MIN_CLASS);
-        let offset = self.take_leased_block(class)?;
-        self.inner.mapping.populate(offset, len);
+        let copy = |dst: &mut [u8]| {
+            dst.copy_from_slice(data);
+            Ok::<(), std::convert::Infallible>(())
+        };
+        self.build_leased(id, data.len() as u64, copy)
+            .map_err(|e| match e {
+                BuildError::Store(e) => e,
+                BuildError::Fill(never) => match never {},
+            })
+    }
+
+    /// Builds an object of `size` bytes in place under an id the caller
+    /// made fresh (random in at least 96 of its bits, as for
+    /// [`put_with_fresh_id`](Self::put_with_fresh_id)): `fill` writes it,
+    /// then it is sealed and a view holding one pin is returned. An object
+    /// of up to the store's leased size is written into a block leased to
+    /// this client and sealed with a one-way message, so it costs no round
+    /// trip to the store; a larger one is created and sealed by calls. If
+    /// `fill` fails, nothing is stored and its error is returned.
+    pub fn build_with_fresh_id<E>(
+        &self,
+        id: ObjectId,
+        size: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<ObjectView, BuildError<E>> {
+        if size > 0 && size <= self.inner.hello.max_leased_size {
+            return self.build_leased(id, size, fill);
+        }
+        let mut buf = self.create(id, size).map_err(PutError::from)?;
+        fill(buf.as_mut_slice()).map_err(BuildError::Fill)?;
+        Ok(buf.seal().map_err(PutError::from)?)
+    }
+
+    fn build_leased<E>(
+        &self,
+        id: ObjectId,
+        size: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<ObjectView, BuildError<E>> {
+        let class = size.next_power_of_two().max(MIN_CLASS);
+        let offset = self.take_leased_block(class).map_err(PutError::from)?;
+        self.inner.mapping.populate(offset, size);
         // SAFETY: the block at `offset` is leased to this client alone and
         // has not been handed to the store as an object yet, so nothing else
         // reads or writes it; `check_range` validated it lies in the arena.
-        let dst = unsafe { self.inner.slice_mut(offset, len) };
-        dst.copy_from_slice(data);
-        self.inner.send_oneway(Request::PutLeased {
-            id,
-            offset,
-            size: len,
-        })?;
+        let dst = unsafe { self.inner.slice_mut(offset, size) };
+        if let Err(e) = fill(dst) {
+            // Still leased to this client and still no object: back to the
+            // free blocks, whatever `fill` left in it.
+            let index = (class.trailing_zeros() - MIN_CLASS.trailing_zeros()) as usize;
+            self.inner.leases.lock()[index].push(offset);
+            return Err(BuildError::Fill(e));
+        }
+        self.inner
+            .send_oneway(Request::PutLeased { id, offset, size })
+            .map_err(PutError::from)?;
         self.inner.pins.lock().insert(
             id,
             LocalPin {
                 offset,
-                size: len,
+                size,
                 count: 1,
             },
         );
-        Ok(ObjectView::new(Arc::clone(&self.inner), id, offset, len))
+        Ok(ObjectView::new(Arc::clone(&self.inner), id, offset, size))
     }
 
     fn take_leased_block(&self, class: u64) -> Result<u64, CreateError> {

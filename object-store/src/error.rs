@@ -159,6 +159,18 @@ pub enum PutError {
     Encode(String),
 }
 
+/// Errors from [`StoreClient::build_with_fresh_id`](crate::StoreClient::build_with_fresh_id):
+/// the store's, or the caller's filling the object.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError<E> {
+    /// Creating or sealing the object failed.
+    #[error(transparent)]
+    Store(#[from] PutError),
+    /// The caller's `fill` failed; nothing was stored.
+    #[error("filling the object failed")]
+    Fill(E),
+}
+
 impl From<ConnectionError> for PutError {
     fn from(e: ConnectionError) -> Self {
         PutError::Create(CreateError::Connection(e))

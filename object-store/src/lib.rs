@@ -73,8 +73,8 @@ pub mod view;
 pub use client::StoreClient;
 pub use config::StoreConfig;
 pub use error::{
-    ConnectionError, CreateError, DeleteError, GetError, GetValueError, PutError, SealError,
-    ViewError,
+    BuildError, ConnectionError, CreateError, DeleteError, GetError, GetValueError, PutError,
+    SealError, ViewError,
 };
 pub use id::ObjectId;
 pub use protocol::StoreStats;

@@ -384,3 +384,42 @@ fn empty_encoding_round_trips() {
         Marker
     );
 }
+
+#[test]
+fn objects_built_in_place_are_read_by_another_client_and_a_failed_fill_stores_nothing() {
+    let store = StoreProcess::start(16 << 20, false);
+    let writer = StoreClient::connect(&store.socket).unwrap();
+    let reader = StoreClient::connect(&store.socket).unwrap();
+    // One leased (no round trip), one created and sealed by calls.
+    for size in [1000usize, 1 << 20] {
+        let id = ObjectId::random();
+        let expected = pattern(size as u64, size);
+        let view = writer
+            .build_with_fresh_id(id, size as u64, |dst| {
+                dst.copy_from_slice(&expected);
+                Ok::<(), String>(())
+            })
+            .unwrap();
+        assert_eq!(view.as_bytes(), &expected[..]);
+        let read = reader.get(id, Duration::from_secs(5)).unwrap();
+        assert_eq!(read.as_bytes(), &expected[..], "{size} bytes");
+
+        let failed = ObjectId::random();
+        let before = writer.stats().unwrap();
+        let error = writer
+            .build_with_fresh_id(failed, size as u64, |dst| {
+                dst[..10].fill(7);
+                Err("the operator failed".to_string())
+            })
+            .unwrap_err();
+        assert!(
+            matches!(&error, braid_store::BuildError::Fill(e) if e == "the operator failed"),
+            "{error:?}"
+        );
+        let after = writer.stats().unwrap();
+        assert!(!reader.contains(failed).unwrap(), "{size} bytes");
+        assert_eq!(after.unsealed_objects, 0);
+        assert_eq!(after.sealed_objects, before.sealed_objects);
+        assert_eq!(after.arena.used, before.arena.used, "nothing half-done is left");
+    }
+}

@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, OnceCell};
 /// How long a get waits on the local store for an object its owner
 /// reported sealed.
 const STORE_GET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a lent object missing from this node's store is waited for.
+const LENT_GET_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Stored objects up to this size stay mapped and pinned while referenced,
 /// so repeated gets are answered in process.
@@ -371,14 +373,16 @@ impl Core {
         Ok(state)
     }
 
-    /// Maps an object its owner lent (sealed before it was lent, so a
-    /// missing one is lost at once rather than waited for), pulling it from
-    /// the owner's node first if that is another.
+    /// Maps an object its owner lent, pulling it from the owner's node
+    /// first if that is another. The owner sealed it before lending it, but
+    /// a small one is sealed by a one-way message the store may read after
+    /// this process's get: a missing object is waited for briefly, then
+    /// lost.
     pub(crate) async fn fetch_lent(&self, id: ObjectId, owner: &Address) -> Result<ObjectView> {
         if owner.node != self.node_id {
             return self.fetch_stored(id, &[owner.node], owner).await;
         }
-        match self.store.get(id, Duration::ZERO) {
+        match self.store.get(id, LENT_GET_TIMEOUT) {
             Ok(view) => Ok(view),
             Err(GetError::Timeout { .. })
             | Err(GetError::Lost { .. })

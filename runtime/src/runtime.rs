@@ -12,7 +12,7 @@ use crate::resources::Resources;
 use crate::value::{decode, encode_return};
 use arrow_array::RecordBatch;
 use braid_store::batch::{BatchLayout, BatchWriter};
-use braid_store::ObjectView;
+use braid_store::{BuildError, ObjectView, PutError};
 use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
@@ -266,13 +266,16 @@ impl Runtime {
         fill: impl FnOnce(&mut [u8]) -> Result<()>,
     ) -> Result<ObjectRef<Batch>> {
         let id = self.core.new_object_id();
-        let mut buf = self
+        let built = self
             .core
             .store
-            .create(id, layout.total_len() as u64)
-            .map_err(store_create_error)?;
-        fill(buf.as_mut_slice())?;
-        buf.seal().map_err(|e| Error::io("store seal", e))?;
+            .build_with_fresh_id(id, layout.total_len() as u64, fill);
+        match built {
+            Ok(_) => {}
+            Err(BuildError::Fill(e)) => return Err(e),
+            Err(BuildError::Store(PutError::Create(e))) => return Err(store_create_error(e)),
+            Err(BuildError::Store(e)) => return Err(Error::io("store put", e)),
+        }
         Ok(ObjectRef::from_handle(self.core.refs.new_owned(
             id,
             ValueState::Stored(vec![self.core.node_id]),

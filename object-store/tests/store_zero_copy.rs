@@ -420,6 +420,9 @@ fn objects_built_in_place_are_read_by_another_client_and_a_failed_fill_stores_no
         assert!(!reader.contains(failed).unwrap(), "{size} bytes");
         assert_eq!(after.unsealed_objects, 0);
         assert_eq!(after.sealed_objects, before.sealed_objects);
-        assert_eq!(after.arena.used, before.arena.used, "nothing half-done is left");
+        assert_eq!(
+            after.arena.used, before.arena.used,
+            "nothing half-done is left"
+        );
     }
 }

@@ -28,7 +28,7 @@ use super::coordinator::{
     DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_CHECKPOINT_TIMEOUT, DEFAULT_CREDITS, DEFAULT_CREDIT_BYTES,
     DEFAULT_RESOURCE_WAIT,
 };
-use super::edges::{self, ChannelCounts, ChannelMeter, Meters};
+use super::edges::{ChannelCounts, ChannelMeter, Meters};
 use super::failure::{AttemptFailure, ChannelError, TaskError};
 use super::graph::StreamEnv;
 use super::plan::{Plan, SubtaskId};
@@ -957,7 +957,7 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
         kill_hosts(rt, &hosts);
         match outcome {
             Ok(Some(mut report)) => {
-                report.edges = edges::edge_stats(&plan, &counts.lock());
+                report.edges = plan.edge_stats(&counts.lock());
                 return Ok(report);
             }
             Ok(None) => continue,

@@ -12,11 +12,10 @@
 //!
 //! Each end counts what it does on a [`ChannelMeter`] of the plan channel
 //! (a process holds [`Meters`] for the channels its subtasks use); a job's
-//! report sums them per graph edge into [`EdgeStats`].
+//! report sums them per graph edge into [`EdgeStats`]
+//! ([`Plan::edge_stats`](super::plan::Plan::edge_stats)).
 
-use super::plan::Plan;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -119,30 +118,4 @@ pub struct EdgeStats {
     pub codec_bytes: u64,
     /// Bytes memcpy'd after the producing operator wrote them.
     pub copied_bytes: u64,
-}
-
-/// Sums channel counts (from any number of processes) per graph edge, for
-/// every edge of `plan` that has channels, in edge order.
-pub fn edge_stats(plan: &Plan, counts: &[ChannelCounts]) -> Vec<EdgeStats> {
-    let mut edges: BTreeMap<usize, EdgeStats> = BTreeMap::new();
-    let name = |v: usize| plan.vertex_name(v).unwrap_or_default().to_string();
-    for channel in &plan.channels {
-        edges.entry(channel.edge).or_insert_with(|| EdgeStats {
-            from: name(channel.from.0),
-            to: name(channel.to.0),
-            ..EdgeStats::default()
-        });
-    }
-    for c in counts {
-        let Some(channel) = plan.channels.get(c.channel) else {
-            continue;
-        };
-        if let Some(e) = edges.get_mut(&channel.edge) {
-            e.batches += c.batches;
-            e.bytes += c.bytes;
-            e.codec_bytes += c.codec_bytes;
-            e.copied_bytes += c.copied_bytes;
-        }
-    }
-    edges.into_values().collect()
 }

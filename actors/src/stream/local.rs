@@ -9,7 +9,7 @@
 use super::channel::{ChannelMsg, Outbox};
 use super::context::TaskContext;
 use super::coordinator::{Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport};
-use super::edges::{self, ChannelMeter, Meters};
+use super::edges::{ChannelMeter, Meters};
 use super::failure::{AttemptFailure, ChannelError};
 use super::plan::{Plan, SubtaskId};
 use super::runner::{self, Command, Inbox, Reporter, TaskExit};
@@ -154,7 +154,7 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
         }
         match outcome {
             Ok(Some(mut report)) => {
-                report.edges = edges::edge_stats(plan, &meters.counts());
+                report.edges = plan.edge_stats(&meters.counts());
                 return Ok(report);
             }
             Ok(None) => continue,

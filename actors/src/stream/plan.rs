@@ -6,9 +6,10 @@
 //! knows its inputs and outputs, whatever carries them.
 
 use super::channel::Outbox;
+use super::edges::{ChannelCounts, EdgeStats};
 use super::graph::{AnyBox, AnyFormat, ExternalEdge, Graph, Partitioning, VertexId, VertexKind};
 use super::runner::TaskHead;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// One channel: from a subtask of `from` to a subtask of `to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +159,32 @@ impl Plan {
     /// A vertex's numbered name (`map#2`).
     pub fn vertex_name(&self, vertex: VertexId) -> Option<&str> {
         self.graph.vertices.get(vertex).map(|v| v.name.as_str())
+    }
+
+    /// Sums channel counts (from any number of processes) per graph edge,
+    /// for every edge that has channels, in edge order.
+    pub fn edge_stats(&self, counts: &[ChannelCounts]) -> Vec<EdgeStats> {
+        let mut edges: BTreeMap<usize, EdgeStats> = BTreeMap::new();
+        let name = |v: usize| self.vertex_name(v).unwrap_or_default().to_string();
+        for channel in &self.channels {
+            edges.entry(channel.edge).or_insert_with(|| EdgeStats {
+                from: name(channel.from.0),
+                to: name(channel.to.0),
+                ..EdgeStats::default()
+            });
+        }
+        for c in counts {
+            let Some(channel) = self.channels.get(c.channel) else {
+                continue;
+            };
+            if let Some(e) = edges.get_mut(&channel.edge) {
+                e.batches += c.batches;
+                e.bytes += c.bytes;
+                e.codec_bytes += c.codec_bytes;
+                e.copied_bytes += c.copied_bytes;
+            }
+        }
+        edges.into_values().collect()
     }
 
     /// Every subtask of the plan, sources first.

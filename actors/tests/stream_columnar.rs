@@ -13,16 +13,10 @@ use proptest::prelude::*;
 /// hands out), reads it back in place, and returns the records and the
 /// bytes the reader copied.
 fn round_trip<T: Columnar>(records: &Records<T>) -> (Records<T>, usize) {
-    let format = RecordFormat::<T>::new();
-    let layout = format.layout(records).unwrap();
-    let mut words = vec![0u64; layout.total_len().div_ceil(8)];
-    format
-        .write(records, &layout, bytemuck::cast_slice_mut(&mut words))
-        .unwrap();
-    let batch = read_record_batch(Buffer::from_vec(words)).unwrap();
+    let batch = batch_of(records);
     assert_eq!(batch.num_rows(), records.len());
     let mut back = Vec::new();
-    let copied = format
+    let copied = RecordFormat::<T>::new()
         .read(&batch, &mut |r, t| {
             back.push((r, t));
             Ok(())
@@ -80,6 +74,8 @@ proptest! {
     }
 }
 
+/// `records` as one batch written into an 8-aligned buffer (as the store
+/// hands out) and read back in place.
 fn batch_of<T: Columnar>(records: &Records<T>) -> braid::RecordBatch {
     let format = RecordFormat::<T>::new();
     let layout = format.layout(records).unwrap();

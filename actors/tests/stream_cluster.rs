@@ -262,39 +262,40 @@ fn batches_above_the_store_threshold_arrive_exactly_once() {
     check_exactly_once(&dir.path().join("out"), 20_000);
 }
 
-#[test]
-fn a_slow_sink_in_another_process_holds_back_the_source() {
+/// Runs the slow job with `configure` applied, and returns the most
+/// records that were in flight between source and sink at once.
+fn slow_run_gap(configure: impl FnOnce(&mut ClusterJob)) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let mut job = job(dir.path(), 0, None);
     job.job = "slow".into();
-    job.credits = 2;
     job.params
         .insert("progress".into(), dir.path().display().to_string());
+    configure(&mut job);
     let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
     assert_eq!(report.failures, 0, "{report:?}");
     let gap = read_count(&dir.path().join("max_gap"));
+    assert!(gap > 0, "the source saw the sink's progress");
+    gap
+}
+
+#[test]
+fn a_slow_sink_in_another_process_holds_back_the_source() {
+    let gap = slow_run_gap(|job| job.credits = 2);
     let batch = SLOW_BATCH;
     let bound = batch * (2 + 2) + 2 * 64;
     assert!(
         gap <= bound,
         "records in flight peaked at {gap}, above {bound} (credits 2, batches of {batch})"
     );
-    assert!(gap > 0, "the source saw the sink's progress");
 }
 
 #[test]
 fn store_bytes_in_flight_hold_back_a_columnar_source() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut job = job(dir.path(), 0, None);
-    job.job = "slow".into();
-    job.credits = 8;
-    job.credit_bytes = 1;
-    job.params.insert("columnar".into(), String::new());
-    job.params
-        .insert("progress".into(), dir.path().display().to_string());
-    let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
-    assert_eq!(report.failures, 0, "{report:?}");
-    let gap = read_count(&dir.path().join("max_gap"));
+    let gap = slow_run_gap(|job| {
+        job.credits = 8;
+        job.credit_bytes = 1;
+        job.params.insert("columnar".into(), String::new());
+    });
     let batch = SLOW_BATCH;
     let bound = batch * (1 + 2) + 2 * 64;
     assert!(
@@ -303,7 +304,6 @@ fn store_bytes_in_flight_hold_back_a_columnar_source() {
          batches of {batch}; 8 message credits would allow {})",
         batch * (8 + 2)
     );
-    assert!(gap > 0, "the source saw the sink's progress");
 }
 
 #[test]

@@ -9,11 +9,14 @@
 //! The sender (this process, which also runs the store server on a thread,
 //! as a node daemon would) builds each batch as an Arrow record batch in
 //! place in a store object (`label: Float32`, `ids: List<UInt64>`), seals
-//! it, stamps the monotonic clock and sends the object's id over a
-//! shared-memory ring. The receiver (a child process) gets the object and
-//! reads it as an Arrow `RecordBatch` in place; the figure is the time from
-//! the seal to the receiver holding the batch. The receiver either polls
-//! the ring or sleeps on its futex until woken. The receiver checks that
+//! it lending one pin to the receiver's store connection in the same request
+//! (`braid_store::lend`), stamps the monotonic clock and sends the lend
+//! ticket over a shared-memory ring. The receiver (a child process) adopts the ticket,
+//! which holds the object without a round trip to the store, and reads it
+//! as an Arrow `RecordBatch` in place; the figure is the time from the seal
+//! to the receiver holding the batch. The receiver either polls the ring or
+//! sleeps on its futex until woken; a third run has the polling receiver
+//! `get` the object from the store instead (a round trip), for comparison. The receiver checks that
 //! every buffer of the batch lies inside its mapping of the store's arena
 //! (a buffer outside it would count as copied bytes).
 //!
@@ -26,7 +29,7 @@
 use anyhow::{bail, Context, Result};
 use braid::store::arrow_array::{cast::AsArray, Array};
 use braid::store::batch::{BatchLayout, BatchWriter, ColumnSpec, ColumnType, Primitive, ValuesMut};
-use braid::store::{ObjectId, StoreClient, StoreConfig, StoreServer};
+use braid::store::{LendTicket, ObjectId, StoreClient, StoreConfig, StoreSeat, StoreServer};
 use braid::wire::ring::{raw_fd, RingPair, Woken};
 use serde::{Deserialize, Serialize};
 use std::process::{Child, Command};
@@ -39,8 +42,12 @@ const SIZES: [usize; 2] = [64 << 10, 4 << 20];
 /// Timed handoffs per size and mode (after warm-up).
 const SAMPLES: usize = 400;
 const WARMUP: usize = 20;
-/// sender → receiver: id, seal time (ns), rows; all zero ends the run.
-const MSG: usize = 32;
+/// sender → receiver: seal time (ns), rows, ticket length, codec bytes of
+/// the lend ticket; rows of `u64::MAX` end the run. receiver → sender, at
+/// start: length and codec bytes of its store seat, in the same frame.
+const MSG: usize = 128;
+/// Where a message's ticket (or seat) bytes start.
+const TICKET_AT: usize = 20;
 /// receiver → sender: latency (ns), of which getting the object (ns),
 /// copied bytes.
 const ACK: usize = 24;
@@ -163,6 +170,7 @@ fn main() -> Result<()> {
         let batch = owned(rows, 7);
         let mut poll = handoff(&client, &socket, &layout, &batch, "poll")?;
         let mut blocked = handoff(&client, &socket, &layout, &batch, "block")?;
+        let mut round_trip = handoff(&client, &socket, &layout, &batch, "get")?;
         let mut hand = handoff(&client, &socket, &layout, &batch, "hand")?;
         let (mut codec, codec_len) = serde_round_trips(&batch)?;
         let mut copy = memcpy(layout.total_len());
@@ -170,8 +178,9 @@ fn main() -> Result<()> {
             "bytes": layout.total_len(),
             "rows": rows,
             "poll_us_p50": median(&mut poll.latencies_us),
-            "poll_get_us_p50": median(&mut poll.get_us),
+            "poll_hold_us_p50": median(&mut poll.get_us),
             "blocked_us_p50": median(&mut blocked.latencies_us),
+            "poll_store_get_us_p50": median(&mut round_trip.latencies_us),
             "hand_format_poll_us_p50": median(&mut hand.latencies_us),
             "bincode_us_p50": median(&mut codec),
             "memcpy_us_p50": median(&mut copy),
@@ -231,6 +240,8 @@ fn handoff(
             .context("starting the receiver")?,
     );
     let mut acks = Vec::new();
+    let hello = recv(&ring, &mut acks, MSG, &mut child.0)?;
+    let seat: StoreSeat = decode_framed(&hello)?;
     let mut out = Handoffs {
         latencies_us: Vec::new(),
         get_us: Vec::new(),
@@ -238,25 +249,25 @@ fn handoff(
     };
     for i in 0..WARMUP + SAMPLES {
         let id = ObjectId::random();
-        let sealed = if mode == "hand" {
+        let (sealed, ticket) = if mode == "hand" {
             let (labels, offsets, ids, total) = hand_layout(layout.rows());
             let mut buf = client.create(id, total as u64)?;
             let bytes = buf.as_mut_slice();
             bytes[labels].copy_from_slice(bytemuck::cast_slice(&batch.labels));
             bytes[offsets].copy_from_slice(bytemuck::cast_slice(&batch.offsets));
             bytes[ids].copy_from_slice(bytemuck::cast_slice(&batch.ids));
-            buf.seal()?
+            buf.seal_lent(&seat)?
         } else {
             let mut buf = client.create(id, layout.total_len() as u64)?;
             let mut writer = BatchWriter::new(layout, buf.as_mut_slice())?;
             fill(&mut writer, batch)?;
-            buf.seal()?
+            writer.finish()?;
+            buf.seal_lent(&seat)?
         };
         let t0 = now_ns();
-        let mut msg = [0u8; MSG];
-        msg[..16].copy_from_slice(id.as_bytes());
-        msg[16..24].copy_from_slice(&t0.to_le_bytes());
-        msg[24..32].copy_from_slice(&(layout.rows() as u64).to_le_bytes());
+        let mut msg = framed(&ticket)?;
+        msg[..8].copy_from_slice(&t0.to_le_bytes());
+        msg[8..16].copy_from_slice(&(layout.rows() as u64).to_le_bytes());
         send(&ring, &msg)?;
         let ack = recv(&ring, &mut acks, ACK, &mut child.0)?;
         let latency = u64::from_le_bytes(ack[..8].try_into()?);
@@ -275,12 +286,36 @@ fn handoff(
             std::hint::spin_loop();
         }
     }
-    send(&ring, &[0u8; MSG])?;
+    let mut end = [0u8; MSG];
+    end[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    send(&ring, &end)?;
     let status = child.0.wait()?;
     if !status.success() {
         bail!("the {mode} receiver failed: {status}");
     }
     Ok(out)
+}
+
+/// A message whose ticket bytes hold `value` (the first bytes are left for
+/// the caller).
+fn framed<T: Serialize>(value: &T) -> Result<[u8; MSG]> {
+    let bytes = braid::store::codec::encode(value)?;
+    let mut msg = [0u8; MSG];
+    let len = u32::try_from(bytes.len())?;
+    if TICKET_AT + bytes.len() > MSG {
+        bail!("a ticket of {len} bytes does not fit a message");
+    }
+    msg[16..TICKET_AT].copy_from_slice(&len.to_le_bytes());
+    msg[TICKET_AT..TICKET_AT + bytes.len()].copy_from_slice(&bytes);
+    Ok(msg)
+}
+
+fn decode_framed<T: serde::de::DeserializeOwned>(msg: &[u8]) -> Result<T> {
+    let len = u32::from_le_bytes(msg[16..TICKET_AT].try_into()?) as usize;
+    let bytes = msg
+        .get(TICKET_AT..TICKET_AT + len)
+        .context("a ticket longer than its message")?;
+    Ok(braid::store::codec::decode(bytes)?)
 }
 
 fn send(ring: &RingPair, msg: &[u8]) -> Result<()> {
@@ -320,6 +355,8 @@ fn receiver(args: &[String]) -> Result<()> {
     let ring = RingPair::open(pid.parse()?, fd.parse()?)?;
     let polling = mode != "block";
     let hand = mode == "hand";
+    let round_trip = mode == "get";
+    send(&ring, &framed(&client.seat())?)?;
     let mut pending = Vec::new();
     loop {
         while pending.len() < MSG {
@@ -339,13 +376,19 @@ fn receiver(args: &[String]) -> Result<()> {
             }
         }
         let msg: Vec<u8> = pending.drain(..MSG).collect();
-        let id: [u8; 16] = msg[..16].try_into()?;
-        if id == [0; 16] {
+        let t0 = u64::from_le_bytes(msg[..8].try_into()?);
+        let rows = u64::from_le_bytes(msg[8..16].try_into()?);
+        if rows == u64::MAX {
             return Ok(());
         }
-        let t0 = u64::from_le_bytes(msg[16..24].try_into()?);
-        let rows = u64::from_le_bytes(msg[24..32].try_into()?);
-        let view = client.get(ObjectId::from_bytes(id), Duration::from_secs(5))?;
+        let ticket: LendTicket = decode_framed(&msg)?;
+        let view = if round_trip {
+            let view = client.get(ticket.id(), Duration::from_secs(5))?;
+            drop(client.adopt(&ticket)?);
+            view
+        } else {
+            client.adopt(&ticket)?
+        };
         let got = now_ns();
         if hand {
             let t1 = read_hand(view.as_bytes(), rows as usize)?;

@@ -99,6 +99,7 @@ fn writer() -> Result<()> {
         for (i, feature) in features.iter_mut().enumerate() {
             *feature = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
         }
+        batch.finish()?;
     }
     let batch = buf.seal()?;
     let (label_sum, feature_sum) = sums(&batch.record_batch()?)?;

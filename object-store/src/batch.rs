@@ -16,13 +16,20 @@
 //! * **Writing a batch built elsewhere.** [`BatchLayout::of`] and
 //!   [`write_record_batch`] copy an existing [`RecordBatch`]'s buffers into
 //!   the object once.
+//! * **Checked once, by the writer.** [`BatchWriter::finish`] checks what
+//!   the producer wrote (offsets, UTF-8, null counts) while it is still in
+//!   cache, and marks the batch checked with 8 bytes after the
+//!   end-of-stream marker, where Arrow readers never look.
+//!   [`write_record_batch`] marks the copies it makes of valid batches.
 //! * **Reading in place.** [`read_record_batch`] takes an Arrow [`Buffer`]
 //!   over the object's bytes (the store's [`ObjectView::record_batch`]
 //!   makes one that holds the object's pin) and returns a [`RecordBatch`]
 //!   whose arrays slice that buffer: the flatbuffer headers are verified,
 //!   the buffers must be aligned (a misaligned one is an error, never a
-//!   silent copy), and Arrow validates every array (lengths, offsets,
-//!   UTF-8), since another process wrote the bytes.
+//!   silent copy) and every array's buffers must be as long as its length
+//!   needs. A batch marked checked is not scanned again, so reading costs
+//!   the same at any size; an unmarked one is validated in full by Arrow
+//!   (every offset, all UTF-8).
 //!
 //! Supported column types: the primitives of [`Primitive`], `Utf8`, and
 //! `List` of a primitive, each nullable at the top level. Dictionaries and
@@ -40,6 +47,7 @@
 //! if let ValuesMut::UInt64(ids) = &mut writer.columns()[0].values {
 //!     ids.copy_from_slice(&[7, 8, 9]);
 //! }
+//! writer.finish().unwrap();
 //! let buffer = arrow_buffer::Buffer::from_vec(bytes);
 //! let batch = read_record_batch(buffer).unwrap();
 //! assert_eq!(batch.column(0).as_primitive::<UInt64Type>().values(), &[7, 8, 9]);
@@ -66,6 +74,9 @@ pub const MAX_COLUMNS: usize = 1024;
 
 const CONTINUATION: [u8; 4] = [0xff; 4];
 const EOS: [u8; 8] = [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
+/// Follows the end-of-stream marker of a batch whose columns braid's
+/// writer checked (Arrow readers stop at the marker and never see it).
+const CHECKED: [u8; 8] = *b"braid:ok";
 
 /// A fixed-width element type of a column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -281,10 +292,33 @@ impl From<ArrowError> for BatchError {
     }
 }
 
+/// What [`BatchWriter::finish`] found wrong in a column the producer
+/// filled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("column {column}: {why}")]
+pub struct FinishError {
+    /// The column.
+    pub column: String,
+    /// What is wrong.
+    pub why: String,
+}
+
+impl From<FinishError> for LayoutError {
+    fn from(e: FinishError) -> Self {
+        LayoutError::Column {
+            column: e.column,
+            why: e.why,
+        }
+    }
+}
+
 /// Where one column's buffers lie, relative to the object's start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ColumnPlan {
+    name: String,
     ty: ColumnType,
+    rows: usize,
+    nulls: usize,
     validity: Range<usize>,
     offsets: Range<usize>,
     values: Range<usize>,
@@ -367,7 +401,10 @@ impl BatchLayout {
             }
             buffers.push(values.clone());
             plans.push(ColumnPlan {
+                name: c.name.clone(),
                 ty: c.ty,
+                rows,
+                nulls: c.nulls,
                 validity,
                 offsets,
                 values,
@@ -388,7 +425,7 @@ impl BatchLayout {
             schema,
             rows,
             columns: plans,
-            total_len: shift + body_len + EOS.len(),
+            total_len: shift + body_len + EOS.len() + CHECKED.len(),
             header,
         })
     }
@@ -586,8 +623,9 @@ impl<'a> BatchWriter<'a> {
         let buf = &mut buf[..layout.total_len];
         let header = layout.header.len();
         buf[..header].copy_from_slice(&layout.header);
-        let eos = layout.total_len - EOS.len();
-        buf[eos..].copy_from_slice(&EOS);
+        let eos = layout.total_len - EOS.len() - CHECKED.len();
+        buf[eos..eos + EOS.len()].copy_from_slice(&EOS);
+        buf[eos + EOS.len()..].fill(0);
         // Zero what no column writes: padding between buffers, and the
         // validity bitmaps the producer sets bit by bit.
         let mut at = header;
@@ -611,6 +649,67 @@ impl<'a> BatchWriter<'a> {
     /// The layout being written.
     pub fn layout(&self) -> &BatchLayout {
         &self.layout
+    }
+
+    /// Checks what the producer wrote (offsets start at 0, never decrease
+    /// and stay within the values; strings are UTF-8 and split at character
+    /// boundaries; each validity bitmap has the declared number of nulls)
+    /// and marks the batch checked, so readers verify only its headers and
+    /// buffer sizes. A batch never finished is read all the same, with
+    /// Arrow's full validation.
+    pub fn finish(self) -> Result<(), FinishError> {
+        for c in &self.layout.columns {
+            let bad = |why: String| FinishError {
+                column: c.name.clone(),
+                why,
+            };
+            if !c.validity.is_empty() {
+                let bits = &self.body[c.validity.clone()];
+                let valid: usize = (0..c.rows)
+                    .filter(|i| bits[i / 8] & (1 << (i % 8)) != 0)
+                    .count();
+                if c.rows - valid != c.nulls {
+                    return Err(bad(format!(
+                        "{} rows are null, the layout declares {}",
+                        c.rows - valid,
+                        c.nulls
+                    )));
+                }
+            }
+            if c.offsets.is_empty() {
+                continue;
+            }
+            let offsets: &[i32] = bytemuck::cast_slice(&self.body[c.offsets.clone()]);
+            let limit = match c.ty {
+                ColumnType::List(p) => c.values.len() / p.width(),
+                _ => c.values.len(),
+            };
+            let (first, last) = (offsets.first().copied(), offsets.last().copied());
+            let ordered = offsets.windows(2).fold(true, |ok, w| ok & (w[0] <= w[1]));
+            if first != Some(0) || !ordered || last.is_none_or(|l| l as usize > limit) {
+                return Err(bad(format!(
+                    "offsets must rise from 0 to at most {limit}, one per row and one more"
+                )));
+            }
+            if let ColumnType::Utf8 = c.ty {
+                let bytes = &self.body[c.values.clone()];
+                let used = &bytes[..last.unwrap_or(0) as usize];
+                if std::str::from_utf8(used).is_err() {
+                    return Err(bad("the strings are not UTF-8".into()));
+                }
+                // A byte that is not a UTF-8 continuation byte starts a
+                // character.
+                let splits = offsets
+                    .iter()
+                    .all(|&o| used.get(o as usize).is_none_or(|&b| (b as i8) >= -0x40));
+                if !splits {
+                    return Err(bad("an offset splits a character".into()));
+                }
+            }
+        }
+        let end = self.layout.total_len;
+        self.body[end - CHECKED.len()..end].copy_from_slice(&CHECKED);
+        Ok(())
     }
 
     /// Every column's buffers, in column order.
@@ -680,7 +779,7 @@ pub fn write_record_batch(
     {
         copy_column(field, column, out)?;
     }
-    Ok(())
+    Ok(writer.finish()?)
 }
 
 fn copy_column(field: &Field, column: &ArrayRef, out: ColumnMut<'_>) -> Result<(), LayoutError> {
@@ -792,16 +891,53 @@ pub fn read_record_batch(buffer: Buffer) -> Result<RecordBatch, BatchError> {
     let body = buffer.slice_with_length(body_at, body_len);
     let dictionaries = HashMap::new();
     let version = batch_msg.version();
-    let batch = arrow_ipc::reader::RecordBatchDecoder::try_new(
+    let decoder = arrow_ipc::reader::RecordBatchDecoder::try_new(
         &body,
         fb_batch,
         Arc::new(schema),
         &dictionaries,
         &version,
     )?
-    .with_require_alignment(true)
-    .read_record_batch()?;
+    .with_require_alignment(true);
+    let checked = buffer.as_slice().ends_with(&CHECKED);
+    if !checked {
+        return Ok(decoder.read_record_batch()?);
+    }
+    let mut skip = arrow_data::UnsafeFlag::new();
+    // SAFETY: the object ends with `CHECKED`, which only braid's writer
+    // puts there (`BatchWriter::finish`, `write_record_batch`), after the
+    // headers were generated by `BatchLayout` and every column's offsets,
+    // UTF-8 and null count were checked; `BatchWriter::new` clears the mark
+    // first, so stale bytes cannot carry it. The object is sealed, so
+    // nothing changed since. Every process that maps the arena is trusted
+    // not to forge it, as each is trusted not to write sealed objects. The
+    // structural checks (buffer sizes against lengths, types against the
+    // schema) still run below on every array.
+    unsafe { skip.set(true) };
+    let batch = decoder.with_skip_validation(skip).read_record_batch()?;
+    check_structure(&batch)?;
     Ok(batch)
+}
+
+/// The O(1) consistency checks of every array of `batch` (and of its
+/// children): buffer counts and sizes against lengths and types, offsets'
+/// first and last values, and each column's length and type against the
+/// schema.
+fn check_structure(batch: &RecordBatch) -> Result<(), BatchError> {
+    fn check(data: &arrow_data::ArrayData) -> Result<(), ArrowError> {
+        data.validate()?;
+        data.child_data().iter().try_for_each(check)
+    }
+    for (column, field) in batch.columns().iter().zip(batch.schema_ref().fields()) {
+        if column.len() != batch.num_rows() || column.data_type() != field.data_type() {
+            return Err(BatchError::Invalid(format!(
+                "column {} does not match the batch's rows or schema",
+                field.name()
+            )));
+        }
+        check(&column.to_data())?;
+    }
+    Ok(())
 }
 
 /// The flatbuffer bytes of the encapsulated message at `at`, and where
@@ -946,6 +1082,125 @@ mod tests {
             BatchWriter::new(&layout, &mut buf[4..]).map(|_| ()),
             Err(LayoutError::Misaligned)
         );
+    }
+
+    /// A batch of one `Utf8` column with `strings`, one nullable `Int32`
+    /// column with `nulls` nulls declared, and one `List<UInt64>` column;
+    /// `fill` may spoil what the writer wrote before it is finished.
+    fn written(
+        nulls: usize,
+        spoil: impl FnOnce(&mut [ColumnMut<'_>]),
+    ) -> (Vec<u64>, Result<(), FinishError>) {
+        let strings = ["ab", "", "ü€"];
+        let bytes: usize = strings.iter().map(|s| s.len()).sum();
+        let layout = BatchLayout::new(
+            3,
+            &[
+                ColumnSpec {
+                    name: "s".into(),
+                    ty: ColumnType::Utf8,
+                    nullable: false,
+                    nulls: 0,
+                    values: bytes,
+                },
+                ColumnSpec {
+                    nullable: true,
+                    nulls,
+                    ..ColumnSpec::primitive("n", Primitive::Int32)
+                },
+                ColumnSpec::list("l", Primitive::UInt64, 4),
+            ],
+        )
+        .expect("laid out");
+        let mut words = aligned(layout.total_len());
+        // A stale mark where this batch's will go must not survive.
+        let end = layout.total_len();
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[end - 8..end].copy_from_slice(&CHECKED);
+        let mut writer =
+            BatchWriter::new(&layout, bytemuck::cast_slice_mut(&mut words)).expect("fits");
+        let mut columns = writer.columns();
+        {
+            let [s, n, l] = &mut columns[..] else {
+                panic!("three columns");
+            };
+            let mut at = 0;
+            for (i, text) in strings.iter().enumerate() {
+                s.offsets[i] = at as i32;
+                if let ValuesMut::Bytes(b) = &mut s.values {
+                    b[at..at + text.len()].copy_from_slice(text.as_bytes());
+                }
+                at += text.len();
+            }
+            s.offsets[3] = at as i32;
+            n.validity[0] = 0b101;
+            l.offsets.copy_from_slice(&[0, 1, 1, 4]);
+        }
+        spoil(&mut columns);
+        drop(columns);
+        let finished = writer.finish();
+        (words, finished)
+    }
+
+    #[test]
+    fn a_finished_batch_is_marked_and_read_without_a_scan() {
+        let (words, finished) = written(1, |_| {});
+        assert_eq!(finished, Ok(()));
+        let bytes: &[u8] = bytemuck::cast_slice(&words);
+        assert!(bytes.ends_with(&CHECKED));
+        let batch = read_record_batch(Buffer::from_vec(words)).expect("read");
+        use arrow_array::cast::AsArray;
+        assert_eq!(batch.column(0).as_string::<i32>().value(2), "ü€");
+        assert_eq!(batch.column(1).null_count(), 1);
+        assert_eq!(batch.column(2).as_list::<i32>().value(2).len(), 3);
+    }
+
+    #[test]
+    fn finish_refuses_what_arrow_would_and_leaves_no_mark() {
+        type Spoil = Box<dyn FnOnce(&mut [ColumnMut<'_>])>;
+        let cases: Vec<(&str, usize, Spoil)> = vec![
+            ("a wrong null count", 2, Box::new(|_| {})),
+            (
+                "falling offsets",
+                1,
+                Box::new(|c| c[2].offsets.copy_from_slice(&[0, 2, 1, 4])),
+            ),
+            (
+                "offsets past the values",
+                1,
+                Box::new(|c| c[2].offsets[3] = 5),
+            ),
+            (
+                "a first offset not 0 (Arrow allows it; the layout does not)",
+                1,
+                Box::new(|c| c[2].offsets[0] = 1),
+            ),
+            (
+                "bytes that are not UTF-8",
+                1,
+                Box::new(|c| {
+                    if let ValuesMut::Bytes(b) = &mut c[0].values {
+                        b[0] = 0xff;
+                    }
+                }),
+            ),
+            (
+                "an offset inside a character",
+                1,
+                Box::new(|c| c[0].offsets[2] = 3),
+            ),
+        ];
+        for (what, nulls, spoil) in cases {
+            let (words, finished) = written(nulls, spoil);
+            assert!(finished.is_err(), "{what} was accepted");
+            let bytes: &[u8] = bytemuck::cast_slice(&words);
+            assert!(!bytes.ends_with(&CHECKED), "{what} left the mark");
+            // Unmarked, the reader validates in full and refuses it too.
+            let read = read_record_batch(Buffer::from_vec(words));
+            assert!(
+                read.is_err() || what.contains("Arrow allows"),
+                "{what} was read"
+            );
+        }
     }
 
     #[test]

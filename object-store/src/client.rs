@@ -24,7 +24,7 @@ use crate::protocol::{
     HEADER_LEN, PROTOCOL_VERSION,
 };
 use crate::view::{ObjectBuf, ObjectView};
-use crate::ObjectId;
+use crate::{ClientId, ObjectId};
 use parking_lot::{Condvar, Mutex};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -37,8 +37,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Number of small-object size classes (64 B to 64 KiB, powers of two).
-const CLASSES: usize = 11;
+/// Number of small-object size classes (64 B to 256 KiB, powers of two).
+const CLASSES: usize = 13;
 
 /// Smallest leased block.
 const MIN_CLASS: u64 = 64;
@@ -83,6 +83,9 @@ struct LocalPin {
     offset: u64,
     size: u64,
     count: u64,
+    /// The store's pin was lent to this client, so the last view releases
+    /// it with [`Request::ReleaseLent`].
+    lent: bool,
 }
 
 impl StoreClient {
@@ -132,8 +135,12 @@ impl StoreClient {
         })
     }
 
+    pub(crate) fn inner(&self) -> &Arc<ClientInner> {
+        &self.inner
+    }
+
     /// The id the store gave this connection.
-    pub fn client_id(&self) -> u64 {
+    pub fn client_id(&self) -> ClientId {
         self.inner.hello.client_id
     }
 
@@ -243,10 +250,12 @@ impl StoreClient {
             dst.copy_from_slice(data);
             Ok::<(), std::convert::Infallible>(())
         };
-        self.build_leased(id, data.len() as u64, copy)
+        self.build_leased(id, data.len() as u64, copy, None)
             .map_err(|e| match e {
                 BuildError::Store(e) => e,
                 BuildError::Fill(never) => match never {},
+                // Nothing is lent here.
+                BuildError::Lend(e) => ConnectionError::Protocol(e.to_string()).into(),
             })
     }
 
@@ -265,18 +274,26 @@ impl StoreClient {
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<ObjectView, BuildError<E>> {
         if size > 0 && size <= self.inner.hello.max_leased_size {
-            return self.build_leased(id, size, fill);
+            return self.build_leased(id, size, fill, None);
         }
         let mut buf = self.create(id, size).map_err(PutError::from)?;
         fill(buf.as_mut_slice()).map_err(BuildError::Fill)?;
         Ok(buf.seal().map_err(PutError::from)?)
     }
 
-    fn build_leased<E>(
+    /// Whether an object of `size` bytes goes into a leased block.
+    pub(crate) fn fits_lease(&self, size: u64) -> bool {
+        size > 0 && size <= self.inner.hello.max_leased_size
+    }
+
+    /// Builds an object in a block leased to this client and seals it with
+    /// a one-way message, lending a pin to `lend_to` in the same message.
+    pub(crate) fn build_leased<E>(
         &self,
         id: ObjectId,
         size: u64,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+        lend_to: Option<ClientId>,
     ) -> Result<ObjectView, BuildError<E>> {
         let class = size.next_power_of_two().max(MIN_CLASS);
         let offset = self.take_leased_block(class).map_err(PutError::from)?;
@@ -293,7 +310,12 @@ impl StoreClient {
             return Err(BuildError::Fill(e));
         }
         self.inner
-            .send_oneway(Request::PutLeased { id, offset, size })
+            .send_oneway(Request::PutLeased {
+                id,
+                offset,
+                size,
+                lend_to,
+            })
             .map_err(PutError::from)?;
         self.inner.pins.lock().insert(
             id,
@@ -301,6 +323,7 @@ impl StoreClient {
                 offset,
                 size,
                 count: 1,
+                lent: false,
             },
         );
         Ok(ObjectView::new(Arc::clone(&self.inner), id, offset, size))
@@ -356,6 +379,7 @@ impl StoreClient {
                         offset,
                         size,
                         count: 1,
+                        lent: false,
                     });
                     false
                 }
@@ -504,8 +528,14 @@ impl ClientInner {
         self.wait_reply(seq)
     }
 
-    pub(crate) fn call_seal(&self, id: ObjectId, offset: u64, size: u64) -> Result<(), SealError> {
-        match self.call(Request::Seal { id })?? {
+    pub(crate) fn call_seal(
+        &self,
+        id: ObjectId,
+        offset: u64,
+        size: u64,
+        lend_to: Option<ClientId>,
+    ) -> Result<(), SealError> {
+        match self.call(Request::Seal { id, lend_to })?? {
             Reply::Sealed => {
                 self.pins.lock().insert(
                     id,
@@ -513,6 +543,7 @@ impl ClientInner {
                         offset,
                         size,
                         count: 1,
+                        lent: false,
                     },
                 );
                 Ok(())
@@ -577,10 +608,60 @@ impl ClientInner {
         };
         pin.count -= 1;
         if pin.count == 0 {
+            let lent = pin.lent;
             pins.remove(&id);
             drop(pins);
-            let _ = self.send_oneway(Request::Release { id });
+            let release = if lent {
+                Request::ReleaseLent { id }
+            } else {
+                Request::Release { id }
+            };
+            let _ = self.send_oneway(release);
         }
+    }
+
+    /// Which arena this client mapped (see [`Hello::arena_id`]).
+    pub(crate) fn arena_id(&self) -> u64 {
+        self.hello.arena_id
+    }
+
+    /// This connection's id.
+    pub(crate) fn client_id(&self) -> ClientId {
+        self.hello.client_id
+    }
+
+    /// Counts a pin lent to this client (one-way, by its lender) on the
+    /// object at `[offset, offset + size)`: a first view holds it, and if
+    /// this process pins the object already, the lent pin is handed back.
+    pub(crate) fn adopt_lent(
+        &self,
+        id: ObjectId,
+        offset: u64,
+        size: u64,
+    ) -> Result<(), ConnectionError> {
+        self.check_range(offset, size)?;
+        let mut pins = self.pins.lock();
+        match pins.entry(id) {
+            Entry::Occupied(mut pin) => {
+                pin.get_mut().count += 1;
+                drop(pins);
+                self.send_oneway(Request::ReleaseLent { id })
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(LocalPin {
+                    offset,
+                    size,
+                    count: 1,
+                    lent: true,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// The bounds of a view this process holds on `id`, if any.
+    pub(crate) fn pinned_range(&self, id: ObjectId) -> Option<(u64, u64)> {
+        self.pins.lock().get(&id).map(|p| (p.offset, p.size))
     }
 
     fn check_range(&self, offset: u64, size: u64) -> Result<(), ConnectionError> {

@@ -169,6 +169,9 @@ pub enum BuildError<E> {
     /// The caller's `fill` failed; nothing was stored.
     #[error("filling the object failed")]
     Fill(E),
+    /// The object cannot be lent to the reader named.
+    #[error(transparent)]
+    Lend(crate::lend::LendError),
 }
 
 impl From<ConnectionError> for PutError {

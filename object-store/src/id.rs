@@ -62,6 +62,29 @@ impl std::str::FromStr for ObjectId {
     }
 }
 
+/// A client connection of one store, numbered by the store from 1 in
+/// connection order and never reused while the store runs.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+pub struct ClientId(u64);
+
+impl ClientId {
+    /// The id numbered `n`.
+    pub const fn new(n: u64) -> Self {
+        ClientId(n)
+    }
+
+    /// Its number.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "client {}", self.0)
+    }
+}
+
 /// The text was not 32 hexadecimal digits.
 #[derive(Debug, thiserror::Error)]
 #[error("not an object id (expected 32 hex digits): {0:?}")]

@@ -64,6 +64,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod id;
+pub mod lend;
 pub mod object_table;
 pub mod protocol;
 pub mod server;
@@ -76,7 +77,8 @@ pub use error::{
     BuildError, ConnectionError, CreateError, DeleteError, GetError, GetValueError, PutError,
     SealError, ViewError,
 };
-pub use id::ObjectId;
+pub use id::{ClientId, ObjectId};
+pub use lend::{AdoptError, LendError, LendTicket, StoreSeat};
 pub use protocol::StoreStats;
 pub use server::{ServeError, StoreHandle, StoreServer};
 pub use view::{ObjectBuf, ObjectView};

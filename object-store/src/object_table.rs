@@ -16,8 +16,7 @@ use crate::ObjectId;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tokio::sync::oneshot;
 
-/// Identifies one client connection.
-pub type ClientId = u64;
+pub use crate::id::ClientId;
 
 /// Where a waiting `get` receives its answer.
 pub type WaiterTx = oneshot::Sender<Result<Reply, WireError>>;
@@ -72,7 +71,15 @@ struct ClientRecord {
     creating: HashSet<ObjectId>,
     /// Leased blocks not yet used: offset to length.
     leases: HashMap<u64, u64>,
+    /// Lent pins this client released before their lend arrived: the
+    /// next lends of these objects to it are cancelled instead of pinning.
+    released_early: HashMap<ObjectId, u32>,
 }
+
+/// Most lent pins a client may release ahead of their lends; beyond it a
+/// release of a pin it does not hold is refused as [`WireError::NotPinned`]
+/// (a lend and its early release are normally a few microseconds apart).
+pub const MAX_EARLY_RELEASES: usize = 4096;
 
 #[derive(Debug)]
 struct Waiter {
@@ -152,7 +159,7 @@ pub struct ObjectTable {
     tick: u64,
     waiters: HashMap<ObjectId, Vec<Waiter>>,
     next_waiter: u64,
-    next_client: ClientId,
+    next_client: u64,
     counters: Counters,
     spill_enabled: bool,
 }
@@ -187,7 +194,7 @@ impl ObjectTable {
 
     /// Registers a new client connection.
     pub fn connect(&mut self) -> ClientId {
-        let id = self.next_client;
+        let id = ClientId::new(self.next_client);
         self.next_client += 1;
         self.clients.insert(id, ClientRecord::default());
         id
@@ -263,8 +270,14 @@ impl ObjectTable {
         Ok(())
     }
 
-    /// Seals an object `client` created; the client keeps one pin.
-    pub fn seal(&mut self, client: ClientId, id: ObjectId) -> Result<(), WireError> {
+    /// Seals an object `client` created; the client keeps one pin, and
+    /// `lend_to`, if any, is lent another.
+    pub fn seal(
+        &mut self,
+        client: ClientId,
+        id: ObjectId,
+        lend_to: Option<ClientId>,
+    ) -> Result<(), WireError> {
         let entry = self.objects.get(&id).ok_or(WireError::NotFound(id))?;
         let creating = match entry {
             Entry::Creating(c) if c.creator == client => c,
@@ -285,7 +298,10 @@ impl ObjectTable {
         }
         self.pin(client, id);
         self.wake(id);
-        Ok(())
+        match lend_to {
+            Some(to) => self.lend(client, id, to),
+            None => Ok(()),
+        }
     }
 
     /// Discards an unsealed object `client` created.
@@ -379,8 +395,50 @@ impl ObjectTable {
         Ok(())
     }
 
-    /// Deletes an object now if unpinned, or once its last pin is released.
-    /// Returns the spill extent to free, if the object was spilled.
+    /// Gives `to` one pin on `id`, which `from` pins: a lend (see
+    /// [`crate::lend`]). A lend to a client that is gone is dropped, and one
+    /// whose pin `to` already released is cancelled against that release.
+    pub fn lend(&mut self, from: ClientId, id: ObjectId, to: ClientId) -> Result<(), WireError> {
+        let lender_pins = self
+            .clients
+            .get(&from)
+            .is_some_and(|r| r.pins.contains_key(&id));
+        if !lender_pins {
+            return Err(WireError::NotPinned(id));
+        }
+        let Some(record) = self.clients.get_mut(&to) else {
+            return Ok(());
+        };
+        if let Some(early) = record.released_early.get_mut(&id) {
+            *early -= 1;
+            if *early == 0 {
+                record.released_early.remove(&id);
+            }
+            return Ok(());
+        }
+        self.pin(to, id);
+        Ok(())
+    }
+
+    /// Drops one pin `client` was lent on `id`, or, if its lend has not
+    /// arrived yet, notes the release so that the lend is cancelled.
+    pub fn release_lent(&mut self, client: ClientId, id: ObjectId) -> Result<(), WireError> {
+        let record = self
+            .clients
+            .get_mut(&client)
+            .ok_or(WireError::NotPinned(id))?;
+        if record.pins.contains_key(&id) {
+            return self.release(client, id);
+        }
+        if record.released_early.len() >= MAX_EARLY_RELEASES
+            && !record.released_early.contains_key(&id)
+        {
+            return Err(WireError::NotPinned(id));
+        }
+        *record.released_early.entry(id).or_insert(0) += 1;
+        Ok(())
+    }
+
     /// Ids of every object that is sealed, spilled or being moved (not ones
     /// still being written).
     pub fn sealed_ids(&self) -> Vec<ObjectId> {
@@ -476,6 +534,7 @@ impl ObjectTable {
         id: ObjectId,
         offset: u64,
         size: u64,
+        lend_to: Option<ClientId>,
     ) -> Result<(), WireError> {
         let record = self
             .clients
@@ -508,7 +567,10 @@ impl ObjectTable {
         );
         self.pin(client, id);
         self.wake(id);
-        Ok(())
+        match lend_to {
+            Some(to) => self.lend(client, id, to),
+            None => Ok(()),
+        }
     }
 
     /// Chooses what to move to make room: the least recently used unpinned

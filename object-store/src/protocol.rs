@@ -16,12 +16,12 @@
 //! what keeps small puts and releases off the socket round trip.
 
 use crate::allocator::AllocStats;
-use crate::ObjectId;
+use crate::{ClientId, ObjectId};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; a client and a store with different versions refuse
 /// each other at the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame body either side accepts, in bytes.
 pub const MAX_FRAME: u32 = 64 * 1024;
@@ -37,11 +37,14 @@ pub struct Hello {
     /// Length of the arena in bytes (the client maps all of it).
     pub arena_len: u64,
     /// The id the store gave this connection.
-    pub client_id: u64,
+    pub client_id: ClientId,
     /// Process id of the store.
     pub store_pid: u32,
     /// Largest object the client may place in a leased block.
     pub max_leased_size: u64,
+    /// Random number naming this store's arena, so a lend ticket from
+    /// another store is refused.
+    pub arena_id: u64,
 }
 
 /// A request and the sequence number its reply will carry.
@@ -71,6 +74,8 @@ pub enum Request {
     Seal {
         /// The object.
         id: ObjectId,
+        /// A client to lend one pin to at once, as [`Request::Lend`] would.
+        lend_to: Option<ClientId>,
     },
     /// Discard an unsealed object this client created.
     Abort {
@@ -117,6 +122,24 @@ pub enum Request {
         offset: u64,
         /// Size of the object (at most the block size).
         size: u64,
+        /// A client to lend one pin to at once, as [`Request::Lend`] would.
+        lend_to: Option<ClientId>,
+    },
+    /// Give client `to` one pin on an object this client pins, as if `to`
+    /// had got it (one-way; see [`crate::lend`]). Ignored when `to` is no
+    /// longer connected.
+    Lend {
+        /// The object.
+        id: ObjectId,
+        /// The client that will read it.
+        to: ClientId,
+    },
+    /// Drop one pin this client was lent. It may arrive before the
+    /// [`Request::Lend`] that gives the pin (the two travel on different
+    /// connections); the store then cancels that lend when it arrives.
+    ReleaseLent {
+        /// The object.
+        id: ObjectId,
     },
 }
 
@@ -150,6 +173,8 @@ pub enum Reply {
     },
     /// The pin is dropped.
     Released,
+    /// The pin is lent.
+    Lent,
     /// The object is deleted (or will be, once unpinned).
     Deleted,
     /// Answer to [`Request::Contains`].

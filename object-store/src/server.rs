@@ -32,12 +32,17 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Largest object placed in a leased block (64 KiB); bigger puts take the
-/// create/seal path.
-pub const MAX_LEASED_SIZE: u64 = 64 << 10;
+/// Largest object placed in a leased block (256 KiB: a stream channel's
+/// batch); bigger puts take the create/seal path.
+pub const MAX_LEASED_SIZE: u64 = 256 << 10;
 
-/// Most bytes one lease request may reserve.
+/// Most bytes one lease request may reserve, unless that is fewer than
+/// [`MIN_LEASE_BLOCKS`] blocks.
 const MAX_LEASE_BYTES: u64 = 256 << 10;
+
+/// Fewest blocks one lease request may reserve, so that large classes too
+/// take a round trip only every few puts.
+const MIN_LEASE_BLOCKS: u64 = 4;
 
 /// Replies queued per connection before its reader waits for the writer.
 const REPLY_QUEUE: usize = 1024;
@@ -71,6 +76,8 @@ pub enum ServeError {
 }
 
 struct Shared {
+    /// Random; tells this store's lend tickets from another's.
+    arena_id: u64,
     table: Mutex<ObjectTable>,
     memfd: OwnedFd,
     mapping: Mapping,
@@ -188,6 +195,7 @@ impl StoreServer {
         let listener = bind_socket(&config.socket).await?;
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared {
+            arena_id: uuid::Uuid::new_v4().as_u64_pair().0,
             table: Mutex::new(ObjectTable::new(config.capacity, spill.is_some())),
             memfd,
             mapping,
@@ -447,7 +455,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
         client,
     };
     if let Err(e) = send_hello(&shared, &stream, client).await {
-        tracing::debug!(client, error = %e, "handshake failed");
+        tracing::debug!(client = %client, error = %e, "handshake failed");
         return;
     }
     let (rd, wr) = stream.into_split();
@@ -467,6 +475,7 @@ async fn send_hello(shared: &Shared, stream: &UnixStream, client: ClientId) -> s
         client_id: client,
         store_pid: std::process::id(),
         max_leased_size: MAX_LEASED_SIZE,
+        arena_id: shared.arena_id,
     };
     let frame = protocol::encode_frame(&hello).map_err(std::io::Error::other)?;
     let mut sent = 0;
@@ -526,7 +535,7 @@ impl Connection {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
                 Err(e) => {
-                    tracing::debug!(client = self.client, error = %e, "read failed");
+                    tracing::debug!(client = %self.client, error = %e, "read failed");
                     return;
                 }
             }
@@ -549,7 +558,7 @@ impl Connection {
     }
 
     async fn refuse(&self, reason: String) {
-        tracing::warn!(client = self.client, %reason, "malformed frame; closing connection");
+        tracing::warn!(client = %self.client, %reason, "malformed frame; closing connection");
         self.reply(0, Err(WireError::Malformed(reason))).await;
     }
 
@@ -568,7 +577,10 @@ impl Connection {
                 size,
                 evictable,
             } => self.create(id, size, evictable).await,
-            Request::Seal { id } => self.table().seal(client, id).map(|()| Reply::Sealed),
+            Request::Seal { id, lend_to } => self
+                .table()
+                .seal(client, id, lend_to)
+                .map(|()| Reply::Sealed),
             Request::Abort { id } => self.table().abort(client, id).map(|()| Reply::Aborted),
             Request::Get { id, timeout_ms } => return self.get(seq, id, timeout_ms).await,
             Request::Release { id } => self.table().release(client, id).map(|()| Reply::Released),
@@ -584,14 +596,24 @@ impl Connection {
             Request::Contains { id } => Ok(Reply::Contains(self.table().contains(&id))),
             Request::Stats => Ok(Reply::Stats(self.shared.stats())),
             Request::Lease { class, count } => self.lease(class, count).await,
-            Request::PutLeased { id, offset, size } => self
+            Request::PutLeased {
+                id,
+                offset,
+                size,
+                lend_to,
+            } => self
                 .table()
-                .put_leased(client, id, offset, size)
+                .put_leased(client, id, offset, size, lend_to)
                 .map(|()| Reply::Sealed),
+            Request::Lend { id, to } => self.table().lend(client, id, to).map(|()| Reply::Lent),
+            Request::ReleaseLent { id } => self
+                .table()
+                .release_lent(client, id)
+                .map(|()| Reply::Released),
         };
         if seq == 0 {
             if let Err(e) = result {
-                tracing::warn!(client, error = %e, "one-way request failed");
+                tracing::warn!(client = %client, error = %e, "one-way request failed");
             }
             return true;
         }
@@ -627,7 +649,8 @@ impl Connection {
                 crate::allocator::ALIGN
             )));
         }
-        let count = u64::from(count).clamp(1, (MAX_LEASE_BYTES / class).max(1)) as u32;
+        let most = (MAX_LEASE_BYTES / class).max(MIN_LEASE_BLOCKS);
+        let count = u64::from(count).clamp(1, most) as u32;
         let leased = self.table().lease(self.client, class, count);
         let offsets = match leased {
             Ok(offsets) => offsets,
@@ -656,7 +679,7 @@ impl Connection {
     /// connection keeps serving.
     async fn get(&self, seq: u64, id: ObjectId, timeout_ms: u64) -> bool {
         if seq == 0 {
-            tracing::warn!(client = self.client, "ignoring a one-way get");
+            tracing::warn!(client = %self.client, "ignoring a one-way get");
             return true;
         }
         let outcome = self.table().get(self.client, id);

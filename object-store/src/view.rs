@@ -84,6 +84,10 @@ impl ObjectBuf {
         self.len as usize
     }
 
+    pub(crate) fn client(&self) -> &Arc<ClientInner> {
+        &self.client
+    }
+
     /// Whether the object has no bytes (never true: objects have at least one).
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -111,8 +115,17 @@ impl ObjectBuf {
 
     /// Makes the object immutable and visible to every client, and returns a
     /// view that holds this client's pin.
-    pub fn seal(mut self) -> Result<ObjectView, SealError> {
-        self.client.call_seal(self.id, self.offset, self.len)?;
+    pub fn seal(self) -> Result<ObjectView, SealError> {
+        self.seal_lending(None)
+    }
+
+    /// Seals, lending a pin to `lend_to` in the same request.
+    pub(crate) fn seal_lending(
+        mut self,
+        lend_to: Option<crate::ClientId>,
+    ) -> Result<ObjectView, SealError> {
+        self.client
+            .call_seal(self.id, self.offset, self.len, lend_to)?;
         self.sealed = true;
         Ok(ObjectView::new(
             Arc::clone(&self.client),
@@ -166,6 +179,10 @@ impl ObjectView {
     /// The object's id.
     pub fn id(&self) -> ObjectId {
         self.id
+    }
+
+    pub(crate) fn client(&self) -> &Arc<ClientInner> {
+        &self.client
     }
 
     /// Offset of the object in the arena.

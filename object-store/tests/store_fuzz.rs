@@ -87,13 +87,14 @@ type Fields = (u8, [u8; 16], u64, u64, u32, bool, String, Vec<u64>);
 
 fn request(&(tag, id, a, b, count, flag, _, _): &Fields) -> Request {
     let id = ObjectId::from_bytes(id);
-    match tag % 11 {
+    let lend_to = flag.then(|| braid_store::ClientId::new(b % 4));
+    match tag % 13 {
         0 => Request::Create {
             id,
             size: a,
             evictable: flag,
         },
-        1 => Request::Seal { id },
+        1 => Request::Seal { id, lend_to },
         2 => Request::Abort { id },
         3 => Request::Get { id, timeout_ms: a },
         4 => Request::Release { id },
@@ -105,7 +106,13 @@ fn request(&(tag, id, a, b, count, flag, _, _): &Fields) -> Request {
             id,
             offset: a,
             size: b,
+            lend_to,
         },
+        10 => Request::Lend {
+            id,
+            to: braid_store::ClientId::new(a % 4),
+        },
+        11 => Request::ReleaseLent { id },
         _ => Request::Get { id, timeout_ms: b },
     }
 }

@@ -166,15 +166,33 @@ fn requests_a_client_is_not_entitled_to_get_typed_errors() {
     assert_eq!(reply.body, Err(WireError::NotPinned(ghost)));
 
     // Sealing or aborting another client's object.
-    let reply = raw.call(3, Request::Seal { id: owned });
+    let reply = raw.call(
+        3,
+        Request::Seal {
+            id: owned,
+            lend_to: None,
+        },
+    );
     assert_eq!(reply.body, Err(WireError::NotCreator(owned)));
     let reply = raw.call(4, Request::Abort { id: owned });
     assert_eq!(reply.body, Err(WireError::NotCreator(owned)));
 
     // Sealing twice, sealing what does not exist.
-    let reply = raw.call(5, Request::Seal { id: sealed.id() });
+    let reply = raw.call(
+        5,
+        Request::Seal {
+            id: sealed.id(),
+            lend_to: None,
+        },
+    );
     assert_eq!(reply.body, Err(WireError::AlreadySealed(sealed.id())));
-    let reply = raw.call(6, Request::Seal { id: ghost });
+    let reply = raw.call(
+        6,
+        Request::Seal {
+            id: ghost,
+            lend_to: None,
+        },
+    );
     assert_eq!(reply.body, Err(WireError::NotFound(ghost)));
 
     // Duplicate ids, unsealed or sealed, from the creator or anyone else.
@@ -223,7 +241,7 @@ fn requests_a_client_is_not_entitled_to_get_typed_errors() {
     assert_eq!(reply.body, Ok(Reply::Aborted));
 
     // Leases: bad block sizes, and blocks that were never leased.
-    for class in [3, 32, 128 << 10] {
+    for class in [3, 32, 512 << 10] {
         let reply = raw.call(8, Request::Lease { class, count: 1 });
         assert!(
             matches!(reply.body, Err(WireError::BadLease(_))),
@@ -236,6 +254,7 @@ fn requests_a_client_is_not_entitled_to_get_typed_errors() {
             id: ObjectId::random(),
             offset: sealed.offset(),
             size: 10,
+            lend_to: None,
         },
     );
     assert!(

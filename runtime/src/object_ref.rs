@@ -8,7 +8,7 @@
 //! the receiver has been counted.
 
 use crate::address::Address;
-use braid_store::ObjectId;
+use braid_store::{LendTicket, ObjectId};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cell::RefCell;
 use std::fmt;
@@ -103,18 +103,33 @@ impl<T> ObjectRef<T> {
         Lent {
             id: self.handle.id,
             owner: (*self.handle.owner).clone(),
+            ticket: None,
             _type: PhantomData,
+        }
+    }
+
+    /// [`ObjectRef::lend`] with a pin already lent to the reader in its
+    /// node's store (see [`Runtime::put_batch_lent`]).
+    ///
+    /// [`Runtime::put_batch_lent`]: crate::Runtime::put_batch_lent
+    pub(crate) fn lend_pinned(&self, ticket: LendTicket) -> Lent<T> {
+        Lent {
+            ticket: Some(ticket),
+            ..self.lend()
         }
     }
 }
 
 /// A stored object lent by its owner for a moment (see
-/// [`ObjectRef::lend`]): its id and owner, uncounted.
+/// [`ObjectRef::lend`]): its id and owner, uncounted, and, when its reader
+/// was known as it was built, the ticket of a store pin lent to that
+/// reader.
 #[derive(Serialize, Deserialize)]
 #[serde(bound = "")]
 pub struct Lent<T> {
     id: ObjectId,
     owner: Address,
+    ticket: Option<LendTicket>,
     #[serde(skip)]
     _type: PhantomData<fn() -> T>,
 }
@@ -129,6 +144,11 @@ impl<T> Lent<T> {
     pub fn owner(&self) -> &Address {
         &self.owner
     }
+
+    /// The store pin lent to the reader, if any.
+    pub fn ticket(&self) -> Option<&LendTicket> {
+        self.ticket.as_ref()
+    }
 }
 
 impl<T> Clone for Lent<T> {
@@ -136,6 +156,7 @@ impl<T> Clone for Lent<T> {
         Lent {
             id: self.id,
             owner: self.owner.clone(),
+            ticket: self.ticket.clone(),
             _type: PhantomData,
         }
     }

@@ -66,6 +66,31 @@ async fn sum_lent(lent: braid::Lent<braid::Batch>) -> Result<u64, String> {
         .sum())
 }
 
+/// A process that batches are lent to as they are sealed.
+#[braid::actor]
+pub struct LentReader {}
+
+#[braid::actor]
+impl LentReader {
+    fn new() -> Self {
+        LentReader {}
+    }
+
+    fn seat(&self) -> Result<braid::store::StoreSeat, String> {
+        Ok(braid::current().map_err(|e| e.to_string())?.store_seat())
+    }
+
+    /// Sum of `feature` of a lent batch, and whether it was held through
+    /// its ticket (this process's store connection then pins it while the
+    /// batch lives, and no longer after).
+    async fn sum(&self, lent: braid::Lent<braid::Batch>) -> Result<(u64, bool), String> {
+        let rt = braid::current().map_err(|e| e.to_string())?;
+        let adopted = lent.ticket().is_some_and(|t| t.to() == rt.store_seat());
+        let sum = sum_lent(lent).await?;
+        Ok((sum, adopted && rt.store().pinned_objects() == 0))
+    }
+}
+
 #[braid::remote]
 fn panics(message: String) -> i64 {
     panic!("{message}")
@@ -281,6 +306,82 @@ async fn a_lent_batch_is_read_in_another_process_and_a_freed_one_is_lost() {
     }
     let lost = sum_lent(lent).await.unwrap_err().to_string();
     assert!(lost.contains("ObjectLost"), "{lost}");
+}
+
+#[tokio::test]
+async fn a_batch_lent_as_it_is_sealed_is_held_by_its_reader_without_the_store() {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::UInt64Type;
+    use braid::store::batch::{BatchLayout, ColumnSpec, Primitive, ValuesMut};
+    let rt = rt();
+    let reader = LentReader::remote(rt).spawn().await.unwrap();
+    let seat = reader.seat().await.unwrap().unwrap();
+    let layout =
+        BatchLayout::new(4, &[ColumnSpec::primitive("feature", Primitive::UInt64)]).unwrap();
+    for rows in [4u64, 40_000] {
+        let layout = if rows == 4 {
+            layout.clone()
+        } else {
+            // Above the leased size: created and sealed by calls.
+            BatchLayout::new(
+                rows as usize,
+                &[ColumnSpec::primitive("feature", Primitive::UInt64)],
+            )
+            .unwrap()
+        };
+        let (object, lent) = rt
+            .put_batch_lent(&layout, &seat, |writer| {
+                if let ValuesMut::UInt64(v) = &mut writer.columns()[0].values {
+                    for (i, x) in v.iter_mut().enumerate() {
+                        *x = i as u64 + 1;
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(lent.ticket().map(|t| t.to()), Some(seat));
+        // The owner reads it as usual.
+        let mine = rt.get_batch(&object).await.unwrap();
+        assert_eq!(
+            mine.column(0).as_primitive::<UInt64Type>().len() as u64,
+            rows
+        );
+        drop(mine);
+        let (sum, adopted) = reader.sum(lent).await.unwrap().unwrap();
+        assert_eq!(sum, rows * (rows + 1) / 2);
+        assert!(adopted, "the reader did not hold the batch by its ticket");
+        let id = object.id();
+        drop(object);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rt.store().contains(id).unwrap() {
+            assert!(Instant::now() < deadline, "a lent batch stays in the store");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // A reader of another store cannot be lent to.
+    let stranger = {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s.sock");
+        let tokio_rt = tokio::runtime::Handle::current();
+        let server = braid::store::StoreServer::bind(braid::store::StoreConfig::with_capacity(
+            &socket,
+            8 << 20,
+        ))
+        .await
+        .unwrap();
+        let handle = server.handle();
+        tokio_rt.spawn(server.run());
+        let client =
+            tokio::task::spawn_blocking(move || braid::store::StoreClient::connect(&socket))
+                .await
+                .unwrap()
+                .unwrap();
+        let seat = client.seat();
+        handle.shutdown();
+        seat
+    };
+    let refused = rt.put_batch_lent(&layout, &stranger, |_| Ok(()));
+    assert!(matches!(refused, Err(Error::BadRequest(_))), "{refused:?}");
 }
 
 #[test]

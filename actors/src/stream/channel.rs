@@ -195,12 +195,14 @@ pub trait Outbox: Send {
     fn meter(&self, _channel: usize) -> Option<&ChannelMeter> {
         None
     }
-    /// Builds a record batch of `layout` in the node's store (`fill`
-    /// writes its columns in place), seals it and returns its reference;
-    /// `None` when this outbox has no store, so columnar batches are
-    /// encoded.
+    /// Builds a record batch of `layout` for output channel `channel` in
+    /// the node's store (`fill` writes its columns in place), seals it
+    /// (lending it to the channel's receiver when that shares the store)
+    /// and returns its reference; `None` when this outbox has no store, so
+    /// columnar batches are encoded.
     fn put_batch(
         &mut self,
+        _channel: usize,
         _layout: &BatchLayout,
         _fill: &mut dyn FnMut(&mut BatchWriter<'_>) -> Result<(), ColumnarError>,
     ) -> Option<Result<ColumnarRef, ChannelError>> {
@@ -362,7 +364,7 @@ impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
         if let Some(format) = self.format.clone() {
             let layout = format.layout(&batch).map_err(columnar_error)?;
             let mut fill = |writer: &mut BatchWriter<'_>| format.fill(&batch, writer);
-            if let Some(stored) = self.outbox.put_batch(&layout, &mut fill) {
+            if let Some(stored) = self.outbox.put_batch(channel, &layout, &mut fill) {
                 let stored = stored.inspect_err(|e| self.failed = Some(e.clone()))?;
                 if let Some(meter) = self.outbox.meter(channel) {
                     meter.sent(stored.bytes);

@@ -169,7 +169,7 @@ struct Shared {
     events_ready: tokio::sync::Notify,
     commands: crossbeam_channel::Sender<Command>,
     command_rx: Mutex<Option<crossbeam_channel::Receiver<Command>>>,
-    targets: Mutex<Vec<(SubtaskHostHandle, usize)>>,
+    targets: Mutex<Vec<ChannelTarget>>,
     peers: Mutex<HashMap<(String, usize), SubtaskHostHandle>>,
     /// The job's checkpoint storage, or why it cannot be opened here (a
     /// snapshot then fails the attempt, rather than going nowhere).
@@ -251,9 +251,16 @@ impl SubtaskHost {
         }
     }
 
-    /// Where this subtask's output channels lead: per channel, the host
-    /// and its input slot.
-    fn connect(&self, targets: Vec<(SubtaskHostHandle, usize)>) -> bool {
+    /// Where this host's process sits on its node's store: senders on the
+    /// same node lend it their batches there.
+    fn seat(&self) -> Result<braid::store::StoreSeat, String> {
+        braid::current()
+            .map(|rt| rt.store_seat())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Where this subtask's output channels lead, per channel.
+    fn connect(&self, targets: Vec<ChannelTarget>) -> bool {
         *self.shared.targets.lock() = targets;
         true
     }
@@ -311,6 +318,7 @@ impl SubtaskHost {
         let meters = self.shared.meters.clone();
         let outbox = move || -> Box<dyn Outbox> {
             Box::new(ActorOutbox {
+                seat: rt.store_seat(),
                 rt: rt.clone(),
                 targets: targets.clone(),
                 next_seq: vec![0; targets.len()],
@@ -559,9 +567,21 @@ impl From<Command> for WireCommand {
     }
 }
 
+/// Where an output channel leads: the receiving subtask's host, its input
+/// slot, and where the host's process sits on its node's store (a sender
+/// on the same store lends it each batch as the batch is sealed).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ChannelTarget {
+    host: SubtaskHostHandle,
+    slot: usize,
+    seat: braid::store::StoreSeat,
+}
+
 struct ActorOutbox {
     rt: Runtime,
-    targets: Vec<(SubtaskHostHandle, usize)>,
+    /// Where this process sits on its node's store.
+    seat: braid::store::StoreSeat,
+    targets: Vec<ChannelTarget>,
     next_seq: Vec<u64>,
     /// Per channel, the calls in flight, the store bytes each holds, and
     /// the batch it lends (kept until the receiver has read it).
@@ -607,7 +627,10 @@ impl ActorOutbox {
 
 impl Outbox for ActorOutbox {
     fn send(&mut self, channel: usize, msg: ChannelMsg) -> Result<(), ChannelError> {
-        let Some((target, slot)) = self.targets.get(channel).cloned() else {
+        let Some(ChannelTarget {
+            host: target, slot, ..
+        }) = self.targets.get(channel).cloned()
+        else {
             return Err(ChannelError::Closed(channel));
         };
         let seq = self.next_seq[channel];
@@ -652,20 +675,32 @@ impl Outbox for ActorOutbox {
 
     fn put_batch(
         &mut self,
+        channel: usize,
         layout: &BatchLayout,
         fill: &mut dyn FnMut(&mut BatchWriter<'_>) -> Result<(), ColumnarError>,
     ) -> Option<Result<ColumnarRef, ChannelError>> {
         let mut failed = None;
-        let put = self.rt.put_batch_with(layout, |writer| {
+        let mut fill = |writer: &mut BatchWriter<'_>| {
             fill(writer).map_err(|e| {
                 let message = e.to_string();
                 failed = Some(e);
                 braid::Error::Codec(message)
             })
-        });
-        Some(match (put, failed) {
-            (Ok(object), _) => {
+        };
+        let reader = self
+            .targets
+            .get(channel)
+            .map(|t| t.seat)
+            .filter(|seat| seat.same_store(&self.seat));
+        let put = match reader {
+            Some(seat) => self.rt.put_batch_lent(layout, &seat, fill),
+            None => self.rt.put_batch_with(layout, &mut fill).map(|object| {
                 let lent = object.lend();
+                (object, lent)
+            }),
+        };
+        Some(match (put, failed) {
+            (Ok((object, lent)), _) => {
                 self.built.insert(object.id(), object);
                 Ok(ColumnarRef {
                     object: lent,
@@ -1056,13 +1091,10 @@ fn start_hosts(
     }
     let mut calls = Vec::new();
     for id in plan.subtasks() {
-        let targets: Vec<(SubtaskHostHandle, usize)> = plan
+        let targets: Vec<(SubtaskId, usize)> = plan
             .outputs_of(id)
             .into_iter()
-            .filter_map(|c| {
-                let (to, slot) = slot_of.get(&c)?;
-                Some((hosts.get(to)?.clone(), *slot))
-            })
+            .filter_map(|c| slot_of.get(&c).copied())
             .collect();
         let host = hosts
             .get(&id)
@@ -1083,11 +1115,29 @@ fn start_hosts(
         subtask: id.to_string(),
         cause: e.to_string(),
     };
+    let hosts = hosts.clone();
     let starting = async move {
-        for (id, host, targets, _) in &calls {
-            host.connect(targets.clone())
-                .await
-                .map_err(|e| lost(id, e))?;
+        let mut seats = HashMap::new();
+        for (id, host) in &hosts {
+            let seat = host.seat().await.map_err(|e| lost(id, e))?;
+            let seat = seat.map_err(|cause| AttemptFailure::Lost {
+                subtask: id.to_string(),
+                cause,
+            })?;
+            seats.insert(*id, seat);
+        }
+        for (id, host, outputs, _) in &calls {
+            let targets: Vec<ChannelTarget> = outputs
+                .iter()
+                .filter_map(|(to, slot)| {
+                    Some(ChannelTarget {
+                        host: hosts.get(to)?.clone(),
+                        slot: *slot,
+                        seat: *seats.get(to)?,
+                    })
+                })
+                .collect();
+            host.connect(targets).await.map_err(|e| lost(id, e))?;
             host.peers(peers.clone()).await.map_err(|e| lost(id, e))?;
         }
         for (id, host, _, restored) in calls {

@@ -443,7 +443,8 @@ impl<T: Columnar> RecordFormat<T> {
         buf: &mut [u8],
     ) -> Result<(), ColumnarError> {
         let mut writer = BatchWriter::new(layout, buf)?;
-        self.fill(records, &mut writer)
+        self.fill(records, &mut writer)?;
+        Ok(writer.finish().map_err(LayoutError::from)?)
     }
 
     /// Writes `records` into a batch being built (planned by

@@ -590,6 +590,7 @@ impl FeatureBatch {
         let mut words = vec![0u64; layout.total_len().div_ceil(8)];
         let mut writer = BatchWriter::new(&layout, bytemuck::cast_slice_mut(&mut words))?;
         self.write_to(&mut writer)?;
+        writer.finish().map_err(LayoutError::from)?;
         Ok(read_record_batch(Buffer::from_vec(words))?)
     }
 }

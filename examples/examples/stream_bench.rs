@@ -44,9 +44,10 @@ struct Args {
     /// Send the keyed records between processes encoded, not columnar.
     #[arg(long)]
     encoded: bool,
-    /// Records per channel batch.
-    #[arg(long, default_value_t = braid_actors::stream::channel::BATCH_RECORDS)]
-    batch_records: usize,
+    /// Records per channel batch [default: the stream's, 65536 for a
+    /// columnar stream, 4096 for an encoded one].
+    #[arg(long)]
+    batch_records: Option<usize>,
 }
 
 /// Counts what reaches it.
@@ -75,18 +76,18 @@ fn bench_job(params: &JobParams) -> StreamEnv {
         .get("parallelism")
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let batch: usize = params
-        .get("batch_records")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(braid_actors::stream::channel::BATCH_RECORDS);
+    let batch: Option<usize> = params.get("batch_records").and_then(|v| v.parse().ok());
     let env = StreamEnv::new(parallelism);
     let keyed = env
         .source("numbers", move |s, p| {
             GeneratorSource::new(records, s, p, |i| i)
         })
         .map(|i: u64| (i % 4096, 1u64))
-        .key_by(|kv: &(u64, u64)| kv.0)
-        .batch_records(batch);
+        .key_by(|kv: &(u64, u64)| kv.0);
+    let keyed = match batch {
+        Some(records) => keyed.batch_records(records),
+        None => keyed,
+    };
     let keyed = if params.contains_key("encoded") {
         keyed
     } else {
@@ -115,7 +116,9 @@ fn job(
     let mut params = JobParams::new();
     params.insert("records".into(), args.records.to_string());
     params.insert("parallelism".into(), args.parallelism.to_string());
-    params.insert("batch_records".into(), args.batch_records.to_string());
+    if let Some(records) = args.batch_records {
+        params.insert("batch_records".into(), records.to_string());
+    }
     if args.encoded {
         params.insert("encoded".into(), String::new());
     }
@@ -148,7 +151,9 @@ fn run_local(args: &Args, rt: &braid::Runtime) -> anyhow::Result<f64> {
     let mut params = JobParams::new();
     params.insert("records".into(), args.records.to_string());
     params.insert("parallelism".into(), args.parallelism.to_string());
-    params.insert("batch_records".into(), args.batch_records.to_string());
+    if let Some(records) = args.batch_records {
+        params.insert("batch_records".into(), records.to_string());
+    }
     let plan = Plan::new(bench_job(&params).into_graph());
     let mut config = JobConfig::new(CheckpointStorage::local(dir.path(), "bench", 2)?);
     config.checkpoint_interval = Duration::from_millis(args.checkpoint_ms);
@@ -259,7 +264,11 @@ fn main() -> anyhow::Result<()> {
         "events_per_s_checkpoints_off": without_rate,
         "events_per_s_per_core": with_rate / cores,
         "columnar": !args.encoded,
-        "batch_records": args.batch_records,
+        "batch_records": args.batch_records.unwrap_or(if args.encoded {
+            braid_actors::stream::channel::BATCH_RECORDS
+        } else {
+            braid_actors::stream::channel::COLUMNAR_BATCH_RECORDS
+        }),
         "events_per_s_per_core_cluster": with_rate / cores,
         "events_per_s_per_core_local": local_rate / cores,
         "cluster_over_local": with_rate / local_rate,

@@ -18,6 +18,10 @@
 //!   `get` (waits until sealed, with a timeout) → views dropped (`release`)
 //!   → `delete`. Pins are counted per connection; a client that exits, panics
 //!   or is killed loses its pins and its unsealed objects with its socket.
+//! * A process handing an object to a reader it knows (a stream channel's
+//!   sender) [lends](lend) the reader a pin as it seals the object; the
+//!   reader adopts the [`LendTicket`] and holds the object with no round
+//!   trip to the store.
 //! * Under memory pressure the store evicts unpinned evictable copies in LRU
 //!   order, spills unpinned primary objects to disk and restores them on
 //!   `get`, and answers [`CreateError::StoreFull`] only when nothing can move.

@@ -27,6 +27,12 @@ use std::sync::Arc;
 /// Records per batch before a channel sends it.
 pub const BATCH_RECORDS: usize = 4096;
 
+/// Most records per batch of a columnar stream, by default: each batch
+/// crossing processes costs a call and a few thread wake-ups, which a
+/// batch of this size spreads thin. Sources flush every few milliseconds,
+/// so a slow stream's batches are smaller and never wait long.
+pub const COLUMNAR_BATCH_RECORDS: usize = 65536;
+
 /// An encoded batch that lives in shared memory (a view of an object in
 /// the node's store): the records are decoded straight out of it.
 #[derive(Clone)]

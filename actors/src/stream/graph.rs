@@ -102,10 +102,25 @@ pub(crate) struct Vertex {
     pub fan_out: MakeFanOut,
     /// A stage sending this vertex's output over channels.
     pub channel_out: MakeChannelOut,
-    /// Most records per channel batch.
-    pub out_batch: usize,
+    /// Most records per channel batch, if set (see
+    /// [`Vertex::batch_records`]).
+    pub out_batch: Option<usize>,
     /// The output's columnar format, if the stream is columnar.
     pub format: Option<AnyFormat>,
+}
+
+impl Vertex {
+    /// Most records per channel batch: as set with
+    /// [`DataStream::batch_records`], else a columnar stream's default
+    /// (its batches cross processes through the store, and larger ones
+    /// spread the cost of each crossing) or the default.
+    pub fn batch_records(&self) -> usize {
+        self.out_batch.unwrap_or(if self.format.is_some() {
+            super::channel::COLUMNAR_BATCH_RECORDS
+        } else {
+            super::channel::BATCH_RECORDS
+        })
+    }
 }
 
 /// A job's logical graph.
@@ -176,7 +191,7 @@ impl StreamEnv {
             kind,
             fan_out: Arc::new(fan_out::<T>),
             channel_out: Arc::new(channel_out::<T>),
-            out_batch: super::channel::BATCH_RECORDS,
+            out_batch: None,
             format: None,
         });
         id
@@ -301,12 +316,14 @@ impl<T: Data> DataStream<T> {
     }
 
     /// Sends this stream's records to other subtasks in batches of at most
-    /// `records` (default [`BATCH_RECORDS`](super::channel::BATCH_RECORDS);
+    /// `records` (default [`BATCH_RECORDS`](super::channel::BATCH_RECORDS),
+    /// or [`COLUMNAR_BATCH_RECORDS`](super::channel::COLUMNAR_BATCH_RECORDS)
+    /// for a [columnar](Self::columnar) stream;
     /// 1 sends each record as soon as it is emitted: for records that are
     /// themselves large batches, or when a consumer's answer is awaited).
     pub fn batch_records(self, records: usize) -> Self {
         if let Some(v) = self.env.graph.borrow_mut().vertices.get_mut(self.vertex) {
-            v.out_batch = records.max(1);
+            v.out_batch = Some(records.max(1));
         }
         self
     }

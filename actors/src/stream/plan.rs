@@ -300,7 +300,7 @@ impl Plan {
             }
         }
         if !external.is_empty() {
-            stages.push((v.channel_out)(external, outbox(), v.out_batch));
+            stages.push((v.channel_out)(external, outbox(), v.batch_records()));
         }
         (v.fan_out)(stages)
     }

@@ -39,7 +39,8 @@ fn key(name: &str) -> String {
     format!("{name}/service")
 }
 
-/// Offers `service` under `name` in this process, until [`withdraw`]n.
+/// Offers `service` under `name` in this process, until the returned
+/// [`ServiceGuard`] is dropped.
 pub fn offer(name: &str, service: Arc<dyn Service>) -> ServiceGuard {
     let offered = Arc::new(Offered(service));
     registry::register(&key(name), offered.clone());

@@ -145,6 +145,20 @@ fn shards_in_other_processes_train_the_model_one_process_does() {
         std::fs::read(&path).unwrap() == expected,
         "the cluster's predictions differ from one process's"
     );
+    // Micro-batches reach the workers as Arrow batches in the store, read
+    // in place: nothing encoded, nothing copied.
+    let batches: Vec<_> = report
+        .edges
+        .iter()
+        .filter(|e| e.from.starts_with("source") && e.batches > 0)
+        .collect();
+    assert!(!batches.is_empty(), "no source edge in {:?}", report.edges);
+    for edge in batches {
+        assert!(
+            edge.bytes > 0 && edge.codec_bytes == 0 && edge.copied_bytes == 0,
+            "{edge:?}"
+        );
+    }
 }
 
 /// Waits until the job's storage holds a committed checkpoint (up to a

@@ -58,7 +58,7 @@
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_buffer::Buffer;
 use arrow_ipc::{MessageHeader, MetadataVersion};
-use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
+use arrow_schema::{ArrowError, DataType, Field, Metadata, Schema, SchemaRef};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -346,6 +346,17 @@ fn i64_of(n: usize) -> i64 {
 impl BatchLayout {
     /// Plans a batch of `rows` rows with `columns`.
     pub fn new(rows: usize, columns: &[ColumnSpec]) -> Result<BatchLayout, LayoutError> {
+        Self::with_metadata(rows, columns, Metadata::default())
+    }
+
+    /// [`BatchLayout::new`], with key-value metadata on the schema (what
+    /// holds for the whole batch rather than per row; readers find it in
+    /// the batch's `schema().metadata()`).
+    pub fn with_metadata(
+        rows: usize,
+        columns: &[ColumnSpec],
+        metadata: impl Into<Metadata>,
+    ) -> Result<BatchLayout, LayoutError> {
         if columns.is_empty() || columns.len() > MAX_COLUMNS {
             return Err(LayoutError::Columns(columns.len()));
         }
@@ -411,9 +422,10 @@ impl BatchLayout {
             });
         }
         let body_len = at;
-        let schema = Arc::new(Schema::new(
-            columns.iter().map(ColumnSpec::field).collect::<Vec<_>>(),
-        ));
+        let schema = Arc::new(
+            Schema::new(columns.iter().map(ColumnSpec::field).collect::<Vec<_>>())
+                .with_metadata(metadata),
+        );
         let header = encode_headers(&schema, rows, &nodes, &buffers, body_len);
         let shift = header.len();
         for p in &mut plans {
@@ -439,7 +451,7 @@ impl BatchLayout {
             .zip(batch.columns())
             .map(|(field, column)| spec_of(field, column))
             .collect::<Result<Vec<_>, _>>()?;
-        BatchLayout::new(batch.num_rows(), &specs)
+        BatchLayout::with_metadata(batch.num_rows(), &specs, batch.schema().metadata().clone())
     }
 
     /// Bytes the batch takes in its object.

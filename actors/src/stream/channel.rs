@@ -281,7 +281,8 @@ pub trait Format<T>: Send + Sync {
         records: &[(T, Option<EventTime>)],
         writer: &mut BatchWriter<'_>,
     ) -> Result<(), ColumnarError>;
-    /// See [`RecordFormat::read`].
+    /// See [`RecordFormat::read`]: returns the bytes copied out of the
+    /// batch.
     fn read(
         &self,
         batch: &RecordBatch,

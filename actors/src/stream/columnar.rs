@@ -67,6 +67,11 @@ pub enum ColumnarError {
     /// A value in a column of a type without nulls is null.
     #[error("column {0} holds a null, which its record type cannot")]
     Null(usize),
+    /// The records do not fit their format, or a batch is not of the
+    /// format (a format of one's own, [`Format`](super::channel::Format),
+    /// says why).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl From<ColumnarError> for StageError {

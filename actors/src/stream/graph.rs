@@ -337,7 +337,13 @@ impl<T: Data> DataStream<T> {
     where
         T: Columnar,
     {
-        let format: Arc<dyn Format<T>> = Arc::new(RecordFormat::<T>::new());
+        self.columnar_with(Arc::new(RecordFormat::<T>::new()))
+    }
+
+    /// [`columnar`](Self::columnar) with a format of one's own: for a
+    /// record type that is itself a batch of rows (a training micro-batch,
+    /// say), which `format` lays out as one Arrow record batch.
+    pub fn columnar_with(self, format: Arc<dyn Format<T>>) -> Self {
         if let Some(v) = self.env.graph.borrow_mut().vertices.get_mut(self.vertex) {
             let out = format.clone();
             v.channel_out = Arc::new(move |edges, outbox, max| {

@@ -530,6 +530,12 @@ impl FeatureBatch {
     /// [`total_len`](BatchLayout::total_len) bytes with it, then
     /// [`write_to`](Self::write_to) a [`BatchWriter`] over the object.
     pub fn batch_layout(&self) -> Result<BatchLayout, DataError> {
+        Ok(BatchLayout::new(self.rows(), &self.column_specs())?)
+    }
+
+    /// The columns of [`batch_layout`](Self::batch_layout), for a layout
+    /// that adds columns or metadata of its own after them.
+    pub fn column_specs(&self) -> Vec<ColumnSpec> {
         let n = self.ids.len();
         let mut columns = vec![
             ColumnSpec::primitive(LABEL_COLUMN, Primitive::Float32),
@@ -543,7 +549,7 @@ impl FeatureBatch {
                 .with_nulls(self.times().null_count()),
         );
         columns.push(ColumnSpec::primitive(POSITION_COLUMN, Primitive::UInt64));
-        Ok(BatchLayout::new(self.rows(), &columns)?)
+        columns
     }
 
     /// Fills the columns of `writer`, planned by
@@ -560,6 +566,15 @@ impl FeatureBatch {
             return Err(DataError::LayoutMismatch);
         }
         let mut columns = writer.columns().into_iter();
+        self.write_columns(&mut columns)
+    }
+
+    /// Fills the first columns of a writer's (those of
+    /// [`column_specs`](Self::column_specs)), taking them from `columns`.
+    pub fn write_columns<'w>(
+        &self,
+        columns: &mut dyn Iterator<Item = ColumnMut<'w>>,
+    ) -> Result<(), DataError> {
         let mut next = || columns.next().ok_or(DataError::LayoutMismatch);
         let label = next()?;
         copy_into(f32::slot(label.values), &self.labels)?;

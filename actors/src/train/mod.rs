@@ -7,6 +7,7 @@ pub mod data;
 pub mod eval;
 mod hugepages;
 pub mod metrics;
+pub mod micro_batch;
 pub mod optimizer;
 pub mod pipeline;
 pub mod ps;

@@ -328,7 +328,7 @@ impl Source for TrainSource {
                     seq: self.seq,
                     first_row: self.rows,
                     ingest_ns,
-                    batch,
+                    batch: batch.into(),
                 },
                 None,
             );
@@ -437,7 +437,8 @@ pub fn build(
             TrainSource::new(reader().map_err(|e| e.to_string()), &source_config)
         })
         .parallelism(1)
-        .batch_records(1);
+        .batch_records(1)
+        .columnar_with(Arc::new(super::micro_batch::TrainBatchFormat));
     let ps = config.ps.clone();
     let chained = ps.workers == 1 && ps.chain;
     let worker_out = if chained {

@@ -22,7 +22,8 @@
 //! * **Key policies** ([`KeyPolicy`]): admission after a minimum count and
 //!   eviction above a capacity are hooks a shard runs on its table.
 
-use super::data::FeatureBatch;
+use super::data::FeatureBatchRef;
+pub use super::micro_batch::TrainBatch;
 use super::optimizer::{
     learn_sharded, weights_of, Fresh, Model, OptimizerKind, PushError, BIAS_KEY,
 };
@@ -197,71 +198,6 @@ pub struct ModelVersion {
 impl std::fmt::Display for ModelVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "e{}+{}", self.epoch, self.records)
-    }
-}
-
-/// One training micro-batch from the source: `rows` rows starting at
-/// stream position `first_row`, read at `ingest_ns` (wall clock).
-#[derive(Debug, Clone, PartialEq)]
-pub struct TrainBatch {
-    /// Its index in the stream (workers take `seq mod workers`).
-    pub seq: u64,
-    /// The stream position of its first row.
-    pub first_row: u64,
-    /// When its first row was read (ns since the Unix epoch).
-    pub ingest_ns: u64,
-    /// The rows.
-    pub batch: FeatureBatch,
-}
-
-#[derive(Serialize)]
-struct TrainBatchOut<'a> {
-    seq: u64,
-    first_row: u64,
-    ingest_ns: u64,
-    labels: &'a [f32],
-    offsets: &'a [u32],
-    ids: &'a [u64],
-    values: Option<&'a [f32]>,
-}
-
-#[derive(Deserialize)]
-struct TrainBatchIn {
-    seq: u64,
-    first_row: u64,
-    ingest_ns: u64,
-    labels: Vec<f32>,
-    offsets: Vec<u32>,
-    ids: Vec<u64>,
-    values: Option<Vec<f32>>,
-}
-
-impl Serialize for TrainBatch {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        TrainBatchOut {
-            seq: self.seq,
-            first_row: self.first_row,
-            ingest_ns: self.ingest_ns,
-            labels: self.batch.labels(),
-            offsets: self.batch.offsets(),
-            ids: self.batch.ids(),
-            values: self.batch.values(),
-        }
-        .serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for TrainBatch {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let b = TrainBatchIn::deserialize(deserializer)?;
-        let batch = FeatureBatch::from_parts(b.labels, b.offsets, b.ids, b.values)
-            .map_err(serde::de::Error::custom)?;
-        Ok(TrainBatch {
-            seq: b.seq,
-            first_row: b.first_row,
-            ingest_ns: b.ingest_ns,
-            batch,
-        })
     }
 }
 
@@ -980,17 +916,19 @@ impl ShardOperator {
     /// job's, in order) row by row, in place ([`learn_sharded`]); then
     /// does what a push of the step does to each shard: clocks, records,
     /// eviction, dirty keys and a serving delta if one is due.
-    /// `predictions` gets each row's prediction before its update.
+    /// `predictions` gets each row's prediction before its update; `rows`
+    /// are the batch's rows.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn train_chained(
         shards: &mut [ShardOperator],
         shard_of: &dyn Fn(u64) -> usize,
         worker: usize,
         step: u64,
         batch: &TrainBatch,
+        rows: FeatureBatchRef<'_>,
         predictions: &mut Vec<f32>,
         out: &mut dyn Collector<Delta>,
     ) {
-        let rows = batch.batch.view();
         let cells: Vec<Arc<ShardCell>> = shards.iter().map(|s| s.cell.clone()).collect();
         let fail = |e: &dyn std::fmt::Display| -> ! {
             for c in &cells {

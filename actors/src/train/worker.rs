@@ -154,6 +154,7 @@ impl TrainWorker {
     fn emit_scored(
         &self,
         batch: &TrainBatch,
+        labels: &[f32],
         predictions: Vec<f32>,
         staleness: u64,
         out: &mut dyn Collector<WorkerOut>,
@@ -163,7 +164,7 @@ impl TrainWorker {
                 seq: batch.seq,
                 first_row: batch.first_row,
                 ingest_ns: batch.ingest_ns,
-                labels: batch.batch.view().labels().to_vec(),
+                labels: labels.to_vec(),
                 predictions,
                 worker: self.index as u32,
                 staleness,
@@ -172,14 +173,21 @@ impl TrainWorker {
         );
     }
 
-    fn train(&mut self, batch: &TrainBatch, out: &mut dyn Collector<WorkerOut>) {
+    fn train(
+        &mut self,
+        batch: &TrainBatch,
+        out: &mut dyn Collector<WorkerOut>,
+    ) -> Result<(), OperatorError> {
         if self.crash.is_some_and(|s| self.step >= s) && super::ps::first_crash(&self.config) {
             panic!(
                 "worker {} crashed at step {} (injected)",
                 self.index, self.step
             );
         }
-        let rows = batch.batch.view();
+        let rows = batch
+            .batch
+            .view()
+            .map_err(|e| OperatorError::Failed(format!("training batch {}: {e}", batch.seq)))?;
         if self.is_chained() && !matches!(self.config.policy, KeyPolicy::MinCount(m) if m > 1) {
             let mut predictions = Vec::with_capacity(rows.rows());
             let client = &self.client;
@@ -189,12 +197,13 @@ impl TrainWorker {
                 self.index,
                 self.step,
                 batch,
+                rows,
                 &mut predictions,
                 &mut DeltaOut(out),
             );
-            self.emit_scored(batch, predictions, 0, out);
+            self.emit_scored(batch, rows.labels(), predictions, 0, out);
             self.step += 1;
-            return;
+            return Ok(());
         }
         let shards = self.client.shards();
         for s in 0..shards {
@@ -274,8 +283,9 @@ impl TrainWorker {
                 None => out.emit(WorkerOut::Push(push), None),
             }
         }
-        self.emit_scored(batch, predictions, staleness, out);
+        self.emit_scored(batch, rows.labels(), predictions, staleness, out);
         self.step += 1;
+        Ok(())
     }
 }
 
@@ -289,8 +299,7 @@ impl Operator for TrainWorker {
         _time: Option<EventTime>,
         out: &mut dyn Collector<WorkerOut>,
     ) -> Result<(), OperatorError> {
-        self.train(&batch, out);
-        Ok(())
+        self.train(&batch, out)
     }
 
     fn on_end(&mut self, out: &mut dyn Collector<WorkerOut>) -> Result<(), OperatorError> {

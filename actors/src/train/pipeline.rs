@@ -463,7 +463,8 @@ pub fn build(
     } else {
         let pushes = worker_out
             .local_flat_map(|o: super::worker::WorkerOut| o.push())
-            .batch_records(1);
+            .batch_records(1)
+            .columnar_with(Arc::new(super::push::PushFormat));
         let shard_ps = ps.clone();
         pushes.transform_routed(
             super::ps::SHARD_TASK,

@@ -27,6 +27,7 @@ pub use super::micro_batch::TrainBatch;
 use super::optimizer::{
     learn_sharded, weights_of, Fresh, Model, OptimizerKind, PushError, BIAS_KEY,
 };
+pub use super::push::Push;
 use super::sharding::ConsistentHash;
 use super::table::{prefetch_line, ParamTable, SlotRef};
 use crate::stream::context::TaskContext;
@@ -199,30 +200,6 @@ impl std::fmt::Display for ModelVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "e{}+{}", self.epoch, self.records)
     }
-}
-
-/// Gradients one worker's step sends to one shard: `grads[i]` for
-/// `keys[i]`, applied in order (a key may repeat, once per occurrence).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Push {
-    /// The shard.
-    pub shard: u32,
-    /// The worker.
-    pub worker: u32,
-    /// The worker's step (its batch count before this batch).
-    pub step: u64,
-    /// Keys, in row order.
-    pub keys: Vec<u64>,
-    /// Their gradients.
-    pub grads: Vec<f32>,
-    /// Rows in the worker's batch.
-    pub rows: u64,
-    /// The batch's stream index.
-    pub seq: u64,
-    /// When the batch's first row was read.
-    pub ingest_ns: u64,
-    /// The worker's input ended: no step `step` or later will come.
-    pub done: bool,
 }
 
 /// A batch the serving model includes once every shard applied it.

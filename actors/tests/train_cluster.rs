@@ -145,8 +145,24 @@ fn shards_in_other_processes_train_the_model_one_process_does() {
         std::fs::read(&path).unwrap() == expected,
         "the cluster's predictions differ from one process's"
     );
-    // Micro-batches reach the workers, and pushes the shards, as Arrow
-    // batches in the store, read in place: nothing encoded, nothing copied.
+    // Micro-batches reach the workers, and pushes and pulls the shards,
+    // as Arrow batches in the store, read in place: nothing encoded,
+    // nothing copied. Every micro-batch is one push and one pull (keys,
+    // then weights) per shard.
+    let sum = |to: &str| -> u64 {
+        report
+            .edges
+            .iter()
+            .filter(|e| e.to.starts_with(to))
+            .map(|e| e.batches)
+            .sum()
+    };
+    let shards = 2;
+    assert!(
+        sum("shard") >= 3 * shards * sum("worker"),
+        "pulls are not counted on the push edge: {:?}",
+        report.edges
+    );
     let columnar: Vec<_> = report
         .edges
         .iter()

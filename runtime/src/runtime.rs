@@ -314,15 +314,25 @@ impl Runtime {
     /// without asking the owner where it is or counting a reference there.
     /// The batch's arrays pin the object until they are dropped.
     pub async fn get_batch_lent(&self, lent: &Lent<Batch>) -> Result<RecordBatch> {
-        let view = match lent.ticket() {
-            Some(ticket) if ticket.to() == self.store_seat() => self
-                .core
+        if let Some(adopted) = self.adopt_batch(lent) {
+            return adopted;
+        }
+        let view = self.core.fetch_lent(lent.id(), lent.owner()).await?;
+        view.record_batch().map_err(|e| Error::Codec(e.to_string()))
+    }
+
+    /// [`Runtime::get_batch_lent`] of a batch whose pin was lent to this
+    /// process ([`Runtime::put_batch_lent`]), at once and without blocking;
+    /// `None` for any other batch.
+    pub fn adopt_batch(&self, lent: &Lent<Batch>) -> Option<Result<RecordBatch>> {
+        let ticket = lent.ticket().filter(|t| t.to() == self.store_seat())?;
+        Some(
+            self.core
                 .store
                 .adopt(ticket)
-                .map_err(|e| Error::io("adopting a lent batch", e))?,
-            _ => self.core.fetch_lent(lent.id(), lent.owner()).await?,
-        };
-        view.record_batch().map_err(|e| Error::Codec(e.to_string()))
+                .map_err(|e| Error::io("adopting a lent batch", e))
+                .and_then(|view| view.record_batch().map_err(|e| Error::Codec(e.to_string()))),
+        )
     }
 
     /// Gets a record batch put with [`Runtime::put_batch`]: waits until it

@@ -170,7 +170,7 @@ struct Shared {
     commands: crossbeam_channel::Sender<Command>,
     command_rx: Mutex<Option<crossbeam_channel::Receiver<Command>>>,
     targets: Mutex<Vec<ChannelTarget>>,
-    peers: Mutex<HashMap<(String, usize), SubtaskHostHandle>>,
+    peers: Mutex<HashMap<(String, usize), (SubtaskHostHandle, braid::store::StoreSeat)>>,
     /// The job's checkpoint storage, or why it cannot be opened here (a
     /// snapshot then fails the attempt, rather than going nowhere).
     storage: Result<CheckpointStorage, String>,
@@ -267,10 +267,10 @@ impl SubtaskHost {
 
     /// Every subtask of the attempt, by its task's head vertex and its
     /// index: whose services this subtask may call.
-    fn peers(&self, peers: Vec<(String, usize, SubtaskHostHandle)>) -> bool {
+    fn peers(&self, peers: Vec<PeerHost>) -> bool {
         *self.shared.peers.lock() = peers
             .into_iter()
-            .map(|(task, subtask, host)| ((task, subtask), host))
+            .map(|p| ((p.task, p.subtask), (p.host, p.seat)))
             .collect();
         true
     }
@@ -307,9 +307,20 @@ impl SubtaskHost {
         };
         context.enter();
         let rt = braid::current().map_err(|e| lost(e.to_string()))?;
+        let channels = plan
+            .outputs_of(id)
+            .into_iter()
+            .filter_map(|c| {
+                let (head, subtask) = plan.channels.get(c)?.to;
+                let task = plan.tasks.iter().find(|t| t.head == head)?;
+                Some(((task.head_name.clone(), subtask), c))
+            })
+            .collect();
         let peers: Arc<dyn Peers> = Arc::new(HostPeers {
             rt: rt.clone(),
             hosts: self.shared.peers.lock().clone(),
+            channels,
+            meters: self.shared.meters.clone(),
         });
         super::service::enter(peers.clone());
         let targets = self.shared.targets.lock().clone();
@@ -487,10 +498,35 @@ const SERVICE_WAIT: Duration = Duration::from_secs(60);
 /// The attempt's hosts, as a subtask calls their services.
 struct HostPeers {
     rt: Runtime,
-    hosts: HashMap<(String, usize), SubtaskHostHandle>,
+    hosts: HashMap<(String, usize), (SubtaskHostHandle, braid::store::StoreSeat)>,
+    /// This subtask's output channels by the subtask they lead to.
+    channels: HashMap<(String, usize), usize>,
+    meters: Meters,
+}
+
+/// A subtask of the attempt, as its peers reach it: its task's head
+/// vertex, its index, its host and where the host sits on its node's
+/// store.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PeerHost {
+    task: String,
+    subtask: usize,
+    host: SubtaskHostHandle,
+    seat: braid::store::StoreSeat,
 }
 
 impl Peers for HostPeers {
+    fn seat(&self, task: &str, subtask: usize) -> Option<braid::store::StoreSeat> {
+        self.hosts
+            .get(&(task.to_string(), subtask))
+            .map(|(_, seat)| *seat)
+    }
+
+    fn meter(&self, task: &str, subtask: usize) -> Option<&ChannelMeter> {
+        let channel = self.channels.get(&(task.to_string(), subtask))?;
+        self.meters.get(*channel)
+    }
+
     fn call(
         &self,
         task: &str,
@@ -498,7 +534,7 @@ impl Peers for HostPeers {
         service: &str,
         request: Vec<u8>,
     ) -> Result<Vec<u8>, CallError> {
-        let host = self
+        let (host, _) = self
             .hosts
             .get(&(task.to_string(), subtask))
             .ok_or_else(|| CallError::NoService(format!("{task}[{subtask}]: {service}")))?;
@@ -1104,12 +1140,9 @@ fn start_hosts(
             .clone();
         calls.push((id, host, targets, attempt.restored(id)));
     }
-    let peers: Vec<(String, usize, SubtaskHostHandle)> = hosts
-        .iter()
-        .filter_map(|(id, host)| {
-            let task = plan.tasks.get(id.task)?;
-            Some((task.head_name.clone(), id.subtask, host.clone()))
-        })
+    let heads: HashMap<SubtaskId, String> = hosts
+        .keys()
+        .filter_map(|id| Some((*id, plan.tasks.get(id.task)?.head_name.clone())))
         .collect();
     let lost = |id: &SubtaskId, e: braid::Error| AttemptFailure::Lost {
         subtask: id.to_string(),
@@ -1126,6 +1159,17 @@ fn start_hosts(
             })?;
             seats.insert(*id, seat);
         }
+        let peers: Vec<PeerHost> = hosts
+            .iter()
+            .filter_map(|(id, host)| {
+                Some(PeerHost {
+                    task: heads.get(id)?.clone(),
+                    subtask: id.subtask,
+                    host: host.clone(),
+                    seat: *seats.get(id)?,
+                })
+            })
+            .collect();
         for (id, host, outputs, _) in &calls {
             let targets: Vec<ChannelTarget> = outputs
                 .iter()

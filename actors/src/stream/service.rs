@@ -85,6 +85,19 @@ pub trait Peers: Send + Sync {
         service: &str,
         request: Vec<u8>,
     ) -> Result<Vec<u8>, CallError>;
+
+    /// Where that subtask's process sits on its node's store (to lend it
+    /// objects), if known.
+    fn seat(&self, _task: &str, _subtask: usize) -> Option<braid::store::StoreSeat> {
+        None
+    }
+
+    /// The meter of this subtask's channel to that subtask, if it has one:
+    /// calls that carry data along the edge (a pull along a push edge)
+    /// count on it.
+    fn meter(&self, _task: &str, _subtask: usize) -> Option<&super::edges::ChannelMeter> {
+        None
+    }
 }
 
 thread_local! {

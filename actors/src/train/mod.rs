@@ -11,6 +11,7 @@ pub mod micro_batch;
 pub mod optimizer;
 pub mod pipeline;
 pub mod ps;
+pub mod pull;
 pub mod push;
 pub mod serving;
 pub mod sharding;

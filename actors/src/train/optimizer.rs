@@ -771,12 +771,20 @@ impl Model {
     /// as 0 and are not inserted.
     pub fn pull(&self, keys: &[u64], out: &mut Vec<f32>) {
         out.clear();
-        out.reserve(keys.len());
+        out.resize(keys.len(), 0.0);
+        self.pull_into(keys, out);
+    }
+
+    /// [`Model::pull`] into `out`, which holds one weight per key (a
+    /// store object's column, say); extra entries are left alone.
+    pub fn pull_into(&self, keys: &[u64], out: &mut [f32]) {
         let table = &self.table;
         with_rule!(self.kind, r => {
-            for chunk in keys.chunks(PREFETCH_CHUNK) {
+            for (chunk, out) in keys.chunks(PREFETCH_CHUNK).zip(out.chunks_mut(PREFETCH_CHUNK)) {
                 table.prefetch(chunk);
-                out.extend(chunk.iter().map(|&k| table.get(k).map_or(0.0, |s| r.weight(s))));
+                for (w, &k) in out.iter_mut().zip(chunk) {
+                    *w = table.get(k).map_or(0.0, |s| r.weight(s));
+                }
             }
         });
     }

@@ -27,6 +27,7 @@ pub use super::micro_batch::TrainBatch;
 use super::optimizer::{
     learn_sharded, weights_of, Fresh, Model, OptimizerKind, PushError, BIAS_KEY,
 };
+use super::pull::{PullService, Pulled};
 pub use super::push::Push;
 use super::sharding::ConsistentHash;
 use super::table::{prefetch_line, ParamTable, SlotRef};
@@ -35,7 +36,7 @@ use crate::stream::operator::{
     write_part, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
 };
 use crate::stream::registry;
-use crate::stream::service::{self, Peers, Service, ServiceGuard};
+use crate::stream::service::{self, Peers, ServiceGuard};
 use braid::store::codec;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
@@ -328,6 +329,11 @@ impl ShardCell {
             .unwrap_or(u64::MAX)
     }
 
+    /// The shard's index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
     /// Reads the weights of `keys` into `out` (absent keys read 0) for a
     /// worker's step `step`, once the consistency mode allows it.
     pub fn pull(
@@ -336,6 +342,28 @@ impl ShardCell {
         keys: &[u64],
         out: &mut Vec<f32>,
         timeout: Duration,
+    ) -> Result<PullStats, PullError> {
+        self.when_ready(step, timeout, |model| model.pull(keys, out))
+    }
+
+    /// [`ShardCell::pull`] into `out`, one weight per key.
+    pub fn pull_into(
+        &self,
+        step: u64,
+        keys: &[u64],
+        out: &mut [f32],
+        timeout: Duration,
+    ) -> Result<PullStats, PullError> {
+        self.when_ready(step, timeout, |model| model.pull_into(keys, out))
+    }
+
+    /// Runs `read` on the model once the consistency mode lets a worker's
+    /// step `step` read it.
+    fn when_ready(
+        &self,
+        step: u64,
+        timeout: Duration,
+        read: impl FnOnce(&Model),
     ) -> Result<PullStats, PullError> {
         let started = Instant::now();
         let deadline = started + timeout;
@@ -352,7 +380,7 @@ impl ShardCell {
             if ready {
                 let staleness = step.saturating_sub(min.min(step));
                 state.meta.max_staleness = state.meta.max_staleness.max(staleness);
-                state.model.pull(keys, out);
+                read(&state.model);
                 return Ok(PullStats {
                     min_clock: min,
                     staleness,
@@ -585,36 +613,6 @@ pub struct ShardOperator {
 /// [`pipeline::build`]: super::pipeline::build
 pub const SHARD_TASK: &str = "shard";
 
-/// A remote pull: `keys` for a worker's step `step` (encoded from the
-/// worker's slice, decoded into a vector).
-#[derive(Serialize, Deserialize)]
-struct PullRequest<'a> {
-    step: u64,
-    keys: std::borrow::Cow<'a, [u64]>,
-}
-
-/// A remote pull's answer.
-type PullAnswer = Result<(PullStats, Vec<f32>), PullError>;
-
-/// A shard answering remote pulls as a local one would.
-struct PullService {
-    cell: Arc<ShardCell>,
-    timeout: Duration,
-}
-
-impl Service for PullService {
-    fn call(&self, request: &[u8]) -> Result<Vec<u8>, String> {
-        let request: PullRequest<'static> =
-            codec::decode(request).map_err(|e| format!("a malformed pull request: {e}"))?;
-        let mut out = Vec::with_capacity(request.keys.len());
-        let answer: PullAnswer = self
-            .cell
-            .pull(request.step, &request.keys, &mut out, self.timeout)
-            .map(|stats| (stats, out));
-        codec::encode(&answer).map_err(|e| e.to_string())
-    }
-}
-
 impl ShardOperator {
     /// Shard `index` of `config`, registered for the workers of the
     /// current attempt.
@@ -649,10 +647,7 @@ impl ShardOperator {
         registry::register(&name, cell.clone());
         let service = service::offer(
             &name,
-            Arc::new(PullService {
-                cell: cell.clone(),
-                timeout: config.pull_timeout,
-            }),
+            Arc::new(PullService::new(cell.clone(), config.pull_timeout)),
         );
         Ok(Self {
             config,
@@ -1272,14 +1267,15 @@ impl PsClient {
     }
 
     /// Reads the weights of `keys` (all of shard `shard`) for `worker`'s
-    /// step `step` into `out`.
+    /// step `step` into `out`: in place from a shard in this process, else
+    /// through a call on the shard's host ([`super::pull`]).
     pub fn pull(
         &mut self,
         shard: usize,
         worker: usize,
         step: u64,
         keys: &[u64],
-        out: &mut Vec<f32>,
+        out: &mut Pulled,
     ) -> Result<PullStats, PullError> {
         self.resolve()?;
         let link = self
@@ -1288,26 +1284,13 @@ impl PsClient {
             .ok_or_else(|| PullError::Unreachable(shard, "no such shard".into()))?;
         let _ = worker;
         match link {
-            ShardLink::Local(cell) => cell.pull(step, keys, out, self.config.pull_timeout),
+            ShardLink::Local(cell) => cell.pull(step, keys, out.owned(), self.config.pull_timeout),
             ShardLink::Remote(name) => {
-                let unreachable = |why: String| PullError::Unreachable(shard, why);
                 let peers = self
                     .peers
                     .as_ref()
-                    .ok_or_else(|| unreachable("no peers".into()))?;
-                let request = codec::encode(&PullRequest {
-                    step,
-                    keys: keys.into(),
-                })
-                .map_err(|e| unreachable(e.to_string()))?;
-                let answer = peers
-                    .call(SHARD_TASK, shard, name, request)
-                    .map_err(|e| unreachable(e.to_string()))?;
-                let answer: PullAnswer =
-                    codec::decode(&answer).map_err(|e| unreachable(e.to_string()))?;
-                let (stats, weights) = answer?;
-                *out = weights;
-                Ok(stats)
+                    .ok_or_else(|| PullError::Unreachable(shard, "no peers".into()))?;
+                super::pull::remote(peers.as_ref(), shard, name, step, keys, out)
             }
         }
     }

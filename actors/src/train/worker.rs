@@ -18,6 +18,7 @@ use super::optimizer::{sigmoid, BIAS_KEY};
 use super::ps::{
     split_parts, Delta, KeyPolicy, PsClient, PsConfig, Push, ShardOperator, TrainBatch,
 };
+use super::pull::Pulled;
 use super::table::SlotRef;
 use crate::stream::operator::{
     decode_state, write_part, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
@@ -96,7 +97,7 @@ pub struct TrainWorker {
     step: u64,
     keys: Vec<Vec<u64>>,
     values: Vec<Vec<f32>>,
-    weights: Vec<Vec<f32>>,
+    weights: Vec<Pulled>,
     at: Vec<(u32, u32)>,
     margins: Vec<f32>,
 }
@@ -119,7 +120,7 @@ impl TrainWorker {
             step: 0,
             keys: vec![Vec::new(); shards],
             values: vec![Vec::new(); shards],
-            weights: vec![Vec::new(); shards],
+            weights: vec![Pulled::default(); shards],
             at: Vec::new(),
             margins: Vec::new(),
         }
@@ -227,7 +228,7 @@ impl TrainWorker {
         let mut staleness = 0;
         for s in 0..shards {
             if let Some(shard) = self.chained.get(s) {
-                shard.pull_chained(&self.keys[s], &mut self.slots[s], &mut self.weights[s]);
+                shard.pull_chained(&self.keys[s], &mut self.slots[s], self.weights[s].owned());
                 continue;
             }
             let pulled = self.client.pull(

@@ -1,0 +1,274 @@
+//! A worker's pull from a shard in another process.
+//!
+//! The worker builds the keys as an Arrow column in its node's store, lent
+//! to the shard's process as it is sealed, and calls the shard's host with
+//! the lend ticket and where it sits on the store itself. The shard reads
+//! the keys in place and writes the weights straight into a store object
+//! lent back to the worker ([`ShardCell::pull_into`]), and the worker
+//! reads them in place ([`Pulled::InPlace`]). Only the call's small header
+//! is encoded. When the two processes use different stores (other nodes),
+//! keys and weights travel in the call instead. Pulls count on the
+//! worker's channel to the shard (the push edge): each pull sends two
+//! batches, its keys and its weights, and counts the bytes that went
+//! through serde when they travel in the call.
+
+use super::ps::{PullError, PullStats, ShardCell, SHARD_TASK};
+use crate::stream::service::{Peers, Service};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, UInt64Type};
+use arrow_array::RecordBatch;
+use braid::store::arrow_buffer::ScalarBuffer;
+use braid::store::batch::{BatchLayout, ColumnSpec, Primitive, ValuesMut};
+use braid::store::codec;
+use braid::store::StoreSeat;
+use braid::{Batch, Lent, Runtime};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Weights a worker pulled, one per key: read into its own vector (from
+/// a shard in its process), or the column of a store object a shard in
+/// another process lent it.
+#[derive(Debug, Clone, Default)]
+pub struct Pulled {
+    owned: Vec<f32>,
+    in_place: Option<ScalarBuffer<f32>>,
+}
+
+impl std::ops::Deref for Pulled {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &self.in_place {
+            Some(weights) => weights,
+            None => &self.owned,
+        }
+    }
+}
+
+impl Pulled {
+    /// The worker's own vector, to pull into (weights read in place are
+    /// let go; the vector's allocation is kept between pulls).
+    pub fn owned(&mut self) -> &mut Vec<f32> {
+        self.in_place = None;
+        &mut self.owned
+    }
+
+    /// Weights read in place.
+    pub fn in_place(&mut self, weights: ScalarBuffer<f32>) {
+        self.in_place = Some(weights);
+    }
+
+    /// Whether the weights are read in place.
+    pub fn is_in_place(&self) -> bool {
+        self.in_place.is_some()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+enum Keys {
+    /// A `key: UInt64` column in the store, lent to the shard's process.
+    Lent(Lent<Batch>),
+    /// In the call.
+    Inline(Vec<u64>),
+}
+
+#[derive(Serialize, Deserialize)]
+enum Weights {
+    /// A `weight: Float32` column in the store, lent to the worker's
+    /// process.
+    Lent(Lent<Batch>),
+    /// In the answer.
+    Inline(Vec<f32>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Request {
+    step: u64,
+    keys: Keys,
+    /// Where the worker sits on its store, to lend it the weights.
+    reply_to: Option<StoreSeat>,
+}
+
+type Answer = Result<(PullStats, Weights), PullError>;
+
+const KEY_COLUMN: &str = "key";
+const WEIGHT_COLUMN: &str = "weight";
+
+/// The one primitive column of a lent batch, in place.
+fn column<T: arrow_array::ArrowPrimitiveType>(
+    rt: &Runtime,
+    lent: &Lent<Batch>,
+) -> Result<ScalarBuffer<T::Native>, String> {
+    let batch: RecordBatch = match rt.adopt_batch(lent) {
+        Some(adopted) => adopted,
+        None => {
+            let (reader, lent) = (rt.clone(), lent.clone());
+            rt.block_on(async move { reader.get_batch_lent(&lent).await })
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    let array = batch.columns().first().ok_or("an empty batch")?;
+    let values = array
+        .as_primitive_opt::<T>()
+        .ok_or_else(|| format!("a column of {}", array.data_type()))?;
+    Ok(values.values().clone())
+}
+
+/// Pulls `keys` for `step` from shard `shard` (service `name`) in another
+/// process into `out`.
+pub(crate) fn remote(
+    peers: &dyn Peers,
+    shard: usize,
+    name: &str,
+    step: u64,
+    keys: &[u64],
+    out: &mut Pulled,
+) -> Result<PullStats, PullError> {
+    let unreachable = |why: String| PullError::Unreachable(shard, why);
+    let meter = peers.meter(SHARD_TASK, shard);
+    let key_bytes = std::mem::size_of_val(keys);
+    let rt = braid::current().ok();
+    let lend_to = match (&rt, peers.seat(SHARD_TASK, shard)) {
+        (Some(rt), Some(seat)) if seat.same_store(&rt.store_seat()) => Some((rt, seat)),
+        _ => None,
+    };
+    // Held until the answer: the shard has read the keys by then.
+    let mut held = None;
+    let keys = match lend_to {
+        Some((rt, seat)) => {
+            let layout = BatchLayout::new(
+                keys.len(),
+                &[ColumnSpec::primitive(KEY_COLUMN, Primitive::UInt64)],
+            )
+            .map_err(|e| unreachable(e.to_string()))?;
+            let (object, lent) = rt
+                .put_batch_lent(&layout, &seat, |w| match &mut w.columns()[0].values {
+                    ValuesMut::UInt64(k) => {
+                        k.copy_from_slice(keys);
+                        Ok(())
+                    }
+                    _ => Err(braid::Error::BadRequest("not a key column".into())),
+                })
+                .map_err(|e| unreachable(e.to_string()))?;
+            held = Some(object);
+            Keys::Lent(lent)
+        }
+        None => {
+            if let Some(m) = meter {
+                m.codec(key_bytes);
+            }
+            Keys::Inline(keys.to_vec())
+        }
+    };
+    if let Some(m) = meter {
+        m.sent(key_bytes);
+    }
+    let request = codec::encode(&Request {
+        step,
+        keys,
+        reply_to: rt.as_ref().map(Runtime::store_seat),
+    })
+    .map_err(|e| unreachable(e.to_string()))?;
+    let answer = peers
+        .call(SHARD_TASK, shard, name, request)
+        .map_err(|e| unreachable(e.to_string()))?;
+    drop(held);
+    let answer: Answer = codec::decode(&answer).map_err(|e| unreachable(e.to_string()))?;
+    let (stats, weights) = answer?;
+    match weights {
+        Weights::Inline(w) => {
+            if let Some(m) = meter {
+                m.sent(std::mem::size_of_val(&w[..]));
+                m.codec(std::mem::size_of_val(&w[..]));
+            }
+            *out.owned() = w;
+        }
+        Weights::Lent(lent) => {
+            let rt = rt.ok_or_else(|| unreachable("weights lent outside a runtime".into()))?;
+            out.in_place(column::<Float32Type>(&rt, &lent).map_err(unreachable)?);
+            if let Some(m) = meter {
+                m.sent(std::mem::size_of_val(&out[..]));
+            }
+        }
+    }
+    Ok(stats)
+}
+
+/// A shard answering remote pulls as a local one would.
+pub(crate) struct PullService {
+    cell: Arc<ShardCell>,
+    timeout: Duration,
+    /// The shard's process's runtime (none in a process without one).
+    rt: Option<Runtime>,
+}
+
+impl PullService {
+    /// Answers pulls of `cell`, waiting up to `timeout` for slower workers.
+    pub(crate) fn new(cell: Arc<ShardCell>, timeout: Duration) -> Self {
+        PullService {
+            cell,
+            timeout,
+            rt: braid::current().ok(),
+        }
+    }
+
+    fn answer(&self, request: Request) -> Answer {
+        let index = self.cell.index();
+        let unreachable = |why: String| PullError::Unreachable(index, why);
+        let lent_keys;
+        let keys: &[u64] = match &request.keys {
+            Keys::Inline(keys) => keys,
+            Keys::Lent(lent) => {
+                let rt = self
+                    .rt
+                    .as_ref()
+                    .ok_or_else(|| unreachable("no runtime".into()))?;
+                lent_keys = column::<UInt64Type>(rt, lent).map_err(unreachable)?;
+                &lent_keys
+            }
+        };
+        let lend_to = match (&self.rt, request.reply_to) {
+            (Some(rt), Some(seat)) if seat.same_store(&rt.store_seat()) => Some((rt, seat)),
+            _ => None,
+        };
+        let Some((rt, seat)) = lend_to else {
+            let mut out = Vec::new();
+            let stats = self.cell.pull(request.step, keys, &mut out, self.timeout)?;
+            return Ok((stats, Weights::Inline(out)));
+        };
+        let layout = BatchLayout::new(
+            keys.len(),
+            &[ColumnSpec::primitive(WEIGHT_COLUMN, Primitive::Float32)],
+        )
+        .map_err(|e| unreachable(e.to_string()))?;
+        let mut pulled = None;
+        let built = rt.put_batch_lent(&layout, &seat, |w| {
+            let ValuesMut::Float32(out) = &mut w.columns()[0].values else {
+                return Err(braid::Error::BadRequest("not a weight column".into()));
+            };
+            let stats = self.cell.pull_into(request.step, keys, out, self.timeout);
+            let failed = stats.is_err();
+            pulled = Some(stats);
+            if failed {
+                return Err(braid::Error::BadRequest("the pull failed".into()));
+            }
+            Ok(())
+        });
+        let stats = match pulled {
+            Some(stats) => stats?,
+            None => return Err(unreachable("the weights could not be built".into())),
+        };
+        // The worker's pin was lent as the weights were sealed: the
+        // object stays until the worker lets go of it.
+        let (_object, lent) = built.map_err(|e| unreachable(e.to_string()))?;
+        Ok((stats, Weights::Lent(lent)))
+    }
+}
+
+impl Service for PullService {
+    fn call(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+        let request: Request =
+            codec::decode(request).map_err(|e| format!("a malformed pull request: {e}"))?;
+        codec::encode(&self.answer(request)).map_err(|e| e.to_string())
+    }
+}

@@ -516,6 +516,34 @@ pub struct PeerHost {
 }
 
 impl Peers for HostPeers {
+    fn call_many(&self, calls: Vec<super::service::PeerCall>) -> Vec<Result<Vec<u8>, CallError>> {
+        let mut pending = Vec::with_capacity(calls.len());
+        for c in calls {
+            let host = self
+                .hosts
+                .get(&(c.task.clone(), c.subtask))
+                .map(|(host, _)| host.clone());
+            pending.push((c, host));
+        }
+        let answers = self.rt.block_on(async move {
+            let calls = pending.into_iter().map(|(c, host)| async move {
+                let Some(host) = host else {
+                    return Err(CallError::NoService(format!(
+                        "{}[{}]: {}",
+                        c.task, c.subtask, c.service
+                    )));
+                };
+                match host.call(c.service.clone(), c.request).await {
+                    Ok(Ok(answer)) => Ok(answer),
+                    Ok(Err(why)) => Err(CallError::Failed(c.service, why)),
+                    Err(e) => Err(CallError::Unreachable(c.service, e.to_string())),
+                }
+            });
+            futures::future::join_all(calls).await
+        });
+        answers
+    }
+
     fn seat(&self, task: &str, subtask: usize) -> Option<braid::store::StoreSeat> {
         self.hosts
             .get(&(task.to_string(), subtask))

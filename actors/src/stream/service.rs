@@ -74,6 +74,19 @@ pub fn call_local(name: &str, request: &[u8], wait: Duration) -> Result<Vec<u8>,
         .map_err(|e| CallError::Failed(name.to_string(), e))
 }
 
+/// One call of [`Peers::call_many`].
+#[derive(Debug, Clone)]
+pub struct PeerCall {
+    /// The head vertex of the called subtask's task.
+    pub task: String,
+    /// The called subtask.
+    pub subtask: usize,
+    /// The service.
+    pub service: String,
+    /// The request.
+    pub request: Vec<u8>,
+}
+
 /// The other subtasks of this attempt, wherever they run.
 pub trait Peers: Send + Sync {
     /// Calls service `service` of subtask `subtask` of the task whose head
@@ -85,6 +98,15 @@ pub trait Peers: Send + Sync {
         service: &str,
         request: Vec<u8>,
     ) -> Result<Vec<u8>, CallError>;
+
+    /// Several calls at once (each as [`Peers::call`]), answered in order:
+    /// their round trips overlap.
+    fn call_many(&self, calls: Vec<PeerCall>) -> Vec<Result<Vec<u8>, CallError>> {
+        calls
+            .into_iter()
+            .map(|c| self.call(&c.task, c.subtask, &c.service, c.request))
+            .collect()
+    }
 
     /// Where that subtask's process sits on its node's store (to lend it
     /// objects), if known.

@@ -1267,8 +1267,7 @@ impl PsClient {
     }
 
     /// Reads the weights of `keys` (all of shard `shard`) for `worker`'s
-    /// step `step` into `out`: in place from a shard in this process, else
-    /// through a call on the shard's host ([`super::pull`]).
+    /// step `step` into `out` (see [`PsClient::pull_many`]).
     pub fn pull(
         &mut self,
         shard: usize,
@@ -1277,22 +1276,63 @@ impl PsClient {
         keys: &[u64],
         out: &mut Pulled,
     ) -> Result<PullStats, PullError> {
+        let mut stats = self.pull_many(worker, step, vec![(shard, keys, out)])?;
+        stats
+            .pop()
+            .ok_or_else(|| PullError::Unreachable(shard, "no answer".into()))
+    }
+
+    /// Reads, for `worker`'s step `step`, each `(shard, keys, out)`'s
+    /// weights into its `out`: in place from shards in this process, and
+    /// through calls on their hosts for the others, all made at once so
+    /// their round trips overlap ([`super::pull`]). The stats of each, in
+    /// order; the first failure fails all.
+    pub fn pull_many(
+        &mut self,
+        worker: usize,
+        step: u64,
+        pulls: Vec<(usize, &[u64], &mut Pulled)>,
+    ) -> Result<Vec<PullStats>, PullError> {
         self.resolve()?;
-        let link = self
-            .shards
-            .get(shard)
-            .ok_or_else(|| PullError::Unreachable(shard, "no such shard".into()))?;
         let _ = worker;
-        match link {
-            ShardLink::Local(cell) => cell.pull(step, keys, out.owned(), self.config.pull_timeout),
-            ShardLink::Remote(name) => {
-                let peers = self
-                    .peers
-                    .as_ref()
-                    .ok_or_else(|| PullError::Unreachable(shard, "no peers".into()))?;
-                super::pull::remote(peers.as_ref(), shard, name, step, keys, out)
+        let mut stats = vec![PullStats::default(); pulls.len()];
+        let mut remote = Vec::new();
+        let mut remote_at = Vec::new();
+        for (i, (shard, keys, out)) in pulls.into_iter().enumerate() {
+            let link = self
+                .shards
+                .get(shard)
+                .ok_or_else(|| PullError::Unreachable(shard, "no such shard".into()))?;
+            match link {
+                ShardLink::Local(cell) => {
+                    stats[i] = cell.pull(step, keys, out.owned(), self.config.pull_timeout)?;
+                }
+                ShardLink::Remote(name) => {
+                    remote.push(super::pull::RemotePull {
+                        shard,
+                        name,
+                        keys,
+                        out,
+                    });
+                    remote_at.push(i);
+                }
             }
         }
+        if remote.is_empty() {
+            return Ok(stats);
+        }
+        let peers = self
+            .peers
+            .as_ref()
+            .ok_or_else(|| PullError::Unreachable(remote[0].shard, "no peers".into()))?;
+        for (i, pulled) in
+            remote_at
+                .into_iter()
+                .zip(super::pull::many(peers.as_ref(), step, remote))
+        {
+            stats[i] = pulled?;
+        }
+        Ok(stats)
     }
 }
 

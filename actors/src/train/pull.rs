@@ -13,7 +13,7 @@
 //! through serde when they travel in the call.
 
 use super::ps::{PullError, PullStats, ShardCell, SHARD_TASK};
-use crate::stream::service::{Peers, Service};
+use crate::stream::service::{CallError, PeerCall, Peers, Service};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, UInt64Type};
 use arrow_array::RecordBatch;
@@ -114,25 +114,32 @@ fn column<T: arrow_array::ArrowPrimitiveType>(
     Ok(values.values().clone())
 }
 
-/// Pulls `keys` for `step` from shard `shard` (service `name`) in another
-/// process into `out`.
-pub(crate) fn remote(
+/// A remote pull on its way: the call to make, and what to keep until
+/// its answer.
+struct Outgoing {
+    call: PeerCall,
+    /// The keys' object, held until the shard has read it.
+    held: Option<braid::ObjectRef<Batch>>,
+}
+
+/// Prepares the pull of `keys` for `step` from shard `shard` (service
+/// `name`) in another process: the keys lent to the shard's process when
+/// it shares this process's store, else in the call.
+fn outgoing(
     peers: &dyn Peers,
+    rt: Option<&Runtime>,
     shard: usize,
     name: &str,
     step: u64,
     keys: &[u64],
-    out: &mut Pulled,
-) -> Result<PullStats, PullError> {
+) -> Result<Outgoing, PullError> {
     let unreachable = |why: String| PullError::Unreachable(shard, why);
     let meter = peers.meter(SHARD_TASK, shard);
     let key_bytes = std::mem::size_of_val(keys);
-    let rt = braid::current().ok();
-    let lend_to = match (&rt, peers.seat(SHARD_TASK, shard)) {
+    let lend_to = match (rt, peers.seat(SHARD_TASK, shard)) {
         (Some(rt), Some(seat)) if seat.same_store(&rt.store_seat()) => Some((rt, seat)),
         _ => None,
     };
-    // Held until the answer: the shard has read the keys by then.
     let mut held = None;
     let keys = match lend_to {
         Some((rt, seat)) => {
@@ -166,13 +173,31 @@ pub(crate) fn remote(
     let request = codec::encode(&Request {
         step,
         keys,
-        reply_to: rt.as_ref().map(Runtime::store_seat),
+        reply_to: rt.map(Runtime::store_seat),
     })
     .map_err(|e| unreachable(e.to_string()))?;
-    let answer = peers
-        .call(SHARD_TASK, shard, name, request)
-        .map_err(|e| unreachable(e.to_string()))?;
-    drop(held);
+    Ok(Outgoing {
+        call: PeerCall {
+            task: SHARD_TASK.to_string(),
+            subtask: shard,
+            service: name.to_string(),
+            request,
+        },
+        held,
+    })
+}
+
+/// Takes shard `shard`'s answer to a pull into `out`.
+fn answered(
+    peers: &dyn Peers,
+    rt: Option<&Runtime>,
+    shard: usize,
+    answer: Result<Vec<u8>, CallError>,
+    out: &mut Pulled,
+) -> Result<PullStats, PullError> {
+    let unreachable = |why: String| PullError::Unreachable(shard, why);
+    let meter = peers.meter(SHARD_TASK, shard);
+    let answer = answer.map_err(|e| unreachable(e.to_string()))?;
     let answer: Answer = codec::decode(&answer).map_err(|e| unreachable(e.to_string()))?;
     let (stats, weights) = answer?;
     match weights {
@@ -185,13 +210,62 @@ pub(crate) fn remote(
         }
         Weights::Lent(lent) => {
             let rt = rt.ok_or_else(|| unreachable("weights lent outside a runtime".into()))?;
-            out.in_place(column::<Float32Type>(&rt, &lent).map_err(unreachable)?);
+            out.in_place(column::<Float32Type>(rt, &lent).map_err(unreachable)?);
             if let Some(m) = meter {
                 m.sent(std::mem::size_of_val(&out[..]));
             }
         }
     }
     Ok(stats)
+}
+
+/// One remote pull for [`many`]: shard `shard`'s service `name`, the keys
+/// and where the weights go.
+pub(crate) struct RemotePull<'a> {
+    /// The shard.
+    pub shard: usize,
+    /// Its pull service.
+    pub name: &'a str,
+    /// The keys.
+    pub keys: &'a [u64],
+    /// The weights.
+    pub out: &'a mut Pulled,
+}
+
+/// Pulls from several shards in other processes for `step`, the calls'
+/// round trips overlapping; each pull's stats, in order.
+pub(crate) fn many(
+    peers: &dyn Peers,
+    step: u64,
+    pulls: Vec<RemotePull<'_>>,
+) -> Vec<Result<PullStats, PullError>> {
+    let rt = braid::current().ok();
+    let mut calls = Vec::new();
+    let mut held = Vec::new();
+    let mut results: Vec<Option<Result<PullStats, PullError>>> = Vec::new();
+    for p in &pulls {
+        match outgoing(peers, rt.as_ref(), p.shard, p.name, step, p.keys) {
+            Ok(o) => {
+                calls.push(o.call);
+                held.push(o.held);
+                results.push(None);
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    let mut answers = peers.call_many(calls).into_iter();
+    drop(held);
+    pulls
+        .into_iter()
+        .zip(results)
+        .map(|(p, result)| match result {
+            Some(failed) => failed,
+            None => match answers.next() {
+                Some(answer) => answered(peers, rt.as_ref(), p.shard, answer, p.out),
+                None => Err(PullError::Unreachable(p.shard, "no answer".into())),
+            },
+        })
+        .collect()
 }
 
 /// A shard answering remote pulls as a local one would.

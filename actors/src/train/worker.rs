@@ -226,20 +226,25 @@ impl TrainWorker {
             self.values[s].push(1.0);
         }
         let mut staleness = 0;
-        for s in 0..shards {
-            if let Some(shard) = self.chained.get(s) {
-                shard.pull_chained(&self.keys[s], &mut self.slots[s], self.weights[s].owned());
-                continue;
+        let mut pulls = Vec::with_capacity(shards);
+        for (s, ((keys, slots), out)) in self
+            .keys
+            .iter()
+            .zip(self.slots.iter_mut())
+            .zip(self.weights.iter_mut())
+            .enumerate()
+        {
+            match self.chained.get(s) {
+                Some(shard) => shard.pull_chained(keys, slots, out.owned()),
+                None => pulls.push((s, keys.as_slice(), out)),
             }
-            let pulled = self.client.pull(
-                s,
-                self.index,
-                self.step,
-                &self.keys[s],
-                &mut self.weights[s],
-            );
+        }
+        if !pulls.is_empty() {
+            let pulled = self.client.pull_many(self.index, self.step, pulls);
             match pulled {
-                Ok(stats) => staleness = staleness.max(stats.staleness),
+                Ok(stats) => {
+                    staleness = stats.iter().map(|s| s.staleness).max().unwrap_or(0);
+                }
                 Err(e) => panic!("training worker {}: {e}", self.index),
             }
         }

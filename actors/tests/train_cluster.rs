@@ -145,9 +145,9 @@ fn shards_in_other_processes_train_the_model_one_process_does() {
         std::fs::read(&path).unwrap() == expected,
         "the cluster's predictions differ from one process's"
     );
-    // Micro-batches reach the workers, and pushes and pulls the shards,
-    // as Arrow batches in the store, read in place: nothing encoded,
-    // nothing copied. Every micro-batch is one push and one pull (keys,
+    // Micro-batches reach the workers, pushes and pulls the shards and
+    // deltas serving, as Arrow batches in the store, read in place:
+    // nothing encoded, nothing copied. Every micro-batch is one push and one pull (keys,
     // then weights) per shard.
     let sum = |to: &str| -> u64 {
         report
@@ -166,7 +166,11 @@ fn shards_in_other_processes_train_the_model_one_process_does() {
     let columnar: Vec<_> = report
         .edges
         .iter()
-        .filter(|e| e.to.starts_with("worker") || e.to.starts_with("shard"))
+        .filter(|e| {
+            ["worker", "shard", "serving"]
+                .iter()
+                .any(|to| e.to.starts_with(to))
+        })
         .collect();
     assert!(
         columnar

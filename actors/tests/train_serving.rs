@@ -26,8 +26,8 @@ fn delta(shard: u32, records: u64, keys: &[u64], value: f32) -> Delta {
         shard,
         version: ModelVersion { epoch: 0, records },
         full: false,
-        keys: keys.to_vec(),
-        weights: vec![value; keys.len()],
+        keys: keys.to_vec().into(),
+        weights: vec![value; keys.len()].into(),
         batches: Vec::new(),
     }
 }

@@ -4,6 +4,7 @@
 //! evaluation.
 
 pub mod data;
+pub mod delta;
 pub mod eval;
 mod hugepages;
 pub mod metrics;

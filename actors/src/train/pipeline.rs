@@ -476,7 +476,8 @@ pub fn build(
             },
         )
     }
-    .batch_records(1);
+    .batch_records(1)
+    .columnar_with(Arc::new(super::delta::DeltaFormat));
     let serving_ps = ps.clone();
     if chained {
         let _ = deltas.transform_chained("serving", move |_| ServingSink::new(&serving_ps));

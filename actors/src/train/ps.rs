@@ -23,6 +23,7 @@
 //!   eviction above a capacity are hooks a shard runs on its table.
 
 use super::data::FeatureBatchRef;
+pub use super::delta::Delta;
 pub use super::micro_batch::TrainBatch;
 use super::optimizer::{
     learn_sharded, weights_of, Fresh, Model, OptimizerKind, PushError, BIAS_KEY,
@@ -212,25 +213,6 @@ pub struct AppliedBatch {
     pub rows: u64,
     /// When its first row was read.
     pub ingest_ns: u64,
-}
-
-/// Weights a shard changed since its previous delta, for serving.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Delta {
-    /// The shard.
-    pub shard: u32,
-    /// The shard's version after the delta.
-    pub version: ModelVersion,
-    /// Replace the shard's part of the serving model (after a restore, and
-    /// in a shard's first delta) instead of updating it.
-    pub full: bool,
-    /// Keys changed. A key may repeat, and then its last entry holds its
-    /// weight (a full delta's keys are distinct and ascending).
-    pub keys: Vec<u64>,
-    /// Their weights.
-    pub weights: Vec<f32>,
-    /// Batches applied since the previous delta.
-    pub batches: Vec<AppliedBatch>,
 }
 
 /// Why a pull failed.
@@ -852,8 +834,8 @@ impl ShardOperator {
                 shard: self.cell.index as u32,
                 version,
                 full,
-                keys,
-                weights,
+                keys: keys.into(),
+                weights: weights.into(),
                 batches: std::mem::take(&mut self.batches),
             },
             None,

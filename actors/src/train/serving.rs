@@ -483,8 +483,8 @@ fn merge(a: &Delta, b: &Delta) -> Delta {
         shard: b.shard,
         version: b.version,
         full: a.full,
-        keys: map.keys().copied().collect(),
-        weights: map.values().copied().collect(),
+        keys: map.keys().copied().collect::<Vec<_>>().into(),
+        weights: map.values().copied().collect::<Vec<_>>().into(),
         batches,
     }
 }

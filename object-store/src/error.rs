@@ -6,7 +6,7 @@
 
 use crate::arena::ArenaError;
 use crate::protocol::WireError;
-use crate::ObjectId;
+use crate::{ObjectId, StoreSeat};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -171,7 +171,7 @@ pub enum BuildError<E> {
     Fill(E),
     /// The object cannot be lent to the reader named.
     #[error(transparent)]
-    Lend(crate::lend::LendError),
+    Lend(LendError),
 }
 
 impl From<ConnectionError> for PutError {
@@ -280,4 +280,49 @@ pub enum ViewError {
         /// The element type's alignment.
         align: usize,
     },
+}
+
+/// Errors from [`ObjectView::lend_to`](crate::ObjectView::lend_to) and
+/// [`ObjectBuf::seal_lent`](crate::ObjectBuf::seal_lent).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LendError {
+    /// The reader is a client of another store.
+    #[error("{0:?} is a client of another store")]
+    OtherStore(StoreSeat),
+    /// Sealing the object failed.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// The connection failed.
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+}
+
+/// Errors from [`StoreClient::adopt`](crate::StoreClient::adopt).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AdoptError {
+    /// The ticket lends the pin to another client (of this store or
+    /// another).
+    #[error("object {id} was lent to {to:?}, not to {me:?}")]
+    NotMine {
+        /// The object.
+        id: ObjectId,
+        /// Whom it was lent to.
+        to: StoreSeat,
+        /// This client.
+        me: StoreSeat,
+    },
+    /// The ticket's bytes lie outside the arena, or disagree with a view
+    /// this process holds of the same object.
+    #[error("object {id} was lent with bytes {offset}..+{len}, which do not match the arena")]
+    BadRange {
+        /// The object.
+        id: ObjectId,
+        /// Offset named by the ticket.
+        offset: u64,
+        /// Length named by the ticket.
+        len: u64,
+    },
+    /// The connection failed.
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
 }

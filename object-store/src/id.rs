@@ -85,6 +85,26 @@ impl fmt::Display for ClientId {
     }
 }
 
+/// One client connection of one store, as a lender names its reader
+/// ([`StoreClient::seat`](crate::StoreClient::seat)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StoreSeat {
+    pub(crate) arena_id: u64,
+    pub(crate) client: ClientId,
+}
+
+impl StoreSeat {
+    /// The connection.
+    pub fn client(&self) -> ClientId {
+        self.client
+    }
+
+    /// Whether `other` is a connection of the same store.
+    pub fn same_store(&self, other: &StoreSeat) -> bool {
+        self.arena_id == other.arena_id
+    }
+}
+
 /// The text was not 32 hexadecimal digits.
 #[derive(Debug, thiserror::Error)]
 #[error("not an object id (expected 32 hex digits): {0:?}")]

@@ -34,31 +34,11 @@
 //! [`Request::ReleaseLent`]: crate::protocol::Request::ReleaseLent
 
 use crate::client::StoreClient;
-use crate::error::{BuildError, ConnectionError, PutError, SealError};
+use crate::error::{AdoptError, BuildError, LendError, PutError};
 use crate::protocol::Request;
 use crate::view::{ObjectBuf, ObjectView};
-use crate::{ClientId, ObjectId};
+use crate::{ObjectId, StoreSeat};
 use serde::{Deserialize, Serialize};
-
-/// One client connection of one store, as a lender names its reader
-/// ([`StoreClient::seat`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct StoreSeat {
-    arena_id: u64,
-    client: ClientId,
-}
-
-impl StoreSeat {
-    /// The connection.
-    pub fn client(&self) -> ClientId {
-        self.client
-    }
-
-    /// Whether `other` is a connection of the same store.
-    pub fn same_store(&self, other: &StoreSeat) -> bool {
-        self.arena_id == other.arena_id
-    }
-}
 
 /// What a reader needs to hold an object lent to it: see the module docs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,20 +71,6 @@ impl LendTicket {
     }
 }
 
-/// Errors from [`ObjectView::lend_to`] and [`ObjectBuf::seal_lent`].
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum LendError {
-    /// The reader is a client of another store.
-    #[error("{0:?} is a client of another store")]
-    OtherStore(StoreSeat),
-    /// Sealing the object failed.
-    #[error(transparent)]
-    Seal(#[from] SealError),
-    /// The connection failed.
-    #[error(transparent)]
-    Connection(#[from] ConnectionError),
-}
-
 impl LendTicket {
     fn of(view: &ObjectView, to: StoreSeat) -> LendTicket {
         LendTicket {
@@ -128,36 +94,6 @@ impl ObjectBuf {
         let ticket = LendTicket::of(&view, *to);
         Ok((view, ticket))
     }
-}
-
-/// Errors from [`StoreClient::adopt`].
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum AdoptError {
-    /// The ticket lends the pin to another client (of this store or
-    /// another).
-    #[error("object {id} was lent to {to:?}, not to {me:?}")]
-    NotMine {
-        /// The object.
-        id: ObjectId,
-        /// Whom it was lent to.
-        to: StoreSeat,
-        /// This client.
-        me: StoreSeat,
-    },
-    /// The ticket's bytes lie outside the arena, or disagree with a view
-    /// this process holds of the same object.
-    #[error("object {id} was lent with bytes {offset}..+{len}, which do not match the arena")]
-    BadRange {
-        /// The object.
-        id: ObjectId,
-        /// Offset named by the ticket.
-        offset: u64,
-        /// Length named by the ticket.
-        len: u64,
-    },
-    /// The connection failed.
-    #[error(transparent)]
-    Connection(#[from] ConnectionError),
 }
 
 impl ObjectView {

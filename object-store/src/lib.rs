@@ -6,14 +6,14 @@
 //! copy. A streaming operator hands a feature batch to a training actor this
 //! way.
 //!
-//! * [`StoreServer`] owns the arena, the [allocator](allocator), the
+//! * [`StoreServer`] owns the arena, the [allocator], the
 //!   [object table](object_table) and the [spill file](spill), and serves
 //!   clients over a Unix socket ([protocol]). The node daemon embeds it;
 //!   `braid-store serve` runs it alone.
 //! * [`StoreClient`] connects, receives the arena's descriptor (SCM_RIGHTS),
 //!   maps it, and hands out [`ObjectBuf`]s to write and [`ObjectView`]s to
 //!   read: bytes, `&[T]` for plain-old-data `T`, or a columnar
-//!   [batch](batch). Other values go through the [codec].
+//!   [batch]. Other values go through the [codec].
 //! * An object lives `create` → written in place → `seal` (immutable) →
 //!   `get` (waits until sealed, with a timeout) → views dropped (`release`)
 //!   → `delete`. Pins are counted per connection; a client that exits, panics
@@ -78,11 +78,11 @@ pub mod view;
 pub use client::StoreClient;
 pub use config::StoreConfig;
 pub use error::{
-    BuildError, ConnectionError, CreateError, DeleteError, GetError, GetValueError, PutError,
-    SealError, ViewError,
+    AdoptError, BuildError, ConnectionError, CreateError, DeleteError, GetError, GetValueError,
+    LendError, PutError, SealError, ViewError,
 };
-pub use id::{ClientId, ObjectId};
-pub use lend::{AdoptError, LendError, LendTicket, StoreSeat};
+pub use id::{ClientId, ObjectId, StoreSeat};
+pub use lend::LendTicket;
 pub use protocol::StoreStats;
 pub use server::{ServeError, StoreHandle, StoreServer};
 pub use view::{ObjectBuf, ObjectView};

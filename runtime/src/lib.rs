@@ -2,7 +2,7 @@
 //!
 //! Tasks, actors and object references over a shared-memory object store on
 //! every node. Write remote functions and actors with
-//! [`#[braid::remote]`](remote) and [`#[braid::actor]`](actor), start or
+//! [`#[braid::remote]`](remote) and [`#[braid::actor]`](macro@actor), start or
 //! join a cluster with [`init`], and call them:
 //!
 //! ```no_run

@@ -4,7 +4,7 @@
 //! [`refs`](crate::refs)); when the last one anywhere is dropped the owner
 //! frees the object on every node holding a copy. A reference serialized
 //! inside a value (a task argument, a return value, a `put`) is noted by
-//! [`collect_nested`], so whoever ships the value can keep it alive until
+//! `collect_nested`, so whoever ships the value can keep it alive until
 //! the receiver has been counted.
 
 use crate::address::Address;

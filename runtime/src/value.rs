@@ -1,5 +1,5 @@
 //! How arguments and return values are encoded: bincode through the
-//! store's [codec](braid_store::codec), with the object references a value
+//! store's codec (`braid_store::codec`), with the object references a value
 //! holds collected beside its bytes so they stay counted in flight.
 
 use crate::error::{Error, Result};

@@ -471,7 +471,7 @@ pub fn build(
             ps.shards,
             |p: &super::ps::Push| p.shard as u64,
             move |i| match ShardOperator::new(shard_ps.clone(), i) {
-                Ok(op) => op,
+                Ok(op) => super::pull::serve(op),
                 Err(e) => panic!("shard {i}: {e}"),
             },
         )

@@ -28,7 +28,6 @@ pub use super::micro_batch::TrainBatch;
 use super::optimizer::{
     learn_sharded, weights_of, Fresh, Model, OptimizerKind, PushError, BIAS_KEY,
 };
-use super::pull::{PullService, Pulled};
 pub use super::push::Push;
 use super::sharding::ConsistentHash;
 use super::table::{prefetch_line, ParamTable, SlotRef};
@@ -37,7 +36,7 @@ use crate::stream::operator::{
     write_part, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
 };
 use crate::stream::registry;
-use crate::stream::service::{self, Peers, ServiceGuard};
+use crate::stream::service::{self, Service, ServiceGuard};
 use braid::store::codec;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
@@ -180,7 +179,7 @@ impl PsConfig {
         ConsistentHash::new(self.shards as u32, self.replicas)
     }
 
-    fn shard_name(&self, generation: u64, shard: usize) -> String {
+    pub(crate) fn shard_name(&self, generation: u64, shard: usize) -> String {
         format!("{}/g{generation}/shard{shard}", self.name)
     }
 }
@@ -585,8 +584,9 @@ pub struct ShardOperator {
     /// snapshot copies into it instead of allocating (and faulting in)
     /// a fresh table while the shard waits.
     spare: Arc<Mutex<Option<Model>>>,
-    /// Workers in other processes pull through it (cluster runner).
-    _service: ServiceGuard,
+    /// Workers in other processes pull through it (cluster runner; see
+    /// [`ShardOperator::offer`]).
+    service: Option<ServiceGuard>,
 }
 
 /// The head vertex of the shards' task in [`pipeline::build`]'s graph:
@@ -627,15 +627,11 @@ impl ShardOperator {
         let name = config.shard_name(ctx.generation, index);
         let feature_bits = config.feature_bits;
         registry::register(&name, cell.clone());
-        let service = service::offer(
-            &name,
-            Arc::new(PullService::new(cell.clone(), config.pull_timeout)),
-        );
         Ok(Self {
             config,
             cell,
             name,
-            _service: service,
+            service: None,
             dirty: DirtyKeys::new(feature_bits),
             fresh: FreshWeights::default(),
             batches: Vec::new(),
@@ -649,6 +645,18 @@ impl ShardOperator {
     /// The shard's shared state.
     pub fn cell(&self) -> &Arc<ShardCell> {
         &self.cell
+    }
+
+    /// The shard's configuration.
+    pub fn config(&self) -> &PsConfig {
+        &self.config
+    }
+
+    /// Offers `service` under the shard's name in this process, for as
+    /// long as the shard lives: how workers in other processes reach it
+    /// ([`super::pull::serve`]).
+    pub fn offer(&mut self, service: Arc<dyn Service>) {
+        self.service = Some(service::offer(&self.name, service));
     }
 
     fn apply_one(
@@ -1180,142 +1188,6 @@ pub(crate) fn first_crash(config: &PsConfig) -> bool {
     })
     .map(|flag| !flag.swap(true, std::sync::atomic::Ordering::AcqRel))
     .unwrap_or(false)
-}
-
-/// How a worker reaches a shard.
-enum ShardLink {
-    /// In this process: read in place.
-    Local(Arc<ShardCell>),
-    /// In another process (cluster runner): a call on its host, named.
-    Remote(String),
-}
-
-/// A worker's handle on every shard of the current attempt.
-pub struct PsClient {
-    config: PsConfig,
-    ring: ConsistentHash,
-    shards: Vec<ShardLink>,
-    generation: u64,
-    /// The attempt's other subtasks, on the cluster runner.
-    peers: Option<Arc<dyn Peers>>,
-}
-
-impl PsClient {
-    /// A client for the current attempt's shards (resolved on first use).
-    pub fn new(config: PsConfig) -> Self {
-        Self {
-            ring: config.ring(),
-            config,
-            shards: Vec::new(),
-            generation: TaskContext::current().generation,
-            peers: service::peers(),
-        }
-    }
-
-    /// The shard of `key`.
-    #[inline]
-    pub fn shard_of(&self, key: u64) -> usize {
-        if self.config.shards == 1 {
-            return 0;
-        }
-        self.ring.shard_of(key).unwrap_or(0) as usize
-    }
-
-    /// Shards.
-    pub fn shards(&self) -> usize {
-        self.config.shards
-    }
-
-    fn resolve(&mut self) -> Result<(), PullError> {
-        if self.shards.len() == self.config.shards {
-            return Ok(());
-        }
-        self.shards.clear();
-        for s in 0..self.config.shards {
-            let name = self.config.shard_name(self.generation, s);
-            // On the cluster runner a shard may run in another process;
-            // in one process every shard registers here.
-            let link = match (&self.peers, registry::get::<ShardCell>(&name)) {
-                (_, Ok(cell)) => ShardLink::Local(cell),
-                (Some(_), Err(_)) => ShardLink::Remote(name),
-                (None, Err(_)) => ShardLink::Local(
-                    registry::wait_for::<ShardCell>(&name, self.config.pull_timeout)
-                        .map_err(|e| PullError::Unreachable(s, e.to_string()))?,
-                ),
-            };
-            self.shards.push(link);
-        }
-        Ok(())
-    }
-
-    /// Reads the weights of `keys` (all of shard `shard`) for `worker`'s
-    /// step `step` into `out` (see [`PsClient::pull_many`]).
-    pub fn pull(
-        &mut self,
-        shard: usize,
-        worker: usize,
-        step: u64,
-        keys: &[u64],
-        out: &mut Pulled,
-    ) -> Result<PullStats, PullError> {
-        let mut stats = self.pull_many(worker, step, vec![(shard, keys, out)])?;
-        stats
-            .pop()
-            .ok_or_else(|| PullError::Unreachable(shard, "no answer".into()))
-    }
-
-    /// Reads, for `worker`'s step `step`, each `(shard, keys, out)`'s
-    /// weights into its `out`: in place from shards in this process, and
-    /// through calls on their hosts for the others, all made at once so
-    /// their round trips overlap ([`super::pull`]). The stats of each, in
-    /// order; the first failure fails all.
-    pub fn pull_many(
-        &mut self,
-        worker: usize,
-        step: u64,
-        pulls: Vec<(usize, &[u64], &mut Pulled)>,
-    ) -> Result<Vec<PullStats>, PullError> {
-        self.resolve()?;
-        let _ = worker;
-        let mut stats = vec![PullStats::default(); pulls.len()];
-        let mut remote = Vec::new();
-        let mut remote_at = Vec::new();
-        for (i, (shard, keys, out)) in pulls.into_iter().enumerate() {
-            let link = self
-                .shards
-                .get(shard)
-                .ok_or_else(|| PullError::Unreachable(shard, "no such shard".into()))?;
-            match link {
-                ShardLink::Local(cell) => {
-                    stats[i] = cell.pull(step, keys, out.owned(), self.config.pull_timeout)?;
-                }
-                ShardLink::Remote(name) => {
-                    remote.push(super::pull::RemotePull {
-                        shard,
-                        name,
-                        keys,
-                        out,
-                    });
-                    remote_at.push(i);
-                }
-            }
-        }
-        if remote.is_empty() {
-            return Ok(stats);
-        }
-        let peers = self
-            .peers
-            .as_ref()
-            .ok_or_else(|| PullError::Unreachable(remote[0].shard, "no peers".into()))?;
-        for (i, pulled) in
-            remote_at
-                .into_iter()
-                .zip(super::pull::many(peers.as_ref(), step, remote))
-        {
-            stats[i] = pulled?;
-        }
-        Ok(stats)
-    }
 }
 
 #[cfg(test)]

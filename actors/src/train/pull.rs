@@ -1,19 +1,25 @@
-//! A worker's pull from a shard in another process.
+//! A worker's pulls: [`PsClient`], a worker's handle on every shard, reads
+//! a shard in its own process in place, and one in another process
+//! through a call on the shard's host, answered by the shard's
+//! [`serve`]d pull service.
 //!
 //! The worker builds the keys as an Arrow column in its node's store, lent
 //! to the shard's process as it is sealed, and calls the shard's host with
 //! the lend ticket and where it sits on the store itself. The shard reads
 //! the keys in place and writes the weights straight into a store object
 //! lent back to the worker ([`ShardCell::pull_into`]), and the worker
-//! reads them in place ([`Pulled::InPlace`]). Only the call's small header
+//! reads them in place ([`Pulled`]). Only the call's small header
 //! is encoded. When the two processes use different stores (other nodes),
 //! keys and weights travel in the call instead. Pulls count on the
 //! worker's channel to the shard (the push edge): each pull sends two
 //! batches, its keys and its weights, and counts the bytes that went
 //! through serde when they travel in the call.
 
-use super::ps::{PullError, PullStats, ShardCell, SHARD_TASK};
-use crate::stream::service::{CallError, PeerCall, Peers, Service};
+use super::ps::{PsConfig, PullError, PullStats, ShardCell, ShardOperator, SHARD_TASK};
+use super::sharding::ConsistentHash;
+use crate::stream::context::TaskContext;
+use crate::stream::registry;
+use crate::stream::service::{self, CallError, PeerCall, Peers, Service};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, UInt64Type};
 use arrow_array::RecordBatch;
@@ -25,6 +31,149 @@ use braid::{Batch, Lent, Runtime};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How a worker reaches a shard.
+enum ShardLink {
+    /// In this process: read in place.
+    Local(Arc<ShardCell>),
+    /// In another process (cluster runner): a call on its host, named.
+    Remote(String),
+}
+
+/// A worker's handle on every shard of the current attempt.
+pub struct PsClient {
+    config: PsConfig,
+    ring: ConsistentHash,
+    shards: Vec<ShardLink>,
+    generation: u64,
+    /// The attempt's other subtasks, on the cluster runner.
+    peers: Option<Arc<dyn Peers>>,
+}
+
+impl PsClient {
+    /// A client for the current attempt's shards (resolved on first use).
+    pub fn new(config: PsConfig) -> Self {
+        Self {
+            ring: config.ring(),
+            config,
+            shards: Vec::new(),
+            generation: TaskContext::current().generation,
+            peers: service::peers(),
+        }
+    }
+
+    /// The shard of `key`.
+    #[inline]
+    pub fn shard_of(&self, key: u64) -> usize {
+        if self.config.shards == 1 {
+            return 0;
+        }
+        self.ring.shard_of(key).unwrap_or(0) as usize
+    }
+
+    /// Shards.
+    pub fn shards(&self) -> usize {
+        self.config.shards
+    }
+
+    fn resolve(&mut self) -> Result<(), PullError> {
+        if self.shards.len() == self.config.shards {
+            return Ok(());
+        }
+        self.shards.clear();
+        for s in 0..self.config.shards {
+            let name = self.config.shard_name(self.generation, s);
+            // On the cluster runner a shard may run in another process;
+            // in one process every shard registers here.
+            let link = match (&self.peers, registry::get::<ShardCell>(&name)) {
+                (_, Ok(cell)) => ShardLink::Local(cell),
+                (Some(_), Err(_)) => ShardLink::Remote(name),
+                (None, Err(_)) => ShardLink::Local(
+                    registry::wait_for::<ShardCell>(&name, self.config.pull_timeout)
+                        .map_err(|e| PullError::Unreachable(s, e.to_string()))?,
+                ),
+            };
+            self.shards.push(link);
+        }
+        Ok(())
+    }
+
+    /// Reads the weights of `keys` (all of shard `shard`) for `worker`'s
+    /// step `step` into `out` (see [`PsClient::pull_many`]).
+    pub fn pull(
+        &mut self,
+        shard: usize,
+        worker: usize,
+        step: u64,
+        keys: &[u64],
+        out: &mut Pulled,
+    ) -> Result<PullStats, PullError> {
+        let mut stats = self.pull_many(worker, step, vec![(shard, keys, out)])?;
+        stats
+            .pop()
+            .ok_or_else(|| PullError::Unreachable(shard, "no answer".into()))
+    }
+
+    /// Reads, for `worker`'s step `step`, each `(shard, keys, out)`'s
+    /// weights into its `out`: in place from shards in this process, and
+    /// through calls on their hosts for the others, all made at once so
+    /// their round trips overlap (see the module docs). The stats of each, in
+    /// order; the first failure fails all.
+    pub fn pull_many(
+        &mut self,
+        worker: usize,
+        step: u64,
+        pulls: Vec<(usize, &[u64], &mut Pulled)>,
+    ) -> Result<Vec<PullStats>, PullError> {
+        self.resolve()?;
+        let _ = worker;
+        let mut stats = vec![PullStats::default(); pulls.len()];
+        let mut remote = Vec::new();
+        let mut remote_at = Vec::new();
+        for (i, (shard, keys, out)) in pulls.into_iter().enumerate() {
+            let link = self
+                .shards
+                .get(shard)
+                .ok_or_else(|| PullError::Unreachable(shard, "no such shard".into()))?;
+            match link {
+                ShardLink::Local(cell) => {
+                    stats[i] = cell.pull(step, keys, out.owned(), self.config.pull_timeout)?;
+                }
+                ShardLink::Remote(name) => {
+                    remote.push(RemotePull {
+                        shard,
+                        name,
+                        keys,
+                        out,
+                    });
+                    remote_at.push(i);
+                }
+            }
+        }
+        if remote.is_empty() {
+            return Ok(stats);
+        }
+        let peers = self
+            .peers
+            .as_ref()
+            .ok_or_else(|| PullError::Unreachable(remote[0].shard, "no peers".into()))?;
+        for (i, pulled) in remote_at
+            .into_iter()
+            .zip(many(peers.as_ref(), step, remote))
+        {
+            stats[i] = pulled?;
+        }
+        Ok(stats)
+    }
+}
+
+/// Offers `shard`'s pulls to workers in other processes (the cluster
+/// runner's; in one process they read the shard in place).
+pub fn serve(mut shard: ShardOperator) -> ShardOperator {
+    let service = PullService::new(shard.cell().clone(), shard.config().pull_timeout);
+    shard.offer(Arc::new(service));
+    shard
+}
 
 /// Weights a worker pulled, one per key: read into its own vector (from
 /// a shard in its process), or the column of a store object a shard in

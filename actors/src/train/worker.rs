@@ -15,10 +15,8 @@
 //! together, so a checkpoint holds exactly the records before it.
 
 use super::optimizer::{sigmoid, BIAS_KEY};
-use super::ps::{
-    split_parts, Delta, KeyPolicy, PsClient, PsConfig, Push, ShardOperator, TrainBatch,
-};
-use super::pull::Pulled;
+use super::ps::{split_parts, Delta, KeyPolicy, PsConfig, Push, ShardOperator, TrainBatch};
+use super::pull::{PsClient, Pulled};
 use super::table::SlotRef;
 use crate::stream::operator::{
     decode_state, write_part, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,

@@ -124,7 +124,7 @@ const HTTP2_PREFACE_LEN: usize = 24;
 /// within the [handshake timeout](crate::wire::handshake_timeout) of being
 /// accepted; one that sends nothing, or less, fails its next read and is
 /// closed. (Afterwards tonic bounds the rest: headers to hyper's 16 KiB
-/// list, messages to [`MAX_MESSAGE`], buffered data to the flow-control
+/// list, messages to `MAX_MESSAGE`, buffered data to the flow-control
 /// windows, and the token interceptor rejects a call on its headers,
 /// before its body is read.)
 #[derive(Debug)]

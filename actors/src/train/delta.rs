@@ -7,18 +7,18 @@
 //! is full, and the batches it applied) as schema metadata. Serving
 //! applies the columns where they lie.
 
+use super::columns::{
+    fill_key_values, key_value_layout, key_values, metadata, number, refused, single,
+};
 use super::ps::{AppliedBatch, ModelVersion};
 use crate::stream::channel::Format;
 use crate::stream::columnar::ColumnarError;
 use crate::stream::failure::StageError;
 use crate::stream::operator::EventTime;
-use arrow_array::cast::AsArray;
-use arrow_array::types::{Float32Type, UInt64Type};
-use arrow_array::{Array, RecordBatch};
+use arrow_array::RecordBatch;
 use braid::store::arrow_buffer::ScalarBuffer;
-use braid::store::batch::{BatchLayout, BatchWriter, ColumnSpec, Primitive, ValuesMut};
+use braid::store::batch::{BatchLayout, BatchWriter};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 
 /// Weights a shard changed since its previous delta, for serving.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,7 +100,6 @@ impl<'de> Deserialize<'de> for Delta {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DeltaFormat;
 
-const KEY_COLUMN: &str = "key";
 const WEIGHT_COLUMN: &str = "weight";
 const SHARD_KEY: &str = "braid.delta.shard";
 const EPOCH_KEY: &str = "braid.delta.epoch";
@@ -108,25 +107,6 @@ const RECORDS_KEY: &str = "braid.delta.records";
 const FULL_KEY: &str = "braid.delta.full";
 /// The applied batches, `seq:rows:ingest_ns` joined by `,`.
 const BATCHES_KEY: &str = "braid.delta.batches";
-
-fn invalid(e: impl std::fmt::Display) -> ColumnarError {
-    ColumnarError::Invalid(e.to_string())
-}
-
-fn single(records: &[(Delta, Option<EventTime>)]) -> Result<&Delta, ColumnarError> {
-    match records {
-        [(delta, _)] if delta.keys.len() == delta.weights.len() => Ok(delta),
-        [(delta, _)] => Err(invalid(format!(
-            "a delta of {} keys and {} weights",
-            delta.keys.len(),
-            delta.weights.len()
-        ))),
-        _ => Err(invalid(format!(
-            "a delta channel batch holds one delta, not {}",
-            records.len()
-        ))),
-    }
-}
 
 fn parse_batches(text: &str) -> Option<Vec<AppliedBatch>> {
     if text.is_empty() {
@@ -147,27 +127,26 @@ fn parse_batches(text: &str) -> Option<Vec<AppliedBatch>> {
 
 impl Format<Delta> for DeltaFormat {
     fn layout(&self, records: &[(Delta, Option<EventTime>)]) -> Result<BatchLayout, ColumnarError> {
-        let delta = single(records)?;
+        let delta = single(records, "delta")?;
+        let mut metadata = metadata([
+            (SHARD_KEY, u64::from(delta.shard)),
+            (EPOCH_KEY, delta.version.epoch),
+            (RECORDS_KEY, delta.version.records),
+            (FULL_KEY, u64::from(delta.full)),
+        ]);
         let batches: Vec<String> = delta
             .batches
             .iter()
             .map(|b| format!("{}:{}:{}", b.seq, b.rows, b.ingest_ns))
             .collect();
-        let metadata = HashMap::from([
-            (SHARD_KEY.to_string(), delta.shard.to_string()),
-            (EPOCH_KEY.to_string(), delta.version.epoch.to_string()),
-            (RECORDS_KEY.to_string(), delta.version.records.to_string()),
-            (FULL_KEY.to_string(), u8::from(delta.full).to_string()),
-            (BATCHES_KEY.to_string(), batches.join(",")),
-        ]);
-        Ok(BatchLayout::with_metadata(
-            delta.keys.len(),
-            &[
-                ColumnSpec::primitive(KEY_COLUMN, Primitive::UInt64),
-                ColumnSpec::primitive(WEIGHT_COLUMN, Primitive::Float32),
-            ],
+        metadata.insert(BATCHES_KEY.to_string(), batches.join(","));
+        key_value_layout(
+            &delta.keys,
+            &delta.weights,
+            WEIGHT_COLUMN,
             metadata,
-        )?)
+            "delta",
+        )
     }
 
     fn fill(
@@ -175,21 +154,8 @@ impl Format<Delta> for DeltaFormat {
         records: &[(Delta, Option<EventTime>)],
         writer: &mut BatchWriter<'_>,
     ) -> Result<(), ColumnarError> {
-        let delta = single(records)?;
-        let mut columns = writer.columns().into_iter();
-        let (Some(keys), Some(weights)) = (columns.next(), columns.next()) else {
-            return Err(ColumnarError::MissingColumn);
-        };
-        match (keys.values, weights.values) {
-            (ValuesMut::UInt64(k), ValuesMut::Float32(w))
-                if k.len() == delta.keys.len() && w.len() == delta.weights.len() =>
-            {
-                k.copy_from_slice(&delta.keys);
-                w.copy_from_slice(&delta.weights);
-                Ok(())
-            }
-            _ => Err(invalid("the layout is not a delta's")),
-        }
+        let delta = single(records, "delta")?;
+        fill_key_values(writer, &delta.keys, &delta.weights)
     }
 
     fn read(
@@ -197,49 +163,25 @@ impl Format<Delta> for DeltaFormat {
         batch: &RecordBatch,
         push: &mut dyn FnMut(Delta, Option<EventTime>) -> Result<(), StageError>,
     ) -> Result<usize, StageError> {
-        let bad = |e: String| StageError::from(invalid(e));
-        let column = |name: &str| {
-            batch
-                .column_by_name(name)
-                .filter(|c| c.null_count() == 0)
-                .ok_or_else(|| bad(format!("a delta batch without a {name} column")))
-        };
-        let keys = column(KEY_COLUMN)?
-            .as_primitive_opt::<UInt64Type>()
-            .ok_or_else(|| bad("delta keys are not UInt64".into()))?
-            .values()
-            .clone();
-        let weights = column(WEIGHT_COLUMN)?
-            .as_primitive_opt::<Float32Type>()
-            .ok_or_else(|| bad("delta weights are not Float32".into()))?
-            .values()
-            .clone();
-        let schema = batch.schema();
-        let meta = |key: &str| {
-            schema
-                .metadata()
-                .get(key)
-                .cloned()
-                .ok_or_else(|| bad(format!("a delta batch without its {key}")))
-        };
-        let number = |key: &str| -> Result<u64, StageError> {
-            meta(key)?
-                .parse()
-                .map_err(|_| bad(format!("a delta batch with a bad {key}")))
-        };
-        let shard = u32::try_from(number(SHARD_KEY)?)
-            .map_err(|_| bad("a delta's shard is not a u32".into()))?;
+        let (keys, weights) = key_values(batch, WEIGHT_COLUMN)?;
+        let shard = u32::try_from(number(batch, SHARD_KEY)?)
+            .map_err(|_| refused("a delta's shard is not a u32"))?;
+        let batches = batch
+            .schema_ref()
+            .metadata()
+            .get(BATCHES_KEY)
+            .and_then(|text| parse_batches(text))
+            .ok_or_else(|| refused("a delta batch without its applied batches"))?;
         let delta = Delta {
             shard,
             version: ModelVersion {
-                epoch: number(EPOCH_KEY)?,
-                records: number(RECORDS_KEY)?,
+                epoch: number(batch, EPOCH_KEY)?,
+                records: number(batch, RECORDS_KEY)?,
             },
-            full: number(FULL_KEY)? != 0,
+            full: number(batch, FULL_KEY)? != 0,
             keys,
             weights,
-            batches: parse_batches(&meta(BATCHES_KEY)?)
-                .ok_or_else(|| bad("a delta batch with bad applied batches".into()))?,
+            batches,
         };
         push(delta, None)?;
         // Serving applies the columns where they lie: nothing copied.

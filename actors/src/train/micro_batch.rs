@@ -10,6 +10,7 @@
 //! worker trains on the columns where they lie ([`Rows::InPlace`]), so
 //! nothing is encoded or copied on the way.
 
+use super::columns::{invalid, metadata, number, refused, single};
 use super::data::{DataError, FeatureBatch, FeatureBatchRef};
 use crate::stream::channel::Format;
 use crate::stream::columnar::ColumnarError;
@@ -18,7 +19,6 @@ use crate::stream::operator::EventTime;
 use arrow_array::RecordBatch;
 use braid::store::batch::{BatchLayout, BatchWriter};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 
 /// One training micro-batch from the source: `rows` rows starting at
 /// stream position `first_row`, read at `ingest_ns` (wall clock).
@@ -131,21 +131,12 @@ const INGEST_KEY: &str = "braid.train.ingest_ns";
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TrainBatchFormat;
 
-fn invalid(e: impl std::fmt::Display) -> ColumnarError {
-    ColumnarError::Invalid(e.to_string())
-}
-
 /// The one micro-batch of a channel batch, with its rows built (a batch
 /// read in place elsewhere and sent on is copied into a built one).
-fn single(
+fn built(
     records: &[(TrainBatch, Option<EventTime>)],
 ) -> Result<(&TrainBatch, std::borrow::Cow<'_, FeatureBatch>), ColumnarError> {
-    let [(batch, _)] = records else {
-        return Err(invalid(format!(
-            "a training channel batch holds one micro-batch, not {}",
-            records.len()
-        )));
-    };
+    let batch = single(records, "micro-batch")?;
     let rows = match &batch.batch {
         Rows::Built(rows) => std::borrow::Cow::Borrowed(rows),
         Rows::InPlace(_) => {
@@ -160,11 +151,11 @@ impl Format<TrainBatch> for TrainBatchFormat {
         &self,
         records: &[(TrainBatch, Option<EventTime>)],
     ) -> Result<BatchLayout, ColumnarError> {
-        let (batch, rows) = single(records)?;
-        let metadata = HashMap::from([
-            (SEQ_KEY.to_string(), batch.seq.to_string()),
-            (FIRST_ROW_KEY.to_string(), batch.first_row.to_string()),
-            (INGEST_KEY.to_string(), batch.ingest_ns.to_string()),
+        let (batch, rows) = built(records)?;
+        let metadata = metadata([
+            (SEQ_KEY, batch.seq),
+            (FIRST_ROW_KEY, batch.first_row),
+            (INGEST_KEY, batch.ingest_ns),
         ]);
         Ok(BatchLayout::with_metadata(
             rows.rows(),
@@ -178,7 +169,7 @@ impl Format<TrainBatch> for TrainBatchFormat {
         records: &[(TrainBatch, Option<EventTime>)],
         writer: &mut BatchWriter<'_>,
     ) -> Result<(), ColumnarError> {
-        let (_, rows) = single(records)?;
+        let (_, rows) = built(records)?;
         let mut columns = writer.columns().into_iter();
         rows.write_columns(&mut columns).map_err(invalid)
     }
@@ -188,20 +179,11 @@ impl Format<TrainBatch> for TrainBatchFormat {
         batch: &RecordBatch,
         push: &mut dyn FnMut(TrainBatch, Option<EventTime>) -> Result<(), StageError>,
     ) -> Result<usize, StageError> {
-        let bad = |e: String| StageError::from(invalid(e));
-        FeatureBatchRef::from_record_batch(batch).map_err(|e| bad(e.to_string()))?;
-        let schema = batch.schema();
-        let number = |key: &str| -> Result<u64, StageError> {
-            schema
-                .metadata()
-                .get(key)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| bad(format!("a training batch without its {key}")))
-        };
+        FeatureBatchRef::from_record_batch(batch).map_err(refused)?;
         let micro = TrainBatch {
-            seq: number(SEQ_KEY)?,
-            first_row: number(FIRST_ROW_KEY)?,
-            ingest_ns: number(INGEST_KEY)?,
+            seq: number(batch, SEQ_KEY)?,
+            first_row: number(batch, FIRST_ROW_KEY)?,
+            ingest_ns: number(batch, INGEST_KEY)?,
             batch: Rows::InPlace(batch.clone()),
         };
         push(micro, None)?;

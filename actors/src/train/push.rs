@@ -9,17 +9,17 @@
 //! when the push crossed processes and the worker's vectors when it did
 //! not.
 
+use super::columns::{
+    fill_key_values, key_value_layout, key_values, metadata, number, refused, single,
+};
 use crate::stream::channel::Format;
 use crate::stream::columnar::ColumnarError;
 use crate::stream::failure::StageError;
 use crate::stream::operator::EventTime;
-use arrow_array::cast::AsArray;
-use arrow_array::types::{Float32Type, UInt64Type};
-use arrow_array::{Array, RecordBatch};
+use arrow_array::RecordBatch;
 use braid::store::arrow_buffer::ScalarBuffer;
-use braid::store::batch::{BatchLayout, BatchWriter, ColumnSpec, Primitive, ValuesMut};
+use braid::store::batch::{BatchLayout, BatchWriter};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 
 /// Gradients one worker's step sends to one shard: `grads[i]` for
 /// `keys[i]`, applied in order (a key may repeat, once per occurrence).
@@ -118,7 +118,6 @@ impl<'de> Deserialize<'de> for Push {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PushFormat;
 
-const KEY_COLUMN: &str = "key";
 const GRAD_COLUMN: &str = "grad";
 const HEADER: [&str; 7] = [
     "braid.push.shard",
@@ -130,28 +129,9 @@ const HEADER: [&str; 7] = [
     "braid.push.done",
 ];
 
-fn invalid(e: impl std::fmt::Display) -> ColumnarError {
-    ColumnarError::Invalid(e.to_string())
-}
-
-fn single(records: &[(Push, Option<EventTime>)]) -> Result<&Push, ColumnarError> {
-    match records {
-        [(push, _)] if push.keys.len() == push.grads.len() => Ok(push),
-        [(push, _)] => Err(invalid(format!(
-            "a push of {} keys and {} gradients",
-            push.keys.len(),
-            push.grads.len()
-        ))),
-        _ => Err(invalid(format!(
-            "a push channel batch holds one push, not {}",
-            records.len()
-        ))),
-    }
-}
-
 impl Format<Push> for PushFormat {
     fn layout(&self, records: &[(Push, Option<EventTime>)]) -> Result<BatchLayout, ColumnarError> {
-        let push = single(records)?;
+        let push = single(records, "push")?;
         let header = [
             u64::from(push.shard),
             u64::from(push.worker),
@@ -161,19 +141,8 @@ impl Format<Push> for PushFormat {
             push.ingest_ns,
             u64::from(push.done),
         ];
-        let metadata: HashMap<String, String> = HEADER
-            .iter()
-            .zip(header)
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Ok(BatchLayout::with_metadata(
-            push.keys.len(),
-            &[
-                ColumnSpec::primitive(KEY_COLUMN, Primitive::UInt64),
-                ColumnSpec::primitive(GRAD_COLUMN, Primitive::Float32),
-            ],
-            metadata,
-        )?)
+        let metadata = metadata(HEADER.into_iter().zip(header));
+        key_value_layout(&push.keys, &push.grads, GRAD_COLUMN, metadata, "push")
     }
 
     fn fill(
@@ -181,21 +150,8 @@ impl Format<Push> for PushFormat {
         records: &[(Push, Option<EventTime>)],
         writer: &mut BatchWriter<'_>,
     ) -> Result<(), ColumnarError> {
-        let push = single(records)?;
-        let mut columns = writer.columns().into_iter();
-        let (Some(keys), Some(grads)) = (columns.next(), columns.next()) else {
-            return Err(ColumnarError::MissingColumn);
-        };
-        match (keys.values, grads.values) {
-            (ValuesMut::UInt64(k), ValuesMut::Float32(g))
-                if k.len() == push.keys.len() && g.len() == push.grads.len() =>
-            {
-                k.copy_from_slice(&push.keys);
-                g.copy_from_slice(&push.grads);
-                Ok(())
-            }
-            _ => Err(invalid("the layout is not a push's")),
-        }
+        let push = single(records, "push")?;
+        fill_key_values(writer, &push.keys, &push.grads)
     }
 
     fn read(
@@ -203,34 +159,13 @@ impl Format<Push> for PushFormat {
         batch: &RecordBatch,
         push: &mut dyn FnMut(Push, Option<EventTime>) -> Result<(), StageError>,
     ) -> Result<usize, StageError> {
-        let bad = |e: String| StageError::from(invalid(e));
-        let column = |name: &str| {
-            batch
-                .column_by_name(name)
-                .filter(|c| c.null_count() == 0)
-                .ok_or_else(|| bad(format!("a push batch without a {name} column")))
-        };
-        let keys = column(KEY_COLUMN)?
-            .as_primitive_opt::<UInt64Type>()
-            .ok_or_else(|| bad("push keys are not UInt64".into()))?
-            .values()
-            .clone();
-        let grads = column(GRAD_COLUMN)?
-            .as_primitive_opt::<Float32Type>()
-            .ok_or_else(|| bad("push gradients are not Float32".into()))?
-            .values()
-            .clone();
-        let schema = batch.schema();
+        let (keys, grads) = key_values(batch, GRAD_COLUMN)?;
         let mut header = [0u64; HEADER.len()];
         for (value, key) in header.iter_mut().zip(HEADER) {
-            *value = schema
-                .metadata()
-                .get(key)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| bad(format!("a push batch without its {key}")))?;
+            *value = number(batch, key)?;
         }
         let [shard, worker, step, rows, seq, ingest_ns, done] = header;
-        let small = |v: u64| u32::try_from(v).map_err(|_| bad(format!("{v} is not a u32")));
+        let small = |v: u64| u32::try_from(v).map_err(|_| refused(format!("{v} is not a u32")));
         let p = Push {
             shard: small(shard)?,
             worker: small(worker)?,

@@ -143,7 +143,7 @@ pub enum HostEvent {
     /// A source read all its input.
     Exhausted,
     /// The subtask finished; what its ends of each channel counted.
-    Finished(Vec<ChannelCounts>),
+    Finished(Finished),
     /// The subtask failed, or storing its snapshot did.
     Failed(AttemptFailure),
 }
@@ -193,6 +193,28 @@ impl Shared {
             error: TaskError::Channel(error),
         }));
     }
+}
+
+/// What a host hands the driver when its subtask finished.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Finished {
+    /// What its input channels carried.
+    pub counts: Vec<ChannelCounts>,
+    /// What its subtask handed back ([`super::results`]).
+    pub results: super::results::JobResults,
+    /// CPU seconds its process had used, if the system says.
+    pub cpu_seconds: Option<f64>,
+}
+
+/// CPU seconds (user and system) this process has used, from
+/// `/proc/self/stat` (Linux reports them in 1/100 s ticks).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: f64 = fields.next()?.parse().ok()?;
+    let system: f64 = fields.next()?.parse().ok()?;
+    Some((user + system) / 100.0)
 }
 
 /// One subtask of a stream job, hosted in a worker process.
@@ -489,6 +511,127 @@ impl SubtaskHost {
             .unwrap_or_default()
     }
 }
+
+/// The name of the host of subtask `subtask` of task `task` (its head
+/// vertex's name) of the cluster job checkpointed as `job`
+/// ([`StorageSpec::job`]): hosts are named so that any process of the
+/// cluster can find them and call the services their subtasks offer
+/// ([`JobServices`]).
+pub fn host_name(job: &str, task: &str, subtask: usize) -> String {
+    format!("{job}/{task}/{subtask}")
+}
+
+/// The services a running cluster job's subtasks offer, as any process of
+/// the cluster calls them (the driver, a worker, another driver): a
+/// serving subtask's predictions, an evaluation's figures.
+///
+/// A call finds the subtask's host by its name ([`host_name`]) and calls
+/// it; when the host died (the job is recovering), it looks the name up
+/// again and calls the new generation's host, until the call's deadline.
+pub struct JobServices {
+    rt: Runtime,
+    job: String,
+    hosts: Mutex<HashMap<(String, usize), SubtaskHostHandle>>,
+}
+
+impl JobServices {
+    /// The services of the cluster job checkpointed as `job`.
+    pub fn new(rt: &Runtime, job: impl Into<String>) -> Self {
+        JobServices {
+            rt: rt.clone(),
+            job: job.into(),
+            hosts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Calls service `service` of subtask `subtask` of task `task`,
+    /// giving up after `wait` (the job not running yet, or its hosts
+    /// gone for good).
+    pub fn call(
+        &self,
+        task: &str,
+        subtask: usize,
+        service: &str,
+        request: &[u8],
+        wait: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let deadline = std::time::Instant::now() + wait;
+        let key = (task.to_string(), subtask);
+        let name = host_name(&self.job, task, subtask);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let why = match self.host(&key, &name, left) {
+                Ok(host) => {
+                    let call = host.call(service.to_string(), request.to_vec());
+                    let answer = self
+                        .rt
+                        .block_on(async move { tokio::time::timeout(left, call).await });
+                    match answer {
+                        Ok(Ok(Ok(answer))) => {
+                            self.hosts.lock().insert(key, host);
+                            return Ok(answer);
+                        }
+                        Ok(Ok(Err(why))) => {
+                            return Err(CallError::Failed(service.to_string(), why))
+                        }
+                        Ok(Err(e)) => {
+                            self.hosts.lock().remove(&key);
+                            e.to_string()
+                        }
+                        Err(_) => format!("no answer within {} ms", wait.as_millis()),
+                    }
+                }
+                Err(why) => why,
+            };
+            if std::time::Instant::now() >= deadline {
+                return Err(CallError::Unreachable(format!("{name}: {service}"), why));
+            }
+            std::thread::sleep(JOB_SERVICES_RETRY.min(left));
+        }
+    }
+}
+
+impl JobServices {
+    fn host(
+        &self,
+        key: &(String, usize),
+        name: &str,
+        wait: Duration,
+    ) -> Result<SubtaskHostHandle, String> {
+        if let Some(host) = self.hosts.lock().get(key).cloned() {
+            return Ok(host);
+        }
+        let rt = self.rt.clone();
+        let name = name.to_string();
+        self.rt.block_on(async move {
+            match tokio::time::timeout(wait, rt.get_actor::<SubtaskHostHandle>(&name)).await {
+                Ok(found) => found.map_err(|e| e.to_string()),
+                Err(_) => Err("the lookup timed out".to_string()),
+            }
+        })
+    }
+
+    /// The process id of the host of subtask `subtask` of task `task` in
+    /// the running attempt (chaos runs pick their victims with it).
+    pub fn pid(&self, task: &str, subtask: usize, wait: Duration) -> Result<u32, CallError> {
+        let key = (task.to_string(), subtask);
+        let name = host_name(&self.job, task, subtask);
+        let unreachable = |why: String| CallError::Unreachable(name.clone(), why);
+        let host = self.host(&key, &name, wait).map_err(unreachable)?;
+        self.rt
+            .block_on(async move {
+                match tokio::time::timeout(wait, host.pid()).await {
+                    Ok(pid) => pid.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {} ms", wait.as_millis())),
+                }
+            })
+            .map_err(unreachable)
+    }
+}
+
+/// How long [`JobServices::call`] waits before looking a host up again
+/// (a recovery kills the old generation's hosts before it names new ones).
+const JOB_SERVICES_RETRY: Duration = Duration::from_millis(20);
 
 /// How long a call waits for its service to be offered: the driver starts
 /// an attempt's hosts one by one, so a caller's subtask may run before the
@@ -875,8 +1018,11 @@ impl Reporter for HostReporter {
     }
 
     fn finished(&mut self) {
-        self.shared
-            .push_event(HostEvent::Finished(self.shared.meters.counts()));
+        self.shared.push_event(HostEvent::Finished(Finished {
+            counts: self.shared.meters.counts(),
+            results: super::results::take(),
+            cpu_seconds: process_cpu_seconds(),
+        }));
     }
 
     fn command(&mut self, timeout: Duration) -> Option<Command> {
@@ -1005,11 +1151,15 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let counts: Arc<Mutex<Vec<ChannelCounts>>> = Arc::default();
+        let results: Arc<Mutex<super::results::JobResults>> = Arc::default();
+        let cpu: Arc<Mutex<f64>> = Arc::default();
         for (&id, host) in &hosts {
             let host = host.clone();
             let tx = events_tx.clone();
             let stop = stop.clone();
             let counts = counts.clone();
+            let results = results.clone();
+            let cpu = cpu.clone();
             rt.spawn(async move {
                 while !stop.load(std::sync::atomic::Ordering::Acquire) {
                     match host.events().await {
@@ -1021,8 +1171,10 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
                                     }
                                     HostEvent::Failed(failure) => CoordinatorEvent::Failed(failure),
                                     HostEvent::Exhausted => CoordinatorEvent::Exhausted(id),
-                                    HostEvent::Finished(c) => {
-                                        counts.lock().extend(c);
+                                    HostEvent::Finished(f) => {
+                                        counts.lock().extend(f.counts);
+                                        results.lock().extend(f.results);
+                                        *cpu.lock() += f.cpu_seconds.unwrap_or(0.0);
                                         CoordinatorEvent::Finished(id)
                                     }
                                 };
@@ -1057,6 +1209,8 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
         match outcome {
             Ok(Some(mut report)) => {
                 report.edges = plan.edge_stats(&counts.lock());
+                report.results = std::mem::take(&mut *results.lock());
+                report.hosts_cpu_seconds = Some(*cpu.lock());
                 return Ok(report);
             }
             Ok(None) => continue,
@@ -1102,6 +1256,13 @@ fn spawn_hosts(
             credit_bytes: job.credit_bytes,
         };
         let mut builder = SubtaskHost::remote(rt, spec).max_concurrency(4096);
+        // A head name two tasks share finds neither: such hosts stay unnamed.
+        let head = plan.tasks.get(id.task).map(|t| t.head_name.as_str());
+        if let Some(head) =
+            head.filter(|h| plan.tasks.iter().filter(|t| t.head_name == *h).count() == 1)
+        {
+            builder = builder.name(host_name(&job.storage.job, head, id.subtask));
+        }
         if !nodes.is_empty() {
             builder = builder.node_affinity(nodes[id.subtask % nodes.len()], false);
         }

@@ -110,7 +110,7 @@ pub const DEFAULT_CREDITS: usize = 8;
 pub const DEFAULT_CREDIT_BYTES: usize = 32 << 20;
 
 /// How a finished job went.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobReport {
     /// Checkpoints completed (over all attempts).
     pub checkpoints: u64,
@@ -133,6 +133,13 @@ pub struct JobReport {
     /// What crossed each graph edge in the attempt that finished: batches,
     /// bytes, and bytes encoded or copied on the way.
     pub edges: Vec<EdgeStats>,
+    /// What the finished attempt's subtasks handed back
+    /// ([`results`](super::results)).
+    pub results: super::results::JobResults,
+    /// CPU seconds the processes of the finished attempt's hosts had used
+    /// when their subtasks finished (cluster runner; start-up included,
+    /// failed attempts' processes not).
+    pub hosts_cpu_seconds: Option<f64>,
 }
 
 /// Why a job stopped without finishing.
@@ -305,6 +312,8 @@ impl Coordinator {
                 resumed_from: None,
                 republished_epochs: Vec::new(),
                 edges: Vec::new(),
+                results: Default::default(),
+                hosts_cpu_seconds: None,
             },
             restarts,
             failed_at: None,

@@ -12,10 +12,13 @@ use super::coordinator::{Coordinator, CoordinatorEvent, JobConfig, JobError, Job
 use super::edges::{ChannelMeter, Meters};
 use super::failure::{AttemptFailure, ChannelError};
 use super::plan::{Plan, SubtaskId};
+use super::results::JobResults;
 use super::runner::{self, Command, Inbox, Reporter, TaskExit};
 use super::stage::ChainSnapshot;
 use crossbeam_channel::{Receiver, Select, Sender};
+use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a stopped attempt's threads get to finish before they are
@@ -37,6 +40,7 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
             receivers.push(Some(rx));
         }
         let meters = Meters::new(plan.channels.len());
+        let results: Arc<Mutex<JobResults>> = Arc::default();
         let mut commands: HashMap<SubtaskId, Sender<Command>> = HashMap::new();
         let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
         for id in plan.subtasks() {
@@ -85,6 +89,7 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
                 }))
             };
             let alive = alive_tx.clone();
+            let results = results.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("braid-{id}"))
                 .spawn(move || {
@@ -99,6 +104,7 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
                     let mut head = head;
                     let mut reporter = LocalReporter {
                         id,
+                        results,
                         commands: cmd_rx,
                         events: events.clone(),
                     };
@@ -155,6 +161,7 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
         match outcome {
             Ok(Some(mut report)) => {
                 report.edges = plan.edge_stats(&meters.counts());
+                report.results = std::mem::take(&mut *results.lock());
                 return Ok(report);
             }
             Ok(None) => continue,
@@ -253,6 +260,7 @@ pub(crate) fn recv_unblocked<T>(
 
 struct LocalReporter {
     id: SubtaskId,
+    results: Arc<Mutex<JobResults>>,
     commands: Receiver<Command>,
     events: Sender<CoordinatorEvent>,
 }
@@ -272,6 +280,7 @@ impl Reporter for LocalReporter {
     }
 
     fn finished(&mut self) {
+        self.results.lock().extend(super::results::take());
         let _ = self.events.send(CoordinatorEvent::Finished(self.id));
     }
 

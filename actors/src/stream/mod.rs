@@ -18,6 +18,8 @@
 //! * [`local`]: runs a plan with one thread per subtask in this process.
 //! * [`cluster`]: runs a registered job with every subtask a braid actor.
 //! * [`service`]: request/response calls one subtask offers the others.
+//! * [`results`]: named values finished subtasks hand back in the job's
+//!   report (accumulators).
 
 pub mod channel;
 pub mod cluster;
@@ -33,6 +35,7 @@ pub mod operator;
 pub mod plan;
 pub mod registry;
 pub mod restart;
+pub mod results;
 pub mod runner;
 pub mod service;
 pub mod sink;

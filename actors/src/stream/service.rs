@@ -50,6 +50,17 @@ pub fn offer(name: &str, service: Arc<dyn Service>) -> ServiceGuard {
     }
 }
 
+/// Offers the service `make()` returns under `name` for the rest of this
+/// process's life, unless one is offered under that name already (a
+/// subtask built again in the same process keeps the first): for
+/// services that answer after their subtask finished, such as a job's
+/// final figures, until the job's processes stop.
+pub fn offer_for_life(name: &str, make: impl FnOnce() -> Arc<dyn Service>) {
+    if registry::get::<Offered>(&key(name)).is_err() {
+        registry::register(&key(name), Arc::new(Offered(make())));
+    }
+}
+
 /// Withdraws the service it was returned for when dropped.
 pub struct ServiceGuard {
     name: String,

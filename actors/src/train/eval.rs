@@ -2,13 +2,17 @@
 //! predictions (made before training on each row) are put back in stream
 //! order, scored (logloss and AUC over a sliding window and over the whole
 //! stream) and optionally written out, one line per row.
+//!
+//! Other processes read the figures through the service the evaluation's
+//! process offers ([`service_name`]); the final figures come back in the
+//! job's report ([`final_figures`]).
 
 use super::metrics::{Progressive, ProgressiveSnapshot};
 use super::worker::Scored;
 use crate::stream::operator::{
     decode_state, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
 };
-use crate::stream::registry;
+use crate::stream::{registry, results, service};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -119,6 +123,7 @@ const PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_millis(100)
 
 /// Scores the workers' predictions in stream order.
 pub struct EvalSink {
+    name: String,
     handle: Arc<EvalHandle>,
     progressive: Progressive,
     next_row: u64,
@@ -138,11 +143,45 @@ struct EvalState {
     predictions: Option<(u64, u64)>,
 }
 
+/// The service name of job `name`'s evaluation figures (offered by the
+/// process that hosts its [`EvalSink`], on task [`EVAL_TASK`]; any request
+/// is answered with the encoded [`EvalFigures`]).
+pub fn service_name(name: &str) -> String {
+    format!("{name}/eval")
+}
+
+/// The task the evaluation runs as.
+pub const EVAL_TASK: &str = "eval";
+
+/// The result under which the final [`EvalFigures`] come back in the
+/// job's report, after the job's name and a slash.
+pub const EVAL_RESULT: &str = "eval";
+
+/// The evaluation's final figures in a finished job's report.
+pub fn final_figures(
+    report: &crate::stream::coordinator::JobReport,
+    name: &str,
+) -> Option<Result<EvalFigures, results::ResultError>> {
+    results::get(&report.results, &format!("{name}/{EVAL_RESULT}"))
+}
+
+struct FiguresService(Arc<EvalHandle>);
+
+impl service::Service for FiguresService {
+    fn call(&self, _request: &[u8]) -> Result<Vec<u8>, String> {
+        braid::store::codec::encode(&self.0.figures()).map_err(|e| e.to_string())
+    }
+}
+
 impl EvalSink {
     /// The evaluation of job `name`, with a sliding window of `window` rows.
     pub fn new(name: &str, window: usize) -> Self {
+        let handle = EvalHandle::of(name);
+        let offered = handle.clone();
+        service::offer_for_life(&service_name(name), || Arc::new(FiguresService(offered)));
         Self {
-            handle: EvalHandle::of(name),
+            name: name.to_string(),
+            handle,
             progressive: Progressive::new(window.max(1)),
             next_row: 0,
             waiting: BTreeMap::new(),
@@ -221,6 +260,11 @@ impl Operator for EvalSink {
             self.take(s)?;
         }
         self.publish();
+        results::set(
+            &format!("{}/{EVAL_RESULT}", self.name),
+            &self.handle.figures(),
+        )
+        .map_err(|e| OperatorError::Failed(e.to_string()))?;
         self.handle
             .flush()
             .map_err(|e| OperatorError::io("flush the predictions file", e))

@@ -3,6 +3,7 @@
 //! synthetic click stream, columnar feature batches), and progressive
 //! evaluation.
 
+pub mod client;
 pub mod columns;
 pub mod data;
 pub mod delta;

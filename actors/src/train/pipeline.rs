@@ -230,7 +230,7 @@ pub struct TrainSource {
     rows: u64,
     pad_rounds: bool,
     skipped: Arc<AtomicU64>,
-    serving: Arc<super::serving::Serving>,
+    name: String,
 }
 
 /// Malformed input lines the source of job `name` skipped so far in this
@@ -264,9 +264,25 @@ impl TrainSource {
             rows: 0,
             pad_rounds: config.ps.consistency == Consistency::Bsp,
             skipped: skipped_lines(&config.ps.name),
-            serving: super::serving::Serving::of(&config.ps),
+            name: config.ps.name.clone(),
         }
     }
+}
+
+impl TrainSource {
+    fn exhausted(&mut self) -> SourcePoll {
+        let skipped = self.skipped.load(Ordering::Relaxed);
+        if let Err(e) = crate::stream::results::set(&skipped_result(&self.name), &skipped) {
+            tracing::warn!("the training source cannot report its skipped lines: {e}");
+        }
+        SourcePoll::Exhausted
+    }
+}
+
+/// The result name of the malformed input lines job `name`'s source
+/// skipped (a `u64` in the job's report, [`crate::stream::results`]).
+pub fn skipped_result(name: &str) -> String {
+    format!("{name}/skipped")
 }
 
 impl Source for TrainSource {
@@ -290,8 +306,7 @@ impl Source for TrainSource {
         }
         allowance = allowance.min(self.rows_left);
         if allowance == 0 {
-            self.serving.input_ended(self.rows);
-            return SourcePoll::Exhausted;
+            return self.exhausted();
         }
         let per_worker = (allowance as usize).div_ceil(self.workers).max(1);
         let mut round = Vec::with_capacity(self.workers);
@@ -314,8 +329,7 @@ impl Source for TrainSource {
         self.skipped.store(reader.skipped(), Ordering::Relaxed);
         if total == 0 {
             self.rows_left = 0;
-            self.serving.input_ended(self.rows);
-            return SourcePoll::Exhausted;
+            return self.exhausted();
         }
         let mut emitted = 0;
         for (batch, ingest_ns) in round {
@@ -443,13 +457,13 @@ pub fn build(
     let chained = ps.workers == 1 && ps.chain;
     let worker_out = if chained {
         let ps = ps.clone();
-        batches.transform_chained("worker", move |i| {
+        batches.transform_chained(super::ps::WORKER_TASK, move |i| {
             TrainWorker::chained(ps.clone()).unwrap_or_else(|e| panic!("training worker {i}: {e}"))
         })
     } else {
         let ps = ps.clone();
         batches.transform_routed(
-            "worker",
+            super::ps::WORKER_TASK,
             config.ps.workers,
             move |b: &TrainBatch| b.seq % workers,
             move |i| TrainWorker::new(ps.clone(), i),
@@ -482,14 +496,18 @@ pub fn build(
     if chained {
         let _ = deltas.transform_chained("serving", move |_| ServingSink::new(&serving_ps));
     } else {
-        let _ =
-            deltas.transform_routed("serving", 1, |_| 0, move |_| ServingSink::new(&serving_ps));
+        let _ = deltas.transform_routed(
+            super::serving::SERVING_TASK,
+            1,
+            |_| 0,
+            move |_| ServingSink::new(&serving_ps),
+        );
     }
     let name = ps.name.clone();
     let window = config.window;
     let predictions = config.predictions.clone();
     let _ = scored.transform_routed(
-        "eval",
+        super::eval::EVAL_TASK,
         1,
         |_| 0,
         move |_| {

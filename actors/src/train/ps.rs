@@ -595,6 +595,9 @@ pub struct ShardOperator {
 /// [`pipeline::build`]: super::pipeline::build
 pub const SHARD_TASK: &str = "shard";
 
+/// The task the training workers run as.
+pub const WORKER_TASK: &str = "worker";
+
 impl ShardOperator {
     /// Shard `index` of `config`, registered for the workers of the
     /// current attempt.
@@ -1080,9 +1083,14 @@ impl Operator for ShardOperator {
     fn on_end(&mut self, out: &mut dyn Collector<Delta>) -> Result<(), OperatorError> {
         self.emit_delta(out, true);
         let model = self.copy_of(&self.cell.state.lock().model);
+        let figures = ShardFigures {
+            keys: model.table().len() as u64,
+            bytes: model.table().bytes() as u64,
+        };
         let name = format!("{}/final/shard{}", self.config.name, self.cell.index);
         registry::register(&name, Arc::new(FinalModel(model)));
-        Ok(())
+        crate::stream::results::set(&shard_result(&self.config.name, self.cell.index), &figures)
+            .map_err(|e| OperatorError::Failed(e.to_string()))
     }
 
     fn snapshot(&mut self) -> Result<Snapshot, OperatorError> {
@@ -1163,6 +1171,22 @@ impl ShardOperator {
 /// A copy of a shard's model at the end of the input.
 pub struct FinalModel(pub Model);
 
+/// What a shard held when its input ended, in the job's report
+/// ([`shard_result`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardFigures {
+    /// Live keys.
+    pub keys: u64,
+    /// Bytes of its table.
+    pub bytes: u64,
+}
+
+/// The result name of shard `shard`'s [`ShardFigures`] in job `name`'s
+/// report ([`crate::stream::results`]).
+pub fn shard_result(name: &str, shard: usize) -> String {
+    format!("{name}/shard/{shard}")
+}
+
 /// The model shard `shard` of `config`'s job held when its input ended,
 /// if the job ended in this process.
 pub fn final_model(config: &PsConfig, shard: usize) -> Option<Arc<FinalModel>> {
@@ -1170,7 +1194,9 @@ pub fn final_model(config: &PsConfig, shard: usize) -> Option<Arc<FinalModel>> {
 }
 
 /// A failure injected for tests and demos: the subtask panics when it
-/// first reaches `step` (once per job in a process), as if killed.
+/// first reaches `step` in the job's first attempt (once per job in a
+/// process), as if killed; the recovered attempts, in this process or in
+/// new ones on the cluster runner, run through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Crash {
     /// Worker `0` fails before training its step `1`.
@@ -1180,8 +1206,12 @@ pub enum Crash {
 }
 
 /// Whether an injected crash of `config`'s job has not happened yet in
-/// this process (true once).
+/// this process and the attempt is the job's first (generation 1: fresh
+/// storage's first claim; true once).
 pub(crate) fn first_crash(config: &PsConfig) -> bool {
+    if crate::stream::context::TaskContext::current().generation > 1 {
+        return false;
+    }
     let name = format!("{}/crashed", config.name);
     registry::get_or_register(&name, || {
         Arc::new(std::sync::atomic::AtomicBool::new(false))

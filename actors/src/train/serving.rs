@@ -19,6 +19,11 @@
 //! * **Latency**: a batch counts as served at the first prediction
 //!   answered by a version that holds it on every shard; the time from
 //!   its ingest to then is its latency.
+//! * **Other processes** ask the serving subtask's process through the
+//!   service it offers ([`ServingQuery`], answered by [`ServingAnswer`];
+//!   [`client::JobClient`](super::client::JobClient) calls it), and its
+//!   final [`ServingStats`] come back in the job's report
+//!   ([`SERVING_RESULT`]).
 
 use super::metrics::LatencyHistogram;
 use super::optimizer::{sigmoid, BIAS_KEY};
@@ -26,8 +31,9 @@ use super::ps::{AppliedBatch, Delta, ModelVersion, PsConfig};
 use super::sharding::ConsistentHash;
 use super::table::{prefetch_line, ParamTable};
 use crate::stream::operator::{Collector, EventTime, Operator, OperatorError};
-use crate::stream::registry;
+use crate::stream::{registry, results, service};
 use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -489,16 +495,128 @@ fn merge(a: &Delta, b: &Delta) -> Delta {
     }
 }
 
-/// The stream's end: applies the shards' deltas to the job's [`Serving`].
+/// What another process asks a job's serving.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ServingQuery {
+    /// Predict rows, each its hashed feature ids.
+    Predict(Vec<Vec<u64>>),
+    /// The statistics so far; `take_interval` starts a new interval.
+    Stats {
+        /// Clear the interval latency after reading it.
+        take_interval: bool,
+    },
+}
+
+/// Serving's answer to a [`ServingQuery`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ServingAnswer {
+    /// The version that answered, and each row's click probability.
+    Predicted(ModelVersion, Vec<f32>),
+    /// The statistics.
+    Stats(ServingStats),
+}
+
+/// What serving measured so far.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServingStats {
+    /// The live version.
+    pub version: ModelVersion,
+    /// Versions published.
+    pub swaps: u64,
+    /// Ingest-to-serving latency of every row served.
+    pub latency: LatencyHistogram,
+    /// Model-version lag of every answer until the final version.
+    pub lag: LatencyHistogram,
+    /// Latency of the batches served in the interval (one entry each).
+    pub interval_latency: LatencyHistogram,
+    /// [`Serving::span_ns`].
+    pub span_ns: (u64, u64),
+}
+
+impl Serving {
+    /// Its statistics; `take_interval` clears the interval latency.
+    pub fn stats(&self, take_interval: bool) -> ServingStats {
+        ServingStats {
+            version: self.version(),
+            swaps: self.swaps(),
+            latency: self.latency(),
+            lag: self.lag(),
+            interval_latency: if take_interval {
+                self.take_interval_latency()
+            } else {
+                self.tracking.lock().interval_latency.clone()
+            },
+            span_ns: self.span_ns(),
+        }
+    }
+
+    /// Answers another process's query.
+    pub fn answer(&self, query: ServingQuery) -> ServingAnswer {
+        match query {
+            ServingQuery::Predict(rows) => {
+                let (version, p) = self.predict(rows.iter().map(|r| (r.as_slice(), None)));
+                ServingAnswer::Predicted(version, p)
+            }
+            ServingQuery::Stats { take_interval } => {
+                ServingAnswer::Stats(self.stats(take_interval))
+            }
+        }
+    }
+}
+
+/// The service name of job `name`'s serving (offered by the process that
+/// hosts its [`ServingSink`], on task [`SERVING_TASK`]).
+pub fn service_name(name: &str) -> String {
+    format!("{name}/serving")
+}
+
+/// The task serving runs as on the cluster runner (on the local runner
+/// with one chained worker, it runs inside the worker's task).
+pub const SERVING_TASK: &str = "serving";
+
+/// The result under which serving's final [`ServingStats`] come back in
+/// the job's report ([`crate::stream::results`]), after the job's name
+/// and a slash.
+pub const SERVING_RESULT: &str = "serving";
+
+/// Serving's final statistics in a finished job's report.
+pub fn final_stats(
+    report: &crate::stream::coordinator::JobReport,
+    name: &str,
+) -> Option<Result<ServingStats, results::ResultError>> {
+    results::get(&report.results, &format!("{name}/{SERVING_RESULT}"))
+}
+
+struct ServingService(Arc<Serving>);
+
+impl service::Service for ServingService {
+    fn call(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+        let query: ServingQuery =
+            braid::store::codec::decode(request).map_err(|e| format!("bad query: {e}"))?;
+        braid::store::codec::encode(&self.0.answer(query)).map_err(|e| e.to_string())
+    }
+}
+
+/// The stream's end: applies the shards' deltas to the job's [`Serving`],
+/// which it offers to other processes as a service.
 pub struct ServingSink {
     serving: Arc<Serving>,
+    name: String,
 }
 
 impl ServingSink {
     /// The sink of `config`'s job.
     pub fn new(config: &PsConfig) -> Self {
+        let serving = Serving::of(config);
+        let offered = serving.clone();
+        // Offered for the process's life: it answers after the stream
+        // ended, until the job's hosts stop.
+        service::offer_for_life(&service_name(&config.name), || {
+            Arc::new(ServingService(offered))
+        });
         Self {
-            serving: Serving::of(config),
+            serving,
+            name: config.name.clone(),
         }
     }
 }
@@ -515,5 +633,16 @@ impl Operator for ServingSink {
     ) -> Result<(), OperatorError> {
         self.serving.apply(delta);
         Ok(())
+    }
+
+    /// Every delta is in: the served version is final, so answers stop
+    /// counting lag, and the final statistics go to the job's report.
+    fn on_end(&mut self, _out: &mut dyn Collector<()>) -> Result<(), OperatorError> {
+        self.serving.input_ended(self.serving.version().records);
+        results::set(
+            &format!("{}/{SERVING_RESULT}", self.name),
+            &self.serving.stats(false),
+        )
+        .map_err(|e| OperatorError::Failed(e.to_string()))
     }
 }

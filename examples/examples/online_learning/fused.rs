@@ -176,9 +176,11 @@ fn rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport> {
-    let started = Instant::now();
-    let cpu_start = common::self_cpu_seconds();
+/// The job `config` describes, added to a new environment, and its
+/// parameter server's configuration. `actors`: every subtask its own actor
+/// on the cluster runner (workers never chained to their shards, and the
+/// evaluation's subtask writes the predictions file itself).
+pub fn build_job(config: &FusedConfig, actors: bool) -> anyhow::Result<(StreamEnv, PsConfig)> {
     let consistency: Consistency = config.sync.parse()?;
     let optimizer = OptimizerKind::Ftrl(FtrlParams {
         alpha: config.hyper.alpha,
@@ -192,7 +194,11 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
     ps.capacity = config.capacity;
     ps.feature_bits = Some(config.hyper.bits);
     ps.crash = config.crash.as_deref().map(parse_crash).transpose()?;
+    ps.chain = !actors;
     let mut pc = PipelineConfig::new(ps.clone());
+    if actors {
+        pc.predictions = config.predictions.clone();
+    }
     pc.batch_rows = config.batch_rows;
     pc.window = config.window;
     pc.rate = config.rate;
@@ -218,6 +224,14 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
             }
         })
     })?;
+    Ok((env, ps))
+}
+
+fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport> {
+    let started = Instant::now();
+    let cpu_start = common::self_cpu_seconds();
+    let (env, ps) = build_job(config, false)?;
+    let name = ps.name.clone();
     let eval = EvalHandle::of(&name);
     if let Some(path) = &config.predictions {
         if config.resume {

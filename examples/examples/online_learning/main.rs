@@ -9,6 +9,7 @@
 //! Run: `cargo run --release --example online_learning`
 //! (no file needed: the built-in synthetic click stream with drift).
 
+mod actor_graph;
 mod common;
 mod fused;
 mod report;
@@ -74,6 +75,11 @@ struct Args {
     /// fused or separate.
     #[arg(long, default_value = "fused")]
     mode: String,
+    /// How the fused job runs: `local` (every subtask a thread of one
+    /// actor's process; one worker and one shard chain into one thread) or
+    /// `cluster` (every subtask an actor in a process of its own).
+    #[arg(long, default_value = "local", value_parser = ["local", "cluster"])]
+    runner: String,
     /// Run both modes at the same rate and report their ratios.
     #[arg(long)]
     compare: bool,
@@ -175,13 +181,15 @@ impl Progress {
     }
 }
 
-/// The driver's queries to the fused job's serving, through its actor.
+/// The driver's queries to the fused job's serving, from its process.
 #[derive(Debug, Default)]
 struct RemoteServing {
     /// Answers received.
     answers: u64,
     /// The version of the latest answer.
     version: Option<braid_actors::train::ps::ModelVersion>,
+    /// Answers whose version held fewer rows than an earlier answer's.
+    went_back: u64,
 }
 
 impl RemoteServing {
@@ -189,10 +197,18 @@ impl RemoteServing {
     fn ask(&mut self, job: &fused::FusedJobHandle, probe: &[u64]) {
         if let Ok(Ok((version, p))) = job.predict(vec![probe.to_vec()]).blocking() {
             if p.len() == 1 {
-                self.answers += 1;
-                self.version = Some(version);
+                self.note(version);
             }
         }
+    }
+
+    /// An answer from `version`.
+    fn note(&mut self, version: braid_actors::train::ps::ModelVersion) {
+        self.answers += 1;
+        if self.version.is_some_and(|v| v.records > version.records) {
+            self.went_back += 1;
+        }
+        self.version = Some(version);
     }
 }
 
@@ -242,6 +258,14 @@ fn run_fused(
         .sync
         .parse::<braid_actors::train::ps::Consistency>()
         .map_err(|e| anyhow::anyhow!("--sync: {e}"))?;
+    if args.runner == "cluster" {
+        let mut progress = Progress::new();
+        let out = actor_graph::run(rt, &config, args.kill_job_at_rows, &mut |p| {
+            progress.show("actors", p)
+        });
+        progress.end();
+        return out;
+    }
     let started = Instant::now();
     let driver_cpu = common::self_cpu_seconds();
     let mut job = start_fused(rt, &config)?;
@@ -508,10 +532,17 @@ fn main() -> anyhow::Result<()> {
         j["sustained_per_s"] = status.sustained_per_s.into();
         j["remote_predictions"] = remote.answers.into();
         j["remote_version_records"] = remote.version.map_or(0, |v| v.records).into();
+        j["remote_versions_went_back"] = remote.went_back.into();
+        j["runner"] = args.runner.clone().into();
         j["workers"] = args.workers.into();
         j["shards"] = args.shards.into();
         j["sync"] = args.sync.clone().into();
-        (j, vec![("fused".into(), r.timeline)])
+        let series = if args.runner == "cluster" {
+            "actors"
+        } else {
+            "fused"
+        };
+        (j, vec![(series.into(), r.timeline)])
     };
 
     std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)

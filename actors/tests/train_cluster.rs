@@ -246,3 +246,79 @@ fn a_process_killed_mid_run_recovers_to_the_same_predictions() {
         "the recovered run's predictions differ from one process's"
     );
 }
+
+#[test]
+fn serving_answers_another_process_with_growing_versions_and_the_report_holds_the_final_figures() {
+    use braid_actors::train::client::{ClientError, JobClient};
+    use braid_actors::train::{eval, ps, serving};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.txt");
+    let mut job = cluster_job(dir.path(), &path);
+    // About two seconds of stream, so that queries meet a model in training.
+    job.params.insert("rate".into(), (ROWS / 2).to_string());
+    let name = job.params["name"].clone();
+    // The first call waits for the job to start; later ones retry for a
+    // shorter while (a call in flight when the job ends retries that long).
+    let first = JobClient::new(rt(), &job.storage.job, &name).with_wait(Duration::from_secs(60));
+    let client = JobClient::new(rt(), &job.storage.job, &name).with_wait(Duration::from_secs(3));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asking = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut versions = vec![first.predict(vec![vec![1]]).unwrap().0];
+            while !done.load(Ordering::Acquire) {
+                match client.predict(vec![vec![1, 2, 3], vec![4, 5]]) {
+                    Ok((version, p)) => {
+                        assert_eq!(p.len(), 2);
+                        assert!(p.iter().all(|p| (0.0..=1.0).contains(p)));
+                        versions.push(version);
+                    }
+                    // The job's hosts stop when it ends.
+                    Err(_) if done.load(Ordering::Acquire) => break,
+                    Err(e) => panic!("serving did not answer: {e}"),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            versions
+        })
+    };
+    let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
+    done.store(true, Ordering::Release);
+    let versions = asking.join().unwrap();
+    assert!(versions.len() > 10, "{} answers", versions.len());
+    assert!(
+        versions.windows(2).all(|w| w[0].records <= w[1].records),
+        "versions went back: {versions:?}"
+    );
+    assert!(
+        versions.iter().any(|v| v.records > 0 && v.records < ROWS),
+        "no answer came from a model in training"
+    );
+    let figures = eval::final_figures(&report, &name).unwrap().unwrap();
+    assert_eq!(figures.rows, ROWS);
+    assert!(figures.auc > 0.5, "{figures:?}");
+    let stats = serving::final_stats(&report, &name).unwrap().unwrap();
+    assert_eq!(stats.version.records, ROWS, "{stats:?}");
+    assert!(versions.iter().all(|v| *v <= stats.version));
+    assert!(stats.latency.count() > 0);
+    for shard in 0..2 {
+        let f: ps::ShardFigures =
+            braid_actors::stream::results::get(&report.results, &ps::shard_result(&name, shard))
+                .unwrap()
+                .unwrap();
+        assert!(f.keys > 0 && f.bytes > 0, "{f:?}");
+    }
+    assert!(report.hosts_cpu_seconds.is_some_and(|s| s > 0.0));
+
+    // A job that does not run answers with an error within the wait.
+    let nobody = JobClient::new(rt(), &unique("no-such-job"), "nobody")
+        .with_wait(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        nobody.predict(vec![vec![1]]),
+        Err(ClientError::Call(
+            braid_actors::stream::service::CallError::Unreachable(..)
+        ))
+    ));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

@@ -1,7 +1,9 @@
 //! The `online_learning` example as a user runs it: the fused mode with
 //! its summary, plot and predictions; the separate mode; recovery from a
 //! crashed shard, and from a SIGKILLed job process, with a bitwise-identical
-//! BSP result; bad flags refused.
+//! BSP result; the actor runner (every subtask a process) predicting what
+//! the local runner does, through SIGKILLs of a worker, a shard and
+//! serving; bad flags refused.
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -198,6 +200,98 @@ fn a_killed_job_process_is_restarted_from_its_checkpoint_to_the_same_bsp_run() {
         clean_bytes == killed_bytes,
         "the predictions file after the restart differs from the clean run's"
     );
+}
+
+/// A 60,000-row BSP run of two workers and two shards on the actor
+/// runner, throttled so that the driver sees it midway, checkpointed
+/// every 50 ms, writing its predictions to `predictions`.
+fn actor_runner_args<'a>(out_dir: &'a str, predictions: &'a str) -> Vec<&'a str> {
+    vec![
+        "--runner",
+        "cluster",
+        "--rows",
+        "60000",
+        "--sync",
+        "bsp",
+        "--workers",
+        "2",
+        "--shards",
+        "2",
+        "--rate",
+        "30000",
+        "--checkpoint-ms",
+        "50",
+        "--predictions",
+        predictions,
+        "--json",
+        "--out-dir",
+        out_dir,
+    ]
+}
+
+#[test]
+fn the_actor_runner_predicts_what_the_local_runner_does_through_sigkills() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let out_dir = path("out");
+    let read = |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+
+    let local_predictions = path("local.txt");
+    let mut local_args = actor_runner_args(&out_dir, &local_predictions);
+    local_args[1] = "local";
+    let local = json_of(&run(&local_args, LIMIT));
+    let expected = read(&local_predictions);
+    assert_eq!(expected.iter().filter(|&&b| b == b'\n').count(), 60000);
+
+    let clean_predictions = path("actors.txt");
+    let clean = json_of(&run(
+        &actor_runner_args(&out_dir, &clean_predictions),
+        LIMIT,
+    ));
+    assert_eq!(clean["runner"], "cluster", "{clean}");
+    assert_eq!(clean["rows"], 60000);
+    assert_eq!(clean["failures"], 0, "{clean}");
+    assert_eq!(clean["logloss"], local["logloss"], "{clean}\n{local}");
+    assert!(
+        read(&clean_predictions) == expected,
+        "the actor runner's predictions differ from the local runner's"
+    );
+    // The driver, another process, queried serving all along: versions
+    // never went back, and the last answer came from the final model.
+    assert!(
+        clean["remote_predictions"].as_u64().unwrap_or(0) > 0,
+        "{clean}"
+    );
+    assert_eq!(clean["remote_versions_went_back"], 0, "{clean}");
+    assert!(clean["ps_keys"].as_u64().unwrap_or(0) > 0, "{clean}");
+    let edges = clean["edges"].as_array().cloned().unwrap_or_default();
+    let carried: Vec<&serde_json::Value> = edges
+        .iter()
+        .filter(|e| !e["to"].as_str().unwrap_or_default().starts_with("eval"))
+        .collect();
+    assert_eq!(
+        carried.len(),
+        3,
+        "source→worker, worker→shard, shard→serving: {clean}"
+    );
+    for edge in carried {
+        assert!(edge["batches"].as_u64().unwrap_or(0) > 0, "{edge}");
+        assert_eq!(edge["codec_bytes"], 0, "{edge}");
+        assert_eq!(edge["copied_bytes"], 0, "{edge}");
+    }
+
+    for victim in ["worker", "shard", "serving"] {
+        let predictions = path(&format!("killed-{victim}.txt"));
+        let mut args = actor_runner_args(&out_dir, &predictions);
+        args.extend(["--kill-job-at-rows", "15000", "--kill-subtask", victim]);
+        let killed = json_of(&run(&args, LIMIT));
+        assert_eq!(killed["failures"], 1, "{victim}: {killed}");
+        assert_eq!(killed["rows"], 60000, "{victim}: {killed}");
+        assert!(
+            read(&predictions) == expected,
+            "after {victim} 0's process was killed, the predictions differ"
+        );
+    }
 }
 
 #[test]

@@ -29,8 +29,14 @@
 //!     let stream = SyntheticStream::new(SyntheticConfig { rows: 20_000, ..Default::default() })?;
 //!     Ok(Box::new(SyntheticReader(stream)) as Box<dyn pipeline::RowReader>)
 //! })?;
-//! local::run(&Plan::new(env.into_graph()), JobConfig::new(CheckpointStorage::in_memory("doc-job", 2)))?;
+//! let report = local::run(
+//!     &Plan::new(env.into_graph()),
+//!     JobConfig::new(CheckpointStorage::in_memory("doc-job", 2)),
+//! )?;
 //! assert_eq!(Serving::of(&ps).version().records, 20_000);
+//! // The evaluation's final figures come back in the report.
+//! let figures = braid_actors::train::eval::final_figures(&report, "doc-job").unwrap()?;
+//! assert_eq!(figures.rows, 20_000);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 

@@ -77,13 +77,13 @@ fn cpu_of(pids: &[u32]) -> f64 {
         .sum()
 }
 
-/// Runs the job `config` describes on the cluster runner; `kill_at_rows`
-/// SIGKILLs the process of worker 0 once that many rows were evaluated.
-/// Every live point goes to `show`.
+/// Runs the job `config` describes on the cluster runner; `kill` =
+/// `(rows, task)` SIGKILLs the process of subtask 0 of `task` once `rows`
+/// rows were evaluated. Every live point goes to `show`.
 pub fn run(
     rt: &braid::Runtime,
     config: &FusedConfig,
-    kill_at_rows: Option<u64>,
+    kill: Option<(u64, &str)>,
     show: &mut dyn FnMut(&TimelinePoint),
 ) -> anyhow::Result<(ModeReport, FusedStatus, RemoteServing)> {
     let started = Instant::now();
@@ -175,19 +175,19 @@ pub fn run(
         (last_rows, last_t) = (f.rows, t);
         timeline.push(point);
         show(&point);
-        if !killed && kill_at_rows.is_some_and(|at| f.rows >= at) {
+        if let Some((_, task)) = kill.filter(|(at, _)| !killed && f.rows >= *at) {
             killed = true;
             let pid = services
-                .pid(ps::WORKER_TASK, 0, QUERY_WAIT)
-                .context("find worker 0's process")?;
-            eprintln!("\n[actors] SIGKILL worker 0 (pid {pid}) at {} rows", f.rows);
+                .pid(task, 0, QUERY_WAIT)
+                .with_context(|| format!("find {task} 0's process"))?;
+            eprintln!("\n[actors] SIGKILL {task} 0 (pid {pid}) at {} rows", f.rows);
             braid_examples::sigkill(pid)?;
         }
     };
+    let seconds = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Release);
     let remote = probe.join().unwrap_or_default();
     let _ = runner.join();
-    let seconds = started.elapsed().as_secs_f64();
     let report = outcome.context("the job failed")?;
     // Every process of the mode: this driver, the embedded cluster's
     // node processes (the head runs in the node's), and the job's hosts

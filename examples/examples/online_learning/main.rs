@@ -109,8 +109,14 @@ struct Args {
     crash: Option<String>,
     /// Fused: SIGKILL the job's process once it has scored this many rows;
     /// the driver starts a new one, which goes on from the last checkpoint.
+    /// On the cluster runner, SIGKILL the process of `--kill-subtask`, and
+    /// the job recovers from its last checkpoint in new processes.
     #[arg(long)]
     kill_job_at_rows: Option<u64>,
+    /// Cluster runner: whose process `--kill-job-at-rows` kills (subtask 0
+    /// of that task).
+    #[arg(long, default_value = "worker", value_parser = ["source", "worker", "shard", "serving", "eval"])]
+    kill_subtask: String,
     /// Where the summary JSON and the plot go.
     #[arg(long, default_value = "target/online_learning")]
     out_dir: PathBuf,
@@ -260,9 +266,10 @@ fn run_fused(
         .map_err(|e| anyhow::anyhow!("--sync: {e}"))?;
     if args.runner == "cluster" {
         let mut progress = Progress::new();
-        let out = actor_graph::run(rt, &config, args.kill_job_at_rows, &mut |p| {
-            progress.show("actors", p)
-        });
+        let kill = args
+            .kill_job_at_rows
+            .map(|rows| (rows, args.kill_subtask.as_str()));
+        let out = actor_graph::run(rt, &config, kill, &mut |p| progress.show("actors", p));
         progress.end();
         return out;
     }

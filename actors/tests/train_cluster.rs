@@ -250,7 +250,7 @@ fn a_process_killed_mid_run_recovers_to_the_same_predictions() {
 #[test]
 fn serving_answers_another_process_with_growing_versions_and_the_report_holds_the_final_figures() {
     use braid_actors::train::client::{ClientError, JobClient};
-    use braid_actors::train::{eval, ps, serving};
+    use braid_actors::train::{eval, serving, shard};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cluster.txt");
     let mut job = cluster_job(dir.path(), &path);
@@ -302,8 +302,8 @@ fn serving_answers_another_process_with_growing_versions_and_the_report_holds_th
     assert!(versions.iter().all(|v| *v <= stats.version));
     assert!(stats.latency.count() > 0);
     for shard in 0..2 {
-        let f: ps::ShardFigures =
-            braid_actors::stream::results::get(&report.results, &ps::shard_result(&name, shard))
+        let f: shard::ShardFigures =
+            braid_actors::stream::results::get(&report.results, &shard::shard_result(&name, shard))
                 .unwrap()
                 .unwrap();
         assert!(f.keys > 0 && f.bytes > 0, "{f:?}");

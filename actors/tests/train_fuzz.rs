@@ -17,7 +17,7 @@ use braid::store::arrow_buffer::Buffer;
 use braid::store::batch::{read_record_batch, BatchWriter};
 use braid_actors::train::data::{FeatureBatch, FeatureBatchRef};
 use braid_actors::train::optimizer::{Model, OptimizerKind};
-use braid_actors::train::ps::check_shard_snapshot;
+use braid_actors::train::shard::check_shard_snapshot;
 use braid_actors::train::table::ParamTable;
 
 #[global_allocator]

@@ -13,8 +13,9 @@ use braid_actors::train::data::{fnv1a64, SyntheticConfig, SyntheticStream};
 use braid_actors::train::eval::{EvalFigures, EvalHandle};
 use braid_actors::train::optimizer::{FtrlParams, Model, OptimizerKind, BIAS_KEY};
 use braid_actors::train::pipeline::{self, FileReader, PipelineConfig, RowReader, SyntheticReader};
-use braid_actors::train::ps::{final_model, Consistency, Crash, KeyPolicy, PsConfig};
+use braid_actors::train::ps::{Consistency, Crash, KeyPolicy, PsConfig};
 use braid_actors::train::serving::Serving;
+use braid_actors::train::shard::final_model;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 

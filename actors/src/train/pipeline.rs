@@ -44,8 +44,9 @@ use super::data::{
     CriteoConfig, CriteoParser, DataError, FeatureBatch, GenCtrParser, ParseStats, SyntheticStream,
 };
 use super::eval::{EvalHandle, EvalSink};
-use super::ps::{Consistency, PsConfig, ShardOperator, TrainBatch};
+use super::ps::{Consistency, PsConfig, TrainBatch};
 use super::serving::ServingSink;
+use super::shard::ShardOperator;
 use super::worker::TrainWorker;
 use crate::stream::graph::StreamEnv;
 use crate::stream::operator::{decode_state, Collector, StateError};
@@ -463,13 +464,13 @@ pub fn build(
     let chained = ps.workers == 1 && ps.chain;
     let worker_out = if chained {
         let ps = ps.clone();
-        batches.transform_chained(super::ps::WORKER_TASK, move |i| {
+        batches.transform_chained(super::worker::WORKER_TASK, move |i| {
             TrainWorker::chained(ps.clone()).unwrap_or_else(|e| panic!("training worker {i}: {e}"))
         })
     } else {
         let ps = ps.clone();
         batches.transform_routed(
-            super::ps::WORKER_TASK,
+            super::worker::WORKER_TASK,
             config.ps.workers,
             move |b: &TrainBatch| b.seq % workers,
             move |i| TrainWorker::new(ps.clone(), i),
@@ -487,7 +488,7 @@ pub fn build(
             .columnar_with(Arc::new(super::push::PushFormat));
         let shard_ps = ps.clone();
         pushes.transform_routed(
-            super::ps::SHARD_TASK,
+            super::shard::SHARD_TASK,
             ps.shards,
             |p: &super::ps::Push| p.shard as u64,
             move |i| match ShardOperator::new(shard_ps.clone(), i) {

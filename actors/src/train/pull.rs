@@ -15,7 +15,8 @@
 //! batches, its keys and its weights, and counts the bytes that went
 //! through serde when they travel in the call.
 
-use super::ps::{PsConfig, PullError, PullStats, ShardCell, ShardOperator, SHARD_TASK};
+use super::ps::{PsConfig, PullError, PullStats};
+use super::shard::{ShardCell, ShardOperator, SHARD_TASK};
 use super::sharding::ConsistentHash;
 use crate::stream::context::TaskContext;
 use crate::stream::registry;

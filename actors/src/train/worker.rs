@@ -15,14 +15,18 @@
 //! together, so a checkpoint holds exactly the records before it.
 
 use super::optimizer::{sigmoid, BIAS_KEY};
-use super::ps::{split_parts, Delta, KeyPolicy, PsConfig, Push, ShardOperator, TrainBatch};
+use super::ps::{Delta, KeyPolicy, PsConfig, Push, TrainBatch};
 use super::pull::{PsClient, Pulled};
+use super::shard::{split_parts, ShardOperator};
 use super::table::SlotRef;
 use crate::stream::operator::{
     decode_state, write_part, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
 };
 use braid::store::codec;
 use serde::{Deserialize, Serialize};
+
+/// The task the training workers run as in [`super::pipeline::build`]'s graph.
+pub const WORKER_TASK: &str = "worker";
 
 /// Predictions a worker made for one batch, before training on it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

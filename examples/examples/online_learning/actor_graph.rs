@@ -17,7 +17,7 @@ use braid_actors::stream::cluster::{self, ClusterJob, JobParams, JobServices, St
 use braid_actors::stream::graph::StreamEnv;
 use braid_actors::stream::results;
 use braid_actors::train::client::JobClient;
-use braid_actors::train::{eval, pipeline, ps, serving};
+use braid_actors::train::{eval, pipeline, serving, shard};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -55,28 +55,6 @@ const TICK: Duration = Duration::from_millis(500);
 /// How long one of the driver's queries may wait (the job recovering).
 const QUERY_WAIT: Duration = Duration::from_secs(2);
 
-/// The process ids of the cluster's nodes.
-fn node_pids(rt: &braid::Runtime) -> Vec<u32> {
-    let rt2 = rt.clone();
-    rt.block_on(async move { rt2.nodes().await })
-        .map(|nodes| {
-            nodes
-                .iter()
-                .map(|n| n.info.pid)
-                .filter(|&pid| pid != std::process::id())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// CPU seconds the processes `pids` used so far.
-fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter()
-        .filter_map(|&pid| common::cpu_seconds_of(pid))
-        .map(|(own, _)| own)
-        .sum()
-}
-
 /// Runs the job `config` describes on the cluster runner; `kill` =
 /// `(rows, task)` SIGKILLs the process of subtask 0 of `task` once `rows`
 /// rows were evaluated. Every live point goes to `show`.
@@ -111,8 +89,8 @@ pub fn run(
             )
         }
     };
-    let node_pids = node_pids(rt);
-    let cpu_start = common::self_cpu_seconds() + cpu_of(&node_pids);
+    let node_pids = common::node_pids(rt);
+    let cpu_start = common::self_cpu_seconds() + common::cpu_of(&node_pids);
     let (done_tx, done_rx) = mpsc::channel();
     let runner = {
         let rt = rt.clone();
@@ -192,7 +170,7 @@ pub fn run(
     // Every process of the mode: this driver, the embedded cluster's
     // node processes (the head runs in the node's), and the job's hosts
     // (each reports its process's CPU when its subtask finishes).
-    let cpu = common::self_cpu_seconds() + cpu_of(&node_pids) - cpu_start
+    let cpu = common::self_cpu_seconds() + common::cpu_of(&node_pids) - cpu_start
         + report.hosts_cpu_seconds.unwrap_or(0.0);
     let f = eval::final_figures(&report, &name).context("the evaluation reported no figures")??;
     let stats =
@@ -201,7 +179,7 @@ pub fn run(
     let mut bytes = 0u64;
     for s in 0..ps.shards {
         if let Some(Ok(figures)) =
-            results::get::<ps::ShardFigures>(&report.results, &ps::shard_result(&name, s))
+            results::get::<shard::ShardFigures>(&report.results, &shard::shard_result(&name, s))
         {
             keys += figures.keys;
             bytes += figures.bytes;

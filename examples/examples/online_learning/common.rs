@@ -216,6 +216,29 @@ pub fn self_cpu_seconds() -> f64 {
     cpu_seconds_of(std::process::id()).map_or(0.0, |(own, _)| own)
 }
 
+/// The process ids of the embedded cluster's node processes (other than
+/// this one).
+pub fn node_pids(rt: &braid::Runtime) -> Vec<u32> {
+    let rt2 = rt.clone();
+    rt.block_on(async move { rt2.nodes().await })
+        .map(|nodes| {
+            nodes
+                .iter()
+                .map(|n| n.info.pid)
+                .filter(|&pid| pid != std::process::id())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// CPU seconds the processes `pids` used so far.
+pub fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|&pid| cpu_seconds_of(pid))
+        .map(|(own, _)| own)
+        .sum()
+}
+
 /// CPU seconds (user + system) of this process's waited-for children.
 pub fn children_cpu_seconds() -> f64 {
     cpu_seconds_of(std::process::id()).map_or(0.0, |(_, children)| children)

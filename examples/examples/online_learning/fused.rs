@@ -320,7 +320,7 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
     let mut keys = 0u64;
     let mut bytes = 0u64;
     for s in 0..ps.shards {
-        if let Some(m) = braid_actors::train::ps::final_model(&ps, s) {
+        if let Some(m) = braid_actors::train::shard::final_model(&ps, s) {
             keys += m.0.table().len() as u64;
             bytes += m.0.table().bytes() as u64;
         }

@@ -1,10 +1,12 @@
 //! Online learning on a click stream, fused: source → feature hashing →
 //! parameter-server training (FTRL-Proximal) → serving, as one braid
 //! stream job on an embedded cluster, with progressive evaluation and a
-//! live progress line; or `--mode separate`, the same pipeline the way
-//! separate systems run it (stream job, trainer and server as three
-//! processes, bincode batches over TCP, model deltas as files); or
-//! `--compare`, both at the same input rate, with their ratios.
+//! live progress line. The job runs in one actor's process (`--runner
+//! local`, the default) or with every subtask an actor in its own process
+//! (`--runner cluster`). `--mode separate` runs the same pipeline the way
+//! separate systems do (stream job, trainer and server as three
+//! processes, bincode batches over TCP, model deltas as files);
+//! `--compare` runs every mode at the same input rate, with their ratios.
 //!
 //! Run: `cargo run --release --example online_learning`
 //! (no file needed: the built-in synthetic click stream with drift).
@@ -80,7 +82,11 @@ struct Args {
     /// `cluster` (every subtask an actor in a process of its own).
     #[arg(long, default_value = "local", value_parser = ["local", "cluster"])]
     runner: String,
-    /// Run both modes at the same rate and report their ratios.
+    /// Run every mode: `chained` (the local runner, one worker and one
+    /// shard in one thread), `actors` (the cluster runner with
+    /// `--workers`/`--shards`) and `separate`, unthrottled and then at 80%
+    /// of separate's saturation rate; `fused` is the fused runner that
+    /// keeps up with that rate at the lower CPU. One JSON object.
     #[arg(long)]
     compare: bool,
     /// Throttle the source to this many rows per second.
@@ -274,7 +280,8 @@ fn run_fused(
         return out;
     }
     let started = Instant::now();
-    let driver_cpu = common::self_cpu_seconds();
+    let node_pids = common::node_pids(rt);
+    let driver_cpu = common::self_cpu_seconds() + common::cpu_of(&node_pids);
     let mut job = start_fused(rt, &config)?;
     let mut progress = Progress::new();
     // The driver also queries serving through the job's actor, as a client
@@ -320,7 +327,9 @@ fn run_fused(
     progress.end();
     let seconds = started.elapsed().as_secs_f64();
     remote.ask(&job, &probe);
-    let driver_cpu = common::self_cpu_seconds() - driver_cpu;
+    // The driver's and the node processes' CPU; the job's process counted
+    // its own.
+    let driver_cpu = common::self_cpu_seconds() + common::cpu_of(&node_pids) - driver_cpu;
     let (rt2, handle) = (rt.clone(), job.raw().clone());
     let _ = rt.block_on(async move { rt2.kill_actor(&handle).await });
     let mut report = match status.done.clone() {
@@ -371,6 +380,195 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
+/// Each mode's timeline, for the plot.
+type Series = Vec<(String, Vec<TimelinePoint>)>;
+
+/// A fused mode's run at `--compare`'s shared rate.
+struct AtRate {
+    batch_rows: usize,
+    report: ModeReport,
+    sustained_per_s: f64,
+    keeps_up: bool,
+}
+
+/// Runs a fused mode at `rate`, trying [`FUSED_BATCH_ROWS`] smallest
+/// first, then `--batch-rows`: the first micro-batch that keeps up (or
+/// the last tried).
+fn fused_at_rate(
+    rt: &braid::Runtime,
+    args: &Args,
+    label: &str,
+    rate: f64,
+    predictions: Option<PathBuf>,
+    scratch: &std::path::Path,
+) -> anyhow::Result<AtRate> {
+    let mut candidates: Vec<usize> = FUSED_BATCH_ROWS
+        .into_iter()
+        .filter(|&b| b < args.batch_rows)
+        .collect();
+    candidates.push(args.batch_rows.max(1));
+    let mut chosen = None;
+    for batch_rows in candidates {
+        let (report, status, _) = run_fused(
+            rt,
+            args,
+            Some(rate),
+            batch_rows,
+            predictions.clone(),
+            scratch,
+        )?;
+        let keeps_up = status.sustained_per_s >= separate::KEEP_UP_RATE_FRACTION * rate;
+        eprintln!(
+            "[{label}] {batch_rows}-row micro-batches at {rate:.0} rows/s: sustained {:.0} rows/s{}",
+            status.sustained_per_s,
+            if keeps_up { ": keeps up" } else { ": falls behind" }
+        );
+        chosen = Some(AtRate {
+            batch_rows,
+            report,
+            sustained_per_s: status.sustained_per_s,
+            keeps_up,
+        });
+        if keeps_up {
+            break;
+        }
+    }
+    chosen.context("no fused run")
+}
+
+/// `--compare`: every mode unthrottled, then at 80% of the separate
+/// mode's saturation rate; the fused mode is the fused runner that keeps
+/// up with that rate at the lower CPU per million rows.
+fn compare(
+    rt: &braid::Runtime,
+    args: &Args,
+    scratch: &std::path::Path,
+) -> anyhow::Result<(serde_json::Value, Series)> {
+    let chained_args = Args {
+        runner: "local".into(),
+        workers: 1,
+        shards: 1,
+        crash: None,
+        kill_job_at_rows: None,
+        ..args.clone()
+    };
+    let actors_args = Args {
+        runner: "cluster".into(),
+        crash: None,
+        kill_job_at_rows: None,
+        ..args.clone()
+    };
+    let mut run = 0;
+    let mut next_run = || {
+        run += 1;
+        run
+    };
+    eprintln!("compare: separate mode at saturation …");
+    let (_, separate_sat) = separate::run_separate(
+        &separate_config(args, None, args.refresh_ms, None, scratch, next_run())?,
+        &mut |p| Progress::new().show("separate", p),
+    )?;
+    eprintln!("compare: chained at saturation …");
+    let (_, chained_sat, _) = run_fused(rt, &chained_args, None, args.batch_rows, None, scratch)?;
+    eprintln!(
+        "compare: actors ({} workers × {} shards) at saturation …",
+        args.workers, args.shards
+    );
+    let (_, actors_sat, _) = run_fused(rt, &actors_args, None, args.batch_rows, None, scratch)?;
+    let saturation = [
+        ("separate", separate_sat),
+        ("chained", chained_sat.sustained_per_s),
+        ("actors", actors_sat.sustained_per_s),
+    ];
+    let rate = 0.8 * separate_sat;
+    eprintln!("compare: separate at {rate:.0} rows/s, finding its refresh interval …");
+    let base = separate_config(args, Some(rate), args.refresh_ms, None, scratch, next_run())?;
+    let (refresh_ms, sep) =
+        separate::find_refresh(&base, rate, &mut |p| Progress::new().show("separate", p))?;
+    // Fused modes refresh serving after every micro-batch; like separate's
+    // interval, their micro-batch is the smallest that keeps up.
+    eprintln!("compare: chained at {rate:.0} rows/s, finding its micro-batch …");
+    let chained = fused_at_rate(
+        rt,
+        &chained_args,
+        "chained",
+        rate,
+        args.predictions.clone(),
+        scratch,
+    )?;
+    eprintln!("compare: actors at {rate:.0} rows/s, finding its micro-batch …");
+    let actors = fused_at_rate(rt, &actors_args, "actors", rate, None, scratch)?;
+    let mode_json = |name: &str, r: &AtRate| {
+        let mut j = report::report_json(&r.report);
+        j["events_per_s_saturation"] = saturation
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0.0, |(_, s)| *s)
+            .into();
+        j["batch_rows"] = r.batch_rows.into();
+        j["sustained_per_s"] = r.sustained_per_s.into();
+        j["keeps_up"] = r.keeps_up.into();
+        j
+    };
+    let (chained_json, actors_json) =
+        (mode_json("chained", &chained), mode_json("actors", &actors));
+    // The fused mode for the rate: of those that sustain it, the one with
+    // the lower CPU per million rows; if neither does, the faster.
+    let pick_actors = match (chained.keeps_up, actors.keeps_up) {
+        (true, true) => {
+            actors.report.cpu_seconds_per_million < chained.report.cpu_seconds_per_million
+        }
+        (false, true) => true,
+        (true, false) => false,
+        (false, false) => actors.sustained_per_s > chained.sustained_per_s,
+    };
+    let (fused_name, fused, mut fused_json) = if pick_actors {
+        ("actors", &actors, actors_json.clone())
+    } else {
+        ("chained", &chained, chained_json.clone())
+    };
+    fused_json["mode"] = fused_name.into();
+    let mut separate_json = report::report_json(&sep);
+    separate_json["events_per_s_saturation"] = separate_sat.into();
+    separate_json["refresh_ms"] = refresh_ms.into();
+    let f = &fused.report;
+    let summary = serde_json::json!({
+        "chained": chained_json,
+        "actors": actors_json,
+        "separate": separate_json,
+        "fused": fused_json,
+        "rate": rate,
+        "workers": args.workers,
+        "shards": args.shards,
+        "sync": args.sync,
+        "ratios": {
+            "fused_over_separate": {
+                "events_per_s_saturation": ratio(
+                    if pick_actors { actors_sat.sustained_per_s } else { chained_sat.sustained_per_s },
+                    separate_sat,
+                ),
+                "cpu_seconds_per_million": ratio(f.cpu_seconds_per_million, sep.cpu_seconds_per_million),
+                "latency_ms_p50": ratio(f.latency_ms_p50, sep.latency_ms_p50),
+                "latency_ms_p99": ratio(f.latency_ms_p99, sep.latency_ms_p99),
+                "model_lag_ms_p99": ratio(f.model_lag_ms_p99, sep.model_lag_ms_p99),
+            },
+            "actors_over_chained": {
+                "events_per_s_saturation": ratio(actors_sat.sustained_per_s, chained_sat.sustained_per_s),
+                "cpu_seconds_per_million": ratio(
+                    actors.report.cpu_seconds_per_million,
+                    chained.report.cpu_seconds_per_million,
+                ),
+            },
+        },
+    });
+    let series = vec![
+        ("chained".into(), chained.report.timeline.clone()),
+        ("actors".into(), actors.report.timeline.clone()),
+        ("separate".into(), sep.timeline.clone()),
+    ];
+    Ok((summary, series))
+}
+
 fn main() -> anyhow::Result<()> {
     braid_examples::init_logging();
     if let Some(r) = separate::role_main() {
@@ -410,98 +608,11 @@ fn main() -> anyhow::Result<()> {
     let summary_path = args.out_dir.join("summary.json");
     let plot_path = args.out_dir.join("online_learning.svg");
 
-    let (summary, series): (serde_json::Value, Vec<(String, Vec<TimelinePoint>)>) = if args.compare
-    {
+    let (summary, series): (serde_json::Value, Series) = if args.compare {
         let rt = rt.take().context("no cluster")?;
-        eprintln!("compare: separate mode at saturation …");
-        let mut run = 0;
-        let mut next_run = || {
-            run += 1;
-            run
-        };
-        let sat = separate::run_separate(
-            &separate_config(
-                &args,
-                None,
-                args.refresh_ms,
-                None,
-                scratch.path(),
-                next_run(),
-            )?,
-            &mut |p| Progress::new().show("separate", p),
-        )?;
-        eprintln!("compare: fused mode at saturation …");
-        let (fused_sat, _, _) = run_fused(&rt, &args, None, args.batch_rows, None, scratch.path())?;
-        let rate = 0.8 * sat.events_per_s;
-        eprintln!("compare: separate at {rate:.0} rows/s, finding its refresh interval …");
-        let base = separate_config(
-            &args,
-            Some(rate),
-            args.refresh_ms,
-            None,
-            scratch.path(),
-            next_run(),
-        )?;
-        let (refresh_ms, sep) =
-            separate::find_refresh(&base, rate, &mut |p| Progress::new().show("separate", p))?;
-        // Fused refreshes serving after every micro-batch; like separate's
-        // interval, its micro-batch is the smallest that keeps up.
-        eprintln!("compare: fused at {rate:.0} rows/s, finding its micro-batch …");
-        let mut candidates: Vec<usize> = FUSED_BATCH_ROWS
-            .into_iter()
-            .filter(|&b| b < args.batch_rows)
-            .collect();
-        candidates.push(args.batch_rows.max(1));
-        let mut chosen = None;
-        for batch_rows in candidates {
-            let (r, status, _) = run_fused(
-                &rt,
-                &args,
-                Some(rate),
-                batch_rows,
-                args.predictions.clone(),
-                scratch.path(),
-            )?;
-            let keeps_up = status.sustained_per_s >= separate::KEEP_UP_RATE_FRACTION * rate;
-            eprintln!(
-                "[fused] {batch_rows}-row micro-batches at {rate:.0} rows/s: sustained {:.0} rows/s{}",
-                status.sustained_per_s,
-                if keeps_up { ": keeps up" } else { ": falls behind" }
-            );
-            chosen = Some((batch_rows, r, status.sustained_per_s));
-            if keeps_up {
-                break;
-            }
-        }
+        let out = compare(&rt, &args, scratch.path());
         drop(rt);
-        let (batch_rows, fused, sustained) = chosen.context("no fused run")?;
-        let mut fj = report::report_json(&fused);
-        fj["events_per_s_saturation"] = fused_sat.events_per_s.into();
-        fj["batch_rows"] = batch_rows.into();
-        fj["sustained_per_s"] = sustained.into();
-        let mut sj = report::report_json(&sep);
-        sj["events_per_s_saturation"] = sat.events_per_s.into();
-        sj["refresh_ms"] = refresh_ms.into();
-        let summary = serde_json::json!({
-            "fused": fj,
-            "separate": sj,
-            "ratios": {
-                "events_per_s_saturation": ratio(fused_sat.events_per_s, sat.events_per_s),
-                "cpu_seconds_per_million": ratio(fused.cpu_seconds_per_million, sep.cpu_seconds_per_million),
-                "latency_ms_p50": ratio(fused.latency_ms_p50, sep.latency_ms_p50),
-                "latency_ms_p99": ratio(fused.latency_ms_p99, sep.latency_ms_p99),
-                "model_lag_ms_p99": ratio(fused.model_lag_ms_p99, sep.model_lag_ms_p99),
-            },
-            "rate": rate,
-            "refresh_ms": refresh_ms,
-        });
-        (
-            summary,
-            vec![
-                ("fused".into(), fused.timeline),
-                ("separate".into(), sep.timeline),
-            ],
-        )
+        out?
     } else if args.mode == "separate" {
         let cfg = separate_config(
             &args,
@@ -512,7 +623,7 @@ fn main() -> anyhow::Result<()> {
             0,
         )?;
         let mut progress = Progress::new();
-        let r = separate::run_separate(&cfg, &mut |p| progress.show("separate", p))?;
+        let (r, _) = separate::run_separate(&cfg, &mut |p| progress.show("separate", p))?;
         progress.end();
         let mut j = report::report_json(&r);
         j["refresh_ms"] = args.refresh_ms.into();

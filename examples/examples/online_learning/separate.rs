@@ -1133,11 +1133,14 @@ fn run(cfg: &SeparateConfig, progress: &mut dyn FnMut(&TimelinePoint)) -> anyhow
 ///
 /// `seconds` runs from the first spawn until all three have exited; CPU
 /// seconds count all three processes.
+/// Also returns the rate the run sustained, start-up excluded (rows over
+/// the time from the stream's first row to the trainer's last).
 pub fn run_separate(
     cfg: &SeparateConfig,
     progress: &mut dyn FnMut(&TimelinePoint),
-) -> anyhow::Result<ModeReport> {
-    Ok(run(cfg, progress)?.report)
+) -> anyhow::Result<(ModeReport, f64)> {
+    let out = run(cfg, progress)?;
+    Ok((out.report, out.sustained_per_s))
 }
 
 /// Whether a run at `refresh_ms` kept up with the offered `rate`: it

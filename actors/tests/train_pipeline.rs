@@ -10,12 +10,10 @@ use braid_actors::stream::plan::Plan;
 use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::train::data::FeatureBatch;
 use braid_actors::train::data::{fnv1a64, SyntheticConfig, SyntheticStream};
-use braid_actors::train::eval::{EvalFigures, EvalHandle};
+use braid_actors::train::eval::EvalFigures;
 use braid_actors::train::optimizer::{FtrlParams, Model, OptimizerKind, BIAS_KEY};
 use braid_actors::train::pipeline::{self, FileReader, PipelineConfig, RowReader, SyntheticReader};
 use braid_actors::train::ps::{Consistency, Crash, KeyPolicy, PsConfig};
-use braid_actors::train::serving::Serving;
-use braid_actors::train::shard::final_model;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -58,7 +56,7 @@ fn run_with(mut config: PipelineConfig, rows: u64, job: JobConfig) -> Result<Run
     config.rows = Some(rows);
     let ps = config.ps.clone();
     let env = StreamEnv::new(1);
-    pipeline::build(&env, config, move || {
+    let handles = pipeline::build(&env, config, move || {
         let stream = SyntheticStream::new(SyntheticConfig {
             rows,
             bits: 18,
@@ -69,9 +67,14 @@ fn run_with(mut config: PipelineConfig, rows: u64, job: JobConfig) -> Result<Run
     .unwrap_or_else(|e| panic!("build: {e}"));
     let report = local::run(&Plan::new(env.into_graph()), job)?;
     let models = (0..ps.shards)
-        .map(|s| final_model(&ps, s).map_or(0, |m| fnv1a64(&m.0.to_bytes())))
+        .map(|s| {
+            handles
+                .finals
+                .get(s)
+                .map_or(0, |m| fnv1a64(&m.0.to_bytes()))
+        })
         .collect();
-    let (version, mut serving): (_, Vec<(u64, u32)>) = Serving::of(&ps).read(|served| {
+    let (version, mut serving): (_, Vec<(u64, u32)>) = handles.serving.read(|served| {
         let weights = (0..1u64 << 18)
             .chain([u64::MAX])
             .map(|k| (k, served.weight(k).to_bits()))
@@ -85,7 +88,7 @@ fn run_with(mut config: PipelineConfig, rows: u64, job: JobConfig) -> Result<Run
     Ok(Run {
         report,
         weights: serving,
-        figures: EvalHandle::of(&ps.name).figures(),
+        figures: handles.eval.figures(),
         models,
         serving: hash,
         version,
@@ -301,13 +304,13 @@ fn one_worker_one_shard_matches_vw_on_the_committed_file() {
     // The demo's micro-batches: the chained worker trains row by row.
     let c = PipelineConfig::new(ps.clone());
     let env = StreamEnv::new(1);
-    pipeline::build(&env, c, move || {
+    let handles = pipeline::build(&env, c, move || {
         Ok(Box::new(FileReader::gen_ctr(&path, 22)?) as Box<dyn RowReader>)
     })
     .unwrap_or_else(|e| panic!("build: {e}"));
     let job = JobConfig::new(CheckpointStorage::in_memory(&ps.name, 2));
     local::run(&Plan::new(env.into_graph()), job).unwrap_or_else(|e| panic!("run: {e}"));
-    let f = EvalHandle::of(&ps.name).figures();
+    let f = handles.eval.figures();
     assert_eq!(f.rows, 10_000);
     assert!(
         (f.logloss - VW_LOGLOSS_CTR_10K).abs() <= 0.002,

@@ -12,7 +12,7 @@ use super::worker::Scored;
 use crate::stream::operator::{
     decode_state, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
 };
-use crate::stream::{registry, results, service};
+use crate::stream::{results, service};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -55,22 +55,19 @@ struct PredictionsFile {
     resumed: bool,
 }
 
+impl Default for EvalHandle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl EvalHandle {
-    /// The handle of job `name` in this process (made if missing).
-    pub fn of(name: &str) -> Arc<EvalHandle> {
-        let key = format!("{name}/eval");
-        registry::get_or_register(&key, || {
-            Arc::new(EvalHandle {
-                figures: Mutex::new(EvalFigures::default()),
-                predictions: Mutex::new(None),
-            })
-        })
-        .unwrap_or_else(|_| {
-            Arc::new(EvalHandle {
-                figures: Mutex::new(EvalFigures::default()),
-                predictions: Mutex::new(None),
-            })
-        })
+    /// A handle with no figures yet and no predictions file.
+    pub fn new() -> Self {
+        EvalHandle {
+            figures: Mutex::new(EvalFigures::default()),
+            predictions: Mutex::new(None),
+        }
     }
 
     /// Writes every row's prediction to `path` (created or truncated).
@@ -174,9 +171,9 @@ impl service::Service for FiguresService {
 }
 
 impl EvalSink {
-    /// The evaluation of job `name`, with a sliding window of `window` rows.
-    pub fn new(name: &str, window: usize) -> Self {
-        let handle = EvalHandle::of(name);
+    /// The evaluation of job `name`, with a sliding window of `window`
+    /// rows, publishing to `handle`.
+    pub fn new(name: &str, window: usize, handle: Arc<EvalHandle>) -> Self {
         let offered = handle.clone();
         service::offer_for_life(&service_name(name), || Arc::new(FiguresService(offered)));
         Self {

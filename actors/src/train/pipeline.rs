@@ -19,13 +19,12 @@
 //! use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
 //! use braid_actors::train::pipeline::{self, PipelineConfig, SyntheticReader};
 //! use braid_actors::train::ps::PsConfig;
-//! use braid_actors::train::serving::Serving;
 //!
 //! let ftrl = OptimizerKind::Ftrl(FtrlParams { alpha: 0.1, beta: 1.0, l1: 0.0, l2: 0.0 });
 //! let ps = PsConfig::new("doc-job", 2, 2, ftrl);
 //! let config = PipelineConfig::new(ps.clone());
 //! let env = StreamEnv::new(1);
-//! pipeline::build(&env, config, || {
+//! let handles = pipeline::build(&env, config, || {
 //!     let stream = SyntheticStream::new(SyntheticConfig { rows: 20_000, ..Default::default() })?;
 //!     Ok(Box::new(SyntheticReader(stream)) as Box<dyn pipeline::RowReader>)
 //! })?;
@@ -33,8 +32,8 @@
 //!     &Plan::new(env.into_graph()),
 //!     JobConfig::new(CheckpointStorage::in_memory("doc-job", 2)),
 //! )?;
-//! assert_eq!(Serving::of(&ps).version().records, 20_000);
-//! // The evaluation's final figures come back in the report.
+//! assert_eq!(handles.serving.version().records, 20_000);
+//! // The evaluation's final figures come back in the report too.
 //! let figures = braid_actors::train::eval::final_figures(&report, "doc-job").unwrap()?;
 //! assert_eq!(figures.rows, 20_000);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -45,7 +44,8 @@ use super::data::{
 };
 use super::eval::{EvalHandle, EvalSink};
 use super::ps::{Consistency, PsConfig, TrainBatch};
-use super::serving::ServingSink;
+use super::serving::{Serving, ServingSink};
+use super::shard::FinalModels;
 use super::shard::ShardOperator;
 use super::worker::TrainWorker;
 use crate::stream::graph::StreamEnv;
@@ -240,16 +240,6 @@ pub struct TrainSource {
     name: String,
 }
 
-/// Malformed input lines the source of job `name` skipped so far in this
-/// process (counted again after a recovery's seek: the count after the
-/// checkpoint's offset).
-pub fn skipped_lines(name: &str) -> Arc<AtomicU64> {
-    crate::stream::registry::get_or_register(&format!("{name}/skipped"), || {
-        Arc::new(AtomicU64::new(0))
-    })
-    .unwrap_or_else(|_| Arc::new(AtomicU64::new(0)))
-}
-
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SourceOffset {
     reader: Vec<u8>,
@@ -258,7 +248,11 @@ struct SourceOffset {
 }
 
 impl TrainSource {
-    fn new(reader: Result<Box<dyn RowReader>, String>, config: &PipelineConfig) -> Self {
+    fn new(
+        reader: Result<Box<dyn RowReader>, String>,
+        config: &PipelineConfig,
+        skipped: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             reader,
             workers: config.ps.workers,
@@ -270,7 +264,7 @@ impl TrainSource {
             seq: 0,
             rows: 0,
             pad_rounds: config.ps.consistency == Consistency::Bsp,
-            skipped: skipped_lines(&config.ps.name),
+            skipped,
             name: config.ps.name.clone(),
         }
     }
@@ -441,21 +435,52 @@ pub enum BuildError {
 /// waits for: fewer messages wake its thread less often.
 const SCORED_PER_MESSAGE: usize = 64;
 
-/// Adds the online-learning job to `env`, reading rows from `reader()`.
+/// What the job's operators share with the code that built it, in the
+/// builder's process: on the local runner every subtask's, on the cluster
+/// runner those this process hosts (other processes read a running job
+/// through [`super::client::JobClient`], and a finished one through its
+/// report's results). Handed to the operators as they are made, and the
+/// same across the job's recoveries in the process.
+#[derive(Clone)]
+pub struct JobHandles {
+    /// The serving model.
+    pub serving: Arc<Serving>,
+    /// The evaluation's figures and predictions file.
+    pub eval: Arc<EvalHandle>,
+    /// The shards' models when their input ended.
+    pub finals: Arc<FinalModels>,
+    /// Malformed input lines the source skipped so far (counted again
+    /// after a recovery's seek: the count after the checkpoint's offset).
+    pub skipped: Arc<AtomicU64>,
+}
+
+/// Adds the online-learning job to `env`, reading rows from `reader()`;
+/// returns the handles its operators share with the caller.
 pub fn build(
     env: &StreamEnv,
     config: PipelineConfig,
     reader: impl Fn() -> Result<Box<dyn RowReader>, DataError> + Send + Sync + 'static,
-) -> Result<(), BuildError> {
+) -> Result<JobHandles, BuildError> {
     config.ps.optimizer.validate()?;
     if config.ps.consistency == Consistency::Bsp && config.ps.refresh_ms > 0 {
         return Err(BuildError::TimedRefreshUnderBsp);
     }
+    let handles = JobHandles {
+        serving: Arc::new(Serving::new(&config.ps)),
+        eval: Arc::new(EvalHandle::new()),
+        finals: Arc::default(),
+        skipped: Arc::default(),
+    };
     let workers = config.ps.workers as u64;
     let source_config = config.clone();
+    let skipped = handles.skipped.clone();
     let batches = env
         .source("source", move |_, _| {
-            TrainSource::new(reader().map_err(|e| e.to_string()), &source_config)
+            TrainSource::new(
+                reader().map_err(|e| e.to_string()),
+                &source_config,
+                skipped.clone(),
+            )
         })
         .parallelism(1)
         .batch_records(1)
@@ -464,8 +489,10 @@ pub fn build(
     let chained = ps.workers == 1 && ps.chain;
     let worker_out = if chained {
         let ps = ps.clone();
+        let finals = handles.finals.clone();
         batches.transform_chained(super::worker::WORKER_TASK, move |i| {
-            TrainWorker::chained(ps.clone()).unwrap_or_else(|e| panic!("training worker {i}: {e}"))
+            TrainWorker::chained(ps.clone(), finals.clone())
+                .unwrap_or_else(|e| panic!("training worker {i}: {e}"))
         })
     } else {
         let ps = ps.clone();
@@ -487,12 +514,13 @@ pub fn build(
             .batch_records(1)
             .columnar_with(Arc::new(super::push::PushFormat));
         let shard_ps = ps.clone();
+        let finals = handles.finals.clone();
         pushes.transform_routed(
             super::shard::SHARD_TASK,
             ps.shards,
             |p: &super::ps::Push| p.shard as u64,
             move |i| match ShardOperator::new(shard_ps.clone(), i) {
-                Ok(op) => super::pull::serve(op),
+                Ok(op) => super::pull::serve(op.reporting_to(finals.clone())),
                 Err(e) => panic!("shard {i}: {e}"),
             },
         )
@@ -500,32 +528,29 @@ pub fn build(
     .batch_records(1)
     .columnar_with(Arc::new(super::delta::DeltaFormat));
     let serving_ps = ps.clone();
+    let serving = handles.serving.clone();
+    let serving_sink = move |_| ServingSink::new(&serving_ps, serving.clone());
     if chained {
-        let _ = deltas.transform_chained("serving", move |_| ServingSink::new(&serving_ps));
+        let _ = deltas.transform_chained("serving", serving_sink);
     } else {
-        let _ = deltas.transform_routed(
-            super::serving::SERVING_TASK,
-            1,
-            |_| 0,
-            move |_| ServingSink::new(&serving_ps),
-        );
+        let _ = deltas.transform_routed(super::serving::SERVING_TASK, 1, |_| 0, serving_sink);
     }
     let name = ps.name.clone();
     let window = config.window;
     let predictions = config.predictions.clone();
+    let eval = handles.eval.clone();
     let _ = scored.transform_routed(
         super::eval::EVAL_TASK,
         1,
         |_| 0,
         move |_| {
-            let sink = EvalSink::new(&name, window);
             if let Some(path) = &predictions {
-                if let Err(e) = EvalHandle::of(&name).resume_predictions(path) {
+                if let Err(e) = eval.resume_predictions(path) {
                     panic!("evaluation cannot open {}: {e}", path.display());
                 }
             }
-            sink
+            EvalSink::new(&name, window, eval.clone())
         },
     );
-    Ok(())
+    Ok(handles)
 }

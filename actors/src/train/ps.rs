@@ -10,9 +10,9 @@ pub use super::micro_batch::TrainBatch;
 use super::optimizer::{OptimizerKind, PushError};
 pub use super::push::Push;
 use super::sharding::ConsistentHash;
-use crate::stream::registry;
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -114,6 +114,11 @@ pub struct PsConfig {
     pub pull_timeout: Duration,
     /// A failure to inject.
     pub crash: Option<Crash>,
+    /// Whether `crash` fired: shared by this configuration's clones (the
+    /// job's operators in one process), so it fires once. Not sent:
+    /// every process has its own.
+    #[serde(skip)]
+    pub crashed: CrashLatch,
     /// Feature ids are below `2^feature_bits` (hashed features): serving
     /// then keeps its weights in a dense array.
     pub feature_bits: Option<u32>,
@@ -140,6 +145,7 @@ impl PsConfig {
             policy: KeyPolicy::KeepAll,
             pull_timeout: Duration::from_secs(60),
             crash: None,
+            crashed: CrashLatch::default(),
             feature_bits: None,
             chain: true,
         }
@@ -254,17 +260,17 @@ pub enum Crash {
     Shard(usize, u64),
 }
 
-/// Whether an injected crash of `config`'s job has not happened yet in
-/// this process and the attempt is the job's first (generation 1: fresh
-/// storage's first claim; true once).
+/// Whether a configuration's injected [`Crash`] fired, shared by its
+/// clones.
+#[derive(Debug, Clone, Default)]
+pub struct CrashLatch(Arc<AtomicBool>);
+
+/// Whether an injected crash of `config`'s job has not happened yet (in
+/// the operators sharing its latch) and the attempt is the job's first
+/// (generation 1: fresh storage's first claim; true once).
 pub(crate) fn first_crash(config: &PsConfig) -> bool {
     if crate::stream::context::TaskContext::current().generation > 1 {
         return false;
     }
-    let name = format!("{}/crashed", config.name);
-    registry::get_or_register(&name, || {
-        Arc::new(std::sync::atomic::AtomicBool::new(false))
-    })
-    .map(|flag| !flag.swap(true, std::sync::atomic::Ordering::AcqRel))
-    .unwrap_or(false)
+    !config.crashed.0.swap(true, Ordering::AcqRel)
 }

@@ -2,8 +2,8 @@
 //! prediction requests tagged with their model version.
 //!
 //! * **Refresh**: the shards' [`Delta`]s (changed keys only) reach a
-//!   [`ServingSink`] at the end of the stream, which applies them to a
-//!   [`Serving`] handle registered in the process under the job's name.
+//!   [`ServingSink`] at the end of the stream, which applies them to the
+//!   [`Serving`] handle the job's builder gave it.
 //! * **Atomic swap**: one copy of the weights behind a sequence lock. The
 //!   writer makes the sequence odd, applies the delta in place and makes it
 //!   even again with the new version; a read ([`Serving::read`]) counts only
@@ -31,7 +31,7 @@ use super::ps::{AppliedBatch, Delta, ModelVersion, PsConfig};
 use super::sharding::ConsistentHash;
 use super::table::{prefetch_line, ParamTable};
 use crate::stream::operator::{Collector, EventTime, Operator, OperatorError};
-use crate::stream::{registry, results, service};
+use crate::stream::{results, service};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -280,16 +280,6 @@ impl Serving {
             swaps: AtomicU64::new(0),
             shards: config.shards,
             sync_versions: config.consistency == super::ps::Consistency::Bsp,
-        }
-    }
-
-    /// The serving model of `config`'s job in this process (made if it
-    /// does not exist yet).
-    pub fn of(config: &PsConfig) -> Arc<Serving> {
-        let name = format!("{}/serving", config.name);
-        match registry::get_or_register(&name, || Arc::new(Serving::new(config))) {
-            Ok(s) => s,
-            Err(_) => Arc::new(Serving::new(config)),
         }
     }
 
@@ -605,9 +595,8 @@ pub struct ServingSink {
 }
 
 impl ServingSink {
-    /// The sink of `config`'s job.
-    pub fn new(config: &PsConfig) -> Self {
-        let serving = Serving::of(config);
+    /// The sink of `config`'s job, refreshing `serving`.
+    pub fn new(config: &PsConfig, serving: Arc<Serving>) -> Self {
         let offered = serving.clone();
         // Offered for the process's life: it answers after the stream
         // ended, until the job's hosts stop.

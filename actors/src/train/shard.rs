@@ -361,6 +361,9 @@ pub struct ShardOperator {
     /// Workers in other processes pull through it (cluster runner; see
     /// [`ShardOperator::offer`]).
     service: Option<ServiceGuard>,
+    /// Where its model goes when its input ends, if anyone in this
+    /// process wants it.
+    finals: Option<Arc<FinalModels>>,
 }
 
 /// The head vertex of the shards' task in [`pipeline::build`]'s graph:
@@ -413,7 +416,14 @@ impl ShardOperator {
             last_delta: Instant::now(),
             sent_full: false,
             spare: Arc::new(Mutex::new(None)),
+            finals: None,
         })
+    }
+
+    /// Leaves a copy of its model in `finals` when its input ends.
+    pub fn reporting_to(mut self, finals: Arc<FinalModels>) -> Self {
+        self.finals = Some(finals);
+        self
     }
 
     /// The shard's shared state.
@@ -853,13 +863,21 @@ impl Operator for ShardOperator {
 
     fn on_end(&mut self, out: &mut dyn Collector<Delta>) -> Result<(), OperatorError> {
         self.emit_delta(out, true);
-        let model = self.copy_of(&self.cell.state.lock().model);
-        let figures = ShardFigures {
-            keys: model.table().len() as u64,
-            bytes: model.table().bytes() as u64,
+        let (figures, model) = {
+            let state = self.cell.state.lock();
+            let figures = ShardFigures {
+                keys: state.model.table().len() as u64,
+                bytes: state.model.table().bytes() as u64,
+            };
+            let model = self.finals.is_some().then(|| self.copy_of(&state.model));
+            (figures, model)
         };
-        let name = format!("{}/final/shard{}", self.config.name, self.cell.index);
-        registry::register(&name, Arc::new(FinalModel(model)));
+        if let (Some(finals), Some(model)) = (&self.finals, model) {
+            finals
+                .0
+                .lock()
+                .insert(self.cell.index, Arc::new(FinalModel(model)));
+        }
         crate::stream::results::set(&shard_result(&self.config.name, self.cell.index), &figures)
             .map_err(|e| OperatorError::Failed(e.to_string()))
     }
@@ -958,10 +976,16 @@ pub fn shard_result(name: &str, shard: usize) -> String {
     format!("{name}/shard/{shard}")
 }
 
-/// The model shard `shard` of `config`'s job held when its input ended,
-/// if the job ended in this process.
-pub fn final_model(config: &PsConfig, shard: usize) -> Option<Arc<FinalModel>> {
-    registry::get(&format!("{}/final/shard{shard}", config.name)).ok()
+/// The models a job's shards held when their input ended, for whoever
+/// built the job in the same process ([`ShardOperator::reporting_to`]).
+#[derive(Default)]
+pub struct FinalModels(Mutex<BTreeMap<usize, Arc<FinalModel>>>);
+
+impl FinalModels {
+    /// Shard `shard`'s model, if it ended in this process.
+    pub fn get(&self, shard: usize) -> Option<Arc<FinalModel>> {
+        self.0.lock().get(&shard).cloned()
+    }
 }
 
 #[cfg(test)]

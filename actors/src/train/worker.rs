@@ -17,13 +17,14 @@
 use super::optimizer::{sigmoid, BIAS_KEY};
 use super::ps::{Delta, KeyPolicy, PsConfig, Push, TrainBatch};
 use super::pull::{PsClient, Pulled};
-use super::shard::{split_parts, ShardOperator};
+use super::shard::{split_parts, FinalModels, ShardOperator};
 use super::table::SlotRef;
 use crate::stream::operator::{
     decode_state, write_part, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
 };
 use braid::store::codec;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// The task the training workers run as in [`super::pipeline::build`]'s graph.
 pub const WORKER_TASK: &str = "worker";
@@ -128,8 +129,9 @@ impl TrainWorker {
         }
     }
 
-    /// The only worker of `config`, with every shard chained to it.
-    pub fn chained(config: PsConfig) -> Result<Self, StateError> {
+    /// The only worker of `config`, with every shard chained to it (each
+    /// leaving its final model in `finals`).
+    pub fn chained(config: PsConfig, finals: Arc<FinalModels>) -> Result<Self, StateError> {
         if config.workers != 1 {
             return Err(StateError::Decode(format!(
                 "only a job's single worker chains its shards; this job has {} workers",
@@ -138,8 +140,8 @@ impl TrainWorker {
         }
         let mut worker = Self::new(config.clone(), 0);
         worker.chained = (0..config.shards)
-            .map(|s| ShardOperator::new(config.clone(), s))
-            .collect::<Result<_, _>>()?;
+            .map(|s| Ok(ShardOperator::new(config.clone(), s)?.reporting_to(finals.clone())))
+            .collect::<Result<_, StateError>>()?;
         Ok(worker)
     }
 

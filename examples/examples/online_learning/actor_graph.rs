@@ -37,7 +37,7 @@ fn job(params: &JobParams) -> StreamEnv {
         .and_then(|c| serde_json::from_str::<FusedConfig>(c).context("a bad config parameter"))
         .and_then(|config| fused::build_job(&config, true));
     match built {
-        Ok((env, _)) => env,
+        Ok((env, _, _)) => env,
         Err(e) => {
             // The driver built the same job before running it, so this
             // process's binary or environment differs from the driver's.
@@ -55,6 +55,11 @@ const TICK: Duration = Duration::from_millis(500);
 /// How long one of the driver's queries may wait (the job recovering).
 const QUERY_WAIT: Duration = Duration::from_secs(2);
 
+/// How long one of the serving client's queries may wait: it asks again
+/// a millisecond later anyway, and its last call, when the job's hosts
+/// stop, holds up the end of the run this long.
+const PROBE_WAIT: Duration = Duration::from_millis(200);
+
 /// Runs the job `config` describes on the cluster runner; `kill` =
 /// `(rows, task)` SIGKILLs the process of subtask 0 of `task` once `rows`
 /// rows were evaluated. Every live point goes to `show`.
@@ -65,7 +70,7 @@ pub fn run(
     show: &mut dyn FnMut(&TimelinePoint),
 ) -> anyhow::Result<(ModeReport, FusedStatus, RemoteServing)> {
     let started = Instant::now();
-    let (_, ps) = fused::build_job(config, true)?;
+    let (_, ps, _) = fused::build_job(config, true)?;
     let name = ps.name.clone();
     let _ = std::fs::remove_dir_all(config.checkpoint_dir.join(&name));
     let mut params = JobParams::new();
@@ -100,12 +105,12 @@ pub fn run(
                 let _ = done_tx.send(cluster::run(&rt, job));
             })?
     };
-    let client = Arc::new(JobClient::new(rt, &name, &name).with_wait(QUERY_WAIT));
+    let client = JobClient::new(rt, &name, &name).with_wait(QUERY_WAIT);
     let stop = Arc::new(AtomicBool::new(false));
     // Queries serving every millisecond, as the fused job's in-process
     // client does: a batch counts as served at its first answer.
     let probe = {
-        let client = client.clone();
+        let client = JobClient::new(rt, &name, &name).with_wait(PROBE_WAIT);
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("serving-client".into())
@@ -163,6 +168,9 @@ pub fn run(
         }
     };
     let seconds = started.elapsed().as_secs_f64();
+    let from_running = running_at
+        .lock()
+        .map_or(seconds, |at| at.elapsed().as_secs_f64());
     stop.store(true, Ordering::Release);
     let remote = probe.join().unwrap_or_default();
     let _ = runner.join();
@@ -200,9 +208,6 @@ pub fn run(
         resumed_from_epoch: report.resumed_from,
         live_rows: f.rows,
     };
-    let from_running = running_at
-        .lock()
-        .map_or(seconds, |at| at.elapsed().as_secs_f64());
     eprintln!(
         "[actors] {} rows in {seconds:.2} s ({:.2} s once every host ran)",
         f.rows, from_running

@@ -14,7 +14,9 @@ use braid_actors::stream::plan::Plan;
 use braid_actors::train::data::{SyntheticConfig, SyntheticStream};
 use braid_actors::train::eval::EvalHandle;
 use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
-use braid_actors::train::pipeline::{self, FileReader, PipelineConfig, RowReader, SyntheticReader};
+use braid_actors::train::pipeline::{
+    self, FileReader, JobHandles, PipelineConfig, RowReader, SyntheticReader,
+};
 use braid_actors::train::ps::{Consistency, Crash, ModelVersion, PsConfig};
 use braid_actors::train::serving::Serving;
 use parking_lot::Mutex;
@@ -180,7 +182,10 @@ fn rss_mib() -> f64 {
 /// parameter server's configuration. `actors`: every subtask its own actor
 /// on the cluster runner (workers never chained to their shards, and the
 /// evaluation's subtask writes the predictions file itself).
-pub fn build_job(config: &FusedConfig, actors: bool) -> anyhow::Result<(StreamEnv, PsConfig)> {
+pub fn build_job(
+    config: &FusedConfig,
+    actors: bool,
+) -> anyhow::Result<(StreamEnv, PsConfig, JobHandles)> {
     let consistency: Consistency = config.sync.parse()?;
     let optimizer = OptimizerKind::Ftrl(FtrlParams {
         alpha: config.hyper.alpha,
@@ -210,7 +215,7 @@ pub fn build_job(config: &FusedConfig, actors: bool) -> anyhow::Result<(StreamEn
     let bits = config.hyper.bits;
     let rows_total = pc.rows;
     let env = StreamEnv::new(1);
-    pipeline::build(&env, pc, move || -> Result<Box<dyn RowReader>, _> {
+    let handles = pipeline::build(&env, pc, move || -> Result<Box<dyn RowReader>, _> {
         Ok(match &input {
             InputSpec::GenCtr(p) => Box::new(FileReader::gen_ctr(p, bits)?),
             InputSpec::Criteo(p) => Box::new(FileReader::criteo(p, bits)?),
@@ -224,15 +229,15 @@ pub fn build_job(config: &FusedConfig, actors: bool) -> anyhow::Result<(StreamEn
             }
         })
     })?;
-    Ok((env, ps))
+    Ok((env, ps, handles))
 }
 
 fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport> {
     let started = Instant::now();
     let cpu_start = common::self_cpu_seconds();
-    let (env, ps) = build_job(config, false)?;
+    let (env, ps, handles) = build_job(config, false)?;
     let name = ps.name.clone();
-    let eval = EvalHandle::of(&name);
+    let eval = handles.eval.clone();
     if let Some(path) = &config.predictions {
         if config.resume {
             eval.resume_predictions(path)?;
@@ -240,7 +245,7 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
             eval.write_predictions(path)?;
         }
     }
-    let serving = Serving::of(&ps);
+    let serving = handles.serving.clone();
     *shared.serving.lock() = Some(serving.clone());
     *shared.eval.lock() = Some(eval.clone());
     let stop = Arc::new(AtomicBool::new(false));
@@ -320,7 +325,7 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
     let mut keys = 0u64;
     let mut bytes = 0u64;
     for s in 0..ps.shards {
-        if let Some(m) = braid_actors::train::shard::final_model(&ps, s) {
+        if let Some(m) = handles.finals.get(s) {
             keys += m.0.table().len() as u64;
             bytes += m.0.table().bytes() as u64;
         }
@@ -346,7 +351,7 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
         latency_ms_p99: latency.quantile(0.99),
         model_lag_ms_p99: lag.quantile(0.99),
         cpu_seconds_per_million: cpu / (f.rows.max(1) as f64 / 1e6),
-        skipped_lines: pipeline::skipped_lines(&name).load(std::sync::atomic::Ordering::Relaxed),
+        skipped_lines: handles.skipped.load(Ordering::Relaxed),
         timeline,
         edges: report.edges,
     })

@@ -160,8 +160,8 @@ pub fn names() -> Vec<&'static str> {
 /// build. Computed once per process (a worker takes it from its node, which
 /// checked the file it started the worker from).
 pub fn build_hash() -> &'static str {
-    BUILD_HASH.get_or_init(|| match std::fs::read("/proc/self/exe") {
-        Ok(bytes) => hash_bytes(&bytes),
+    BUILD_HASH.get_or_init(|| match hash_file(std::path::Path::new("/proc/self/exe")) {
+        Ok(hash) => hash,
         Err(e) => format!("unreadable-{}", e.kind()),
     })
 }
@@ -177,4 +177,47 @@ pub(crate) fn set_build_hash(hash: String) {
 /// The build hash of an executable's bytes.
 pub fn hash_bytes(bytes: &[u8]) -> String {
     format!("{:08x}-{:x}", crc32fast::hash(bytes), bytes.len())
+}
+
+/// The build hash of the executable at `path` ([`hash_bytes`] of its
+/// contents), read through one small buffer: an executable with debug
+/// information is tens of megabytes, which reading whole would first
+/// allocate and fault in.
+pub fn hash_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; HASH_CHUNK];
+    let mut crc = crc32fast::Hasher::new();
+    let mut len = 0u64;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let chunk = buf.get(..n).unwrap_or_default();
+                crc.update(chunk);
+                len += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(format!("{:08x}-{:x}", crc.finalize(), len))
+}
+
+/// The read size of [`hash_file`].
+const HASH_CHUNK: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_file_hashes_as_its_bytes_do() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("exe");
+        let bytes: Vec<u8> = (0..(super::HASH_CHUNK * 2 + 12_345))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        std::fs::write(&path, &bytes)?;
+        assert_eq!(super::hash_file(&path)?, super::hash_bytes(&bytes));
+        Ok(())
+    }
 }

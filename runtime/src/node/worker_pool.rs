@@ -63,9 +63,8 @@ impl BuildHashes {
         if let Some(h) = self.cache.lock().get(&stamp) {
             return Ok((h.clone(), stamp));
         }
-        let bytes =
-            std::fs::read(exe).map_err(|e| Error::io(format!("read {}", exe.display()), e))?;
-        let hash = crate::registry::hash_bytes(&bytes);
+        let hash = crate::registry::hash_file(exe)
+            .map_err(|e| Error::io(format!("read {}", exe.display()), e))?;
         self.cache.lock().insert(stamp.clone(), hash.clone());
         Ok((hash, stamp))
     }

@@ -25,9 +25,9 @@ use std::time::Duration;
 
 const ROWS: u64 = 12_000;
 
-/// Two workers and two shards under BSP, on the synthetic stream, writing
-/// every prediction to `params["predictions"]`; `params["rate"]` throttles
-/// the source (rows per second).
+/// Two workers and two shards under BSP (or `params["sync"]`), on the
+/// synthetic stream, writing every prediction to `params["predictions"]`;
+/// `params["rate"]` throttles the source (rows per second).
 fn training(params: &JobParams) -> StreamEnv {
     let optimizer = OptimizerKind::Ftrl(FtrlParams {
         alpha: 0.1,
@@ -36,7 +36,10 @@ fn training(params: &JobParams) -> StreamEnv {
         l2: 0.0,
     });
     let mut ps = PsConfig::new(&params["name"], 2, 2, optimizer);
-    ps.consistency = Consistency::Bsp;
+    ps.consistency = params
+        .get("sync")
+        .map_or(Ok(Consistency::Bsp), |s| s.parse())
+        .expect("a consistency");
     ps.capacity = 1 << 14;
     let mut config = PipelineConfig::new(ps);
     config.batch_rows = 64;
@@ -254,8 +257,10 @@ fn serving_answers_another_process_with_growing_versions_and_the_report_holds_th
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cluster.txt");
     let mut job = cluster_job(dir.path(), &path);
-    // About two seconds of stream, so that queries meet a model in training.
+    // About two seconds of stream, so that queries meet a model in training;
+    // under ASP, whose pulls the shards' hosts answer without waiting.
     job.params.insert("rate".into(), (ROWS / 2).to_string());
+    job.params.insert("sync".into(), "asp".into());
     let name = job.params["name"].clone();
     // The first call waits for the job to start; later ones retry for a
     // shorter while (a call in flight when the job ends retries that long).

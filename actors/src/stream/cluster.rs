@@ -297,9 +297,14 @@ impl SubtaskHost {
         true
     }
 
-    /// Calls service `service` offered in this host's process (a blocking
-    /// one runs on the blocking pool, so it holds up no other call).
+    /// Calls service `service` offered in this host's process (one that
+    /// may block runs on the blocking pool, so it holds up no other call).
     async fn call(&self, service: String, request: Vec<u8>) -> Result<Vec<u8>, String> {
+        if let Some(offered) = super::service::find(&service).filter(|s| !s.may_block()) {
+            return offered
+                .call(&request)
+                .map_err(|e| CallError::Failed(service, e).to_string());
+        }
         let name = service.clone();
         tokio::task::spawn_blocking(move || {
             super::service::call_local(&service, &request, SERVICE_WAIT).map_err(|e| e.to_string())

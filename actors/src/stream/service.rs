@@ -16,6 +16,13 @@ use thiserror::Error;
 pub trait Service: Send + Sync + 'static {
     /// Answers one request (may block, e.g. until slower workers catch up).
     fn call(&self, request: &[u8]) -> Result<Vec<u8>, String>;
+
+    /// Whether a call may wait on something other than memory (another
+    /// subtask's progress, I/O). A host answers a call that cannot on the
+    /// thread that received it, without a hop to its blocking pool.
+    fn may_block(&self) -> bool {
+        true
+    }
 }
 
 /// Why a call on a service failed.
@@ -71,6 +78,13 @@ impl Drop for ServiceGuard {
     fn drop(&mut self) {
         registry::unregister(&key(&self.name), &self.offered);
     }
+}
+
+/// Service `name`, if it is offered in this process now.
+pub fn find(name: &str) -> Option<Arc<dyn Service>> {
+    registry::get::<Offered>(&key(name))
+        .ok()
+        .map(|offered| offered.0.clone())
 }
 
 /// Calls service `name` offered in this process, waiting up to `wait` for

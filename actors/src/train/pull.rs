@@ -495,4 +495,10 @@ impl Service for PullService {
             codec::decode(request).map_err(|e| format!("a malformed pull request: {e}"))?;
         codec::encode(&self.answer(request)).map_err(|e| e.to_string())
     }
+
+    /// Under ASP a pull never waits for other workers: it reads the table
+    /// under the shard's lock and answers.
+    fn may_block(&self) -> bool {
+        self.cell.waits_for_workers()
+    }
 }

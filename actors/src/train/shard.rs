@@ -151,6 +151,11 @@ impl ShardCell {
         }
     }
 
+    /// Whether a pull may wait for slower workers (BSP and SSP; not ASP).
+    pub fn waits_for_workers(&self) -> bool {
+        self.staleness.is_some()
+    }
+
     /// The largest staleness any pull saw.
     pub fn max_staleness(&self) -> u64 {
         self.state.lock().meta.max_staleness

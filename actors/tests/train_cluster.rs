@@ -148,8 +148,9 @@ fn shards_in_other_processes_train_the_model_one_process_does() {
         std::fs::read(&path).unwrap() == expected,
         "the cluster's predictions differ from one process's"
     );
-    // Micro-batches reach the workers, pushes and pulls the shards and
-    // deltas serving, as Arrow batches in the store, read in place:
+    // Micro-batches reach the workers, pushes and pulls the shards,
+    // deltas serving and predictions the evaluation, as Arrow batches in
+    // the store, read in place:
     // nothing encoded, nothing copied. Every micro-batch is one push and one pull (keys,
     // then weights) per shard.
     let sum = |to: &str| -> u64 {
@@ -170,7 +171,7 @@ fn shards_in_other_processes_train_the_model_one_process_does() {
         .edges
         .iter()
         .filter(|e| {
-            ["worker", "shard", "serving"]
+            ["worker", "shard", "serving", "eval"]
                 .iter()
                 .any(|to| e.to.starts_with(to))
         })

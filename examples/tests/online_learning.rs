@@ -265,16 +265,12 @@ fn the_actor_runner_predicts_what_the_local_runner_does_through_sigkills() {
     assert_eq!(clean["remote_versions_went_back"], 0, "{clean}");
     assert!(clean["ps_keys"].as_u64().unwrap_or(0) > 0, "{clean}");
     let edges = clean["edges"].as_array().cloned().unwrap_or_default();
-    let carried: Vec<&serde_json::Value> = edges
-        .iter()
-        .filter(|e| !e["to"].as_str().unwrap_or_default().starts_with("eval"))
-        .collect();
     assert_eq!(
-        carried.len(),
-        3,
-        "source→worker, worker→shard, shard→serving: {clean}"
+        edges.len(),
+        4,
+        "source→worker, worker→shard, shard→serving, worker→eval: {clean}"
     );
-    for edge in carried {
+    for edge in &edges {
         assert!(edge["batches"].as_u64().unwrap_or(0) > 0, "{edge}");
         assert_eq!(edge["codec_bytes"], 0, "{edge}");
         assert_eq!(edge["copied_bytes"], 0, "{edge}");

@@ -8,7 +8,7 @@
 //! job's report ([`final_figures`]).
 
 use super::metrics::{Progressive, ProgressiveSnapshot};
-use super::worker::Scored;
+use super::scored::Scored;
 use crate::stream::operator::{
     decode_state, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
 };

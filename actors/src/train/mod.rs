@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod ps;
 pub mod pull;
 pub mod push;
+pub mod scored;
 pub mod serving;
 pub mod shard;
 pub mod sharding;

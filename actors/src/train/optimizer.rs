@@ -59,6 +59,16 @@ pub fn sigmoid(logit: f32) -> f32 {
     1.0 / (1.0 + (-logit.clamp(-MAX_LOGIT, MAX_LOGIT)).exp())
 }
 
+/// The logistic loss's gradient with respect to the margin, for a row
+/// predicted at `p` whose label is `label`: each weight's gradient is this
+/// times its feature's value. The one place logistic regression's
+/// gradient is written (the chained trainer, the row learner and the
+/// workers' pushes all use it).
+#[inline]
+pub fn margin_gradient(p: f32, label: f32) -> f32 {
+    p - label
+}
+
 /// `p` clamped to `[MIN_PROBABILITY, 1 − MIN_PROBABILITY]` (NaN stays NaN).
 #[inline]
 pub fn clamp_probability(p: f32) -> f32 {
@@ -526,7 +536,7 @@ fn learn_with<R: Rule>(
         m += seen.weight;
     }
     let p = sigmoid(m);
-    let d = p - label;
+    let d = margin_gradient(p, label);
     if d != 0.0 {
         for (at, x, seen) in scratch.iter() {
             r.apply_seen(table.state_mut(*at), d * x, seen);
@@ -572,7 +582,7 @@ fn learn_sharded_with<R: Rule, T: FnMut(usize, u64, Fresh)>(
         }
     }
     let p = sigmoid(m);
-    let d = p - label;
+    let d = margin_gradient(p, label);
     if d != 0.0 {
         for (s, k, at, x, seen) in scratch.iter() {
             let fresh = r.apply_seen(tables[*s as usize].state_mut(*at), d * x, seen);

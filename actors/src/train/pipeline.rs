@@ -505,7 +505,8 @@ pub fn build(
     };
     let scored = worker_out
         .local_flat_map(|o: super::worker::WorkerOut| o.scored())
-        .batch_records(SCORED_PER_MESSAGE);
+        .batch_records(SCORED_PER_MESSAGE)
+        .columnar_with(Arc::new(super::scored::ScoredFormat));
     let deltas = if chained {
         worker_out.local_flat_map(|o: super::worker::WorkerOut| o.delta())
     } else {

@@ -14,9 +14,10 @@
 //! cut are those of a push: the worker and its shards take the barrier
 //! together, so a checkpoint holds exactly the records before it.
 
-use super::optimizer::{sigmoid, BIAS_KEY};
+use super::optimizer::{margin_gradient, sigmoid, BIAS_KEY};
 use super::ps::{Delta, KeyPolicy, PsConfig, Push, TrainBatch};
 use super::pull::{PsClient, Pulled};
+pub use super::scored::Scored;
 use super::shard::{split_parts, FinalModels, ShardOperator};
 use super::table::SlotRef;
 use crate::stream::operator::{
@@ -28,26 +29,6 @@ use std::sync::Arc;
 
 /// The task the training workers run as in [`super::pipeline::build`]'s graph.
 pub const WORKER_TASK: &str = "worker";
-
-/// Predictions a worker made for one batch, before training on it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Scored {
-    /// The batch's stream index.
-    pub seq: u64,
-    /// The stream position of its first row.
-    pub first_row: u64,
-    /// When its first row was read.
-    pub ingest_ns: u64,
-    /// The rows' labels.
-    pub labels: Vec<f32>,
-    /// The click probability predicted for each row.
-    pub predictions: Vec<f32>,
-    /// The worker.
-    pub worker: u32,
-    /// The largest staleness (steps of other workers not visible) of the
-    /// batch's pulls.
-    pub staleness: u64,
-}
 
 /// What a worker emits: gradients for a shard, or its predictions; a
 /// chained worker emits its shards' serving deltas instead of pushes.
@@ -169,8 +150,8 @@ impl TrainWorker {
                 seq: batch.seq,
                 first_row: batch.first_row,
                 ingest_ns: batch.ingest_ns,
-                labels: labels.to_vec(),
-                predictions,
+                labels: labels.to_vec().into(),
+                predictions: predictions.into(),
                 worker: self.index as u32,
                 staleness,
             }),
@@ -270,7 +251,7 @@ impl TrainWorker {
         let mut at = 0;
         for ((y, ids, _), &p) in rows.iter().zip(predictions.iter()) {
             let n = ids.len() + 1;
-            let d = p - y;
+            let d = margin_gradient(p, y);
             for &(s, i) in &self.at[at..at + n] {
                 grads[s as usize].push(d * self.values[s as usize][i as usize]);
             }

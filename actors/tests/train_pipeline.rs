@@ -42,7 +42,7 @@ struct Run {
     figures: EvalFigures,
     models: Vec<u64>,
     serving: u64,
-    version: braid_actors::train::ps::ModelVersion,
+    version: braid_actors::train::messages::ModelVersion,
 }
 
 fn run(config: PipelineConfig, rows: u64, checkpoint_ms: u64) -> Run {

@@ -2,8 +2,9 @@
 //! of two; with BSP, a version is published only once every shard reached
 //! it.
 
+use braid_actors::train::messages::{Delta, ModelVersion};
 use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
-use braid_actors::train::ps::{Consistency, Delta, ModelVersion, PsConfig};
+use braid_actors::train::ps::{Consistency, PsConfig};
 use braid_actors::train::serving::Serving;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

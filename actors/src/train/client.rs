@@ -17,7 +17,7 @@
 //! ```
 
 use super::eval::{self, EvalFigures};
-use super::ps::ModelVersion;
+use super::messages::ModelVersion;
 use super::serving::{self, ServingAnswer, ServingQuery, ServingStats};
 use crate::stream::cluster::JobServices;
 use crate::stream::service::CallError;

@@ -7,8 +7,8 @@
 //! process offers ([`service_name`]); the final figures come back in the
 //! job's report ([`final_figures`]).
 
+use super::messages::Scored;
 use super::metrics::{Progressive, ProgressiveSnapshot};
-use super::scored::Scored;
 use crate::stream::operator::{
     decode_state, Collector, EventTime, Operator, OperatorError, Snapshot, StateError,
 };

@@ -4,19 +4,15 @@
 //! evaluation.
 
 pub mod client;
-pub mod columns;
 pub mod data;
-pub mod delta;
 pub mod eval;
 mod hugepages;
+pub mod messages;
 pub mod metrics;
-pub mod micro_batch;
 pub mod optimizer;
 pub mod pipeline;
 pub mod ps;
 pub mod pull;
-pub mod push;
-pub mod scored;
 pub mod serving;
 pub mod shard;
 pub mod sharding;

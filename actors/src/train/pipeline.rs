@@ -43,7 +43,8 @@ use super::data::{
     CriteoConfig, CriteoParser, DataError, FeatureBatch, GenCtrParser, ParseStats, SyntheticStream,
 };
 use super::eval::{EvalHandle, EvalSink};
-use super::ps::{Consistency, PsConfig, TrainBatch};
+use super::messages::TrainBatch;
+use super::ps::{Consistency, PsConfig};
 use super::serving::{Serving, ServingSink};
 use super::shard::FinalModels;
 use super::shard::ShardOperator;
@@ -484,7 +485,7 @@ pub fn build(
         })
         .parallelism(1)
         .batch_records(1)
-        .columnar_with(Arc::new(super::micro_batch::TrainBatchFormat));
+        .columnar_with(Arc::new(super::messages::micro_batch::TrainBatchFormat));
     let ps = config.ps.clone();
     let chained = ps.workers == 1 && ps.chain;
     let worker_out = if chained {
@@ -506,20 +507,20 @@ pub fn build(
     let scored = worker_out
         .local_flat_map(|o: super::worker::WorkerOut| o.scored())
         .batch_records(SCORED_PER_MESSAGE)
-        .columnar_with(Arc::new(super::scored::ScoredFormat));
+        .columnar_with(Arc::new(super::messages::scored::ScoredFormat));
     let deltas = if chained {
         worker_out.local_flat_map(|o: super::worker::WorkerOut| o.delta())
     } else {
         let pushes = worker_out
             .local_flat_map(|o: super::worker::WorkerOut| o.push())
             .batch_records(1)
-            .columnar_with(Arc::new(super::push::PushFormat));
+            .columnar_with(Arc::new(super::messages::push::PushFormat));
         let shard_ps = ps.clone();
         let finals = handles.finals.clone();
         pushes.transform_routed(
             super::shard::SHARD_TASK,
             ps.shards,
-            |p: &super::ps::Push| p.shard as u64,
+            |p: &super::messages::Push| p.shard as u64,
             move |i| match ShardOperator::new(shard_ps.clone(), i) {
                 Ok(op) => super::pull::serve(op.reporting_to(finals.clone())),
                 Err(e) => panic!("shard {i}: {e}"),
@@ -527,7 +528,7 @@ pub fn build(
         )
     }
     .batch_records(1)
-    .columnar_with(Arc::new(super::delta::DeltaFormat));
+    .columnar_with(Arc::new(super::messages::delta::DeltaFormat));
     let serving_ps = ps.clone();
     let serving = handles.serving.clone();
     let serving_sink = move |_| ServingSink::new(&serving_ps, serving.clone());

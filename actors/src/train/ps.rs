@@ -1,14 +1,10 @@
 //! The parameter server's configuration and vocabulary: how far workers
 //! may drift apart ([`Consistency`]), what a shard does with its keys
-//! ([`KeyPolicy`]), the job's [`PsConfig`], model versions, and the errors
+//! ([`KeyPolicy`]), the job's [`PsConfig`], and the errors
 //! of pulls and pushes. The shards themselves are [`super::shard`]; the
-//! messages between workers, shards and serving ([`TrainBatch`], [`Push`],
-//! [`Delta`]) are re-exported here.
+//! messages between the operators, [`super::messages`].
 
-pub use super::delta::Delta;
-pub use super::micro_batch::TrainBatch;
 use super::optimizer::{OptimizerKind, PushError};
-pub use super::push::Push;
 use super::sharding::ConsistentHash;
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
@@ -159,36 +155,6 @@ impl PsConfig {
     pub(crate) fn shard_name(&self, generation: u64, shard: usize) -> String {
         format!("{}/g{generation}/shard{shard}", self.name)
     }
-}
-
-/// A model version: the checkpoint epoch the state last passed, and the
-/// records whose gradients it holds. In BSP mode the records are an exact
-/// prefix of the stream.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
-pub struct ModelVersion {
-    /// The last checkpoint barrier passed.
-    pub epoch: u64,
-    /// Records trained.
-    pub records: u64,
-}
-
-impl std::fmt::Display for ModelVersion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "e{}+{}", self.epoch, self.records)
-    }
-}
-
-/// A batch the serving model includes once every shard applied it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppliedBatch {
-    /// Its stream index.
-    pub seq: u64,
-    /// Its rows.
-    pub rows: u64,
-    /// When its first row was read.
-    pub ingest_ns: u64,
 }
 
 /// Why a pull failed.

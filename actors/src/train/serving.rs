@@ -25,9 +25,10 @@
 //!   final [`ServingStats`] come back in the job's report
 //!   ([`SERVING_RESULT`]).
 
+use super::messages::{AppliedBatch, Delta, ModelVersion};
 use super::metrics::LatencyHistogram;
 use super::optimizer::{sigmoid, BIAS_KEY};
-use super::ps::{AppliedBatch, Delta, ModelVersion, PsConfig};
+use super::ps::PsConfig;
 use super::sharding::ConsistentHash;
 use super::table::{prefetch_line, ParamTable};
 use crate::stream::operator::{Collector, EventTime, Operator, OperatorError};

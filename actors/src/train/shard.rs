@@ -23,14 +23,9 @@
 //!   eviction above a capacity are hooks a shard runs on its table.
 
 use super::data::FeatureBatchRef;
-use super::delta::Delta;
-use super::micro_batch::TrainBatch;
+use super::messages::{AppliedBatch, Delta, ModelVersion, Push, TrainBatch};
 use super::optimizer::{learn_sharded, weights_of, Fresh, Model, OptimizerKind, BIAS_KEY};
-use super::ps::{
-    first_crash, AppliedBatch, ApplyError, Crash, KeyPolicy, ModelVersion, PsConfig, PullError,
-    PullStats,
-};
-use super::push::Push;
+use super::ps::{first_crash, ApplyError, Crash, KeyPolicy, PsConfig, PullError, PullStats};
 use super::table::{prefetch_line, ParamTable, SlotRef};
 use crate::stream::context::TaskContext;
 use crate::stream::operator::{

@@ -14,10 +14,10 @@
 //! cut are those of a push: the worker and its shards take the barrier
 //! together, so a checkpoint holds exactly the records before it.
 
+use super::messages::{Delta, Push, Scored, TrainBatch};
 use super::optimizer::{margin_gradient, sigmoid, BIAS_KEY};
-use super::ps::{Delta, KeyPolicy, PsConfig, Push, TrainBatch};
+use super::ps::{KeyPolicy, PsConfig};
 use super::pull::{PsClient, Pulled};
-pub use super::scored::Scored;
 use super::shard::{split_parts, FinalModels, ShardOperator};
 use super::table::SlotRef;
 use crate::stream::operator::{

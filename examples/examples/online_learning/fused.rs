@@ -13,11 +13,12 @@ use braid_actors::stream::local;
 use braid_actors::stream::plan::Plan;
 use braid_actors::train::data::{SyntheticConfig, SyntheticStream};
 use braid_actors::train::eval::EvalHandle;
+use braid_actors::train::messages::ModelVersion;
 use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
 use braid_actors::train::pipeline::{
     self, FileReader, JobHandles, PipelineConfig, RowReader, SyntheticReader,
 };
-use braid_actors::train::ps::{Consistency, Crash, ModelVersion, PsConfig};
+use braid_actors::train::ps::{Consistency, Crash, PsConfig};
 use braid_actors::train::serving::Serving;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};

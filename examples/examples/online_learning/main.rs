@@ -199,7 +199,7 @@ struct RemoteServing {
     /// Answers received.
     answers: u64,
     /// The version of the latest answer.
-    version: Option<braid_actors::train::ps::ModelVersion>,
+    version: Option<braid_actors::train::messages::ModelVersion>,
     /// Answers whose version held fewer rows than an earlier answer's.
     went_back: u64,
 }
@@ -215,7 +215,7 @@ impl RemoteServing {
     }
 
     /// An answer from `version`.
-    fn note(&mut self, version: braid_actors::train::ps::ModelVersion) {
+    fn note(&mut self, version: braid_actors::train::messages::ModelVersion) {
         self.answers += 1;
         if self.version.is_some_and(|v| v.records > version.records) {
             self.went_back += 1;

@@ -5,17 +5,17 @@
 //! travels as one Arrow record batch in the store ([`TrainBatchFormat`],
 //! set on the source's stream with
 //! [`DataStream::columnar_with`](crate::stream::graph::DataStream::columnar_with)):
-//! the feature batch's columns (see [`data`](super::data)), and the
+//! the feature batch's columns (see [`data`](crate::train::data)), and the
 //! micro-batch's index, first row and ingest time as schema metadata. The
 //! worker trains on the columns where they lie ([`Rows::InPlace`]), so
 //! nothing is encoded or copied on the way.
 
 use super::columns::{invalid, metadata, number, refused, single};
-use super::data::{DataError, FeatureBatch, FeatureBatchRef};
 use crate::stream::channel::Format;
 use crate::stream::columnar::ColumnarError;
 use crate::stream::failure::StageError;
 use crate::stream::operator::EventTime;
+use crate::train::data::{DataError, FeatureBatch, FeatureBatchRef};
 use arrow_array::RecordBatch;
 use braid::store::batch::{BatchLayout, BatchWriter};
 use serde::{Deserialize, Serialize};

@@ -10,7 +10,7 @@
 use super::columns::{
     fill_key_values, key_value_layout, key_values, metadata, number, refused, single,
 };
-use super::ps::{AppliedBatch, ModelVersion};
+use super::{AppliedBatch, ModelVersion};
 use crate::stream::channel::Format;
 use crate::stream::columnar::ColumnarError;
 use crate::stream::failure::StageError;

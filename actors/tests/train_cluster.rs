@@ -3,7 +3,8 @@
 //! pulling from shards in other processes through the shards' hosts. Under
 //! BSP its predictions are byte for byte those of the same job run in one
 //! process, also when a process of the job is killed mid-run and the job
-//! recovers from its last checkpoint.
+//! recovers from its last checkpoint, and when it is spread over two
+//! nodes, each with its own store.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use braid_actors::checkpoint::storage::CheckpointStorage;
@@ -64,7 +65,14 @@ braid_actors::stream_job!(TRAINING, "training", training);
 fn rt() -> &'static braid::Runtime {
     static RT: OnceLock<braid::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        braid::init_blocking_with(braid::InitOptions::new().num_cpus(2.0)).expect("cluster")
+        // A second node, for the spread job; the others are packed on the
+        // driver's node.
+        braid::init_blocking_with(
+            braid::InitOptions::new()
+                .num_cpus(2.0)
+                .extra_node(2.0, braid::Resources::new()),
+        )
+        .expect("cluster")
     })
 }
 
@@ -327,4 +335,21 @@ fn serving_answers_another_process_with_growing_versions_and_the_report_holds_th
         ))
     ));
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn spread_over_two_nodes_the_job_predicts_what_one_process_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = local_predictions(dir.path());
+    let path = dir.path().join("spread.txt");
+    let mut job = cluster_job(dir.path(), &path);
+    job.spread = true;
+    let nodes_used = job.nodes_used.clone();
+    let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
+    assert_eq!(report.failures, 0);
+    assert_eq!(*nodes_used.lock(), 2, "the subtasks ran on both nodes");
+    assert!(
+        std::fs::read(&path).unwrap() == expected,
+        "the spread job's predictions differ from one process's"
+    );
 }

@@ -234,6 +234,7 @@ pub struct TrainSource {
     rate: Option<f64>,
     started: Instant,
     sent_since_start: u64,
+    last_emit: Instant,
     seq: u64,
     rows: u64,
     pad_rounds: bool,
@@ -262,6 +263,7 @@ impl TrainSource {
             rate: config.rate.filter(|r| *r > 0.0),
             started: Instant::now(),
             sent_since_start: 0,
+            last_emit: Instant::now(),
             seq: 0,
             rows: 0,
             pad_rounds: config.ps.consistency == Consistency::Bsp,
@@ -301,8 +303,13 @@ impl Source for TrainSource {
             let due = (self.started.elapsed().as_secs_f64() * rate) as u64;
             allowance = allowance.min(due.saturating_sub(self.sent_since_start));
             // BSP keeps its batches whole (deterministic boundaries): it
-            // waits for a full round, or the end of the input.
-            if allowance == 0 || (self.pad_rounds && allowance < round.min(self.rows_left)) {
+            // waits for a full round, or the end of the input. The others
+            // wait for one up to PARTIAL_ROUND_WAIT: polled often, a
+            // throttled source would otherwise cut a round into slivers
+            // of a few rows, each a step of its own.
+            let partial = allowance < round.min(self.rows_left);
+            let waited = self.last_emit.elapsed() >= PARTIAL_ROUND_WAIT;
+            if allowance == 0 || (partial && (self.pad_rounds || !waited)) {
                 return SourcePoll::Idle;
             }
         }
@@ -354,6 +361,7 @@ impl Source for TrainSource {
         }
         self.rows_left -= total;
         self.sent_since_start += total;
+        self.last_emit = Instant::now();
         SourcePoll::Emitted(emitted)
     }
 
@@ -431,6 +439,10 @@ pub enum BuildError {
     #[error("BSP refreshes serving by rows only: set refresh_ms to 0")]
     TimedRefreshUnderBsp,
 }
+
+/// How long a throttled source under ASP or SSP waits for a full round
+/// of micro-batches before it sends what is due.
+const PARTIAL_ROUND_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Micro-batches' predictions per message to evaluation, which no answer
 /// waits for: fewer messages wake its thread less often.

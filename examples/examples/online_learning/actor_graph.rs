@@ -94,8 +94,8 @@ pub fn run(
             )
         }
     };
-    let node_pids = common::node_pids(rt);
-    let cpu_start = common::self_cpu_seconds() + common::cpu_of(&node_pids);
+    let cluster = common::cluster_pids();
+    let cpu_start = common::self_cpu_seconds() + common::cpu_of(&cluster);
     let (done_tx, done_rx) = mpsc::channel();
     let runner = {
         let rt = rt.clone();
@@ -175,10 +175,10 @@ pub fn run(
     let remote = probe.join().unwrap_or_default();
     let _ = runner.join();
     let report = outcome.context("the job failed")?;
-    // Every process of the mode: this driver, the embedded cluster's
-    // node processes (the head runs in the node's), and the job's hosts
-    // (each reports its process's CPU when its subtask finishes).
-    let cpu = common::self_cpu_seconds() + common::cpu_of(&node_pids) - cpu_start
+    // Every process of the mode: this driver, the embedded cluster's head
+    // and node processes, and the job's hosts (each reports its process's
+    // CPU when its subtask finishes).
+    let cpu = common::self_cpu_seconds() + common::cpu_of(&cluster) - cpu_start
         + report.hosts_cpu_seconds.unwrap_or(0.0);
     let f = eval::final_figures(&report, &name).context("the evaluation reported no figures")??;
     let stats =

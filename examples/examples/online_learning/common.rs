@@ -216,19 +216,26 @@ pub fn self_cpu_seconds() -> f64 {
     cpu_seconds_of(std::process::id()).map_or(0.0, |(own, _)| own)
 }
 
-/// The process ids of the embedded cluster's node processes (other than
-/// this one).
-pub fn node_pids(rt: &braid::Runtime) -> Vec<u32> {
-    let rt2 = rt.clone();
-    rt.block_on(async move { rt2.nodes().await })
-        .map(|nodes| {
-            nodes
-                .iter()
-                .map(|n| n.info.pid)
-                .filter(|&pid| pid != std::process::id())
-                .collect()
+/// The process ids of the embedded cluster's head and nodes: this
+/// process's children (`braid::init` starts them from this binary; the
+/// workers are the nodes' children).
+pub fn cluster_pids() -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = stat.get(stat.rfind(')')? + 2..)?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(me)
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// CPU seconds the processes `pids` used so far.

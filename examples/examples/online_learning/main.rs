@@ -280,8 +280,8 @@ fn run_fused(
         return out;
     }
     let started = Instant::now();
-    let node_pids = common::node_pids(rt);
-    let driver_cpu = common::self_cpu_seconds() + common::cpu_of(&node_pids);
+    let cluster = common::cluster_pids();
+    let driver_cpu = common::self_cpu_seconds() + common::cpu_of(&cluster);
     let mut job = start_fused(rt, &config)?;
     let mut progress = Progress::new();
     // The driver also queries serving through the job's actor, as a client
@@ -327,9 +327,9 @@ fn run_fused(
     progress.end();
     let seconds = started.elapsed().as_secs_f64();
     remote.ask(&job, &probe);
-    // The driver's and the node processes' CPU; the job's process counted
-    // its own.
-    let driver_cpu = common::self_cpu_seconds() + common::cpu_of(&node_pids) - driver_cpu;
+    // The driver's, the head's and the nodes' CPU; the job's process
+    // counted its own.
+    let driver_cpu = common::self_cpu_seconds() + common::cpu_of(&cluster) - driver_cpu;
     let (rt2, handle) = (rt.clone(), job.raw().clone());
     let _ = rt.block_on(async move { rt2.kill_actor(&handle).await });
     let mut report = match status.done.clone() {

@@ -53,8 +53,8 @@ const SESSION_PREFIX: &str = "session-";
 const STAGING_PREFIX: &str = ".new-";
 const ENDING_PREFIX: &str = ".ending-";
 
-/// How old a staging directory without a lock file must be before a
-/// cleaner takes it for the leftover of a start that died.
+/// How old a staging directory must be before a cleaner takes it for the
+/// leftover of a start that died (with its lock file free, or without one).
 const STAGING_GRACE: Duration = Duration::from_secs(60);
 
 /// The per-user directory's path (nothing is created or checked): where
@@ -337,6 +337,18 @@ fn finish_ending(dir: &Path) -> Result<bool> {
 
 /// A staging directory whose creator died before renaming it into place.
 fn drop_dead_staging(dir: &Path) -> Result<bool> {
+    // A young staging directory is left alone even with its lock file
+    // there and free: its creator may be between creating the lock file
+    // and taking the lock (removing it then made the creator's rename fail
+    // with "No such file or directory").
+    let young = std::fs::symlink_metadata(dir)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_none_or(|age| age < STAGING_GRACE);
+    if young {
+        return Ok(false);
+    }
     if dir.join(LOCK_FILE).exists() {
         let Some(lock) = try_lock_exclusive(dir)? else {
             return Ok(false);
@@ -346,14 +358,6 @@ fn drop_dead_staging(dir: &Path) -> Result<bool> {
         return removed
             .map(|()| true)
             .map_err(|e| Error::io(format!("remove {}", dir.display()), e));
-    }
-    let young = std::fs::symlink_metadata(dir)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_none_or(|age| age < STAGING_GRACE);
-    if young {
-        return Ok(false);
     }
     std::fs::remove_dir_all(dir)
         .map(|()| true)

@@ -4,13 +4,16 @@
 //! * **Jobs** are built by a function registered with [`stream_job!`](crate::stream_job),
 //!   so every process of the job's binary can rebuild the same graph from
 //!   the job's name and parameters, and a host picks out its subtask.
-//! * **Channels** are actor calls: an upstream host calls
-//!   `deliver(slot, seq, message)` on the downstream host. A call is
-//!   answered once the downstream subtask has taken the message off its
-//!   queue, and an upstream keeps at most `credits` calls in flight per
-//!   channel, so a slow consumer slows its producers and queues stay
-//!   bounded. Sequence numbers put messages back in channel order, since
-//!   calls to an async actor may start out of order.
+//! * **Channels** between hosts on one machine (one store) are rings in
+//!   the receiver's [`mailbox`](super::mailbox), written and read by the
+//!   two subtasks' own threads. Between machines they are actor calls:
+//!   an upstream host calls `deliver(slot, seq, message)` on the
+//!   downstream host, answered once the downstream subtask has taken the
+//!   message off its queue; sequence numbers put messages back in channel
+//!   order, since calls to an async actor may start out of order. Either
+//!   way an upstream keeps at most `credits` messages (and `credit_bytes`
+//!   of store objects) not yet taken per channel, so a slow consumer
+//!   slows its producers and queues stay bounded.
 //! * **Snapshots** are encoded and written to checkpoint storage by the
 //!   host that took them; the driver hears of the stored handle.
 //! * **Failures**: the driver long-polls every host for events; a host's
@@ -31,6 +34,7 @@ use super::coordinator::{
 use super::edges::{ChannelCounts, ChannelMeter, Meters};
 use super::failure::{AttemptFailure, ChannelError, TaskError};
 use super::graph::StreamEnv;
+use super::mailbox::{self, MailboxAddr};
 use super::plan::{Plan, SubtaskId};
 use super::restart::RestartStrategy;
 use super::runner::{self, Command, Inbox, Reporter, SourcePace, TaskExit};
@@ -178,6 +182,13 @@ struct Shared {
     inputs: Vec<usize>,
     /// What this subtask's ends of its channels counted.
     meters: Meters,
+    /// The rings senders on this machine write this subtask's inputs to,
+    /// taken by its thread when it starts.
+    mailbox: Mutex<Option<mailbox::Receiver>>,
+    /// Where senders find the mailbox, if this host has one.
+    mailbox_addr: Option<MailboxAddr>,
+    /// Wakes the subtask's thread when it waits on its mailbox.
+    doorbell: Option<mailbox::Doorbell>,
 }
 
 impl Shared {
@@ -254,6 +265,23 @@ impl SubtaskHost {
         }
         let (commands, command_rx) = crossbeam_channel::unbounded();
         let storage = spec.storage.open();
+        let mailbox = if inputs.is_empty() {
+            None
+        } else {
+            match mailbox::Receiver::create(inputs.len()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(
+                        "{}-{}: no mailbox, inputs arrive by call: {e}",
+                        spec.task,
+                        spec.subtask
+                    );
+                    None
+                }
+            }
+        };
+        let mailbox_addr = mailbox.as_ref().map(|m| m.addr());
+        let doorbell = mailbox.as_ref().and_then(|m| m.doorbell().ok());
         SubtaskHost {
             shared: Arc::new(Shared {
                 spec,
@@ -269,6 +297,9 @@ impl SubtaskHost {
                 storage,
                 inputs,
                 meters,
+                mailbox: Mutex::new(mailbox),
+                mailbox_addr,
+                doorbell,
             }),
         }
     }
@@ -279,6 +310,12 @@ impl SubtaskHost {
         braid::current()
             .map(|rt| rt.store_seat())
             .map_err(|e| e.to_string())
+    }
+
+    /// Where senders on this machine find this subtask's mailbox, if it
+    /// has inputs and one could be made.
+    fn mailbox(&self) -> Option<MailboxAddr> {
+        self.shared.mailbox_addr
     }
 
     /// Where this subtask's output channels lead, per channel.
@@ -354,6 +391,7 @@ impl SubtaskHost {
         let outputs = plan.outputs_of(id);
         let (credits, credit_bytes) = (spec.credits.max(1), spec.credit_bytes);
         let meters = self.shared.meters.clone();
+        let inbox_rt = rt.clone();
         let outbox = move || -> Box<dyn Outbox> {
             Box::new(ActorOutbox {
                 seat: rt.store_seat(),
@@ -361,6 +399,8 @@ impl SubtaskHost {
                 targets: targets.clone(),
                 next_seq: vec![0; targets.len()],
                 in_flight: (0..targets.len()).map(|_| VecDeque::new()).collect(),
+                rings: (0..targets.len()).map(|_| RingState::Unopened).collect(),
+                scratch: Vec::new(),
                 stored_in_flight: vec![0; targets.len()],
                 built: HashMap::new(),
                 credits,
@@ -387,6 +427,9 @@ impl SubtaskHost {
             Some(Box::new(HostInbox {
                 shared: self.shared.clone(),
                 receivers,
+                mailbox: self.shared.mailbox.lock().take(),
+                rt: inbox_rt,
+                next: 0,
             }))
         };
         let shared = self.shared.clone();
@@ -472,6 +515,9 @@ impl SubtaskHost {
                 s.next += 1;
             }
         }
+        if let Some(doorbell) = &self.shared.doorbell {
+            doorbell.ring();
+        }
         let Some(consumed) = self.shared.consumed_rx.get(slot) else {
             return false;
         };
@@ -482,7 +528,11 @@ impl SubtaskHost {
 
     /// A command from the coordinator.
     fn command(&self, command: WireCommand) -> bool {
-        self.shared.commands.send(command.into()).is_ok()
+        let sent = self.shared.commands.send(command.into()).is_ok();
+        if let Some(doorbell) = &self.shared.doorbell {
+            doorbell.ring();
+        }
+        sent
     }
 
     /// Waits up to a second for events, and returns them.
@@ -787,6 +837,9 @@ pub struct ChannelTarget {
     host: SubtaskHostHandle,
     slot: usize,
     seat: braid::store::StoreSeat,
+    /// The receiver's mailbox, written directly when it shares this
+    /// sender's store (so its machine).
+    mailbox: Option<MailboxAddr>,
 }
 
 struct ActorOutbox {
@@ -802,6 +855,10 @@ struct ActorOutbox {
     built: HashMap<braid::store::ObjectId, braid::ObjectRef<braid::Batch>>,
     /// Per channel, the store bytes of the calls in flight.
     stored_in_flight: Vec<usize>,
+    /// Per channel, whether it writes the receiver's mailbox.
+    rings: Vec<RingState>,
+    /// Where a message is encoded before it goes into a ring.
+    scratch: Vec<u8>,
     credits: usize,
     credit_bytes: usize,
     /// The plan channel of each output.
@@ -817,7 +874,121 @@ type InFlight = (
     Option<braid::ObjectRef<braid::Batch>>,
 );
 
+/// How an output channel reaches its receiver.
+enum RingState {
+    /// Not used yet: decided on the first message.
+    Unopened,
+    /// Through the receiver's mailbox.
+    Ring(RingOut),
+    /// By `deliver` calls (another machine's store, or no mailbox).
+    Calls,
+}
+
+/// An output channel written into the receiver's mailbox.
+struct RingOut {
+    sender: mailbox::Sender,
+    /// Messages sent so far.
+    sent: u64,
+    /// Messages not yet taken: their number, store bytes and the batch
+    /// each lends (kept until the receiver has adopted it).
+    queued: VecDeque<(u64, usize, Option<braid::ObjectRef<braid::Batch>>)>,
+    /// Store bytes of the queued messages.
+    stored: usize,
+}
+
+impl RingOut {
+    /// Forgets the messages the receiver has taken.
+    fn release(&mut self) {
+        let taken = self.sender.taken();
+        while self.queued.front().is_some_and(|(seq, _, _)| *seq < taken) {
+            if let Some((_, stored, _)) = self.queued.pop_front() {
+                self.stored -= stored;
+            }
+        }
+    }
+
+    /// Waits until the receiver took the oldest queued message.
+    fn wait_oldest(&mut self, channel: usize) -> Result<(), ChannelError> {
+        if let Some((seq, _, _)) = self.queued.front() {
+            self.sender
+                .wait_taken(seq + 1)
+                .map_err(|_| ChannelError::Closed(channel))?;
+        }
+        self.release();
+        Ok(())
+    }
+}
+
 impl ActorOutbox {
+    /// The channel's ring, opened on first use when the receiver shares
+    /// this process's store and has a mailbox.
+    fn ring(&mut self, channel: usize) -> Option<&mut RingOut> {
+        if matches!(self.rings.get(channel), Some(RingState::Unopened)) {
+            let opened = self
+                .targets
+                .get(channel)
+                .filter(|t| t.seat.same_store(&self.seat))
+                .and_then(|t| {
+                    let addr = t.mailbox?;
+                    mailbox::Sender::open(addr, t.slot)
+                        .map_err(|e| tracing::warn!("channel {channel} falls back to calls: {e}"))
+                        .ok()
+                });
+            self.rings[channel] = match opened {
+                Some(sender) => RingState::Ring(RingOut {
+                    sender,
+                    sent: 0,
+                    queued: VecDeque::new(),
+                    stored: 0,
+                }),
+                None => RingState::Calls,
+            };
+        }
+        match self.rings.get_mut(channel) {
+            Some(RingState::Ring(r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Sends a message through the channel's ring.
+    fn send_ring(&mut self, channel: usize, msg: ChannelMsg) -> Result<(), ChannelError> {
+        let (lent, stored) = match &msg {
+            ChannelMsg::Columnar(r) => (self.built.remove(&r.object.id()), r.bytes),
+            ChannelMsg::Batch(bytes) if bytes.len() >= STORE_BATCH_BYTES => {
+                if let Some(meter) = self.meter(channel) {
+                    meter.copied(bytes.len());
+                }
+                (None, 0)
+            }
+            _ => (None, 0),
+        };
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let encoded = braid::store::codec::encode_append(&msg, &mut scratch)
+            .map_err(|e| ChannelError::Encode(e.to_string()));
+        let (credits, credit_bytes) = (self.credits, self.credit_bytes);
+        let sent = encoded.and_then(|_| {
+            let Some(ring) = self.ring(channel) else {
+                return Err(ChannelError::Closed(channel));
+            };
+            ring.sender
+                .send(&scratch)
+                .map_err(|_| ChannelError::Closed(channel))?;
+            ring.queued.push_back((ring.sent, stored, lent));
+            ring.sent += 1;
+            ring.stored += stored;
+            ring.release();
+            while ring.queued.len() > credits
+                || (ring.queued.len() > 1 && ring.stored > credit_bytes)
+            {
+                ring.wait_oldest(channel)?;
+            }
+            Ok(())
+        });
+        self.scratch = scratch;
+        sent
+    }
+
     fn wait_oldest(&mut self, channel: usize) -> Result<(), ChannelError> {
         let Some((oldest, stored, _lent)) = self.in_flight[channel].pop_front() else {
             return Ok(());
@@ -839,6 +1010,9 @@ impl ActorOutbox {
 
 impl Outbox for ActorOutbox {
     fn send(&mut self, channel: usize, msg: ChannelMsg) -> Result<(), ChannelError> {
+        if self.ring(channel).is_some() {
+            return self.send_ring(channel, msg);
+        }
         let Some(ChannelTarget {
             host: target, slot, ..
         }) = self.targets.get(channel).cloned()
@@ -927,6 +1101,15 @@ impl Outbox for ActorOutbox {
 
 impl Drop for ActorOutbox {
     fn drop(&mut self) {
+        for (channel, ring) in self.rings.iter_mut().enumerate() {
+            if let RingState::Ring(ring) = ring {
+                while !ring.queued.is_empty() {
+                    if ring.wait_oldest(channel).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
         for channel in 0..self.in_flight.len() {
             while !self.in_flight[channel].is_empty() {
                 if self.wait_oldest(channel).is_err() {
@@ -937,9 +1120,78 @@ impl Drop for ActorOutbox {
     }
 }
 
+/// A subtask's inputs: its mailbox, for senders on this machine, and the
+/// queues `deliver` calls fill, for the others.
 struct HostInbox {
     shared: Arc<Shared>,
     receivers: Vec<SlotReceiver>,
+    mailbox: Option<mailbox::Receiver>,
+    rt: Runtime,
+    /// The slot the next look starts at, so every input gets its turn.
+    next: usize,
+}
+
+impl HostInbox {
+    /// A message waiting on an unblocked input, if any.
+    fn poll(&mut self, blocked: &[bool]) -> Result<Option<(usize, ChannelMsg)>, ChannelError> {
+        let n = self.receivers.len();
+        for i in 0..n {
+            let slot = (self.next + i) % n;
+            if blocked.get(slot).copied().unwrap_or(false) {
+                continue;
+            }
+            if let Some(mailbox) = self.mailbox.as_mut() {
+                let frame = mailbox
+                    .try_frame(slot)
+                    .map_err(|e| ChannelError::Decode(e.to_string()))?;
+                if let Some(frame) = frame {
+                    let msg = braid::store::codec::decode::<ChannelMsg>(&frame)
+                        .map_err(|e| ChannelError::Decode(e.to_string()))?;
+                    let msg = self.adopt(msg)?;
+                    if let Some(mailbox) = &self.mailbox {
+                        mailbox.mark_taken(slot);
+                    }
+                    self.next = slot + 1;
+                    return Ok(Some((slot, msg)));
+                }
+            }
+            if let Ok((seq, msg)) = self.receivers[slot].try_recv() {
+                if let Some(s) = self.shared.slots.lock().get(slot) {
+                    s.consumed.send_replace(seq + 1);
+                }
+                self.next = slot + 1;
+                return Ok(Some((slot, msg)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A columnar batch read in place: adopted when it was lent to this
+    /// process, fetched otherwise.
+    fn adopt(&self, msg: ChannelMsg) -> Result<ChannelMsg, ChannelError> {
+        let ChannelMsg::Columnar(stored) = msg else {
+            return Ok(msg);
+        };
+        let batch = match self.rt.adopt_batch(&stored.object) {
+            Some(adopted) => adopted,
+            None => {
+                let rt = self.rt.clone();
+                self.rt
+                    .block_on(async move { rt.get_batch_lent(&stored.object).await })
+            }
+        };
+        batch
+            .map(|b| ChannelMsg::Arrow(ArrowBatch(b)))
+            .map_err(|e| ChannelError::Store(format!("a columnar batch cannot be read: {e}")))
+    }
+
+    /// Whether a message may be waiting on an unblocked input.
+    fn ready(&self, blocked: &[bool]) -> bool {
+        let open =
+            || (0..self.receivers.len()).filter(|s| !blocked.get(*s).copied().unwrap_or(false));
+        self.mailbox.as_ref().is_some_and(|m| m.pending(open()))
+            || open().any(|s| !self.receivers[s].is_empty())
+    }
 }
 
 impl Inbox for HostInbox {
@@ -948,15 +1200,37 @@ impl Inbox for HostInbox {
         blocked: &[bool],
         timeout: Duration,
     ) -> Result<Option<(usize, ChannelMsg)>, ChannelError> {
-        let Some((channel, (seq, msg))) =
-            super::local::recv_unblocked(&self.receivers, blocked, timeout)?
-        else {
-            return Ok(None);
-        };
-        if let Some(slot) = self.shared.slots.lock().get(channel) {
-            slot.consumed.send_replace(seq + 1);
+        if self.mailbox.is_none() {
+            let Some((channel, (seq, msg))) =
+                super::local::recv_unblocked(&self.receivers, blocked, timeout)?
+            else {
+                return Ok(None);
+            };
+            if let Some(slot) = self.shared.slots.lock().get(channel) {
+                slot.consumed.send_replace(seq + 1);
+            }
+            return Ok(Some((channel, msg)));
         }
-        Ok(Some((channel, msg)))
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(got) = self.poll(blocked)? {
+                return Ok(Some(got));
+            }
+            let Some(mailbox) = self.mailbox.as_ref() else {
+                return Ok(None);
+            };
+            let signal = mailbox.prepare_sleep();
+            if self.ready(blocked) {
+                mailbox.awake();
+                continue;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                mailbox.awake();
+                return Ok(None);
+            }
+            mailbox.sleep(signal, deadline - now);
+        }
     }
 
     fn meter(&self, channel: usize) -> Option<&ChannelMeter> {
@@ -1345,6 +1619,7 @@ fn start_hosts(
     let hosts = hosts.clone();
     let starting = async move {
         let mut seats = HashMap::new();
+        let mut mailboxes = HashMap::new();
         for (id, host) in &hosts {
             let seat = host.seat().await.map_err(|e| lost(id, e))?;
             let seat = seat.map_err(|cause| AttemptFailure::Lost {
@@ -1352,6 +1627,9 @@ fn start_hosts(
                 cause,
             })?;
             seats.insert(*id, seat);
+            if let Some(addr) = host.mailbox().await.map_err(|e| lost(id, e))? {
+                mailboxes.insert(*id, addr);
+            }
         }
         let peers: Vec<PeerHost> = hosts
             .iter()
@@ -1372,6 +1650,7 @@ fn start_hosts(
                         host: hosts.get(to)?.clone(),
                         slot: *slot,
                         seat: *seats.get(to)?,
+                        mailbox: mailboxes.get(to).copied(),
                     })
                 })
                 .collect();

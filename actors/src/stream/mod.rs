@@ -31,6 +31,7 @@ pub mod failure;
 pub mod functions;
 pub mod graph;
 pub mod local;
+pub mod mailbox;
 pub mod operator;
 pub mod plan;
 pub mod registry;

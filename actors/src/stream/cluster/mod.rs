@@ -23,29 +23,35 @@
 //!   old generation that is still running cannot publish anything: its
 //!   sink is fenced, and the coordinator ignores its acknowledgements.
 
-use super::channel::{ArrowBatch, ChannelMsg, ColumnarRef, Outbox};
-use super::columnar::ColumnarError;
+use super::channel::{ArrowBatch, ChannelMsg, Outbox};
 use super::context::TaskContext;
 use super::coordinator::{
     Coordinator, CoordinatorEvent, JobConfig, JobError, JobReport, Restored,
     DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_CHECKPOINT_TIMEOUT, DEFAULT_CREDITS, DEFAULT_CREDIT_BYTES,
     DEFAULT_RESOURCE_WAIT,
 };
-use super::edges::{ChannelCounts, ChannelMeter, Meters};
+use super::edges::{ChannelCounts, Meters};
 use super::failure::{AttemptFailure, ChannelError, TaskError};
 use super::graph::StreamEnv;
 use super::mailbox::{self, MailboxAddr};
+
+mod channels;
+mod peers;
+
 use super::plan::{Plan, SubtaskId};
 use super::restart::RestartStrategy;
 use super::runner::{self, Command, Inbox, Reporter, SourcePace, TaskExit};
 use super::service::{CallError, Peers};
 use super::stage::ChainSnapshot;
 use crate::checkpoint::storage::{CheckpointStorage, Epoch, StateHandle};
-use braid::store::batch::{BatchLayout, BatchWriter};
-use braid::{ActorCall, Runtime, TypedHandle};
+use braid::{Runtime, TypedHandle};
+use channels::{ActorOutbox, HostInbox, ViewBytes};
+pub use channels::{ChannelTarget, Delivery, STORE_BATCH_BYTES};
 use parking_lot::Mutex;
+pub use peers::PeerHost;
+use peers::{HostPeers, SERVICE_WAIT};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -393,21 +399,13 @@ impl SubtaskHost {
         let meters = self.shared.meters.clone();
         let inbox_rt = rt.clone();
         let outbox = move || -> Box<dyn Outbox> {
-            Box::new(ActorOutbox {
-                seat: rt.store_seat(),
-                rt: rt.clone(),
-                targets: targets.clone(),
-                next_seq: vec![0; targets.len()],
-                in_flight: (0..targets.len()).map(|_| VecDeque::new()).collect(),
-                rings: (0..targets.len()).map(|_| RingState::Unopened).collect(),
-                scratch: Vec::new(),
-                stored_in_flight: vec![0; targets.len()],
-                built: HashMap::new(),
-                credits,
-                credit_bytes,
-                ids: outputs.clone(),
-                meters: meters.clone(),
-            })
+            Box::new(ActorOutbox::new(
+                rt.clone(),
+                targets.clone(),
+                (credits, credit_bytes),
+                outputs.clone(),
+                meters.clone(),
+            ))
         };
         let mut head = plan.build(id, &outbox);
         if let Some((states, offset)) = restored {
@@ -424,13 +422,13 @@ impl SubtaskHost {
         let inbox: Option<Box<dyn Inbox>> = if receivers.is_empty() {
             None
         } else {
-            Some(Box::new(HostInbox {
-                shared: self.shared.clone(),
+            let mailbox = self.shared.mailbox.lock().take();
+            Some(Box::new(HostInbox::new(
+                self.shared.clone(),
                 receivers,
-                mailbox: self.shared.mailbox.lock().take(),
-                rt: inbox_rt,
-                next: 0,
-            }))
+                mailbox,
+                inbox_rt,
+            )))
         };
         let shared = self.shared.clone();
         let pace = SourcePace {
@@ -688,112 +686,6 @@ impl JobServices {
 /// (a recovery kills the old generation's hosts before it names new ones).
 const JOB_SERVICES_RETRY: Duration = Duration::from_millis(20);
 
-/// How long a call waits for its service to be offered: the driver starts
-/// an attempt's hosts one by one, so a caller's subtask may run before the
-/// one it calls is built.
-const SERVICE_WAIT: Duration = Duration::from_secs(60);
-
-/// The attempt's hosts, as a subtask calls their services.
-struct HostPeers {
-    rt: Runtime,
-    hosts: HashMap<(String, usize), (SubtaskHostHandle, braid::store::StoreSeat)>,
-    /// This subtask's output channels by the subtask they lead to.
-    channels: HashMap<(String, usize), usize>,
-    meters: Meters,
-}
-
-/// A subtask of the attempt, as its peers reach it: its task's head
-/// vertex, its index, its host and where the host sits on its node's
-/// store.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct PeerHost {
-    task: String,
-    subtask: usize,
-    host: SubtaskHostHandle,
-    seat: braid::store::StoreSeat,
-}
-
-impl Peers for HostPeers {
-    fn call_many(&self, calls: Vec<super::service::PeerCall>) -> Vec<Result<Vec<u8>, CallError>> {
-        let mut pending = Vec::with_capacity(calls.len());
-        for c in calls {
-            let host = self
-                .hosts
-                .get(&(c.task.clone(), c.subtask))
-                .map(|(host, _)| host.clone());
-            pending.push((c, host));
-        }
-        let answers = self.rt.block_on(async move {
-            let calls = pending.into_iter().map(|(c, host)| async move {
-                let Some(host) = host else {
-                    return Err(CallError::NoService(format!(
-                        "{}[{}]: {}",
-                        c.task, c.subtask, c.service
-                    )));
-                };
-                match host.call(c.service.clone(), c.request).await {
-                    Ok(Ok(answer)) => Ok(answer),
-                    Ok(Err(why)) => Err(CallError::Failed(c.service, why)),
-                    Err(e) => Err(CallError::Unreachable(c.service, e.to_string())),
-                }
-            });
-            futures::future::join_all(calls).await
-        });
-        answers
-    }
-
-    fn seat(&self, task: &str, subtask: usize) -> Option<braid::store::StoreSeat> {
-        self.hosts
-            .get(&(task.to_string(), subtask))
-            .map(|(_, seat)| *seat)
-    }
-
-    fn meter(&self, task: &str, subtask: usize) -> Option<&ChannelMeter> {
-        let channel = self.channels.get(&(task.to_string(), subtask))?;
-        self.meters.get(*channel)
-    }
-
-    fn call(
-        &self,
-        task: &str,
-        subtask: usize,
-        service: &str,
-        request: Vec<u8>,
-    ) -> Result<Vec<u8>, CallError> {
-        let (host, _) = self
-            .hosts
-            .get(&(task.to_string(), subtask))
-            .ok_or_else(|| CallError::NoService(format!("{task}[{subtask}]: {service}")))?;
-        match self.rt.block_on(host.call(service.to_string(), request)) {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(why)) => Err(CallError::Failed(service.to_string(), why)),
-            Err(e) => Err(CallError::Unreachable(service.to_string(), e.to_string())),
-        }
-    }
-}
-
-/// Batches at least this large cross through the node's store: written
-/// once, only the reference travels, and the receiver decodes the records
-/// out of shared memory (pulled to its node first if it runs elsewhere).
-pub const STORE_BATCH_BYTES: usize = 16 << 10;
-
-/// A channel message on the wire.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Delivery {
-    /// Carried in the call.
-    Inline(ChannelMsg),
-    /// An encoded batch in the store.
-    Stored(braid::ObjectRef<braid::Array<u8>>),
-}
-
-struct ViewBytes(braid::ArrayView<u8>);
-
-impl AsRef<[u8]> for ViewBytes {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
 /// [`Command`] on the wire.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub enum WireCommand {
@@ -826,415 +718,6 @@ impl From<Command> for WireCommand {
             Command::Finish => WireCommand::Finish,
             Command::Stop => WireCommand::Stop,
         }
-    }
-}
-
-/// Where an output channel leads: the receiving subtask's host, its input
-/// slot, and where the host's process sits on its node's store (a sender
-/// on the same store lends it each batch as the batch is sealed).
-#[derive(Clone, Serialize, Deserialize)]
-pub struct ChannelTarget {
-    host: SubtaskHostHandle,
-    slot: usize,
-    seat: braid::store::StoreSeat,
-    /// The receiver's mailbox, written directly when it shares this
-    /// sender's store (so its machine).
-    mailbox: Option<MailboxAddr>,
-}
-
-struct ActorOutbox {
-    rt: Runtime,
-    /// Where this process sits on its node's store.
-    seat: braid::store::StoreSeat,
-    targets: Vec<ChannelTarget>,
-    next_seq: Vec<u64>,
-    /// Per channel, the calls in flight, the store bytes each holds, and
-    /// the batch it lends (kept until the receiver has read it).
-    in_flight: Vec<VecDeque<InFlight>>,
-    /// Batches built and not yet sent, by id.
-    built: HashMap<braid::store::ObjectId, braid::ObjectRef<braid::Batch>>,
-    /// Per channel, the store bytes of the calls in flight.
-    stored_in_flight: Vec<usize>,
-    /// Per channel, whether it writes the receiver's mailbox.
-    rings: Vec<RingState>,
-    /// Where a message is encoded before it goes into a ring.
-    scratch: Vec<u8>,
-    credits: usize,
-    credit_bytes: usize,
-    /// The plan channel of each output.
-    ids: Vec<usize>,
-    meters: Meters,
-}
-
-/// A `deliver` call in flight, the store bytes it holds and the batch it
-/// lends.
-type InFlight = (
-    tokio::task::JoinHandle<braid::Result<bool>>,
-    usize,
-    Option<braid::ObjectRef<braid::Batch>>,
-);
-
-/// How an output channel reaches its receiver.
-enum RingState {
-    /// Not used yet: decided on the first message.
-    Unopened,
-    /// Through the receiver's mailbox.
-    Ring(RingOut),
-    /// By `deliver` calls (another machine's store, or no mailbox).
-    Calls,
-}
-
-/// An output channel written into the receiver's mailbox.
-struct RingOut {
-    sender: mailbox::Sender,
-    /// Messages sent so far.
-    sent: u64,
-    /// Messages not yet taken: their number, store bytes and the batch
-    /// each lends (kept until the receiver has adopted it).
-    queued: VecDeque<(u64, usize, Option<braid::ObjectRef<braid::Batch>>)>,
-    /// Store bytes of the queued messages.
-    stored: usize,
-}
-
-impl RingOut {
-    /// Forgets the messages the receiver has taken.
-    fn release(&mut self) {
-        let taken = self.sender.taken();
-        while self.queued.front().is_some_and(|(seq, _, _)| *seq < taken) {
-            if let Some((_, stored, _)) = self.queued.pop_front() {
-                self.stored -= stored;
-            }
-        }
-    }
-
-    /// Waits until the receiver took the oldest queued message.
-    fn wait_oldest(&mut self, channel: usize) -> Result<(), ChannelError> {
-        if let Some((seq, _, _)) = self.queued.front() {
-            self.sender
-                .wait_taken(seq + 1)
-                .map_err(|_| ChannelError::Closed(channel))?;
-        }
-        self.release();
-        Ok(())
-    }
-}
-
-impl ActorOutbox {
-    /// The channel's ring, opened on first use when the receiver shares
-    /// this process's store and has a mailbox.
-    fn ring(&mut self, channel: usize) -> Option<&mut RingOut> {
-        if matches!(self.rings.get(channel), Some(RingState::Unopened)) {
-            let opened = self
-                .targets
-                .get(channel)
-                .filter(|t| t.seat.same_store(&self.seat))
-                .and_then(|t| {
-                    let addr = t.mailbox?;
-                    mailbox::Sender::open(addr, t.slot)
-                        .map_err(|e| tracing::warn!("channel {channel} falls back to calls: {e}"))
-                        .ok()
-                });
-            self.rings[channel] = match opened {
-                Some(sender) => RingState::Ring(RingOut {
-                    sender,
-                    sent: 0,
-                    queued: VecDeque::new(),
-                    stored: 0,
-                }),
-                None => RingState::Calls,
-            };
-        }
-        match self.rings.get_mut(channel) {
-            Some(RingState::Ring(r)) => Some(r),
-            _ => None,
-        }
-    }
-
-    /// Sends a message through the channel's ring.
-    fn send_ring(&mut self, channel: usize, msg: ChannelMsg) -> Result<(), ChannelError> {
-        let (lent, stored) = match &msg {
-            ChannelMsg::Columnar(r) => (self.built.remove(&r.object.id()), r.bytes),
-            ChannelMsg::Batch(bytes) if bytes.len() >= STORE_BATCH_BYTES => {
-                if let Some(meter) = self.meter(channel) {
-                    meter.copied(bytes.len());
-                }
-                (None, 0)
-            }
-            _ => (None, 0),
-        };
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.clear();
-        let encoded = braid::store::codec::encode_append(&msg, &mut scratch)
-            .map_err(|e| ChannelError::Encode(e.to_string()));
-        let (credits, credit_bytes) = (self.credits, self.credit_bytes);
-        let sent = encoded.and_then(|_| {
-            let Some(ring) = self.ring(channel) else {
-                return Err(ChannelError::Closed(channel));
-            };
-            ring.sender
-                .send(&scratch)
-                .map_err(|_| ChannelError::Closed(channel))?;
-            ring.queued.push_back((ring.sent, stored, lent));
-            ring.sent += 1;
-            ring.stored += stored;
-            ring.release();
-            while ring.queued.len() > credits
-                || (ring.queued.len() > 1 && ring.stored > credit_bytes)
-            {
-                ring.wait_oldest(channel)?;
-            }
-            Ok(())
-        });
-        self.scratch = scratch;
-        sent
-    }
-
-    fn wait_oldest(&mut self, channel: usize) -> Result<(), ChannelError> {
-        let Some((oldest, stored, _lent)) = self.in_flight[channel].pop_front() else {
-            return Ok(());
-        };
-        self.stored_in_flight[channel] -= stored;
-        match self.rt.block_on(oldest) {
-            Ok(Ok(true)) => Ok(()),
-            _ => Err(ChannelError::Closed(channel)),
-        }
-    }
-
-    /// Whether channel `channel` has used up its credit: too many calls,
-    /// or too many store bytes, in flight (one call always may be).
-    fn over_credit(&self, channel: usize) -> bool {
-        let calls = self.in_flight[channel].len();
-        calls > self.credits || (calls > 1 && self.stored_in_flight[channel] > self.credit_bytes)
-    }
-}
-
-impl Outbox for ActorOutbox {
-    fn send(&mut self, channel: usize, msg: ChannelMsg) -> Result<(), ChannelError> {
-        if self.ring(channel).is_some() {
-            return self.send_ring(channel, msg);
-        }
-        let Some(ChannelTarget {
-            host: target, slot, ..
-        }) = self.targets.get(channel).cloned()
-        else {
-            return Err(ChannelError::Closed(channel));
-        };
-        let seq = self.next_seq[channel];
-        self.next_seq[channel] += 1;
-        let mut lent = None;
-        let (delivery, stored) = match msg {
-            ChannelMsg::Batch(bytes) if bytes.len() >= STORE_BATCH_BYTES => {
-                match self.rt.put_array(&bytes) {
-                    Ok(object) => {
-                        if let Some(meter) = self.meter(channel) {
-                            meter.copied(bytes.len());
-                        }
-                        (Delivery::Stored(object), bytes.len())
-                    }
-                    Err(_) => (Delivery::Inline(ChannelMsg::Batch(bytes)), 0),
-                }
-            }
-            ChannelMsg::Columnar(r) => {
-                lent = self.built.remove(&r.object.id());
-                let stored = r.bytes;
-                (Delivery::Inline(ChannelMsg::Columnar(r)), stored)
-            }
-            msg => (Delivery::Inline(msg), 0),
-        };
-        let call: ActorCall<bool> = target.deliver(slot, seq, delivery);
-        let handle = self.rt.spawn(call);
-        self.in_flight[channel].push_back((handle, stored, lent));
-        self.stored_in_flight[channel] += stored;
-        while self.over_credit(channel) {
-            self.wait_oldest(channel)?;
-        }
-        Ok(())
-    }
-
-    fn channels(&self) -> usize {
-        self.targets.len()
-    }
-
-    fn meter(&self, channel: usize) -> Option<&ChannelMeter> {
-        self.meters.get(*self.ids.get(channel)?)
-    }
-
-    fn put_batch(
-        &mut self,
-        channel: usize,
-        layout: &BatchLayout,
-        fill: &mut dyn FnMut(&mut BatchWriter<'_>) -> Result<(), ColumnarError>,
-    ) -> Option<Result<ColumnarRef, ChannelError>> {
-        let mut failed = None;
-        let mut fill = |writer: &mut BatchWriter<'_>| {
-            fill(writer).map_err(|e| {
-                let message = e.to_string();
-                failed = Some(e);
-                braid::Error::Codec(message)
-            })
-        };
-        let reader = self
-            .targets
-            .get(channel)
-            .map(|t| t.seat)
-            .filter(|seat| seat.same_store(&self.seat));
-        let put = match reader {
-            Some(seat) => self.rt.put_batch_lent(layout, &seat, fill),
-            None => self.rt.put_batch_with(layout, &mut fill).map(|object| {
-                let lent = object.lend();
-                (object, lent)
-            }),
-        };
-        Some(match (put, failed) {
-            (Ok((object, lent)), _) => {
-                self.built.insert(object.id(), object);
-                Ok(ColumnarRef {
-                    object: lent,
-                    bytes: layout.total_len(),
-                })
-            }
-            (Err(_), Some(e)) => Err(ChannelError::Encode(e.to_string())),
-            (Err(e), None) => Err(ChannelError::Store(e.to_string())),
-        })
-    }
-}
-
-impl Drop for ActorOutbox {
-    fn drop(&mut self) {
-        for (channel, ring) in self.rings.iter_mut().enumerate() {
-            if let RingState::Ring(ring) = ring {
-                while !ring.queued.is_empty() {
-                    if ring.wait_oldest(channel).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        for channel in 0..self.in_flight.len() {
-            while !self.in_flight[channel].is_empty() {
-                if self.wait_oldest(channel).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-}
-
-/// A subtask's inputs: its mailbox, for senders on this machine, and the
-/// queues `deliver` calls fill, for the others.
-struct HostInbox {
-    shared: Arc<Shared>,
-    receivers: Vec<SlotReceiver>,
-    mailbox: Option<mailbox::Receiver>,
-    rt: Runtime,
-    /// The slot the next look starts at, so every input gets its turn.
-    next: usize,
-}
-
-impl HostInbox {
-    /// A message waiting on an unblocked input, if any.
-    fn poll(&mut self, blocked: &[bool]) -> Result<Option<(usize, ChannelMsg)>, ChannelError> {
-        let n = self.receivers.len();
-        for i in 0..n {
-            let slot = (self.next + i) % n;
-            if blocked.get(slot).copied().unwrap_or(false) {
-                continue;
-            }
-            if let Some(mailbox) = self.mailbox.as_mut() {
-                let frame = mailbox
-                    .try_frame(slot)
-                    .map_err(|e| ChannelError::Decode(e.to_string()))?;
-                if let Some(frame) = frame {
-                    let msg = braid::store::codec::decode::<ChannelMsg>(&frame)
-                        .map_err(|e| ChannelError::Decode(e.to_string()))?;
-                    let msg = self.adopt(msg)?;
-                    if let Some(mailbox) = &self.mailbox {
-                        mailbox.mark_taken(slot);
-                    }
-                    self.next = slot + 1;
-                    return Ok(Some((slot, msg)));
-                }
-            }
-            if let Ok((seq, msg)) = self.receivers[slot].try_recv() {
-                if let Some(s) = self.shared.slots.lock().get(slot) {
-                    s.consumed.send_replace(seq + 1);
-                }
-                self.next = slot + 1;
-                return Ok(Some((slot, msg)));
-            }
-        }
-        Ok(None)
-    }
-
-    /// A columnar batch read in place: adopted when it was lent to this
-    /// process, fetched otherwise.
-    fn adopt(&self, msg: ChannelMsg) -> Result<ChannelMsg, ChannelError> {
-        let ChannelMsg::Columnar(stored) = msg else {
-            return Ok(msg);
-        };
-        let batch = match self.rt.adopt_batch(&stored.object) {
-            Some(adopted) => adopted,
-            None => {
-                let rt = self.rt.clone();
-                self.rt
-                    .block_on(async move { rt.get_batch_lent(&stored.object).await })
-            }
-        };
-        batch
-            .map(|b| ChannelMsg::Arrow(ArrowBatch(b)))
-            .map_err(|e| ChannelError::Store(format!("a columnar batch cannot be read: {e}")))
-    }
-
-    /// Whether a message may be waiting on an unblocked input.
-    fn ready(&self, blocked: &[bool]) -> bool {
-        let open =
-            || (0..self.receivers.len()).filter(|s| !blocked.get(*s).copied().unwrap_or(false));
-        self.mailbox.as_ref().is_some_and(|m| m.pending(open()))
-            || open().any(|s| !self.receivers[s].is_empty())
-    }
-}
-
-impl Inbox for HostInbox {
-    fn recv(
-        &mut self,
-        blocked: &[bool],
-        timeout: Duration,
-    ) -> Result<Option<(usize, ChannelMsg)>, ChannelError> {
-        if self.mailbox.is_none() {
-            let Some((channel, (seq, msg))) =
-                super::local::recv_unblocked(&self.receivers, blocked, timeout)?
-            else {
-                return Ok(None);
-            };
-            if let Some(slot) = self.shared.slots.lock().get(channel) {
-                slot.consumed.send_replace(seq + 1);
-            }
-            return Ok(Some((channel, msg)));
-        }
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(got) = self.poll(blocked)? {
-                return Ok(Some(got));
-            }
-            let Some(mailbox) = self.mailbox.as_ref() else {
-                return Ok(None);
-            };
-            let signal = mailbox.prepare_sleep();
-            if self.ready(blocked) {
-                mailbox.awake();
-                continue;
-            }
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                mailbox.awake();
-                return Ok(None);
-            }
-            mailbox.sleep(signal, deadline - now);
-        }
-    }
-
-    fn meter(&self, channel: usize) -> Option<&ChannelMeter> {
-        self.shared.meters.get(*self.shared.inputs.get(channel)?)
     }
 }
 

@@ -340,11 +340,17 @@ impl Receiver {
     }
 
     /// Sleeps until the doorbell rings after [`Receiver::prepare_sleep`]
-    /// returned `signal`, or `timeout` passes.
-    pub fn sleep(&self, signal: u32, timeout: Duration) {
+    /// returned `signal`, or `timeout` passes; false if it timed out.
+    pub fn sleep(&self, signal: u32, timeout: Duration) -> bool {
         let h = self.mapping.header();
-        let _ = wait(&h.doorbell.0, signal, timeout);
+        let woken = wait(&h.doorbell.0, signal, timeout);
         h.sleeping.0.store(0, Ordering::Relaxed);
+        woken
+    }
+
+    /// How many slots the mailbox has.
+    pub fn slots(&self) -> usize {
+        self.mapping.slots
     }
 
     /// Withdraws a [`Receiver::prepare_sleep`]: something arrived.
@@ -489,6 +495,11 @@ impl Sender {
         }
     }
 
+    /// Whether the receiving process still runs.
+    pub fn receiver_alive(&self) -> bool {
+        self.check_alive().is_ok()
+    }
+
     fn check_alive(&self) -> Result<(), MailboxError> {
         let pid = rustix::process::Pid::from_raw(self.pid as i32);
         match pid.map(rustix::process::test_kill_process) {
@@ -583,7 +594,7 @@ mod tests {
                 rx.awake();
                 continue;
             }
-            rx.sleep(signal, Duration::from_secs(30));
+            let _ = rx.sleep(signal, Duration::from_secs(30));
         }
     }
 
@@ -634,7 +645,7 @@ mod tests {
         writer.join().unwrap();
         let signal = rx.prepare_sleep();
         let ringer = std::thread::spawn(move || doorbell.ring());
-        rx.sleep(signal, Duration::from_secs(30));
+        assert!(rx.sleep(signal, Duration::from_secs(30)));
         ringer.join().unwrap();
     }
 

@@ -480,7 +480,7 @@ impl Inbox for HostInbox {
                 mailbox.awake();
                 return Ok(None);
             }
-            mailbox.sleep(signal, deadline - now);
+            let _ = mailbox.sleep(signal, deadline - now);
         }
     }
 

@@ -33,8 +33,9 @@ use super::coordinator::{
 use super::edges::{ChannelCounts, Meters};
 use super::failure::{AttemptFailure, ChannelError, TaskError};
 use super::graph::StreamEnv;
-use super::mailbox::{self, MailboxAddr};
+use super::mailbox;
 
+mod call_server;
 mod channels;
 mod peers;
 
@@ -48,7 +49,7 @@ use braid::{Runtime, TypedHandle};
 use channels::{ActorOutbox, HostInbox, ViewBytes};
 pub use channels::{ChannelTarget, Delivery, STORE_BATCH_BYTES};
 use parking_lot::Mutex;
-pub use peers::PeerHost;
+pub use peers::{HostMailboxes, PeerHost};
 use peers::{HostPeers, SERVICE_WAIT};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -180,7 +181,7 @@ struct Shared {
     commands: crossbeam_channel::Sender<Command>,
     command_rx: Mutex<Option<crossbeam_channel::Receiver<Command>>>,
     targets: Mutex<Vec<ChannelTarget>>,
-    peers: Mutex<HashMap<(String, usize), (SubtaskHostHandle, braid::store::StoreSeat)>>,
+    peers: Mutex<HashMap<(String, usize), PeerHost>>,
     /// The job's checkpoint storage, or why it cannot be opened here (a
     /// snapshot then fails the attempt, rather than going nowhere).
     storage: Result<CheckpointStorage, String>,
@@ -191,8 +192,14 @@ struct Shared {
     /// The rings senders on this machine write this subtask's inputs to,
     /// taken by its thread when it starts.
     mailbox: Mutex<Option<mailbox::Receiver>>,
-    /// Where senders find the mailbox, if this host has one.
-    mailbox_addr: Option<MailboxAddr>,
+    /// Where peers find this host's mailboxes.
+    mailboxes: HostMailboxes,
+    /// Calls from peers on this machine, taken by the call server.
+    calls: Mutex<Option<mailbox::Receiver>>,
+    /// Answers to this subtask's calls, taken by its peers.
+    replies: Mutex<Option<mailbox::Receiver>>,
+    /// This subtask's number among the plan's subtasks.
+    index: usize,
     /// Wakes the subtask's thread when it waits on its mailbox.
     doorbell: Option<mailbox::Doorbell>,
 }
@@ -244,16 +251,15 @@ pub struct SubtaskHost {
 impl SubtaskHost {
     fn new(spec: HostSpec) -> Self {
         let plan = plan_of(&spec.job, &spec.params);
-        let (inputs, meters) = match &plan {
-            Ok(p) => (
-                p.inputs_of(SubtaskId {
-                    task: spec.task,
-                    subtask: spec.subtask,
-                }),
-                Meters::new(p.channels.len()),
-            ),
-            Err(_) => (Vec::new(), Meters::default()),
+        let id = SubtaskId {
+            task: spec.task,
+            subtask: spec.subtask,
         };
+        let (inputs, meters, subtasks) = match &plan {
+            Ok(p) => (p.inputs_of(id), Meters::new(p.channels.len()), p.subtasks()),
+            Err(_) => (Vec::new(), Meters::default(), Vec::new()),
+        };
+        let index = subtasks.iter().position(|s| *s == id).unwrap_or(0);
         let mut slots = Vec::new();
         let mut receivers = Vec::new();
         let mut consumed_rx = Vec::new();
@@ -271,22 +277,22 @@ impl SubtaskHost {
         }
         let (commands, command_rx) = crossbeam_channel::unbounded();
         let storage = spec.storage.open();
-        let mailbox = if inputs.is_empty() {
-            None
-        } else {
-            match mailbox::Receiver::create(inputs.len()) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    tracing::warn!(
-                        "{}-{}: no mailbox, inputs arrive by call: {e}",
-                        spec.task,
-                        spec.subtask
-                    );
-                    None
-                }
+        let create = |slots: usize, what: &str| {
+            if slots == 0 {
+                return None;
             }
+            mailbox::Receiver::create(slots)
+                .map_err(|e| tracing::warn!("{id}: no mailbox for {what}, they go by calls: {e}"))
+                .ok()
         };
-        let mailbox_addr = mailbox.as_ref().map(|m| m.addr());
+        let mailbox = create(inputs.len(), "inputs");
+        let calls = create(subtasks.len(), "calls");
+        let replies = create(subtasks.len(), "answers");
+        let mailboxes = HostMailboxes {
+            inputs: mailbox.as_ref().map(|m| m.addr()),
+            calls: calls.as_ref().map(|m| m.addr()),
+            replies: replies.as_ref().map(|m| m.addr()),
+        };
         let doorbell = mailbox.as_ref().and_then(|m| m.doorbell().ok());
         SubtaskHost {
             shared: Arc::new(Shared {
@@ -304,7 +310,10 @@ impl SubtaskHost {
                 inputs,
                 meters,
                 mailbox: Mutex::new(mailbox),
-                mailbox_addr,
+                mailboxes,
+                calls: Mutex::new(calls),
+                replies: Mutex::new(replies),
+                index,
                 doorbell,
             }),
         }
@@ -318,10 +327,10 @@ impl SubtaskHost {
             .map_err(|e| e.to_string())
     }
 
-    /// Where senders on this machine find this subtask's mailbox, if it
-    /// has inputs and one could be made.
-    fn mailbox(&self) -> Option<MailboxAddr> {
-        self.shared.mailbox_addr
+    /// Where senders and callers on this machine find this host's
+    /// mailboxes.
+    fn mailboxes(&self) -> HostMailboxes {
+        self.shared.mailboxes
     }
 
     /// Where this subtask's output channels lead, per channel.
@@ -333,9 +342,15 @@ impl SubtaskHost {
     /// Every subtask of the attempt, by its task's head vertex and its
     /// index: whose services this subtask may call.
     fn peers(&self, peers: Vec<PeerHost>) -> bool {
+        if let Some(calls) = self.shared.calls.lock().take() {
+            let server = Arc::downgrade(&self.shared);
+            if let Err(e) = call_server::spawn(server, calls, self.shared.index, peers.clone()) {
+                tracing::warn!("no call server, calls to this host fail: {e}");
+            }
+        }
         *self.shared.peers.lock() = peers
             .into_iter()
-            .map(|p| ((p.task, p.subtask), (p.host, p.seat)))
+            .map(|p| ((p.task.clone(), p.subtask), p))
             .collect();
         true
     }
@@ -386,12 +401,14 @@ impl SubtaskHost {
                 Some(((task.head_name.clone(), subtask), c))
             })
             .collect();
-        let peers: Arc<dyn Peers> = Arc::new(HostPeers {
-            rt: rt.clone(),
-            hosts: self.shared.peers.lock().clone(),
+        let peers: Arc<dyn Peers> = Arc::new(HostPeers::new(
+            rt.clone(),
+            self.shared.peers.lock().clone(),
             channels,
-            meters: self.shared.meters.clone(),
-        });
+            self.shared.meters.clone(),
+            self.shared.index,
+            self.shared.replies.lock().take(),
+        ));
         super::service::enter(peers.clone());
         let targets = self.shared.targets.lock().clone();
         let outputs = plan.outputs_of(id);
@@ -1091,6 +1108,12 @@ fn start_hosts(
             .clone();
         calls.push((id, host, targets, attempt.restored(id)));
     }
+    let index_of: HashMap<SubtaskId, usize> = plan
+        .subtasks()
+        .into_iter()
+        .enumerate()
+        .map(|(i, id)| (id, i))
+        .collect();
     let heads: HashMap<SubtaskId, String> = hosts
         .keys()
         .filter_map(|id| Some((*id, plan.tasks.get(id.task)?.head_name.clone())))
@@ -1110,9 +1133,7 @@ fn start_hosts(
                 cause,
             })?;
             seats.insert(*id, seat);
-            if let Some(addr) = host.mailbox().await.map_err(|e| lost(id, e))? {
-                mailboxes.insert(*id, addr);
-            }
+            mailboxes.insert(*id, host.mailboxes().await.map_err(|e| lost(id, e))?);
         }
         let peers: Vec<PeerHost> = hosts
             .iter()
@@ -1122,6 +1143,8 @@ fn start_hosts(
                     subtask: id.subtask,
                     host: host.clone(),
                     seat: *seats.get(id)?,
+                    index: *index_of.get(id)?,
+                    mailboxes: mailboxes.get(id).copied().unwrap_or_default(),
                 })
             })
             .collect();
@@ -1133,7 +1156,7 @@ fn start_hosts(
                         host: hosts.get(to)?.clone(),
                         slot: *slot,
                         seat: *seats.get(to)?,
-                        mailbox: mailboxes.get(to).copied(),
+                        mailbox: mailboxes.get(to).and_then(|m| m.inputs),
                     })
                 })
                 .collect();

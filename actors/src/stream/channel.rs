@@ -163,6 +163,16 @@ pub struct ColumnarRef {
     pub bytes: usize,
 }
 
+/// Where a batch lies in the receiver's mailbox arena for the channel:
+/// its arena cursor and length in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailedBatch {
+    /// The arena cursor it starts at.
+    pub start: u64,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
 /// One message on a channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ChannelMsg {
@@ -177,6 +187,10 @@ pub enum ChannelMsg {
     Columnar(ColumnarRef),
     /// The same, read in place by the receiving process.
     Arrow(ArrowBatch),
+    /// Records as an Arrow record batch the sender built in the
+    /// receiver's mailbox arena (see [`mailbox`](super::mailbox)): what a
+    /// columnar stream sends between processes on one machine.
+    Mailed(MailedBatch),
     /// No earlier event time follows on this channel.
     Watermark(EventTime),
     /// Checkpoint barrier for an epoch.
@@ -201,17 +215,19 @@ pub trait Outbox: Send {
     fn meter(&self, _channel: usize) -> Option<&ChannelMeter> {
         None
     }
-    /// Builds a record batch of `layout` for output channel `channel` in
-    /// the node's store (`fill` writes its columns in place), seals it
-    /// (lending it to the channel's receiver when that shares the store)
-    /// and returns its reference; `None` when this outbox has no store, so
+    /// Builds a record batch of `layout` for output channel `channel`
+    /// where its receiver reads it in place (`fill` writes its columns):
+    /// in the receiver's mailbox arena, or in the node's store, sealed and
+    /// lent to the receiver when that shares the store. Returns the
+    /// message that carries it ([`ChannelMsg::Mailed`] or
+    /// [`ChannelMsg::Columnar`]); `None` when this outbox has neither, so
     /// columnar batches are encoded.
     fn put_batch(
         &mut self,
         _channel: usize,
         _layout: &BatchLayout,
         _fill: &mut dyn FnMut(&mut BatchWriter<'_>) -> Result<(), ColumnarError>,
-    ) -> Option<Result<ColumnarRef, ChannelError>> {
+    ) -> Option<Result<ChannelMsg, ChannelError>> {
         None
     }
 }
@@ -371,12 +387,12 @@ impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
         if let Some(format) = self.format.clone() {
             let layout = format.layout(&batch).map_err(columnar_error)?;
             let mut fill = |writer: &mut BatchWriter<'_>| format.fill(&batch, writer);
-            if let Some(stored) = self.outbox.put_batch(channel, &layout, &mut fill) {
-                let stored = stored.inspect_err(|e| self.failed = Some(e.clone()))?;
+            if let Some(built) = self.outbox.put_batch(channel, &layout, &mut fill) {
+                let built = built.inspect_err(|e| self.failed = Some(e.clone()))?;
                 if let Some(meter) = self.outbox.meter(channel) {
-                    meter.sent(stored.bytes);
+                    meter.sent(layout.total_len());
                 }
-                return self.send(channel, ChannelMsg::Columnar(stored));
+                return self.send(channel, built);
             }
         }
         let bytes =

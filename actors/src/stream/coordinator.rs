@@ -69,9 +69,10 @@ pub struct JobConfig {
     pub pace: SourcePace,
     /// Messages a channel buffers before its sender waits.
     pub credits: usize,
-    /// Store bytes a channel between processes keeps in flight (batches
-    /// sealed in the store and not yet taken by their receiver) before its
-    /// sender waits; at least one batch is always let through.
+    /// Batch bytes a channel between processes keeps in flight (batches
+    /// in the store or the receiver's mailbox arena, not yet taken by
+    /// their receiver) before its sender waits; at least one batch is
+    /// always let through.
     pub credit_bytes: usize,
     /// Crash injection, for tests.
     pub faults: Option<FaultHook>,

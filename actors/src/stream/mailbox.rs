@@ -33,6 +33,11 @@ use std::time::Duration;
 const MAGIC: u64 = 0x6272_6169_646d_6278;
 /// Bytes of frame data each slot's ring buffers.
 pub const SLOT_CAPACITY: u64 = 256 << 10;
+/// Bytes of each slot's batch arena: columnar batches built in place for
+/// the receiver to read in place (see [`Sender::arena_alloc`]).
+pub const ARENA_CAPACITY: u64 = 4 << 20;
+/// Arena allocations start on this boundary (Arrow buffers' alignment).
+const ARENA_ALIGN: u64 = 64;
 /// The largest frame a receiver accepts.
 pub const MAX_FRAME: usize = 64 << 20;
 /// The most input slots one mailbox holds.
@@ -81,6 +86,8 @@ struct Control {
     tail: Line<AtomicU64>,
     head: Line<AtomicU64>,
     taken: Line<AtomicU64>,
+    /// The arena cursor below which the receiver has released every batch.
+    arena_head: Line<AtomicU64>,
     space_signal: Line<AtomicU32>,
     sender_waiting: Line<AtomicU32>,
 }
@@ -101,7 +108,7 @@ fn control_region(slots: usize) -> u64 {
 }
 
 fn total_len(slots: usize) -> u64 {
-    PAGE + control_region(slots) + slots as u64 * SLOT_CAPACITY
+    PAGE + control_region(slots) + slots as u64 * (SLOT_CAPACITY + ARENA_CAPACITY)
 }
 
 /// Where a mailbox is: the receiving process and the descriptor it holds
@@ -154,6 +161,17 @@ impl Mapping {
         unsafe { self.map.as_mut_ptr().add(at as usize) }
     }
 
+    /// The start of `slot`'s arena: page-aligned, `ARENA_CAPACITY` bytes.
+    fn arena(&self, slot: usize) -> *mut u8 {
+        let at = PAGE
+            + control_region(self.slots)
+            + self.slots as u64 * SLOT_CAPACITY
+            + slot as u64 * ARENA_CAPACITY;
+        // SAFETY: for slot < slots, [at, at + ARENA_CAPACITY) is within
+        // `total_len(slots)`, the mapping's length.
+        unsafe { self.map.as_mut_ptr().add(at as usize) }
+    }
+
     /// Bytes between a slot's cursors. Cursors count every byte that ever
     /// passed, so a tail near `u64::MAX` is as corrupt as a head past the
     /// tail: advancing it would overflow.
@@ -197,11 +215,34 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MailboxError {
 /// The receiving end: the mailbox this process created for its input
 /// slots. Only one thread reads it.
 pub struct Receiver {
-    mapping: Mapping,
+    mapping: std::sync::Arc<Mapping>,
     fd: OwnedFd,
     /// Per slot, the frame being read: its length once known, and the
     /// bytes so far.
     partial: Vec<(Option<usize>, Vec<u8>)>,
+    /// Per slot, the arena batches handed out and not yet known to be
+    /// released, oldest first, and where the next one may start.
+    leases: Vec<(std::collections::VecDeque<Lease>, u64)>,
+}
+
+/// An arena batch handed out: its cursors, and whether every buffer
+/// reading it has been dropped.
+struct Lease {
+    end: u64,
+    released: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What keeps an arena batch's bytes mapped while Arrow buffers read them,
+/// and tells the receiver when the last one is gone.
+struct ArenaHold {
+    _mapping: std::sync::Arc<Mapping>,
+    released: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for ArenaHold {
+    fn drop(&mut self) {
+        self.released.store(true, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for Receiver {
@@ -241,9 +282,12 @@ impl Receiver {
             .store(slots as u64, Ordering::Relaxed);
         mapping.header().magic.0.store(MAGIC, Ordering::Release);
         Ok(Receiver {
-            mapping,
+            mapping: std::sync::Arc::new(mapping),
             fd,
             partial: (0..slots).map(|_| (None, Vec::new())).collect(),
+            leases: (0..slots)
+                .map(|_| (std::collections::VecDeque::new(), 0))
+                .collect(),
         })
     }
 
@@ -303,6 +347,95 @@ impl Receiver {
             mapping.wake_sender(slot);
         }
         Ok(result)
+    }
+
+    /// The batch a sender built in `slot`'s arena at cursor `start`, `len`
+    /// bytes, as an Arrow buffer read in place: its bytes stay the
+    /// sender's to reuse only once every buffer sliced from it is dropped.
+    /// Cursors a hostile sender wrote that overlap what is still leased,
+    /// or leave the arena, are an error.
+    pub fn arena_batch(
+        &mut self,
+        slot: usize,
+        start: u64,
+        len: u64,
+    ) -> Result<braid::store::arrow_buffer::Buffer, MailboxError> {
+        self.reclaim(slot);
+        let Some((leases, next)) = self.leases.get_mut(slot) else {
+            return Err(MailboxError::NoSlot(slot));
+        };
+        let corrupt = |why: String| MailboxError::Corrupt { slot, why };
+        let at = start % ARENA_CAPACITY;
+        let skipped = start.checked_sub(*next);
+        let head = self
+            .mapping
+            .control(slot)
+            .arena_head
+            .0
+            .load(Ordering::Relaxed);
+        let valid =
+            matches!(skipped, Some(0)) || (skipped.is_some_and(|s| s < ARENA_CAPACITY) && at == 0);
+        if !valid
+            || len == 0
+            || at % ARENA_ALIGN != 0
+            || at + len > ARENA_CAPACITY
+            || start + len - head > ARENA_CAPACITY
+        {
+            return Err(corrupt(format!(
+                "an arena batch at {start} of {len} bytes (next {next}, head {head})"
+            )));
+        }
+        let released = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let end = (start + len).next_multiple_of(ARENA_ALIGN);
+        leases.push_back(Lease {
+            end,
+            released: released.clone(),
+        });
+        *next = end;
+        let hold = ArenaHold {
+            _mapping: self.mapping.clone(),
+            released,
+        };
+        // SAFETY: at + len <= ARENA_CAPACITY (checked above), so the bytes
+        // lie within the slot's arena, inside the mapping that `hold`
+        // keeps alive as long as the buffer. The sender wrote them before
+        // it published the frame naming them (the ring's release store,
+        // acquired when the frame was read) and does not write them again
+        // until `arena_head` passes them, which `reclaim` does only after
+        // `hold` (the buffer's owner) is dropped.
+        let buffer = unsafe {
+            let ptr = std::ptr::NonNull::new_unchecked(self.mapping.arena(slot).add(at as usize));
+            braid::store::arrow_buffer::Buffer::from_custom_allocation(
+                ptr,
+                len as usize,
+                std::sync::Arc::new(hold),
+            )
+        };
+        Ok(buffer)
+    }
+
+    /// Gives `slot`'s sender back the arena bytes of the oldest batches
+    /// whose buffers are all dropped.
+    pub fn reclaim(&mut self, slot: usize) {
+        let Some((leases, next)) = self.leases.get_mut(slot) else {
+            return;
+        };
+        let mut freed = None;
+        while leases
+            .front()
+            .is_some_and(|l| l.released.load(Ordering::Acquire))
+        {
+            freed = leases.pop_front().map(|l| l.end);
+        }
+        if leases.is_empty() {
+            freed = Some(*next);
+        }
+        if let Some(head) = freed {
+            let c = self.mapping.control(slot);
+            if c.arena_head.0.load(Ordering::Relaxed) != head {
+                c.arena_head.0.store(head, Ordering::Release);
+            }
+        }
     }
 
     /// Counts one more message taken off `slot`, waking its sender if it
@@ -426,6 +559,8 @@ pub struct Sender {
     mapping: Mapping,
     slot: usize,
     pid: u32,
+    /// The arena cursor the next batch starts at.
+    arena_tail: u64,
 }
 
 impl std::fmt::Debug for Sender {
@@ -441,10 +576,12 @@ impl Sender {
         if slot >= mapping.slots {
             return Err(MailboxError::NoSlot(slot));
         }
+        let arena_tail = mapping.control(slot).arena_head.0.load(Ordering::Acquire);
         Ok(Sender {
             mapping,
             slot,
             pid: addr.pid,
+            arena_tail,
         })
     }
 
@@ -467,6 +604,48 @@ impl Sender {
         }
         self.mapping.ring_doorbell();
         Ok(())
+    }
+
+    /// Room for a batch of `len` bytes in the receiver's arena for this
+    /// slot: its cursor, to name it in the frame that follows, and the
+    /// bytes to build it in. `None` when the arena has no room now (the
+    /// receiver still holds earlier batches): send it another way.
+    pub fn arena_alloc(&mut self, len: usize) -> Option<(u64, &mut [u8])> {
+        let len = len as u64;
+        if len == 0 || len > ARENA_CAPACITY / 2 {
+            return None;
+        }
+        let head = self
+            .mapping
+            .control(self.slot)
+            .arena_head
+            .0
+            .load(Ordering::Acquire);
+        let mut start = self.arena_tail;
+        if start % ARENA_CAPACITY + len > ARENA_CAPACITY {
+            start = start.next_multiple_of(ARENA_CAPACITY);
+        }
+        if start.checked_sub(head)? + len > ARENA_CAPACITY {
+            return None;
+        }
+        self.arena_tail = (start + len).next_multiple_of(ARENA_ALIGN);
+        let at = (start % ARENA_CAPACITY) as usize;
+        // SAFETY: [at, at + len) lies within this slot's arena (at + len <=
+        // ARENA_CAPACITY), and the receiver released every batch there:
+        // everything from `head` on was handed out by this sender and
+        // start + len - head <= ARENA_CAPACITY, so these bytes are before
+        // `head` in the previous lap. Only this sender writes the slot's
+        // arena, and `&mut self` keeps the slice unique on this side.
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(self.mapping.arena(self.slot).add(at), len as usize)
+        };
+        Some((start, buf))
+    }
+
+    /// Gives back an allocation made at `start` that was not sent (its
+    /// batch failed to build), so the next one starts there.
+    pub fn arena_abandon(&mut self, start: u64) {
+        self.arena_tail = start;
     }
 
     /// How many messages the receiver has taken off this slot.
@@ -676,6 +855,7 @@ mod tests {
             mapping: open_mapping(rx.addr()).unwrap(),
             slot: 0,
             pid: addr.pid,
+            arena_tail: 0,
         };
         tx[0].send(b"x").unwrap();
         assert!(matches!(
@@ -702,6 +882,63 @@ mod tests {
             rx.try_frame(1),
             Err(MailboxError::Corrupt { slot: 1, .. })
         ));
+    }
+
+    #[test]
+    fn arena_batches_are_read_in_place_and_their_bytes_come_back_when_dropped() {
+        let (mut rx, mut tx) = pair(1);
+        let mut sender = tx.remove(0);
+        let len = (ARENA_CAPACITY / 4) as usize;
+        let mut held = Vec::new();
+        for i in 0..4u8 {
+            let (start, buf) = sender.arena_alloc(len - 10).expect("room");
+            buf.fill(i);
+            let buffer = rx.arena_batch(0, start, (len - 10) as u64).unwrap();
+            assert!(buffer.iter().all(|b| *b == i));
+            assert_eq!(buffer.as_ptr() as usize % ARENA_ALIGN as usize, 0);
+            held.push(buffer);
+        }
+        assert!(
+            sender.arena_alloc(len).is_none(),
+            "the arena is full while held"
+        );
+        held.remove(1);
+        rx.reclaim(0);
+        assert!(
+            sender.arena_alloc(len).is_none(),
+            "only the oldest batches' bytes come back"
+        );
+        held.remove(0);
+        rx.reclaim(0);
+        let (start, buf) = sender.arena_alloc(len).expect("room after the drop");
+        buf.fill(9);
+        assert_eq!(start % ARENA_CAPACITY, 0, "wrapped to the arena's start");
+        let again = rx.arena_batch(0, start, len as u64).unwrap();
+        assert!(again.iter().all(|b| *b == 9));
+        assert!(held.iter().all(|b| b.iter().all(|x| *x >= 2)));
+    }
+
+    #[test]
+    fn arena_cursors_a_sender_could_not_have_made_are_errors() {
+        let (mut rx, mut tx) = pair(1);
+        let (start, _) = tx[0].arena_alloc(1000).unwrap();
+        for (start, len) in [
+            (start + 64, 100),           // skips ahead without wrapping
+            (start + 8, 100),            // unaligned
+            (start, ARENA_CAPACITY + 1), // larger than the arena
+            (ARENA_CAPACITY - 64, 128),  // leaves the arena
+            (start, 0),                  // empty
+            (ARENA_CAPACITY * 3, 64),    // laps what is leased
+        ] {
+            assert!(
+                matches!(
+                    rx.arena_batch(0, start, len),
+                    Err(MailboxError::Corrupt { .. })
+                ),
+                "{start} {len}"
+            );
+        }
+        assert!(rx.arena_batch(0, start, 1000).is_ok());
     }
 
     #[test]

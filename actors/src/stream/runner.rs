@@ -315,7 +315,7 @@ fn run_inputs(
                 }
                 dirty = true;
             }
-            ChannelMsg::Columnar(_) => {
+            ChannelMsg::Columnar(_) | ChannelMsg::Mailed(_) => {
                 return Err(TaskError::Channel(ChannelError::Decode(
                     "a columnar batch arrived that its host did not read in".into(),
                 )));

@@ -3,7 +3,7 @@
 //! calls to another; [`HostInbox`] reads its inputs.
 
 use super::{Shared, SlotReceiver, SubtaskHostHandle};
-use crate::stream::channel::{ArrowBatch, ChannelMsg, ColumnarRef, Outbox};
+use crate::stream::channel::{ArrowBatch, ChannelMsg, ColumnarRef, MailedBatch, Outbox};
 use crate::stream::columnar::ColumnarError;
 use crate::stream::edges::{ChannelMeter, Meters};
 use crate::stream::failure::ChannelError;
@@ -106,6 +106,35 @@ struct RingOut {
 }
 
 impl RingOut {
+    /// Builds a batch of `layout` in the receiver's arena, if it has room:
+    /// the message naming it, or why `fill` failed.
+    fn build(
+        &mut self,
+        layout: &BatchLayout,
+        fill: &mut dyn FnMut(&mut BatchWriter<'_>) -> Result<(), ColumnarError>,
+    ) -> Option<Result<ChannelMsg, ChannelError>> {
+        let len = layout.total_len();
+        let (start, buf) = self.sender.arena_alloc(len)?;
+        let built = BatchWriter::new(layout, buf)
+            .map_err(|e| ChannelError::Encode(e.to_string()))
+            .and_then(|mut writer| {
+                fill(&mut writer).map_err(|e| ChannelError::Encode(e.to_string()))?;
+                writer
+                    .finish()
+                    .map_err(|e| ChannelError::Encode(e.to_string()))
+            });
+        Some(match built {
+            Ok(()) => Ok(ChannelMsg::Mailed(MailedBatch {
+                start,
+                len: len as u64,
+            })),
+            Err(e) => {
+                self.sender.arena_abandon(start);
+                Err(e)
+            }
+        })
+    }
+
     /// Forgets the messages the receiver has taken.
     fn release(&mut self) {
         let taken = self.sender.taken();
@@ -190,6 +219,7 @@ impl ActorOutbox {
     fn send_ring(&mut self, channel: usize, msg: ChannelMsg) -> Result<(), ChannelError> {
         let (lent, stored) = match &msg {
             ChannelMsg::Columnar(r) => (self.built.remove(&r.object.id()), r.bytes),
+            ChannelMsg::Mailed(m) => (None, m.len as usize),
             ChannelMsg::Batch(bytes) if bytes.len() >= STORE_BATCH_BYTES => {
                 if let Some(meter) = self.meter(channel) {
                     meter.copied(bytes.len());
@@ -300,7 +330,12 @@ impl Outbox for ActorOutbox {
         channel: usize,
         layout: &BatchLayout,
         fill: &mut dyn FnMut(&mut BatchWriter<'_>) -> Result<(), ColumnarError>,
-    ) -> Option<Result<ColumnarRef, ChannelError>> {
+    ) -> Option<Result<ChannelMsg, ChannelError>> {
+        if let Some(ring) = self.ring(channel) {
+            if let Some(mailed) = ring.build(layout, fill) {
+                return Some(mailed);
+            }
+        }
         let mut failed = None;
         let mut fill = |writer: &mut BatchWriter<'_>| {
             fill(writer).map_err(|e| {
@@ -324,10 +359,10 @@ impl Outbox for ActorOutbox {
         Some(match (put, failed) {
             (Ok((object, lent)), _) => {
                 self.built.insert(object.id(), object);
-                Ok(ColumnarRef {
+                Ok(ChannelMsg::Columnar(ColumnarRef {
                     object: lent,
                     bytes: layout.total_len(),
-                })
+                }))
             }
             (Err(_), Some(e)) => Err(ChannelError::Encode(e.to_string())),
             (Err(e), None) => Err(ChannelError::Store(e.to_string())),
@@ -392,13 +427,24 @@ impl HostInbox {
                 continue;
             }
             if let Some(mailbox) = self.mailbox.as_mut() {
+                mailbox.reclaim(slot);
                 let frame = mailbox
                     .try_frame(slot)
                     .map_err(|e| ChannelError::Decode(e.to_string()))?;
                 if let Some(frame) = frame {
                     let msg = braid::store::codec::decode::<ChannelMsg>(&frame)
                         .map_err(|e| ChannelError::Decode(e.to_string()))?;
-                    let msg = self.adopt(msg)?;
+                    let msg = match msg {
+                        ChannelMsg::Mailed(m) => {
+                            let buffer = mailbox
+                                .arena_batch(slot, m.start, m.len)
+                                .map_err(|e| ChannelError::Decode(e.to_string()))?;
+                            let batch = braid::store::batch::read_record_batch(buffer)
+                                .map_err(|e| ChannelError::Decode(e.to_string()))?;
+                            ChannelMsg::Arrow(ArrowBatch(batch))
+                        }
+                        msg => self.adopt(msg)?,
+                    };
                     if let Some(mailbox) = &self.mailbox {
                         mailbox.mark_taken(slot);
                     }

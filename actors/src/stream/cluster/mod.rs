@@ -12,8 +12,10 @@
 //!   message off its queue; sequence numbers put messages back in channel
 //!   order, since calls to an async actor may start out of order. Either
 //!   way an upstream keeps at most `credits` messages (and `credit_bytes`
-//!   of store objects) not yet taken per channel, so a slow consumer
-//!   slows its producers and queues stay bounded.
+//!   of batches in the store or the receiver's arena) not yet taken per
+//!   channel, so a slow consumer slows its producers and queues stay
+//!   bounded. A columnar batch for a receiver on this machine is built in
+//!   place in the receiver's mailbox arena, and read in place from it.
 //! * **Snapshots** are encoded and written to checkpoint storage by the
 //!   host that took them; the driver hears of the stored handle.
 //! * **Failures**: the driver long-polls every host for events; a host's
@@ -140,9 +142,10 @@ pub struct HostSpec {
     pub batch: usize,
     /// Source records per second per subtask, if throttled.
     pub rate: Option<f64>,
-    /// Calls in flight per output channel.
+    /// Messages not yet taken per output channel.
     pub credits: usize,
-    /// Store bytes in flight per output channel.
+    /// Batch bytes (in the store or a mailbox arena) not yet taken per
+    /// output channel.
     pub credit_bytes: usize,
 }
 
@@ -833,10 +836,11 @@ pub struct ClusterJob {
     pub resource_wait: Duration,
     /// Source pace.
     pub pace: SourcePace,
-    /// Calls in flight per channel.
+    /// Messages not yet taken per channel.
     pub credits: usize,
-    /// Store bytes in flight per channel (columnar batches and large
-    /// encoded ones) before the sender waits.
+    /// Batch bytes not yet taken per channel (columnar batches in the
+    /// store or a mailbox arena, large encoded ones) before the sender
+    /// waits.
     pub credit_bytes: usize,
     /// Called with every host's process id once an attempt is running
     /// (chaos runs pick their victims from these).

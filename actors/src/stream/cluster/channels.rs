@@ -2,6 +2,7 @@
 //! output, into the receiver's mailbox on this machine or by `deliver`
 //! calls to another; [`HostInbox`] reads its inputs.
 
+use super::call_server::CallServer;
 use super::{Shared, SlotReceiver, SubtaskHostHandle};
 use crate::stream::channel::{ArrowBatch, ChannelMsg, ColumnarRef, MailedBatch, Outbox};
 use crate::stream::columnar::ColumnarError;
@@ -397,9 +398,23 @@ pub(super) struct HostInbox {
     shared: Arc<Shared>,
     receivers: Vec<SlotReceiver>,
     mailbox: Option<mailbox::Receiver>,
+    /// Answers peers' calls from the mailbox's call slots between inputs.
+    server: Option<CallServer>,
     rt: Runtime,
     /// The slot the next look starts at, so every input gets its turn.
     next: usize,
+}
+
+impl Drop for HostInbox {
+    /// Peers may still call after the subtask's inputs ended: a thread of
+    /// the host's own answers them from now on.
+    fn drop(&mut self) {
+        if let (Some(mailbox), Some(server)) = (self.mailbox.take(), self.server.take()) {
+            if let Err(e) = server.spawn(mailbox, Arc::downgrade(&self.shared)) {
+                tracing::warn!("no call server after the subtask ended: {e}");
+            }
+        }
+    }
 }
 
 impl HostInbox {
@@ -407,12 +422,14 @@ impl HostInbox {
         shared: Arc<Shared>,
         receivers: Vec<SlotReceiver>,
         mailbox: Option<mailbox::Receiver>,
+        server: Option<CallServer>,
         rt: Runtime,
     ) -> Self {
         HostInbox {
             shared,
             receivers,
             mailbox,
+            server,
             rt,
             next: 0,
         }
@@ -420,6 +437,9 @@ impl HostInbox {
 
     /// A message waiting on an unblocked input, if any.
     fn poll(&mut self, blocked: &[bool]) -> Result<Option<(usize, ChannelMsg)>, ChannelError> {
+        if let (Some(server), Some(mailbox)) = (self.server.as_mut(), self.mailbox.as_mut()) {
+            server.serve(mailbox);
+        }
         let n = self.receivers.len();
         for i in 0..n {
             let slot = (self.next + i) % n;
@@ -486,7 +506,14 @@ impl HostInbox {
     fn ready(&self, blocked: &[bool]) -> bool {
         let open =
             || (0..self.receivers.len()).filter(|s| !blocked.get(*s).copied().unwrap_or(false));
-        self.mailbox.as_ref().is_some_and(|m| m.pending(open()))
+        let calls = |m: &mailbox::Receiver| {
+            self.server
+                .as_ref()
+                .is_some_and(|server| m.pending(server.slots(m)))
+        };
+        self.mailbox
+            .as_ref()
+            .is_some_and(|m| m.pending(open()) || calls(m))
             || open().any(|s| !self.receivers[s].is_empty())
     }
 }
@@ -513,6 +540,10 @@ impl Inbox for HostInbox {
             if let Some(got) = self.poll(blocked)? {
                 return Ok(Some(got));
             }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
             let Some(mailbox) = self.mailbox.as_ref() else {
                 return Ok(None);
             };
@@ -520,11 +551,6 @@ impl Inbox for HostInbox {
             if self.ready(blocked) {
                 mailbox.awake();
                 continue;
-            }
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                mailbox.awake();
-                return Ok(None);
             }
             let _ = mailbox.sleep(signal, deadline - now);
         }

@@ -197,8 +197,9 @@ struct Shared {
     mailbox: Mutex<Option<mailbox::Receiver>>,
     /// Where peers find this host's mailboxes.
     mailboxes: HostMailboxes,
-    /// Calls from peers on this machine, taken by the call server.
-    calls: Mutex<Option<mailbox::Receiver>>,
+    /// Answers calls from peers on this machine, once it knows them;
+    /// taken by the subtask's thread or a thread of its own.
+    call_server: Mutex<Option<call_server::CallServer>>,
     /// Answers to this subtask's calls, taken by its peers.
     replies: Mutex<Option<mailbox::Receiver>>,
     /// This subtask's number among the plan's subtasks.
@@ -288,12 +289,11 @@ impl SubtaskHost {
                 .map_err(|e| tracing::warn!("{id}: no mailbox for {what}, they go by calls: {e}"))
                 .ok()
         };
-        let mailbox = create(inputs.len(), "inputs");
-        let calls = create(subtasks.len(), "calls");
+        let mailbox = create(inputs.len() + subtasks.len(), "inputs and calls");
         let replies = create(subtasks.len(), "answers");
         let mailboxes = HostMailboxes {
             inputs: mailbox.as_ref().map(|m| m.addr()),
-            calls: calls.as_ref().map(|m| m.addr()),
+            calls: mailbox.as_ref().map(|m| (m.addr(), inputs.len())),
             replies: replies.as_ref().map(|m| m.addr()),
         };
         let doorbell = mailbox.as_ref().and_then(|m| m.doorbell().ok());
@@ -314,7 +314,7 @@ impl SubtaskHost {
                 meters,
                 mailbox: Mutex::new(mailbox),
                 mailboxes,
-                calls: Mutex::new(calls),
+                call_server: Mutex::new(None),
                 replies: Mutex::new(replies),
                 index,
                 doorbell,
@@ -345,11 +345,19 @@ impl SubtaskHost {
     /// Every subtask of the attempt, by its task's head vertex and its
     /// index: whose services this subtask may call.
     fn peers(&self, peers: Vec<PeerHost>) -> bool {
-        if let Some(calls) = self.shared.calls.lock().take() {
-            let server = Arc::downgrade(&self.shared);
-            if let Err(e) = call_server::spawn(server, calls, self.shared.index, peers.clone()) {
-                tracing::warn!("no call server, calls to this host fail: {e}");
+        let server = call_server::CallServer::new(
+            self.shared.inputs.len(),
+            self.shared.index,
+            peers.clone(),
+        );
+        if self.shared.inputs.is_empty() {
+            if let Some(mailbox) = self.shared.mailbox.lock().take() {
+                if let Err(e) = server.spawn(mailbox, Arc::downgrade(&self.shared)) {
+                    tracing::warn!("no call server, calls to this host fail: {e}");
+                }
             }
+        } else {
+            *self.shared.call_server.lock() = Some(server);
         }
         *self.shared.peers.lock() = peers
             .into_iter()
@@ -443,10 +451,12 @@ impl SubtaskHost {
             None
         } else {
             let mailbox = self.shared.mailbox.lock().take();
+            let server = self.shared.call_server.lock().take();
             Some(Box::new(HostInbox::new(
                 self.shared.clone(),
                 receivers,
                 mailbox,
+                server,
                 inbox_rt,
             )))
         };

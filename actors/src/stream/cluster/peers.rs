@@ -2,7 +2,7 @@
 //! attempt's other hosts by task and subtask.
 //!
 //! A peer on this machine (one store) is called through mailboxes: the
-//! caller writes the request into its own slot of the peer's call mailbox
+//! caller writes the request into its own call slot of the peer's mailbox
 //! and waits on its reply mailbox's slot for that peer, where the peer's
 //! call server ([`super::call_server`]) writes the answer. A peer on
 //! another machine is called with an actor call on its host.
@@ -33,8 +33,9 @@ const LIVENESS_CHECK: Duration = Duration::from_millis(20);
 pub struct HostMailboxes {
     /// Input channels, a slot per input.
     pub(super) inputs: Option<MailboxAddr>,
-    /// Calls from peers, a slot per subtask of the attempt.
-    pub(super) calls: Option<MailboxAddr>,
+    /// Calls from peers: the mailbox, and its first call slot (caller
+    /// `i` writes slot `first + i`).
+    pub(super) calls: Option<(MailboxAddr, usize)>,
     /// Answers from peers, a slot per subtask of the attempt.
     pub(super) replies: Option<MailboxAddr>,
 }
@@ -136,11 +137,11 @@ impl HostPeers {
         rings.replies.as_ref()?;
         let me = self.me;
         let sender = rings.senders.entry(peer.index).or_insert_with(|| {
-            let addr = peer.mailboxes.calls?;
+            let (addr, first) = peer.mailboxes.calls?;
             if !peer.seat.same_store(&self.seat) {
                 return None;
             }
-            mailbox::Sender::open(addr, me)
+            mailbox::Sender::open(addr, first + me)
                 .map_err(|e| tracing::warn!("calls to {} go by actor calls: {e}", peer.task))
                 .ok()
         });

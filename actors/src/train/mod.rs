@@ -9,6 +9,7 @@ pub mod eval;
 mod hugepages;
 pub mod messages;
 pub mod metrics;
+pub mod model;
 pub mod optimizer;
 pub mod pipeline;
 pub mod ps;

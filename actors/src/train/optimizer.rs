@@ -65,8 +65,8 @@ pub fn sigmoid(logit: f32) -> f32 {
 /// The logistic loss's gradient with respect to the margin, for a row
 /// predicted at `p` whose label is `label`: each weight's gradient is this
 /// times its feature's value. The one place logistic regression's
-/// gradient is written (the chained trainer, the row learner and the
-/// workers' pushes all use it).
+/// gradient is written ([`LogisticRegression`]'s, which the chained
+/// trainer, the row learner and the workers' pushes all use).
 #[inline]
 pub fn margin_gradient(p: f32, label: f32) -> f32 {
     p - label

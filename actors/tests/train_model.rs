@@ -12,10 +12,17 @@
 //!   goes on training as the original does.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use braid_actors::checkpoint::storage::CheckpointStorage;
+use braid_actors::stream::coordinator::JobConfig;
+use braid_actors::stream::graph::StreamEnv;
+use braid_actors::stream::local;
+use braid_actors::stream::plan::Plan;
+use braid_actors::train::data::{FeatureBatch, SyntheticConfig, SyntheticStream};
 use braid_actors::train::messages::{Delta, ModelVersion};
-use braid_actors::train::model::{Learner, LogisticRegression, Model};
+use braid_actors::train::model::{FactorizationMachine, Learner, LogisticRegression, Model};
 use braid_actors::train::optimizer::{logloss, FtrlParams, OptimizerKind, BIAS_KEY};
-use braid_actors::train::ps::PsConfig;
+use braid_actors::train::pipeline::{self, PipelineConfig, RowReader, SyntheticReader};
+use braid_actors::train::ps::{Consistency, PsConfig};
 use braid_actors::train::serving::Serving;
 
 /// A row: label, feature ids, optional values.
@@ -288,4 +295,146 @@ fn logistic_regression_conforms_under_every_optimizer() {
     for (name, model) in logistic_models() {
         conformance(name, model);
     }
+}
+
+fn factorization_machines() -> Vec<(&'static str, FactorizationMachine)> {
+    vec![
+        ("fm", FactorizationMachine::new(0.05, 1e-6, 0.1, 7).unwrap()),
+        (
+            "fm-wide-init",
+            FactorizationMachine::new(0.1, 0.0, 0.3, 1).unwrap(),
+        ),
+    ]
+}
+
+#[test]
+fn factorization_machines_conform() {
+    for (name, model) in factorization_machines() {
+        conformance(name, model);
+    }
+    assert!(FactorizationMachine::new(0.0, 0.0, 0.1, 0).is_err());
+    assert!(FactorizationMachine::new(0.1, -1.0, 0.1, 0).is_err());
+    assert!(FactorizationMachine::new(0.1, 0.0, f32::NAN, 0).is_err());
+}
+
+/// Progressive logloss of the last `tail` of `rows` rows whose label is
+/// the XOR of two one-hot features: no weights separate it, an
+/// interaction does.
+fn xor_logloss<M: Model>(model: M, rows: usize, tail: usize) -> f64 {
+    let mut learner = Learner::with_model(model, 0).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut loss = 0.0;
+    for i in 0..rows {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let (a, b) = (x & 1, (x >> 1) & 1);
+        let label = (a ^ b) as f32;
+        let p = learner.learn(&[10 + a, 20 + b], None, label).unwrap();
+        if i >= rows - tail {
+            loss += logloss(p, label);
+        }
+    }
+    loss / tail as f64
+}
+
+#[test]
+fn a_factorization_machine_learns_an_interaction_logistic_regression_cannot() {
+    let lr = LogisticRegression::new(OptimizerKind::AdaGrad { lr: 0.1, eps: 1e-6 }).unwrap();
+    let fm = FactorizationMachine::new(0.1, 1e-6, 0.1, 3).unwrap();
+    let (lr, fm) = (
+        xor_logloss(lr, 20_000, 2_000),
+        xor_logloss(fm, 20_000, 2_000),
+    );
+    assert!(lr > 0.69, "logistic regression's logloss {lr}");
+    assert!(fm < 0.1, "the factorization machine's logloss {fm}");
+}
+
+/// The job's serving parameters, by key, after training `model` on
+/// `rows` synthetic rows with `workers` × `shards` under BSP.
+fn served_by_the_job<M: Model>(
+    model: M,
+    workers: usize,
+    shards: usize,
+    rows: u64,
+) -> Vec<(u64, Vec<u32>)> {
+    let name = format!("fm-job-{}-{workers}x{shards}", std::process::id());
+    let mut ps = PsConfig::new(&name, workers, shards, OptimizerKind::Sgd { lr: 0.1 });
+    ps.consistency = Consistency::Bsp;
+    ps.feature_bits = Some(12);
+    let mut config = PipelineConfig::new(ps);
+    config.batch_rows = 64;
+    config.rows = Some(rows);
+    let env = StreamEnv::new(1);
+    let handles = pipeline::build_model(&env, config, model, move || {
+        let stream = SyntheticStream::new(synthetic(rows))?;
+        Ok(Box::new(SyntheticReader(stream)) as Box<dyn RowReader>)
+    })
+    .unwrap();
+    let report = local::run(
+        &Plan::new(env.into_graph()),
+        JobConfig::new(CheckpointStorage::in_memory(&name, 2)),
+    )
+    .unwrap();
+    assert_eq!(report.failures, 0);
+    let figures = handles.eval.figures();
+    assert_eq!(figures.rows, rows);
+    assert!(figures.auc > 0.55, "auc {}", figures.auc);
+    handles.serving.read(|served| {
+        (0..1u64 << 12)
+            .chain([BIAS_KEY])
+            .map(|k| (k, bits(served.params(k).as_ref())))
+            .filter(|(_, p)| p.iter().any(|b| *b != 0))
+            .collect()
+    })
+}
+
+fn synthetic(rows: u64) -> SyntheticConfig {
+    SyntheticConfig {
+        rows,
+        bits: 12,
+        ..SyntheticConfig::default()
+    }
+}
+
+/// What one learner of `model` holds after the same rows, as
+/// [`served_by_the_job`] reports it.
+fn learned_alone<M: Model>(model: M, rows: u64) -> Vec<(u64, Vec<u32>)> {
+    let mut reader = SyntheticReader(SyntheticStream::new(synthetic(rows)).unwrap());
+    let mut learner = Learner::with_model(model, 0).unwrap();
+    let mut batch = FeatureBatch::new();
+    loop {
+        batch.clear();
+        if reader.read(&mut batch, 1000).unwrap() == 0 {
+            break;
+        }
+        for (label, ids, values) in batch.iter() {
+            learner.learn(ids, values, label).unwrap();
+        }
+    }
+    (0..1u64 << 12)
+        .chain([BIAS_KEY])
+        .map(|k| (k, bits(learner.params(k).as_ref())))
+        .filter(|(_, p)| p.iter().any(|b| *b != 0))
+        .collect()
+}
+
+#[test]
+fn a_factorization_machine_trains_and_serves_through_the_unchanged_job() {
+    let fm = FactorizationMachine::new(0.05, 1e-6, 0.1, 11).unwrap();
+    // One worker chains its shards: the job trains as one learner does.
+    let chained = served_by_the_job(fm, 1, 2, 12_000);
+    assert_eq!(
+        chained,
+        learned_alone(fm, 12_000),
+        "chained job vs one learner"
+    );
+    // Workers pull, predict, push: BSP runs are deterministic.
+    let a = served_by_the_job(fm, 2, 3, 12_000);
+    assert!(!a.is_empty());
+    assert_eq!(
+        a,
+        served_by_the_job(fm, 2, 3, 12_000),
+        "two BSP runs differ"
+    );
 }

@@ -45,7 +45,7 @@ impl<O: KeyRule> Rule<LogisticRegression> for O {
     }
 
     #[inline]
-    fn apply(self, s: &mut KeyState, g: &[f32]) {
+    fn apply(self, _key: u64, s: &mut KeyState, g: &[f32]) {
         KeyRule::apply(self, s, g[0]);
     }
 
@@ -55,7 +55,7 @@ impl<O: KeyRule> Rule<LogisticRegression> for O {
     }
 
     #[inline]
-    fn apply_seen(self, s: &mut KeyState, g: &[f32], seen: &Seen) -> Fresh {
+    fn apply_seen(self, _key: u64, s: &mut KeyState, g: &[f32], seen: &Seen) -> Fresh {
         KeyRule::apply_seen(self, s, g[0], seen)
     }
 

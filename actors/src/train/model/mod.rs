@@ -24,7 +24,8 @@
 //! [`Learner`] is a model's table run by its rule: a parameter-server
 //! shard's state, or a whole single-process learner. Logistic regression
 //! ([`LogisticRegression`], with FTRL-Proximal, SGD or AdaGrad) is the
-//! model the pipeline builds by default.
+//! model the pipeline builds by default; [`FactorizationMachine`] adds
+//! pairwise interactions through [`FACTORS`] factors per key.
 //!
 //! The messages between processes (`Push`, `Delta`, a remote pull's
 //! answer) carry one float per key today; a model of width above 1 runs
@@ -32,8 +33,10 @@
 //! records pass by pointer) until their Arrow forms carry a fixed-size
 //! list per key.
 
+mod factorization;
 mod logistic;
 
+pub use factorization::{FactorizationMachine, FmRow, FmState, FACTORS};
 pub use logistic::LogisticRegression;
 
 use super::data::FeatureBatchRef;
@@ -111,19 +114,22 @@ pub trait Model: Clone + fmt::Debug + Send + Sync + 'static {
 
 /// A model's per-key update rule (its optimizer), a concrete type for
 /// [`RuleJob::run`]. For every rule a zero gradient is a no-op and the
-/// default state's parameters are 0.
+/// default state's parameters are 0: a key never updated reads 0
+/// everywhere (pulls, serving), and reads never insert. A model whose
+/// parameters start elsewhere (factors drawn at random) sets them at a
+/// key's first update, from its `key`.
 pub trait Rule<M: Model>: Copy {
     /// The parameters of a key in state `s`.
     fn params(self, s: &M::State) -> M::Params;
-    /// Applies gradient `g` ([`Model::WIDTH`] floats) to `s`.
-    fn apply(self, s: &mut M::State, g: &[f32]);
+    /// Applies gradient `g` ([`Model::WIDTH`] floats) to `key`'s state `s`.
+    fn apply(self, key: u64, s: &mut M::State, g: &[f32]);
     /// Reads a key for a prediction: its parameters
     /// ([`Model::seen_params`]) and what its update can reuse.
     fn see(self, s: &M::State) -> M::Seen;
     /// [`Rule::apply`] to a key read as `seen` (its state may have changed
     /// since, when the key repeats in a row); what its new parameters are
     /// computed from.
-    fn apply_seen(self, s: &mut M::State, g: &[f32], seen: &M::Seen) -> M::Update;
+    fn apply_seen(self, key: u64, s: &mut M::State, g: &[f32], seen: &M::Seen) -> M::Update;
     /// The parameters updates left, [`Model::WIDTH`] floats each, into
     /// `out` (that long).
     fn params_of(self, updates: &[M::Update], out: &mut [f32]);
@@ -227,7 +233,7 @@ pub struct Learner<M: Model> {
     table: ParamTable<M::State>,
     bias: Option<u64>,
     /// The slots of the row being learned (reused: no allocation per row).
-    scratch: Vec<(SlotRef, f32, M::Seen)>,
+    scratch: Vec<(u64, SlotRef, f32, M::Seen)>,
 }
 
 impl<M: Model> Clone for Learner<M> {
@@ -418,7 +424,7 @@ impl<M: Model> Learner<M> {
                     table.prefetch(keys);
                     for (&k, g) in keys.iter().zip(grads.chunks_exact(w)) {
                         if nonzero(g) {
-                            r.apply(table.get_or_insert_default(k), g);
+                            r.apply(k, table.get_or_insert_default(k), g);
                         }
                     }
                 }
@@ -508,7 +514,7 @@ impl<M: Model> Learner<M> {
                             Some(s) => s,
                             None => table.locate_or_insert(k),
                         };
-                        r.apply(table.state_mut(s), g);
+                        r.apply(k, table.state_mut(s), g);
                     }
                 }
             }
@@ -573,7 +579,7 @@ impl<M: Model> Learner<M> {
         struct Job<'a, M: Model> {
             model: &'a M,
             table: &'a mut ParamTable<M::State>,
-            scratch: &'a mut Vec<(SlotRef, f32, M::Seen)>,
+            scratch: &'a mut Vec<(u64, SlotRef, f32, M::Seen)>,
             bias: Option<u64>,
             features: &'a [u64],
             values: Option<&'a [f32]>,
@@ -608,21 +614,21 @@ impl<M: Model> Learner<M> {
                         let at = table.locate_or_insert(k);
                         let seen = r.see(&table.state(at));
                         model.add(&mut row, M::seen_params(&seen).as_ref(), x);
-                        scratch.push((at, x, seen));
+                        scratch.push((k, at, x, seen));
                     }
                 }
                 if let Some(b) = bias {
                     let at = table.locate_or_insert(b);
                     let seen = r.see(&table.state(at));
                     model.add(&mut row, M::seen_params(&seen).as_ref(), 1.0);
-                    scratch.push((at, 1.0, seen));
+                    scratch.push((b, at, 1.0, seen));
                 }
                 let p = model.predict(&row);
                 let d = model.margin_gradient(p, label);
                 if d != 0.0 {
-                    for (at, x, seen) in scratch.iter() {
+                    for (k, at, x, seen) in scratch.iter() {
                         let g = model.gradient(&row, d, M::seen_params(seen).as_ref(), *x);
-                        r.apply_seen(table.state_mut(*at), g.as_ref(), seen);
+                        r.apply_seen(*k, table.state_mut(*at), g.as_ref(), seen);
                     }
                 }
                 p
@@ -796,7 +802,7 @@ fn learn_row<M: Model, R: Rule<M>, T: FnMut(usize, u64, M::Update)>(
     if d != 0.0 {
         for (s, k, at, x, seen) in scratch.iter() {
             let g = model.gradient(&row, d, M::seen_params(seen).as_ref(), *x);
-            let update = r.apply_seen(tables[*s as usize].state_mut(*at), g.as_ref(), seen);
+            let update = r.apply_seen(*k, tables[*s as usize].state_mut(*at), g.as_ref(), seen);
             touch(*s as usize, *k, update);
         }
     }

@@ -1,4 +1,5 @@
-//! Online learning: per-key optimizers (FTRL-Proximal, SGD, AdaGrad) over
+//! Online learning: models behind one seam ([`model::Model`]; logistic
+//! regression with per-key optimizers, FTRL-Proximal, SGD, AdaGrad) over
 //! a compact parameter table, feature data (gen_ctr and Criteo parsers, a
 //! synthetic click stream, columnar feature batches), and progressive
 //! evaluation.
@@ -9,6 +10,7 @@ pub mod eval;
 mod hugepages;
 pub mod messages;
 pub mod metrics;
+pub mod model;
 pub mod optimizer;
 pub mod pipeline;
 pub mod ps;

@@ -1,6 +1,8 @@
 //! Per-key optimizers for sparse logistic regression — FTRL-Proximal, SGD and
-//! AdaGrad — and [`Model`], a [`ParamTable`] run by one of them: the state
-//! of a parameter-server shard, or a whole single-process learner.
+//! AdaGrad — and [`Model`], logistic regression's [`Learner`]: a
+//! [`ParamTable`] run by one of them, the state of a parameter-server shard
+//! or a whole single-process learner. The model itself (predict, gradient,
+//! what is pulled and served) is [`LogisticRegression`].
 //!
 //! Every optimizer keeps a [`KeyState`] of two `f32` per key, so the table's
 //! slots are 16 bytes (see [`super::table`] for the bytes-per-key bound). A
@@ -31,7 +33,8 @@
 //! clamps the logit to ±50 rather than ±35, its summation order) are far
 //! below the 0.002 logloss tolerance the `train_optimizer` test holds us to.
 
-use super::table::{DecodeError, ParamTable, SlotRef};
+pub use super::model::{Learner, LogisticRegression};
+use super::table::ParamTable;
 
 /// Per-key optimizer state, two `f32`:
 ///
@@ -62,8 +65,8 @@ pub fn sigmoid(logit: f32) -> f32 {
 /// The logistic loss's gradient with respect to the margin, for a row
 /// predicted at `p` whose label is `label`: each weight's gradient is this
 /// times its feature's value. The one place logistic regression's
-/// gradient is written (the chained trainer, the row learner and the
-/// workers' pushes all use it).
+/// gradient is written ([`LogisticRegression`]'s, which the chained
+/// trainer, the row learner and the workers' pushes all use).
 #[inline]
 pub fn margin_gradient(p: f32, label: f32) -> f32 {
     p - label
@@ -158,13 +161,19 @@ fn non_negative(name: &'static str, value: f32) -> Result<(), ParamsError> {
 /// state is still those bits (a key repeated in a row changed in between),
 /// so the result is bit for bit that of reading the state again.
 #[derive(Debug, Clone, Copy)]
-struct Seen {
+pub struct Seen {
     state: KeyState,
     weight: f32,
     sqrt_n: f32,
 }
 
 impl Seen {
+    /// The weight the read computed.
+    #[inline]
+    pub fn weight(&self) -> f32 {
+        self.weight
+    }
+
     /// Whether `s` is still the state that was read.
     #[inline]
     fn holds(&self, s: &KeyState) -> bool {
@@ -174,12 +183,12 @@ impl Seen {
 
 /// What an update leaves that a key's new weight is computed from (FTRL:
 /// `z` and `√n`; SGD and AdaGrad: the weight itself, in `a`). Turning a
-/// list of them into weights afterwards ([`weights_of`]) is a loop the
+/// list of them into weights afterwards ([`Rule::params_of`](super::model::Rule::params_of)) is a loop the
 /// compiler vectorizes, where a division per update inside the training
 /// loop would sit on its critical path. The weight is bit for bit that of
 /// the updated state.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Fresh {
+pub struct Fresh {
     a: f32,
     b: f32,
 }
@@ -187,7 +196,7 @@ pub(crate) struct Fresh {
 /// One optimizer's per-key rule, monomorphized into the row loops so the
 /// hot path carries no per-feature dispatch. For every rule a zero gradient
 /// is a no-op and the default state has weight 0.
-trait Rule: Copy {
+pub(crate) trait KeyRule: Copy {
     fn weight(self, s: &KeyState) -> f32;
     fn apply(self, s: &mut KeyState, g: f32);
     /// Reads a key for a prediction: its weight, and what its update can
@@ -200,7 +209,7 @@ trait Rule: Copy {
             sqrt_n: 0.0,
         }
     }
-    /// [`Rule::apply`] to a key read as `seen`; what its new weight needs.
+    /// [`KeyRule::apply`] to a key read as `seen`; what its new weight needs.
     #[inline]
     fn apply_seen(self, s: &mut KeyState, g: f32, _seen: &Seen) -> Fresh {
         self.apply(s, g);
@@ -265,7 +274,7 @@ impl FtrlParams {
     }
 }
 
-impl Rule for FtrlParams {
+impl KeyRule for FtrlParams {
     #[inline]
     fn weight(self, s: &KeyState) -> f32 {
         self.weight_from(s[0], s[1].sqrt())
@@ -300,11 +309,11 @@ impl Rule for FtrlParams {
 }
 
 #[derive(Clone, Copy)]
-struct Sgd {
-    lr: f32,
+pub(crate) struct Sgd {
+    pub(crate) lr: f32,
 }
 
-impl Rule for Sgd {
+impl KeyRule for Sgd {
     #[inline]
     fn weight(self, s: &KeyState) -> f32 {
         s[0]
@@ -317,12 +326,12 @@ impl Rule for Sgd {
 }
 
 #[derive(Clone, Copy)]
-struct AdaGrad {
-    lr: f32,
-    eps: f32,
+pub(crate) struct AdaGrad {
+    pub(crate) lr: f32,
+    pub(crate) eps: f32,
 }
 
-impl Rule for AdaGrad {
+impl KeyRule for AdaGrad {
     #[inline]
     fn weight(self, s: &KeyState) -> f32 {
         s[0]
@@ -339,34 +348,37 @@ impl Rule for AdaGrad {
     }
 }
 
-/// Runs `$body` with `$r` bound to the concrete [`Rule`] of `$kind`.
-macro_rules! with_rule {
+/// Runs `$body` with `$r` bound to the concrete [`KeyRule`] of `$kind`.
+macro_rules! with_optimizer {
     ($kind:expr, $r:ident => $body:expr) => {
         match $kind {
-            OptimizerKind::Ftrl(p) => {
+            $crate::train::optimizer::OptimizerKind::Ftrl(p) => {
                 let $r = p;
                 $body
             }
-            OptimizerKind::Sgd { lr } => {
-                let $r = Sgd { lr };
+            $crate::train::optimizer::OptimizerKind::Sgd { lr } => {
+                let $r = $crate::train::optimizer::Sgd { lr };
                 $body
             }
-            OptimizerKind::AdaGrad { lr, eps } => {
-                let $r = AdaGrad { lr, eps };
+            $crate::train::optimizer::OptimizerKind::AdaGrad { lr, eps } => {
+                let $r = $crate::train::optimizer::AdaGrad { lr, eps };
                 $body
             }
         }
     };
 }
 
+pub(crate) use with_optimizer;
+
 /// Appends the weights `fresh` leaves under `kind`, in order.
-pub(crate) fn weights_of(kind: OptimizerKind, fresh: &[Fresh], out: &mut Vec<f32>) {
-    fn run<R: Rule>(r: R, fresh: &[Fresh], out: &mut Vec<f32>) {
+#[cfg(test)]
+fn weights_of(kind: OptimizerKind, fresh: &[Fresh], out: &mut Vec<f32>) {
+    fn run<R: KeyRule>(r: R, fresh: &[Fresh], out: &mut Vec<f32>) {
         let start = out.len();
         out.resize(start + fresh.len(), 0.0);
         r.weights_of(fresh, &mut out[start..]);
     }
-    with_rule!(kind, r => run(r, fresh, out));
+    with_optimizer!(kind, r => run(r, fresh, out));
 }
 
 impl OptimizerKind {
@@ -386,288 +398,27 @@ impl OptimizerKind {
     /// `z` and `n`; 0 for the default state).
     #[inline]
     pub fn weight(&self, state: &KeyState) -> f32 {
-        with_rule!(*self, r => r.weight(state))
+        with_optimizer!(*self, r => r.weight(state))
     }
 
     /// Applies one gradient of the loss with respect to this key's weight.
     #[inline]
     pub fn apply(&self, state: &mut KeyState, gradient: f32) {
-        with_rule!(*self, r => r.apply(state, gradient))
+        with_optimizer!(*self, r => r.apply(state, gradient))
     }
 }
 
-/// A row's shape or label is wrong; nothing was read or updated.
-#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
-pub enum RowError {
-    /// `values` is not one per feature.
-    #[error("{values} values for {features} features")]
-    ValuesLength {
-        /// Features in the row.
-        features: usize,
-        /// Values given.
-        values: usize,
-    },
-    /// The label is not in `[0, 1]`.
-    #[error("label {0} is not in [0, 1]")]
-    Label(f32),
-}
+pub use super::model::{ModelDecodeError, PushError, RowError};
 
-/// A push was refused as a whole; nothing was updated.
-#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
-pub enum PushError {
-    /// `grads` is not one per key.
-    #[error("{grads} gradients for {keys} keys")]
-    Length {
-        /// Keys pushed.
-        keys: usize,
-        /// Gradients pushed.
-        grads: usize,
-    },
-    /// A gradient is NaN or infinite (it would poison the key for good).
-    #[error("gradient {value} for key {key} is not finite")]
-    NonFinite {
-        /// The key.
-        key: u64,
-        /// Its gradient.
-        value: f32,
-    },
-}
-
-/// Why [`Model::from_bytes`] refused a snapshot.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ModelDecodeError {
-    /// The bytes do not start with the model magic.
-    #[error("not a model snapshot (bad magic)")]
-    BadMagic,
-    /// Unknown format version.
-    #[error("unsupported model snapshot version {0}")]
-    UnsupportedVersion(u8),
-    /// The bytes end inside the model header.
-    #[error("model snapshot truncated")]
-    Truncated,
-    /// Unknown optimizer tag.
-    #[error("unknown optimizer tag {0}")]
-    UnknownOptimizer(u8),
-    /// The recorded hyper-parameters are out of range.
-    #[error(transparent)]
-    Params(#[from] ParamsError),
-    /// The parameter table after the header is malformed.
-    #[error(transparent)]
-    Table(#[from] DecodeError),
-}
-
-const MODEL_MAGIC: [u8; 4] = *b"BRMD";
-const MODEL_VERSION: u8 = 1;
-/// magic, version, optimizer tag, 4 × f32 hyper-parameters, bias flag, bias key.
-const MODEL_HEADER_LEN: usize = 4 + 1 + 1 + 16 + 1 + 8;
-
-/// Sum of `weight · value` over a row, bias included.
-#[inline]
-fn margin_with<R: Rule>(
-    r: R,
-    table: &ParamTable<KeyState>,
-    bias: Option<u64>,
-    features: &[u64],
-    values: Option<&[f32]>,
-) -> f32 {
-    table.prefetch(features);
-    let w = |k: u64| table.get(k).map_or(0.0, |s| r.weight(s));
-    let mut m = bias.map_or(0.0, w);
-    match values {
-        None => {
-            for &k in features {
-                m += w(k);
-            }
-        }
-        Some(values) => {
-            for (&k, &x) in features.iter().zip(values) {
-                m += w(k) * x;
-            }
-        }
-    }
-    m
-}
-
-/// Predicts, then applies the logistic-loss gradient `(p − y)·x` to every
-/// feature in order (a repeated key is updated once per occurrence), then
-/// to the bias. Each key is probed once: the predict pass inserts it and
-/// keeps its slot in `scratch` for the update pass.
-#[inline]
-fn learn_with<R: Rule>(
-    r: R,
-    table: &mut ParamTable<KeyState>,
-    scratch: &mut Vec<(SlotRef, f32, Seen)>,
-    bias: Option<u64>,
-    features: &[u64],
-    values: Option<&[f32]>,
-    label: f32,
-) -> f32 {
-    // No insert below may grow the table, or the slot refs would go stale.
-    table.reserve(features.len() + 1);
-    table.prefetch(features);
-    scratch.clear();
-    let mut m = 0.0;
-    match values {
-        None => {
-            for &k in features {
-                let at = table.locate_or_insert(k);
-                let seen = r.see(&table.state(at));
-                m += seen.weight;
-                scratch.push((at, 1.0, seen));
-            }
-        }
-        Some(values) => {
-            for (&k, &x) in features.iter().zip(values) {
-                // A zero value has a zero gradient: nothing to read or insert.
-                if x != 0.0 {
-                    let at = table.locate_or_insert(k);
-                    let seen = r.see(&table.state(at));
-                    m += seen.weight * x;
-                    scratch.push((at, x, seen));
-                }
-            }
-        }
-    }
-    let bias_at = bias.map(|b| {
-        let at = table.locate_or_insert(b);
-        (at, r.see(&table.state(at)))
-    });
-    if let Some((_, seen)) = &bias_at {
-        m += seen.weight;
-    }
-    let p = sigmoid(m);
-    let d = margin_gradient(p, label);
-    if d != 0.0 {
-        for (at, x, seen) in scratch.iter() {
-            r.apply_seen(table.state_mut(*at), d * x, seen);
-        }
-        if let Some((at, seen)) = &bias_at {
-            r.apply_seen(table.state_mut(*at), d, seen);
-        }
-    }
-    p
-}
-
-/// [`learn_with`] over a model split into shards: `shard_of` picks each
-/// key's table. Every key of the row (then `bias`, value 1) is probed once;
-/// each one updated is reported to `touch` with its shard and [`Fresh`] state.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn learn_sharded_with<R: Rule, T: FnMut(usize, u64, Fresh)>(
-    r: R,
-    tables: &mut [&mut ParamTable<KeyState>],
-    shard_of: &dyn Fn(u64) -> usize,
-    scratch: &mut Vec<(u32, u64, SlotRef, f32, Seen)>,
-    touch: &mut T,
-    bias: u64,
-    features: &[u64],
-    values: Option<&[f32]>,
-    label: f32,
-) -> f32 {
-    for t in tables.iter_mut() {
-        t.reserve(features.len() + 1);
-    }
-    scratch.clear();
-    let mut m = 0.0;
-    let x_at = |i: usize| values.map_or(1.0, |v| v[i]);
-    for (i, &k) in features.iter().chain(std::iter::once(&bias)).enumerate() {
-        let x = if i < features.len() { x_at(i) } else { 1.0 };
-        if x != 0.0 {
-            let s = if tables.len() == 1 { 0 } else { shard_of(k) };
-            let t = &mut tables[s];
-            let at = t.locate_or_insert(k);
-            let seen = r.see(&t.state(at));
-            m += seen.weight * x;
-            scratch.push((s as u32, k, at, x, seen));
-        }
-    }
-    let p = sigmoid(m);
-    let d = margin_gradient(p, label);
-    if d != 0.0 {
-        for (s, k, at, x, seen) in scratch.iter() {
-            let fresh = r.apply_seen(tables[*s as usize].state_mut(*at), d * x, seen);
-            touch(*s as usize, *k, fresh);
-        }
-    }
-    p
-}
-
-/// Trains a model split into shards row by row, in place: for each row,
-/// predict (progressive validation), then apply `(p − y)·xᵢ` to every
-/// feature and `p − y` to `bias` in its shard's table (`shard_of`), once
-/// per occurrence. The same updates as [`Model::learn`] on one table.
-/// `predictions` gets each row's prediction; `touch(shard, key, fresh)`
-/// sees every update, in order (bias last in each row), with what the
-/// key's new weight is computed from ([`weights_of`]). The models' own bias
-/// keys are not used.
-pub(crate) fn learn_sharded(
-    models: &mut [&mut Model],
-    shard_of: &dyn Fn(u64) -> usize,
-    bias: u64,
-    rows: super::data::FeatureBatchRef<'_>,
-    predictions: &mut Vec<f32>,
-    mut touch: impl FnMut(usize, u64, Fresh),
-) -> Result<(), RowError> {
-    let Some(kind) = models.first().map(|m| m.kind) else {
-        return Ok(());
-    };
-    let mut scratch = Vec::new();
-    let mut tables: Vec<&mut ParamTable<KeyState>> =
-        models.iter_mut().map(|m| &mut m.table).collect();
-    for i in 0..rows.rows() {
-        if let ([t], true) = (tables.as_slice(), i + 1 < rows.rows()) {
-            for &k in rows.row(i + 1).1 {
-                t.prefetch_ahead(k);
-            }
-        }
-        let (label, ids, values) = rows.row(i);
-        Model::check_values(ids, values)?;
-        if !(0.0..=1.0).contains(&label) {
-            return Err(RowError::Label(label));
-        }
-        let p = with_rule!(kind, r => learn_sharded_with(
-            r, &mut tables, shard_of, &mut scratch, &mut touch, bias, ids, values, label
-        ));
-        predictions.push(p);
-    }
-    Ok(())
-}
-
-/// A push is refused as a whole if `grads` (or the `noted` slots) are not
-/// one per key, or a gradient is not finite.
-fn check_push(keys: &[u64], grads: &[f32], noted: usize) -> Result<(), PushError> {
-    if keys.len() != grads.len() || keys.len() != noted {
-        return Err(PushError::Length {
-            keys: keys.len(),
-            grads: grads.len(),
-        });
-    }
-    match grads.iter().position(|g| !g.is_finite()) {
-        Some(i) => Err(PushError::NonFinite {
-            key: keys[i],
-            value: grads[i],
-        }),
-        None => Ok(()),
-    }
-}
-
-/// Keys per [`ParamTable::prefetch`] in batch loops: enough misses in
-/// flight to fill the core's line-fill buffers, few enough to stay cached
-/// until the lookups come.
-const PREFETCH_CHUNK: usize = 32;
-
-/// A sparse logistic-regression model: a [`ParamTable`] of [`KeyState`]s
-/// run by one [`OptimizerKind`].
+/// The logistic-regression learner: a table of [`KeyState`]s run by one
+/// [`OptimizerKind`] ([`Learner`] of [`LogisticRegression`]).
 ///
-/// * As a parameter-server shard: [`Model::pull`] weights, [`Model::push`]
-///   gradients; the optimizer runs here, per key.
-/// * As a local learner: [`Model::learn`] (predict, then train: progressive
-///   validation) and [`Model::predict`], which add the bias feature
-///   ([`BIAS_KEY`], value 1) unless [`Model::with_bias_key`] turned it off.
-///
-/// The row and key loops allocate nothing once warm (beyond the table's
-/// own growth); [`Model::learn`] probes each key once and prefetches the
-/// row's slots first.
+/// * As a parameter-server shard: [`Learner::pull`] weights,
+///   [`Learner::push`] gradients; the optimizer runs here, per key.
+/// * As a local learner: [`Learner::learn`] (predict, then train:
+///   progressive validation) and [`Learner::predict`], which add the bias
+///   feature ([`BIAS_KEY`], value 1) unless [`Learner::with_bias_key`]
+///   turned it off.
 ///
 /// ```
 /// use braid_actors::train::optimizer::{FtrlParams, Model, OptimizerKind};
@@ -683,34 +434,9 @@ const PREFETCH_CHUNK: usize = 32;
 /// model.push(&[99], &[0.25])?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug)]
-pub struct Model {
-    kind: OptimizerKind,
-    table: ParamTable<KeyState>,
-    bias: Option<u64>,
-    /// The slots of the row being learned (reused: no allocation per row).
-    scratch: Vec<(SlotRef, f32, Seen)>,
-}
+pub type Model = Learner<LogisticRegression>;
 
-impl Clone for Model {
-    fn clone(&self) -> Self {
-        Self {
-            kind: self.kind,
-            table: self.table.clone(),
-            bias: self.bias,
-            scratch: Vec::new(),
-        }
-    }
-
-    /// Reuses `self`'s table buffer when it is large enough.
-    fn clone_from(&mut self, source: &Self) {
-        self.kind = source.kind;
-        self.table.clone_from(&source.table);
-        self.bias = source.bias;
-    }
-}
-
-impl Model {
+impl Learner<LogisticRegression> {
     /// An empty model with the bias feature [`BIAS_KEY`].
     pub fn new(kind: OptimizerKind) -> Result<Self, ParamsError> {
         Self::with_capacity(kind, 0)
@@ -719,20 +445,7 @@ impl Model {
     /// An empty model whose table holds `keys` keys before it grows (see
     /// [`ParamTable::with_capacity`]; the way to hold 32 B/key).
     pub fn with_capacity(kind: OptimizerKind, keys: usize) -> Result<Self, ParamsError> {
-        kind.validate()?;
-        Ok(Self {
-            kind,
-            table: ParamTable::with_capacity(keys),
-            bias: Some(BIAS_KEY),
-            scratch: Vec::new(),
-        })
-    }
-
-    /// Sets the key of the constant feature rows get in [`Model::predict`]
-    /// and [`Model::learn`], or `None` for no bias.
-    pub fn with_bias_key(mut self, bias: Option<u64>) -> Self {
-        self.bias = bias;
-        self
+        Self::with_model(LogisticRegression::new(kind)?, keys)
     }
 
     /// A model over an existing table (e.g. one restored from a snapshot).
@@ -741,258 +454,24 @@ impl Model {
         table: ParamTable<KeyState>,
         bias: Option<u64>,
     ) -> Result<Self, ParamsError> {
-        kind.validate()?;
-        Ok(Self {
-            kind,
-            table,
-            bias,
-            scratch: Vec::new(),
-        })
+        Self::with_table(LogisticRegression::new(kind)?, table, bias)
     }
 
     /// The optimizer.
     pub fn kind(&self) -> OptimizerKind {
-        self.kind
-    }
-
-    /// The bias feature's key, if rows get one.
-    pub fn bias_key(&self) -> Option<u64> {
-        self.bias
-    }
-
-    /// The parameter table (size, bytes per key, iteration).
-    pub fn table(&self) -> &ParamTable<KeyState> {
-        &self.table
-    }
-
-    /// The parameter table for eviction ([`ParamTable::retain`]) and other
-    /// maintenance.
-    pub fn table_mut(&mut self) -> &mut ParamTable<KeyState> {
-        &mut self.table
+        self.model().kind()
     }
 
     /// The current weight of `key` (0 if never updated).
     #[inline]
     pub fn weight(&self, key: u64) -> f32 {
-        self.table.get(key).map_or(0.0, |s| self.kind.weight(s))
-    }
-
-    /// Replaces `out` with the weights of `keys`, in order. Absent keys read
-    /// as 0 and are not inserted.
-    pub fn pull(&self, keys: &[u64], out: &mut Vec<f32>) {
-        out.clear();
-        out.resize(keys.len(), 0.0);
-        self.pull_into(keys, out);
-    }
-
-    /// [`Model::pull`] into `out`, which holds one weight per key (a
-    /// store object's column, say); extra entries are left alone.
-    pub fn pull_into(&self, keys: &[u64], out: &mut [f32]) {
-        let table = &self.table;
-        with_rule!(self.kind, r => {
-            for (chunk, out) in keys.chunks(PREFETCH_CHUNK).zip(out.chunks_mut(PREFETCH_CHUNK)) {
-                table.prefetch(chunk);
-                for (w, &k) in out.iter_mut().zip(chunk) {
-                    *w = table.get(k).map_or(0.0, |s| r.weight(s));
-                }
-            }
-        });
-    }
-
-    /// Applies `grads[i]` to `keys[i]`, in order, so a key that repeats is
-    /// updated once per occurrence. Zero gradients are no-ops and insert
-    /// nothing. Refused as a whole if the lengths differ or a gradient is
-    /// not finite.
-    pub fn push(&mut self, keys: &[u64], grads: &[f32]) -> Result<(), PushError> {
-        check_push(keys, grads, keys.len())?;
-        let table = &mut self.table;
-        with_rule!(self.kind, r => {
-            for (keys, grads) in keys.chunks(PREFETCH_CHUNK).zip(grads.chunks(PREFETCH_CHUNK)) {
-                table.prefetch(keys);
-                for (&k, &g) in keys.iter().zip(grads) {
-                    if g != 0.0 {
-                        r.apply(table.get_or_insert_default(k), g);
-                    }
-                }
-            }
-        });
-        Ok(())
-    }
-
-    /// [`Model::pull`] that also notes where each key lives (`None`:
-    /// absent), for [`Model::push_at`] to update without probing again.
-    /// The table first makes room for every absent key, so the notes stay
-    /// valid through `push_at`'s inserts; any other change to the table
-    /// in between voids them.
-    pub(crate) fn pull_at(
-        &mut self,
-        keys: &[u64],
-        at: &mut Vec<Option<SlotRef>>,
-        out: &mut Vec<f32>,
-    ) {
-        let table = &mut self.table;
-        loop {
-            at.clear();
-            out.clear();
-            at.reserve(keys.len());
-            out.reserve(keys.len());
-            let mut absent = 0usize;
-            with_rule!(self.kind, r => {
-                for chunk in keys.chunks(PREFETCH_CHUNK) {
-                    table.prefetch(chunk);
-                    for &k in chunk {
-                        let slot = table.locate(k);
-                        match slot {
-                            Some(s) => out.push(r.weight(&table.state(s))),
-                            None => {
-                                absent += 1;
-                                out.push(0.0);
-                            }
-                        }
-                        at.push(slot);
-                    }
-                }
-            });
-            if table.has_room(absent) {
-                return;
-            }
-            table.reserve(absent);
-        }
-    }
-
-    /// [`Model::push`] with the slots [`Model::pull_at`] noted for the same
-    /// `keys`: the same updates in the same order, without a second probe
-    /// for keys that were present.
-    pub(crate) fn push_at(
-        &mut self,
-        keys: &[u64],
-        at: &[Option<SlotRef>],
-        grads: &[f32],
-    ) -> Result<(), PushError> {
-        check_push(keys, grads, at.len())?;
-        let table = &mut self.table;
-        with_rule!(self.kind, r => {
-            for ((&k, &slot), &g) in keys.iter().zip(at).zip(grads) {
-                if g != 0.0 {
-                    let s = match slot {
-                        Some(s) => s,
-                        None => table.locate_or_insert(k),
-                    };
-                    r.apply(table.state_mut(s), g);
-                }
-            }
-        });
-        Ok(())
-    }
-
-    fn check_values(features: &[u64], values: Option<&[f32]>) -> Result<(), RowError> {
-        match values {
-            Some(v) if v.len() != features.len() => Err(RowError::ValuesLength {
-                features: features.len(),
-                values: v.len(),
-            }),
-            _ => Ok(()),
-        }
+        self.params(key)[0]
     }
 
     /// The logit of a row: the bias weight plus `Σ wᵢ·xᵢ` over `features`,
     /// with `xᵢ = values[i]`, or 1 when `values` is `None`.
     pub fn margin(&self, features: &[u64], values: Option<&[f32]>) -> Result<f32, RowError> {
-        Self::check_values(features, values)?;
-        let table = &self.table;
-        Ok(with_rule!(self.kind, r => margin_with(r, table, self.bias, features, values)))
-    }
-
-    /// The click probability of a row: [`sigmoid`] of [`Model::margin`].
-    pub fn predict(&self, features: &[u64], values: Option<&[f32]>) -> Result<f32, RowError> {
-        self.margin(features, values).map(sigmoid)
-    }
-
-    /// Predicts the row, then trains on it with the logistic-loss gradient
-    /// `(p − y)·xᵢ` for each feature (and `p − y` for the bias); returns the
-    /// prediction made *before* the update (progressive validation).
-    /// `label` is 0 or 1 (any value in `[0, 1]` is accepted as a soft label).
-    /// Every feature with a non-zero value is inserted into the table.
-    pub fn learn(
-        &mut self,
-        features: &[u64],
-        values: Option<&[f32]>,
-        label: f32,
-    ) -> Result<f32, RowError> {
-        Self::check_values(features, values)?;
-        if !(0.0..=1.0).contains(&label) {
-            return Err(RowError::Label(label));
-        }
-        let (table, scratch, bias) = (&mut self.table, &mut self.scratch, self.bias);
-        Ok(with_rule!(self.kind, r => learn_with(r, table, scratch, bias, features, values, label)))
-    }
-
-    /// A snapshot for checkpoints: optimizer, bias key, then the table's
-    /// [`ParamTable::to_bytes`]. Round-trips byte for byte.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.write_to(&mut out);
-        out
-    }
-
-    /// The length of [`Model::to_bytes`]'s encoding.
-    pub fn encoded_len(&self) -> usize {
-        MODEL_HEADER_LEN + self.table.encoded_len()
-    }
-
-    /// Appends [`Model::to_bytes`]'s encoding to `out`.
-    pub fn write_to(&self, out: &mut Vec<u8>) {
-        out.reserve(self.encoded_len());
-        out.extend_from_slice(&MODEL_MAGIC);
-        out.push(MODEL_VERSION);
-        let (tag, params) = match self.kind {
-            OptimizerKind::Ftrl(p) => (0u8, [p.alpha, p.beta, p.l1, p.l2]),
-            OptimizerKind::Sgd { lr } => (1, [lr, 0.0, 0.0, 0.0]),
-            OptimizerKind::AdaGrad { lr, eps } => (2, [lr, eps, 0.0, 0.0]),
-        };
-        out.push(tag);
-        for v in params {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        out.push(u8::from(self.bias.is_some()));
-        out.extend_from_slice(&self.bias.unwrap_or(0).to_le_bytes());
-        self.table.write_to(out);
-    }
-
-    /// Reads a snapshot written by [`Model::to_bytes`].
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelDecodeError> {
-        let header = bytes
-            .get(..MODEL_HEADER_LEN)
-            .ok_or(ModelDecodeError::Truncated)?;
-        if header[..4] != MODEL_MAGIC {
-            return Err(ModelDecodeError::BadMagic);
-        }
-        if header[4] != MODEL_VERSION {
-            return Err(ModelDecodeError::UnsupportedVersion(header[4]));
-        }
-        let f = |i: usize| {
-            let at = 6 + 4 * i;
-            f32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
-        };
-        let kind = match header[5] {
-            0 => OptimizerKind::Ftrl(FtrlParams {
-                alpha: f(0),
-                beta: f(1),
-                l1: f(2),
-                l2: f(3),
-            }),
-            1 => OptimizerKind::Sgd { lr: f(0) },
-            2 => OptimizerKind::AdaGrad {
-                lr: f(0),
-                eps: f(1),
-            },
-            tag => return Err(ModelDecodeError::UnknownOptimizer(tag)),
-        };
-        let mut key = [0u8; 8];
-        key.copy_from_slice(&header[23..31]);
-        let bias = (header[22] != 0).then_some(u64::from_le_bytes(key));
-        let table = ParamTable::from_bytes(&bytes[MODEL_HEADER_LEN..])?;
-        Ok(Self::from_parts(kind, table, bias)?)
+        self.row(features, values)
     }
 }
 

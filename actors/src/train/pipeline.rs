@@ -44,6 +44,7 @@ use super::data::{
 };
 use super::eval::{EvalHandle, EvalSink};
 use super::messages::TrainBatch;
+use super::model::{LogisticRegression, Model};
 use super::ps::{Consistency, PsConfig};
 use super::serving::{Serving, ServingSink};
 use super::shard::FinalModels;
@@ -454,32 +455,56 @@ const SCORED_PER_MESSAGE: usize = 64;
 /// through [`super::client::JobClient`], and a finished one through its
 /// report's results). Handed to the operators as they are made, and the
 /// same across the job's recoveries in the process.
-#[derive(Clone)]
-pub struct JobHandles {
+pub struct JobHandles<M: Model = LogisticRegression> {
     /// The serving model.
-    pub serving: Arc<Serving>,
+    pub serving: Arc<Serving<M>>,
     /// The evaluation's figures and predictions file.
     pub eval: Arc<EvalHandle>,
     /// The shards' models when their input ended.
-    pub finals: Arc<FinalModels>,
+    pub finals: Arc<FinalModels<M>>,
     /// Malformed input lines the source skipped so far (counted again
     /// after a recovery's seek: the count after the checkpoint's offset).
     pub skipped: Arc<AtomicU64>,
 }
 
-/// Adds the online-learning job to `env`, reading rows from `reader()`;
-/// returns the handles its operators share with the caller.
+impl<M: Model> Clone for JobHandles<M> {
+    fn clone(&self) -> Self {
+        Self {
+            serving: self.serving.clone(),
+            eval: self.eval.clone(),
+            finals: self.finals.clone(),
+            skipped: self.skipped.clone(),
+        }
+    }
+}
+
+/// Adds the online-learning job to `env`, training logistic regression
+/// with `config.ps.optimizer` on rows from `reader()`; returns the handles
+/// its operators share with the caller.
 pub fn build(
     env: &StreamEnv,
     config: PipelineConfig,
     reader: impl Fn() -> Result<Box<dyn RowReader>, DataError> + Send + Sync + 'static,
 ) -> Result<JobHandles, BuildError> {
-    config.ps.optimizer.validate()?;
+    let model = LogisticRegression::new(config.ps.optimizer)?;
+    build_model(env, config, model, reader)
+}
+
+/// [`build`] for any [`Model`]: workers, shards and serving are generic
+/// over it (`config.ps.optimizer` is logistic regression's, and unused
+/// here).
+pub fn build_model<M: Model>(
+    env: &StreamEnv,
+    config: PipelineConfig,
+    model: M,
+    reader: impl Fn() -> Result<Box<dyn RowReader>, DataError> + Send + Sync + 'static,
+) -> Result<JobHandles<M>, BuildError> {
+    model.validate()?;
     if config.ps.consistency == Consistency::Bsp && config.ps.refresh_ms > 0 {
         return Err(BuildError::TimedRefreshUnderBsp);
     }
     let handles = JobHandles {
-        serving: Arc::new(Serving::new(&config.ps)),
+        serving: Arc::new(Serving::with_model(&config.ps, model.clone())),
         eval: Arc::new(EvalHandle::new()),
         finals: Arc::default(),
         skipped: Arc::default(),
@@ -501,19 +526,19 @@ pub fn build(
     let ps = config.ps.clone();
     let chained = ps.workers == 1 && ps.chain;
     let worker_out = if chained {
-        let ps = ps.clone();
+        let (ps, model) = (ps.clone(), model.clone());
         let finals = handles.finals.clone();
         batches.transform_chained(super::worker::WORKER_TASK, move |i| {
-            TrainWorker::chained(ps.clone(), finals.clone())
+            TrainWorker::chained_with(ps.clone(), model.clone(), finals.clone())
                 .unwrap_or_else(|e| panic!("training worker {i}: {e}"))
         })
     } else {
-        let ps = ps.clone();
+        let (ps, model) = (ps.clone(), model.clone());
         batches.transform_routed(
             super::worker::WORKER_TASK,
             config.ps.workers,
             move |b: &TrainBatch| b.seq % workers,
-            move |i| TrainWorker::new(ps.clone(), i),
+            move |i| TrainWorker::with_model(ps.clone(), i, model.clone()),
         )
     };
     let scored = worker_out
@@ -527,13 +552,13 @@ pub fn build(
             .local_flat_map(|o: super::worker::WorkerOut| o.push())
             .batch_records(1)
             .columnar_with(Arc::new(super::messages::push::PushFormat));
-        let shard_ps = ps.clone();
+        let (shard_ps, model) = (ps.clone(), model.clone());
         let finals = handles.finals.clone();
         pushes.transform_routed(
             super::shard::SHARD_TASK,
             ps.shards,
             |p: &super::messages::Push| p.shard as u64,
-            move |i| match ShardOperator::new(shard_ps.clone(), i) {
+            move |i| match ShardOperator::with_model(shard_ps.clone(), i, model.clone()) {
                 Ok(op) => super::pull::serve(op.reporting_to(finals.clone())),
                 Err(e) => panic!("shard {i}: {e}"),
             },

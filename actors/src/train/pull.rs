@@ -15,6 +15,7 @@
 //! batches, its keys and its weights, and counts the bytes that went
 //! through serde when they travel in the call.
 
+use super::model::{LogisticRegression, Model};
 use super::ps::{PsConfig, PullError, PullStats};
 use super::shard::{ShardCell, ShardOperator, SHARD_TASK};
 use super::sharding::ConsistentHash;
@@ -34,24 +35,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How a worker reaches a shard.
-enum ShardLink {
+enum ShardLink<M: Model> {
     /// In this process: read in place.
-    Local(Arc<ShardCell>),
+    Local(Arc<ShardCell<M>>),
     /// In another process (cluster runner): a call on its host, named.
     Remote(String),
 }
 
-/// A worker's handle on every shard of the current attempt.
-pub struct PsClient {
+/// A worker's handle on every shard of the current attempt, which train
+/// model `M`.
+pub struct PsClient<M: Model = LogisticRegression> {
     config: PsConfig,
     ring: ConsistentHash,
-    shards: Vec<ShardLink>,
+    shards: Vec<ShardLink<M>>,
     generation: u64,
     /// The attempt's other subtasks, on the cluster runner.
     peers: Option<Arc<dyn Peers>>,
 }
 
-impl PsClient {
+impl<M: Model> PsClient<M> {
     /// A client for the current attempt's shards (resolved on first use).
     pub fn new(config: PsConfig) -> Self {
         Self {
@@ -86,11 +88,11 @@ impl PsClient {
             let name = self.config.shard_name(self.generation, s);
             // On the cluster runner a shard may run in another process;
             // in one process every shard registers here.
-            let link = match (&self.peers, registry::get::<ShardCell>(&name)) {
+            let link = match (&self.peers, registry::get::<ShardCell<M>>(&name)) {
                 (_, Ok(cell)) => ShardLink::Local(cell),
                 (Some(_), Err(_)) => ShardLink::Remote(name),
                 (None, Err(_)) => ShardLink::Local(
-                    registry::wait_for::<ShardCell>(&name, self.config.pull_timeout)
+                    registry::wait_for::<ShardCell<M>>(&name, self.config.pull_timeout)
                         .map_err(|e| PullError::Unreachable(s, e.to_string()))?,
                 ),
             };
@@ -170,13 +172,13 @@ impl PsClient {
 
 /// Offers `shard`'s pulls to workers in other processes (the cluster
 /// runner's; in one process they read the shard in place).
-pub fn serve(mut shard: ShardOperator) -> ShardOperator {
+pub fn serve<M: Model>(mut shard: ShardOperator<M>) -> ShardOperator<M> {
     let service = PullService::new(shard.cell().clone(), shard.config().pull_timeout);
     shard.offer(Arc::new(service));
     shard
 }
 
-/// Weights a worker pulled, one per key: read into its own vector (from
+/// Parameters a worker pulled, [`Model::WIDTH`] floats per key: read into its own vector (from
 /// a shard in its process), or the column of a store object a shard in
 /// another process lent it.
 #[derive(Debug, Clone, Default)]
@@ -419,16 +421,16 @@ pub(crate) fn many(
 }
 
 /// A shard answering remote pulls as a local one would.
-pub(crate) struct PullService {
-    cell: Arc<ShardCell>,
+pub(crate) struct PullService<M: Model> {
+    cell: Arc<ShardCell<M>>,
     timeout: Duration,
     /// The shard's process's runtime (none in a process without one).
     rt: Option<Runtime>,
 }
 
-impl PullService {
+impl<M: Model> PullService<M> {
     /// Answers pulls of `cell`, waiting up to `timeout` for slower workers.
-    pub(crate) fn new(cell: Arc<ShardCell>, timeout: Duration) -> Self {
+    pub(crate) fn new(cell: Arc<ShardCell<M>>, timeout: Duration) -> Self {
         PullService {
             cell,
             timeout,
@@ -461,7 +463,7 @@ impl PullService {
             return Ok((stats, Weights::Inline(out)));
         };
         let layout = BatchLayout::new(
-            keys.len(),
+            keys.len() * M::WIDTH,
             &[ColumnSpec::primitive(WEIGHT_COLUMN, Primitive::Float32)],
         )
         .map_err(|e| unreachable(e.to_string()))?;
@@ -489,7 +491,7 @@ impl PullService {
     }
 }
 
-impl Service for PullService {
+impl<M: Model> Service for PullService<M> {
     fn call(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         let request: Request =
             codec::decode(request).map_err(|e| format!("a malformed pull request: {e}"))?;

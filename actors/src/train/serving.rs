@@ -1,5 +1,6 @@
-//! The serving model: the weights the shards last published, answering
-//! prediction requests tagged with their model version.
+//! The serving model: the parameters the shards last published
+//! ([`Model::WIDTH`] floats per key), answering prediction requests
+//! tagged with their model version, predicted by the job's [`Model`].
 //!
 //! * **Refresh**: the shards' [`Delta`]s (changed keys only) reach a
 //!   [`ServingSink`] at the end of the stream, which applies them to the
@@ -27,7 +28,8 @@
 
 use super::messages::{AppliedBatch, Delta, ModelVersion};
 use super::metrics::LatencyHistogram;
-use super::optimizer::{sigmoid, BIAS_KEY};
+use super::model::{LogisticRegression, Model};
+use super::optimizer::BIAS_KEY;
 use super::ps::PsConfig;
 use super::sharding::ConsistentHash;
 use super::table::{prefetch_line, ParamTable};
@@ -57,15 +59,37 @@ const WRITER_SPINS: usize = 256;
 /// between two checks of [`Serving`]'s sequence.
 ///
 /// A hashed feature space of at most [`MAX_DENSE_BITS`] is a dense array
-/// (one load per feature, no probing); the bias has a slot of its own; any
-/// other key lives in its shard's table (each behind a lock that makes
-/// reading it during a write safe; the sequence makes it consistent).
-struct Weights {
+/// ([`Model::WIDTH`] floats per key: one load per parameter, no probing);
+/// the bias has a slot of its own; any other key lives in its shard's
+/// table (each behind a lock that makes reading it during a write safe;
+/// the sequence makes it consistent).
+struct Weights<M: Model> {
     dense: Vec<AtomicU32>,
-    bias: AtomicU32,
-    tables: Vec<RwLock<ParamTable<f32>>>,
+    bias: Vec<AtomicU32>,
+    tables: Vec<RwLock<ParamTable<M::Params>>>,
     ring: ConsistentHash,
     shards: usize,
+}
+
+/// Loads `from` into `out`.
+#[inline]
+fn load(from: &[AtomicU32], out: &mut [f32]) {
+    for (x, o) in from.iter().zip(out) {
+        *o = f32::from_bits(x.load(Ordering::Relaxed));
+    }
+}
+
+/// Stores `values` into `to`.
+#[inline]
+fn store(to: &[AtomicU32], values: &[f32]) {
+    for (x, v) in to.iter().zip(values) {
+        x.store(v.to_bits(), Ordering::Relaxed);
+    }
+}
+
+fn is_zero(x: &[AtomicU32]) -> bool {
+    x.iter()
+        .all(|x| f32::from_bits(x.load(Ordering::Relaxed)) == 0.0)
 }
 
 /// The shard of `key` among `shards` on `ring`.
@@ -77,17 +101,17 @@ fn shard_in(shards: usize, ring: &ConsistentHash, key: u64) -> usize {
     }
 }
 
-impl Weights {
+impl<M: Model> Weights<M> {
     fn empty(config: &PsConfig) -> Self {
         let dense = match config.feature_bits {
             Some(bits) if bits <= MAX_DENSE_BITS => {
-                super::hugepages::filled_with(1usize << bits, || AtomicU32::new(0))
+                super::hugepages::filled_with((1usize << bits) * M::WIDTH, || AtomicU32::new(0))
             }
             _ => Vec::new(),
         };
         Self {
             dense,
-            bias: AtomicU32::new(0),
+            bias: (0..M::WIDTH).map(|_| AtomicU32::new(0)).collect(),
             tables: (0..config.shards)
                 .map(|_| RwLock::new(ParamTable::new()))
                 .collect(),
@@ -100,28 +124,32 @@ impl Weights {
         shard_in(self.shards, &self.ring, key)
     }
 
-    fn dense_slot(&self, key: u64) -> Option<&AtomicU32> {
-        usize::try_from(key).ok().and_then(|i| self.dense.get(i))
+    /// The dense parameters of `key`, if it has some.
+    #[inline]
+    fn dense_slot(&self, key: u64) -> Option<&[AtomicU32]> {
+        let at = usize::try_from(key).ok()?.checked_mul(M::WIDTH)?;
+        self.dense.get(at..at.checked_add(M::WIDTH)?)
     }
 
     #[inline]
-    fn get(&self, key: u64) -> f32 {
+    fn get(&self, key: u64) -> M::Params {
+        let mut p = M::Params::default();
         if let Some(x) = self.dense_slot(key) {
-            return f32::from_bits(x.load(Ordering::Relaxed));
+            load(x, p.as_mut());
+        } else if key == BIAS_KEY {
+            load(&self.bias, p.as_mut());
+        } else if let Some(t) = self.tables.get(self.shard_of(key)) {
+            if let Some(got) = t.read().get(key) {
+                p = *got;
+            }
         }
-        if key == BIAS_KEY {
-            return f32::from_bits(self.bias.load(Ordering::Relaxed));
-        }
-        self.tables
-            .get(self.shard_of(key))
-            .and_then(|t| t.read().get(key).copied())
-            .unwrap_or(0.0)
+        p
     }
 
     fn len(&self) -> usize {
-        let nonzero = |x: &AtomicU32| f32::from_bits(x.load(Ordering::Relaxed)) != 0.0;
-        self.dense.iter().filter(|x| nonzero(x)).count()
-            + usize::from(nonzero(&self.bias))
+        let w = M::WIDTH.max(1);
+        self.dense.chunks_exact(w).filter(|x| !is_zero(x)).count()
+            + usize::from(!is_zero(&self.bias))
             + self.tables.iter().map(|t| t.read().len()).sum::<usize>()
     }
 
@@ -131,14 +159,14 @@ impl Weights {
                 x.store(0, Ordering::Relaxed);
             }
         } else {
-            for (k, x) in self.dense.iter().enumerate() {
-                if x.load(Ordering::Relaxed) != 0 && self.shard_of(k as u64) == s {
-                    x.store(0, Ordering::Relaxed);
+            for (k, x) in self.dense.chunks_exact(M::WIDTH.max(1)).enumerate() {
+                if !is_zero(x) && self.shard_of(k as u64) == s {
+                    store(x, M::Params::default().as_ref());
                 }
             }
         }
         if self.shard_of(BIAS_KEY) == s {
-            self.bias.store(0, Ordering::Relaxed);
+            store(&self.bias, M::Params::default().as_ref());
         }
         if let Some(t) = self.tables.get(s) {
             t.write().clear();
@@ -152,38 +180,42 @@ impl Weights {
         // Every key of a delta is its shard's (the ring that routed it is
         // this one): the shard's table is locked once, when a key needs it.
         let mut table = None;
-        for (i, (&k, &w)) in delta.keys.iter().zip(&delta.weights).enumerate() {
+        let params = delta.weights.chunks_exact(M::WIDTH);
+        for (i, (&k, w)) in delta.keys.iter().zip(params).enumerate() {
             if let Some(x) = delta
                 .keys
                 .get(i + PREFETCH_DISTANCE)
                 .and_then(|&ahead| self.dense_slot(ahead))
+                .and_then(|x| x.first())
             {
                 prefetch_line(x);
             }
             if let Some(x) = self.dense_slot(k) {
-                x.store(w.to_bits(), Ordering::Relaxed);
+                store(x, w);
             } else if k == BIAS_KEY {
-                self.bias.store(w.to_bits(), Ordering::Relaxed);
+                store(&self.bias, w);
             } else if let Some(t) = table
                 .get_or_insert_with(|| self.tables.get(delta.shard as usize).map(|t| t.write()))
             {
-                if w == 0.0 {
+                if w.iter().all(|&v| v == 0.0) {
                     t.remove(k);
                 } else {
-                    t.insert(k, w);
+                    let mut p = M::Params::default();
+                    p.as_mut().copy_from_slice(w);
+                    t.insert(k, p);
                 }
             }
         }
     }
 }
 
-/// The serving model as one read sees it: every weight and the version
+/// The serving model as one read sees it: every parameter and the version
 /// from the same publish.
-pub struct ServedView<'a> {
-    serving: &'a Serving,
+pub struct ServedView<'a, M: Model = LogisticRegression> {
+    serving: &'a Serving<M>,
 }
 
-impl ServedView<'_> {
+impl<M: Model> ServedView<'_, M> {
     /// The version.
     pub fn version(&self) -> ModelVersion {
         ModelVersion {
@@ -192,29 +224,41 @@ impl ServedView<'_> {
         }
     }
 
-    /// Keys with a non-zero weight.
+    /// Keys with a non-zero parameter.
     pub fn len(&self) -> usize {
         self.serving.weights.len()
     }
 
-    /// Whether every weight is 0.
+    /// Whether every parameter is 0.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The weight of `key` (0 if absent).
+    /// The parameters of `key` (0 if absent).
     #[inline]
-    pub fn weight(&self, key: u64) -> f32 {
+    pub fn params(&self, key: u64) -> M::Params {
         self.serving.weights.get(key)
     }
 
-    /// The click probability of a row.
+    /// The first parameter of `key` (0 if absent): logistic regression's
+    /// weight.
+    #[inline]
+    pub fn weight(&self, key: u64) -> f32 {
+        self.params(key).as_ref().first().copied().unwrap_or(0.0)
+    }
+
+    /// The click probability of a row, summed as a worker sums it (its
+    /// features in order, then the bias feature, value 1), so that both
+    /// predict the same bits from the same parameters.
     pub fn predict(&self, ids: &[u64], values: Option<&[f32]>) -> f32 {
-        let mut m = self.weight(BIAS_KEY);
+        let model = &self.serving.model;
+        let mut row = M::Row::default();
         for (i, &k) in ids.iter().enumerate() {
-            m += self.weight(k) * values.map_or(1.0, |v| v.get(i).copied().unwrap_or(0.0));
+            let x = values.map_or(1.0, |v| v.get(i).copied().unwrap_or(0.0));
+            model.add(&mut row, self.params(k).as_ref(), x);
         }
-        sigmoid(m)
+        model.add(&mut row, self.params(BIAS_KEY).as_ref(), 1.0);
+        model.predict(&row)
     }
 }
 
@@ -240,9 +284,10 @@ struct Writer {
 }
 
 /// The serving model, shared by the stream's serving sink (which
-/// refreshes it) and whoever asks for predictions.
-pub struct Serving {
-    weights: Weights,
+/// refreshes it) and whoever asks for predictions; `M` predicts.
+pub struct Serving<M: Model = LogisticRegression> {
+    model: M,
+    weights: Weights<M>,
     /// Odd while a publish is writing the weights.
     seq: AtomicU64,
     epoch: AtomicU64,
@@ -263,9 +308,17 @@ pub struct Serving {
 }
 
 impl Serving {
-    /// An empty model for the shards of `config`.
+    /// An empty logistic-regression model for the shards of `config`.
     pub fn new(config: &PsConfig) -> Self {
+        Self::with_model(config, LogisticRegression::unchecked(config.optimizer))
+    }
+}
+
+impl<M: Model> Serving<M> {
+    /// An empty `model` for the shards of `config`.
+    pub fn with_model(config: &PsConfig, model: M) -> Self {
         Self {
+            model,
             weights: Weights::empty(config),
             seq: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
@@ -290,7 +343,7 @@ impl Serving {
     /// discarded (what it saw may mix two versions) and retried, so it
     /// should only compute from the view. Only the returned run's result
     /// is guaranteed to come from one version.
-    pub fn read<R>(&self, mut read: impl FnMut(&ServedView<'_>) -> R) -> R {
+    pub fn read<R>(&self, mut read: impl FnMut(&ServedView<'_, M>) -> R) -> R {
         let view = ServedView { serving: self };
         for _ in 0..OPTIMISTIC_READS {
             let before = self.seq.load(Ordering::Acquire);
@@ -395,7 +448,7 @@ impl Serving {
             let s = delta.shard as usize;
             if let Some(slot) = w.synced.get_mut(s) {
                 let merged = match slot.take() {
-                    Some(prev) if !delta.full => merge(&prev, &delta),
+                    Some(prev) if !delta.full => merge(&prev, &delta, M::WIDTH),
                     _ => delta,
                 };
                 *slot = Some(merged);
@@ -464,14 +517,15 @@ impl Serving {
     }
 }
 
-fn merge(a: &Delta, b: &Delta) -> Delta {
-    let mut map: BTreeMap<u64, f32> = a
+/// `b` after `a`, of a model `width` floats per key.
+fn merge(a: &Delta, b: &Delta, width: usize) -> Delta {
+    let mut map: BTreeMap<u64, &[f32]> = a
         .keys
         .iter()
         .copied()
-        .zip(a.weights.iter().copied())
+        .zip(a.weights.chunks_exact(width))
         .collect();
-    for (&k, &w) in b.keys.iter().zip(&b.weights) {
+    for (&k, w) in b.keys.iter().zip(b.weights.chunks_exact(width)) {
         map.insert(k, w);
     }
     let mut batches = a.batches.clone();
@@ -481,7 +535,11 @@ fn merge(a: &Delta, b: &Delta) -> Delta {
         version: b.version,
         full: a.full,
         keys: map.keys().copied().collect::<Vec<_>>().into(),
-        weights: map.values().copied().collect::<Vec<_>>().into(),
+        weights: map
+            .values()
+            .flat_map(|w| w.iter().copied())
+            .collect::<Vec<_>>()
+            .into(),
         batches,
     }
 }
@@ -524,7 +582,7 @@ pub struct ServingStats {
     pub span_ns: (u64, u64),
 }
 
-impl Serving {
+impl<M: Model> Serving<M> {
     /// Its statistics; `take_interval` clears the interval latency.
     pub fn stats(&self, take_interval: bool) -> ServingStats {
         ServingStats {
@@ -578,9 +636,9 @@ pub fn final_stats(
     results::get(&report.results, &format!("{name}/{SERVING_RESULT}"))
 }
 
-struct ServingService(Arc<Serving>);
+struct ServingService<M: Model>(Arc<Serving<M>>);
 
-impl service::Service for ServingService {
+impl<M: Model> service::Service for ServingService<M> {
     fn call(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         let query: ServingQuery =
             braid::store::codec::decode(request).map_err(|e| format!("bad query: {e}"))?;
@@ -590,14 +648,14 @@ impl service::Service for ServingService {
 
 /// The stream's end: applies the shards' deltas to the job's [`Serving`],
 /// which it offers to other processes as a service.
-pub struct ServingSink {
-    serving: Arc<Serving>,
+pub struct ServingSink<M: Model = LogisticRegression> {
+    serving: Arc<Serving<M>>,
     name: String,
 }
 
-impl ServingSink {
+impl<M: Model> ServingSink<M> {
     /// The sink of `config`'s job, refreshing `serving`.
-    pub fn new(config: &PsConfig, serving: Arc<Serving>) -> Self {
+    pub fn new(config: &PsConfig, serving: Arc<Serving<M>>) -> Self {
         let offered = serving.clone();
         // Offered for the process's life: it answers after the stream
         // ended, until the job's hosts stop.
@@ -611,7 +669,7 @@ impl ServingSink {
     }
 }
 
-impl Operator for ServingSink {
+impl<M: Model> Operator for ServingSink<M> {
     type In = Delta;
     type Out = ();
 

@@ -24,7 +24,8 @@
 
 use super::data::FeatureBatchRef;
 use super::messages::{AppliedBatch, Delta, ModelVersion, Push, TrainBatch};
-use super::optimizer::{learn_sharded, weights_of, Fresh, Model, OptimizerKind, BIAS_KEY};
+use super::model::{learn_sharded, params_of, Learner, LogisticRegression, Model};
+use super::optimizer::BIAS_KEY;
 use super::ps::{first_crash, ApplyError, Crash, KeyPolicy, PsConfig, PullError, PullStats};
 use super::table::{prefetch_line, ParamTable, SlotRef};
 use crate::stream::context::TaskContext;
@@ -52,23 +53,23 @@ struct ShardMeta {
     max_staleness: u64,
 }
 
-struct ShardState {
-    model: Model,
+struct ShardState<M: Model> {
+    model: Learner<M>,
     meta: ShardMeta,
     counts: ParamTable<[f32; 2]>,
     stopped: bool,
 }
 
 /// A shard's state, shared between its operator (which applies pushes)
-/// and the workers that pull from it.
-pub struct ShardCell {
+/// and the workers that pull from it; `M` is the model it trains.
+pub struct ShardCell<M: Model = LogisticRegression> {
     index: usize,
-    state: Mutex<ShardState>,
+    state: Mutex<ShardState<M>>,
     changed: Condvar,
     staleness: Option<u64>,
 }
 
-impl ShardCell {
+impl<M: Model> ShardCell<M> {
     fn min_clock(meta: &ShardMeta) -> u64 {
         meta.clocks
             .iter()
@@ -84,8 +85,9 @@ impl ShardCell {
         self.index
     }
 
-    /// Reads the weights of `keys` into `out` (absent keys read 0) for a
-    /// worker's step `step`, once the consistency mode allows it.
+    /// Reads the parameters of `keys` into `out` ([`Model::WIDTH`] floats
+    /// per key; absent keys read 0) for a worker's step `step`, once the
+    /// consistency mode allows it.
     pub fn pull(
         &self,
         step: u64,
@@ -96,7 +98,7 @@ impl ShardCell {
         self.when_ready(step, timeout, |model| model.pull(keys, out))
     }
 
-    /// [`ShardCell::pull`] into `out`, one weight per key.
+    /// [`ShardCell::pull`] into `out`, [`Model::WIDTH`] floats per key.
     pub fn pull_into(
         &self,
         step: u64,
@@ -113,7 +115,7 @@ impl ShardCell {
         &self,
         step: u64,
         timeout: Duration,
-        read: impl FnOnce(&Model),
+        read: impl FnOnce(&Learner<M>),
     ) -> Result<PullStats, PullError> {
         let started = Instant::now();
         let deadline = started + timeout;
@@ -288,16 +290,25 @@ impl DirtyKeys {
 /// distinct would cost a bitmap test per update; the bias, updated every
 /// row, is kept once. Past [`COMPACT_AT`] entries they move to the
 /// [`DirtyKeys`], which pulls their weights at the delta.
-#[derive(Default)]
-struct FreshWeights {
+struct FreshWeights<M: Model> {
     keys: Vec<u64>,
-    fresh: Vec<Fresh>,
-    bias: Option<Fresh>,
+    fresh: Vec<M::Update>,
+    bias: Option<M::Update>,
 }
 
-impl FreshWeights {
+impl<M: Model> Default for FreshWeights<M> {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            fresh: Vec::new(),
+            bias: None,
+        }
+    }
+}
+
+impl<M: Model> FreshWeights<M> {
     #[inline]
-    fn note(&mut self, key: u64, fresh: Fresh, dirty: &mut DirtyKeys) {
+    fn note(&mut self, key: u64, fresh: M::Update, dirty: &mut DirtyKeys) {
         if key == BIAS_KEY {
             self.bias = Some(fresh);
             return;
@@ -319,18 +330,18 @@ impl FreshWeights {
         self.fresh.clear();
     }
 
-    /// The keys and their weights under `kind`, the bias last; the next
-    /// delta's key list starts with this one's room, so a steady stream
-    /// does not regrow it.
-    fn take(&mut self, kind: OptimizerKind) -> (Vec<u64>, Vec<f32>) {
+    /// The keys and their parameters under `model`, the bias last; the
+    /// next delta's key list starts with this one's room, so a steady
+    /// stream does not regrow it.
+    fn take(&mut self, model: &M) -> (Vec<u64>, Vec<f32>) {
         let room = self.keys.len() + 1;
         let mut keys = std::mem::replace(&mut self.keys, Vec::with_capacity(room));
-        let mut weights = Vec::with_capacity(room);
-        weights_of(kind, &self.fresh, &mut weights);
+        let mut weights = Vec::with_capacity(room * M::WIDTH);
+        params_of(model, &self.fresh, &mut weights);
         self.fresh.clear();
         if let Some(b) = self.bias.take() {
             keys.push(BIAS_KEY);
-            weights_of(kind, &[b], &mut weights);
+            params_of(model, &[b], &mut weights);
         }
         (keys, weights)
     }
@@ -342,14 +353,15 @@ impl FreshWeights {
     }
 }
 
-/// One parameter-server shard as a stream operator: pushes in, serving
-/// deltas out.
-pub struct ShardOperator {
+/// One parameter-server shard of model `M` as a stream operator: pushes
+/// in, serving deltas out.
+pub struct ShardOperator<M: Model = LogisticRegression> {
     config: PsConfig,
-    cell: Arc<ShardCell>,
+    model: M,
+    cell: Arc<ShardCell<M>>,
     name: String,
     dirty: DirtyKeys,
-    fresh: FreshWeights,
+    fresh: FreshWeights<M>,
     batches: Vec<AppliedBatch>,
     rows_since: u64,
     last_delta: Instant,
@@ -357,13 +369,13 @@ pub struct ShardOperator {
     /// A model buffer the last snapshot encoded and gave back: the next
     /// snapshot copies into it instead of allocating (and faulting in)
     /// a fresh table while the shard waits.
-    spare: Arc<Mutex<Option<Model>>>,
+    spare: Arc<Mutex<Option<Learner<M>>>>,
     /// Workers in other processes pull through it (cluster runner; see
     /// [`ShardOperator::offer`]).
     service: Option<ServiceGuard>,
     /// Where its model goes when its input ends, if anyone in this
     /// process wants it.
-    finals: Option<Arc<FinalModels>>,
+    finals: Option<Arc<FinalModels<M>>>,
 }
 
 /// Tables of at least this many keys get their snapshot buffer made
@@ -377,15 +389,15 @@ const PREPARED_SPARE_KEYS: usize = 1 << 16;
 /// lock and the stream waits: tens of milliseconds for a million keys,
 /// which set the p99 latency of a short run. A snapshot taken before the
 /// buffer is ready allocates one, as it did before.
-fn prepare_spare(spare: &Arc<Mutex<Option<Model>>>, kind: OptimizerKind, keys: usize) {
+fn prepare_spare<M: Model>(spare: &Arc<Mutex<Option<Learner<M>>>>, model: &M, keys: usize) {
     if keys < PREPARED_SPARE_KEYS {
         return;
     }
-    let spare = spare.clone();
+    let (spare, model) = (spare.clone(), model.clone());
     let made = std::thread::Builder::new()
         .name("braid-spare".into())
         .spawn(move || {
-            if let Ok(model) = Model::with_capacity(kind, keys) {
+            if let Ok(model) = Learner::with_model(model, keys) {
                 spare.lock().get_or_insert(model.with_bias_key(None));
             }
         });
@@ -401,18 +413,29 @@ fn prepare_spare(spare: &Arc<Mutex<Option<Model>>>, kind: OptimizerKind, keys: u
 pub const SHARD_TASK: &str = "shard";
 
 impl ShardOperator {
-    /// Shard `index` of `config`, registered for the workers of the
-    /// current attempt.
+    /// Shard `index` of `config`, training logistic regression with
+    /// `config.optimizer`, registered for the workers of the current
+    /// attempt.
     pub fn new(config: PsConfig, index: usize) -> Result<Self, StateError> {
+        let model = LogisticRegression::new(config.optimizer)
+            .map_err(|e| StateError::Decode(e.to_string()))?;
+        Self::with_model(config, index, model)
+    }
+}
+
+impl<M: Model> ShardOperator<M> {
+    /// Shard `index` of `config`, training `model`, registered for the
+    /// workers of the current attempt.
+    pub fn with_model(config: PsConfig, index: usize, model: M) -> Result<Self, StateError> {
         let ctx = TaskContext::current();
-        let model = Model::with_capacity(config.optimizer, config.capacity)
+        let learner = Learner::with_model(model.clone(), config.capacity)
             .map_err(|e| StateError::Decode(e.to_string()))?
             .with_bias_key(None);
         let workers = config.workers;
         let cell = Arc::new(ShardCell {
             index,
             state: Mutex::new(ShardState {
-                model,
+                model: learner,
                 meta: ShardMeta {
                     clocks: vec![0; workers],
                     next_step: vec![0; workers],
@@ -433,9 +456,10 @@ impl ShardOperator {
         let feature_bits = config.feature_bits;
         registry::register(&name, cell.clone());
         let spare = Arc::new(Mutex::new(None));
-        prepare_spare(&spare, config.optimizer, config.capacity);
+        prepare_spare(&spare, &model, config.capacity);
         Ok(Self {
             config,
+            model,
             cell,
             name,
             service: None,
@@ -451,13 +475,13 @@ impl ShardOperator {
     }
 
     /// Leaves a copy of its model in `finals` when its input ends.
-    pub fn reporting_to(mut self, finals: Arc<FinalModels>) -> Self {
+    pub fn reporting_to(mut self, finals: Arc<FinalModels<M>>) -> Self {
         self.finals = Some(finals);
         self
     }
 
     /// The shard's shared state.
-    pub fn cell(&self) -> &Arc<ShardCell> {
+    pub fn cell(&self) -> &Arc<ShardCell<M>> {
         &self.cell
     }
 
@@ -474,7 +498,7 @@ impl ShardOperator {
     }
 
     fn apply_one(
-        state: &mut ShardState,
+        state: &mut ShardState<M>,
         policy: KeyPolicy,
         push: &Push,
         at: Option<&[Option<SlotRef>]>,
@@ -484,10 +508,10 @@ impl ShardOperator {
             KeyPolicy::MinCount(min) if min > 1 => {
                 let mut keys = Vec::with_capacity(push.keys.len());
                 let mut grads = Vec::with_capacity(push.grads.len());
-                for (&k, &g) in push.keys.iter().zip(&push.grads) {
+                for (&k, g) in push.keys.iter().zip(push.grads.chunks_exact(M::WIDTH)) {
                     if state.model.table().contains_key(k) {
                         keys.push(k);
-                        grads.push(g);
+                        grads.extend_from_slice(g);
                         continue;
                     }
                     let c = state.counts.get_or_insert_default(k);
@@ -495,7 +519,7 @@ impl ShardOperator {
                     if c[0] >= min as f32 {
                         state.counts.remove(k);
                         keys.push(k);
-                        grads.push(g);
+                        grads.extend_from_slice(g);
                     }
                 }
                 state.model.push(&keys, &grads)?;
@@ -516,21 +540,21 @@ impl ShardOperator {
 
     /// Under [`KeyPolicy::Capacity`], evicts the least-updated keys once
     /// the table holds more than its maximum.
-    fn evict(state: &mut ShardState, policy: KeyPolicy) {
+    fn evict(state: &mut ShardState<M>, policy: KeyPolicy) {
         if let KeyPolicy::Capacity(max) = policy {
             let table = state.model.table_mut();
             if max > 0 && table.len() > max {
-                let mut ns: Vec<f32> = table.iter().map(|(_, s)| s[1]).collect();
+                let mut ns: Vec<f32> = table.iter().map(|(_, s)| M::activity(s)).collect();
                 let keep = max * 9 / 10;
                 let cut_at = ns.len() - keep;
                 ns.select_nth_unstable_by(cut_at, |a, b| a.total_cmp(b));
                 let threshold = ns[cut_at];
-                table.retain(|_, s| s[1] >= threshold);
+                table.retain(|_, s| M::activity(s) >= threshold);
             }
         }
     }
 
-    /// Applies `push`; `at` holds the slots [`Model::pull_at`] noted for
+    /// Applies `push`; `at` holds the slots [`Learner::pull_at`] noted for
     /// its keys when the worker is chained to this shard.
     fn apply(&mut self, push: Push, at: Option<&[Option<SlotRef>]>) -> Result<(), ApplyError> {
         let workers = self.config.workers;
@@ -604,7 +628,7 @@ impl ShardOperator {
 
     /// A copy of `model`, made in the spare copy a written checkpoint gave
     /// back (allocated and touched already) when there is one.
-    fn copy_of(&self, model: &Model) -> Model {
+    fn copy_of(&self, model: &Learner<M>) -> Learner<M> {
         match self.spare.lock().take() {
             Some(mut copy) => {
                 copy.clone_from(model);
@@ -633,7 +657,7 @@ impl ShardOperator {
             state.model.pull(&keys, &mut weights);
             (keys, weights)
         } else if self.dirty.is_empty() {
-            self.fresh.take(state.model.kind())
+            self.fresh.take(&self.model)
         } else {
             self.fresh.move_to(&mut self.dirty);
             let keys = self.dirty.take();
@@ -665,7 +689,7 @@ impl ShardOperator {
     }
 }
 
-impl ShardOperator {
+impl<M: Model> ShardOperator<M> {
     /// Applies one push (a failure stops the shard and fails the subtask,
     /// which the job recovers from its last checkpoint), then emits a
     /// serving delta if one is due.
@@ -696,7 +720,7 @@ impl ShardOperator {
     /// are the batch's rows.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn train_chained(
-        shards: &mut [ShardOperator],
+        shards: &mut [ShardOperator<M>],
         shard_of: &dyn Fn(u64) -> usize,
         worker: usize,
         step: u64,
@@ -705,7 +729,7 @@ impl ShardOperator {
         predictions: &mut Vec<f32>,
         out: &mut dyn Collector<Delta>,
     ) {
-        let cells: Vec<Arc<ShardCell>> = shards.iter().map(|s| s.cell.clone()).collect();
+        let cells: Vec<Arc<ShardCell<M>>> = shards.iter().map(|s| s.cell.clone()).collect();
         let fail = |e: &dyn std::fmt::Display| -> ! {
             for c in &cells {
                 c.stop();
@@ -723,7 +747,7 @@ impl ShardOperator {
         // Fails with the shards locked: stop them through the guards held
         // (`ShardCell::stop` would lock again), then release and wake them.
         let fail_locked =
-            |mut states: Vec<MutexGuard<'_, ShardState>>, e: &dyn std::fmt::Display| -> ! {
+            |mut states: Vec<MutexGuard<'_, ShardState<M>>>, e: &dyn std::fmt::Display| -> ! {
                 for state in &mut states {
                     state.stopped = true;
                 }
@@ -743,10 +767,11 @@ impl ShardOperator {
             fail_locked(states, &e);
         }
         {
-            let mut models: Vec<&mut Model> = states.iter_mut().map(|s| &mut s.model).collect();
+            let mut models: Vec<&mut Learner<M>> =
+                states.iter_mut().map(|s| &mut s.model).collect();
             // Eviction drops keys the loop reported: their deltas pull.
             let evicts = matches!(shards.first(), Some(s) if matches!(s.config.policy, KeyPolicy::Capacity(_)));
-            let mut noted: Vec<(&mut DirtyKeys, &mut FreshWeights)> = shards
+            let mut noted: Vec<(&mut DirtyKeys, &mut FreshWeights<M>)> = shards
                 .iter_mut()
                 .map(|s| (&mut s.dirty, &mut s.fresh))
                 .collect();
@@ -834,7 +859,7 @@ pub(crate) fn split_parts(mut bytes: &[u8]) -> Result<Vec<&[u8]>, StateError> {
     Ok(parts)
 }
 
-impl Drop for ShardOperator {
+impl<M: Model> Drop for ShardOperator<M> {
     fn drop(&mut self) {
         self.cell.stop();
         registry::unregister(&self.name, &self.cell);
@@ -851,9 +876,10 @@ struct ShardSnapshot {
 
 /// A shard's snapshot: its metadata, model and admission counts, each a
 /// part [`write_part`] wrote.
-fn decode_snapshot(
+#[allow(clippy::type_complexity)]
+fn decode_snapshot<M: Model>(
     bytes: &[u8],
-) -> Result<(ShardSnapshot, Model, ParamTable<[f32; 2]>), StateError> {
+) -> Result<(ShardSnapshot, Learner<M>, ParamTable<[f32; 2]>), StateError> {
     let [meta, model, counts] = split_parts(bytes)?[..] else {
         return Err(StateError::Decode(
             "a shard snapshot has three parts".into(),
@@ -862,22 +888,22 @@ fn decode_snapshot(
     let snap = ShardSnapshot {
         meta: crate::stream::operator::decode_state(meta)?,
     };
-    let model = Model::from_bytes(model).map_err(|e| StateError::Decode(e.to_string()))?;
+    let model = Learner::from_bytes(model).map_err(|e| StateError::Decode(e.to_string()))?;
     let counts = ParamTable::from_bytes(counts).map_err(|e| StateError::Decode(e.to_string()))?;
     Ok((snap, model, counts))
 }
 
-/// Decodes a parameter-server shard's snapshot as its restore does, and
-/// returns the number of keys in its model. A snapshot comes from
+/// Decodes a logistic-regression parameter-server shard's snapshot as its
+/// restore does, and returns the number of keys in its model. A snapshot comes from
 /// checkpoint storage: any bytes give a count or a
 /// [`StateError::Decode`], never a panic. Public for the fuzz targets.
 #[doc(hidden)]
 pub fn check_shard_snapshot(bytes: &[u8]) -> Result<usize, StateError> {
-    let (_, model, _) = decode_snapshot(bytes)?;
+    let (_, model, _) = decode_snapshot::<LogisticRegression>(bytes)?;
     Ok(model.table().len())
 }
 
-impl Operator for ShardOperator {
+impl<M: Model> Operator for ShardOperator<M> {
     type In = Push;
     type Out = Delta;
 
@@ -925,7 +951,7 @@ impl Operator for ShardOperator {
     }
 }
 
-impl ShardOperator {
+impl<M: Model> ShardOperator<M> {
     /// Freezes the shard's state at a barrier (a copy of its tables into
     /// the spare buffer), encoded later into the checkpoint blob.
     pub(crate) fn freeze(&mut self) -> Snapshot {
@@ -988,7 +1014,7 @@ impl ShardOperator {
 }
 
 /// A copy of a shard's model at the end of the input.
-pub struct FinalModel(pub Model);
+pub struct FinalModel<M: Model = LogisticRegression>(pub Learner<M>);
 
 /// What a shard held when its input ended, in the job's report
 /// ([`shard_result`]).
@@ -1008,12 +1034,17 @@ pub fn shard_result(name: &str, shard: usize) -> String {
 
 /// The models a job's shards held when their input ended, for whoever
 /// built the job in the same process ([`ShardOperator::reporting_to`]).
-#[derive(Default)]
-pub struct FinalModels(Mutex<BTreeMap<usize, Arc<FinalModel>>>);
+pub struct FinalModels<M: Model = LogisticRegression>(Mutex<BTreeMap<usize, Arc<FinalModel<M>>>>);
 
-impl FinalModels {
+impl<M: Model> Default for FinalModels<M> {
+    fn default() -> Self {
+        Self(Mutex::new(BTreeMap::new()))
+    }
+}
+
+impl<M: Model> FinalModels<M> {
     /// Shard `shard`'s model, if it ended in this process.
-    pub fn get(&self, shard: usize) -> Option<Arc<FinalModel>> {
+    pub fn get(&self, shard: usize) -> Option<Arc<FinalModel<M>>> {
         self.0.lock().get(&shard).cloned()
     }
 }

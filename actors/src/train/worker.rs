@@ -1,21 +1,23 @@
 //! Training workers as stream operators: each takes a micro-batch of rows,
 //! pulls the weights the batch needs from the parameter-server shards,
 //! predicts every row before training on it (progressive validation),
-//! computes the logistic-loss gradients and pushes them to the shards.
+//! computes the gradients and pushes them to the shards. What a row's
+//! prediction and gradient are is the worker's [`Model`]'s to say.
 //!
 //! A job with one worker chains it to the shards ([`TrainWorker::chained`],
 //! as Flink chains operators): the shards live in the worker's subtask and
 //! pulls and pushes become calls on their tables. With no other worker to
 //! be stale against, it trains row by row in place (each row pulls the
 //! weights the earlier rows of its batch pushed), probing each key once,
-//! as [`super::optimizer::Model::learn`] does. Under a minimum-count key
+//! as [`Learner::learn`](super::model::Learner::learn) does. Under a minimum-count key
 //! policy it pulls and pushes per micro-batch, as unchained workers do.
 //! Either way the step's bookkeeping, its serving delta and the checkpoint
 //! cut are those of a push: the worker and its shards take the barrier
 //! together, so a checkpoint holds exactly the records before it.
 
 use super::messages::{Delta, Push, Scored, TrainBatch};
-use super::optimizer::{margin_gradient, sigmoid, BIAS_KEY};
+use super::model::{LogisticRegression, Model};
+use super::optimizer::BIAS_KEY;
 use super::ps::{KeyPolicy, PsConfig};
 use super::pull::{PsClient, Pulled};
 use super::shard::{split_parts, FinalModels, ShardOperator};
@@ -68,14 +70,15 @@ impl WorkerOut {
     }
 }
 
-/// One training worker.
-pub struct TrainWorker {
+/// One training worker of model `M`.
+pub struct TrainWorker<M: Model = LogisticRegression> {
     config: PsConfig,
+    model: M,
     index: usize,
     crash: Option<u64>,
-    client: PsClient,
+    client: PsClient<M>,
     /// The shards, when chained to this worker.
-    chained: Vec<ShardOperator>,
+    chained: Vec<ShardOperator<M>>,
     /// Per shard, where the pulled keys live (chained only).
     slots: Vec<Vec<Option<SlotRef>>>,
     step: u64,
@@ -83,12 +86,30 @@ pub struct TrainWorker {
     values: Vec<Vec<f32>>,
     weights: Vec<Pulled>,
     at: Vec<(u32, u32)>,
-    margins: Vec<f32>,
+    rows: Vec<M::Row>,
 }
 
 impl TrainWorker {
-    /// Worker `index` of `config`.
+    /// Worker `index` of `config`, training logistic regression with
+    /// `config.optimizer` (checked by the shards).
     pub fn new(config: PsConfig, index: usize) -> Self {
+        let model = LogisticRegression::unchecked(config.optimizer);
+        Self::with_model(config, index, model)
+    }
+
+    /// The only worker of `config`, training logistic regression with
+    /// `config.optimizer`, with every shard chained to it (each leaving
+    /// its final model in `finals`).
+    pub fn chained(config: PsConfig, finals: Arc<FinalModels>) -> Result<Self, StateError> {
+        let model = LogisticRegression::new(config.optimizer)
+            .map_err(|e| StateError::Decode(e.to_string()))?;
+        Self::chained_with(config, model, finals)
+    }
+}
+
+impl<M: Model> TrainWorker<M> {
+    /// Worker `index` of `config`, training `model`.
+    pub fn with_model(config: PsConfig, index: usize, model: M) -> Self {
         let shards = config.shards;
         let crash = match config.crash {
             Some(super::ps::Crash::Worker(w, step)) if w == index => Some(step),
@@ -96,6 +117,7 @@ impl TrainWorker {
         };
         Self {
             config: config.clone(),
+            model,
             index,
             crash,
             client: PsClient::new(config),
@@ -106,22 +128,29 @@ impl TrainWorker {
             values: vec![Vec::new(); shards],
             weights: vec![Pulled::default(); shards],
             at: Vec::new(),
-            margins: Vec::new(),
+            rows: Vec::new(),
         }
     }
 
-    /// The only worker of `config`, with every shard chained to it (each
-    /// leaving its final model in `finals`).
-    pub fn chained(config: PsConfig, finals: Arc<FinalModels>) -> Result<Self, StateError> {
+    /// The only worker of `config`, training `model`, with every shard
+    /// chained to it (each leaving its final model in `finals`).
+    pub fn chained_with(
+        config: PsConfig,
+        model: M,
+        finals: Arc<FinalModels<M>>,
+    ) -> Result<Self, StateError> {
         if config.workers != 1 {
             return Err(StateError::Decode(format!(
                 "only a job's single worker chains its shards; this job has {} workers",
                 config.workers
             )));
         }
-        let mut worker = Self::new(config.clone(), 0);
+        let mut worker = Self::with_model(config.clone(), 0, model.clone());
         worker.chained = (0..config.shards)
-            .map(|s| Ok(ShardOperator::new(config.clone(), s)?.reporting_to(finals.clone())))
+            .map(|s| {
+                Ok(ShardOperator::with_model(config.clone(), s, model.clone())?
+                    .reporting_to(finals.clone()))
+            })
             .collect::<Result<_, StateError>>()?;
         Ok(worker)
     }
@@ -233,27 +262,35 @@ impl TrainWorker {
                 Err(e) => panic!("training worker {}: {e}", self.index),
             }
         }
-        self.margins.clear();
+        let (model, w) = (&self.model, M::WIDTH);
+        let params = |s: u32, i: u32| {
+            let at = i as usize * w;
+            &self.weights[s as usize][at..at + w]
+        };
+        self.rows.clear();
         let mut at = 0;
         let mut predictions = Vec::with_capacity(rows.rows());
         for (_, ids, _) in rows.iter() {
             let n = ids.len() + 1;
-            let mut m = 0.0f32;
+            let mut row = M::Row::default();
             for &(s, i) in &self.at[at..at + n] {
-                m += self.weights[s as usize][i as usize] * self.values[s as usize][i as usize];
+                model.add(&mut row, params(s, i), self.values[s as usize][i as usize]);
             }
             at += n;
-            predictions.push(sigmoid(m));
+            predictions.push(model.predict(&row));
+            self.rows.push(row);
         }
         let mut grads: Vec<Vec<f32>> = (0..shards)
-            .map(|s| Vec::with_capacity(self.keys[s].len()))
+            .map(|s| Vec::with_capacity(self.keys[s].len() * w))
             .collect();
         let mut at = 0;
-        for ((y, ids, _), &p) in rows.iter().zip(predictions.iter()) {
+        for (((y, ids, _), &p), row) in rows.iter().zip(predictions.iter()).zip(&self.rows) {
             let n = ids.len() + 1;
-            let d = margin_gradient(p, y);
+            let d = model.margin_gradient(p, y);
             for &(s, i) in &self.at[at..at + n] {
-                grads[s as usize].push(d * self.values[s as usize][i as usize]);
+                let x = self.values[s as usize][i as usize];
+                let g = model.gradient(row, d, params(s, i), x);
+                grads[s as usize].extend_from_slice(g.as_ref());
             }
             at += n;
         }
@@ -280,7 +317,7 @@ impl TrainWorker {
     }
 }
 
-impl Operator for TrainWorker {
+impl<M: Model> Operator for TrainWorker<M> {
     type In = TrainBatch;
     type Out = WorkerOut;
 
@@ -349,7 +386,7 @@ impl Operator for TrainWorker {
     }
 }
 
-impl TrainWorker {
+impl<M: Model> TrainWorker<M> {
     /// Restores the state a snapshot saved.
     fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
         if bytes.is_empty() {

@@ -16,6 +16,7 @@ use braid_actors::stream::plan::Plan;
 use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::stream::runner::SourcePace;
 use braid_actors::train::data::{SyntheticConfig, SyntheticStream};
+use braid_actors::train::model::FactorizationMachine;
 use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
 use braid_actors::train::pipeline::{self, PipelineConfig, RowReader, SyntheticReader};
 use braid_actors::train::ps::{Consistency, PsConfig};
@@ -28,7 +29,9 @@ const ROWS: u64 = 12_000;
 
 /// Two workers and two shards under BSP (or `params["sync"]`), on the
 /// synthetic stream, writing every prediction to `params["predictions"]`;
-/// `params["rate"]` throttles the source (rows per second).
+/// `params["rate"]` throttles the source (rows per second);
+/// `params["model"] = "fm"` trains a factorization machine instead of
+/// logistic regression.
 fn training(params: &JobParams) -> StreamEnv {
     let optimizer = OptimizerKind::Ftrl(FtrlParams {
         alpha: 0.1,
@@ -48,15 +51,20 @@ fn training(params: &JobParams) -> StreamEnv {
     config.predictions = Some(PathBuf::from(&params["predictions"]));
     config.rate = params.get("rate").and_then(|r| r.parse().ok());
     let env = StreamEnv::new(1);
-    pipeline::build(&env, config, || {
+    let reader = || {
         let stream = SyntheticStream::new(SyntheticConfig {
             rows: ROWS,
             bits: 16,
             ..SyntheticConfig::default()
         })?;
         Ok(Box::new(SyntheticReader(stream)) as Box<dyn RowReader>)
-    })
-    .expect("the job builds");
+    };
+    if params.get("model").map(String::as_str) == Some("fm") {
+        let fm = FactorizationMachine::new(0.05, 1e-6, 0.1, 7).expect("a model");
+        pipeline::build_model(&env, config, fm, reader).expect("the job builds");
+    } else {
+        pipeline::build(&env, config, reader).expect("the job builds");
+    }
     env
 }
 
@@ -93,9 +101,16 @@ fn unique(prefix: &str) -> String {
 
 /// The job in this process, on the local runner: its predictions file.
 fn local_predictions(dir: &Path) -> Vec<u8> {
+    local_predictions_of(dir, &JobParams::new())
+}
+
+/// [`local_predictions`] with `extra` parameters.
+fn local_predictions_of(dir: &Path, extra: &JobParams) -> Vec<u8> {
     let path = dir.join("local.txt");
     let name = unique("train-local");
-    let env = training(&params(&name, &path));
+    let mut params = params(&name, &path);
+    params.extend(extra.clone());
+    let env = training(&params);
     let job = JobConfig::new(CheckpointStorage::in_memory(&name, 2));
     local::run(&Plan::new(env.into_graph()), job).expect("the local run");
     std::fs::read(&path).unwrap()
@@ -124,6 +139,34 @@ fn cluster_job(dir: &Path, predictions: &Path) -> ClusterJob {
         on_running: None,
         spread: false,
         nodes_used: Default::default(),
+    }
+}
+
+/// The model is a seam on the actor graph too: a factorization machine
+/// (five parameters per key in pulls, pushes and deltas) trains across
+/// processes to the predictions it makes in one.
+#[test]
+fn a_factorization_machine_trains_across_processes_as_in_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fm = JobParams::new();
+    fm.insert("model".into(), "fm".into());
+    let expected = local_predictions_of(dir.path(), &fm);
+    assert_eq!(
+        expected.iter().filter(|b| **b == b'\n').count() as u64,
+        ROWS,
+        "one prediction per row"
+    );
+    let path = dir.path().join("cluster.txt");
+    let mut job = cluster_job(dir.path(), &path);
+    job.params.extend(fm);
+    let report = braid_actors::stream::cluster::run(rt(), job).unwrap();
+    assert_eq!(report.failures, 0, "{report:?}");
+    assert!(
+        std::fs::read(&path).unwrap() == expected,
+        "the cluster's factorization machine predicts otherwise than one process's"
+    );
+    for edge in &report.edges {
+        assert_eq!((edge.codec_bytes, edge.copied_bytes), (0, 0), "{edge:?}");
     }
 }
 
@@ -158,7 +201,7 @@ fn shards_in_other_processes_train_the_model_one_process_does() {
     );
     // Micro-batches reach the workers, pushes and pulls the shards,
     // deltas serving and predictions the evaluation, as Arrow batches in
-    // the store, read in place:
+    // the receivers' mailbox arenas or the store, read in place:
     // nothing encoded, nothing copied. Every micro-batch is one push and one pull (keys,
     // then weights) per shard.
     let sum = |to: &str| -> u64 {

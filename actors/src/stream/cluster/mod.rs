@@ -5,7 +5,7 @@
 //!   so every process of the job's binary can rebuild the same graph from
 //!   the job's name and parameters, and a host picks out its subtask.
 //! * **Channels** between hosts on one machine (one store) are rings in
-//!   the receiver's [`mailbox`](super::mailbox), written and read by the
+//!   the receiver's [mailbox](super::mailbox::Receiver), written and read by the
 //!   two subtasks' own threads. Between machines they are actor calls:
 //!   an upstream host calls `deliver(slot, seq, message)` on the
 //!   downstream host, answered once the downstream subtask has taken the

@@ -62,7 +62,10 @@ pub fn number(batch: &RecordBatch, key: &str) -> Result<u64, StageError> {
 }
 
 /// The layout of `keys.len()` rows of a key and a `value_column`, with
-/// `metadata` on the schema; `what` names the message in the error.
+/// `metadata` on the schema; `what` names the message in the error. The
+/// values split evenly over the keys (a model's parameters per key): one
+/// per key is a `Float32` column, more a `List<Float32>` of as many per
+/// key, whose items are the values in order.
 pub fn key_value_layout(
     keys: &[u64],
     values: &[f32],
@@ -70,21 +73,43 @@ pub fn key_value_layout(
     metadata: HashMap<String, String>,
     what: &str,
 ) -> Result<BatchLayout, ColumnarError> {
-    if keys.len() != values.len() {
-        return Err(invalid(format!(
+    let width = width_of(keys.len(), values.len()).ok_or_else(|| {
+        invalid(format!(
             "a {what} of {} keys and {} values",
             keys.len(),
             values.len()
-        )));
-    }
+        ))
+    })?;
+    let value_spec = if width == 1 {
+        ColumnSpec::primitive(value_column, Primitive::Float32)
+    } else {
+        ColumnSpec::list(value_column, Primitive::Float32, values.len())
+    };
     Ok(BatchLayout::with_metadata(
         keys.len(),
         &[
             ColumnSpec::primitive(KEY_COLUMN, Primitive::UInt64),
-            ColumnSpec::primitive(value_column, Primitive::Float32),
+            value_spec,
         ],
         metadata,
     )?)
+}
+
+/// Whether `values` values split evenly over `keys` keys (as many per
+/// key: a model's parameters).
+pub fn splits_evenly(keys: usize, values: usize) -> bool {
+    width_of(keys, values).is_some()
+}
+
+/// How many values each key has, when `values` split evenly over `keys`
+/// (a model's parameters per key; 1 for no keys).
+fn width_of(keys: usize, values: usize) -> Option<usize> {
+    match (keys, values) {
+        (0, 0) => Some(1),
+        (0, _) => None,
+        (k, v) if v % k == 0 && v > 0 => Some(v / k),
+        _ => None,
+    }
 }
 
 /// Fills a writer planned by [`key_value_layout`].
@@ -97,12 +122,19 @@ pub fn fill_key_values(
     let (Some(k), Some(v)) = (columns.next(), columns.next()) else {
         return Err(ColumnarError::MissingColumn);
     };
-    match (k.values, v.values) {
-        (ValuesMut::UInt64(k), ValuesMut::Float32(v))
-            if k.len() == keys.len() && v.len() == values.len() =>
+    let width = width_of(keys.len(), values.len());
+    let lists = v.offsets;
+    match (k.values, v.values, width) {
+        (ValuesMut::UInt64(k), ValuesMut::Float32(v), Some(width))
+            if k.len() == keys.len()
+                && v.len() == values.len()
+                && (lists.is_empty() || lists.len() == keys.len() + 1) =>
         {
             k.copy_from_slice(keys);
             v.copy_from_slice(values);
+            for (i, offset) in lists.iter_mut().enumerate() {
+                *offset = i32::try_from(i * width).map_err(invalid)?;
+            }
             Ok(())
         }
         _ => Err(invalid("the layout is not a key-value one")),
@@ -125,10 +157,36 @@ pub fn key_values(
         .ok_or_else(|| refused("keys are not UInt64"))?
         .values()
         .clone();
-    let values = column(value_column)?
-        .as_primitive_opt::<Float32Type>()
-        .ok_or_else(|| refused(format!("{value_column} is not Float32")))?
-        .values()
-        .clone();
+    let values = column(value_column)?;
+    let not_floats = || refused(format!("{value_column} is not Float32 or a list of them"));
+    let values = match values.as_list_opt::<i32>() {
+        None => values
+            .as_primitive_opt::<Float32Type>()
+            .ok_or_else(not_floats)?
+            .values()
+            .clone(),
+        Some(lists) => {
+            let items = lists
+                .values()
+                .as_primitive_opt::<Float32Type>()
+                .ok_or_else(not_floats)?
+                .values()
+                .clone();
+            let offsets = lists.value_offsets();
+            let width = width_of(keys.len(), items.len()).ok_or_else(|| {
+                refused(format!("{} values for {} keys", items.len(), keys.len()))
+            })?;
+            let even = offsets
+                .iter()
+                .enumerate()
+                .all(|(i, &o)| usize::try_from(o).ok() == Some(i * width));
+            if !even {
+                return Err(refused(format!(
+                    "{value_column} does not hold {width} values per key"
+                )));
+            }
+            items
+        }
+    };
     Ok((keys, values))
 }

@@ -76,7 +76,7 @@ impl Serialize for Delta {
 impl<'de> Deserialize<'de> for Delta {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let d = DeltaIn::deserialize(deserializer)?;
-        if d.keys.len() != d.weights.len() {
+        if !super::columns::splits_evenly(d.keys.len(), d.weights.len()) {
             return Err(serde::de::Error::custom(format!(
                 "a delta of {} keys and {} weights",
                 d.keys.len(),

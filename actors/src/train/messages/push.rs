@@ -91,7 +91,7 @@ impl Serialize for Push {
 impl<'de> Deserialize<'de> for Push {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let p = PushIn::deserialize(deserializer)?;
-        if p.keys.len() != p.grads.len() {
+        if !super::columns::splits_evenly(p.keys.len(), p.grads.len()) {
             return Err(serde::de::Error::custom(format!(
                 "a push of {} keys and {} gradients",
                 p.keys.len(),
@@ -205,8 +205,12 @@ mod tests {
 
     #[test]
     fn a_push_crosses_as_arrow_and_is_applied_in_place() {
-        for (n, done) in [(100, false), (0, true)] {
-            let sent = sample(n, done);
+        for (n, done, width) in [(100, false, 1), (0, true, 1), (100, false, 5)] {
+            let mut sent = sample(n, done);
+            sent.grads = (0..n * width)
+                .map(|g| g as f32 * 0.25)
+                .collect::<Vec<_>>()
+                .into();
             let records = [(sent.clone(), None)];
             let layout = PushFormat.layout(&records).expect("laid out");
             let mut words = vec![0u64; layout.total_len().div_ceil(8)];
@@ -228,8 +232,9 @@ mod tests {
             assert_eq!(got, vec![sent]);
             if n > 0 {
                 assert!(
-                    span.contains(&(got[0].keys.as_ptr() as usize)),
-                    "keys were copied"
+                    span.contains(&(got[0].keys.as_ptr() as usize))
+                        && span.contains(&(got[0].grads.as_ptr() as usize)),
+                    "keys or gradients were copied (width {width})"
                 );
             }
         }

@@ -27,11 +27,10 @@
 //! model the pipeline builds by default; [`FactorizationMachine`] adds
 //! pairwise interactions through [`FACTORS`] factors per key.
 //!
-//! The messages between processes (`Push`, `Delta`, a remote pull's
-//! answer) carry one float per key today; a model of width above 1 runs
-//! within one process (chained, or unchained on the local runner, where
-//! records pass by pointer) until their Arrow forms carry a fixed-size
-//! list per key.
+//! Between processes, `Push` and `Delta` carry [`Model::WIDTH`] floats per
+//! key as a `List<Float32>` column (a plain `Float32` column at width 1),
+//! and a remote pull's answer is a flat column of `keys × WIDTH`, so a
+//! model of any width runs on the actor graph too.
 
 mod factorization;
 mod logistic;

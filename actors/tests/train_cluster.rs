@@ -104,7 +104,7 @@ fn local_predictions(dir: &Path) -> Vec<u8> {
     local_predictions_of(dir, &JobParams::new())
 }
 
-/// [`local_predictions`] with `extra` parameters.
+/// [`local_predictions`] with `extra` parameters; one line per row.
 fn local_predictions_of(dir: &Path, extra: &JobParams) -> Vec<u8> {
     let path = dir.join("local.txt");
     let name = unique("train-local");
@@ -113,7 +113,13 @@ fn local_predictions_of(dir: &Path, extra: &JobParams) -> Vec<u8> {
     let env = training(&params);
     let job = JobConfig::new(CheckpointStorage::in_memory(&name, 2));
     local::run(&Plan::new(env.into_graph()), job).expect("the local run");
-    std::fs::read(&path).unwrap()
+    let predictions = std::fs::read(&path).unwrap();
+    assert_eq!(
+        predictions.iter().filter(|b| **b == b'\n').count() as u64,
+        ROWS,
+        "one prediction per row"
+    );
+    predictions
 }
 
 fn cluster_job(dir: &Path, predictions: &Path) -> ClusterJob {
@@ -151,11 +157,6 @@ fn a_factorization_machine_trains_across_processes_as_in_one() {
     let mut fm = JobParams::new();
     fm.insert("model".into(), "fm".into());
     let expected = local_predictions_of(dir.path(), &fm);
-    assert_eq!(
-        expected.iter().filter(|b| **b == b'\n').count() as u64,
-        ROWS,
-        "one prediction per row"
-    );
     let path = dir.path().join("cluster.txt");
     let mut job = cluster_job(dir.path(), &path);
     job.params.extend(fm);
@@ -174,11 +175,6 @@ fn a_factorization_machine_trains_across_processes_as_in_one() {
 fn shards_in_other_processes_train_the_model_one_process_does() {
     let dir = tempfile::tempdir().unwrap();
     let expected = local_predictions(dir.path());
-    assert_eq!(
-        expected.iter().filter(|b| **b == b'\n').count() as u64,
-        ROWS,
-        "one prediction per row"
-    );
     let path = dir.path().join("cluster.txt");
     let mut job = cluster_job(dir.path(), &path);
     let pids: Arc<Mutex<Vec<u32>>> = Arc::default();

@@ -23,6 +23,7 @@
 //!   not a hang. A cursor or frame length a hostile peer wrote is an
 //!   error for that mailbox only.
 
+use braid::wire::ring::{copy_from_ring, copy_into_ring};
 use rustix::fs::MemfdFlags;
 use rustix::thread::futex;
 use serde::{Deserialize, Serialize};
@@ -507,22 +508,11 @@ fn read_up_to(
     if n == 0 {
         return Ok(0);
     }
-    let at = (head % SLOT_CAPACITY) as usize;
-    let first = n.min(SLOT_CAPACITY as usize - at);
-    let data = mapping.data(slot);
-    let start = buf.len();
-    buf.reserve(n);
-    // SAFETY: bytes [head, head + n) were published by the sender's
-    // release store of `tail` (acquired above) and it does not touch them
-    // until `head` moves past them below; `at + first <= SLOT_CAPACITY`
-    // and the wrapped rest starts at offset 0; the destination has `n`
-    // reserved bytes after `start`, which `set_len` then covers.
-    unsafe {
-        let dst = buf.as_mut_ptr().add(start);
-        std::ptr::copy_nonoverlapping(data.add(at), dst, first);
-        std::ptr::copy_nonoverlapping(data, dst.add(first), n - first);
-        buf.set_len(start + n);
-    }
+    // SAFETY: the slot's ring is SLOT_CAPACITY bytes at `data(slot)`;
+    // bytes [head, head + n) were published by the sender's release store
+    // of `tail` (acquired above) and it does not touch them until `head`
+    // moves past them below.
+    unsafe { copy_from_ring(mapping.data(slot), SLOT_CAPACITY, head, n, buf) };
     c.head.0.store(head + n as u64, Ordering::Release);
     Ok(n)
 }
@@ -704,17 +694,17 @@ impl Sender {
         }
         let c = self.mapping.control(self.slot);
         let tail = c.tail.0.load(Ordering::Relaxed);
-        let at = (tail % SLOT_CAPACITY) as usize;
-        let first = n.min(SLOT_CAPACITY as usize - at);
-        let data = self.mapping.data(self.slot);
-        // SAFETY: bytes [tail, tail + n) of the ring are free (n <= free
-        // space), so the receiver does not read them until `tail` is
-        // published below; `at + first <= SLOT_CAPACITY` and the wrapped
-        // rest starts at offset 0 with `n - first < SLOT_CAPACITY` bytes.
+        // SAFETY: the slot's ring is SLOT_CAPACITY bytes at `data(slot)`,
+        // and bytes [tail, tail + n) of it are free (n <= free space), so
+        // the receiver does not read them until `tail` is published below.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), data.add(at), first);
-            std::ptr::copy_nonoverlapping(bytes.as_ptr().add(first), data, n - first);
-        }
+            copy_into_ring(
+                self.mapping.data(self.slot),
+                SLOT_CAPACITY,
+                tail,
+                &bytes[..n],
+            )
+        };
         c.tail.0.store(tail + n as u64, Ordering::Release);
         Ok(n)
     }

@@ -165,17 +165,10 @@ impl RingPair {
         let ring = self.out_ring();
         let c = self.control(ring);
         let tail = c.tail.0.load(Ordering::Relaxed);
-        let at = (tail % RING_CAPACITY) as usize;
-        let first = n.min(RING_CAPACITY as usize - at);
-        let data = self.data(ring);
-        // SAFETY: bytes [tail, tail + n) of the ring are free (n <= free
-        // space), so the consumer does not read them until `tail` is
-        // published below; `at + first <= RING_CAPACITY` and the wrapped
-        // part starts at offset 0 with `n - first < RING_CAPACITY` bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), data.add(at), first);
-            std::ptr::copy_nonoverlapping(bytes.as_ptr().add(first), data, n - first);
-        }
+        // SAFETY: the ring's data is RING_CAPACITY bytes at `data(ring)`,
+        // and bytes [tail, tail + n) of it are free (n <= free space), so
+        // the consumer does not read them until `tail` is published below.
+        unsafe { copy_into_ring(self.data(ring), RING_CAPACITY, tail, &bytes[..n]) };
         c.tail.0.store(tail + n as u64, Ordering::Release);
         fence(Ordering::SeqCst);
         if c.consumer_sleeping.0.load(Ordering::Relaxed) == 1
@@ -222,21 +215,11 @@ impl RingPair {
         let ring = self.in_ring();
         let c = self.control(ring);
         let head = c.head.0.load(Ordering::Relaxed);
-        let at = (head % RING_CAPACITY) as usize;
-        let first = n.min(RING_CAPACITY as usize - at);
-        let data = self.data(ring);
-        let start = buf.len();
-        buf.reserve(n);
-        // SAFETY: bytes [head, head + n) were published by the producer's
-        // release store of `tail` (acquired in `available`) and it does not
-        // touch them until `head` moves past them below; the destination
-        // has `n` reserved bytes after `start`, which `set_len` then covers.
-        unsafe {
-            let dst = buf.as_mut_ptr().add(start);
-            std::ptr::copy_nonoverlapping(data.add(at), dst, first);
-            std::ptr::copy_nonoverlapping(data, dst.add(first), n - first);
-            buf.set_len(start + n);
-        }
+        // SAFETY: the ring's data is RING_CAPACITY bytes at `data(ring)`;
+        // bytes [head, head + n) were published by the producer's release
+        // store of `tail` (acquired in `available`) and it does not touch
+        // them until `head` moves past them below.
+        unsafe { copy_from_ring(self.data(ring), RING_CAPACITY, head, n, buf) };
         c.head.0.store(head + n as u64, Ordering::Release);
         fence(Ordering::SeqCst);
         if c.producer_waiting.0.load(Ordering::Relaxed) == 1
@@ -297,6 +280,59 @@ impl RingPair {
         let out = self.control(self.out_ring());
         out.space_signal.0.fetch_add(1, Ordering::Release);
         let _ = futex::wake(&out.space_signal.0, futex::Flags::empty(), i32::MAX as u32);
+    }
+}
+
+/// Copies `bytes` into a ring of `capacity` bytes at `data`, at cursor
+/// `pos` (which counts every byte that ever passed), wrapping at its end.
+/// Shared by every byte ring in shared memory (connections' rings, stream
+/// mailboxes).
+///
+/// # Safety
+///
+/// `data` is valid for writes of `capacity` bytes, `bytes.len() <=
+/// capacity`, and no one else reads or writes the bytes at `[pos, pos +
+/// bytes.len())` (modulo `capacity`) until the caller publishes them.
+pub unsafe fn copy_into_ring(data: *mut u8, capacity: u64, pos: u64, bytes: &[u8]) {
+    let n = bytes.len();
+    let at = (pos % capacity) as usize;
+    let first = n.min(capacity as usize - at);
+    // SAFETY: `at + first <= capacity`, and the wrapped rest, `n - first`
+    // bytes with `n <= capacity`, starts at offset 0; the caller promises
+    // the range is valid and ours alone.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), data.add(at), first);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr().add(first), data, n - first);
+    }
+}
+
+/// Appends `n` bytes of a ring of `capacity` bytes at `data`, from cursor
+/// `pos`, to `out` (see [`copy_into_ring`]).
+///
+/// # Safety
+///
+/// `data` is valid for reads of `capacity` bytes, `n <= capacity`, and
+/// the bytes at `[pos, pos + n)` (modulo `capacity`) were published to
+/// this thread and are not written until the caller releases them.
+pub unsafe fn copy_from_ring(
+    data: *const u8,
+    capacity: u64,
+    pos: u64,
+    n: usize,
+    out: &mut Vec<u8>,
+) {
+    let at = (pos % capacity) as usize;
+    let first = n.min(capacity as usize - at);
+    let start = out.len();
+    out.reserve(n);
+    // SAFETY: `at + first <= capacity` and the wrapped rest starts at
+    // offset 0; the caller promises the source range; `out` has `n`
+    // reserved bytes after `start`, which `set_len` then covers.
+    unsafe {
+        let dst = out.as_mut_ptr().add(start);
+        std::ptr::copy_nonoverlapping(data.add(at), dst, first);
+        std::ptr::copy_nonoverlapping(data, dst.add(first), n - first);
+        out.set_len(start + n);
     }
 }
 

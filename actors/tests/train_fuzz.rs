@@ -16,7 +16,8 @@ use bolero::check;
 use braid::store::arrow_buffer::Buffer;
 use braid::store::batch::{read_record_batch, BatchWriter};
 use braid_actors::train::data::{FeatureBatch, FeatureBatchRef};
-use braid_actors::train::optimizer::{Model, OptimizerKind};
+use braid_actors::train::model::LogisticLearner as Model;
+use braid_actors::train::optimizer::OptimizerKind;
 use braid_actors::train::shard::check_shard_snapshot;
 use braid_actors::train::table::ParamTable;
 

@@ -7,8 +7,9 @@
 
 use std::collections::HashMap;
 
+use braid_actors::train::model::{LogisticLearner as Model, PushError, RowError};
 use braid_actors::train::optimizer::{
-    logloss, sigmoid, FtrlParams, KeyState, Model, OptimizerKind, PushError, RowError, BIAS_KEY,
+    logloss, sigmoid, FtrlParams, KeyState, OptimizerKind, BIAS_KEY,
 };
 use braid_actors::train::table::{DecodeError, ParamTable};
 use proptest::prelude::*;

@@ -12,7 +12,8 @@
 use anyhow::Context as _;
 use braid_actors::train::data::{FeatureBatch, SyntheticConfig, SyntheticStream};
 use braid_actors::train::metrics::Progressive;
-use braid_actors::train::optimizer::{FtrlParams, Model, OptimizerKind};
+use braid_actors::train::model::LogisticLearner as Model;
+use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
 use braid_actors::train::pipeline::{FileReader, RowReader, SyntheticReader};
 use clap::Parser;
 use std::path::PathBuf;

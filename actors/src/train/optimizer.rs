@@ -1,8 +1,7 @@
 //! Per-key optimizers for sparse logistic regression — FTRL-Proximal, SGD and
-//! AdaGrad — and [`Model`], logistic regression's [`Learner`]: a
-//! [`ParamTable`] run by one of them, the state of a parameter-server shard
-//! or a whole single-process learner. The model itself (predict, gradient,
-//! what is pulled and served) is [`LogisticRegression`].
+//! AdaGrad: the rules that `train::model::LogisticRegression` runs over a
+//! table of [`KeyState`]s (its learner, a shard's state or a whole
+//! single-process one, is `train::model::LogisticLearner`).
 //!
 //! Every optimizer keeps a [`KeyState`] of two `f32` per key, so the table's
 //! slots are 16 bytes (see [`super::table`] for the bytes-per-key bound). A
@@ -27,14 +26,11 @@
 //!
 //! `vw --ftrl --loss_function logistic` runs the same algorithm in `f32`
 //! (its `--l1`/`--l2` are λ1/λ2 unscaled). To reproduce its progressive
-//! predictions a [`Model`] adds, like VW by default, a constant feature of
+//! predictions logistic regression's learner adds, like VW by default, a constant feature of
 //! value 1 to every row ([`BIAS_KEY`]); VW's −1/+1 labels give the same
 //! gradient `p − y` as 0/1 labels here. The remaining differences (VW
 //! clamps the logit to ±50 rather than ±35, its summation order) are far
 //! below the 0.002 logloss tolerance the `train_optimizer` test holds us to.
-
-pub use super::model::{Learner, LogisticRegression};
-use super::table::ParamTable;
 
 /// Per-key optimizer state, two `f32`:
 ///
@@ -44,7 +40,7 @@ use super::table::ParamTable;
 pub type KeyState = [f32; 2];
 
 /// The feature key that stands for the constant (bias) feature of value 1
-/// that [`Model::predict`] and [`Model::learn`] add to every row, as VW
+/// that logistic regression's learner adds in `predict` and `learn` to every row, as VW
 /// does. `u64::MAX` lies outside any masked hash space (`gen_ctr.py` ids
 /// are below 2^22), so it never collides with a real feature.
 pub const BIAS_KEY: u64 = u64::MAX;
@@ -65,7 +61,7 @@ pub fn sigmoid(logit: f32) -> f32 {
 /// The logistic loss's gradient with respect to the margin, for a row
 /// predicted at `p` whose label is `label`: each weight's gradient is this
 /// times its feature's value. The one place logistic regression's
-/// gradient is written ([`LogisticRegression`]'s, which the chained
+/// gradient is written (logistic regression's, which the chained
 /// trainer, the row learner and the workers' pushes all use).
 #[inline]
 pub fn margin_gradient(p: f32, label: f32) -> f32 {
@@ -183,14 +179,14 @@ impl Seen {
 
 /// What an update leaves that a key's new weight is computed from (FTRL:
 /// `z` and `√n`; SGD and AdaGrad: the weight itself, in `a`). Turning a
-/// list of them into weights afterwards ([`Rule::params_of`](super::model::Rule::params_of)) is a loop the
+/// list of them into weights afterwards (the model's `Rule::params_of`) is a loop the
 /// compiler vectorizes, where a division per update inside the training
 /// loop would sit on its critical path. The weight is bit for bit that of
 /// the updated state.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Fresh {
-    a: f32,
-    b: f32,
+    pub(crate) a: f32,
+    pub(crate) b: f32,
 }
 
 /// One optimizer's per-key rule, monomorphized into the row loops so the
@@ -370,17 +366,6 @@ macro_rules! with_optimizer {
 
 pub(crate) use with_optimizer;
 
-/// Appends the weights `fresh` leaves under `kind`, in order.
-#[cfg(test)]
-fn weights_of(kind: OptimizerKind, fresh: &[Fresh], out: &mut Vec<f32>) {
-    fn run<R: KeyRule>(r: R, fresh: &[Fresh], out: &mut Vec<f32>) {
-        let start = out.len();
-        out.resize(start + fresh.len(), 0.0);
-        r.weights_of(fresh, &mut out[start..]);
-    }
-    with_optimizer!(kind, r => run(r, fresh, out));
-}
-
 impl OptimizerKind {
     /// Checks every hyper-parameter's range (see the fields' docs).
     pub fn validate(&self) -> Result<(), ParamsError> {
@@ -405,189 +390,5 @@ impl OptimizerKind {
     #[inline]
     pub fn apply(&self, state: &mut KeyState, gradient: f32) {
         with_optimizer!(*self, r => r.apply(state, gradient))
-    }
-}
-
-pub use super::model::{ModelDecodeError, PushError, RowError};
-
-/// The logistic-regression learner: a table of [`KeyState`]s run by one
-/// [`OptimizerKind`] ([`Learner`] of [`LogisticRegression`]).
-///
-/// * As a parameter-server shard: [`Learner::pull`] weights,
-///   [`Learner::push`] gradients; the optimizer runs here, per key.
-/// * As a local learner: [`Learner::learn`] (predict, then train:
-///   progressive validation) and [`Learner::predict`], which add the bias
-///   feature ([`BIAS_KEY`], value 1) unless [`Learner::with_bias_key`]
-///   turned it off.
-///
-/// ```
-/// use braid_actors::train::optimizer::{FtrlParams, Model, OptimizerKind};
-///
-/// let ftrl = FtrlParams { alpha: 0.1, beta: 1.0, l1: 0.0, l2: 0.0 };
-/// let mut model = Model::new(OptimizerKind::Ftrl(ftrl))?;
-/// let p = model.learn(&[17, 4242], None, 1.0)?; // the prediction before training
-/// assert_eq!(p, 0.5);
-/// assert!(model.predict(&[17, 4242], None)? > 0.5);
-///
-/// let mut weights = Vec::new();
-/// model.pull(&[17, 99], &mut weights); // 99 was never seen: weight 0
-/// model.push(&[99], &[0.25])?;
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-pub type Model = Learner<LogisticRegression>;
-
-impl Learner<LogisticRegression> {
-    /// An empty model with the bias feature [`BIAS_KEY`].
-    pub fn new(kind: OptimizerKind) -> Result<Self, ParamsError> {
-        Self::with_capacity(kind, 0)
-    }
-
-    /// An empty model whose table holds `keys` keys before it grows (see
-    /// [`ParamTable::with_capacity`]; the way to hold 32 B/key).
-    pub fn with_capacity(kind: OptimizerKind, keys: usize) -> Result<Self, ParamsError> {
-        Self::with_model(LogisticRegression::new(kind)?, keys)
-    }
-
-    /// A model over an existing table (e.g. one restored from a snapshot).
-    pub fn from_parts(
-        kind: OptimizerKind,
-        table: ParamTable<KeyState>,
-        bias: Option<u64>,
-    ) -> Result<Self, ParamsError> {
-        Self::with_table(LogisticRegression::new(kind)?, table, bias)
-    }
-
-    /// The optimizer.
-    pub fn kind(&self) -> OptimizerKind {
-        self.model().kind()
-    }
-
-    /// The current weight of `key` (0 if never updated).
-    #[inline]
-    pub fn weight(&self, key: u64) -> f32 {
-        self.params(key)[0]
-    }
-
-    /// The logit of a row: the bias weight plus `Σ wᵢ·xᵢ` over `features`,
-    /// with `xᵢ = values[i]`, or 1 when `values` is `None`.
-    pub fn margin(&self, features: &[u64], values: Option<&[f32]>) -> Result<f32, RowError> {
-        self.row(features, values)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bits(s: KeyState) -> [u32; 2] {
-        [s[0].to_bits(), s[1].to_bits()]
-    }
-
-    /// States and gradients across FTRL's branches: z inside and outside
-    /// [−λ1, λ1], n from 0 up, gradients of both signs and zero.
-    fn cases() -> Vec<(KeyState, f32)> {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32
-        };
-        let mut cases = vec![([0.0, 0.0], 0.5), ([0.0, 0.0], 0.0), ([-0.0, 1.0], -0.25)];
-        for _ in 0..500 {
-            let z = (next() - 0.5) * 4.0;
-            let n = next() * next() * 50.0;
-            let g = next() - 0.5;
-            cases.push(([z, n], g));
-        }
-        cases
-    }
-
-    #[test]
-    fn an_update_from_its_read_is_bit_for_bit_one_that_reads_again_and_so_are_its_weights() {
-        let ftrl = |l1, l2| FtrlParams {
-            alpha: 0.1,
-            beta: 1.0,
-            l1,
-            l2,
-        };
-        for params in [ftrl(0.0, 0.0), ftrl(0.3, 1.0)] {
-            let (mut fresh, mut want) = (Vec::new(), Vec::new());
-            for (s0, g) in cases() {
-                let mut reread = s0;
-                params.apply(&mut reread, g);
-                let mut reused = s0;
-                let seen = params.see(&reused);
-                assert_eq!(seen.weight.to_bits(), params.weight(&s0).to_bits());
-                fresh.push(params.apply_seen(&mut reused, g, &seen));
-                assert_eq!(bits(reused), bits(reread), "{s0:?} by {g}");
-                want.push(params.weight(&reused).to_bits());
-                // A read of another state is not reused.
-                let mut stale = s0;
-                let other = params.see(&[s0[0] + 1.0, s0[1] + 1.0]);
-                params.apply_seen(&mut stale, g, &other);
-                assert_eq!(bits(stale), bits(reread));
-            }
-            let mut got = vec![f32::NAN];
-            weights_of(OptimizerKind::Ftrl(params), &fresh, &mut got);
-            assert!(got[0].is_nan(), "appends after what the list held");
-            let got: Vec<u32> = got[1..].iter().map(|w| w.to_bits()).collect();
-            assert_eq!(got, want);
-        }
-        for kind in [
-            OptimizerKind::Sgd { lr: 0.1 },
-            OptimizerKind::AdaGrad { lr: 0.1, eps: 1e-6 },
-        ] {
-            let mut model = Model::new(kind).unwrap_or_else(|e| panic!("{e}"));
-            model
-                .learn(&[3, 9], None, 1.0)
-                .unwrap_or_else(|e| panic!("{e}"));
-            let states: Vec<KeyState> = [3, 9]
-                .iter()
-                .filter_map(|k| model.table().get(*k).copied())
-                .collect();
-            let fresh: Vec<Fresh> = states.iter().map(|s| Fresh { a: s[0], b: s[1] }).collect();
-            let mut got = Vec::new();
-            weights_of(kind, &fresh, &mut got);
-            assert_eq!(got, vec![states[0][0], states[1][0]]);
-        }
-    }
-
-    #[test]
-    fn a_key_repeated_in_a_row_is_updated_twice_from_its_state_at_each_update() {
-        let p = FtrlParams {
-            alpha: 0.1,
-            beta: 1.0,
-            l1: 0.0,
-            l2: 0.0,
-        };
-        let mut model = Model::new(OptimizerKind::Ftrl(p)).unwrap_or_else(|e| panic!("{e}"));
-        model
-            .learn(&[7], None, 1.0)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let before = model.table().get(7).copied().unwrap_or_default();
-        let bias = model.table().get(BIAS_KEY).copied().unwrap_or_default();
-        let got = model
-            .learn(&[7, 7], None, 0.0)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let want = sigmoid(2.0 * p.weight(&before) + p.weight(&bias));
-        assert_eq!(got.to_bits(), want.to_bits());
-        let mut s = before;
-        p.apply(&mut s, want);
-        p.apply(&mut s, want);
-        assert_eq!(model.table().get(7).copied().map(bits), Some(bits(s)));
-    }
-
-    #[test]
-    fn encoded_len_is_the_length_of_the_encoding() {
-        let mut model =
-            Model::new(OptimizerKind::Sgd { lr: 0.1 }).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(model.encoded_len(), model.to_bytes().len());
-        for k in 0..1000 {
-            model
-                .learn(&[k, k * 31], None, (k % 2) as f32)
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
-        assert_eq!(model.encoded_len(), model.to_bytes().len());
     }
 }

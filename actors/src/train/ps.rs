@@ -4,7 +4,8 @@
 //! of pulls and pushes. The shards themselves are [`super::shard`]; the
 //! messages between the operators, [`super::messages`].
 
-use super::optimizer::{OptimizerKind, PushError};
+use super::model::PushError;
+use super::optimizer::OptimizerKind;
 use super::sharding::ConsistentHash;
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;

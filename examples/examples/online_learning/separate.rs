@@ -36,7 +36,8 @@ use crate::common::{
 use anyhow::{anyhow, bail, ensure, Context as _};
 use braid_actors::train::data::FeatureBatch;
 use braid_actors::train::metrics::{LatencyHistogram, Progressive};
-use braid_actors::train::optimizer::{sigmoid, FtrlParams, Model, OptimizerKind, BIAS_KEY};
+use braid_actors::train::model::LogisticLearner as Model;
+use braid_actors::train::optimizer::{sigmoid, FtrlParams, OptimizerKind, BIAS_KEY};
 use braid_actors::train::table::ParamTable;
 use braid_store::codec;
 use rustix::event::{PollFd, PollFlags, Timespec};

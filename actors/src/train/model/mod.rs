@@ -36,7 +36,7 @@ mod factorization;
 mod logistic;
 
 pub use factorization::{FactorizationMachine, FmRow, FmState, FACTORS};
-pub use logistic::LogisticRegression;
+pub use logistic::{LogisticLearner, LogisticRegression};
 
 use super::data::FeatureBatchRef;
 use super::optimizer::{ParamsError, BIAS_KEY};
@@ -225,7 +225,7 @@ const PREFETCH_CHUNK: usize = 32;
 /// The row and key loops allocate nothing once warm (beyond the table's
 /// own growth); [`Learner::learn`] probes each key once and prefetches the
 /// row's slots first. Logistic regression's learner is
-/// [`optimizer::Model`](super::optimizer::Model).
+/// [`LogisticLearner`].
 #[derive(Debug)]
 pub struct Learner<M: Model> {
     model: M,

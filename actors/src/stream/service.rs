@@ -4,6 +4,12 @@
 //! on the cluster runner it calls the subtask's host, wherever it runs,
 //! through the [`Peers`] the host installs on its threads.
 //!
+//! A subtask on the cluster runner answers calls between its input
+//! messages (see `cluster::call_server`), so a subtask blocked in a call
+//! of its own answers none meanwhile: calls between subtasks must not
+//! form a cycle (a shard that pulls from the worker pulling from it
+//! would wait forever), as with Ray's synchronous calls between actors.
+//!
 //! [`registry`]: super::registry
 
 use super::registry;

@@ -17,6 +17,7 @@ pub mod ps;
 pub mod pull;
 pub mod serving;
 pub mod shard;
+pub mod shard_page;
 pub mod sharding;
 pub mod table;
 pub mod worker;

@@ -1,9 +1,12 @@
 //! A worker's pulls: [`PsClient`], a worker's handle on every shard, reads
-//! a shard in its own process in place, and one in another process
-//! through a call on the shard's host, answered by the shard's
-//! [`serve`]d pull service.
+//! a shard in its own process in place; one in another process on the same
+//! node, in place too, through the shard's page ([`super::shard_page`]:
+//! the table in shared memory and the clock that says when a step may read
+//! it); and one on another node through a call on the shard's host,
+//! answered by the shard's [`serve`]d pull service, which also tells
+//! workers where its page is.
 //!
-//! The worker builds the keys as an Arrow column in its node's store, lent
+//! For a call, the worker builds the keys as an Arrow column in its node's store, lent
 //! to the shard's process as it is sealed, and calls the shard's host with
 //! the lend ticket and where it sits on the store itself. The shard reads
 //! the keys in place and writes the weights straight into a store object
@@ -16,9 +19,12 @@
 //! through serde when they travel in the call.
 
 use super::model::{LogisticRegression, Model};
+use super::model::{Rule, RuleJob};
 use super::ps::{PsConfig, PullError, PullStats};
 use super::shard::{ShardCell, ShardOperator, SHARD_TASK};
+use super::shard_page::{PageAddr, PageReader};
 use super::sharding::ConsistentHash;
+use super::table::SlotsView;
 use crate::stream::context::TaskContext;
 use crate::stream::registry;
 use crate::stream::service::{self, CallError, PeerCall, Peers, Service};
@@ -38,6 +44,8 @@ use std::time::Duration;
 enum ShardLink<M: Model> {
     /// In this process: read in place.
     Local(Arc<ShardCell<M>>),
+    /// In another process on this node: read in place through its page.
+    Mapped(PageReader<M::State>),
     /// In another process (cluster runner): a call on its host, named.
     Remote(String),
 }
@@ -46,6 +54,7 @@ enum ShardLink<M: Model> {
 /// model `M`.
 pub struct PsClient<M: Model = LogisticRegression> {
     config: PsConfig,
+    model: M,
     ring: ConsistentHash,
     shards: Vec<ShardLink<M>>,
     generation: u64,
@@ -54,11 +63,13 @@ pub struct PsClient<M: Model = LogisticRegression> {
 }
 
 impl<M: Model> PsClient<M> {
-    /// A client for the current attempt's shards (resolved on first use).
-    pub fn new(config: PsConfig) -> Self {
+    /// A client for the current attempt's shards (resolved on first use),
+    /// which train `model`.
+    pub fn new(config: PsConfig, model: M) -> Self {
         Self {
             ring: config.ring(),
             config,
+            model,
             shards: Vec::new(),
             generation: TaskContext::current().generation,
             peers: service::peers(),
@@ -90,7 +101,13 @@ impl<M: Model> PsClient<M> {
             // in one process every shard registers here.
             let link = match (&self.peers, registry::get::<ShardCell<M>>(&name)) {
                 (_, Ok(cell)) => ShardLink::Local(cell),
-                (Some(_), Err(_)) => ShardLink::Remote(name),
+                (Some(peers), Err(_)) => match map_page(peers.as_ref(), s, &name) {
+                    Ok(reader) => ShardLink::Mapped(reader),
+                    Err(why) => {
+                        tracing::debug!("shard {s}: pulls are calls ({why})");
+                        ShardLink::Remote(name)
+                    }
+                },
                 (None, Err(_)) => ShardLink::Local(
                     registry::wait_for::<ShardCell<M>>(&name, self.config.pull_timeout)
                         .map_err(|e| PullError::Unreachable(s, e.to_string()))?,
@@ -129,32 +146,49 @@ impl<M: Model> PsClient<M> {
         pulls: Vec<(usize, &[u64], &mut Pulled)>,
     ) -> Result<Vec<PullStats>, PullError> {
         self.resolve()?;
-        let _ = worker;
         let mut stats = vec![PullStats::default(); pulls.len()];
-        let mut remote = Vec::new();
-        let mut remote_at = Vec::new();
+        let mut calls = Vec::new();
         for (i, (shard, keys, out)) in pulls.into_iter().enumerate() {
             let link = self
                 .shards
-                .get(shard)
+                .get_mut(shard)
                 .ok_or_else(|| PullError::Unreachable(shard, "no such shard".into()))?;
             match link {
+                ShardLink::Mapped(reader) => {
+                    let model = &self.model;
+                    let out = out.owned();
+                    let staleness = self.config.consistency.staleness();
+                    let timeout = self.config.pull_timeout;
+                    let (pulled, ()) =
+                        reader.read(shard, worker, step, staleness, timeout, |view| {
+                            read_view(model, view, keys, out)
+                        })?;
+                    stats[i] = pulled;
+                    if let Some(m) = self.peers.as_ref().and_then(|p| p.meter(SHARD_TASK, shard)) {
+                        m.sent(std::mem::size_of_val(&out[..]));
+                    }
+                }
                 ShardLink::Local(cell) => {
                     stats[i] = cell.pull(step, keys, out.owned(), self.config.pull_timeout)?;
                 }
-                ShardLink::Remote(name) => {
-                    remote.push(RemotePull {
-                        shard,
-                        name,
-                        keys,
-                        out,
-                    });
-                    remote_at.push(i);
-                }
+                ShardLink::Remote(_) => calls.push((i, shard, keys, out)),
             }
         }
-        if remote.is_empty() {
+        if calls.is_empty() {
             return Ok(stats);
+        }
+        let mut remote = Vec::with_capacity(calls.len());
+        let mut remote_at = Vec::with_capacity(calls.len());
+        for (i, shard, keys, out) in calls {
+            if let Some(ShardLink::Remote(name)) = self.shards.get(shard) {
+                remote.push(RemotePull {
+                    shard,
+                    name,
+                    keys,
+                    out,
+                });
+                remote_at.push(i);
+            }
         }
         let peers = self
             .peers
@@ -168,6 +202,62 @@ impl<M: Model> PsClient<M> {
         }
         Ok(stats)
     }
+}
+
+/// Reads the parameters of `keys` from a shard's mapped table into `out`,
+/// [`Model::WIDTH`] floats per key (absent keys read 0), as
+/// [`ShardCell::pull`] does under the shard's lock.
+fn read_view<M: Model>(model: &M, view: &SlotsView<M::State>, keys: &[u64], out: &mut Vec<f32>) {
+    struct Job<'a, M: Model>(&'a SlotsView<M::State>, &'a [u64], &'a mut Vec<f32>);
+    impl<M: Model> RuleJob<M> for Job<'_, M> {
+        type Output = ();
+        fn run<R: Rule<M>>(self, r: R) {
+            let Job(view, keys, out) = self;
+            for chunk in keys.chunks(PREFETCH_CHUNK) {
+                view.prefetch(chunk);
+                for &k in chunk {
+                    match view.get(k) {
+                        Some(s) => out.extend_from_slice(r.params(&s).as_ref()),
+                        None => out.extend_from_slice(M::Params::default().as_ref()),
+                    }
+                }
+            }
+        }
+    }
+    out.clear();
+    out.reserve(keys.len() * M::WIDTH);
+    model.with_rule(Job::<M>(view, keys, out));
+}
+
+/// Keys whose home slots a mapped read loads ahead at a time.
+const PREFETCH_CHUNK: usize = 64;
+
+/// Asks shard `shard` (service `name`) where its page is, and maps it:
+/// only when the shard shares this process's store (the same node, so
+/// the same machine).
+fn map_page<S: super::table::SlotState>(
+    peers: &dyn Peers,
+    shard: usize,
+    name: &str,
+) -> Result<PageReader<S>, String> {
+    let rt = braid::current().map_err(|e| e.to_string())?;
+    match peers.seat(SHARD_TASK, shard) {
+        Some(seat) if seat.same_store(&rt.store_seat()) => {}
+        _ => return Err("the shard is on another node".into()),
+    }
+    let request = codec::encode(&Request::Page).map_err(|e| e.to_string())?;
+    let answer = peers
+        .call_many(vec![PeerCall {
+            task: SHARD_TASK.to_string(),
+            subtask: shard,
+            service: name.to_string(),
+            request,
+        }])
+        .pop()
+        .ok_or("no answer")?
+        .map_err(|e| e.to_string())?;
+    let addr: Result<PageAddr, String> = codec::decode(&answer).map_err(|e| e.to_string())?;
+    PageReader::open(addr?).map_err(|e| e.to_string())
 }
 
 /// Offers `shard`'s pulls to workers in other processes (the cluster
@@ -234,7 +324,15 @@ enum Weights {
 }
 
 #[derive(Serialize, Deserialize)]
-struct Request {
+enum Request {
+    /// Weights, for a worker on another node.
+    Pull(PullRequest),
+    /// Where the shard's page is, for a worker on this node.
+    Page,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PullRequest {
     step: u64,
     keys: Keys,
     /// Where the worker sits on its store, to lend it the weights.
@@ -322,11 +420,11 @@ fn outgoing(
     if let Some(m) = meter {
         m.sent(key_bytes);
     }
-    let request = codec::encode(&Request {
+    let request = codec::encode(&Request::Pull(PullRequest {
         step,
         keys,
         reply_to: rt.map(Runtime::store_seat),
-    })
+    }))
     .map_err(|e| unreachable(e.to_string()))?;
     Ok(Outgoing {
         call: PeerCall {
@@ -438,7 +536,7 @@ impl<M: Model> PullService<M> {
         }
     }
 
-    fn answer(&self, request: Request) -> Answer {
+    fn answer(&self, request: PullRequest) -> Answer {
         let index = self.cell.index();
         let unreachable = |why: String| PullError::Unreachable(index, why);
         let lent_keys;
@@ -495,11 +593,16 @@ impl<M: Model> Service for PullService<M> {
     fn call(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         let request: Request =
             codec::decode(request).map_err(|e| format!("a malformed pull request: {e}"))?;
-        codec::encode(&self.answer(request)).map_err(|e| e.to_string())
+        match request {
+            Request::Pull(request) => codec::encode(&self.answer(request)),
+            Request::Page => codec::encode(&self.cell.open_page().map_err(|e| e.to_string())),
+        }
+        .map_err(|e| e.to_string())
     }
 
     /// Under ASP a pull never waits for other workers: it reads the table
-    /// under the shard's lock and answers.
+    /// under the shard's lock and answers. (Asking for the page never
+    /// waits either, but one service answers both.)
     fn may_block(&self) -> bool {
         self.cell.waits_for_workers()
     }

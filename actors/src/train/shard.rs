@@ -27,6 +27,7 @@ use super::messages::{AppliedBatch, Delta, ModelVersion, Push, TrainBatch};
 use super::model::{learn_sharded, params_of, Learner, LogisticRegression, Model};
 use super::optimizer::BIAS_KEY;
 use super::ps::{first_crash, ApplyError, Crash, KeyPolicy, PsConfig, PullError, PullStats};
+use super::shard_page::{PageAddr, PageError, ShardPage};
 use super::table::{prefetch_line, ParamTable, SlotRef};
 use crate::stream::context::TaskContext;
 use crate::stream::operator::{
@@ -38,7 +39,7 @@ use braid::store::codec;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -67,6 +68,9 @@ pub struct ShardCell<M: Model = LogisticRegression> {
     state: Mutex<ShardState<M>>,
     changed: Condvar,
     staleness: Option<u64>,
+    /// Where workers in other processes on this machine read the table in
+    /// place ([`ShardCell::open_page`]).
+    page: OnceLock<ShardPage>,
 }
 
 impl<M: Model> ShardCell<M> {
@@ -167,6 +171,47 @@ impl<M: Model> ShardCell<M> {
     fn stop(&self) {
         self.state.lock().stopped = true;
         self.changed.notify_all();
+        if let Some(page) = self.page.get() {
+            page.stop();
+        }
+    }
+
+    /// Moves the table into shared memory and opens the page through which
+    /// workers in other processes on this machine read it in place
+    /// ([`super::shard_page`]); its address.
+    pub fn open_page(&self) -> Result<PageAddr, PageError> {
+        if self.page.get().is_none() {
+            let page = ShardPage::create(self.state.lock().meta.clocks.len())?;
+            let _ = self.page.set(page);
+        }
+        let mut state = self.state.lock();
+        self.publish(&mut state);
+        self.page
+            .get()
+            .map(ShardPage::addr)
+            .ok_or_else(|| PageError::NotAPage("no page".into()))
+    }
+
+    /// Publishes the table and the clock on the page, if there is one:
+    /// after every change to either.
+    fn publish(&self, state: &mut ShardState<M>) {
+        let Some(page) = self.page.get() else {
+            return;
+        };
+        let table = state.model.table_mut();
+        if table.shared_fd().is_none() {
+            if let Err(e) = table.share() {
+                tracing::warn!("shard {}: pulls stay calls: {e}", self.index);
+            }
+        }
+        table.publish_side();
+        if let Some(fd) = table.shared_fd() {
+            page.set_table(fd);
+        }
+        if state.stopped {
+            page.stop();
+        }
+        page.set_clocks(Self::min_clock(&state.meta), &state.meta.clocks);
     }
 }
 
@@ -451,6 +496,7 @@ impl<M: Model> ShardOperator<M> {
             }),
             changed: Condvar::new(),
             staleness: config.consistency.staleness(),
+            page: OnceLock::new(),
         });
         let name = config.shard_name(ctx.generation, index);
         let feature_bits = config.feature_bits;
@@ -613,6 +659,7 @@ impl<M: Model> ShardOperator<M> {
             self.note_batch(&push);
             state.meta.clocks[w] = push.step + 1;
         }
+        self.cell.publish(state);
         self.cell.changed.notify_all();
         Ok(())
     }
@@ -1003,6 +1050,7 @@ impl<M: Model> ShardOperator<M> {
         if restored > 0 {
             state.meta.epoch = restored;
         }
+        self.cell.publish(&mut state);
         drop(state);
         self.cell.changed.notify_all();
         self.sent_full = false;

@@ -117,10 +117,10 @@ impl<M: Model> TrainWorker<M> {
         };
         Self {
             config: config.clone(),
+            client: PsClient::new(config, model.clone()),
             model,
             index,
             crash,
-            client: PsClient::new(config),
             chained: Vec::new(),
             slots: vec![Vec::new(); shards],
             step: 0,

@@ -57,8 +57,13 @@
 //! entries need: the slot count is a length field its entries do not back,
 //! so such a table is rebuilt with the slots its entries need.)
 
+mod shared;
+
+use shared::SharedSlots;
+pub use shared::{SharedSlotsError, SlotsView};
 use std::fmt;
 use std::mem::size_of;
+use std::os::fd::RawFd;
 
 /// The load factor (live keys / slots) above which the table doubles.
 pub const MAX_LOAD: f64 = 0.75;
@@ -231,6 +236,7 @@ const ZERO_SLOT: usize = usize::MAX;
 pub(crate) struct SlotRef(usize);
 
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
 struct Slot<S> {
     key: u64,
     state: S,
@@ -244,7 +250,7 @@ struct Slot<S> {
 /// them, and [`Clone::clone_from`] reuses the target's array, so a
 /// checkpoint's copy into a kept buffer neither allocates nor faults.
 pub struct ParamTable<S> {
-    slots: Vec<Slot<S>>,
+    slots: SlotArray<S>,
     /// `slots.len() - 1`; the slot count is a power of two.
     mask: usize,
     /// `64 - log2(slots.len())`: the home slot is the top bits of the hash.
@@ -255,6 +261,58 @@ pub struct ParamTable<S> {
     max_in_slots: usize,
     /// The state of key 0, which cannot live in `slots` (0 marks empty).
     zero: Option<S>,
+}
+
+/// Where a table's slots live: on the heap, or in shared memory that other
+/// processes on the machine read ([`ParamTable::share`]).
+enum SlotArray<S> {
+    Heap(Vec<Slot<S>>),
+    Shared(SharedSlots<S>),
+}
+
+impl<S: SlotState> SlotArray<S> {
+    /// `n` empty slots where `like`'s are: in a new shared file when
+    /// `like` is shared (on the heap if that file cannot be made).
+    fn empty_like(like: Option<&Self>, n: usize) -> Self {
+        let empty = Slot {
+            key: EMPTY,
+            state: S::default(),
+        };
+        if let Some(SlotArray::Shared(_)) = like {
+            match SharedSlots::empty(n) {
+                Ok(shared) => return SlotArray::Shared(shared),
+                Err(e) => tracing::warn!("a table's slots stay private: {e}"),
+            }
+        }
+        SlotArray::Heap(super::hugepages::filled(n, empty))
+    }
+
+    /// Bytes of memory the slots hold.
+    fn bytes(&self) -> usize {
+        match self {
+            SlotArray::Heap(v) => v.capacity() * size_of::<Slot<S>>(),
+            SlotArray::Shared(s) => std::mem::size_of_val(s.slots()),
+        }
+    }
+}
+
+impl<S: SlotState> std::ops::Deref for SlotArray<S> {
+    type Target = [Slot<S>];
+    fn deref(&self) -> &[Slot<S>] {
+        match self {
+            SlotArray::Heap(v) => v,
+            SlotArray::Shared(s) => s.slots(),
+        }
+    }
+}
+
+impl<S: SlotState> std::ops::DerefMut for SlotArray<S> {
+    fn deref_mut(&mut self) -> &mut [Slot<S>] {
+        match self {
+            SlotArray::Heap(v) => v,
+            SlotArray::Shared(s) => s.slots_mut(),
+        }
+    }
 }
 
 /// Mixes a key into a 64-bit hash whose top bits pick the home slot. Keys
@@ -272,7 +330,7 @@ fn mix(key: u64) -> u64 {
 impl<S: SlotState> Clone for ParamTable<S> {
     fn clone(&self) -> Self {
         Self {
-            slots: super::hugepages::copied(&self.slots),
+            slots: SlotArray::Heap(super::hugepages::copied(&self.slots)),
             mask: self.mask,
             shift: self.shift,
             in_slots: self.in_slots,
@@ -282,12 +340,19 @@ impl<S: SlotState> Clone for ParamTable<S> {
     }
 
     fn clone_from(&mut self, source: &Self) {
-        if self.slots.capacity() < source.slots.len() {
-            *self = source.clone();
-            return;
+        match &mut self.slots {
+            SlotArray::Heap(v) if v.capacity() >= source.slots.len() => {
+                v.clear();
+                v.extend_from_slice(&source.slots);
+            }
+            SlotArray::Shared(s) if s.slots().len() == source.slots.len() => {
+                s.slots_mut().copy_from_slice(&source.slots);
+            }
+            _ => {
+                *self = source.clone();
+                return;
+            }
         }
-        self.slots.clear();
-        self.slots.extend_from_slice(&source.slots);
         self.mask = source.mask;
         self.shift = source.shift;
         self.in_slots = source.in_slots;
@@ -321,15 +386,14 @@ impl<S: SlotState> ParamTable<S> {
     }
 
     fn with_slots(n: usize) -> Self {
+        Self::with_slots_like(None, n)
+    }
+
+    /// An empty table of `n` slots, shared when `like` is.
+    fn with_slots_like(like: Option<&SlotArray<S>>, n: usize) -> Self {
         debug_assert!(n.is_power_of_two() && n >= MIN_SLOTS);
         Self {
-            slots: super::hugepages::filled(
-                n,
-                Slot {
-                    key: EMPTY,
-                    state: S::default(),
-                },
-            ),
+            slots: SlotArray::empty_like(like, n),
             mask: n - 1,
             shift: 64 - n.trailing_zeros(),
             in_slots: 0,
@@ -362,9 +426,9 @@ impl<S: SlotState> ParamTable<S> {
         self.in_slots as f64 / self.slots.len() as f64
     }
 
-    /// Heap bytes the table holds: its slot array.
+    /// Bytes the table holds: its slot array.
     pub fn bytes(&self) -> usize {
-        self.slots.capacity() * size_of::<Slot<S>>()
+        self.slots.bytes()
     }
 
     /// Heap bytes per live key: [`Self::bytes`] (every slot, empty ones
@@ -563,8 +627,8 @@ impl<S: SlotState> ParamTable<S> {
     #[cold]
     #[inline(never)]
     fn grow_to(&mut self, n: usize) {
-        let mut bigger = Self::with_slots(n);
-        for s in &self.slots {
+        let mut bigger = Self::with_slots_like(Some(&self.slots), n);
+        for s in self.slots.iter() {
             if s.key != EMPTY {
                 if let Err(i) = bigger.find(s.key) {
                     bigger.slots[i] = *s;
@@ -652,9 +716,39 @@ impl<S: SlotState> ParamTable<S> {
         }
     }
 
+    /// Moves the slots into shared memory (a `memfd`), where processes on
+    /// this machine can map them read-only ([`SlotsView`]); the table grows
+    /// into shared memory from then on. A no-op if already shared.
+    pub fn share(&mut self) -> Result<(), SharedSlotsError> {
+        if let SlotArray::Shared(_) = self.slots {
+            return Ok(());
+        }
+        let mut shared = SharedSlots::empty(self.slots.len())?;
+        shared.slots_mut().copy_from_slice(&self.slots);
+        shared.set_side(self.zero);
+        self.slots = SlotArray::Shared(shared);
+        Ok(())
+    }
+
+    /// The descriptor of the shared slots ([`Self::share`]), if shared.
+    pub fn shared_fd(&self) -> Option<RawFd> {
+        match &self.slots {
+            SlotArray::Shared(s) => Some(s.fd()),
+            SlotArray::Heap(_) => None,
+        }
+    }
+
+    /// Copies key 0's state into the shared slots' side slot, where
+    /// readers look for it (key 0 lives outside the slot array).
+    pub fn publish_side(&mut self) {
+        if let SlotArray::Shared(s) = &mut self.slots {
+            s.set_side(self.zero);
+        }
+    }
+
     /// Removes every key, keeping the slot array.
     pub fn clear(&mut self) {
-        for s in &mut self.slots {
+        for s in self.slots.iter_mut() {
             *s = Slot {
                 key: EMPTY,
                 state: S::default(),

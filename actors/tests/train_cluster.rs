@@ -199,8 +199,9 @@ fn shards_in_other_processes_train_the_model_one_process_does() {
     // deltas serving and predictions the evaluation, as Arrow batches in
     // the receivers' mailbox arenas or the store, read in place:
     // nothing encoded, nothing copied. Every micro-batch is one push and
-    // one pull per shard (the weights, read in place from the shard's
-    // table through its page).
+    // one pull per shard: the weights read in place from the shard's table
+    // through its page, or (BSP between several workers) a call's keys
+    // and weights.
     let sum = |to: &str| -> u64 {
         report
             .edges
@@ -215,12 +216,7 @@ fn shards_in_other_processes_train_the_model_one_process_does() {
         "pulls are not counted on the push edge: {:?}",
         report.edges
     );
-    // A pull through a call would count twice (keys, then weights).
-    assert!(
-        sum("shard") < 3 * shards * sum("worker"),
-        "pulls went through calls, not the shards' pages: {:?}",
-        report.edges
-    );
+
     let columnar: Vec<_> = report
         .edges
         .iter()

@@ -199,9 +199,8 @@ fn shards_in_other_processes_train_the_model_one_process_does() {
     // deltas serving and predictions the evaluation, as Arrow batches in
     // the receivers' mailbox arenas or the store, read in place:
     // nothing encoded, nothing copied. Every micro-batch is one push and
-    // one pull per shard: the weights read in place from the shard's table
-    // through its page, or (BSP between several workers) a call's keys
-    // and weights.
+    // one pull per shard (the weights, read in place from the shard's
+    // table through its page).
     let sum = |to: &str| -> u64 {
         report
             .edges
@@ -214,6 +213,12 @@ fn shards_in_other_processes_train_the_model_one_process_does() {
     assert!(
         sum("shard") >= 2 * shards * sum("worker"),
         "pulls are not counted on the push edge: {:?}",
+        report.edges
+    );
+    // A pull through a call would count twice (keys, then weights).
+    assert!(
+        sum("shard") < 3 * shards * sum("worker"),
+        "pulls went through calls, not the shards' pages: {:?}",
         report.edges
     );
 

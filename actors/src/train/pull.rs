@@ -101,10 +101,6 @@ impl<M: Model> PsClient<M> {
             // in one process every shard registers here.
             let link = match (&self.peers, registry::get::<ShardCell<M>>(&name)) {
                 (_, Ok(cell)) => ShardLink::Local(cell),
-                // BSP with several workers stalls on the page for
-                // reasons not yet understood (a step waits out the page's
-                // 20 ms nap), so it keeps pulling through calls.
-                (Some(_), Err(_)) if bsp_between_workers(&self.config) => ShardLink::Remote(name),
                 (Some(peers), Err(_)) => match map_page(peers.as_ref(), s, &name) {
                     Ok(reader) => ShardLink::Mapped(reader),
                     Err(why) => {
@@ -231,12 +227,6 @@ fn read_view<M: Model>(model: &M, view: &SlotsView<M::State>, keys: &[u64], out:
     out.clear();
     out.reserve(keys.len() * M::WIDTH);
     model.with_rule(Job::<M>(view, keys, out));
-}
-
-/// Whether `config` is BSP with more than one worker, which pulls through
-/// calls rather than the shard's page (see [`PsClient`]'s resolution).
-fn bsp_between_workers(config: &PsConfig) -> bool {
-    config.consistency.staleness() == Some(0) && config.workers > 1
 }
 
 /// Keys whose home slots a mapped read loads ahead at a time.

@@ -218,7 +218,9 @@ impl ShardPage {
         let p = page(&self.map);
         p.signal.fetch_add(1, Ordering::Release);
         if p.waiters.load(Ordering::SeqCst) > 0 {
-            let _ = futex::wake(&p.signal, futex::Flags::empty(), u32::MAX);
+            // The kernel reads the count as an `int`: `u32::MAX` would be
+            // -1 and wake one waiter only.
+            let _ = futex::wake(&p.signal, futex::Flags::empty(), i32::MAX as u32);
         }
     }
 }

@@ -60,6 +60,18 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SharedSlotsErro
     move |source| SharedSlotsError::Io { what, source }
 }
 
+/// Takes the answer to advice that the table's pages be huge: where the
+/// kernel backs shared memory with huge pages on advice
+/// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` is `advise` or
+/// `within_size`), random probes miss the TLB far less, as the private
+/// tables' do ([`hugepages`](crate::train::hugepages)); elsewhere the
+/// table works on small pages.
+fn huge_pages(advised: std::io::Result<()>) {
+    if let Err(e) = advised {
+        tracing::debug!("a shared table stays on small pages: {e}");
+    }
+}
+
 fn file_len<S>(slots: usize) -> Option<usize> {
     slots
         .checked_add(1)?
@@ -84,6 +96,7 @@ impl<S: SlotState> SharedSlots<S> {
         let file = std::fs::File::from(fd);
         file.set_len(len as u64).map_err(io("size"))?;
         let map = memmap2::MmapRaw::map_raw(&file).map_err(io("map"))?;
+        huge_pages(map.advise(memmap2::Advice::HugePage));
         let mut shared = SharedSlots {
             fd: file.into(),
             map,
@@ -198,6 +211,7 @@ impl<S: SlotState> SlotsView<S> {
         // by word with atomic loads (`word`). The file's size never changes
         // (the owner makes a new file to grow).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(format!("map {path}")))?;
+        huge_pages(map.advise(memmap2::Advice::HugePage));
         let mut view = SlotsView {
             map,
             len: 0,

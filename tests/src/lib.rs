@@ -1,2 +1,5 @@
-//! Cross-crate integration tests for braid live in `tests/`; this library is
-//! intentionally empty.
+//! Cross-crate integration tests for braid live in `tests/`; this library
+//! holds what they share: [`hosts`], test hosts made of network and mount
+//! namespaces on one machine.
+
+pub mod hosts;

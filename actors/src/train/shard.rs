@@ -549,6 +549,7 @@ impl<M: Model> ShardOperator<M> {
         push: &Push,
         at: Option<&[Option<SlotRef>]>,
         dirty: &mut DirtyKeys,
+        fresh: &mut FreshWeights<M>,
     ) -> Result<(), ApplyError> {
         match policy {
             KeyPolicy::MinCount(min) if min > 1 => {
@@ -573,10 +574,19 @@ impl<M: Model> ShardOperator<M> {
             }
             _ => {
                 match at {
-                    Some(at) => state.model.push_at(&push.keys, at, &push.grads)?,
-                    None => state.model.push(&push.keys, &push.grads)?,
+                    Some(at) => {
+                        state.model.push_at(&push.keys, at, &push.grads)?;
+                        dirty.add(&push.keys);
+                    }
+                    // The delta takes the weights the updates left.
+                    None => {
+                        state
+                            .model
+                            .push_noting(&push.keys, &push.grads, &mut |k, update| {
+                                fresh.note(k, update, dirty)
+                            })?
+                    }
                 }
-                dirty.add(&push.keys);
             }
         }
         Self::evict(state, policy);
@@ -648,14 +658,21 @@ impl<M: Model> ShardOperator<M> {
                 let slots = state.meta.pending.remove(&step).unwrap_or_default();
                 for push in slots.into_iter().flatten() {
                     let noted = at.filter(|_| push.worker as usize == w && step == this_step);
-                    Self::apply_one(state, policy, &push, noted, &mut self.dirty)?;
+                    Self::apply_one(
+                        state,
+                        policy,
+                        &push,
+                        noted,
+                        &mut self.dirty,
+                        &mut self.fresh,
+                    )?;
                     self.note_batch(&push);
                     let worker = push.worker as usize;
                     state.meta.clocks[worker] = step + 1;
                 }
             }
         } else if !push.done {
-            Self::apply_one(state, policy, &push, at, &mut self.dirty)?;
+            Self::apply_one(state, policy, &push, at, &mut self.dirty, &mut self.fresh)?;
             self.note_batch(&push);
             state.meta.clocks[w] = push.step + 1;
         }

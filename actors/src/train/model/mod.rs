@@ -433,6 +433,47 @@ impl<M: Model> Learner<M> {
         Ok(())
     }
 
+    /// [`Learner::push`] that hands `note` each key's update as it is
+    /// applied (what its new parameters are computed from,
+    /// [`Rule::params_of`]): a serving delta then needs no second lookup.
+    pub(crate) fn push_noting<F: FnMut(u64, M::Update)>(
+        &mut self,
+        keys: &[u64],
+        grads: &[f32],
+        note: &mut F,
+    ) -> Result<(), PushError> {
+        check_push(keys, grads, keys.len(), M::WIDTH)?;
+        struct Job<'a, M: Model, F>(
+            &'a mut ParamTable<M::State>,
+            &'a [u64],
+            &'a [f32],
+            &'a mut F,
+        );
+        impl<M: Model, F: FnMut(u64, M::Update)> RuleJob<M> for Job<'_, M, F> {
+            type Output = ();
+            fn run<R: Rule<M>>(self, r: R) {
+                let Job(table, keys, grads, note) = self;
+                let w = M::WIDTH;
+                for (keys, grads) in keys
+                    .chunks(PREFETCH_CHUNK)
+                    .zip(grads.chunks(PREFETCH_CHUNK * w))
+                {
+                    table.prefetch(keys);
+                    for (&k, g) in keys.iter().zip(grads.chunks_exact(w)) {
+                        if nonzero(g) {
+                            let s = table.get_or_insert_default(k);
+                            let seen = r.see(s);
+                            note(k, r.apply_seen(k, s, g, &seen));
+                        }
+                    }
+                }
+            }
+        }
+        self.model
+            .with_rule(Job::<M, F>(&mut self.table, keys, grads, note));
+        Ok(())
+    }
+
     /// [`Learner::pull`] that also notes where each key lives (`None`:
     /// absent), for [`Learner::push_at`] to update without probing again.
     /// The table first makes room for every absent key, so the notes stay

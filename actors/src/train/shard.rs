@@ -578,6 +578,12 @@ impl<M: Model> ShardOperator<M> {
                         state.model.push_at(&push.keys, at, &push.grads)?;
                         dirty.add(&push.keys);
                     }
+                    // Eviction may drop keys the updates reported: their
+                    // weights are looked up at the delta.
+                    None if matches!(policy, KeyPolicy::Capacity(_)) => {
+                        state.model.push(&push.keys, &push.grads)?;
+                        dirty.add(&push.keys);
+                    }
                     // The delta takes the weights the updates left.
                     None => {
                         state

@@ -240,6 +240,25 @@ impl Hosts {
     }
 }
 
+/// The directories of this build that a host's private `/tmp` would hide
+/// (a checkout or target directory under `/tmp`, as in CI): every host
+/// sees them at their paths, bound from this mount namespace, so the test
+/// binaries, `braid` and the repository's files run there as here.
+fn build_dirs() -> Vec<std::path::PathBuf> {
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|p| p.to_path_buf());
+    let target = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()));
+    let hidden = |d: &std::path::PathBuf| d.starts_with("/tmp");
+    let mut dirs: Vec<_> = workspace.into_iter().chain(target).filter(hidden).collect();
+    dirs.sort();
+    // A directory inside another bound one is visible through it.
+    dirs.dedup_by(|inner, outer| inner.starts_with(&*outer));
+    dirs
+}
+
 /// Starts the process that holds host `i`'s mount namespace, in network
 /// namespace `ns`, once its `/tmp` and `/dev/shm` are private.
 fn keeper(i: usize, ns: &str) -> Result<Child, HostsError> {
@@ -257,11 +276,22 @@ fn keeper(i: usize, ns: &str) -> Result<Child, HostsError> {
         .args([
             "sh",
             "-c",
+            // The build's directories are bound aside (into the new,
+            // still empty /dev/shm) before the new /tmp hides them, then
+            // moved to their paths in it.
             &format!(
-                "mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /dev/shm \
+                "mount -t tmpfs tmpfs /dev/shm \
+                 && n=0 && for d in \"$@\"; do mkdir /dev/shm/.build$n \
+                    && mount --bind \"$d\" /dev/shm/.build$n && n=$((n+1)) || exit 1; done \
+                 && mount -t tmpfs tmpfs /tmp \
+                 && n=0 && for d in \"$@\"; do mkdir -p \"$d\" \
+                    && mount --move /dev/shm/.build$n \"$d\" && rmdir /dev/shm/.build$n \
+                    && n=$((n+1)) || exit 1; done \
                  && hostname braid-host-{i} && echo ready && exec sleep infinity"
             ),
+            "keeper",
         ])
+        .args(build_dirs())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

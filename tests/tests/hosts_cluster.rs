@@ -59,12 +59,12 @@ fn hosts_a_node_on_another_host_joins_the_head() {
     let address = file["address"].as_str().expect("an address").to_string();
     let token = file["token"].as_str().expect("a token").to_string();
     assert!(address.starts_with(&a_ip), "{address}");
-    let missing = b
-        .command("sh")
-        .args(["-c", "ls /tmp | wc -l"])
-        .output()
+    let hidden = b
+        .command("test")
+        .args(["!", "-e", &tmpdir(a)])
+        .status()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&missing.stdout).trim(), "0");
+    assert!(hidden.success(), "host B sees host A's braid files");
     braid(
         b,
         &[

@@ -121,6 +121,16 @@ pub trait SlotState: Copy + Default {
     /// Reads a state back from exactly [`Self::ENCODED_LEN`] bytes written by
     /// [`SlotState::encode`].
     fn decode(bytes: &[u8]) -> Self;
+
+    /// The state whose encoding is the [`Self::ENCODED_LEN`]` / 4` 32-bit
+    /// words `word(0)`, `word(1)`, …: how a reader of shared memory
+    /// builds a state from the words it loaded one at a time.
+    fn from_words(mut word: impl FnMut(usize) -> u32) -> Self {
+        let bytes: Vec<u8> = (0..Self::ENCODED_LEN / 4)
+            .flat_map(|i| word(i).to_le_bytes())
+            .collect();
+        Self::decode(&bytes)
+    }
 }
 
 impl SlotState for f32 {
@@ -136,6 +146,11 @@ impl SlotState for f32 {
         let mut b = [0u8; 4];
         b.copy_from_slice(&bytes[..4]);
         f32::from_bits(u32::from_le_bytes(b))
+    }
+
+    #[inline]
+    fn from_words(mut word: impl FnMut(usize) -> u32) -> Self {
+        f32::from_bits(word(0))
     }
 }
 
@@ -157,6 +172,11 @@ where
             *v = f32::decode(chunk);
         }
         s
+    }
+
+    #[inline]
+    fn from_words(mut word: impl FnMut(usize) -> u32) -> Self {
+        std::array::from_fn(|i| f32::from_bits(word(i)))
     }
 }
 

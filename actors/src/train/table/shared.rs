@@ -265,16 +265,17 @@ impl<S: SlotState> SlotsView<S> {
         self.slot_word::<AtomicU64>(slot, 0).load(Ordering::Relaxed)
     }
 
+    #[inline]
     fn state_at(&self, slot: usize) -> S {
-        let mut bytes = [0u8; MAX_SLOT_BYTES];
-        let state = &mut bytes[..S::ENCODED_LEN];
-        for (i, word) in state.chunks_exact_mut(4).enumerate() {
-            let w = self
-                .slot_word::<AtomicU32>(slot, size_of::<u64>() + 4 * i)
-                .load(Ordering::Relaxed);
-            word.copy_from_slice(&w.to_le_bytes());
-        }
-        S::decode(state)
+        S::from_words(|i| {
+            // A state's words lie within its slot (checked at `open`); a
+            // `from_words` asking past them reads 0.
+            if i >= S::ENCODED_LEN / 4 {
+                return 0;
+            }
+            self.slot_word::<AtomicU32>(slot, size_of::<u64>() + 4 * i)
+                .load(Ordering::Relaxed)
+        })
     }
 
     /// The state of `key`, if present. A probe that meets no empty slot

@@ -30,6 +30,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// The environment variable that turns a skip into a failure.
 pub const REQUIRE_VAR: &str = "BRAID_REQUIRE_HOSTS";
 
+/// The environment variable naming the role a test binary plays when a
+/// test re-runs it on a host ([`Host::child`], [`child_role`]).
+pub const CHILD_VAR: &str = "BRAID_HOSTS_CHILD";
+
+/// The role this process plays if a test started it with [`Host::child`]:
+/// what a test file's `child_entry` test acts on (it returns at once
+/// when there is none).
+pub fn child_role() -> Option<String> {
+    std::env::var(CHILD_VAR).ok()
+}
+
 /// Why hosts could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum HostsError {
@@ -71,6 +82,16 @@ impl Host {
     /// The name of the host's network namespace.
     pub fn netns(&self) -> &str {
         &self.netns
+    }
+
+    /// A command that runs this test binary's `child_entry` test on this
+    /// host, as `role` ([`child_role`]); an error if this process's
+    /// executable cannot be found.
+    pub fn child(&self, role: &str) -> std::io::Result<Command> {
+        let mut cmd = self.command(std::env::current_exe()?);
+        cmd.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+            .env(CHILD_VAR, role);
+        Ok(cmd)
     }
 
     /// A command that runs `program` on this host: in its network and

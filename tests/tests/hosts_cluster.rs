@@ -2,17 +2,15 @@
 //! one host, a node on another ([`braid_tests::hosts`]).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use braid_tests::hosts::{braid_binary, Host, Hosts};
+use braid_tests::hosts::{braid_binary, child_role, Host, Hosts};
 use std::io::{Read, Write};
 use std::process::Output;
 use std::time::Duration;
 
-const CHILD_VAR: &str = "BRAID_HOSTS_CHILD";
-
 /// Entry point of the processes the tests start on their hosts.
 #[test]
 fn child_entry() {
-    let Ok(role) = std::env::var(CHILD_VAR) else {
+    let Some(role) = child_role() else {
         return;
     };
     let at = std::env::var("AT").unwrap();
@@ -49,13 +47,7 @@ fn child_entry() {
 /// Runs this test binary's `child_entry` as `role` on `host`, against `at`;
 /// what it printed.
 fn child(host: &Host, role: &str, at: &str) -> String {
-    let out = host
-        .command(std::env::current_exe().unwrap())
-        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env(CHILD_VAR, role)
-        .env("AT", at)
-        .output()
-        .unwrap();
+    let out = host.child(role).unwrap().env("AT", at).output().unwrap();
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 

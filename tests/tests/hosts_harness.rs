@@ -3,17 +3,15 @@
 //! themselves, and leave no namespace, link or process behind.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use braid_tests::hosts::Hosts;
+use braid_tests::hosts::{child_role, Hosts};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 
-const CHILD_VAR: &str = "BRAID_HOSTS_CHILD";
-
 /// Entry point of the processes the tests start on their hosts.
 #[test]
 fn child_entry() {
-    let Ok(role) = std::env::var(CHILD_VAR) else {
+    let Some(role) = child_role() else {
         return;
     };
     let at = std::env::var("AT").unwrap();
@@ -42,10 +40,8 @@ fn child_entry() {
 }
 
 fn child(hosts: &Hosts, host: usize, role: &str, at: &str) -> Command {
-    let mut cmd = hosts.host(host).command(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env(CHILD_VAR, role)
-        .env("AT", at);
+    let mut cmd = hosts.host(host).child(role).unwrap();
+    cmd.env("AT", at);
     cmd
 }
 

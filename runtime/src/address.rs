@@ -1,7 +1,9 @@
 //! Where a braid process can be reached: its worker id, its node, and the
-//! Unix socket it serves direct calls on.
+//! endpoint it serves direct calls on (a Unix socket, and a TCP address
+//! for other hosts).
 
 use crate::ids::{NodeId, WorkerId};
+use crate::wire::Endpoint;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -15,21 +17,21 @@ pub struct Address {
     pub worker: WorkerId,
     /// The node it runs on.
     pub node: NodeId,
-    /// The Unix socket it serves direct calls on.
-    pub socket: String,
+    /// Where it serves direct calls.
+    pub endpoint: Endpoint,
     /// Its process id.
     pub pid: u32,
 }
 
 impl fmt::Debug for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}@{}", self.worker, self.socket)
+        write!(f, "{:?}@{:?}", self.worker, self.endpoint)
     }
 }
 
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "pid {} ({})", self.pid, self.socket)
+        write!(f, "pid {} ({})", self.pid, self.endpoint)
     }
 }
 

@@ -10,10 +10,12 @@ use crate::ids::{ActorId, JobId, NodeId, WorkerId};
 use crate::refs::{RefEvent, RefTable, ValueState};
 use crate::submit::Submitter;
 use crate::wire::messages::{Hello, ObjectStatus};
-use crate::wire::{Conn, Handler, Message, Reply, Responder};
+use crate::wire::transport::{self, Listener, Route};
+use crate::wire::{Conn, Endpoint, Handler, MachineId, Message, Reply, Responder};
 use braid_store::{GetError, ObjectId, ObjectView, StoreClient};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -53,7 +55,7 @@ pub struct Core {
     /// The session directory, as the node names it (its scratch
     /// directories are the node's to remove).
     pub(crate) session_dir: PathBuf,
-    peers: Mutex<HashMap<String, Arc<OnceCell<Conn>>>>,
+    peers: Mutex<HashMap<Route, Arc<OnceCell<Conn>>>>,
     pub(crate) submitter: Submitter,
     pub(crate) actors: Mutex<HashMap<ActorId, Arc<crate::actor::ActorClient>>>,
     pub(crate) executor: OnceCell<Arc<Executor>>,
@@ -69,6 +71,9 @@ pub(crate) struct CoreConfig {
     pub token: String,
     pub node_socket: PathBuf,
     pub session_dir: PathBuf,
+    /// The address of this node's host that other hosts reach its
+    /// processes on (loopback for a cluster on one machine).
+    pub direct_ip: IpAddr,
 }
 
 /// Handles everything arriving on this process's connections.
@@ -173,8 +178,9 @@ impl Handler for CoreHandler {
 }
 
 impl Core {
-    /// Brings the process's runtime up: binds its listener, connects to its
-    /// node (as a driver or a worker), and opens the store.
+    /// Brings the process's runtime up: binds its listeners (its socket,
+    /// and TCP on its node's address), connects to its node (as a driver or
+    /// a worker), and opens the store.
     pub(crate) async fn start(config: CoreConfig) -> Result<Arc<Core>> {
         let socket_dir = config.session_dir.join("sockets");
         // Not `create_dir_all`: a process still starting while its cluster
@@ -196,6 +202,13 @@ impl Core {
         let _ = std::fs::remove_file(&socket);
         let listener = tokio::net::UnixListener::bind(&socket)
             .map_err(|e| Error::io(format!("bind {}", socket.display()), e))?;
+        let (tcp_listener, tcp) = match Listener::bind_tcp(config.direct_ip).await {
+            Ok(bound) => bound,
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
+        };
 
         let handler = Arc::new(CoreHandler {
             core: OnceCell::new(),
@@ -206,7 +219,11 @@ impl Core {
         let mut me = Address {
             worker: config.worker,
             node: NodeId(0),
-            socket: socket.display().to_string(),
+            endpoint: Endpoint {
+                machine: MachineId::current().clone(),
+                socket: socket.display().to_string(),
+                tcp: Some(tcp.to_string()),
+            },
             pid: std::process::id(),
         };
         let hello = match config.role {
@@ -220,8 +237,8 @@ impl Core {
                 build_hash: crate::registry::build_hash().to_string(),
             },
         };
-        let (node, welcome) = match Conn::connect(
-            &config.node_socket,
+        let (node, welcome) = match transport::dial(
+            &Route::Local(config.node_socket.clone()),
             Message::Hello(hello),
             handler.clone(),
         )
@@ -270,7 +287,12 @@ impl Core {
             self_ref: weak.clone(),
         });
         let _ = handler.core.set(Arc::downgrade(&core));
-        tokio::spawn(accept_loop(listener, handler));
+        tokio::spawn(transport::serve(
+            Listener::Local(listener),
+            "peer",
+            handler.clone(),
+        ));
+        tokio::spawn(transport::serve(tcp_listener, "peer", handler));
         // Frees run on their own thread: a task that never yields (a tight
         // loop of puts) must not hold back the frees its drops queued, which
         // tokio would run on that task's worker.
@@ -283,11 +305,13 @@ impl Core {
         Ok(core)
     }
 
-    /// A connection to another braid process, opened on first use.
+    /// A connection to another braid process, opened on first use: over
+    /// its socket and a ring on this machine, over TCP from another.
     pub(crate) async fn peer(&self, address: &Address) -> Result<Conn> {
+        let route = address.endpoint.route()?;
         let cell = {
             let mut peers = self.peers.lock();
-            let cell = peers.entry(address.socket.clone()).or_default();
+            let cell = peers.entry(route.clone()).or_default();
             if cell.get().is_some_and(Conn::is_closed) {
                 *cell = Arc::new(OnceCell::new());
             }
@@ -305,13 +329,14 @@ impl Core {
                     token: self.token.clone(),
                     address: (*self.me).clone(),
                 });
-                let path = PathBuf::from(&address.socket);
                 let (conn, _) = self
                     .handle
                     .spawn(async move {
-                        let (conn, reply) = Conn::connect(&path, hello, handler).await?;
-                        if let Err(e) = conn.open_ring().await {
-                            tracing::debug!(?conn, "staying on the socket: {e}");
+                        let (conn, reply) = transport::dial(&route, hello, handler).await?;
+                        if matches!(route, Route::Local(_)) {
+                            if let Err(e) = conn.open_ring().await {
+                                tracing::debug!(?conn, "staying on the socket: {e}");
+                            }
                         }
                         Ok::<_, Error>((conn, reply))
                     })
@@ -487,20 +512,6 @@ impl ObjectBytes {
         match self {
             ObjectBytes::Inline(b) => b,
             ObjectBytes::Stored(v) => v.as_bytes(),
-        }
-    }
-}
-
-async fn accept_loop(listener: tokio::net::UnixListener, handler: Arc<CoreHandler>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                Conn::accept(stream, "peer".into(), handler.clone());
-            }
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
         }
     }
 }

@@ -77,7 +77,7 @@ impl InitOptions {
             .address
             .clone()
             .or_else(|| std::env::var(ADDRESS_VAR).ok().filter(|a| !a.is_empty()));
-        let (cluster, head, token, node_socket, session_dir) = match address {
+        let (cluster, head, token, node_socket, session_dir, direct_ip) = match address {
             Some(address) => {
                 let token = match &self.token {
                     Some(t) => t.clone(),
@@ -88,8 +88,8 @@ impl InitOptions {
                 let host = cluster::hostname();
                 let local = nodes
                     .iter()
-                    .filter(|n| n.alive && n.info.hostname == host)
-                    .filter(|n| std::path::Path::new(&n.info.control_address).exists())
+                    .filter(|n| n.alive && n.info.control.is_local())
+                    .filter(|n| std::path::Path::new(&n.info.control.socket).exists())
                     .max_by_key(|n| n.info.is_head_node)
                     .ok_or_else(|| Error::Unreachable {
                         address: address.clone(),
@@ -97,12 +97,24 @@ impl InitOptions {
                             "the cluster has no node on this machine ({host}); start one with `braid start --address {address}`"
                         ),
                     })?;
+                let direct_ip = local
+                    .info
+                    .grpc_address
+                    .parse::<std::net::SocketAddr>()
+                    .map(|a| a.ip())
+                    .map_err(|e| {
+                        Error::BadRequest(format!(
+                            "the head lists node {} at {:?}: {e}",
+                            local.info.node_id, local.info.grpc_address
+                        ))
+                    })?;
                 (
                     None,
                     address,
                     token,
-                    PathBuf::from(&local.info.control_address),
+                    PathBuf::from(&local.info.control.socket),
                     local.info.session_dir.clone(),
+                    direct_ip,
                 )
             }
             None => {
@@ -124,7 +136,15 @@ impl InitOptions {
                     .and_then(|p| p.parent())
                     .map(PathBuf::from)
                     .unwrap_or_default();
-                (Some(Arc::new(cluster)), head, token, socket, session)
+                let loopback = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+                (
+                    Some(Arc::new(cluster)),
+                    head,
+                    token,
+                    socket,
+                    session,
+                    loopback,
+                )
             }
         };
         let job = JobId::random();
@@ -135,6 +155,7 @@ impl InitOptions {
             token,
             node_socket,
             session_dir,
+            direct_ip,
         })
         .await?;
         register_job(&core).await?;

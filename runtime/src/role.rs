@@ -299,6 +299,7 @@ fn run_worker() -> i32 {
             token: config.token.clone(),
             node_socket: config.node_socket.clone(),
             session_dir: config.session_dir.clone(),
+            direct_ip: config.direct_ip,
         })
         .await?;
         let executor = Executor::start(&core);

@@ -18,7 +18,7 @@ use crate::value::Arg;
 use crate::wire::messages::{
     Hello, Lease, LeaseRequest, ReturnValue, TaskResult, TaskSpec, WireArg,
 };
-use crate::wire::{Conn, Message, Reply};
+use crate::wire::{Conn, Endpoint, Message, Reply};
 use braid_store::ObjectId;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
@@ -362,13 +362,15 @@ pub(crate) async fn record_result(core: &Core, returns: ObjectId, result: TaskRe
     core.refs.set_state(returns, state);
 }
 
-async fn node_conn_for(core: &Core, socket: &str) -> Result<Conn> {
+/// A connection to another node's control plane: its socket on this
+/// machine, TCP on another.
+async fn node_conn_for(core: &Core, endpoint: &Endpoint) -> Result<Conn> {
     let hello = Message::Hello(Hello::Peer {
         token: core.token.clone(),
         address: (*core.me).clone(),
     });
-    let (conn, _) = Conn::connect(
-        std::path::Path::new(socket),
+    let (conn, _) = crate::wire::transport::dial(
+        &endpoint.route()?,
         hello,
         Arc::new(crate::wire::conn::NoHandler),
     )
@@ -384,16 +386,16 @@ pub(crate) async fn lease_worker(
 ) -> Result<(Lease, Conn)> {
     let mut conn = match node {
         Some(n) if n != core.node_id => {
-            let socket = core.node_socket_of(n).await?;
-            node_conn_for(core, &socket).await?
+            let endpoint = core.node_endpoint_of(n).await?;
+            node_conn_for(core, &endpoint).await?
         }
         _ => core.node.clone(),
     };
     for _ in 0..8 {
         match conn.request(Message::RequestLease(request.clone())).await? {
             Reply::Leased(lease) => return Ok((lease, conn)),
-            Reply::Spillback { socket, .. } => {
-                conn = node_conn_for(core, &socket).await?;
+            Reply::Spillback { endpoint, .. } => {
+                conn = node_conn_for(core, &endpoint).await?;
             }
             _ => return Err(Error::BadRequest("node answered a lease oddly".into())),
         }
@@ -632,14 +634,14 @@ async fn run_pool(
 }
 
 impl Core {
-    /// The local socket of another node on this machine, from the head.
-    pub(crate) async fn node_socket_of(&self, node: NodeId) -> Result<String> {
+    /// Where another node's control plane listens, from the head.
+    pub(crate) async fn node_endpoint_of(&self, node: NodeId) -> Result<Endpoint> {
         let head = self.head().await?;
         let nodes = head.list_nodes().await?;
         nodes
             .into_iter()
             .find(|n| n.info.node_id == node && n.alive)
-            .map(|n| n.info.control_address)
+            .map(|n| n.info.control)
             .ok_or(Error::NodeDied(node))
     }
 }

@@ -99,7 +99,11 @@ fn hello(token: &str) -> Frame {
             address: Address {
                 worker: WorkerId::random(),
                 node: NodeId(0),
-                socket: "/nonexistent/cluster_bad_input.sock".into(),
+                endpoint: braid::wire::Endpoint {
+                    machine: braid::wire::MachineId::current().clone(),
+                    socket: "/nonexistent/cluster_bad_input.sock".into(),
+                    tcp: None,
+                },
                 pid: std::process::id(),
             },
         })),
@@ -390,7 +394,7 @@ async fn random_bytes_on_every_listening_port_crash_nothing() {
         ("node gRPC", node.info.grpc_address.clone()),
     ];
     let mut unix_targets = vec![
-        ("node control", PathBuf::from(&node.info.control_address)),
+        ("node control", PathBuf::from(&node.info.control.socket)),
         ("node store", node.info.store_socket.clone()),
     ];
     let sockets = process_sockets(&node);
@@ -523,7 +527,7 @@ async fn a_wrong_or_missing_token_is_refused() {
     // The wire protocol: a Hello with a wrong token gets `Unauthenticated`,
     // then the connection closes, on the node's control socket and on every
     // driver and worker socket.
-    let mut targets = vec![PathBuf::from(&node.info.control_address)];
+    let mut targets = vec![PathBuf::from(&node.info.control.socket)];
     targets.extend(process_sockets(&node));
     let mut refused_on = 0;
     for path in &targets {
@@ -595,7 +599,7 @@ async fn an_unknown_actor_class_or_method_gets_a_typed_error() {
 async fn malformed_frames_get_an_error_and_close_only_that_connection() {
     let rt = rt();
     let node = the_node(rt).await;
-    let control = PathBuf::from(&node.info.control_address);
+    let control = PathBuf::from(&node.info.control.socket);
 
     let mut bad = Wire::connect(&control).unwrap();
     let mut good = Wire::connect(&control).unwrap();
@@ -662,7 +666,7 @@ async fn a_connection_without_an_accepted_hello_is_served_nothing() {
     let mut failures = Vec::new();
 
     // The node answers nothing before a Hello...
-    let mut wire = Wire::connect(Path::new(&node.info.control_address)).unwrap();
+    let mut wire = Wire::connect(Path::new(&node.info.control.socket)).unwrap();
     wire.send(&Frame {
         seq: 5,
         body: Body::Request(Message::NodeInfo),

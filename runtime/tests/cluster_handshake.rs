@@ -81,7 +81,11 @@ fn authenticated(socket: &PathBuf, token: &str) -> UnixStream {
             address: Address {
                 worker: WorkerId::random(),
                 node: NodeId(0),
-                socket: "/nonexistent/cluster_handshake.sock".into(),
+                endpoint: braid::wire::Endpoint {
+                    machine: braid::wire::MachineId::current().clone(),
+                    socket: "/nonexistent/cluster_handshake.sock".into(),
+                    tcp: None,
+                },
                 pid: std::process::id(),
             },
         })),

@@ -176,7 +176,11 @@ async fn start_node(cpu: f64, fake: FakeNode) -> TestNode {
         hostname: "localhost".into(),
         pid: std::process::id(),
         grpc_address: server.local_addr.to_string(),
-        control_address: "unix:/nowhere".into(),
+        control: braid::wire::Endpoint {
+            machine: braid::wire::MachineId("elsewhere".into()),
+            socket: "/nowhere".into(),
+            tcp: None,
+        },
         store_socket: "/nowhere/store.sock".into(),
         session_dir: "/nowhere".into(),
         resources_total: cpus(cpu),

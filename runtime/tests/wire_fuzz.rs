@@ -85,9 +85,18 @@ fn address(&(_, a, b, pid, _, ref text, _): &Fields) -> Address {
     Address {
         worker: WorkerId(b),
         node: NodeId(b.rotate_left(7) ^ u128::from(a)),
-        socket: text.clone(),
+        endpoint: braid::wire::Endpoint {
+            machine: braid::wire::MachineId(text.clone()),
+            socket: text.clone(),
+            tcp: flag_text(text),
+        },
         pid,
     }
+}
+
+/// A TCP address drawn from the text, for half the texts.
+fn flag_text(text: &str) -> Option<String> {
+    (text.len() % 2 == 0).then(|| format!("{text}:1"))
 }
 
 fn frame(fields: &Fields) -> Frame {

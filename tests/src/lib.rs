@@ -1,5 +1,7 @@
 //! Cross-crate integration tests for braid live in `tests/`; this library
 //! holds what they share: [`hosts`], test hosts made of network and mount
-//! namespaces on one machine.
+//! namespaces on one machine, and [`host_cluster`], a braid cluster
+//! started on them with the CLI.
 
+pub mod host_cluster;
 pub mod hosts;

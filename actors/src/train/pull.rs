@@ -326,7 +326,7 @@ enum Weights {
 #[derive(Serialize, Deserialize)]
 enum Request {
     /// Weights, for a worker on another node.
-    Pull(PullRequest),
+    Pull(Box<PullRequest>),
     /// Where the shard's page is, for a worker on this node.
     Page,
 }
@@ -420,11 +420,11 @@ fn outgoing(
     if let Some(m) = meter {
         m.sent(key_bytes);
     }
-    let request = codec::encode(&Request::Pull(PullRequest {
+    let request = codec::encode(&Request::Pull(Box::new(PullRequest {
         step,
         keys,
         reply_to: rt.map(Runtime::store_seat),
-    }))
+    })))
     .map_err(|e| unreachable(e.to_string()))?;
     Ok(Outgoing {
         call: PeerCall {
@@ -594,7 +594,7 @@ impl<M: Model> Service for PullService<M> {
         let request: Request =
             codec::decode(request).map_err(|e| format!("a malformed pull request: {e}"))?;
         match request {
-            Request::Pull(request) => codec::encode(&self.answer(request)),
+            Request::Pull(request) => codec::encode(&self.answer(*request)),
             Request::Page => codec::encode(&self.cell.open_page().map_err(|e| e.to_string())),
         }
         .map_err(|e| e.to_string())

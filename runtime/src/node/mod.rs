@@ -13,12 +13,13 @@ use crate::ids::{ActorId, JobId, NodeId, PlacementGroupId, WorkerId};
 use crate::resources::{Resources, CPU, MEMORY};
 use crate::rpc::{HeadClient, NodeClient, NodeHeartbeat, NodeInfo, PickNodeOptions};
 use crate::wire::messages::{Hello, JobSpec, Lease, LeaseRequest, NodeSummary};
-use crate::wire::{Conn, Handler, Message, Reply, Responder};
+use crate::wire::transport::{self, Listener};
+use crate::wire::{Conn, Endpoint, Handler, MachineId, Message, Reply, Responder};
 use braid_store::{ObjectId, StoreClient, StoreConfig, StoreHandle, StoreServer};
 use parking_lot::Mutex;
 use scheduler::{Ledger, Pool};
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -106,6 +107,10 @@ pub(crate) struct Node {
     pub(crate) id: NodeId,
     config: NodeConfig,
     control_socket: PathBuf,
+    /// Its control plane's TCP address, for callers on other hosts.
+    control_tcp: String,
+    /// The address its processes serve direct calls on for other hosts.
+    direct_ip: IpAddr,
     store_socket: PathBuf,
     pub(crate) store: Arc<StoreClient>,
     pub(crate) store_handle: StoreHandle,
@@ -113,6 +118,9 @@ pub(crate) struct Node {
     grpc_address: String,
     state: Mutex<State>,
     hashes: BuildHashes,
+    /// Transfers into this node's store under way, shared by every caller
+    /// that wants the object meanwhile.
+    pulls: Mutex<HashMap<ObjectId, Arc<tokio::sync::OnceCell<Result<()>>>>>,
     released: tokio::sync::Notify,
     self_ref: Weak<Node>,
 }
@@ -169,8 +177,11 @@ pub async fn run_node(
             .local_addr()
             .map_err(|e| Error::io("gRPC address", e))?,
         &config.head,
-    )
-    .to_string();
+    );
+    let direct_ip = grpc_address.ip();
+    let grpc_address = grpc_address.to_string();
+    let (tcp_listener, tcp_bound) = Listener::bind_tcp(config.grpc_listen.ip()).await?;
+    let control_tcp = advertised(tcp_bound, &config.head).to_string();
 
     let head = HeadClient::connect(&config.head, &config.token).await?;
     let mut total = config.resources.clone();
@@ -183,6 +194,8 @@ pub async fn run_node(
     let node = Arc::new_cyclic(|weak| Node {
         id,
         control_socket: control_socket.clone(),
+        control_tcp,
+        direct_ip,
         store_socket,
         store: Arc::new(store),
         store_handle: store_handle.clone(),
@@ -199,6 +212,7 @@ pub async fn run_node(
             grpc_addresses: HashMap::new(),
         }),
         hashes: BuildHashes::default(),
+        pulls: Mutex::new(HashMap::new()),
         released: tokio::sync::Notify::new(),
         config,
         self_ref: weak.clone(),
@@ -207,22 +221,22 @@ pub async fn run_node(
     tokio::spawn(service::serve(node.clone(), grpc_listener, grpc_stop.1));
     node.register().await?;
     tokio::spawn(heartbeat_loop(Arc::downgrade(&node)));
-    let handler = Arc::new(ControlHandler {
-        node: Arc::downgrade(&node),
-    });
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    Conn::accept(stream, "local".into(), handler.clone());
-                }
-                Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    });
+    tokio::spawn(transport::serve(
+        Listener::Local(listener),
+        "local",
+        Arc::new(ControlHandler {
+            node: Arc::downgrade(&node),
+            remote: false,
+        }),
+    ));
+    tokio::spawn(transport::serve(
+        tcp_listener,
+        "remote",
+        Arc::new(ControlHandler {
+            node: Arc::downgrade(&node),
+            remote: true,
+        }),
+    ));
     ready(&NodeReady {
         node: id,
         control_socket,
@@ -264,8 +278,25 @@ async fn heartbeat_loop(node: Weak<Node>) {
     }
 }
 
+/// Serves the node's control plane. Its own processes (drivers, workers)
+/// connect over the Unix socket; processes on other hosts connect over TCP
+/// (`remote`) and may only lease workers and ask what the node has.
 struct ControlHandler {
     node: Weak<Node>,
+    remote: bool,
+}
+
+impl ControlHandler {
+    /// Whether a caller on another host may send `message`.
+    fn remote_may(message: &Message) -> bool {
+        matches!(
+            message,
+            Message::Hello(Hello::Peer { .. })
+                | Message::RequestLease(_)
+                | Message::ReturnLease { .. }
+                | Message::NodeInfo
+        )
+    }
 }
 
 impl Handler for ControlHandler {
@@ -274,6 +305,16 @@ impl Handler for ControlHandler {
             responder.respond(Err(Error::NotRunning("node shutting down".into())));
             return;
         };
+        if self.remote && !Self::remote_may(&message) {
+            responder.respond(Err(Error::BadRequest(format!(
+                "a node serves {} to its own processes only, not over TCP",
+                crate::wire::conn::message_name(&message)
+            ))));
+            if matches!(message, Message::Hello(_)) {
+                conn.close_after_flush();
+            }
+            return;
+        }
         match message {
             Message::Hello(hello) => node.hello(conn, hello, responder),
             Message::RegisterJob(spec) => {
@@ -299,6 +340,9 @@ impl Handler for ControlHandler {
         let Some(node) = self.node.upgrade() else {
             return;
         };
+        if self.remote && !Self::remote_may(&message) {
+            return;
+        }
         match message {
             Message::ReturnLease { lease, kill } => node.return_lease(lease, kill),
             Message::FreeObjects(list) => {
@@ -331,7 +375,11 @@ impl Node {
                 hostname: crate::cluster::hostname(),
                 pid: std::process::id(),
                 grpc_address: self.grpc_address.clone(),
-                control_address: self.control_socket.display().to_string(),
+                control: Endpoint {
+                    machine: MachineId::current().clone(),
+                    socket: self.control_socket.display().to_string(),
+                    tcp: Some(self.control_tcp.clone()),
+                },
                 store_socket: self.store_socket.clone(),
                 session_dir: self.config.session_dir.clone(),
                 resources_total: total.0,
@@ -519,6 +567,7 @@ impl Node {
             session_dir: self.config.session_dir.clone(),
             exe_stamp: fresh,
             build_hash: spec.build_hash.clone(),
+            direct_ip: self.direct_ip,
         };
         let log = self
             .control_socket
@@ -582,7 +631,7 @@ impl Node {
                     let picked = node.head.pick_node(&options).await;
                     responder.respond(picked.map(|n| Reply::Spillback {
                         node: n.node_id,
-                        socket: n.control_address,
+                        endpoint: n.control,
                     }));
                 });
             }
@@ -938,7 +987,28 @@ impl Node {
     }
 
     /// Copies an object from one of `from` into this node's store.
+    /// Pulls an object into this node's store from one of `from`. Pulls
+    /// of one object at once share one transfer: each caller returns when
+    /// it ended, with its outcome.
     async fn pull(&self, id: ObjectId, from: Vec<NodeId>) -> Result<()> {
+        if self.store_handle.contains(&id) {
+            return Ok(());
+        }
+        let transfer = self.pulls.lock().entry(id).or_default().clone();
+        let outcome = transfer
+            .get_or_init(|| self.pull_once(id, from))
+            .await
+            .clone();
+        {
+            let mut pulls = self.pulls.lock();
+            if pulls.get(&id).is_some_and(|t| Arc::ptr_eq(t, &transfer)) {
+                pulls.remove(&id);
+            }
+        }
+        outcome
+    }
+
+    async fn pull_once(&self, id: ObjectId, from: Vec<NodeId>) -> Result<()> {
         if self.store_handle.contains(&id) {
             return Ok(());
         }

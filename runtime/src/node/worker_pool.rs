@@ -33,6 +33,9 @@ pub struct WorkerConfig {
     pub exe_stamp: String,
     /// The build hash the node checked.
     pub build_hash: String,
+    /// The node's address for other hosts, where the worker serves direct
+    /// calls over TCP.
+    pub direct_ip: std::net::IpAddr,
 }
 
 /// Identity of a file on disk: device, inode, size and modification time.

@@ -839,7 +839,11 @@ mod tests {
             hostname: "h".into(),
             pid: 1,
             grpc_address: format!("127.0.0.1:{id}"),
-            control_address: String::new(),
+            control: crate::wire::Endpoint {
+                machine: crate::wire::MachineId("m".into()),
+                socket: String::new(),
+                tcp: None,
+            },
             store_socket: "/s".into(),
             session_dir: "/d".into(),
             resources_total: res(cpu),

@@ -7,6 +7,7 @@
 
 use super::proto;
 use crate::ids::{ActorId, JobId, NodeId, PlacementGroupId};
+use crate::wire::{Endpoint, MachineId};
 use braid_store::ObjectId;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -141,8 +142,9 @@ pub struct NodeInfo {
     pub pid: u32,
     /// The node's gRPC endpoint, `"host:port"`.
     pub grpc_address: String,
-    /// Opaque address the runtime uses to reach the node's local socket.
-    pub control_address: String,
+    /// Where the runtime reaches the node's control plane (leases): its
+    /// socket on its machine, TCP from others.
+    pub control: Endpoint,
     /// Path of the node's object-store socket.
     pub store_socket: PathBuf,
     /// The node's session directory.
@@ -162,7 +164,9 @@ impl From<&NodeInfo> for proto::NodeInfo {
             hostname: n.hostname.clone(),
             pid: n.pid,
             grpc_address: n.grpc_address.clone(),
-            control_address: n.control_address.clone(),
+            control_address: n.control.socket.clone(),
+            control_tcp: n.control.tcp.clone().unwrap_or_default(),
+            machine: n.control.machine.0.clone(),
             store_socket: path_to_wire(&n.store_socket),
             session_dir: path_to_wire(&n.session_dir),
             resources_total: resources_to_wire(&n.resources_total),
@@ -180,7 +184,11 @@ impl TryFrom<proto::NodeInfo> for NodeInfo {
             hostname: n.hostname,
             pid: n.pid,
             grpc_address: n.grpc_address,
-            control_address: n.control_address,
+            control: Endpoint {
+                machine: MachineId(n.machine),
+                socket: n.control_address,
+                tcp: (!n.control_tcp.is_empty()).then_some(n.control_tcp),
+            },
             store_socket: n.store_socket.into(),
             session_dir: n.session_dir.into(),
             resources_total: parse_resources("resources_total", n.resources_total)?,

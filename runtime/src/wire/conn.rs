@@ -5,6 +5,7 @@
 
 use super::messages::{Body, Frame, Message, Reply};
 use super::ring::{self, RingPair};
+use super::transport::Transport;
 use super::{handshake_timeout, HELLO_MAX_FRAME, MAX_FRAME};
 use crate::error::{Error, Result};
 use braid_store::codec;
@@ -13,14 +14,12 @@ use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::ops::Range;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
 /// What a connection does with what the other side sends.
@@ -72,6 +71,7 @@ type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Reply>>>>;
 struct Inner {
     id: u64,
     peer: String,
+    transport: Transport,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     pending: Pending,
     next_seq: AtomicU64,
@@ -188,27 +188,38 @@ impl Conn {
     /// Serves a stream this process connected (its peer is trusted to
     /// speak first only in answer): spawns its reader and writer on the
     /// current runtime.
-    pub fn start<S>(stream: S, peer: String, handler: Arc<dyn Handler>) -> Conn
+    pub fn start<S>(
+        stream: S,
+        transport: Transport,
+        peer: String,
+        handler: Arc<dyn Handler>,
+    ) -> Conn
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        Conn::spawn(stream, peer, handler, None)
+        Conn::spawn(stream, transport, peer, handler, None)
     }
 
     /// Serves a stream this process accepted: until the peer's `Hello` is
     /// accepted ([`Conn::set_authenticated`]), its frames are capped at
     /// [`HELLO_MAX_FRAME`], and if that does not happen within
     /// [`handshake_timeout`] the connection is closed.
-    pub fn accept<S>(stream: S, peer: String, handler: Arc<dyn Handler>) -> Conn
+    pub fn accept<S>(
+        stream: S,
+        transport: Transport,
+        peer: String,
+        handler: Arc<dyn Handler>,
+    ) -> Conn
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let deadline = tokio::time::Instant::now() + handshake_timeout();
-        Conn::spawn(stream, peer, handler, Some(deadline))
+        Conn::spawn(stream, transport, peer, handler, Some(deadline))
     }
 
     fn spawn<S>(
         stream: S,
+        transport: Transport,
         peer: String,
         handler: Arc<dyn Handler>,
         handshake: Option<tokio::time::Instant>,
@@ -223,6 +234,7 @@ impl Conn {
             inner: Arc::new(Inner {
                 id: IDS.fetch_add(1, Ordering::Relaxed),
                 peer,
+                transport,
                 tx,
                 pending: Mutex::new(HashMap::new()),
                 next_seq: AtomicU64::new(1),
@@ -252,28 +264,9 @@ impl Conn {
         conn
     }
 
-    /// Connects to a Unix socket and sends `hello`, returning the connection
-    /// and the peer's answer.
-    pub async fn connect(
-        path: &Path,
-        hello: Message,
-        handler: Arc<dyn Handler>,
-    ) -> Result<(Conn, Reply)> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|e| Error::Unreachable {
-                address: path.display().to_string(),
-                message: e.to_string(),
-            })?;
-        let conn = Conn::start(stream, path.display().to_string(), handler);
-        conn.set_authenticated();
-        match conn.request(hello).await {
-            Ok(reply) => Ok((conn, reply)),
-            Err(e) => {
-                conn.close();
-                Err(e)
-            }
-        }
+    /// The transport the connection runs over.
+    pub fn transport(&self) -> Transport {
+        self.inner.transport
     }
 
     /// Marks the peer as authenticated: its hello carried the cluster
@@ -446,6 +439,11 @@ impl Conn {
     /// same user). The socket stays open as the liveness signal. On error
     /// the connection keeps working over the socket.
     pub async fn open_ring(&self) -> Result<()> {
+        if self.transport() != Transport::Local {
+            return Err(Error::BadRequest(
+                "rings join processes on one machine, not a TCP connection".into(),
+            ));
+        }
         let (pair, fd) = RingPair::create()?;
         let link = Arc::new(RingLink::new(pair, RingEnd::Dialed));
         if self.inner.ring.set(link.clone()).is_err() {
@@ -475,6 +473,11 @@ impl Conn {
     /// The accepting end of [`Conn::open_ring`]: maps the peer's rings and
     /// sends everything after this through them.
     fn accept_ring(&self, pid: u32, fd: i32) -> Result<()> {
+        if self.transport() != Transport::Local {
+            return Err(Error::BadRequest(
+                "a ring is opened over a Unix socket only: the peer is on another machine".into(),
+            ));
+        }
         let pair = RingPair::open(pid, fd)?;
         let link = Arc::new(RingLink::new(pair, RingEnd::Accepted));
         link.sending.store(true, Ordering::Release);

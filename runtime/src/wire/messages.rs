@@ -301,8 +301,8 @@ pub enum Reply {
     Spillback {
         /// The node.
         node: NodeId,
-        /// Its local socket.
-        socket: String,
+        /// Where its control plane listens.
+        endpoint: crate::wire::Endpoint,
     },
     /// A task or call finished.
     Done(TaskResult),

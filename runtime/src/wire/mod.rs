@@ -1,6 +1,7 @@
-//! The lean framing braid processes on one machine speak to each other over
-//! Unix sockets: drivers and workers to their node daemon, and callers
-//! directly to workers and actors. Frames are a little-endian `u32` length
+//! The lean framing braid processes speak to each other: drivers and
+//! workers to their node daemon, and callers directly to workers and
+//! actors, over Unix sockets (and shared-memory rings) on one machine and
+//! over TCP between machines ([`transport`]). Frames are a little-endian `u32` length
 //! and a bincode body, at most [`MAX_FRAME`] bytes; a malformed frame closes
 //! that connection only. On an accepted connection, until the peer's
 //! `Hello` with the cluster token is accepted, frames are capped at
@@ -11,9 +12,11 @@
 pub mod conn;
 pub mod messages;
 pub mod ring;
+pub mod transport;
 
 pub use conn::{Conn, Handler, Responder};
 pub use messages::{Body, Frame, Message, Reply};
+pub use transport::{Endpoint, MachineId, Route, Transport};
 
 /// The largest frame either side accepts. Values above the inline limit
 /// travel through the object store, so frames stay small.

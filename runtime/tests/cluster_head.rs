@@ -154,6 +154,15 @@ impl NodeService for FakeNode {
             node_id: self.node_id.map(|n| n.to_string()).unwrap_or_default(),
         }))
     }
+
+    type FetchBinaryStream = ChunkStream;
+
+    async fn fetch_binary(
+        &self,
+        _request: Request<proto::FetchBinaryRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        Err(Status::not_found("a fake node runs no jobs"))
+    }
 }
 
 /// A fake node, served, and its registration.

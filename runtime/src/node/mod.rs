@@ -3,6 +3,7 @@
 //! from other nodes, and cleans up after jobs. Local processes talk to it
 //! over a Unix socket; the head and other nodes over gRPC.
 
+mod binaries;
 pub(crate) mod scheduler;
 mod service;
 pub mod worker_pool;
@@ -121,6 +122,8 @@ pub(crate) struct Node {
     /// Transfers into this node's store under way, shared by every caller
     /// that wants the object meanwhile.
     pulls: Mutex<HashMap<ObjectId, Arc<tokio::sync::OnceCell<Result<()>>>>>,
+    /// Job binaries shipped here from the nodes of their drivers.
+    binaries: binaries::BinaryCache,
     released: tokio::sync::Notify,
     self_ref: Weak<Node>,
 }
@@ -213,6 +216,7 @@ pub async fn run_node(
         }),
         hashes: BuildHashes::default(),
         pulls: Mutex::new(HashMap::new()),
+        binaries: binaries::BinaryCache::new(dir.join("binaries")),
         released: tokio::sync::Notify::new(),
         config,
         self_ref: weak.clone(),
@@ -507,7 +511,7 @@ impl Node {
             .into_iter()
             .find(|j| j.info.job_id == job && !j.finished)
             .ok_or_else(|| Error::BadRequest(format!("job {job} is unknown or finished")))?;
-        let spec = JobSpec {
+        let mut spec = JobSpec {
             job,
             exe: record.info.exe_path.display().to_string(),
             build_hash: record.info.build_hash.clone(),
@@ -515,13 +519,52 @@ impl Node {
                 .ok_or_else(|| Error::BadRequest(format!("job {job} has no driver address")))?,
             env: Vec::new(),
         };
-        let stamp = self.hashes.check(&spec)?;
+        let stamp = match self.hashes.check(&spec) {
+            Ok(stamp) => stamp,
+            Err(missing) if spec.driver.node != self.id => {
+                tracing::info!(
+                    "job {job}: {missing}; fetching its binary from node {}",
+                    spec.driver.node
+                );
+                let name = record
+                    .info
+                    .exe_path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let source = self.node_client(spec.driver.node).await?;
+                let path = self
+                    .binaries
+                    .obtain(job, &spec.build_hash, &name, &source)
+                    .await?;
+                spec.exe = path.display().to_string();
+                self.hashes.check(&spec)?
+            }
+            Err(e) => return Err(e),
+        };
         self.state.lock().jobs.entry(job).or_insert(JobEntry {
             spec,
             driver: None,
             stamp,
         });
         Ok(())
+    }
+
+    /// The file of a job this node runs whose binary has build hash
+    /// `hash`, checked on disk now (it may have been rebuilt since).
+    pub(crate) fn binary_of_build(&self, hash: &str) -> Option<PathBuf> {
+        let candidates: Vec<String> = self
+            .state
+            .lock()
+            .jobs
+            .values()
+            .filter(|j| j.spec.build_hash == hash)
+            .map(|j| j.spec.exe.clone())
+            .collect();
+        candidates
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|path| self.hashes.of(path).is_ok_and(|(found, _)| found == hash))
     }
 
     /// Starts workers until the job has its warm pool.
@@ -847,6 +890,7 @@ impl Node {
         let victims: Vec<u32> = {
             let mut state = self.state.lock();
             state.jobs.remove(&job);
+            self.binaries.release(job);
             state
                 .workers
                 .values()
@@ -986,7 +1030,6 @@ impl Node {
         NodeClient::connect(&address, &self.config.token).await
     }
 
-    /// Copies an object from one of `from` into this node's store.
     /// Pulls an object into this node's store from one of `from`. Pulls
     /// of one object at once share one transfer: each caller returns when
     /// it ended, with its outcome.

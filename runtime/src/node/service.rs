@@ -1,6 +1,6 @@
 //! The node's gRPC face (`braid.v1.Node`): object transfer to other nodes,
-//! frees, job cleanup, actor kills and placement-group bundles, called by
-//! the head and by other nodes.
+//! job binaries for nodes that lack them, frees, job cleanup, actor kills
+//! and placement-group bundles, called by the head and by other nodes.
 
 use super::Node;
 use crate::ids::{ActorId, JobId, PlacementGroupId};
@@ -111,6 +111,29 @@ impl NodeService for NodeGrpc {
         Ok(Response::new(proto::PingReply {
             node_id: self.0.id.to_string(),
         }))
+    }
+
+    type FetchBinaryStream = ChunkStream;
+
+    async fn fetch_binary(
+        &self,
+        request: Request<proto::FetchBinaryRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let hash = request.into_inner().build_hash;
+        let node = self.0.clone();
+        let path = {
+            let hash = hash.clone();
+            tokio::task::spawn_blocking(move || node.binary_of_build(&hash))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+        };
+        let path = path.ok_or_else(|| {
+            Status::not_found(format!(
+                "no job on this node runs a binary of build {hash:?}"
+            ))
+        })?;
+        let stream = super::binaries::stream_file(path).await?;
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

@@ -96,6 +96,19 @@ impl NodeClient {
         })
     }
 
+    /// Starts streaming the executable whose build hash is `build_hash`
+    /// out of the node (see [`fetch_binary`](super::transfer::fetch_binary),
+    /// which checks and stores it).
+    pub(crate) async fn fetch_binary_raw(
+        &self,
+        build_hash: &str,
+    ) -> Result<Streaming<proto::ObjectChunk>, Status> {
+        let request = proto::FetchBinaryRequest {
+            build_hash: build_hash.to_owned(),
+        };
+        Ok(self.inner.clone().fetch_binary(request).await?.into_inner())
+    }
+
     /// Tells the node it may drop these objects.
     pub async fn free_objects(&self, ids: &[ObjectId]) -> Result<(), Error> {
         let request = proto::FreeObjectsRequest {

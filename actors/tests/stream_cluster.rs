@@ -167,6 +167,8 @@ fn job(dir: &Path, records: u64, rate: Option<f64>) -> ClusterJob {
         on_running: None,
         spread: false,
         nodes_used: Default::default(),
+        task_resources: Default::default(),
+        placement: Default::default(),
     }
 }
 

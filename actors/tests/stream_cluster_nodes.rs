@@ -98,6 +98,8 @@ fn spread_job(name: &str, dir: &Path, records: u64) -> ClusterJob {
         on_running: None,
         spread: true,
         nodes_used: Default::default(),
+        task_resources: Default::default(),
+        placement: Default::default(),
     }
 }
 

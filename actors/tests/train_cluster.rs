@@ -145,6 +145,8 @@ fn cluster_job(dir: &Path, predictions: &Path) -> ClusterJob {
         on_running: None,
         spread: false,
         nodes_used: Default::default(),
+        task_resources: Default::default(),
+        placement: Default::default(),
     }
 }
 

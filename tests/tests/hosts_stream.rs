@@ -112,6 +112,8 @@ fn drive(dir: &Path) {
         })),
         spread: true,
         nodes_used: Default::default(),
+        task_resources: Default::default(),
+        placement: Default::default(),
     };
     let nodes_used = job.nodes_used.clone();
     let report = braid_actors::stream::cluster::run(&rt, job).unwrap();

@@ -862,6 +862,15 @@ pub struct ClusterJob {
     /// How many nodes the last attempt's hosts ran on (filled in when
     /// `spread` is set).
     pub nodes_used: Arc<Mutex<usize>>,
+    /// Resources the hosts of a task ask for, by the name of the task's
+    /// head operator (as Ray places an actor by its resources): with
+    /// custom resources on nodes, this puts a task's subtasks on the nodes
+    /// that offer them, e.g. a training job's shards on other hosts than
+    /// its workers.
+    pub task_resources: BTreeMap<String, braid::Resources>,
+    /// Where the last attempt's hosts ran: per task (by the name of its
+    /// head operator), the node of each subtask.
+    pub placement: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
 }
 
 impl ClusterJob {
@@ -885,6 +894,8 @@ impl ClusterJob {
             on_running: None,
             spread: false,
             nodes_used: Arc::default(),
+            task_resources: Default::default(),
+            placement: Default::default(),
         }
     }
 }
@@ -930,6 +941,18 @@ pub fn run(rt: &Runtime, job: ClusterJob) -> Result<JobReport, JobError> {
             .iter()
             .filter_map(|(id, h)| Some((*id, bounded(rt, CONTROL_WAIT, h.node()).ok()?)))
             .collect();
+        {
+            let mut placement = BTreeMap::<String, Vec<String>>::new();
+            let mut ids: Vec<&SubtaskId> = nodes.keys().collect();
+            ids.sort_by_key(|id| (id.task, id.subtask));
+            for id in ids {
+                let head = plan.tasks.get(id.task).map(|t| t.head_name.clone());
+                if let (Some(head), Some(node)) = (head, nodes.get(id)) {
+                    placement.entry(head).or_default().push(node.clone());
+                }
+            }
+            *job.placement.lock() = placement;
+        }
         if job.spread {
             let used: std::collections::BTreeSet<&String> = nodes.values().collect();
             tracing::info!("generation {generation} runs on {} nodes", used.len());
@@ -1058,6 +1081,13 @@ fn spawn_hosts(
         }
         if !nodes.is_empty() {
             builder = builder.node_affinity(nodes[id.subtask % nodes.len()], false);
+        }
+        let wanted = plan
+            .tasks
+            .get(id.task)
+            .and_then(|t| job.task_resources.get(&t.head_name));
+        for (name, amount) in wanted.iter().flat_map(|r| r.0.iter()) {
+            builder = builder.resource(name, *amount);
         }
         builders.push((id, builder));
     }

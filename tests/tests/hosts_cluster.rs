@@ -1,11 +1,114 @@
 //! A cluster over test hosts that share only a network: the CLI's head on
-//! one host, a node on another ([`braid_tests::hosts`]).
+//! one host, a node on another ([`braid_tests::host_cluster`]), and
+//! strangers on another host knocking on every port the cluster listens
+//! on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use braid::address::Address;
+use braid::ids::{NodeId, WorkerId};
+use braid::wire::conn::{decode_frame, encode_frame};
+use braid::wire::messages::Hello;
+use braid::wire::{Body, Endpoint, Frame, MachineId, Message};
+use braid_tests::host_cluster::HostCluster;
 use braid_tests::hosts::{braid_binary, child_role, Host, Hosts};
-use std::io::{Read, Write};
-use std::process::Output;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::Stdio;
 use std::time::Duration;
+
+/// A counter whose state lives in its actor process.
+#[braid::actor]
+pub struct Counter {
+    n: u64,
+}
+
+#[braid::actor]
+impl Counter {
+    fn new() -> Self {
+        Counter { n: 0 }
+    }
+    fn incr(&mut self) -> u64 {
+        self.n += 1;
+        self.n
+    }
+}
+
+/// A driver that keeps an actor alive: prints `READY`, and for every line
+/// on stdin calls it and prints the count.
+fn hold() {
+    let rt = braid::init_blocking().unwrap();
+    let counter = Counter::remote(&rt).spawn_blocking().unwrap();
+    println!("\nREADY {}", counter.incr().blocking().unwrap());
+    for _ in std::io::stdin().lock().lines() {
+        println!("COUNT {}", counter.incr().blocking().unwrap());
+    }
+}
+
+/// Knocks on `AT` as a stranger: garbage, silence, or a braid `Hello` with
+/// a wrong token. Prints how the server answered: `REFUSED` (an error
+/// naming the token), then `CLOSED` or `OPEN`.
+fn knock(role: &str) {
+    let at = std::env::var("AT").unwrap();
+    let mut conn = std::net::TcpStream::connect(&at).unwrap();
+    match role {
+        // Bytes that are no frame of any protocol braid speaks.
+        "garbage" => {
+            let _ = conn.write_all(&[0xff; 1 << 16]);
+        }
+        "silent" => {}
+        "wrong-token" => {
+            let hello = Frame {
+                seq: 1,
+                body: Body::Request(Message::Hello(Hello::Peer {
+                    token: "not-the-token".into(),
+                    address: Address {
+                        worker: WorkerId::random(),
+                        node: NodeId(0),
+                        endpoint: Endpoint {
+                            machine: MachineId("stranger".into()),
+                            socket: String::new(),
+                            tcp: None,
+                        },
+                        pid: std::process::id(),
+                    },
+                })),
+            };
+            let _ = conn.write_all(&encode_frame(&hello).unwrap());
+            let mut len = [0u8; 4];
+            if conn.read_exact(&mut len).is_ok() {
+                let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+                if conn.read_exact(&mut body).is_ok() {
+                    if let Ok(Frame {
+                        body: Body::Reply(Err(braid::Error::Unauthenticated(why))),
+                        ..
+                    }) = decode_frame(&body)
+                    {
+                        assert!(why.contains("token"), "{why}");
+                        println!("\nREFUSED");
+                    }
+                }
+            }
+        }
+        other => panic!("unknown role {other}"),
+    }
+    // Whether the server closes the connection (EOF or reset) before long
+    // after its handshake deadline.
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break println!("\nCLOSED"),
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                break println!("\nOPEN");
+            }
+            Err(_) => break println!("\nCLOSED"),
+        }
+    }
+}
 
 /// Entry point of the processes the tests start on their hosts.
 #[test]
@@ -13,98 +116,27 @@ fn child_entry() {
     let Some(role) = child_role() else {
         return;
     };
-    let at = std::env::var("AT").unwrap();
-    let mut conn = std::net::TcpStream::connect(&at).unwrap();
     match role.as_str() {
-        // Sends bytes that are no frame of any protocol braid speaks.
-        "garbage" => {
-            let _ = conn.write_all(&[0xff; 1 << 16]);
-        }
-        // Sends nothing.
-        "silent" => {}
-        other => panic!("unknown role {other}"),
-    }
-    // Whether the server closes the connection (EOF or reset) before
-    // long after its handshake deadline.
-    conn.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        match conn.read(&mut buf) {
-            Ok(0) => break println!("CLOSED"),
-            Ok(_) => continue,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                break println!("OPEN");
-            }
-            Err(_) => break println!("CLOSED"),
-        }
+        "hold" => hold(),
+        knocking => knock(knocking),
     }
 }
 
-/// Runs this test binary's `child_entry` as `role` on `host`, against `at`;
-/// what it printed.
-fn child(host: &Host, role: &str, at: &str) -> String {
-    let out = host.child(role).unwrap().env("AT", at).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
+/// Starts this test binary's `child_entry` as `role` on `host`, against
+/// `at`.
+fn knock_on(host: &Host, role: &str, at: &str) -> std::process::Child {
+    host.child(role)
+        .unwrap()
+        .env("AT", at)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
-/// The host's `BRAID_TMPDIR`, in its private `/tmp`. Its name is unique
-/// too: the hosts share the machine's processes, and `braid stop` stops
-/// those whose `BRAID_TMPDIR` is its own.
-fn tmpdir(host: &Host) -> String {
-    format!("/tmp/{}", host.netns())
-}
-
-/// Runs `braid args…` on `host` with its own `BRAID_TMPDIR`.
-fn braid(host: &Host, args: &[&str]) -> Output {
-    let out = host
-        .command(braid_binary())
-        .args(args)
-        .env("BRAID_TMPDIR", tmpdir(host))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "braid {args:?} on {}: {}",
-        host.netns(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Starts a head on `host` at its address, with no CPUs of its own; its
-/// `HOST:PORT` and token, from its cluster file.
-fn start_head(host: &Host) -> (String, String) {
-    let ip = host.addr().to_string();
-    braid(
-        host,
-        &[
-            "start",
-            "--head",
-            "--host",
-            &ip,
-            "--port",
-            "0",
-            "--num-cpus",
-            "0",
-        ],
-    );
-    let file = host
-        .command("sh")
-        .args([
-            "-c",
-            &format!("cat {}/braid-*/cluster-*.json", tmpdir(host)),
-        ])
-        .output()
-        .unwrap();
-    let file: serde_json::Value = serde_json::from_slice(&file.stdout).expect("a cluster file");
-    let address = file["address"].as_str().expect("an address").to_string();
-    let token = file["token"].as_str().expect("a token").to_string();
-    assert!(address.starts_with(&ip), "{address}");
-    (address, token)
+/// What a knocking child printed.
+fn answer(child: std::process::Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -115,13 +147,14 @@ fn hosts_a_head_refuses_strangers_from_another_host_and_keeps_serving() {
     ) else {
         return;
     };
-    let (a, stranger) = (hosts.host(0), hosts.host(1));
-    let (address, token) = start_head(a);
+    let cluster = HostCluster::start(&hosts, 0, 0).unwrap();
+    let (address, stranger) = (cluster.address().to_string(), hosts.host(1));
+    assert!(address.starts_with(&hosts.host(0).addr().to_string()));
     // A wrong token is refused with a message that says so.
     let wrong = stranger
         .command(braid_binary())
         .args(["status", "--address", &address, "--token", "not-the-token"])
-        .env("BRAID_TMPDIR", tmpdir(stranger))
+        .env("BRAID_TMPDIR", cluster.tmpdir(1))
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&wrong.stderr).to_lowercase();
@@ -129,13 +162,13 @@ fn hosts_a_head_refuses_strangers_from_another_host_and_keeps_serving() {
     assert!(said.contains("token"), "{said}");
     // Garbage, and a connection that says nothing, are closed: by the
     // frame check, and by the handshake deadline.
-    assert!(child(stranger, "garbage", &address).contains("CLOSED"));
-    assert!(child(stranger, "silent", &address).contains("CLOSED"));
+    assert!(answer(knock_on(stranger, "garbage", &address)).contains("CLOSED"));
+    assert!(answer(knock_on(stranger, "silent", &address)).contains("CLOSED"));
     // The head serves the cluster as before.
     let right = stranger
         .command(braid_binary())
-        .args(["status", "--address", &address, "--token", &token])
-        .env("BRAID_TMPDIR", tmpdir(stranger))
+        .args(["status", "--address", &address, "--token", cluster.token()])
+        .env("BRAID_TMPDIR", cluster.tmpdir(1))
         .output()
         .unwrap();
     assert!(
@@ -143,7 +176,6 @@ fn hosts_a_head_refuses_strangers_from_another_host_and_keeps_serving() {
         "{}",
         String::from_utf8_lossy(&right.stderr)
     );
-    braid(a, &["stop"]);
 }
 
 #[test]
@@ -151,35 +183,108 @@ fn hosts_a_node_on_another_host_joins_the_head() {
     let Some(hosts) = Hosts::for_test("hosts_a_node_on_another_host_joins_the_head", 2) else {
         return;
     };
-    let (a, b) = (hosts.host(0), hosts.host(1));
-    let b_ip = b.addr().to_string();
-    // The head's address and token are in its cluster file, on host A only.
-    let (address, token) = start_head(a);
-    let hidden = b
+    let cluster = HostCluster::start(&hosts, 0, 0).unwrap();
+    // The head's address and token are in its cluster file, on host 0 only.
+    let hidden = hosts
+        .host(1)
         .command("test")
-        .args(["!", "-e", &tmpdir(a)])
+        .args(["!", "-e", &cluster.tmpdir(0)])
         .status()
         .unwrap();
-    assert!(hidden.success(), "host B sees host A's braid files");
-    braid(
-        b,
-        &[
-            "start",
-            "--address",
-            &address,
-            "--token",
-            &token,
-            "--host",
-            &b_ip,
-        ],
-    );
-    let status = braid(a, &["status"]);
+    assert!(hidden.success(), "host 1 sees host 0's braid files");
+    cluster.add_node(1, 1, &[]).unwrap();
+    let status = cluster.braid(0, &["status"]).unwrap();
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(status.contains("2 live nodes"), "{status}");
     assert!(
         status.contains("braid-host-0") && status.contains("braid-host-1"),
         "each node on its own host: {status}"
     );
-    braid(b, &["stop"]);
-    braid(a, &["stop"]);
+}
+
+/// The TCP ports processes listen on in `host`'s network namespace.
+fn listening_ports(host: &Host) -> Vec<String> {
+    let out = host
+        .command("ss")
+        .args(["-ltnH"])
+        .output()
+        .expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn hosts_every_listener_refuses_strangers_from_another_host_and_keeps_serving() {
+    let Some(hosts) = Hosts::for_test(
+        "hosts_every_listener_refuses_strangers_from_another_host_and_keeps_serving",
+        2,
+    ) else {
+        return;
+    };
+    let cluster = HostCluster::start(&hosts, 0, 2).unwrap();
+    // A driver with an actor: the head's, the node's (gRPC and control),
+    // the driver's and the workers' listeners are all up.
+    let mut driver = cluster
+        .driver(0, "hold")
+        .unwrap()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(driver.stdout.take().unwrap()).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("READY"));
+    assert_eq!(ready.as_deref(), Some("READY 1"));
+    let ports = listening_ports(hosts.host(0));
+    let a = hosts.host(0).addr().to_string();
+    assert!(
+        ports.iter().all(|p| p.starts_with(&a)),
+        "a listener beyond the host's --host address: {ports:?}"
+    );
+    assert!(
+        ports.len() >= 5,
+        "head, node gRPC and control, driver, worker: {ports:?}"
+    );
+
+    // Every port at once, so the handshake deadlines run together.
+    let stranger = hosts.host(1);
+    let knocks: Vec<(String, &str, std::process::Child)> = ports
+        .iter()
+        .flat_map(|port| {
+            ["garbage", "silent", "wrong-token"]
+                .map(|role| (port.clone(), role, knock_on(stranger, role, port)))
+        })
+        .collect();
+    let mut refused = 0;
+    for (port, role, child) in knocks {
+        let said = answer(child);
+        assert!(
+            said.contains("CLOSED"),
+            "{role} on {port} was not closed: {said}"
+        );
+        refused += usize::from(said.contains("REFUSED"));
+    }
+    // gRPC ports speak HTTP/2 and close a braid hello unanswered; every
+    // braid-frame port (node control, driver, worker) answers it.
+    assert!(
+        refused >= 3,
+        "{refused} ports refused a wrong token by name"
+    );
+
+    // The actor, its caller and their node serve on.
+    let mut stdin = driver.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    let next = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("COUNT"));
+    assert_eq!(next.as_deref(), Some("COUNT 2"));
+    drop(stdin);
+    // Read to the end, so the driver's last lines find a reader.
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(driver.wait().unwrap().success(), "{rest:?}");
 }

@@ -53,6 +53,15 @@ pub enum HostClusterError {
 /// provisioned pages.
 pub const STORE_MEMORY: &str = "512MiB";
 
+/// `extra` flags, with a store of [`STORE_MEMORY`] unless they size it.
+fn with_store<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = extra.to_vec();
+    if !extra.contains(&"--object-store-memory") {
+        args.extend(["--object-store-memory", STORE_MEMORY]);
+    }
+    args
+}
+
 /// A braid cluster whose head and nodes run on test hosts, each daemon
 /// with a store of [`STORE_MEMORY`].
 pub struct HostCluster<'h> {
@@ -68,6 +77,17 @@ impl<'h> HostCluster<'h> {
     /// Starts a head on host `head` at its address, offering `cpus` CPUs
     /// on its own node.
     pub fn start(hosts: &'h Hosts, head: usize, cpus: u32) -> Result<Self, HostClusterError> {
+        Self::start_with(hosts, head, cpus, &[])
+    }
+
+    /// [`HostCluster::start`] with more `braid start` flags (`--resources`,
+    /// `--object-store-memory` instead of [`STORE_MEMORY`]).
+    pub fn start_with(
+        hosts: &'h Hosts,
+        head: usize,
+        cpus: u32,
+        extra: &[&str],
+    ) -> Result<Self, HostClusterError> {
         let ip = hosts.host(head).addr().to_string();
         let cpus = cpus.to_string();
         let mut cluster = HostCluster {
@@ -77,21 +97,18 @@ impl<'h> HostCluster<'h> {
             head,
             nodes: RefCell::new(Vec::new()),
         };
-        cluster.braid(
-            head,
-            &[
-                "start",
-                "--head",
-                "--host",
-                &ip,
-                "--port",
-                "0",
-                "--num-cpus",
-                &cpus,
-                "--object-store-memory",
-                STORE_MEMORY,
-            ],
-        )?;
+        let mut args = vec![
+            "start",
+            "--head",
+            "--host",
+            &ip,
+            "--port",
+            "0",
+            "--num-cpus",
+            &cpus,
+        ];
+        args.extend(with_store(extra));
+        cluster.braid(head, &args)?;
         let cat = format!(
             "cat {}/braid-*/cluster-*.json",
             Self::tmpdir_of(hosts, head)
@@ -120,7 +137,8 @@ impl<'h> HostCluster<'h> {
 
     /// Starts a node on host `host` offering `cpus` CPUs, listening on the
     /// host's address and joined to the head; `extra` are more `braid
-    /// start` flags (`--resources`).
+    /// start` flags (`--resources`, `--object-store-memory` instead of
+    /// [`STORE_MEMORY`]).
     pub fn add_node(&self, host: usize, cpus: u32, extra: &[&str]) -> Result<(), HostClusterError> {
         let ip = self.hosts.host(host).addr().to_string();
         self.nodes.borrow_mut().push(host);
@@ -135,10 +153,8 @@ impl<'h> HostCluster<'h> {
             &ip,
             "--num-cpus",
             &cpus,
-            "--object-store-memory",
-            STORE_MEMORY,
         ];
-        args.extend_from_slice(extra);
+        args.extend(with_store(extra));
         self.braid(host, &args).map(|_| ())
     }
 

@@ -5,7 +5,6 @@
 
 use super::messages::{Body, Frame, Message, Reply};
 use super::ring::{self, RingPair};
-use super::transport::Transport;
 use super::{handshake_timeout, HELLO_MAX_FRAME, MAX_FRAME};
 use crate::error::{Error, Result};
 use braid_store::codec;
@@ -21,6 +20,16 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot};
+
+/// Which transport a connection runs over (see [`super::transport`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Transport {
+    /// A Unix socket: both ends on one machine, so the connection may move
+    /// onto shared-memory rings.
+    Local,
+    /// TCP: the ends may be on different machines.
+    Tcp,
+}
 
 /// What a connection does with what the other side sends.
 pub trait Handler: Send + Sync + 'static {

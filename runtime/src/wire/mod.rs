@@ -14,9 +14,9 @@ pub mod messages;
 pub mod ring;
 pub mod transport;
 
-pub use conn::{Conn, Handler, Responder};
+pub use conn::{Conn, Handler, Responder, Transport};
 pub use messages::{Body, Frame, Message, Reply};
-pub use transport::{Endpoint, MachineId, Route, Transport};
+pub use transport::{Endpoint, MachineId, Route};
 
 /// The largest frame either side accepts. Values above the inline limit
 /// travel through the object store, so frames stay small.

@@ -7,7 +7,7 @@
 //! [`serve`]: an accepted connection must authenticate with its first
 //! frame, as on every plane.
 
-use super::conn::{Conn, Handler};
+use super::conn::{Conn, Handler, Transport};
 use super::messages::{Message, Reply};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -130,16 +130,6 @@ impl fmt::Display for Route {
             Route::Tcp(address) => write!(f, "tcp://{address}"),
         }
     }
-}
-
-/// Which transport a connection runs over.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Transport {
-    /// A Unix socket: both ends on one machine, so the connection may move
-    /// onto shared-memory rings.
-    Local,
-    /// TCP: the ends may be on different machines.
-    Tcp,
 }
 
 /// Connects over `route` and sends `hello` (which carries the cluster

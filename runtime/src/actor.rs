@@ -21,8 +21,9 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -146,11 +147,9 @@ impl<'de> Deserialize<'de> for ActorHandle {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
         let wire = WireHandle::deserialize(deserializer)?;
         let core = crate::runtime::current_core();
-        if let Some(core) = &core {
-            if let Some(client) = core.actors.lock().get(&wire.id) {
-                return Ok(ActorHandle {
-                    client: client.clone(),
-                });
+        if core.is_some() {
+            if let Some(client) = local_client(wire.id) {
+                return Ok(ActorHandle { client });
             }
         }
         let client = Arc::new(ActorClient {
@@ -170,11 +169,27 @@ impl<'de> Deserialize<'de> for ActorHandle {
             creation: None,
             core: core.as_ref().map(Arc::downgrade).unwrap_or_default(),
         });
-        if let Some(core) = &core {
-            core.actors.lock().insert(wire.id, client.clone());
+        if core.is_some() {
+            register(&client);
         }
         Ok(ActorHandle { client })
     }
+}
+
+/// This process's actor clients, by actor: every handle to one actor in
+/// the process shares its client (connection, restarts, call order).
+fn clients() -> &'static Mutex<HashMap<ActorId, Arc<ActorClient>>> {
+    static CLIENTS: OnceLock<Mutex<HashMap<ActorId, Arc<ActorClient>>>> = OnceLock::new();
+    CLIENTS.get_or_init(Default::default)
+}
+
+/// The client of `actor` in this process, if it has one.
+pub(crate) fn local_client(actor: ActorId) -> Option<Arc<ActorClient>> {
+    clients().lock().get(&actor).cloned()
+}
+
+fn register(client: &Arc<ActorClient>) {
+    clients().lock().insert(client.id, client.clone());
 }
 
 /// Places and constructs an actor. Made by `Counter::remote(&rt, ..)`.
@@ -345,7 +360,7 @@ async fn create_actor(
             .await;
         return Err(e);
     }
-    core.actors.lock().insert(id, client.clone());
+    register(&client);
     core.handle.spawn(watch(client.clone()));
     Ok(ActorHandle { client })
 }
@@ -394,7 +409,7 @@ pub(crate) fn remote_client(
         creation: None,
         core: Arc::downgrade(core),
     });
-    core.actors.lock().insert(id, client.clone());
+    register(&client);
     Ok(ActorHandle { client })
 }
 
@@ -418,7 +433,7 @@ impl ActorClient {
         let (lease, node_conn) =
             lease_worker(core, creation.request.clone(), creation.node).await?;
         let worker = lease.worker.clone();
-        let conn = match core.peer(&worker).await {
+        let conn = match core.peers.to(&worker).await {
             Ok(c) => c,
             Err(e) => {
                 node_conn.send(Message::ReturnLease {
@@ -494,7 +509,7 @@ impl ActorClient {
             match link {
                 Link::Alive { conn, .. } if !conn.is_closed() => return Ok(conn),
                 Link::Alive { worker, .. } | Link::Connecting { worker } => {
-                    match core.peer(&worker).await {
+                    match core.peers.to(&worker).await {
                         Ok(conn) => {
                             self.set_link(Link::Alive {
                                 conn: conn.clone(),
@@ -876,7 +891,10 @@ async fn decode_result<R: DeserializeOwned>(
     let value = match value {
         ReturnValue::Inline(bytes) => decode(&bytes)?,
         ReturnValue::Stored(node) => {
-            let view = core.fetch_stored(returns, &[node], &core.me).await?;
+            let view = core
+                .objects
+                .fetch_stored(returns, &[node], &core.me)
+                .await?;
             let v = decode(view.as_bytes())?;
             drop(view);
             core.node
@@ -894,4 +912,89 @@ async fn decode_result<R: DeserializeOwned>(
         record_result(core, returns, inner).await;
     }
     Ok(value)
+}
+
+/// The actor half of the user's [`Runtime`]: looking actors up by name
+/// and killing them.
+impl Runtime {
+    /// Looks a named actor up.
+    pub async fn get_actor<H: TypedHandle>(&self, name: &str) -> Result<H> {
+        let core = self.core.clone();
+        let name = name.to_string();
+        let raw = self
+            .core
+            .handle
+            .spawn(async move { lookup_actor(&core, &name).await })
+            .await
+            .map_err(|e| Error::io("lookup actor", e))??;
+        if raw.class() != H::CLASS {
+            return Err(Error::BadRequest(format!(
+                "actor {} is a {}, not a {}",
+                raw.name().unwrap_or_default(),
+                raw.class(),
+                H::CLASS
+            )));
+        }
+        Ok(H::from_raw(raw))
+    }
+
+    /// Kills an actor: it is not restarted, and calls fail with
+    /// [`Error::ActorDied`].
+    pub async fn kill_actor(&self, handle: &ActorHandle) -> Result<()> {
+        handle.client.kill_local("killed");
+        let core = self.core.clone();
+        let id = handle.id();
+        self.core
+            .handle
+            .spawn(async move { core.head().await?.kill_actor(id, true).await })
+            .await
+            .map_err(|e| Error::io("kill actor", e))?
+    }
+
+    /// Kills a named actor (detached ones included).
+    pub async fn kill_actor_by_name(&self, name: &str) -> Result<()> {
+        let core = self.core.clone();
+        let name = name.to_string();
+        self.core
+            .handle
+            .spawn(async move {
+                let head = core.head().await?;
+                let record = head
+                    .get_actor(crate::rpc::ActorLookup::Name(name.clone()))
+                    .await?;
+                let local = local_client(record.spec.actor_id);
+                if let Some(client) = local {
+                    client.kill_local("killed");
+                }
+                head.kill_actor(crate::rpc::ActorLookup::Name(name), true)
+                    .await
+            })
+            .await
+            .map_err(|e| Error::io("kill actor", e))?
+    }
+}
+
+async fn lookup_actor(core: &Arc<Core>, name: &str) -> Result<ActorHandle> {
+    let head = core.head().await?;
+    let record = head
+        .get_actor(crate::rpc::ActorLookup::Name(name.to_string()))
+        .await?;
+    if record.state == crate::rpc::ActorState::Dead {
+        return Err(Error::ActorNotFound(name.to_string()));
+    }
+    if let Some(client) = local_client(record.spec.actor_id) {
+        return Ok(ActorHandle {
+            client: client.clone(),
+        });
+    }
+    let worker = parse_address(&record.worker_address);
+    let owner = parse_address(&record.spec.owner_address).unwrap_or_else(|| (*core.me).clone());
+    remote_client(
+        core,
+        record.spec.actor_id,
+        record.spec.class_name,
+        Some(name.to_string()),
+        owner,
+        worker,
+    )
 }

@@ -1,35 +1,27 @@
 //! The per-process runtime every driver and worker runs: its address and
-//! listener for direct calls, its connection to the node, its store client,
-//! its reference table, the task submitter, actor clients, and (in workers)
-//! the executor.
+//! listeners for direct calls, its connection to the node, its store
+//! client, its reference table, its peers ([`crate::peers`]) and object
+//! fetching ([`crate::objects`]). The layers above (the submitter, actor
+//! clients, the executor, the user's `Runtime`) use a `Core`; it knows
+//! none of them: calls addressed to this process go to whatever
+//! [`Inbox`] the worker installed.
 
 use crate::address::Address;
 use crate::error::{Error, Result};
-use crate::executor::Executor;
-use crate::ids::{ActorId, JobId, NodeId, WorkerId};
-use crate::refs::{RefEvent, RefTable, ValueState};
-use crate::submit::Submitter;
-use crate::wire::messages::{Hello, ObjectStatus};
+use crate::ids::{JobId, NodeId, TaskId, WorkerId};
+use crate::objects::Objects;
+use crate::peers::Peers;
+use crate::refs::{RefEvent, RefTable};
+use crate::wire::messages::Hello;
 use crate::wire::transport::{self, Listener, Route};
 use crate::wire::{Conn, Endpoint, Handler, MachineId, Message, Reply, Responder};
-use braid_store::{GetError, ObjectId, ObjectView, StoreClient};
+use braid_store::{ObjectId, StoreClient};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 use tokio::sync::{mpsc, OnceCell};
-
-/// How long a get waits on the local store for an object its owner
-/// reported sealed.
-const STORE_GET_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a lent object missing from this node's store is waited for.
-const LENT_GET_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Stored objects up to this size stay mapped and pinned while referenced,
-/// so repeated gets are answered in process.
-const CACHED_VIEW_LIMIT: usize = 64 * 1024;
 
 /// Whether this process is a driver or a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +35,6 @@ pub enum Role {
 /// Everything a braid process needs to talk to the cluster.
 pub struct Core {
     pub(crate) me: Arc<Address>,
-    pub(crate) role: Role,
     pub(crate) job: JobId,
     pub(crate) token: String,
     pub(crate) node_id: NodeId,
@@ -55,12 +46,23 @@ pub struct Core {
     /// The session directory, as the node names it (its scratch
     /// directories are the node's to remove).
     pub(crate) session_dir: PathBuf,
-    peers: Mutex<HashMap<Route, Arc<OnceCell<Conn>>>>,
-    pub(crate) submitter: Submitter,
-    pub(crate) actors: Mutex<HashMap<ActorId, Arc<crate::actor::ActorClient>>>,
-    pub(crate) executor: OnceCell<Arc<Executor>>,
+    /// Connections to other processes and nodes.
+    pub(crate) peers: Arc<Peers>,
+    /// Where objects are, and their bytes.
+    pub(crate) objects: Objects,
+    /// Where tasks and actor calls addressed to this process go (a
+    /// worker's executor; drivers have none).
+    pub(crate) inbox: OnceCell<Arc<dyn Inbox>>,
     pub(crate) head: OnceCell<crate::rpc::HeadClient>,
-    pub(crate) self_ref: Weak<Core>,
+}
+
+/// Serves the tasks and actor calls other processes send this one.
+pub(crate) trait Inbox: Send + Sync {
+    /// A `PushTask`, `CreateActor` or `CallActor`; answer it through
+    /// `responder`.
+    fn on_request(&self, message: Message, responder: Responder);
+    /// The caller cancelled `task`.
+    fn cancel(&self, task: TaskId);
 }
 
 /// What [`Core::start`] needs.
@@ -118,12 +120,12 @@ impl Handler for CoreHandler {
             Message::GetObject(id) => {
                 let core2 = core.clone();
                 core.handle.spawn(async move {
-                    responder.respond(core2.object_status(id).await.map(Reply::Object));
+                    responder.respond(core2.objects.status(id).await.map(Reply::Object));
                 });
             }
             Message::PushTask(_) | Message::CreateActor(_) | Message::CallActor(_) => {
-                match core.executor.get() {
-                    Some(executor) => executor.on_request(message, responder),
+                match core.inbox.get() {
+                    Some(inbox) => inbox.on_request(message, responder),
                     None => responder.respond(Err(Error::BadRequest(
                         "this process runs no tasks (it is a driver)".into(),
                     ))),
@@ -150,8 +152,8 @@ impl Handler for CoreHandler {
             Message::RemoveBorrower { id, borrower } => core.refs.remove_borrower(id, borrower),
             Message::AddLocation { id, node } => core.refs.add_location(id, node),
             Message::Cancel(task) => {
-                if let Some(executor) = core.executor.get() {
-                    executor.cancel(task);
+                if let Some(inbox) = core.inbox.get() {
+                    inbox.cancel(task);
                 }
             }
             Message::Log {
@@ -267,24 +269,48 @@ impl Core {
         let me = crate::address::intern(me);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let refs = RefTable::install(me.clone(), events_tx);
-        let core = Arc::new_cyclic(|weak| Core {
-            me,
-            role: config.role,
-            job: config.job,
-            token: config.token,
-            node_id,
-            node,
-            store: Arc::new(store),
-            refs,
-            handle: tokio::runtime::Handle::current(),
-            head_address: head,
-            session_dir: PathBuf::from(session_dir),
-            peers: Mutex::new(HashMap::new()),
-            submitter: Submitter::new(weak.clone()),
-            actors: Mutex::new(HashMap::new()),
-            executor: OnceCell::new(),
-            head: OnceCell::new(),
-            self_ref: weak.clone(),
+        let store = Arc::new(store);
+        let handle = tokio::runtime::Handle::current();
+        let core = Arc::new_cyclic(|weak: &Weak<Core>| {
+            let for_peers = weak.clone();
+            let (token, role) = (config.token.clone(), config.role);
+            let peers = Arc::new(Peers::new(
+                me.clone(),
+                config.token.clone(),
+                handle.clone(),
+                Box::new(move || -> Arc<dyn Handler> {
+                    Arc::new(CoreHandler {
+                        core: OnceCell::new_with(Some(for_peers.clone())),
+                        token: token.clone(),
+                        role,
+                        peers: Mutex::new(HashMap::new()),
+                    })
+                }),
+            ));
+            let objects = Objects::new(
+                me.clone(),
+                node_id,
+                node.clone(),
+                store.clone(),
+                refs.clone(),
+                peers.clone(),
+            );
+            Core {
+                me,
+                job: config.job,
+                token: config.token,
+                node_id,
+                node,
+                store,
+                refs,
+                handle,
+                head_address: head,
+                session_dir: PathBuf::from(session_dir),
+                peers: peers.clone(),
+                objects,
+                inbox: OnceCell::new(),
+                head: OnceCell::new(),
+            }
         });
         let _ = handler.core.set(Arc::downgrade(&core));
         tokio::spawn(transport::serve(
@@ -305,181 +331,12 @@ impl Core {
         Ok(core)
     }
 
-    /// A connection to another braid process, opened on first use: over
-    /// its socket and a ring on this machine, over TCP from another.
-    pub(crate) async fn peer(&self, address: &Address) -> Result<Conn> {
-        let route = address.endpoint.route()?;
-        let cell = {
-            let mut peers = self.peers.lock();
-            let cell = peers.entry(route.clone()).or_default();
-            if cell.get().is_some_and(Conn::is_closed) {
-                *cell = Arc::new(OnceCell::new());
-            }
-            cell.clone()
-        };
-        let conn = cell
-            .get_or_try_init(|| async {
-                let handler: Arc<dyn Handler> = Arc::new(CoreHandler {
-                    core: OnceCell::new_with(Some(self.self_ref.clone())),
-                    token: self.token.clone(),
-                    role: self.role,
-                    peers: Mutex::new(HashMap::new()),
-                });
-                let hello = Message::Hello(Hello::Peer {
-                    token: self.token.clone(),
-                    address: (*self.me).clone(),
-                });
-                let (conn, _) = self
-                    .handle
-                    .spawn(async move {
-                        let (conn, reply) = transport::dial(&route, hello, handler).await?;
-                        if matches!(route, Route::Local(_)) {
-                            if let Err(e) = conn.open_ring().await {
-                                tracing::debug!(?conn, "staying on the socket: {e}");
-                            }
-                        }
-                        Ok::<_, Error>((conn, reply))
-                    })
-                    .await
-                    .map_err(|e| Error::io("connect", e))??;
-                Ok::<Conn, Error>(conn)
-            })
-            .await?;
-        Ok(conn.clone())
-    }
-
     /// The head's client, connected on first use.
     pub(crate) async fn head(&self) -> Result<crate::rpc::HeadClient> {
         self.head
             .get_or_try_init(|| crate::rpc::HeadClient::connect(&self.head_address, &self.token))
             .await
             .cloned()
-    }
-
-    /// The status of an object this process owns, once it is ready.
-    pub(crate) async fn object_status(&self, id: ObjectId) -> Result<ObjectStatus> {
-        let rx = self.refs.wait_ready(id).ok_or(Error::ObjectLost(id))?;
-        let state = rx.await.map_err(|_| Error::ObjectLost(id))?;
-        match state {
-            ValueState::Inline(bytes) => Ok(ObjectStatus::Inline(bytes.to_vec())),
-            ValueState::Stored(nodes) => Ok(ObjectStatus::Stored(nodes)),
-            ValueState::Failed(e) => Err(e),
-            ValueState::Pending => Err(Error::ObjectLost(id)),
-        }
-    }
-
-    /// Waits until the object behind `handle` is ready and says where its
-    /// value is.
-    pub(crate) async fn resolve(&self, id: ObjectId, owner: &Address) -> Result<ValueState> {
-        if owner.worker == self.me.worker {
-            let rx = self.refs.wait_ready(id).ok_or(Error::ObjectLost(id))?;
-            return match rx.await.map_err(|_| Error::ObjectLost(id))? {
-                ValueState::Failed(e) => Err(e),
-                s => Ok(s),
-            };
-        }
-        if let Some(state) = self.refs.state(id) {
-            if !matches!(state, ValueState::Pending) {
-                return match state {
-                    ValueState::Failed(e) => Err(e),
-                    s => Ok(s),
-                };
-            }
-        }
-        let conn = self.peer(owner).await.map_err(|_| Error::ObjectLost(id))?;
-        let state = match conn.request(Message::GetObject(id)).await {
-            Ok(Reply::Object(ObjectStatus::Inline(bytes))) => ValueState::Inline(bytes.into()),
-            Ok(Reply::Object(ObjectStatus::Stored(nodes))) => ValueState::Stored(nodes),
-            Ok(_) => return Err(Error::BadRequest("owner answered oddly".into())),
-            Err(Error::Unreachable { .. }) => return Err(Error::ObjectLost(id)),
-            Err(e) => return Err(e),
-        };
-        self.refs.cache_state(id, state.clone());
-        Ok(state)
-    }
-
-    /// Maps an object its owner lent, pulling it from the owner's node
-    /// first if that is another. The owner sealed it before lending it, but
-    /// a small one is sealed by a one-way message the store may read after
-    /// this process's get: a missing object is waited for briefly, then
-    /// lost.
-    pub(crate) async fn fetch_lent(&self, id: ObjectId, owner: &Address) -> Result<ObjectView> {
-        if owner.node != self.node_id {
-            return self.fetch_stored(id, &[owner.node], owner).await;
-        }
-        match self.store.get(id, LENT_GET_TIMEOUT) {
-            Ok(view) => Ok(view),
-            Err(GetError::Timeout { .. })
-            | Err(GetError::Lost { .. })
-            | Err(GetError::Deleted(_)) => Err(Error::ObjectLost(id)),
-            Err(e) => Err(Error::io("store get", e)),
-        }
-    }
-
-    /// Maps a stored object into this process, pulling it to this node
-    /// first if it lives elsewhere.
-    pub(crate) async fn fetch_stored(
-        &self,
-        id: ObjectId,
-        nodes: &[NodeId],
-        owner: &Address,
-    ) -> Result<ObjectView> {
-        if !nodes.contains(&self.node_id) {
-            match self
-                .node
-                .request(Message::PullObject {
-                    id,
-                    from: nodes.to_vec(),
-                })
-                .await
-            {
-                Ok(_) => {}
-                Err(Error::ObjectLost(_)) | Err(Error::NodeDied(_)) => {
-                    return Err(Error::ObjectLost(id))
-                }
-                Err(e) => return Err(e),
-            }
-            if owner.worker == self.me.worker {
-                self.refs.add_location(id, self.node_id);
-            } else if let Ok(conn) = self.peer(owner).await {
-                conn.send(Message::AddLocation {
-                    id,
-                    node: self.node_id,
-                });
-            }
-        }
-        let store = self.store.clone();
-        let timeout = if nodes.contains(&self.node_id) {
-            STORE_GET_TIMEOUT
-        } else {
-            Duration::from_secs(1)
-        };
-        match store.get(id, timeout) {
-            Ok(view) => Ok(view),
-            Err(GetError::Timeout { .. })
-            | Err(GetError::Lost { .. })
-            | Err(GetError::Deleted(_)) => Err(Error::ObjectLost(id)),
-            Err(e) => Err(Error::io("store get", e)),
-        }
-    }
-
-    /// The encoded bytes of a ready object, wherever they are.
-    pub(crate) async fn fetch_bytes(&self, id: ObjectId, owner: &Address) -> Result<ObjectBytes> {
-        match self.resolve(id, owner).await? {
-            ValueState::Inline(bytes) => Ok(ObjectBytes::Inline(bytes)),
-            ValueState::Stored(nodes) => {
-                if let Some(view) = self.refs.cached_view(id) {
-                    return Ok(ObjectBytes::Stored(view));
-                }
-                let view = self.fetch_stored(id, &nodes, owner).await?;
-                if view.len() <= CACHED_VIEW_LIMIT {
-                    self.refs.cache_view(id, &view);
-                }
-                Ok(ObjectBytes::Stored(view))
-            }
-            ValueState::Failed(e) => Err(e),
-            ValueState::Pending => Err(Error::ObjectLost(id)),
-        }
     }
 
     /// A fresh object id tagged with this job, so the node can delete the
@@ -501,21 +358,6 @@ pub(crate) fn job_tag(job: JobId) -> [u8; 4] {
     (job.0 as u32).to_le_bytes()
 }
 
-/// A ready object's bytes: inline, or mapped from the store.
-pub(crate) enum ObjectBytes {
-    Inline(Arc<[u8]>),
-    Stored(ObjectView),
-}
-
-impl ObjectBytes {
-    pub(crate) fn as_bytes(&self) -> &[u8] {
-        match self {
-            ObjectBytes::Inline(b) => b,
-            ObjectBytes::Stored(v) => v.as_bytes(),
-        }
-    }
-}
-
 async fn ref_event_loop(core: Weak<Core>, mut events: mpsc::UnboundedReceiver<RefEvent>) {
     while let Some(first) = events.recv().await {
         let Some(core) = core.upgrade() else { return };
@@ -528,7 +370,7 @@ async fn ref_event_loop(core: Weak<Core>, mut events: mpsc::UnboundedReceiver<Re
             match event {
                 RefEvent::Free { id, nodes } => frees.push((id, nodes)),
                 RefEvent::Unborrow { id, owner } => {
-                    if let Ok(conn) = core.peer(&owner).await {
+                    if let Ok(conn) = core.peers.to(&owner).await {
                         conn.send(Message::RemoveBorrower {
                             id,
                             borrower: core.me.worker,

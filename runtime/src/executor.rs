@@ -43,24 +43,39 @@ pub(crate) struct Executor {
     actor: Mutex<Option<Hosted>>,
     cancelled: Mutex<HashSet<TaskId>>,
     running: Mutex<Option<(TaskId, tokio::task::AbortHandle)>>,
+    self_ref: Weak<Executor>,
+}
+
+impl crate::core::Inbox for Executor {
+    fn on_request(&self, message: Message, responder: Responder) {
+        match self.self_ref.upgrade() {
+            Some(this) => this.serve(message, responder),
+            None => responder.respond(Err(Error::NotRunning("worker shutting down".into()))),
+        }
+    }
+
+    fn cancel(&self, task: TaskId) {
+        self.cancel_task(task);
+    }
 }
 
 impl Executor {
     /// Starts the executor's task loop.
     pub(crate) fn start(core: &Arc<Core>) -> Arc<Executor> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let executor = Arc::new(Executor {
+        let executor = Arc::new_cyclic(|self_ref| Executor {
             core: Arc::downgrade(core),
             tasks: tx,
             actor: Mutex::new(None),
             cancelled: Mutex::new(HashSet::new()),
             running: Mutex::new(None),
+            self_ref: self_ref.clone(),
         });
         core.handle.spawn(task_loop(Arc::downgrade(&executor), rx));
         executor
     }
 
-    pub(crate) fn on_request(self: &Arc<Self>, message: Message, responder: Responder) {
+    fn serve(self: &Arc<Self>, message: Message, responder: Responder) {
         match message {
             Message::PushTask(spec) => {
                 let _ = self.tasks.send((spec, responder));
@@ -114,7 +129,7 @@ impl Executor {
 
     /// Cancels a task: one not started never runs; a running async task is
     /// aborted.
-    pub(crate) fn cancel(&self, task: TaskId) {
+    fn cancel_task(&self, task: TaskId) {
         self.cancelled.lock().insert(task);
         if let Some((running, abort)) = self.running.lock().as_ref() {
             if *running == task {
@@ -302,7 +317,7 @@ pub(crate) async fn resolve(core: &Core, args: Vec<WireArg>) -> Result<Args> {
         items.push(match arg {
             WireArg::Inline(bytes) => ArgData::Inline(bytes),
             WireArg::Stored { id, nodes, owner } => {
-                ArgData::Stored(core.fetch_stored(id, &nodes, &owner).await?)
+                ArgData::Stored(core.objects.fetch_stored(id, &nodes, &owner).await?)
             }
         });
     }
@@ -337,7 +352,7 @@ pub(crate) async fn finish(
         if handle.owner.worker == core.me.worker {
             core.refs.add_borrower(handle.id, caller.worker);
         } else if handle.owner.worker != caller.worker {
-            if let Ok(conn) = core.peer(&handle.owner).await {
+            if let Ok(conn) = core.peers.to(&handle.owner).await {
                 conn.send(Message::AddBorrower {
                     id: handle.id,
                     borrower: caller.clone(),

@@ -159,10 +159,10 @@ impl InitOptions {
         })
         .await?;
         register_job(&core).await?;
-        let rt = Runtime { core, cluster };
+        let rt = Runtime::new(core, cluster);
         crate::runtime::set_current(&Runtime {
-            core: rt.core.clone(),
             cluster: None,
+            ..rt.clone()
         });
         let _ = head;
         Ok(rt)

@@ -61,6 +61,8 @@ pub mod ids;
 mod init;
 pub mod node;
 pub mod object_ref;
+pub(crate) mod objects;
+pub(crate) mod peers;
 pub mod refs;
 pub mod registry;
 pub mod resources;
@@ -104,6 +106,6 @@ pub mod __private {
         opts: &crate::TaskOptions,
         args: crate::Result<Vec<crate::Arg>>,
     ) -> crate::Result<crate::ObjectRef<R>> {
-        rt.core.submitter.submit(name, opts, args)
+        rt.tasks.submit(name, opts, args)
     }
 }

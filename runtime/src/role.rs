@@ -303,11 +303,8 @@ fn run_worker() -> i32 {
         })
         .await?;
         let executor = Executor::start(&core);
-        let _ = core.executor.set(executor);
-        crate::runtime::set_current(&crate::Runtime {
-            core: core.clone(),
-            cluster: None,
-        });
+        let _ = core.inbox.set(executor);
+        crate::runtime::set_current(&crate::Runtime::new(core.clone(), None));
         forward_output(&core);
         core.node.send(crate::wire::Message::WorkerReady);
         core.node.closed().await;

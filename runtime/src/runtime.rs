@@ -2,13 +2,14 @@
 //! get, wait, cancel, actors by name, placement groups — plus the helpers
 //! that let code that is not async block on it.
 
-use crate::actor::{parse_address, ActorHandle, TypedHandle};
-use crate::core::{Core, ObjectBytes};
+use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::ids::{NodeId, PlacementGroupId};
 use crate::object_ref::{Lent, ObjectRef};
+use crate::objects::ObjectBytes;
 use crate::refs::ValueState;
 use crate::resources::Resources;
+use crate::submit::Submitter;
 use crate::value::{decode, encode_return};
 use arrow_array::RecordBatch;
 use braid_store::batch::{BatchLayout, BatchWriter};
@@ -130,6 +131,8 @@ pub use crate::rpc::PlacementStrategy;
 #[derive(Clone)]
 pub struct Runtime {
     pub(crate) core: Arc<Core>,
+    /// The process's task submitter, shared by every clone.
+    pub(crate) tasks: Arc<Submitter>,
     pub(crate) cluster: Option<Arc<crate::cluster::EmbeddedCluster>>,
 }
 
@@ -144,6 +147,19 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
+    /// The runtime of the process behind `core`, stopping `cluster` when
+    /// shut down.
+    pub(crate) fn new(
+        core: Arc<Core>,
+        cluster: Option<Arc<crate::cluster::EmbeddedCluster>>,
+    ) -> Runtime {
+        Runtime {
+            tasks: Arc::new(Submitter::new(Arc::downgrade(&core))),
+            core,
+            cluster,
+        }
+    }
+
     /// Runs `future` on the runtime's threads and blocks this thread until
     /// it finishes: for synchronous code (a task body, a non-async `main`)
     /// that wants several things at once.
@@ -317,7 +333,11 @@ impl Runtime {
         if let Some(adopted) = self.adopt_batch(lent) {
             return adopted;
         }
-        let view = self.core.fetch_lent(lent.id(), lent.owner()).await?;
+        let view = self
+            .core
+            .objects
+            .fetch_lent(lent.id(), lent.owner())
+            .await?;
         view.record_batch().map_err(|e| Error::Codec(e.to_string()))
     }
 
@@ -408,10 +428,10 @@ impl Runtime {
         let core = self.core.clone();
         let handle = r.handle.clone();
         if tokio::runtime::Handle::try_current().is_ok() {
-            core.fetch_bytes(handle.id, &handle.owner).await
+            core.objects.fetch_bytes(handle.id, &handle.owner).await
         } else {
             block_on(&self.core.handle.clone(), async move {
-                core.fetch_bytes(handle.id, &handle.owner).await
+                core.objects.fetch_bytes(handle.id, &handle.owner).await
             })
         }
     }
@@ -448,7 +468,7 @@ impl Runtime {
                     let core = self.core.clone();
                     let handle = r.handle.clone();
                     async move {
-                        let _ = core.resolve(handle.id, &handle.owner).await;
+                        let _ = core.objects.resolve(handle.id, &handle.owner).await;
                         i
                     }
                 })
@@ -488,63 +508,7 @@ impl Runtime {
     /// result is dropped. Returns false if this process did not submit it
     /// or it already finished.
     pub fn cancel<T>(&self, r: &ObjectRef<T>) -> bool {
-        self.core.submitter.cancel(r.id())
-    }
-
-    /// Looks a named actor up.
-    pub async fn get_actor<H: TypedHandle>(&self, name: &str) -> Result<H> {
-        let core = self.core.clone();
-        let name = name.to_string();
-        let raw = self
-            .core
-            .handle
-            .spawn(async move { lookup_actor(&core, &name).await })
-            .await
-            .map_err(|e| Error::io("lookup actor", e))??;
-        if raw.class() != H::CLASS {
-            return Err(Error::BadRequest(format!(
-                "actor {} is a {}, not a {}",
-                raw.name().unwrap_or_default(),
-                raw.class(),
-                H::CLASS
-            )));
-        }
-        Ok(H::from_raw(raw))
-    }
-
-    /// Kills an actor: it is not restarted, and calls fail with
-    /// [`Error::ActorDied`].
-    pub async fn kill_actor(&self, handle: &ActorHandle) -> Result<()> {
-        handle.client.kill_local("killed");
-        let core = self.core.clone();
-        let id = handle.id();
-        self.core
-            .handle
-            .spawn(async move { core.head().await?.kill_actor(id, true).await })
-            .await
-            .map_err(|e| Error::io("kill actor", e))?
-    }
-
-    /// Kills a named actor (detached ones included).
-    pub async fn kill_actor_by_name(&self, name: &str) -> Result<()> {
-        let core = self.core.clone();
-        let name = name.to_string();
-        self.core
-            .handle
-            .spawn(async move {
-                let head = core.head().await?;
-                let record = head
-                    .get_actor(crate::rpc::ActorLookup::Name(name.clone()))
-                    .await?;
-                let local = core.actors.lock().get(&record.spec.actor_id).cloned();
-                if let Some(client) = local {
-                    client.kill_local("killed");
-                }
-                head.kill_actor(crate::rpc::ActorLookup::Name(name), true)
-                    .await
-            })
-            .await
-            .map_err(|e| Error::io("kill actor", e))?
+        self.tasks.cancel(r.id())
     }
 
     /// Reserves resource bundles together.
@@ -620,31 +584,6 @@ impl Runtime {
             cluster.stop();
         }
     }
-}
-
-async fn lookup_actor(core: &Arc<Core>, name: &str) -> Result<ActorHandle> {
-    let head = core.head().await?;
-    let record = head
-        .get_actor(crate::rpc::ActorLookup::Name(name.to_string()))
-        .await?;
-    if record.state == crate::rpc::ActorState::Dead {
-        return Err(Error::ActorNotFound(name.to_string()));
-    }
-    if let Some(client) = core.actors.lock().get(&record.spec.actor_id) {
-        return Ok(ActorHandle {
-            client: client.clone(),
-        });
-    }
-    let worker = parse_address(&record.worker_address);
-    let owner = parse_address(&record.spec.owner_address).unwrap_or_else(|| (*core.me).clone());
-    crate::actor::remote_client(
-        core,
-        record.spec.actor_id,
-        record.spec.class_name,
-        Some(name.to_string()),
-        owner,
-        worker,
-    )
 }
 
 /// Writes a batch of `layout` into `buf` with `fill`, and checks it.

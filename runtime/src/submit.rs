@@ -15,9 +15,7 @@ use crate::object_ref::{ObjectRef, RefHandle};
 use crate::refs::ValueState;
 use crate::resources::Resources;
 use crate::value::Arg;
-use crate::wire::messages::{
-    Hello, Lease, LeaseRequest, ReturnValue, TaskResult, TaskSpec, WireArg,
-};
+use crate::wire::messages::{Lease, LeaseRequest, ReturnValue, TaskResult, TaskSpec, WireArg};
 use crate::wire::{Conn, Endpoint, Message, Reply};
 use braid_store::ObjectId;
 use parking_lot::Mutex;
@@ -311,7 +309,7 @@ pub(crate) async fn resolve_args(core: &Core, args: Vec<Arg>) -> Result<Prepared
                 keep.extend(nested);
             }
             Arg::Ref(handle) => {
-                match core.resolve(handle.id, &handle.owner).await? {
+                match core.objects.resolve(handle.id, &handle.owner).await? {
                     ValueState::Inline(bytes) => wire.push(WireArg::Inline(bytes.to_vec())),
                     ValueState::Stored(nodes) => wire.push(WireArg::Stored {
                         id: handle.id,
@@ -345,7 +343,7 @@ pub(crate) async fn record_result(core: &Core, returns: ObjectId, result: TaskRe
     for (id, owner) in borrowed {
         if owner.worker == core.me.worker {
             core.refs.add_borrower(id, executor.worker);
-        } else if let Ok(conn) = core.peer(&owner).await {
+        } else if let Ok(conn) = core.peers.to(&owner).await {
             conn.send(Message::AddBorrower {
                 id,
                 borrower: executor.clone(),
@@ -362,22 +360,6 @@ pub(crate) async fn record_result(core: &Core, returns: ObjectId, result: TaskRe
     core.refs.set_state(returns, state);
 }
 
-/// A connection to another node's control plane: its socket on this
-/// machine, TCP on another.
-async fn node_conn_for(core: &Core, endpoint: &Endpoint) -> Result<Conn> {
-    let hello = Message::Hello(Hello::Peer {
-        token: core.token.clone(),
-        address: (*core.me).clone(),
-    });
-    let (conn, _) = crate::wire::transport::dial(
-        &endpoint.route()?,
-        hello,
-        Arc::new(crate::wire::conn::NoHandler),
-    )
-    .await?;
-    Ok(conn)
-}
-
 /// Leases a worker, following spillbacks to other nodes.
 pub(crate) async fn lease_worker(
     core: &Core,
@@ -387,7 +369,7 @@ pub(crate) async fn lease_worker(
     let mut conn = match node {
         Some(n) if n != core.node_id => {
             let endpoint = core.node_endpoint_of(n).await?;
-            node_conn_for(core, &endpoint).await?
+            core.peers.node(&endpoint).await?
         }
         _ => core.node.clone(),
     };
@@ -395,7 +377,7 @@ pub(crate) async fn lease_worker(
         match conn.request(Message::RequestLease(request.clone())).await? {
             Reply::Leased(lease) => return Ok((lease, conn)),
             Reply::Spillback { endpoint, .. } => {
-                conn = node_conn_for(core, &endpoint).await?;
+                conn = core.peers.node(&endpoint).await?;
             }
             _ => return Err(Error::BadRequest("node answered a lease oddly".into())),
         }
@@ -436,7 +418,7 @@ async fn run_pool(
                     queued = queue.len(),
                     "lease granted"
                 );
-                match core.peer(&lease.worker).await {
+                match core.peers.to(&lease.worker).await {
                     Ok(conn) => workers.push(Leased {
                         lease,
                         node: node_conn,

@@ -92,6 +92,11 @@ pub struct MicrobenchArgs {
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Place every benchmark actor on nodes offering this custom resource
+    /// (each takes a thousandth of a unit), e.g. on another host than the
+    /// driver's.
+    #[arg(long, value_name = "NAME")]
+    pub actor_resource: Option<String>,
 }
 
 /// A usage error of subcommand `name` found after parsing (clap's format

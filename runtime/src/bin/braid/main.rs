@@ -35,7 +35,7 @@ fn main() {
         Command::Start(args) => start::run(args),
         Command::Status(args) => status::run(args),
         Command::Stop(args) => stop::run(args),
-        Command::Microbenchmark(args) => microbench::run(args.json),
+        Command::Microbenchmark(args) => microbench::run(args.json, args.actor_resource),
     };
     if let Err(e) = result {
         if let Some(usage) = e.downcast_ref::<clap::Error>() {

@@ -18,6 +18,17 @@ use braid::{ActorHandle, ObjectRef, Runtime, TypedHandle};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// The custom resource every benchmark actor asks for, if any.
+static ACTOR_RESOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `builder`, asking for a thousandth of [`ACTOR_RESOURCE`] when set.
+fn place<H: TypedHandle>(builder: braid::ActorBuilder<H>) -> braid::ActorBuilder<H> {
+    match ACTOR_RESOURCE.get() {
+        Some(name) => builder.resource(name, 0.001),
+        None => builder,
+    }
+}
+
 /// Length of one timed round.
 const ROUND: Duration = Duration::from_millis(600);
 /// Timed rounds per workload; the median is reported.
@@ -258,7 +269,10 @@ fn check(code: u32, what: &str) -> anyhow::Result<()> {
 }
 
 /// Runs the microbenchmark and prints its figures.
-pub fn run(json: bool) -> anyhow::Result<()> {
+pub fn run(json: bool, actor_resource: Option<String>) -> anyhow::Result<()> {
+    if let Some(name) = actor_resource {
+        let _ = ACTOR_RESOURCE.set(name);
+    }
     let rt = braid::init_blocking().context("start an embedded cluster")?;
     let filter = std::env::var("TESTS_TO_RUN").ok().filter(|s| !s.is_empty());
     let rt2 = rt.clone();
@@ -384,7 +398,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
 
     if b.wanted("multi_client_tasks_async") {
         let (n, m) = (10_000u32, 4);
-        let actors = spawn_actors(m, || BenchActor::remote(&rt)).await?;
+        let actors = spawn_actors(m, || place(BenchActor::remote(&rt))).await?;
         b.timeit(
             "multi_client_tasks_async",
             f64::from(n) * m as f64,
@@ -401,7 +415,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
     }
 
     if b.wanted("1_1_actor_calls_sync") || b.wanted("actor_call_latency") {
-        let a = BenchActor::remote(&rt).spawn().await?;
+        let a = place(BenchActor::remote(&rt)).spawn().await?;
         b.timeit("1_1_actor_calls_sync", 1.0, || async {
             a.small_value().await?;
             Ok(())
@@ -423,7 +437,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         rt.kill_actor(a.raw()).await?;
     }
     if b.wanted("1_1_actor_calls_async") {
-        let a = BenchActor::remote(&rt).spawn().await?;
+        let a = place(BenchActor::remote(&rt)).spawn().await?;
         b.timeit("1_1_actor_calls_async", 1000.0, || async {
             let calls: Vec<_> = (0..1000).map(|_| a.small_value()).collect();
             for r in futures::future::join_all(calls).await {
@@ -435,7 +449,10 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         rt.kill_actor(a.raw()).await?;
     }
     if b.wanted("1_1_actor_calls_concurrent") {
-        let a = BenchActor::remote(&rt).max_concurrency(16).spawn().await?;
+        let a = place(BenchActor::remote(&rt))
+            .max_concurrency(16)
+            .spawn()
+            .await?;
         b.timeit("1_1_actor_calls_concurrent", 1000.0, || async {
             let calls: Vec<_> = (0..1000).map(|_| a.small_value()).collect();
             for r in futures::future::join_all(calls).await {
@@ -448,9 +465,9 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
     }
     if b.wanted("1_n_actor_calls_async") {
         let n = 5000u32;
-        let servers = spawn_actors(n_cpu, || BenchActor::remote(&rt)).await?;
+        let servers = spawn_actors(n_cpu, || place(BenchActor::remote(&rt))).await?;
         let raws: Vec<ActorHandle> = servers.iter().map(|s| s.raw().clone()).collect();
-        let client = Client::remote(&rt, raws).spawn().await?;
+        let client = place(Client::remote(&rt, raws)).spawn().await?;
         b.timeit(
             "1_n_actor_calls_async",
             f64::from(n) * n_cpu as f64,
@@ -467,7 +484,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
     }
     if b.wanted("n_n_actor_calls_async") {
         let (n, m) = (5000u32, 4);
-        let actors = spawn_actors(n_cpu, || BenchActor::remote(&rt)).await?;
+        let actors = spawn_actors(n_cpu, || place(BenchActor::remote(&rt))).await?;
         let raws: Vec<ActorHandle> = actors.iter().map(|s| s.raw().clone()).collect();
         b.timeit("n_n_actor_calls_async", f64::from(n) * m as f64, || async {
             let refs: Vec<_> = (0..m)
@@ -483,10 +500,14 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
     }
     if b.wanted("n_n_actor_calls_with_arg_async") {
         let n = 1000u32;
-        let actors = spawn_actors(n_cpu, || BenchActor::remote(&rt)).await?;
+        let actors = spawn_actors(n_cpu, || place(BenchActor::remote(&rt))).await?;
         let mut clients = Vec::new();
         for a in &actors {
-            clients.push(Client::remote(&rt, vec![a.raw().clone()]).spawn().await?);
+            clients.push(
+                place(Client::remote(&rt, vec![a.raw().clone()]))
+                    .spawn()
+                    .await?,
+            );
         }
         b.timeit(
             "n_n_actor_calls_with_arg_async",
@@ -504,7 +525,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         kill_all(&rt, &clients).await;
     }
     if b.wanted("1_1_async_actor_calls_sync") {
-        let a = AsyncActor::remote(&rt)
+        let a = place(AsyncActor::remote(&rt))
             .max_concurrency(1000)
             .spawn()
             .await?;
@@ -516,7 +537,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         rt.kill_actor(a.raw()).await?;
     }
     if b.wanted("1_1_async_actor_calls_async") {
-        let a = AsyncActor::remote(&rt)
+        let a = place(AsyncActor::remote(&rt))
             .max_concurrency(1000)
             .spawn()
             .await?;
@@ -531,7 +552,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         rt.kill_actor(a.raw()).await?;
     }
     if b.wanted("1_1_async_actor_calls_with_args_async") {
-        let a = AsyncActor::remote(&rt)
+        let a = place(AsyncActor::remote(&rt))
             .max_concurrency(1000)
             .spawn()
             .await?;
@@ -549,9 +570,12 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
     }
     if b.wanted("1_n_async_actor_calls_async") {
         let n = 5000u32;
-        let servers = spawn_actors(n_cpu, || AsyncActor::remote(&rt).max_concurrency(1000)).await?;
+        let servers = spawn_actors(n_cpu, || {
+            place(AsyncActor::remote(&rt)).max_concurrency(1000)
+        })
+        .await?;
         let raws: Vec<ActorHandle> = servers.iter().map(|s| s.raw().clone()).collect();
-        let client = Client::remote(&rt, raws).spawn().await?;
+        let client = place(Client::remote(&rt, raws)).spawn().await?;
         b.timeit(
             "1_n_async_actor_calls_async",
             f64::from(n) * n_cpu as f64,
@@ -568,7 +592,10 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
     }
     if b.wanted("n_n_async_actor_calls_async") {
         let (n, m) = (5000u32, 4);
-        let actors = spawn_actors(n_cpu, || AsyncActor::remote(&rt).max_concurrency(1000)).await?;
+        let actors = spawn_actors(n_cpu, || {
+            place(AsyncActor::remote(&rt)).max_concurrency(1000)
+        })
+        .await?;
         let raws: Vec<ActorHandle> = actors.iter().map(|s| s.raw().clone()).collect();
         b.timeit(
             "n_n_async_actor_calls_async",
@@ -590,7 +617,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
         let mut rates = Vec::new();
         for _ in 0..3 {
             let start = Instant::now();
-            let actors = spawn_actors(100, || BenchActor::remote(&rt)).await?;
+            let actors = spawn_actors(100, || place(BenchActor::remote(&rt))).await?;
             let calls: Vec<_> = actors.iter().map(|a| a.small_value()).collect();
             for r in futures::future::join_all(calls).await {
                 r?;
@@ -602,7 +629,7 @@ async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeM
             .insert("actor_creations_per_s".into(), median(&mut rates));
     }
     if b.wanted("idle_worker_rss") {
-        let a = BenchActor::remote(&rt).spawn().await?;
+        let a = place(BenchActor::remote(&rt)).spawn().await?;
         let pid = a.pid().await?;
         a.small_value().await?;
         b.results

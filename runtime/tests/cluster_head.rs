@@ -191,6 +191,7 @@ async fn start_node(cpu: f64, fake: FakeNode) -> TestNode {
             tcp: None,
         },
         store_socket: "/nowhere/store.sock".into(),
+        object_plane: String::new(),
         session_dir: "/nowhere".into(),
         resources_total: cpus(cpu),
         store_capacity: 1 << 30,

@@ -105,7 +105,9 @@ fn drive() {
     // reuse them once the last round's objects are freed.
     let mut seconds = Vec::new();
     for round in 0..3 {
-        let refs: Vec<_> = (0..TRANSFERS).map(|_| rt.put_array(&data).unwrap()).collect();
+        let refs: Vec<_> = (0..TRANSFERS)
+            .map(|_| rt.put_array(&data).unwrap())
+            .collect();
         for r in &refs {
             let (s, len) = rt
                 .get_blocking(&pull::remote_with(&rt, &on("b"), vec![r.clone()]).unwrap())

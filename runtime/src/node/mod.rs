@@ -4,6 +4,7 @@
 //! over a Unix socket; the head and other nodes over gRPC.
 
 mod binaries;
+mod object_plane;
 pub(crate) mod scheduler;
 mod service;
 pub mod worker_pool;
@@ -101,6 +102,7 @@ struct State {
     conns: HashMap<u64, Conn>,
     next_lease: u64,
     grpc_addresses: HashMap<NodeId, String>,
+    object_planes: HashMap<NodeId, String>,
 }
 
 /// The running node.
@@ -112,6 +114,8 @@ pub(crate) struct Node {
     control_tcp: String,
     /// The address its processes serve direct calls on for other hosts.
     direct_ip: IpAddr,
+    /// Where its object plane listens.
+    object_plane: String,
     store_socket: PathBuf,
     pub(crate) store: Arc<StoreClient>,
     pub(crate) store_handle: StoreHandle,
@@ -185,6 +189,16 @@ pub async fn run_node(
     let grpc_address = grpc_address.to_string();
     let (tcp_listener, tcp_bound) = Listener::bind_tcp(config.grpc_listen.ip()).await?;
     let control_tcp = advertised(tcp_bound, &config.head).to_string();
+    let plane_listener = tokio::net::TcpListener::bind((config.grpc_listen.ip(), 0))
+        .await
+        .map_err(|e| Error::io(format!("bind {}:0", config.grpc_listen.ip()), e))?;
+    let object_plane = advertised(
+        plane_listener
+            .local_addr()
+            .map_err(|e| Error::io("object plane address", e))?,
+        &config.head,
+    )
+    .to_string();
 
     let head = HeadClient::connect(&config.head, &config.token).await?;
     let mut total = config.resources.clone();
@@ -198,6 +212,7 @@ pub async fn run_node(
         id,
         control_socket: control_socket.clone(),
         control_tcp,
+        object_plane,
         direct_ip,
         store_socket,
         store: Arc::new(store),
@@ -213,6 +228,7 @@ pub async fn run_node(
             conns: HashMap::new(),
             next_lease: 1,
             grpc_addresses: HashMap::new(),
+            object_planes: HashMap::new(),
         }),
         hashes: BuildHashes::default(),
         pulls: Mutex::new(HashMap::new()),
@@ -221,6 +237,11 @@ pub async fn run_node(
         config,
         self_ref: weak.clone(),
     });
+    tokio::spawn(object_plane::serve(
+        plane_listener,
+        node.config.token.clone(),
+        node.store.clone(),
+    ));
     let grpc_stop = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(service::serve(node.clone(), grpc_listener, grpc_stop.1));
     node.register().await?;
@@ -385,6 +406,7 @@ impl Node {
                     tcp: Some(self.control_tcp.clone()),
                 },
                 store_socket: self.store_socket.clone(),
+                object_plane: self.object_plane.clone(),
                 session_dir: self.config.session_dir.clone(),
                 resources_total: total.0,
                 store_capacity: self.store_handle.stats().arena.capacity,
@@ -1017,6 +1039,9 @@ impl Node {
             state
                 .grpc_addresses
                 .insert(n.info.node_id, n.info.grpc_address.clone());
+            state
+                .object_planes
+                .insert(n.info.node_id, n.info.object_plane.clone());
         }
         nodes
             .iter()
@@ -1059,6 +1084,22 @@ impl Node {
         for source in from {
             if source == self.id {
                 continue;
+            }
+            // Over the source's object plane when it has one.
+            let grpc = self.grpc_address_of(source).await;
+            let plane = self.state.lock().object_planes.get(&source).cloned();
+            if let (Ok(_), Some(plane)) = (&grpc, plane.filter(|p| !p.is_empty())) {
+                match object_plane::pull(&plane, &self.config.token, id, &self.store).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!("pulling {id} from {source}: {e}");
+                        last = match e.into() {
+                            Error::Unreachable { .. } => Error::ObjectLost(id),
+                            other => other,
+                        };
+                        continue;
+                    }
+                }
             }
             let client = match self.node_client(source).await {
                 Ok(c) => c,

@@ -845,6 +845,7 @@ mod tests {
                 tcp: None,
             },
             store_socket: "/s".into(),
+            object_plane: String::new(),
             session_dir: "/d".into(),
             resources_total: res(cpu),
             store_capacity: 1 << 20,

@@ -84,6 +84,16 @@ pub enum TransferError {
     /// The local store failed.
     #[error("object store: {0}")]
     Store(#[from] StoreFailure),
+    /// The node refused the transfer, or its connection failed.
+    #[error("pulling object {id} from {peer} failed: {message}")]
+    Connection {
+        /// The object.
+        id: ObjectId,
+        /// The node's object-plane address.
+        peer: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The call failed.
     #[error("pulling object {id} from {peer} failed: {code:?}: {message}")]
     Rpc {
@@ -116,6 +126,7 @@ impl From<TransferError> for Error {
             },
             ref other @ (TransferError::Corrupt { ref peer, .. }
             | TransferError::Truncated { ref peer, .. }
+            | TransferError::Connection { ref peer, .. }
             | TransferError::Rpc { ref peer, .. }) => Error::Unreachable {
                 address: peer.clone(),
                 message: other.to_string(),

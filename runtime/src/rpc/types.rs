@@ -147,6 +147,8 @@ pub struct NodeInfo {
     pub control: Endpoint,
     /// Path of the node's object-store socket.
     pub store_socket: PathBuf,
+    /// Where its object plane listens (`host:port`; empty if it has none).
+    pub object_plane: String,
     /// The node's session directory.
     pub session_dir: PathBuf,
     /// Everything the node has.
@@ -167,6 +169,7 @@ impl From<&NodeInfo> for proto::NodeInfo {
             control_address: n.control.socket.clone(),
             control_tcp: n.control.tcp.clone().unwrap_or_default(),
             machine: n.control.machine.0.clone(),
+            object_plane: n.object_plane.clone(),
             store_socket: path_to_wire(&n.store_socket),
             session_dir: path_to_wire(&n.session_dir),
             resources_total: resources_to_wire(&n.resources_total),
@@ -190,6 +193,7 @@ impl TryFrom<proto::NodeInfo> for NodeInfo {
                 tcp: (!n.control_tcp.is_empty()).then_some(n.control_tcp),
             },
             store_socket: n.store_socket.into(),
+            object_plane: n.object_plane,
             session_dir: n.session_dir.into(),
             resources_total: parse_resources("resources_total", n.resources_total)?,
             store_capacity: n.store_capacity,

@@ -1,11 +1,16 @@
 //! The node's resource ledger and lease queue: what is free on the node and
-//! in each placement-group bundle, and which lease requests wait for it, in
-//! arrival order.
+//! in each placement-group bundle, which lease requests wait for it, in
+//! arrival order, and the node's handling of leases (granting, spilling
+//! back, returning) and of bundle reservations.
 
+use super::worker_pool::kill_pid;
+use super::{LeaseEntry, Waiting, WorkerState, RESERVE_WAIT};
 use crate::error::{Error, Result};
-use crate::ids::PlacementGroupId;
+use crate::ids::{JobId, PlacementGroupId};
 use crate::resources::Resources;
-use crate::wire::messages::LeaseRequest;
+use crate::rpc::PickNodeOptions;
+use crate::wire::messages::{Lease, LeaseRequest};
+use crate::wire::{Conn, Reply, Responder};
 use std::collections::HashMap;
 
 /// Resources reserved for one placement-group bundle.
@@ -140,6 +145,230 @@ impl Ledger {
                 self.available.add(&b.available, &self.total);
             }
         }
+    }
+}
+
+/// Leases: answering requests, dispatching waiting ones as resources
+/// and workers free up, and placement-group bundles.
+impl super::Node {
+    pub(super) fn fail_waiting(&self, job: JobId, e: Error) {
+        let failed: Vec<Waiting> = {
+            let mut state = self.state.lock();
+            let (fail, keep): (Vec<_>, Vec<_>) =
+                state.queue.drain(..).partition(|w| w.request.job == job);
+            state.queue = keep.into();
+            fail
+        };
+        for w in failed {
+            w.responder.respond(Err(e.clone()));
+        }
+    }
+
+    pub(super) fn request_lease(&self, conn: &Conn, request: LeaseRequest, responder: Responder) {
+        let feasible = self.state.lock().ledger.feasible(&request);
+        match feasible {
+            Err(e) => responder.respond(Err(e)),
+            Ok(false) if request.strict_node => responder.respond(Err(Error::Infeasible(format!(
+                "{} on node {} (it has {})",
+                request.resources,
+                self.id,
+                self.state.lock().ledger.total
+            )))),
+            Ok(false) => {
+                let Some(node) = self.arc() else { return };
+                tokio::spawn(async move {
+                    let options = PickNodeOptions {
+                        resources: request.resources.0.clone(),
+                        exclude: vec![node.id],
+                        ..Default::default()
+                    };
+                    let picked = node.head.pick_node(&options).await;
+                    responder.respond(picked.map(|n| Reply::Spillback {
+                        node: n.node_id,
+                        endpoint: n.control,
+                    }));
+                });
+            }
+            Ok(true) => {
+                let job = request.job;
+                let known = self.state.lock().jobs.contains_key(&job);
+                if !known {
+                    let Some(node) = self.arc() else { return };
+                    let conn = conn.clone();
+                    tokio::spawn(async move {
+                        match node.adopt_job(job).await {
+                            Ok(()) => node.request_lease(&conn, request, responder),
+                            Err(e) => responder.respond(Err(e)),
+                        }
+                    });
+                    return;
+                }
+                self.state.lock().queue.push_back(Waiting {
+                    request,
+                    responder,
+                    holder: conn.id(),
+                });
+                self.dispatch();
+                self.top_up(job);
+            }
+        }
+    }
+
+    /// Grants waiting leases, in order, while resources and idle workers
+    /// allow.
+    pub(super) fn dispatch(&self) {
+        let mut grants = Vec::new();
+        {
+            let mut guard = self.state.lock();
+            let state = &mut *guard;
+            let mut i = 0;
+            while i < state.queue.len() {
+                let job = state.queue[i].request.job;
+                let idle = state
+                    .workers
+                    .iter()
+                    .find(|(_, w)| {
+                        w.job == job && matches!(w.state, WorkerState::Idle) && w.conn.is_some()
+                    })
+                    .map(|(id, _)| *id);
+                let Some(worker) = idle else {
+                    i += 1;
+                    continue;
+                };
+                let Some(pool) = state.ledger.try_acquire(&state.queue[i].request) else {
+                    i += 1;
+                    continue;
+                };
+                let Some(waiting) = state.queue.remove(i) else {
+                    break;
+                };
+                let lease = state.next_lease;
+                state.next_lease += 1;
+                let Some(w) = state.workers.get_mut(&worker) else {
+                    continue;
+                };
+                w.state = WorkerState::Leased(lease);
+                w.actor = waiting.request.actor;
+                w.detached = waiting.request.detached;
+                let Some(address) = w.address.clone() else {
+                    continue;
+                };
+                state.leases.insert(
+                    lease,
+                    LeaseEntry {
+                        worker,
+                        resources: waiting.request.resources.clone(),
+                        pool,
+                        holder: waiting.holder,
+                    },
+                );
+                grants.push((
+                    waiting.responder,
+                    Lease {
+                        lease,
+                        worker: address,
+                    },
+                ));
+            }
+            if !state.queue.is_empty() {
+                let count = |f: fn(&WorkerState) -> bool| {
+                    state.workers.values().filter(|w| f(&w.state)).count()
+                };
+                tracing::debug!(
+                    waiting = state.queue.len(),
+                    available = %state.ledger.available,
+                    idle = count(|s| matches!(s, WorkerState::Idle)),
+                    starting = count(|s| matches!(s, WorkerState::Starting)),
+                    leased = count(|s| matches!(s, WorkerState::Leased(_))),
+                    "leases waiting"
+                );
+            }
+        }
+        let granted = !grants.is_empty();
+        for (responder, lease) in &grants {
+            let _ = responder;
+            tracing::debug!(
+                lease = lease.lease,
+                worker = lease.worker.pid,
+                "lease granted"
+            );
+        }
+        for (responder, lease) in grants {
+            responder.respond(Ok(Reply::Leased(lease)));
+        }
+        if granted {
+            let jobs: Vec<JobId> = self.state.lock().jobs.keys().copied().collect();
+            for job in jobs {
+                self.top_up(job);
+            }
+        }
+    }
+
+    pub(super) fn return_lease(&self, lease: u64, kill: bool) {
+        let victim = {
+            let mut state = self.state.lock();
+            let Some(entry) = state.leases.remove(&lease) else {
+                return;
+            };
+            state.ledger.release(entry.pool, &entry.resources);
+            tracing::debug!(lease, kill, available = %state.ledger.available, "lease returned");
+            match state.workers.get_mut(&entry.worker) {
+                Some(w) if kill || w.actor.is_some() => Some(w.pid),
+                Some(w) => {
+                    w.state = WorkerState::Idle;
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some(pid) = victim {
+            kill_pid(pid);
+        }
+        self.released.notify_waiters();
+        self.dispatch();
+    }
+
+    /// Reserves placement-group bundles, waiting up to [`RESERVE_WAIT`] for
+    /// leases to give the resources back when the node has them in total
+    /// but not free now.
+    pub(super) async fn reserve_bundles(
+        &self,
+        pg: PlacementGroupId,
+        bundles: Vec<(u32, Resources)>,
+    ) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + RESERVE_WAIT;
+        loop {
+            let released = self.released.notified();
+            let attempt = {
+                let mut state = self.state.lock();
+                let mut need = Resources::new();
+                for (_, r) in &bundles {
+                    for (k, v) in &r.0 {
+                        need.set(k, need.get(k) + v);
+                    }
+                }
+                if !state.ledger.total.fits(&need) {
+                    return Err(Error::Infeasible(format!(
+                        "bundles {need} on a node with {} in total",
+                        state.ledger.total
+                    )));
+                }
+                state.ledger.reserve(pg, bundles.clone())
+            };
+            match attempt {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if tokio::time::timeout_at(deadline, released).await.is_err() {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn release_bundles(&self, pg: PlacementGroupId) {
+        self.state.lock().ledger.release_group(pg);
+        self.dispatch();
     }
 }
 

@@ -1,13 +1,18 @@
-//! The node's gRPC face (`braid.v1.Node`): object transfer to other nodes,
-//! job binaries for nodes that lack them, frees, job cleanup, actor kills
-//! and placement-group bundles, called by the head and by other nodes.
+//! The node's dealings with other nodes and the head: its gRPC face
+//! (`braid.v1.Node`: job binaries for nodes that lack them, frees, job
+//! cleanup, actor kills, placement-group bundles, and object transfer for
+//! pullers without an object plane), and its own calls to other nodes
+//! (pulling objects, freeing them everywhere).
 
-use super::Node;
-use crate::ids::{ActorId, JobId, PlacementGroupId};
+use super::{object_plane, Node};
+use crate::error::{Error, Result};
+use crate::ids::{ActorId, JobId, NodeId, PlacementGroupId};
 use crate::resources::Resources;
 use crate::rpc::proto;
+use crate::rpc::NodeClient;
 use crate::rpc::{node_service, NodeService};
 use braid_store::ObjectId;
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -159,5 +164,137 @@ pub(super) async fn serve(
         .await;
     if let Err(e) = result {
         tracing::error!("node gRPC server stopped: {e}");
+    }
+}
+
+/// Objects across nodes: pulling them into this node's store (over the
+/// source's object plane, else gRPC) and freeing them everywhere.
+impl super::Node {
+    pub(super) async fn grpc_address_of(&self, node: NodeId) -> Result<String> {
+        if let Some(a) = self.state.lock().grpc_addresses.get(&node) {
+            return Ok(a.clone());
+        }
+        let nodes = self.head.list_nodes().await?;
+        let mut state = self.state.lock();
+        for n in &nodes {
+            state
+                .grpc_addresses
+                .insert(n.info.node_id, n.info.grpc_address.clone());
+            state
+                .object_planes
+                .insert(n.info.node_id, n.info.object_plane.clone());
+        }
+        nodes
+            .iter()
+            .find(|n| n.info.node_id == node && n.alive)
+            .map(|n| n.info.grpc_address.clone())
+            .ok_or(Error::NodeDied(node))
+    }
+
+    pub(super) async fn node_client(&self, node: NodeId) -> Result<NodeClient> {
+        let address = self.grpc_address_of(node).await?;
+        NodeClient::connect(&address, &self.config.token).await
+    }
+
+    /// Pulls an object into this node's store from one of `from`. Pulls
+    /// of one object at once share one transfer: each caller returns when
+    /// it ended, with its outcome.
+    pub(super) async fn pull(&self, id: ObjectId, from: Vec<NodeId>) -> Result<()> {
+        if self.store_handle.contains(&id) {
+            return Ok(());
+        }
+        let transfer = self.pulls.lock().entry(id).or_default().clone();
+        let outcome = transfer
+            .get_or_init(|| self.pull_once(id, from))
+            .await
+            .clone();
+        {
+            let mut pulls = self.pulls.lock();
+            if pulls.get(&id).is_some_and(|t| Arc::ptr_eq(t, &transfer)) {
+                pulls.remove(&id);
+            }
+        }
+        outcome
+    }
+
+    pub(super) async fn pull_once(&self, id: ObjectId, from: Vec<NodeId>) -> Result<()> {
+        if self.store_handle.contains(&id) {
+            return Ok(());
+        }
+        let mut last = Error::ObjectLost(id);
+        for source in from {
+            if source == self.id {
+                continue;
+            }
+            // Over the source's object plane when it has one.
+            let grpc = self.grpc_address_of(source).await;
+            let plane = self.state.lock().object_planes.get(&source).cloned();
+            if let (Ok(_), Some(plane)) = (&grpc, plane.filter(|p| !p.is_empty())) {
+                match object_plane::pull(&plane, &self.config.token, id, &self.store).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!("pulling {id} from {source}: {e}");
+                        last = match e.into() {
+                            Error::Unreachable { .. } => Error::ObjectLost(id),
+                            other => other,
+                        };
+                        continue;
+                    }
+                }
+            }
+            let client = match self.node_client(source).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("pulling {id}: node {source} unreachable: {e}");
+                    last = Error::ObjectLost(id);
+                    continue;
+                }
+            };
+            match crate::rpc::transfer::pull_into(&client, id, &self.store).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!("pulling {id} from {source}: {e}");
+                    last = e.into();
+                    if matches!(last, Error::Unreachable { .. }) {
+                        last = Error::ObjectLost(id);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Deletes objects here and on the other nodes holding them.
+    pub(super) async fn free(&self, list: Vec<(ObjectId, Vec<NodeId>)>) {
+        let mut remote: HashMap<NodeId, Vec<ObjectId>> = HashMap::new();
+        let mut local = Vec::new();
+        for (id, nodes) in list {
+            for n in nodes {
+                if n == self.id {
+                    local.push(id);
+                } else {
+                    remote.entry(n).or_default().push(id);
+                }
+            }
+        }
+        if !local.is_empty() {
+            let store = self.store_handle.clone();
+            store.delete_many(&local);
+        }
+        for (node, ids) in remote {
+            match self.node_client(node).await {
+                Ok(client) => {
+                    if let Err(e) = client.free_objects(&ids).await {
+                        tracing::debug!("freeing on {node}: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!("freeing on {node}: {e}"),
+            }
+        }
+    }
+
+    /// Deletes objects from this node's store.
+    pub(super) fn free_local(&self, ids: &[ObjectId]) {
+        self.store_handle.delete_many(ids);
     }
 }

@@ -50,6 +50,7 @@ pub struct ActorOptions {
     pub(crate) node: Option<NodeId>,
     pub(crate) soft_affinity: bool,
     pub(crate) bundle: Option<(PlacementGroupId, u32)>,
+    pub(crate) spread: bool,
 }
 
 impl Default for ActorOptions {
@@ -64,6 +65,7 @@ impl Default for ActorOptions {
             node: None,
             soft_affinity: false,
             bundle: None,
+            spread: false,
         }
     }
 }
@@ -272,6 +274,14 @@ impl<H: TypedHandle> ActorBuilder<H> {
         self
     }
 
+    /// SPREAD: place the actor round-robin over the nodes with room for it,
+    /// rather than on the driver's node until that is busy (the default,
+    /// hybrid policy).
+    pub fn spread(mut self) -> Self {
+        self.opts.spread = true;
+        self
+    }
+
     /// Place the actor in bundle `index` of a placement group.
     pub fn placement_group(mut self, group: &crate::PlacementGroup, index: u32) -> Self {
         self.opts.bundle = Some((group.id(), index));
@@ -333,6 +343,9 @@ async fn create_actor(
         actor: Some(id),
         detached: opts.detached,
         strict_node: opts.node.is_some() && !opts.soft_affinity,
+        spread: opts.spread,
+        spilled: opts.node.is_some(),
+        avoid: Vec::new(),
     };
     let client = Arc::new(ActorClient {
         id,

@@ -68,6 +68,25 @@ impl Resources {
         }
     }
 
+    /// How utilized a node with `self` in total and `available` free would
+    /// be once `demand` is taken: the largest used share of its CPU or of
+    /// any resource asked for (Ray's critical-resource utilization).
+    pub fn utilization_after(&self, available: &Resources, demand: &Resources) -> f64 {
+        demand
+            .0
+            .keys()
+            .map(String::as_str)
+            .chain([CPU])
+            .filter_map(|name| {
+                let total = self.get(name);
+                (total > EPSILON).then(|| {
+                    let left = available.get(name) - demand.get(name);
+                    ((total - left) / total).max(0.0)
+                })
+            })
+            .fold(0.0, f64::max)
+    }
+
     /// Parses a JSON object of custom resources, such as `{"GPU": 2}`.
     pub fn parse_json(text: &str) -> Result<Resources, String> {
         let map: BTreeMap<String, f64> =

@@ -31,6 +31,9 @@ pub const PIPELINE_DEPTH: u32 = 4;
 /// function not yet seen, or seen to be slow) nothing queues, and the pool
 /// leases another worker instead.
 pub const QUICK_TASK: Duration = Duration::from_millis(1);
+/// Lease requests a pool keeps in flight at once for tasks not known to be
+/// quick (Ray's `max_pending_lease_requests_per_scheduling_category`).
+pub const MAX_PENDING_LEASES: usize = 10;
 /// How long an unused lease is kept before it is returned.
 pub const IDLE_LEASE: Duration = Duration::from_millis(200);
 
@@ -43,6 +46,7 @@ pub struct TaskOptions {
     pub(crate) soft_affinity: bool,
     pub(crate) bundle: Option<(PlacementGroupId, u32)>,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) spread: bool,
 }
 
 impl Default for TaskOptions {
@@ -54,6 +58,7 @@ impl Default for TaskOptions {
             soft_affinity: false,
             bundle: None,
             timeout: None,
+            spread: false,
         }
     }
 }
@@ -95,6 +100,15 @@ impl TaskOptions {
         self
     }
 
+    /// SPREAD: lease workers round-robin over the nodes with room, rather
+    /// than on this process's node until it is busy (the default, hybrid
+    /// policy: the local node until half its CPUs are leased, then the
+    /// least utilized node).
+    pub fn spread(mut self) -> Self {
+        self.spread = true;
+        self
+    }
+
     /// Run inside bundle `index` of a placement group.
     pub fn placement_group(mut self, group: &crate::PlacementGroup, index: u32) -> Self {
         self.bundle = Some((group.id(), index));
@@ -114,6 +128,7 @@ struct SchedKey {
     resources: String,
     node: Option<NodeId>,
     bundle: Option<(PlacementGroupId, u32)>,
+    spread: bool,
 }
 
 struct QueuedTask {
@@ -193,8 +208,9 @@ impl Submitter {
             .insert(returns, Submitted { task, worker: None });
         let key = SchedKey {
             resources: opts.resources.to_string(),
-            node: opts.node.filter(|_| !opts.soft_affinity),
+            node: opts.node,
             bundle: opts.bundle,
+            spread: opts.spread,
         };
         let pool = {
             let mut pools = self.pools.lock();
@@ -209,6 +225,9 @@ impl Submitter {
                         actor: None,
                         detached: false,
                         strict_node: opts.node.is_some() && !opts.soft_affinity,
+                        spread: opts.spread,
+                        spilled: opts.node.is_some(),
+                        avoid: Vec::new(),
                     };
                     core.handle.spawn(run_pool(
                         self.core.clone(),
@@ -360,25 +379,59 @@ pub(crate) async fn record_result(core: &Core, returns: ObjectId, result: TaskRe
     core.refs.set_state(returns, state);
 }
 
-/// Leases a worker, following spillbacks to other nodes.
+/// Leases a worker, following spillbacks to other nodes. A node asked by
+/// soft affinity that is gone or unreachable gives way to this process's
+/// node; a node a spillback named that cannot be reached sends the request
+/// back to this process's node, which will not pick it again once the head
+/// knows it is dead.
 pub(crate) async fn lease_worker(
     core: &Core,
-    request: LeaseRequest,
+    mut request: LeaseRequest,
     node: Option<NodeId>,
 ) -> Result<(Lease, Conn)> {
     let mut conn = match node {
         Some(n) if n != core.node_id => {
-            let endpoint = core.node_endpoint_of(n).await?;
-            core.peers.node(&endpoint).await?
+            let affine = async {
+                let endpoint = core.node_endpoint_of(n).await?;
+                core.peers.node(&endpoint).await
+            };
+            match affine.await {
+                Ok(conn) => conn,
+                Err(_) if !request.strict_node => {
+                    request.spilled = false;
+                    core.node.clone()
+                }
+                Err(e) => return Err(e),
+            }
         }
         _ => core.node.clone(),
     };
+    let mut at = node.filter(|n| *n != core.node_id && conn.id() != core.node.id());
     for _ in 0..8 {
-        match conn.request(Message::RequestLease(request.clone())).await? {
-            Reply::Leased(lease) => return Ok((lease, conn)),
-            Reply::Spillback { endpoint, .. } => {
-                conn = core.peers.node(&endpoint).await?;
+        match conn.request(Message::RequestLease(request.clone())).await {
+            Ok(Reply::Leased(lease)) => return Ok((lease, conn)),
+            Ok(Reply::Spillback { node, endpoint }) => {
+                request.spilled = true;
+                conn = match core.peers.node(&endpoint).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::debug!("spilled to unreachable node {node}: {e}");
+                        request.spilled = false;
+                        request.avoid.push(node);
+                        core.node.clone()
+                    }
+                };
+                at = Some(node);
             }
+            Err(Error::Unreachable { .. })
+                if conn.id() != core.node.id() && !request.strict_node =>
+            {
+                request.spilled = false;
+                request.avoid.extend(at);
+                conn = core.node.clone();
+                at = None;
+            }
+            Err(e) => return Err(e),
             _ => return Err(Error::BadRequest("node answered a lease oddly".into())),
         }
     }
@@ -398,7 +451,8 @@ async fn run_pool(
 ) {
     let mut queue: VecDeque<QueuedTask> = VecDeque::new();
     let mut workers: Vec<Leased> = Vec::new();
-    let mut leasing = false;
+    let mut leasing: usize = 0;
+    let mut backoff: Option<Instant> = None;
     let mut quick: HashMap<&'static str, bool> = HashMap::new();
     let mut tick = tokio::time::interval(IDLE_LEASE / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -411,7 +465,7 @@ async fn run_pool(
         match msg {
             Some(PoolMsg::Ready(task)) => queue.push_back(*task),
             Some(PoolMsg::Granted(Ok((lease, node_conn)))) => {
-                leasing = false;
+                leasing = leasing.saturating_sub(1);
                 tracing::debug!(
                     lease = lease.lease,
                     worker = lease.worker.pid,
@@ -437,8 +491,14 @@ async fn run_pool(
                     }
                 }
             }
+            Some(PoolMsg::Granted(Err(e))) if leasing > 1 || workers.iter().any(|w| !w.dead) => {
+                // Other requests or workers may still serve the queue.
+                leasing = leasing.saturating_sub(1);
+                backoff = Some(Instant::now() + IDLE_LEASE / 2);
+                tracing::debug!("a lease request failed: {e}");
+            }
             Some(PoolMsg::Granted(Err(e))) => {
-                leasing = false;
+                leasing = leasing.saturating_sub(1);
                 for task in queue.drain(..) {
                     submitted.lock().remove(&task.returns);
                     core.refs
@@ -457,7 +517,11 @@ async fn run_pool(
                     quick.insert(task.function, pushed.elapsed() < QUICK_TASK);
                     unproven = counted;
                 }
-                if let Some(w) = workers.iter_mut().find(|w| w.lease.lease == lease) {
+                // Lease numbers are per node: the worker tells them apart.
+                if let Some(w) = workers
+                    .iter_mut()
+                    .find(|w| w.lease.lease == lease && w.lease.worker.worker == worker.worker)
+                {
                     w.inflight = w.inflight.saturating_sub(1);
                     if unproven {
                         w.unproven = w.unproven.saturating_sub(1);
@@ -584,11 +648,22 @@ async fn run_pool(
                 });
             });
         }
-        if !queue.is_empty() && !leasing {
-            leasing = true;
+        // Quick tasks pipeline on the workers the pool has, so one lease
+        // request at a time keeps up; tasks that may run long each want a
+        // worker of their own, leased in parallel (spread over the cluster
+        // by the nodes' hybrid policy).
+        let wanted = match queue.front() {
+            _ if backoff.is_some_and(|until| Instant::now() < until) => 0,
+            Some(t) if quick.get(t.function).copied().unwrap_or(false) => 1,
+            Some(_) => queue.len().min(MAX_PENDING_LEASES),
+            None => 0,
+        };
+        while leasing < wanted {
+            leasing += 1;
             tracing::debug!(
                 queued = queue.len(),
                 workers = workers.len(),
+                leasing,
                 "requesting a lease"
             );
             let tx = tx.clone();

@@ -34,8 +34,12 @@ use worker_pool::{kill_pid, BuildHashes};
 /// come back.
 const RESERVE_WAIT: Duration = Duration::from_secs(8);
 
-/// How often a node reports to the head.
+/// How often a node reports to the head when nothing changes.
 const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// How often a node looks for a change in what it has free (reported to
+/// the head at once) and for waiting leases another node could take.
+const RESOURCE_REPORT: Duration = Duration::from_millis(100);
 
 /// How a node daemon is configured.
 #[derive(Debug, Clone)]
@@ -279,15 +283,30 @@ pub async fn run_node(
     Ok(())
 }
 
+/// Reports the node to the head: every [`HEARTBEAT`], and within
+/// [`RESOURCE_REPORT`] of a change in what it has free, so the head's
+/// picks follow the cluster's load; moves waiting leases meanwhile.
 async fn heartbeat_loop(node: Weak<Node>) {
-    let mut tick = tokio::time::interval(HEARTBEAT);
+    let mut tick = tokio::time::interval(RESOURCE_REPORT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<(Resources, tokio::time::Instant)> = None;
     loop {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
-        let (available, workers) = {
+        let (available, workers, waiting) = {
             let s = node.state.lock();
-            (s.ledger.available.clone(), s.workers.len() as u32)
+            (s.uncommitted(), s.workers.len() as u32, !s.queue.is_empty())
         };
+        if waiting {
+            node.rebalance().await;
+        }
+        let due = last
+            .as_ref()
+            .is_none_or(|(before, at)| *before != available || at.elapsed() >= HEARTBEAT);
+        if !due {
+            continue;
+        }
+        last = Some((available.clone(), tokio::time::Instant::now()));
         let stats = node.store_handle.stats();
         let beat = NodeHeartbeat {
             node_id: node.id,

@@ -8,10 +8,26 @@ use super::{LeaseEntry, Waiting, WorkerState, RESERVE_WAIT};
 use crate::error::{Error, Result};
 use crate::ids::{JobId, PlacementGroupId};
 use crate::resources::Resources;
-use crate::rpc::PickNodeOptions;
+use crate::rpc::{PickNodeOptions, SchedulingStrategy};
 use crate::wire::messages::{Lease, LeaseRequest};
 use crate::wire::{Conn, Reply, Responder};
 use std::collections::HashMap;
+
+/// The hybrid policy's threshold (Ray's `scheduler_spread_threshold`):
+/// a node keeps leases while its utilization with them stays at or below
+/// this share, then spills to the least utilized node.
+pub const SPREAD_THRESHOLD: f64 = 0.5;
+
+/// Waiting requests a busy node tries to move per pass.
+const REBALANCE_BATCH: usize = 8;
+
+/// Where a lease request goes.
+enum Placement {
+    /// Queue it on this node.
+    Here,
+    /// Ask the head for a node; this one if it has none.
+    AskHead(PickNodeOptions),
+}
 
 /// Resources reserved for one placement-group bundle.
 #[derive(Debug, Clone)]
@@ -148,6 +164,65 @@ impl Ledger {
     }
 }
 
+impl super::State {
+    /// What is free on the node once the waiting requests that will be
+    /// granted from it (as workers become ready) have taken theirs.
+    pub(super) fn uncommitted(&self) -> Resources {
+        let mut free = self.ledger.available.clone();
+        for w in &self.queue {
+            if w.request.bundle.is_none() && free.fits(&w.request.resources) {
+                free.subtract(&w.request.resources);
+            }
+        }
+        free
+    }
+
+    /// How many of `job`'s waiting requests the node has the resources for
+    /// now (each wants a worker).
+    pub(super) fn grantable(&self, job: JobId) -> usize {
+        let mut free = self.ledger.available.clone();
+        let mut bundles: HashMap<(PlacementGroupId, u32), Resources> = HashMap::new();
+        let mut count = 0;
+        for w in &self.queue {
+            let r = &w.request;
+            let pool = match r.bundle {
+                None => &mut free,
+                Some(key) => match self.ledger.bundles.get(&key) {
+                    Some(b) => bundles.entry(key).or_insert_with(|| b.available.clone()),
+                    None => continue,
+                },
+            };
+            if pool.fits(&r.resources) {
+                pool.subtract(&r.resources);
+                if r.job == job {
+                    count += 1;
+                }
+            }
+        }
+        count
+    }
+
+    /// The waiting requests, by queue index, that this node cannot grant
+    /// until a lease ends, and that another node may take: no bundle, not
+    /// bound to this node.
+    fn stuck(&self) -> Vec<usize> {
+        let mut free = self.ledger.available.clone();
+        let mut out = Vec::new();
+        for (i, w) in self.queue.iter().enumerate() {
+            let r = &w.request;
+            if r.bundle.is_some() {
+                continue;
+            }
+            if free.fits(&r.resources) {
+                free.subtract(&r.resources);
+            } else if !r.strict_node {
+                out.push(i);
+            }
+        }
+        out
+    }
+}
+
 /// Leases: answering requests, dispatching waiting ones as resources
 /// and workers free up, and placement-group bundles.
 impl super::Node {
@@ -177,9 +252,11 @@ impl super::Node {
             Ok(false) => {
                 let Some(node) = self.arc() else { return };
                 tokio::spawn(async move {
+                    let mut exclude = request.avoid.clone();
+                    exclude.push(node.id);
                     let options = PickNodeOptions {
                         resources: request.resources.0.clone(),
-                        exclude: vec![node.id],
+                        exclude,
                         ..Default::default()
                     };
                     let picked = node.head.pick_node(&options).await;
@@ -203,14 +280,134 @@ impl super::Node {
                     });
                     return;
                 }
-                self.state.lock().queue.push_back(Waiting {
-                    request,
-                    responder,
-                    holder: conn.id(),
-                });
-                self.dispatch();
-                self.top_up(job);
+                match self.placement(&request) {
+                    Placement::Here => self.enqueue(conn.id(), request, responder),
+                    Placement::AskHead(options) => {
+                        let Some(node) = self.arc() else { return };
+                        let holder = conn.id();
+                        tokio::spawn(async move {
+                            match node.head.pick_node(&options).await {
+                                Ok(n) if n.node_id != node.id => {
+                                    tracing::debug!(to = %n.node_id, "lease spilled for load");
+                                    responder.respond(Ok(Reply::Spillback {
+                                        node: n.node_id,
+                                        endpoint: n.control,
+                                    }));
+                                }
+                                _ => node.enqueue(holder, request, responder),
+                            }
+                        });
+                    }
+                }
             }
+        }
+    }
+
+    fn enqueue(&self, holder: u64, request: LeaseRequest, responder: Responder) {
+        let job = request.job;
+        self.state.lock().queue.push_back(Waiting {
+            request,
+            responder,
+            holder,
+        });
+        self.dispatch();
+        self.top_up(job);
+    }
+
+    /// Where a feasible request goes: a bundle's, a node-bound or an
+    /// already spilled request stays; SPREAD asks the head for the next
+    /// node round-robin; otherwise (hybrid) it stays while this node's
+    /// utilization with it stays at or below [`SPREAD_THRESHOLD`], and
+    /// else goes to the least utilized node with the resources free now, if
+    /// that is less utilized than this one would be.
+    fn placement(&self, request: &LeaseRequest) -> Placement {
+        if request.bundle.is_some() || request.strict_node || request.spilled {
+            return Placement::Here;
+        }
+        let state = self.state.lock();
+        let ledger = &state.ledger;
+        let free = state.uncommitted();
+        let mut exclude = request.avoid.clone();
+        let resources = request.resources.0.clone();
+        if request.spread {
+            exclude.retain(|n| *n != self.id);
+            return Placement::AskHead(PickNodeOptions {
+                resources,
+                strategy: SchedulingStrategy::Spread,
+                exclude,
+                available_only: true,
+                ..Default::default()
+            });
+        }
+        let fits = free.fits(&request.resources);
+        let after = ledger.total.utilization_after(&free, &request.resources);
+        if fits && after <= SPREAD_THRESHOLD {
+            return Placement::Here;
+        }
+        exclude.push(self.id);
+        Placement::AskHead(PickNodeOptions {
+            resources,
+            exclude,
+            available_only: true,
+            below_utilization: fits.then_some(after),
+            ..Default::default()
+        })
+    }
+
+    /// Moves waiting requests that this node cannot grant now to nodes that
+    /// can (a few per call): what a busy node does when others free up.
+    pub(super) async fn rebalance(&self) {
+        let movable: Vec<(usize, PickNodeOptions)> = {
+            let state = self.state.lock();
+            state
+                .stuck()
+                .into_iter()
+                .take(REBALANCE_BATCH)
+                .filter_map(|i| Some((i, state.queue.get(i)?)))
+                .map(|(i, w)| {
+                    let mut exclude = w.request.avoid.clone();
+                    exclude.push(self.id);
+                    (
+                        i,
+                        PickNodeOptions {
+                            resources: w.request.resources.0.clone(),
+                            exclude,
+                            available_only: true,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect()
+        };
+        let mut moves = Vec::new();
+        for (i, options) in movable {
+            if let Ok(n) = self.head.pick_node(&options).await {
+                moves.push((i, n));
+            }
+        }
+        let moved: Vec<(Waiting, crate::rpc::NodeInfo)> = {
+            let mut state = self.state.lock();
+            // Highest index first, so earlier removals do not shift later
+            // ones; a request granted meanwhile is gone or has moved up,
+            // which the resource check below tells.
+            moves.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+            let mut out = Vec::new();
+            let stuck = state.stuck();
+            for (i, n) in moves {
+                if stuck.contains(&i) {
+                    if let Some(w) = state.queue.remove(i) {
+                        out.push((w, n));
+                    }
+                }
+            }
+            out
+        };
+        for (w, n) in moved {
+            tracing::debug!(to = %n.node_id, "waiting lease moved to a node with room");
+            w.responder.respond(Ok(Reply::Spillback {
+                node: n.node_id,
+                endpoint: n.control,
+            }));
         }
     }
 
@@ -385,6 +582,9 @@ mod tests {
             actor: None,
             detached: false,
             strict_node: false,
+            spread: false,
+            spilled: false,
+            avoid: Vec::new(),
         }
     }
 

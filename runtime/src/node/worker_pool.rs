@@ -239,7 +239,9 @@ impl super::Node {
                     w.job == job && matches!(w.state, WorkerState::Idle | WorkerState::Starting)
                 })
                 .count();
-            let waiting = state.queue.iter().filter(|w| w.request.job == job).count();
+            // Only requests the node has resources for now want a worker:
+            // one that waits for a lease to end takes that lease's worker.
+            let waiting = state.grantable(job);
             let want = (self.config.warm_workers + waiting).saturating_sub(spare);
             (want, entry.spec.clone(), entry.stamp.clone())
         };

@@ -151,6 +151,17 @@ fn describe(resources: &ResourceMap) -> String {
     format!("{{{}}}", parts.join(", "))
 }
 
+/// How utilized `node` would be once `demand` is taken from it.
+fn utilization(node: &NodeEntry, demand: &ResourceMap) -> f64 {
+    use crate::resources::Resources;
+    // The maps are small (a few resources), so copying them costs little
+    // beside the pick's RPC.
+    Resources(node.info.resources_total.clone()).utilization_after(
+        &Resources(node.available.clone()),
+        &Resources(demand.clone()),
+    )
+}
+
 /// Weight used to order bundles from largest to smallest.
 fn weight(resources: &ResourceMap) -> f64 {
     amount(resources, "CPU") * 1e6 + resources.values().sum::<f64>()
@@ -494,9 +505,12 @@ impl HeadState {
     // ------------------------------------------------------- scheduling --
 
     /// Chooses a node for `options.resources`: an alive node whose totals
-    /// cover them, preferring nodes with them free now (DEFAULT: most CPU
-    /// free; SPREAD: round-robin). The chosen node's free view is debited
-    /// until its next heartbeat, so a burst of picks spreads.
+    /// cover them, preferring nodes with them free now (DEFAULT: the least
+    /// utilized once they are taken; SPREAD: round-robin). With
+    /// `available_only` or `below_utilization` only such nodes qualify
+    /// ([`Refusal::NotNow`] when none does). The chosen node's free view is
+    /// debited until its next resource report, so a burst of picks
+    /// spreads.
     pub(crate) fn pick_node(&mut self, options: &PickNodeOptions) -> Result<NodeInfo, Refusal> {
         let demand = &options.resources;
         if let Some(affinity) = options.affinity {
@@ -535,16 +549,27 @@ impl HeadState {
             .iter()
             .copied()
             .filter(|n| fits(demand, &n.available))
+            .filter(|n| {
+                options
+                    .below_utilization
+                    .is_none_or(|bound| utilization(n, demand) < bound)
+            })
             .collect();
+        if free.is_empty() && (options.available_only || options.below_utilization.is_some()) {
+            return Err(Refusal::NotNow(format!(
+                "no other node has {} free",
+                describe(demand)
+            )));
+        }
         let pool = if free.is_empty() { feasible } else { free };
         let chosen = match options.strategy {
             SchedulingStrategy::Default => pool
                 .iter()
-                .max_by(|a, b| {
-                    amount(&a.available, "CPU")
-                        .total_cmp(&amount(&b.available, "CPU"))
-                        // Equal CPU: the lower id wins.
-                        .then_with(|| b.info.node_id.cmp(&a.info.node_id))
+                .min_by(|a, b| {
+                    utilization(a, demand)
+                        .total_cmp(&utilization(b, demand))
+                        // Equally utilized: the lower id wins.
+                        .then_with(|| a.info.node_id.cmp(&b.info.node_id))
                 })
                 .map(|n| n.info.node_id),
             SchedulingStrategy::Spread => {

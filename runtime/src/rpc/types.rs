@@ -640,7 +640,9 @@ impl TryFrom<Option<proto::ActorSelector>> for ActorLookup {
 /// that have the resources free.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum SchedulingStrategy {
-    /// The node with the most CPU free.
+    /// The node least utilized once the resources are taken from it
+    /// (utilization: the largest used share of its CPU or of any resource
+    /// asked for).
     #[default]
     Default,
     /// Round-robin over the nodes.
@@ -677,6 +679,14 @@ pub struct PickNodeOptions {
     pub exclude: Vec<NodeId>,
     /// A node to prefer or require.
     pub affinity: Option<NodeAffinity>,
+    /// Only nodes with the resources free now ([`Refusal`] `NotNow`
+    /// otherwise).
+    ///
+    /// [`Refusal`]: super::head_state::Refusal
+    pub available_only: bool,
+    /// Only nodes whose utilization, once the resources are taken, stays
+    /// below this.
+    pub below_utilization: Option<f64>,
 }
 
 impl From<&PickNodeOptions> for proto::PickNodeRequest {
@@ -689,6 +699,8 @@ impl From<&PickNodeOptions> for proto::PickNodeRequest {
                 node_id: a.node_id.to_string(),
                 soft: a.soft,
             }),
+            available_only: p.available_only,
+            below_utilization: p.below_utilization,
         }
     }
 }
@@ -723,6 +735,8 @@ impl TryFrom<proto::PickNodeRequest> for PickNodeOptions {
                     })
                 })
                 .transpose()?,
+            available_only: p.available_only,
+            below_utilization: p.below_utilization.filter(|u| u.is_finite()),
         })
     }
 }

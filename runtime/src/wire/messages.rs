@@ -86,6 +86,14 @@ pub struct LeaseRequest {
     pub detached: bool,
     /// Refuse rather than spill back to another node.
     pub strict_node: bool,
+    /// SPREAD: the head picks among nodes round-robin, this one included.
+    pub spread: bool,
+    /// Sent here by another node's spillback, or by node affinity: the
+    /// node queues it rather than spilling it for load (it may still move
+    /// it while it waits, to a node that frees up first).
+    pub spilled: bool,
+    /// Nodes the caller could not reach: not to be spilled to.
+    pub avoid: Vec<NodeId>,
 }
 
 /// A worker leased to a caller.

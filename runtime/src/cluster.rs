@@ -142,6 +142,8 @@ pub enum DaemonConfig {
         token: String,
         /// The session directory.
         session_dir: PathBuf,
+        /// Milliseconds without a heartbeat after which a node is dead.
+        node_timeout_ms: u64,
     },
     /// A node.
     Node {
@@ -271,6 +273,7 @@ impl EmbeddedCluster {
                 listen: "127.0.0.1:0".into(),
                 token: token.clone(),
                 session_dir: session_dir.clone(),
+                node_timeout_ms: 10_000,
             },
             &options,
         )?;

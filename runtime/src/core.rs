@@ -169,6 +169,13 @@ impl Handler for CoreHandler {
                     let _ = writeln!(std::io::stdout().lock(), "({label} pid={pid}) {line}");
                 }
             }
+            Message::NodeDied(node) => {
+                core.peers.close_node(node);
+                let lost = core.refs.node_died(node);
+                if !lost.is_empty() {
+                    tracing::warn!(%node, lost = lost.len(), "objects lost with their node");
+                }
+            }
             Message::Exit => {
                 if self.role == Role::Worker {
                     std::process::exit(0);

@@ -6,6 +6,7 @@
 
 use crate::address::Address;
 use crate::error::{Error, Result};
+use crate::ids::NodeId;
 use crate::wire::conn::NoHandler;
 use crate::wire::messages::Hello;
 use crate::wire::transport::{self, Route};
@@ -19,13 +20,19 @@ use tokio::sync::OnceCell;
 /// opened (requests to this process, one-way messages).
 pub(crate) type HandlerFactory = Box<dyn Fn() -> Arc<dyn Handler> + Send + Sync>;
 
+/// A connection being opened or open, shared by everyone who wants it.
+type Slot = Arc<OnceCell<Conn>>;
+
 /// Connections to other processes, by route.
 pub(crate) struct Peers {
     me: Arc<Address>,
     token: String,
     handle: tokio::runtime::Handle,
     handler: HandlerFactory,
-    conns: Mutex<HashMap<Route, Arc<OnceCell<Conn>>>>,
+    /// Connections by route, each with the node of the process it reaches.
+    conns: Mutex<HashMap<Route, (NodeId, Slot)>>,
+    /// Nodes the head declared dead: their processes are not dialed.
+    dead: Mutex<std::collections::HashSet<NodeId>>,
 }
 
 impl Peers {
@@ -43,6 +50,7 @@ impl Peers {
             handle,
             handler,
             conns: Mutex::new(HashMap::new()),
+            dead: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -56,12 +64,21 @@ impl Peers {
     /// The connection to the process at `address`, opened on first use
     /// (again after it closed).
     pub(crate) async fn to(&self, address: &Address) -> Result<Conn> {
+        if self.dead.lock().contains(&address.node) {
+            return Err(Error::Unreachable {
+                address: address.endpoint.to_string(),
+                message: format!("its node {} died", address.node),
+            });
+        }
         let route = address.endpoint.route()?;
         let cell = {
             let mut conns = self.conns.lock();
-            let cell = conns.entry(route.clone()).or_default();
+            let (node, cell) = conns
+                .entry(route.clone())
+                .or_insert_with(|| (address.node, Arc::default()));
             if cell.get().is_some_and(Conn::is_closed) {
                 *cell = Arc::new(OnceCell::new());
+                *node = address.node;
             }
             cell.clone()
         };
@@ -88,6 +105,29 @@ impl Peers {
             })
             .await?;
         Ok(conn.clone())
+    }
+
+    /// Closes every connection to a process on `node` (the head declared
+    /// it dead): calls waiting on them fail at once, and the next call to
+    /// such a process dials again.
+    pub(crate) fn close_node(&self, node: NodeId) {
+        self.dead.lock().insert(node);
+        let closing: Vec<Conn> = {
+            let mut conns = self.conns.lock();
+            let routes: Vec<Route> = conns
+                .iter()
+                .filter(|(_, (n, _))| *n == node)
+                .map(|(r, _)| r.clone())
+                .collect();
+            routes
+                .into_iter()
+                .filter_map(|r| conns.remove(&r))
+                .filter_map(|(_, cell)| cell.get().cloned())
+                .collect()
+        };
+        for conn in closing {
+            conn.close();
+        }
     }
 
     /// A new connection to the control plane of another node at

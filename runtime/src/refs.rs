@@ -233,6 +233,34 @@ impl RefTable {
         }
     }
 
+    /// Node `node` died: it holds no copy of anything any more. An owned
+    /// object left with no copy fails with [`Error::ObjectLost`]; a
+    /// borrowed one forgets what its owner said, to ask again.
+    pub(crate) fn node_died(&self, node: NodeId) -> Vec<ObjectId> {
+        let mut lost = Vec::new();
+        let mut entries = self.entries.lock();
+        for (id, e) in entries.iter_mut() {
+            let ValueState::Stored(nodes) = &mut e.state else {
+                continue;
+            };
+            if !nodes.contains(&node) {
+                continue;
+            }
+            nodes.retain(|n| *n != node);
+            if !nodes.is_empty() {
+                continue;
+            }
+            e.view = None;
+            if e.owned {
+                e.state = ValueState::Failed(Error::ObjectLost(*id));
+                lost.push(*id);
+            } else {
+                e.state = ValueState::Pending;
+            }
+        }
+        lost
+    }
+
     /// The current state of an object this process knows about.
     pub(crate) fn state(&self, id: ObjectId) -> Option<ValueState> {
         self.entries.lock().get(&id).map(|e| e.state.clone())

@@ -123,6 +123,7 @@ fn run_daemon() -> i32 {
                 listen,
                 token,
                 session_dir,
+                node_timeout_ms,
             } => {
                 let listen = listen
                     .parse()
@@ -130,7 +131,7 @@ fn run_daemon() -> i32 {
                 let head = crate::rpc::serve_head(crate::rpc::HeadConfig {
                     listen,
                     token,
-                    node_timeout: Duration::from_secs(10),
+                    node_timeout: Duration::from_millis(node_timeout_ms),
                 })
                 .await
                 .map_err(|e| Error::io("start head", e))?;

@@ -94,6 +94,29 @@ impl Host {
         Ok(cmd)
     }
 
+    /// Sends `signal` to every process running on this host (all started
+    /// there by the test) except the keeper of its namespaces; returns how
+    /// many it signalled. `KILL` is a host that dies with its processes,
+    /// `STOP` one that goes silent (`CONT` wakes it).
+    pub fn signal_all(&self, signal: rustix::process::Signal) -> Result<usize, HostsError> {
+        let keeper = self.keeper.as_ref().map(Child::id);
+        let pids = run(&["ip", "netns", "pids", &self.netns])?;
+        let mut count = 0;
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .filter(|p| Some(*p) != keeper)
+        {
+            let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+                continue;
+            };
+            if rustix::process::kill_process(pid, signal).is_ok() {
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
     /// A command that runs `program` on this host: in its network and
     /// mount namespaces.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {

@@ -110,6 +110,8 @@ struct State {
     next_lease: u64,
     grpc_addresses: HashMap<NodeId, String>,
     object_planes: HashMap<NodeId, String>,
+    /// Nodes the head declared dead, as this node heard.
+    dead_nodes: std::collections::HashSet<NodeId>,
 }
 
 /// The running node.
@@ -236,6 +238,7 @@ pub async fn run_node(
             next_lease: 1,
             grpc_addresses: HashMap::new(),
             object_planes: HashMap::new(),
+            dead_nodes: std::collections::HashSet::new(),
         }),
         hashes: BuildHashes::default(),
         pulls: Mutex::new(HashMap::new()),
@@ -253,6 +256,7 @@ pub async fn run_node(
     tokio::spawn(service::serve(node.clone(), grpc_listener, grpc_stop.1));
     node.register().await?;
     tokio::spawn(heartbeat_loop(Arc::downgrade(&node)));
+    tokio::spawn(watch_loop(Arc::downgrade(&node)));
     tokio::spawn(transport::serve(
         Listener::Local(listener),
         "local",
@@ -322,6 +326,42 @@ async fn heartbeat_loop(node: Weak<Node>) {
             }
             Err(e) => tracing::warn!("heartbeat failed: {e}"),
         }
+    }
+}
+
+/// How long a node waits before watching the head again after its watch
+/// stream ended (the head restarting, or not reached).
+const WATCH_RETRY: Duration = Duration::from_millis(500);
+
+/// Watches the head's events for as long as the node lives, passing node
+/// deaths on to every process connected to this node.
+async fn watch_loop(node: Weak<Node>) {
+    use futures::StreamExt;
+    loop {
+        let stream = {
+            let Some(node) = node.upgrade() else { return };
+            let head = node.head.clone();
+            let id = node.id;
+            drop(node);
+            head.watch(id).await
+        };
+        match stream {
+            Ok(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(event) = stream.next().await {
+                    let Some(node) = node.upgrade() else { return };
+                    match event {
+                        Ok(dead) => node.nodes_died(&dead),
+                        Err(e) => {
+                            tracing::debug!("watching the head: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("cannot watch the head: {e}"),
+        }
+        tokio::time::sleep(WATCH_RETRY).await;
     }
 }
 
@@ -575,6 +615,27 @@ impl Node {
             .delete_where(|id| id.as_bytes()[..4] == tag);
         crate::session::remove_scratch_dir(&self.config.session_dir, job);
         tracing::debug!("job {job} finished: {deleted} objects deleted");
+    }
+
+    /// Other nodes the head declared dead: every process of this node
+    /// hears of each once.
+    fn nodes_died(&self, dead: &[NodeId]) {
+        let (fresh, conns) = {
+            let mut state = self.state.lock();
+            let fresh: Vec<NodeId> = dead
+                .iter()
+                .copied()
+                .filter(|n| *n != self.id && state.dead_nodes.insert(*n))
+                .collect();
+            let conns: Vec<Conn> = state.conns.values().cloned().collect();
+            (fresh, conns)
+        };
+        for n in fresh {
+            tracing::info!(node = %n, "node declared dead");
+            for conn in &conns {
+                conn.send(Message::NodeDied(n));
+            }
+        }
     }
 
     fn summary(&self) -> NodeSummary {

@@ -91,6 +91,30 @@ impl HeadClient {
         Ok(reply.into_inner().known)
     }
 
+    /// The cluster's events for node `node_id`, as they happen: each item
+    /// lists nodes declared dead (the first, every one dead so far). The
+    /// head declares `node_id` dead when this stream closes and the node
+    /// does not answer a ping.
+    pub async fn watch(
+        &self,
+        node_id: NodeId,
+    ) -> Result<impl futures::Stream<Item = Result<Vec<NodeId>, Error>> + use<>, Error> {
+        let request = proto::WatchRequest {
+            node_id: node_id.to_string(),
+        };
+        let stream = self
+            .client()
+            .watch(request)
+            .await
+            .map_err(|s| self.error(&s))?
+            .into_inner();
+        let this = self.clone();
+        Ok(futures::StreamExt::map(stream, move |event| {
+            let event = event.map_err(|s| this.error(&s))?;
+            parse_node_ids(&event.dead_nodes).map_err(|e| this.bad_reply(e))
+        }))
+    }
+
     /// Takes a node out of the cluster; its actors die.
     pub async fn unregister_node(&self, node_id: NodeId) -> Result<(), Error> {
         let request = proto::UnregisterNodeRequest {

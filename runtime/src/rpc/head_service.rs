@@ -14,13 +14,16 @@ use super::types::{
     PickNodeOptions, PlacementGroupSpec,
 };
 use crate::error::Error;
-use crate::ids::PlacementGroupId;
+use crate::ids::{NodeId, PlacementGroupId};
 use futures::future::join_all;
+use futures::StreamExt;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::{Request, Response, Status};
 
@@ -86,12 +89,20 @@ pub async fn serve_head(config: HeadConfig) -> Result<HeadRunning, HeadError> {
     let cluster_id = uuid::Uuid::new_v4().simple().to_string();
     let service = HeadService::new(cluster_id.clone(), config.token.clone());
     let reaper_service = service.clone();
+    let service_for_watches = service.clone();
     let node_timeout = config.node_timeout;
     let grpc = HeadServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let grpc = tonic::service::interceptor::InterceptedService::new(grpc, auth);
+    let watch_service = service_for_watches.clone();
     let server = server::spawn(listener, local_addr, move |incoming, stop| async move {
+        // Watch streams last as long as their nodes: end them, or a
+        // graceful stop would wait for them.
+        let stop = async move {
+            stop.await;
+            watch_service.end_watches();
+        };
         let serve = server::builder()
             .add_service(grpc)
             .serve_with_incoming_shutdown(incoming, stop);
@@ -125,7 +136,24 @@ struct Shared {
     token: String,
     /// Lazily connected clients of the nodes, by gRPC address.
     nodes: Mutex<HashMap<String, NodeClient>>,
+    /// The nodes' open watch streams: each with a number telling a stream
+    /// from the one it replaced.
+    watches: Mutex<HashMap<NodeId, (u64, mpsc::Sender<proto::ClusterEvent>)>>,
+    next_watch: AtomicU64,
+    /// Set when the head stops: every watch stream ends.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
+
+/// How long a node whose watch stream closed has to answer a ping before
+/// it is declared dead.
+const LOST_NODE_PING: ClientOptions = ClientOptions {
+    connect_timeout: Duration::from_secs(1),
+    call_timeout: Duration::from_secs(1),
+};
+
+/// Events queued per watch stream before a slow node misses some (it then
+/// learns of deaths from its peers' closed connections and heartbeats).
+const WATCH_QUEUE: usize = 256;
 
 fn refusal(r: Refusal) -> Status {
     match r {
@@ -149,7 +177,63 @@ impl HeadService {
                 state: Mutex::new(HeadState::new(cluster_id)),
                 token,
                 nodes: Mutex::new(HashMap::new()),
+                watches: Mutex::new(HashMap::new()),
+                next_watch: AtomicU64::new(1),
+                stopping: tokio::sync::watch::Sender::new(false),
             }),
+        }
+    }
+
+    /// Tells every watching node that `node_id` died.
+    fn announce_death(&self, node_id: NodeId) {
+        let event = proto::ClusterEvent {
+            dead_nodes: vec![node_id.to_string()],
+        };
+        let mut watches = self.shared.watches.lock();
+        watches.remove(&node_id);
+        for (_, tx) in watches.values() {
+            let _ = tx.try_send(event.clone());
+        }
+    }
+
+    /// Ends every watch stream (the head is stopping).
+    fn end_watches(&self) {
+        self.shared.stopping.send_replace(true);
+        self.shared.watches.lock().clear();
+    }
+
+    /// A node's watch stream closed: if it is still the node's latest and
+    /// the node does not answer a ping, the node is dead.
+    async fn watch_closed(&self, node_id: NodeId, number: u64) {
+        let address = {
+            let mut watches = self.shared.watches.lock();
+            if watches.get(&node_id).map(|(n, _)| *n) != Some(number) {
+                return;
+            }
+            watches.remove(&node_id);
+            self.shared.state.lock().grpc_address(node_id)
+        };
+        let Some(address) = address else { return };
+        let answered =
+            match NodeClient::connect_lazy_with(&address, &self.shared.token, LOST_NODE_PING) {
+                Ok(client) => client.ping().await.is_ok_and(|id| id == node_id),
+                Err(_) => false,
+            };
+        if answered {
+            return;
+        }
+        let died = self
+            .shared
+            .state
+            .lock()
+            .declare_dead(node_id, super::head_state::CAUSE_NODE_LOST);
+        if let Some(actors) = died {
+            tracing::warn!(
+                %node_id,
+                dead_actors = actors.len(),
+                "node's connection closed and it does not answer; declared dead"
+            );
+            self.announce_death(node_id);
         }
     }
 
@@ -171,6 +255,7 @@ impl HeadService {
                     dead_actors = actors.len(),
                     "node missed heartbeats for {timeout:?}; declared dead"
                 );
+                self.announce_death(node_id);
             }
         }
     }
@@ -224,14 +309,57 @@ impl Head for HeadService {
         Ok(Response::new(proto::HeartbeatReply { known }))
     }
 
+    type WatchStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<proto::ClusterEvent, Status>> + Send + 'static>,
+    >;
+
+    async fn watch(
+        &self,
+        request: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let node_id = parse_id("node_id", &request.into_inner().node_id)?;
+        let dead = {
+            let state = self.shared.state.lock();
+            if !state.is_alive(node_id) {
+                return Err(Status::failed_precondition(format!(
+                    "node {node_id} is not registered"
+                )));
+            }
+            state.dead_nodes()
+        };
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let _ = tx.try_send(proto::ClusterEvent {
+            dead_nodes: dead.iter().map(ToString::to_string).collect(),
+        });
+        let number = self.shared.next_watch.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .watches
+            .lock()
+            .insert(node_id, (number, tx.clone()));
+        let service = self.clone();
+        let mut stopping = self.shared.stopping.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tx.closed() => service.watch_closed(node_id, number).await,
+                () = async move {
+                    let _ = stopping.wait_for(|s| *s).await.map(|_| ());
+                } => {}
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn unregister_node(
         &self,
         request: Request<proto::UnregisterNodeRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let node_id = parse_id("node_id", &request.into_inner().node_id)?;
         // Unregistering an unknown node is a no-op.
-        if let Ok(actors) = self.shared.state.lock().unregister_node(node_id) {
+        let left = self.shared.state.lock().unregister_node(node_id);
+        if let Ok(actors) = left {
             tracing::info!(%node_id, dead_actors = actors.len(), "node unregistered");
+            self.announce_death(node_id);
         }
         Ok(Response::new(proto::Empty {}))
     }

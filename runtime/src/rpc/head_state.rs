@@ -24,6 +24,9 @@ pub(crate) const CAUSE_KILLED: &str = "killed";
 pub(crate) const CAUSE_NODE_DIED: &str = "node died";
 /// Death cause of actors whose node unregistered.
 pub(crate) const CAUSE_NODE_LEFT: &str = "node left the cluster";
+/// Death cause: the node's connection to the head closed and it did not
+/// answer a ping.
+pub(crate) const CAUSE_NODE_LOST: &str = "node's connection to the head closed";
 
 /// Why the head refused a request; the service turns it into a status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,7 +221,9 @@ impl HeadState {
         }
     }
 
-    /// Marks a node gone and its actors dead; returns the actors that died.
+    /// Marks a node gone and its actors dead, or RESTARTING when they have
+    /// restarts left (their owners restart them elsewhere); returns the
+    /// actors that died for good.
     fn node_gone(&mut self, node_id: NodeId, cause: &str) -> Vec<ActorId> {
         if let Some(node) = self.nodes.get_mut(&node_id) {
             node.alive = false;
@@ -226,13 +231,50 @@ impl HeadState {
         let mut dead = Vec::new();
         for actor in self.actors.values_mut() {
             if actor.node_id == Some(node_id) && actor.state != ActorState::Dead {
-                actor.state = ActorState::Dead;
+                let restarts_left = actor.spec.max_restarts < 0
+                    || i64::from(actor.restarts) < i64::from(actor.spec.max_restarts);
                 actor.death_cause = cause.to_owned();
-                dead.push(actor.spec.actor_id);
+                if restarts_left {
+                    actor.state = ActorState::Restarting;
+                } else {
+                    actor.state = ActorState::Dead;
+                    dead.push(actor.spec.actor_id);
+                }
             }
         }
         self.buried(&dead);
         dead
+    }
+
+    /// Declares an alive node dead (its connection to the head closed and
+    /// it did not answer); `None` when it was not alive.
+    pub(crate) fn declare_dead(&mut self, node_id: NodeId, cause: &str) -> Option<Vec<ActorId>> {
+        let alive = self.nodes.get(&node_id).is_some_and(|n| n.alive);
+        alive.then(|| self.node_gone(node_id, cause))
+    }
+
+    /// Whether `node_id` is registered and alive.
+    pub(crate) fn is_alive(&self, node_id: NodeId) -> bool {
+        self.nodes.get(&node_id).is_some_and(|n| n.alive)
+    }
+
+    /// Every node declared dead.
+    pub(crate) fn dead_nodes(&self) -> Vec<NodeId> {
+        let mut dead: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| !n.alive)
+            .map(|n| n.info.node_id)
+            .collect();
+        dead.sort_unstable();
+        dead
+    }
+
+    /// The gRPC address of a node.
+    pub(crate) fn grpc_address(&self, node_id: NodeId) -> Option<String> {
+        self.nodes
+            .get(&node_id)
+            .map(|n| n.info.grpc_address.clone())
     }
 
     /// Records deaths, dropping the oldest dead actors' records past

@@ -187,6 +187,7 @@ pub fn message_name(message: &Message) -> &'static str {
         Message::RemoveBorrower { .. } => "RemoveBorrower",
         Message::AddLocation { .. } => "AddLocation",
         Message::Exit => "Exit",
+        Message::NodeDied(_) => "NodeDied",
         Message::WorkerReady => "WorkerReady",
         Message::NodeInfo => "NodeInfo",
         Message::OpenRing { .. } => "OpenRing",

@@ -272,6 +272,9 @@ pub enum Message {
     },
     /// Node → worker: exit now.
     Exit,
+    /// Node → its processes: the head declared `0` dead; connections to
+    /// processes there are closed and objects held only there are lost.
+    NodeDied(NodeId),
     /// Worker → node: its executor is up; it may be leased.
     WorkerReady,
     /// Anyone → node: describe the node.

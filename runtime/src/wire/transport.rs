@@ -143,6 +143,10 @@ pub async fn dial(
         address: route.to_string(),
         message: e.to_string(),
     };
+    let timed_out = |what: &str| Error::Unreachable {
+        address: route.to_string(),
+        message: format!("{what} within {:?}", super::handshake_timeout()),
+    };
     let conn = match route {
         Route::Local(path) => {
             let stream = tokio::net::UnixStream::connect(path)
@@ -151,19 +155,27 @@ pub async fn dial(
             Conn::start(stream, Transport::Local, route.to_string(), handler)
         }
         Route::Tcp(address) => {
-            let stream = tokio::net::TcpStream::connect(address.as_str())
+            let connect = tokio::net::TcpStream::connect(address.as_str());
+            let stream = tokio::time::timeout(super::handshake_timeout(), connect)
                 .await
+                .map_err(|_| timed_out("no connection"))?
                 .map_err(unreachable)?;
             tune(&stream).map_err(unreachable)?;
             Conn::start(stream, Transport::Tcp, route.to_string(), handler)
         }
     };
     conn.set_authenticated();
-    match conn.request(hello).await {
-        Ok(reply) => Ok((conn, reply)),
-        Err(e) => {
+    // A host whose processes are stopped still accepts connections (its
+    // kernel answers); the greeting is what tells it lives.
+    match tokio::time::timeout(super::handshake_timeout(), conn.request(hello)).await {
+        Ok(Ok(reply)) => Ok((conn, reply)),
+        Ok(Err(e)) => {
             conn.close();
             Err(e)
+        }
+        Err(_) => {
+            conn.close();
+            Err(timed_out("no greeting"))
         }
     }
 }

@@ -60,6 +60,11 @@ pub struct StartArgs {
     /// Custom resources the node offers, as a JSON object: '{"GPU": 2}'.
     #[arg(long, value_name = "JSON", value_parser = parse_resources)]
     pub resources: Option<Resources>,
+    /// Seconds without a heartbeat after which the head declares a node
+    /// dead (a node whose connection to the head closes is declared dead
+    /// at once).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_timeout, requires = "head")]
+    pub node_timeout: f64,
     /// The cluster token [default: BRAID_TOKEN, else the token file the
     /// head's `braid start --head` wrote on this machine].
     #[arg(long, value_name = "TOKEN", conflicts_with = "head")]
@@ -145,6 +150,18 @@ fn parse_cpus(text: &str) -> Result<f64, String> {
         return Err("the number of CPUs must be a finite number, 0 or more".into());
     }
     Ok(n)
+}
+
+/// Checks a timeout in seconds.
+fn parse_timeout(text: &str) -> Result<f64, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| "expected seconds, such as 10 or 2.5".to_owned())?;
+    if !secs.is_finite() || !(0.2..=3600.0).contains(&secs) {
+        return Err("the timeout must be between 0.2 and 3600 seconds".into());
+    }
+    Ok(secs)
 }
 
 /// Checks an object-store size.

@@ -28,7 +28,12 @@ pub fn run(args: StartArgs) -> anyhow::Result<()> {
     };
     match &args.address {
         Some(address) => start_node(address, args.token.clone(), args.host, node),
-        None => start_head(args.host, args.port, node),
+        None => start_head(
+            args.host,
+            args.port,
+            Duration::from_secs_f64(args.node_timeout),
+            node,
+        ),
     }
 }
 
@@ -138,7 +143,12 @@ fn wait_listed(connected: &Connected, node_id: &str) -> anyhow::Result<()> {
 }
 
 /// `braid start --head`.
-fn start_head(host: Option<IpAddr>, port: u16, node: NodeSettings) -> anyhow::Result<()> {
+fn start_head(
+    host: Option<IpAddr>,
+    port: u16,
+    node_timeout: Duration,
+    node: NodeSettings,
+) -> anyhow::Result<()> {
     let ip = host.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     // Held until the daemons hold the session themselves.
     let session = cluster::new_session_dir().context("create the session directory")?;
@@ -150,6 +160,7 @@ fn start_head(host: Option<IpAddr>, port: u16, node: NodeSettings) -> anyhow::Re
             listen: SocketAddr::new(ip, port).to_string(),
             token: token.clone(),
             session_dir: session_dir.clone(),
+            node_timeout_ms: u64::try_from(node_timeout.as_millis()).unwrap_or(u64::MAX),
         },
         &head_log,
     )

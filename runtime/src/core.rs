@@ -53,6 +53,9 @@ pub struct Core {
     /// Where tasks and actor calls addressed to this process go (a
     /// worker's executor; drivers have none).
     pub(crate) inbox: OnceCell<Arc<dyn Inbox>>,
+    /// Who rebuilds owned objects lost with their node (the runtime's task
+    /// submitter, once it is up).
+    pub(crate) rebuilder: crate::lineage::RebuilderSlot,
     pub(crate) head: OnceCell<crate::rpc::HeadClient>,
 }
 
@@ -173,7 +176,11 @@ impl Handler for CoreHandler {
                 core.peers.close_node(node);
                 let lost = core.refs.node_died(node);
                 if !lost.is_empty() {
-                    tracing::warn!(%node, lost = lost.len(), "objects lost with their node");
+                    tracing::info!(%node, lost = lost.len(), "objects lost with their node");
+                    core.rebuild(
+                        lost,
+                        &format!("its only copy was on node {node}, which died"),
+                    );
                 }
             }
             Message::Exit => {
@@ -294,6 +301,7 @@ impl Core {
                     })
                 }),
             ));
+            let rebuilder = crate::lineage::RebuilderSlot::default();
             let objects = Objects::new(
                 me.clone(),
                 node_id,
@@ -301,6 +309,7 @@ impl Core {
                 store.clone(),
                 refs.clone(),
                 peers.clone(),
+                rebuilder.clone(),
             );
             Core {
                 me,
@@ -316,6 +325,7 @@ impl Core {
                 peers: peers.clone(),
                 objects,
                 inbox: OnceCell::new(),
+                rebuilder,
                 head: OnceCell::new(),
             }
         });
@@ -344,6 +354,23 @@ impl Core {
             .get_or_try_init(|| crate::rpc::HeadClient::connect(&self.head_address, &self.token))
             .await
             .cloned()
+    }
+
+    /// Has lost owned objects (now `Pending`) rebuilt from their lineage;
+    /// without a rebuilder (the runtime is not up) they fail with
+    /// `ObjectLost` and `reason`.
+    pub(crate) fn rebuild(&self, lost: Vec<ObjectId>, reason: &str) {
+        match self.rebuilder.get() {
+            Some(r) => r.rebuild(lost),
+            None => {
+                for id in lost {
+                    self.refs.set_state(
+                        id,
+                        crate::refs::ValueState::Failed(Error::lost_because(id, reason)),
+                    );
+                }
+            }
+        }
     }
 
     /// A fresh object id tagged with this job, so the node can delete the

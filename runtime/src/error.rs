@@ -37,9 +37,15 @@ pub enum Error {
         /// What is known about the death.
         cause: String,
     },
-    /// Every copy of the object is gone (its node died, or its owner did).
-    #[error("object {0} lost")]
-    ObjectLost(ObjectId),
+    /// Every copy of the object is gone (its node died, or its owner did)
+    /// and it cannot be rebuilt.
+    #[error("object {id} lost: {reason}")]
+    ObjectLost {
+        /// The object.
+        id: ObjectId,
+        /// Why it is gone and not rebuilt.
+        reason: String,
+    },
     /// The object store could not make room for an object.
     #[error("object store full: {0}")]
     StoreFull(String),
@@ -130,6 +136,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// [`Error::ObjectLost`] for the usual reason: no copy could be read.
+    pub fn lost(id: ObjectId) -> Error {
+        Error::lost_because(id, "no copy of it could be read")
+    }
+
+    /// [`Error::ObjectLost`] with a reason.
+    pub fn lost_because(id: ObjectId, reason: impl Into<String>) -> Error {
+        Error::ObjectLost {
+            id,
+            reason: reason.into(),
+        }
+    }
+
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>, err: impl std::fmt::Display) -> Error {
         Error::Io {

@@ -59,6 +59,7 @@ pub mod error;
 pub(crate) mod executor;
 pub mod ids;
 mod init;
+pub mod lineage;
 pub mod node;
 pub mod object_ref;
 pub(crate) mod objects;

@@ -33,6 +33,7 @@ pub(crate) struct Objects {
     store: Arc<StoreClient>,
     refs: Arc<RefTable>,
     peers: Arc<Peers>,
+    rebuilder: crate::lineage::RebuilderSlot,
 }
 
 impl Objects {
@@ -43,6 +44,7 @@ impl Objects {
         store: Arc<StoreClient>,
         refs: Arc<RefTable>,
         peers: Arc<Peers>,
+        rebuilder: crate::lineage::RebuilderSlot,
     ) -> Objects {
         Objects {
             me,
@@ -51,18 +53,19 @@ impl Objects {
             store,
             refs,
             peers,
+            rebuilder,
         }
     }
 
     /// The status of an object this process owns, once it is ready.
     pub(crate) async fn status(&self, id: ObjectId) -> Result<ObjectStatus> {
-        let rx = self.refs.wait_ready(id).ok_or(Error::ObjectLost(id))?;
-        let state = rx.await.map_err(|_| Error::ObjectLost(id))?;
+        let rx = self.refs.wait_ready(id).ok_or(Error::lost(id))?;
+        let state = rx.await.map_err(|_| Error::lost(id))?;
         match state {
             ValueState::Inline(bytes) => Ok(ObjectStatus::Inline(bytes.to_vec())),
             ValueState::Stored(nodes) => Ok(ObjectStatus::Stored(nodes)),
             ValueState::Failed(e) => Err(e),
-            ValueState::Pending => Err(Error::ObjectLost(id)),
+            ValueState::Pending => Err(Error::lost(id)),
         }
     }
 
@@ -70,8 +73,8 @@ impl Objects {
     /// value is.
     pub(crate) async fn resolve(&self, id: ObjectId, owner: &Address) -> Result<ValueState> {
         if owner.worker == self.me.worker {
-            let rx = self.refs.wait_ready(id).ok_or(Error::ObjectLost(id))?;
-            return match rx.await.map_err(|_| Error::ObjectLost(id))? {
+            let rx = self.refs.wait_ready(id).ok_or(Error::lost(id))?;
+            return match rx.await.map_err(|_| Error::lost(id))? {
                 ValueState::Failed(e) => Err(e),
                 s => Ok(s),
             };
@@ -84,16 +87,15 @@ impl Objects {
                 };
             }
         }
-        let conn = self
-            .peers
-            .to(owner)
-            .await
-            .map_err(|_| Error::ObjectLost(id))?;
+        let owner_gone = |e: Error| {
+            Error::lost_because(id, format!("its owner (pid {}) is gone: {e}", owner.pid))
+        };
+        let conn = self.peers.to(owner).await.map_err(owner_gone)?;
         let state = match conn.request(Message::GetObject(id)).await {
             Ok(Reply::Object(ObjectStatus::Inline(bytes))) => ValueState::Inline(bytes.into()),
             Ok(Reply::Object(ObjectStatus::Stored(nodes))) => ValueState::Stored(nodes),
             Ok(_) => return Err(Error::BadRequest("owner answered oddly".into())),
-            Err(Error::Unreachable { .. }) => return Err(Error::ObjectLost(id)),
+            Err(e @ Error::Unreachable { .. }) => return Err(owner_gone(e)),
             Err(e) => return Err(e),
         };
         self.refs.cache_state(id, state.clone());
@@ -113,7 +115,7 @@ impl Objects {
             Ok(view) => Ok(view),
             Err(GetError::Timeout { .. })
             | Err(GetError::Lost { .. })
-            | Err(GetError::Deleted(_)) => Err(Error::ObjectLost(id)),
+            | Err(GetError::Deleted(_)) => Err(Error::lost(id)),
             Err(e) => Err(Error::io("store get", e)),
         }
     }
@@ -136,8 +138,8 @@ impl Objects {
                 .await
             {
                 Ok(_) => {}
-                Err(Error::ObjectLost(_)) | Err(Error::NodeDied(_)) => {
-                    return Err(Error::ObjectLost(id))
+                Err(Error::ObjectLost { .. }) | Err(Error::NodeDied(_)) => {
+                    return Err(Error::lost(id))
                 }
                 Err(e) => return Err(e),
             }
@@ -160,27 +162,46 @@ impl Objects {
             Ok(view) => Ok(view),
             Err(GetError::Timeout { .. })
             | Err(GetError::Lost { .. })
-            | Err(GetError::Deleted(_)) => Err(Error::ObjectLost(id)),
+            | Err(GetError::Deleted(_)) => Err(Error::lost(id)),
             Err(e) => Err(Error::io("store get", e)),
         }
     }
 
-    /// The encoded bytes of a ready object, wherever they are.
+    /// The encoded bytes of a ready object, wherever they are. An object
+    /// this process owns whose copies cannot be read is rebuilt from its
+    /// lineage, when it has one, and waited for.
     pub(crate) async fn fetch_bytes(&self, id: ObjectId, owner: &Address) -> Result<ObjectBytes> {
-        match self.resolve(id, owner).await? {
-            ValueState::Inline(bytes) => Ok(ObjectBytes::Inline(bytes)),
-            ValueState::Stored(nodes) => {
-                if let Some(view) = self.refs.cached_view(id) {
+        loop {
+            match self.resolve(id, owner).await? {
+                ValueState::Inline(bytes) => return Ok(ObjectBytes::Inline(bytes)),
+                ValueState::Stored(nodes) => {
+                    if let Some(view) = self.refs.cached_view(id) {
+                        return Ok(ObjectBytes::Stored(view));
+                    }
+                    let view = match self.fetch_stored(id, &nodes, owner).await {
+                        Ok(view) => view,
+                        Err(Error::ObjectLost { .. })
+                            if owner.worker == self.me.worker
+                                && self.refs.mark_lost(id, &nodes) =>
+                        {
+                            match self.rebuilder.get() {
+                                Some(r) => r.rebuild(vec![id]),
+                                None => {
+                                    self.refs.set_state(id, ValueState::Failed(Error::lost(id)))
+                                }
+                            }
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if view.len() <= CACHED_VIEW_LIMIT {
+                        self.refs.cache_view(id, &view);
+                    }
                     return Ok(ObjectBytes::Stored(view));
                 }
-                let view = self.fetch_stored(id, &nodes, owner).await?;
-                if view.len() <= CACHED_VIEW_LIMIT {
-                    self.refs.cache_view(id, &view);
-                }
-                Ok(ObjectBytes::Stored(view))
+                ValueState::Failed(e) => return Err(e),
+                ValueState::Pending => return Err(Error::lost(id)),
             }
-            ValueState::Failed(e) => Err(e),
-            ValueState::Pending => Err(Error::ObjectLost(id)),
         }
     }
 }

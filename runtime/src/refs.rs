@@ -234,8 +234,9 @@ impl RefTable {
     }
 
     /// Node `node` died: it holds no copy of anything any more. An owned
-    /// object left with no copy fails with [`Error::ObjectLost`]; a
-    /// borrowed one forgets what its owner said, to ask again.
+    /// object left with no copy is `Pending` again and returned, for its
+    /// lineage to rebuild or fail; a borrowed one forgets what its owner
+    /// said, to ask again.
     pub(crate) fn node_died(&self, node: NodeId) -> Vec<ObjectId> {
         let mut lost = Vec::new();
         let mut entries = self.entries.lock();
@@ -251,14 +252,30 @@ impl RefTable {
                 continue;
             }
             e.view = None;
+            e.state = ValueState::Pending;
             if e.owned {
-                e.state = ValueState::Failed(Error::ObjectLost(*id));
                 lost.push(*id);
-            } else {
-                e.state = ValueState::Pending;
             }
         }
         lost
+    }
+
+    /// No copy of owned object `id` at `nodes` could be read: unless its
+    /// state changed meanwhile, it is `Pending` again. True when this call
+    /// made it so (the caller then has it rebuilt).
+    pub(crate) fn mark_lost(&self, id: ObjectId, nodes: &[NodeId]) -> bool {
+        let mut entries = self.entries.lock();
+        let Some(e) = entries.get_mut(&id) else {
+            return false;
+        };
+        match &e.state {
+            ValueState::Stored(now) if e.owned && now.as_slice() == nodes => {
+                e.state = ValueState::Pending;
+                e.view = None;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The current state of an object this process knows about.

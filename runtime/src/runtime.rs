@@ -153,8 +153,11 @@ impl Runtime {
         core: Arc<Core>,
         cluster: Option<Arc<crate::cluster::EmbeddedCluster>>,
     ) -> Runtime {
+        let tasks = Arc::new(Submitter::new(Arc::downgrade(&core)));
+        let rebuilder: Arc<dyn crate::lineage::Rebuilder> = tasks.clone();
+        let _ = core.rebuilder.set(rebuilder);
         Runtime {
-            tasks: Arc::new(Submitter::new(Arc::downgrade(&core))),
+            tasks,
             core,
             cluster,
         }

@@ -11,6 +11,7 @@ use crate::address::Address;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::ids::{NodeId, PlacementGroupId, TaskId};
+use crate::lineage::{LineageTable, Liveness, Rebuilder, MAX_LINEAGE_BYTES};
 use crate::object_ref::{ObjectRef, RefHandle};
 use crate::refs::ValueState;
 use crate::resources::Resources;
@@ -47,6 +48,7 @@ pub struct TaskOptions {
     pub(crate) bundle: Option<(PlacementGroupId, u32)>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) spread: bool,
+    pub(crate) deterministic: bool,
 }
 
 impl Default for TaskOptions {
@@ -59,6 +61,7 @@ impl Default for TaskOptions {
             bundle: None,
             timeout: None,
             spread: false,
+            deterministic: true,
         }
     }
 }
@@ -109,6 +112,16 @@ impl TaskOptions {
         self
     }
 
+    /// Whether running the task again gives the same value (default
+    /// true). A stored output of a deterministic task whose every copy is
+    /// lost with its node is rebuilt by running the task again (up to
+    /// `max_retries` times); one of a task marked otherwise fails with
+    /// [`Error::ObjectLost`].
+    pub fn deterministic(mut self, yes: bool) -> Self {
+        self.deterministic = yes;
+        self
+    }
+
     /// Run inside bundle `index` of a placement group.
     pub fn placement_group(mut self, group: &crate::PlacementGroup, index: u32) -> Self {
         self.bundle = Some((group.id(), index));
@@ -135,10 +148,18 @@ struct QueuedTask {
     task: TaskId,
     function: &'static str,
     args: Vec<WireArg>,
+    /// References the arguments hold, kept alive while the task may run
+    /// (again).
     _keep: Vec<Arc<RefHandle>>,
     returns: ObjectId,
+    /// The owner's reference to the output, while it lives.
+    output: Liveness,
     attempts: u32,
     max_retries: u32,
+    /// Whether the output may be rebuilt by running the task again.
+    deterministic: bool,
+    /// How many times the output has been rebuilt.
+    rebuilds: u32,
     timeout: Option<Duration>,
     /// When it was last pushed, and whether it then counted as unproven.
     pushed: Option<(Instant, bool)>,
@@ -166,6 +187,25 @@ struct Leased {
     dead: bool,
 }
 
+impl QueuedTask {
+    /// What its output fails with when the task does with `e`: `e`, or,
+    /// for a run that was rebuilding a lost output, [`Error::ObjectLost`]
+    /// saying why the rebuild failed.
+    fn failure(&self, e: Error) -> Error {
+        if self.rebuilds == 0 {
+            return e;
+        }
+        Error::lost_because(self.returns, format!("rebuilding it failed: {e}"))
+    }
+}
+
+/// How to run a task again to rebuild its lost output: the task as it
+/// was queued, and the pool that ran it.
+struct Recipe {
+    task: QueuedTask,
+    pool: mpsc::UnboundedSender<PoolMsg>,
+}
+
 /// Cancellation state of submitted tasks, by return object.
 struct Submitted {
     task: TaskId,
@@ -177,6 +217,7 @@ pub(crate) struct Submitter {
     core: Weak<Core>,
     pools: Mutex<HashMap<SchedKey, mpsc::UnboundedSender<PoolMsg>>>,
     submitted: Arc<Mutex<HashMap<ObjectId, Submitted>>>,
+    lineage: Arc<Mutex<LineageTable<Recipe>>>,
 }
 
 impl Submitter {
@@ -185,6 +226,7 @@ impl Submitter {
             core,
             pools: Mutex::new(HashMap::new()),
             submitted: Arc::new(Mutex::new(HashMap::new())),
+            lineage: Arc::new(Mutex::new(LineageTable::new(MAX_LINEAGE_BYTES))),
         }
     }
 
@@ -236,10 +278,15 @@ impl Submitter {
                         tx.clone(),
                         rx,
                         self.submitted.clone(),
+                        self.lineage.clone(),
                     ));
                     tx
                 })
                 .clone()
+        };
+        let output: Liveness = {
+            let strong: Arc<dyn std::any::Any + Send + Sync> = handle.clone();
+            Arc::downgrade(&strong)
         };
         let queued = QueuedTask {
             task,
@@ -247,8 +294,11 @@ impl Submitter {
             args: Vec::new(),
             _keep: Vec::new(),
             returns,
+            output,
             attempts: 0,
             max_retries: opts.max_retries,
+            deterministic: opts.deterministic,
+            rebuilds: 0,
             timeout: opts.timeout,
             pushed: None,
         };
@@ -298,6 +348,89 @@ impl Submitter {
     }
 }
 
+impl Rebuilder for Submitter {
+    fn rebuild(&self, lost: Vec<ObjectId>) {
+        let Some(core) = self.core.upgrade() else {
+            return;
+        };
+        for id in lost {
+            let recipe = self.lineage.lock().take(id);
+            let fail = |reason: String| {
+                core.refs
+                    .set_state(id, ValueState::Failed(Error::lost_because(id, reason)));
+            };
+            let Some(Recipe { mut task, pool }) = recipe else {
+                fail(
+                    "no lineage to rebuild it from (made by put or an actor call, by a task \
+                     marked not deterministic, or its lineage was dropped past the bound)"
+                        .into(),
+                );
+                continue;
+            };
+            if task.rebuilds >= task.max_retries {
+                fail(format!(
+                    "rebuilt {} times already (max_retries {})",
+                    task.rebuilds, task.max_retries
+                ));
+                continue;
+            }
+            tracing::info!(object = %id, function = task.function, "rebuilding a lost object");
+            task.rebuilds += 1;
+            task.attempts = 0;
+            task.pushed = None;
+            task.task = TaskId::random();
+            self.submitted.lock().insert(
+                id,
+                Submitted {
+                    task: task.task,
+                    worker: None,
+                },
+            );
+            let core2 = core.clone();
+            core.handle.spawn(async move {
+                // Stored arguments may have moved (or be rebuilt
+                // themselves): ask where they are now.
+                match refresh_args(&core2, &task.args).await {
+                    Ok(args) => {
+                        task.args = args;
+                        if pool.send(PoolMsg::Ready(Box::new(task))).is_err() {
+                            core2.refs.set_state(
+                                id,
+                                ValueState::Failed(Error::lost_because(
+                                    id,
+                                    "its task pool is gone",
+                                )),
+                            );
+                        }
+                    }
+                    Err(e) => core2.refs.set_state(id, ValueState::Failed(e)),
+                }
+            });
+        }
+    }
+}
+
+/// Where the stored arguments of a task to run again are now.
+async fn refresh_args(core: &Core, args: &[WireArg]) -> Result<Vec<WireArg>> {
+    let mut fresh = Vec::with_capacity(args.len());
+    for arg in args {
+        match arg {
+            WireArg::Inline(bytes) => fresh.push(WireArg::Inline(bytes.clone())),
+            WireArg::Stored { id, owner, .. } => match core.objects.resolve(*id, owner).await? {
+                ValueState::Inline(bytes) => fresh.push(WireArg::Inline(bytes.to_vec())),
+                ValueState::Stored(nodes) => fresh.push(WireArg::Stored {
+                    id: *id,
+                    nodes,
+                    owner: owner.clone(),
+                }),
+                ValueState::Failed(e) => return Err(e),
+                ValueState::Pending => return Err(Error::lost(*id)),
+            },
+        }
+    }
+    Ok(fresh)
+}
+
 /// Arguments ready to ship, and the references to keep alive meanwhile.
 pub(crate) type Prepared = (Vec<WireArg>, Vec<Arc<RefHandle>>);
 
@@ -336,7 +469,7 @@ pub(crate) async fn resolve_args(core: &Core, args: Vec<Arg>) -> Result<Prepared
                         owner: (*handle.owner).clone(),
                     }),
                     ValueState::Failed(e) => return Err(e),
-                    ValueState::Pending => return Err(Error::ObjectLost(handle.id)),
+                    ValueState::Pending => return Err(Error::lost(handle.id)),
                 }
                 keep.push(handle);
             }
@@ -448,6 +581,7 @@ async fn run_pool(
     tx: mpsc::UnboundedSender<PoolMsg>,
     mut rx: mpsc::UnboundedReceiver<PoolMsg>,
     submitted: Arc<Mutex<HashMap<ObjectId, Submitted>>>,
+    lineage: Arc<Mutex<LineageTable<Recipe>>>,
 ) {
     let mut queue: VecDeque<QueuedTask> = VecDeque::new();
     let mut workers: Vec<Leased> = Vec::new();
@@ -502,7 +636,7 @@ async fn run_pool(
                 for task in queue.drain(..) {
                     submitted.lock().remove(&task.returns);
                     core.refs
-                        .set_state(task.returns, ValueState::Failed(e.clone()));
+                        .set_state(task.returns, ValueState::Failed(task.failure(e.clone())));
                 }
             }
             Some(PoolMsg::Finished {
@@ -537,7 +671,21 @@ async fn run_pool(
                     _ if cancelled => {}
                     Ok(result) => {
                         submitted.lock().remove(&task.returns);
-                        record_result(&core, task.returns, result).await;
+                        let returns = task.returns;
+                        if task.deterministic && matches!(result.value, ReturnValue::Stored(_)) {
+                            let bytes = task.args.iter().map(WireArg::size).sum::<usize>() + 256;
+                            let output = task.output.clone();
+                            lineage.lock().record(
+                                returns,
+                                Recipe {
+                                    task: *task,
+                                    pool: tx.clone(),
+                                },
+                                bytes,
+                                output,
+                            );
+                        }
+                        record_result(&core, returns, result).await;
                     }
                     Err(Error::Unreachable { message, .. }) if died => {
                         if task.attempts <= task.max_retries {
@@ -551,19 +699,19 @@ async fn run_pool(
                             queue.push_front(*task);
                         } else {
                             submitted.lock().remove(&task.returns);
-                            core.refs.set_state(
-                                task.returns,
-                                ValueState::Failed(Error::WorkerDied {
-                                    function: task.function.to_string(),
-                                    attempts: task.attempts,
-                                    cause: message,
-                                }),
-                            );
+                            let e = Error::WorkerDied {
+                                function: task.function.to_string(),
+                                attempts: task.attempts,
+                                cause: message,
+                            };
+                            core.refs
+                                .set_state(task.returns, ValueState::Failed(task.failure(e)));
                         }
                     }
                     Err(e) => {
                         submitted.lock().remove(&task.returns);
-                        core.refs.set_state(task.returns, ValueState::Failed(e));
+                        core.refs
+                            .set_state(task.returns, ValueState::Failed(task.failure(e)));
                     }
                 }
             }
@@ -611,11 +759,7 @@ async fn run_pool(
             let spec = TaskSpec {
                 task: task.task,
                 function: task.function.to_string(),
-                args: if task.attempts <= task.max_retries {
-                    task.args.clone()
-                } else {
-                    std::mem::take(&mut task.args)
-                },
+                args: task.args.clone(),
                 returns: task.returns,
                 owner: (*core.me).clone(),
             };

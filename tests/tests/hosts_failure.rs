@@ -27,10 +27,37 @@ fn nap(ms: u64) -> String {
     braid::cluster::hostname()
 }
 
-/// A value stored (not inline) on the host that makes it.
+/// The size of the objects lost with the host (stored, not inline; the
+/// benchmark rebuilds 64 MiB).
+const BIG: usize = 4 << 20;
+
+/// A value stored (not inline) on the host that makes it, after `ms`
+/// milliseconds of work.
 #[braid::remote]
-fn make_block() -> Vec<u8> {
-    vec![7u8; 1 << 20]
+fn make_block(seed: u8, ms: u64) -> Vec<u8> {
+    std::thread::sleep(Duration::from_millis(ms));
+    vec![seed; BIG]
+}
+
+/// A value made from another (its first byte plus one), on the host that
+/// runs it.
+#[braid::remote]
+fn add_one(mut block: Vec<u8>) -> Vec<u8> {
+    block[0] = block[0].wrapping_add(1);
+    block
+}
+
+/// An object `put` by the worker that runs this (its owner), on its host.
+#[braid::remote]
+fn put_there() -> braid::ObjectRef<Vec<u8>> {
+    braid::current().unwrap().put(&vec![3u8; BIG]).unwrap()
+}
+
+/// Whether `block` is `BIG` bytes of `seed`, the first plus `first`.
+fn is_block(block: &[u8], seed: u8, first: u8) -> bool {
+    block.len() == BIG
+        && block[0] == seed.wrapping_add(first)
+        && block[1..].iter().all(|&b| b == seed)
 }
 
 /// An actor that says where it lives.
@@ -44,6 +71,9 @@ impl Resident {
     }
     fn host(&self) -> String {
         braid::cluster::hostname()
+    }
+    fn block(&self) -> Vec<u8> {
+        vec![5u8; BIG]
     }
 }
 
@@ -81,12 +111,36 @@ fn survive(rt: &Runtime) {
         .unwrap();
     assert_eq!(actor.host().blocking().unwrap(), VICTIM);
     let there = TaskOptions::new().node_affinity(victim, true);
-    let block = make_block::remote_with(rt, &there.clone().max_retries(0)).unwrap();
+    // Outputs of tasks (a chain of two, and one that took a second) with
+    // their only copies on the victim, and objects that cannot be rebuilt:
+    // a task's marked not deterministic, an actor's result, and a `put` by
+    // a worker there.
+    let started = Instant::now();
+    let slow = make_block::remote_with(rt, &there, 1, 1000).unwrap();
+    let first = make_block::remote_with(rt, &there, 2, 0).unwrap();
+    let chained = add_one::remote_with(rt, &there, &first).unwrap();
+    drop(first);
+    let once = make_block::remote_with(rt, &there.clone().deterministic(false), 4, 0).unwrap();
+    let from_actor = actor.block().object_ref().unwrap();
+    let put = rt
+        .get_blocking(&put_there::remote_with(rt, &there).unwrap())
+        .unwrap();
+    let all = vec![
+        slow.clone(),
+        chained.clone(),
+        once.clone(),
+        from_actor.clone(),
+    ];
     let (ready, _) = rt.block_on({
-        let (r, b) = (rt.clone(), block.clone());
-        async move { r.wait(&[b], 1, None).await }
+        let (r, all) = (rt.clone(), all.clone());
+        async move { r.wait(&all, 4, None).await }
     });
-    assert_eq!(ready.len(), 1, "the object is made before its host fails");
+    assert_eq!(
+        ready.len(),
+        4,
+        "the objects are made before their host fails"
+    );
+    let made_in = started.elapsed();
     let running = nap::remote_with(rt, &there, 4000).unwrap();
     // The task has started on the victim before it fails.
     std::thread::sleep(Duration::from_millis(500));
@@ -105,9 +159,37 @@ fn survive(rt: &Runtime) {
     assert_ne!(answer, VICTIM, "the actor restarted on another host");
     let retried = rt.get_blocking(&running).unwrap();
     assert_ne!(retried, VICTIM, "the task retried on another host");
-    match rt.get_blocking(&block) {
-        Err(Error::ObjectLost(_)) => {}
-        other => panic!("an object whose only copy died with its host: {other:?}"),
+    // Rebuilt from lineage: the slow one, and the chain (its lost argument
+    // first).
+    assert!(is_block(&rt.get_blocking(&slow).unwrap(), 1, 0), "rebuilt");
+    println!(
+        "REBUILT a one-second task's output {:?} after its host failed \
+         (made in {made_in:?} with the others)",
+        failed.elapsed()
+    );
+    assert!(
+        is_block(&rt.get_blocking(&chained).unwrap(), 2, 1),
+        "rebuilt chain"
+    );
+    // Not rebuilt: typed losses saying why.
+    for (what, lost) in [
+        (
+            "a task not deterministic",
+            rt.get_blocking(&once).map(|v| v.len()),
+        ),
+        (
+            "an actor's result",
+            rt.get_blocking(&from_actor).map(|v| v.len()),
+        ),
+        (
+            "a put whose owner died",
+            rt.get_blocking(&put).map(|v| v.len()),
+        ),
+    ] {
+        match lost {
+            Err(Error::ObjectLost { reason, .. }) => println!("LOST {what}: {reason}"),
+            other => panic!("{what} whose only copy died with its host: {other:?}"),
+        }
     }
 }
 
@@ -125,14 +207,16 @@ fn child_entry() {
     println!("DRIVER-OK");
 }
 
-/// Runs the `survive` driver on host 0 of three hosts with 2 CPUs each,
-/// and fails host 1 with `signal` when the driver has placed its work.
+/// Runs the `survive` driver on host 0 of three hosts, and fails host 1
+/// with `signal` when the driver has placed its work.
 fn fail_host(test: &str, signal: Signal) {
     let Some(hosts) = Hosts::for_test(test, 3) else {
         return;
     };
     let cluster = HostCluster::start_with(&hosts, 0, 2, &["--node-timeout", NODE_TIMEOUT]).unwrap();
-    cluster.add_node(1, 2, &[]).unwrap();
+    // The victim has room for everything the driver places there at once
+    // (soft affinity gives way to another node when it must wait).
+    cluster.add_node(1, 8, &[]).unwrap();
     cluster.add_node(2, 2, &[]).unwrap();
     let mut driver = cluster
         .driver(0, "survive")
@@ -169,6 +253,11 @@ fn fail_host(test: &str, signal: Signal) {
         }
         if let Some((_, after)) = line.split_once("ANSWERED-AFTER") {
             println!("{test}: the actor answered again {}", after.trim());
+        }
+        for tag in ["REBUILT", "LOST"] {
+            if let Some((_, rest)) = line.split_once(tag) {
+                println!("{test}: {tag} {}", rest.trim());
+            }
         }
     }
     let out = driver.wait_with_output().unwrap();

@@ -221,7 +221,7 @@ impl super::Node {
         if self.store_handle.contains(&id) {
             return Ok(());
         }
-        let mut last = Error::ObjectLost(id);
+        let mut last = Error::lost(id);
         for source in from {
             if source == self.id {
                 continue;
@@ -235,7 +235,7 @@ impl super::Node {
                     Err(e) => {
                         tracing::warn!("pulling {id} from {source}: {e}");
                         last = match e.into() {
-                            Error::Unreachable { .. } => Error::ObjectLost(id),
+                            Error::Unreachable { .. } => Error::lost(id),
                             other => other,
                         };
                         continue;
@@ -246,7 +246,7 @@ impl super::Node {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("pulling {id}: node {source} unreachable: {e}");
-                    last = Error::ObjectLost(id);
+                    last = Error::lost(id);
                     continue;
                 }
             };
@@ -256,7 +256,7 @@ impl super::Node {
                     tracing::warn!("pulling {id} from {source}: {e}");
                     last = e.into();
                     if matches!(last, Error::Unreachable { .. }) {
-                        last = Error::ObjectLost(id);
+                        last = Error::lost(id);
                     }
                 }
             }

@@ -89,7 +89,7 @@ impl NodeClient {
     pub async fn pull_object(&self, id: ObjectId) -> Result<Streaming<proto::ObjectChunk>, Error> {
         self.pull_raw(id).await.map_err(|status| {
             if status.code() == tonic::Code::NotFound {
-                Error::ObjectLost(id)
+                Error::lost(id)
             } else {
                 self.error(&status)
             }

@@ -111,7 +111,7 @@ pub enum TransferError {
 impl From<TransferError> for Error {
     fn from(e: TransferError) -> Self {
         match e {
-            TransferError::NotFound(id) => Error::ObjectLost(id),
+            TransferError::NotFound(id) => Error::lost(id),
             TransferError::Rpc {
                 code: Code::Unauthenticated,
                 message,

@@ -136,6 +136,16 @@ pub enum WireArg {
     },
 }
 
+impl WireArg {
+    /// About how many bytes it holds.
+    pub fn size(&self) -> usize {
+        match self {
+            WireArg::Inline(bytes) => bytes.len(),
+            WireArg::Stored { nodes, .. } => 64 + 16 * nodes.len(),
+        }
+    }
+}
+
 /// An actor to construct in a leased worker.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ActorSpec {

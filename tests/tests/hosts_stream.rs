@@ -1,7 +1,7 @@
 //! The streaming exactly-once job spread over three test hosts that share
 //! only a network: its subtasks run on every host, channels cross hosts
-//! over TCP, and worker processes killed mid-run on any host lose and
-//! duplicate nothing. Checkpoints and the sink's output go to a directory
+//! over TCP, and worker processes killed mid-run on any host, or a whole
+//! host dying mid-run, lose and duplicate nothing. Checkpoints and the sink's output go to a directory
 //! every host reaches (as Flink needs a shared file system or S3).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -66,8 +66,14 @@ fn counts(params: &JobParams) -> StreamEnv {
 braid_actors::stream_job!(COUNTS, "host_counts", counts);
 
 /// Runs the job from this driver, killing one subtask process in each of
-/// the first two attempts; prints how many hosts it ran on and its report.
+/// the first two attempts, or, with `KILL_HOST` set, printing `RUNNING`
+/// once for the test to kill a whole host; prints how many hosts it ran
+/// on and its report.
 fn drive(dir: &Path) {
+    let kill_whole = std::env::var("KILL_HOST").is_ok();
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let nodes_used: Arc<parking_lot::Mutex<usize>> = Arc::default();
+    let nodes_at_start = nodes_used.clone();
     let rt = braid::init_blocking().unwrap();
     let mut params = JobParams::new();
     params.insert("records".into(), RECORDS.to_string());
@@ -94,6 +100,15 @@ fn drive(dir: &Path) {
         credits: 4,
         credit_bytes: braid_actors::stream::coordinator::DEFAULT_CREDIT_BYTES,
         on_running: Some(Arc::new(move |generation, pids| {
+            if kill_whole {
+                if !armed.swap(true, Ordering::SeqCst) {
+                    use std::io::Write;
+                    println!("\nNODES_AT_START={}", *nodes_at_start.lock());
+                    println!("\nRUNNING");
+                    let _ = std::io::stdout().flush();
+                }
+                return;
+            }
             if k2.load(Ordering::SeqCst) >= 2 || pids.is_empty() {
                 return;
             }
@@ -111,7 +126,7 @@ fn drive(dir: &Path) {
             v2.lock().unwrap().push(t);
         })),
         spread: true,
-        nodes_used: Default::default(),
+        nodes_used,
         task_resources: Default::default(),
         placement: Default::default(),
     };
@@ -145,10 +160,25 @@ fn field(out: &str, key: &str) -> u64 {
 
 #[test]
 fn hosts_the_exactly_once_stream_job_spread_over_three_hosts_survives_kills() {
-    let Some(hosts) = Hosts::for_test(
+    run_spread_job(
         "hosts_the_exactly_once_stream_job_spread_over_three_hosts_survives_kills",
-        3,
-    ) else {
+        false,
+    );
+}
+
+#[test]
+fn hosts_the_exactly_once_stream_job_loses_a_host_mid_run() {
+    run_spread_job(
+        "hosts_the_exactly_once_stream_job_loses_a_host_mid_run",
+        true,
+    );
+}
+
+/// Runs the job over three hosts, killing subtask processes (or, with
+/// `whole_host`, every process of host 2 once), and checks its output is
+/// exact.
+fn run_spread_job(test: &str, whole_host: bool) {
+    let Some(hosts) = Hosts::for_test(test, 3) else {
         return;
     };
     // A directory every host sees: under the build's target directory.
@@ -162,21 +192,59 @@ fn hosts_the_exactly_once_stream_job_spread_over_three_hosts_survives_kills() {
     let cluster = HostCluster::start(&hosts, 0, 2).unwrap();
     cluster.add_node(1, 2, &[]).unwrap();
     cluster.add_node(2, 2, &[]).unwrap();
-    let out = cluster
-        .driver(0, "drive")
-        .unwrap()
+    let mut driver = cluster.driver(0, "drive").unwrap();
+    driver
         .env("JOB_DIR", &dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        .stdout(std::process::Stdio::piped());
+    if whole_host {
+        driver.env("KILL_HOST", "2");
+    }
+    let mut driver = driver.spawn().unwrap();
+    let mut stdout = String::new();
+    let mut host_kills = 0;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(driver.stdout.take().unwrap()))
+        .map_while(Result::ok)
+    {
+        if line.trim() == "RUNNING" {
+            // Host 2 dies with its node and the subtasks there, mid-run.
+            std::thread::sleep(Duration::from_millis(800));
+            assert!(
+                hosts
+                    .host(2)
+                    .signal_all(rustix::process::Signal::KILL)
+                    .unwrap()
+                    > 0
+            );
+            host_kills += 1;
+        }
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    let out = driver.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "driver failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(field(&stdout, "NODES"), 3, "subtasks on every host");
-    assert_eq!(field(&stdout, "KILLS"), 2);
-    assert!(field(&stdout, "FAILURES") >= 2, "{stdout}");
+    let kills = if whole_host {
+        assert_eq!(host_kills, 1, "host 2 was killed mid-run");
+        assert_eq!(
+            field(&stdout, "NODES_AT_START"),
+            3,
+            "subtasks on every host, host 2's included, when it died"
+        );
+        assert_eq!(
+            field(&stdout, "NODES"),
+            2,
+            "the job recovered on the two hosts left"
+        );
+        1
+    } else {
+        assert_eq!(field(&stdout, "NODES"), 3, "subtasks on every host");
+        assert_eq!(field(&stdout, "KILLS"), 2);
+        2
+    };
+    assert!(field(&stdout, "FAILURES") >= kills, "{stdout}");
 
     // Exactly once: per key, the counts 1..=n, each once.
     let lines = committed_lines(&dir.join("out")).unwrap();

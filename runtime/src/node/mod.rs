@@ -112,6 +112,8 @@ struct State {
     object_planes: HashMap<NodeId, String>,
     /// Nodes the head declared dead, as this node heard.
     dead_nodes: std::collections::HashSet<NodeId>,
+    /// The node of each process on another host connected to this one.
+    peer_nodes: HashMap<u64, NodeId>,
 }
 
 /// The running node.
@@ -239,6 +241,7 @@ pub async fn run_node(
             grpc_addresses: HashMap::new(),
             object_planes: HashMap::new(),
             dead_nodes: std::collections::HashSet::new(),
+            peer_nodes: HashMap::new(),
         }),
         hashes: BuildHashes::default(),
         pulls: Mutex::new(HashMap::new()),
@@ -500,6 +503,9 @@ impl Node {
         }
         let mut state = self.state.lock();
         state.conns.insert(conn.id(), conn.clone());
+        if let Hello::Peer { address, .. } = &hello {
+            state.peer_nodes.insert(conn.id(), address.node);
+        }
         if let Hello::Worker {
             address,
             build_hash,
@@ -553,6 +559,7 @@ impl Node {
         let (finished, leases) = {
             let mut state = self.state.lock();
             state.conns.remove(&conn);
+            state.peer_nodes.remove(&conn);
             let finished: Vec<JobId> = state
                 .jobs
                 .iter()
@@ -619,17 +626,28 @@ impl Node {
 
     /// Other nodes the head declared dead: every process of this node
     /// hears of each once.
+    /// Connections from processes there close, so leases they hold end
+    /// even when the host froze rather than closed them.
     fn nodes_died(&self, dead: &[NodeId]) {
-        let (fresh, conns) = {
+        let (fresh, conns, orphaned) = {
             let mut state = self.state.lock();
             let fresh: Vec<NodeId> = dead
                 .iter()
                 .copied()
                 .filter(|n| *n != self.id && state.dead_nodes.insert(*n))
                 .collect();
+            let orphaned: Vec<Conn> = state
+                .peer_nodes
+                .iter()
+                .filter(|(_, n)| fresh.contains(n))
+                .filter_map(|(c, _)| state.conns.get(c).cloned())
+                .collect();
             let conns: Vec<Conn> = state.conns.values().cloned().collect();
-            (fresh, conns)
+            (fresh, conns, orphaned)
         };
+        for conn in orphaned {
+            conn.close();
+        }
         for n in fresh {
             tracing::info!(node = %n, "node declared dead");
             for conn in &conns {

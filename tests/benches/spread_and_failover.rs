@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use braid::{NodeId, Runtime, TaskOptions};
-use braid_tests::host_cluster::HostCluster;
+use braid_tests::host_cluster::{nodes_by_host, HostCluster};
 use braid_tests::hosts::{child_role, Hosts};
 use rustix::process::Signal;
 use serde_json::json;
@@ -59,13 +59,7 @@ impl Resident {
 
 /// Host 1's node.
 fn victim(rt: &Runtime) -> NodeId {
-    let r = rt.clone();
-    rt.block_on(async move { r.nodes().await })
-        .unwrap()
-        .into_iter()
-        .find(|n| n.alive && n.info.hostname == "braid-host-1")
-        .map(|n| n.info.node_id)
-        .unwrap()
+    nodes_by_host(rt).unwrap()["braid-host-1"]
 }
 
 /// Makespans of bursts of one-second tasks.

@@ -228,3 +228,17 @@ impl Drop for HostCluster<'_> {
         }
     }
 }
+
+/// Each live node's id by its host's name (`braid-host-<i>`), as the head
+/// lists them to the driver `rt`.
+pub fn nodes_by_host(
+    rt: &braid::Runtime,
+) -> braid::Result<std::collections::BTreeMap<String, braid::NodeId>> {
+    let r = rt.clone();
+    Ok(rt
+        .block_on(async move { r.nodes().await })?
+        .into_iter()
+        .filter(|n| n.alive)
+        .map(|n| (n.info.hostname.clone(), n.info.node_id))
+        .collect())
+}

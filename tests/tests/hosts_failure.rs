@@ -5,11 +5,10 @@
 //! held is lost with a typed error.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use braid::{Error, NodeId, Runtime, TaskOptions};
-use braid_tests::host_cluster::HostCluster;
+use braid::{Error, Runtime, TaskOptions};
+use braid_tests::host_cluster::{nodes_by_host, HostCluster};
 use braid_tests::hosts::{child_role, Hosts};
 use rustix::process::Signal;
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -77,16 +76,6 @@ impl Resident {
     }
 }
 
-fn node_of_host(rt: &Runtime) -> BTreeMap<String, NodeId> {
-    let r = rt.clone();
-    rt.block_on(async move { r.nodes().await })
-        .unwrap()
-        .into_iter()
-        .filter(|n| n.alive)
-        .map(|n| (n.info.hostname.clone(), n.info.node_id))
-        .collect()
-}
-
 /// Tells the test the job is placed, and waits until it has made the
 /// victim fail.
 fn hand_over() -> Instant {
@@ -102,7 +91,7 @@ fn hand_over() -> Instant {
 /// victim; once it fails, the actor answers from another host, the task
 /// retries elsewhere and the object is lost.
 fn survive(rt: &Runtime) {
-    let nodes = node_of_host(rt);
+    let nodes = nodes_by_host(rt).unwrap();
     let victim = nodes[VICTIM];
     let actor = Resident::remote(rt)
         .node_affinity(victim, true)

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use braid::{Error, NodeId, PlacementStrategy, Resources, Runtime, TaskOptions};
-use braid_tests::host_cluster::HostCluster;
+use braid_tests::host_cluster::{nodes_by_host, HostCluster};
 use braid_tests::hosts::{child_role, Hosts};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -33,17 +33,6 @@ impl Resident {
     fn host(&self) -> String {
         braid::cluster::hostname()
     }
-}
-
-/// Each host's node id.
-fn node_of_host(rt: &Runtime) -> BTreeMap<String, NodeId> {
-    let r = rt.clone();
-    rt.block_on(async move { r.nodes().await })
-        .unwrap()
-        .into_iter()
-        .filter(|n| n.alive)
-        .map(|n| (n.info.hostname.clone(), n.info.node_id))
-        .collect()
 }
 
 /// How many of `names` ran on each host.
@@ -75,7 +64,7 @@ fn burst(rt: &Runtime) {
 
 /// The driver of `hosts_spread_and_affinity_place_tasks_and_actors`.
 fn strategies(rt: &Runtime) {
-    let nodes = node_of_host(rt);
+    let nodes = nodes_by_host(rt).unwrap();
     assert_eq!(nodes.len(), 3, "three live nodes: {nodes:?}");
 
     // SPREAD: tasks and actors go round-robin over the hosts. Three

@@ -35,6 +35,9 @@ pub const QUICK_TASK: Duration = Duration::from_millis(1);
 /// Lease requests a pool keeps in flight at once for tasks not known to be
 /// quick (Ray's `max_pending_lease_requests_per_scheduling_category`).
 pub const MAX_PENDING_LEASES: usize = 10;
+/// How long a task of a function never seen to finish may run before the
+/// function counts as slow, and its pool leases workers in parallel.
+pub const UNKNOWN_PROBE: Duration = Duration::from_millis(5);
 /// How long an unused lease is kept before it is returned.
 pub const IDLE_LEASE: Duration = Duration::from_millis(200);
 
@@ -587,17 +590,38 @@ async fn run_pool(
     let mut workers: Vec<Leased> = Vec::new();
     let mut leasing: usize = 0;
     let mut backoff: Option<Instant> = None;
+    // When a task of a function never seen to finish was pushed, while
+    // none has finished since: past [`UNKNOWN_PROBE`] such a function
+    // counts as slow for leasing.
+    let mut unknown_since: Option<Instant> = None;
     let mut quick: HashMap<&'static str, bool> = HashMap::new();
     let mut tick = tokio::time::interval(IDLE_LEASE / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Woken once when the probe ends (not again after: it has counted).
+        let probe = unknown_since
+            .map(|t| t + UNKNOWN_PROBE)
+            .filter(|at| *at > Instant::now())
+            .map(tokio::time::Instant::from_std);
         let msg = tokio::select! {
             m = rx.recv() => match m { Some(m) => Some(m), None => return },
             _ = tick.tick() => None,
+            () = async { if let Some(at) = probe { tokio::time::sleep_until(at).await } }, if probe.is_some() => None,
         };
         let Some(core) = core.upgrade() else { return };
         match msg {
             Some(PoolMsg::Ready(task)) => queue.push_back(*task),
+            Some(PoolMsg::Granted(Ok((lease, node_conn))))
+                if queue.is_empty() && workers.iter().any(|w| !w.dead) =>
+            {
+                // Asked for work that others have taken meanwhile: give it
+                // back at once rather than hold its resources idle.
+                leasing = leasing.saturating_sub(1);
+                node_conn.send(Message::ReturnLease {
+                    lease: lease.lease,
+                    kill: false,
+                });
+            }
             Some(PoolMsg::Granted(Ok((lease, node_conn)))) => {
                 leasing = leasing.saturating_sub(1);
                 tracing::debug!(
@@ -651,6 +675,7 @@ async fn run_pool(
                     quick.insert(task.function, pushed.elapsed() < QUICK_TASK);
                     unproven = counted;
                 }
+                unknown_since = None;
                 // Lease numbers are per node: the worker tells them apart.
                 if let Some(w) = workers
                     .iter_mut()
@@ -755,6 +780,9 @@ async fn run_pool(
             if unproven {
                 w.unproven += 1;
             }
+            if !quick.contains_key(task.function) && unknown_since.is_none() {
+                unknown_since = Some(Instant::now());
+            }
             task.pushed = Some((Instant::now(), unproven));
             let spec = TaskSpec {
                 task: task.task,
@@ -793,13 +821,20 @@ async fn run_pool(
             });
         }
         // Quick tasks pipeline on the workers the pool has, so one lease
-        // request at a time keeps up; tasks that may run long each want a
+        // request at a time keeps up; tasks that run long each want a
         // worker of their own, leased in parallel (spread over the cluster
-        // by the nodes' hybrid policy).
+        // by the nodes' hybrid policy). A function not seen to finish yet
+        // is probed with one lease until one of its tasks has run
+        // `UNKNOWN_PROBE`.
+        let probed_slow = unknown_since.is_some_and(|t| t.elapsed() >= UNKNOWN_PROBE);
         let wanted = match queue.front() {
             _ if backoff.is_some_and(|until| Instant::now() < until) => 0,
-            Some(t) if quick.get(t.function).copied().unwrap_or(false) => 1,
-            Some(_) => queue.len().min(MAX_PENDING_LEASES),
+            Some(t) => match quick.get(t.function) {
+                Some(true) => 1,
+                Some(false) => queue.len().min(MAX_PENDING_LEASES),
+                None if probed_slow => queue.len().min(MAX_PENDING_LEASES),
+                None => 1,
+            },
             None => 0,
         };
         while leasing < wanted {

@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// The head's node timeout in these tests, in seconds.
-const NODE_TIMEOUT: &str = "2";
+const NODE_TIMEOUT: &str = "3";
 
 /// The host that fails.
 const VICTIM: &str = "braid-host-1";

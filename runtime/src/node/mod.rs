@@ -140,6 +140,9 @@ pub(crate) struct Node {
     /// Job binaries shipped here from the nodes of their drivers.
     binaries: binaries::BinaryCache,
     released: tokio::sync::Notify,
+    /// Until when the head is known to have no other node with room (it
+    /// said so last time): leases stay here without asking again.
+    no_room_until: Mutex<Option<tokio::time::Instant>>,
     self_ref: Weak<Node>,
 }
 
@@ -247,6 +250,7 @@ pub async fn run_node(
         pulls: Mutex::new(HashMap::new()),
         binaries: binaries::BinaryCache::new(dir.join("binaries")),
         released: tokio::sync::Notify::new(),
+        no_room_until: Mutex::new(None),
         config,
         self_ref: weak.clone(),
     });

@@ -18,6 +18,10 @@ use std::collections::HashMap;
 /// this share, then spills to the least utilized node.
 pub const SPREAD_THRESHOLD: f64 = 0.5;
 
+/// How long a node remembers that the head had no other node with room
+/// (about one resource report).
+const NO_ROOM_MEMORY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Waiting requests a busy node tries to move per pass.
 const REBALANCE_BATCH: usize = 8;
 
@@ -282,6 +286,9 @@ impl super::Node {
                 }
                 match self.placement(&request) {
                     Placement::Here => self.enqueue(conn.id(), request, responder),
+                    Placement::AskHead(_) if self.head_has_no_room() => {
+                        self.enqueue(conn.id(), request, responder)
+                    }
                     Placement::AskHead(options) => {
                         let Some(node) = self.arc() else { return };
                         let holder = conn.id();
@@ -294,13 +301,30 @@ impl super::Node {
                                         endpoint: n.control,
                                     }));
                                 }
-                                _ => node.enqueue(holder, request, responder),
+                                Ok(_) => node.enqueue(holder, request, responder),
+                                Err(_) => {
+                                    node.note_no_room();
+                                    node.enqueue(holder, request, responder);
+                                }
                             }
                         });
                     }
                 }
             }
         }
+    }
+
+    /// Whether the head said within the last [`NO_ROOM_MEMORY`] that no
+    /// other node has room: its view changes only with nodes' reports, so
+    /// asking again sooner would only cost a round trip per lease.
+    fn head_has_no_room(&self) -> bool {
+        self.no_room_until
+            .lock()
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+    }
+
+    fn note_no_room(&self) {
+        *self.no_room_until.lock() = Some(tokio::time::Instant::now() + NO_ROOM_MEMORY);
     }
 
     fn enqueue(&self, holder: u64, request: LeaseRequest, responder: Responder) {
@@ -357,6 +381,9 @@ impl super::Node {
     /// Moves waiting requests that this node cannot grant now to nodes that
     /// can (a few per call): what a busy node does when others free up.
     pub(super) async fn rebalance(&self) {
+        if self.head_has_no_room() {
+            return;
+        }
         let movable: Vec<(usize, PickNodeOptions)> = {
             let state = self.state.lock();
             state
@@ -381,8 +408,12 @@ impl super::Node {
         };
         let mut moves = Vec::new();
         for (i, options) in movable {
-            if let Ok(n) = self.head.pick_node(&options).await {
-                moves.push((i, n));
+            match self.head.pick_node(&options).await {
+                Ok(n) => moves.push((i, n)),
+                Err(_) => {
+                    self.note_no_room();
+                    break;
+                }
             }
         }
         let moved: Vec<(Waiting, crate::rpc::NodeInfo)> = {

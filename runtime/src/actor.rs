@@ -331,7 +331,7 @@ async fn create_actor(
         class_name: class.to_string(),
         name: opts.name.clone(),
         detached: opts.detached,
-        owner_address: address_string(&core.me),
+        owner_address: core.me.to_head_string(),
         max_restarts: opts.max_restarts as i32,
         resources: opts.resources.0.clone(),
     })
@@ -389,7 +389,7 @@ fn update(
         actor_id: actor,
         state,
         node_id: worker.map(|w| w.node),
-        worker_address: worker.map(address_string).unwrap_or_default(),
+        worker_address: worker.map(Address::to_head_string).unwrap_or_default(),
         worker_pid: worker.map(|w| w.pid).unwrap_or(0),
         restarts,
         death_cause: cause.to_string(),
@@ -424,16 +424,6 @@ pub(crate) fn remote_client(
     });
     register(&client);
     Ok(ActorHandle { client })
-}
-
-/// The head's string form of an address.
-pub(crate) fn address_string(address: &Address) -> String {
-    serde_json::to_string(address).unwrap_or_default()
-}
-
-/// Parses the head's string form of an address.
-pub(crate) fn parse_address(text: &str) -> Option<Address> {
-    serde_json::from_str(text).ok()
 }
 
 impl ActorClient {
@@ -546,10 +536,12 @@ impl ActorClient {
                     let head = core.head().await?;
                     let record = head.get_actor(self.id).await?;
                     match record.state {
-                        ActorState::Alive => match parse_address(&record.worker_address) {
-                            Some(worker) => *self.link.lock() = Link::Connecting { worker },
-                            None => return Err(self.died("head has no address for it")),
-                        },
+                        ActorState::Alive => {
+                            match Address::from_head_string(&record.worker_address) {
+                                Some(worker) => *self.link.lock() = Link::Connecting { worker },
+                                None => return Err(self.died("head has no address for it")),
+                            }
+                        }
                         ActorState::Dead => {
                             self.set_link(Link::Dead(record.death_cause.clone()));
                         }
@@ -1000,8 +992,9 @@ async fn lookup_actor(core: &Arc<Core>, name: &str) -> Result<ActorHandle> {
             client: client.clone(),
         });
     }
-    let worker = parse_address(&record.worker_address);
-    let owner = parse_address(&record.spec.owner_address).unwrap_or_else(|| (*core.me).clone());
+    let worker = Address::from_head_string(&record.worker_address);
+    let owner =
+        Address::from_head_string(&record.spec.owner_address).unwrap_or_else(|| (*core.me).clone());
     remote_client(
         core,
         record.spec.actor_id,

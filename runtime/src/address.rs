@@ -23,6 +23,19 @@ pub struct Address {
     pub pid: u32,
 }
 
+impl Address {
+    /// The form the head keeps an address in (actor records, jobs'
+    /// drivers).
+    pub(crate) fn to_head_string(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses [`Address::to_head_string`]'s form.
+    pub(crate) fn from_head_string(text: &str) -> Option<Address> {
+        serde_json::from_str(text).ok()
+    }
+}
+
 impl fmt::Debug for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}@{:?}", self.worker, self.endpoint)

@@ -204,7 +204,7 @@ async fn register_job(core: &Arc<Core>) -> Result<()> {
     head.register_job(&crate::rpc::JobInfo {
         job_id: core.job,
         driver_pid: std::process::id(),
-        driver_address: crate::actor::address_string(&core.me),
+        driver_address: core.me.to_head_string(),
         exe_path: exe,
         build_hash,
     })

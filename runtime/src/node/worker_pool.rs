@@ -173,7 +173,7 @@ impl super::Node {
             job,
             exe: record.info.exe_path.display().to_string(),
             build_hash: record.info.build_hash.clone(),
-            driver: crate::actor::parse_address(&record.info.driver_address)
+            driver: crate::address::Address::from_head_string(&record.info.driver_address)
                 .ok_or_else(|| Error::BadRequest(format!("job {job} has no driver address")))?,
             env: Vec::new(),
         };

@@ -11,6 +11,7 @@ use crate::refs::ValueState;
 use crate::resources::Resources;
 use crate::rpc::ActorState;
 use crate::submit::{lease_worker, prepare_inline, record_result, resolve_args};
+use crate::telemetry::recorder::{self, short_name, Event, Work};
 use crate::value::{decode, Arg};
 use crate::wire::messages::{
     ActorSpec, CallSpec, Lease, LeaseRequest, ReturnValue, TaskResult, WireArg,
@@ -676,6 +677,11 @@ impl ActorHandle {
             Ok(a) => a,
             Err(e) => return ActorCall::failed(e),
         };
+        recorder::count(
+            Work::ActorCall,
+            &[short_name(&client.class), method],
+            Event::Submitted,
+        );
         let returns = core.new_object_id();
         let task = TaskId::random();
         let fast = match (&*client.link.lock(), prepare_inline(args)) {

@@ -144,6 +144,9 @@ pub enum DaemonConfig {
         session_dir: PathBuf,
         /// Milliseconds without a heartbeat after which a node is dead.
         node_timeout_ms: u64,
+        /// Port of `/metrics` on the listen address's IP (0: any).
+        #[serde(default)]
+        metrics_port: u16,
     },
     /// A node.
     Node {
@@ -163,6 +166,9 @@ pub enum DaemonConfig {
         host: String,
         /// Whether it runs beside the head.
         is_head_node: bool,
+        /// Port of `/metrics` on `host` (0: any).
+        #[serde(default)]
+        metrics_port: u16,
     },
 }
 
@@ -274,10 +280,16 @@ impl EmbeddedCluster {
                 token: token.clone(),
                 session_dir: session_dir.clone(),
                 node_timeout_ms: 10_000,
+                metrics_port: 0,
             },
             &options,
         )?;
-        let address = head.ready.clone();
+        let address = head
+            .ready
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let cluster = EmbeddedCluster {
             children: parking_lot::Mutex::new(vec![head.child]),
             session,
@@ -295,6 +307,7 @@ impl EmbeddedCluster {
                         resources,
                         host: "127.0.0.1".into(),
                         is_head_node,
+                        metrics_port: 0,
                     },
                     &options,
                 )

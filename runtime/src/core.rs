@@ -345,6 +345,7 @@ impl Core {
             .name("braid-refs".into())
             .spawn(move || handle.block_on(ref_event_loop(weak, events_rx)))
             .map_err(|e| Error::io("spawn the reference thread", e))?;
+        tokio::spawn(report_figures(Arc::downgrade(&core)));
         Ok(core)
     }
 
@@ -415,6 +416,30 @@ async fn ref_event_loop(core: Weak<Core>, mut events: mpsc::UnboundedReceiver<Re
         }
         if !frees.is_empty() {
             core.node.send(Message::FreeObjects(frees));
+        }
+    }
+}
+
+/// How often a process sends its node what its recorder counted.
+const FIGURES_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Sends the process's task and call figures to its node every
+/// [`FIGURES_EVERY`] while they change, for the node's `/metrics`.
+async fn report_figures(core: std::sync::Weak<Core>) {
+    use crate::telemetry::recorder::Snapshot;
+    let mut last = Snapshot::default();
+    let mut tick = tokio::time::interval(FIGURES_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(core) = core.upgrade() else { return };
+        if core.node.is_closed() {
+            return;
+        }
+        let now = Snapshot::now();
+        if now != last {
+            core.node.send(crate::wire::Message::Metrics(now.clone()));
+            last = now;
         }
     }
 }

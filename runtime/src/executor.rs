@@ -8,6 +8,7 @@ use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::ids::{ActorId, TaskId};
 use crate::registry::{self, ActorObject, Invoke};
+use crate::telemetry::recorder::{self, short_name, Work};
 use crate::value::{ArgData, Args, Encoded};
 use crate::wire::messages::{ActorSpec, CallSpec, ReturnValue, TaskResult, TaskSpec, WireArg};
 use crate::wire::{Message, Reply, Responder, INLINE_LIMIT};
@@ -17,6 +18,7 @@ use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
 use tokio::sync::mpsc;
 
 /// The task or actor this worker is running, for prefixing its output.
@@ -27,7 +29,7 @@ pub(crate) fn current_label() -> &'static Mutex<String> {
 
 struct Hosted {
     actor: ActorId,
-    calls: mpsc::UnboundedSender<(CallSpec, Responder)>,
+    calls: mpsc::UnboundedSender<(CallSpec, Responder, Instant)>,
     instance: Arc<dyn ActorObject>,
     class: Arc<str>,
     /// One permit per call that may run at once; calls from the loop and
@@ -39,7 +41,7 @@ struct Hosted {
 /// Runs what callers push to this worker.
 pub(crate) struct Executor {
     core: Weak<Core>,
-    tasks: mpsc::UnboundedSender<(TaskSpec, Responder)>,
+    tasks: mpsc::UnboundedSender<(TaskSpec, Responder, Instant)>,
     actor: Mutex<Option<Hosted>>,
     cancelled: Mutex<HashSet<TaskId>>,
     running: Mutex<Option<(TaskId, tokio::task::AbortHandle)>>,
@@ -78,7 +80,7 @@ impl Executor {
     fn serve(self: &Arc<Self>, message: Message, responder: Responder) {
         match message {
             Message::PushTask(spec) => {
-                let _ = self.tasks.send((spec, responder));
+                let _ = self.tasks.send((spec, responder, Instant::now()));
             }
             Message::CreateActor(spec) => {
                 let this = self.clone();
@@ -107,15 +109,16 @@ impl Executor {
                             return;
                         };
                         let handle = core.handle.clone();
+                        let received = Instant::now();
                         handle.block_on(async move {
                             let Ok(_permit) = lane.acquire().await else {
                                 return;
                             };
-                            run_call(&core, instance, &class, spec, responder).await;
+                            run_call(&core, instance, &class, spec, responder, received).await;
                         });
                     }
                     Some(hosted) if hosted.actor == spec.actor => {
-                        let _ = hosted.calls.send((spec, responder));
+                        let _ = hosted.calls.send((spec, responder, Instant::now()));
                     }
                     _ => responder.respond(Err(Error::ActorDied {
                         actor: spec.actor,
@@ -184,15 +187,11 @@ impl Executor {
     }
 }
 
-fn short_name(path: &str) -> &str {
-    path.rsplit("::").next().unwrap_or(path)
-}
-
 async fn task_loop(
     executor: Weak<Executor>,
-    mut rx: mpsc::UnboundedReceiver<(TaskSpec, Responder)>,
+    mut rx: mpsc::UnboundedReceiver<(TaskSpec, Responder, Instant)>,
 ) {
-    while let Some((spec, responder)) = rx.recv().await {
+    while let Some((spec, responder, received)) = rx.recv().await {
         let Some(executor) = executor.upgrade() else {
             return;
         };
@@ -209,18 +208,26 @@ async fn task_loop(
         let returns = spec.returns;
         let function = spec.function.clone();
         let core2 = core.clone();
+        let started = Instant::now();
         let run = tokio::spawn(async move { run_task(&core2, spec).await });
         *executor.running.lock() = Some((task, run.abort_handle()));
         let outcome = match run.await {
             Ok(r) => r,
             Err(e) if e.is_cancelled() => Err(Error::Cancelled),
             Err(e) => Err(Error::TaskError {
-                function,
+                function: function.clone(),
                 message: e.to_string(),
             }),
         };
         *executor.running.lock() = None;
         executor.cancelled.lock().remove(&task);
+        recorder::ran(
+            Work::Task,
+            &[short_name(&function)],
+            started.saturating_duration_since(received),
+            started.elapsed(),
+            outcome.is_ok(),
+        );
         let reply = match outcome {
             Ok(encoded) => finish(&core, encoded, returns, &caller)
                 .await
@@ -257,9 +264,9 @@ async fn actor_loop(
     class: Arc<str>,
     permits: Arc<tokio::sync::Semaphore>,
     max_concurrency: u32,
-    mut rx: mpsc::UnboundedReceiver<(CallSpec, Responder)>,
+    mut rx: mpsc::UnboundedReceiver<(CallSpec, Responder, Instant)>,
 ) {
-    while let Some((spec, responder)) = rx.recv().await {
+    while let Some((spec, responder, received)) = rx.recv().await {
         let Some(core) = core.upgrade() else { return };
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -267,7 +274,7 @@ async fn actor_loop(
         let instance = instance.clone();
         let class = class.clone();
         let call = async move {
-            run_call(&core, instance, &class, spec, responder).await;
+            run_call(&core, instance, &class, spec, responder, received).await;
             drop(permit);
         };
         if max_concurrency == 1 {
@@ -285,9 +292,12 @@ async fn run_call(
     class: &str,
     spec: CallSpec,
     responder: Responder,
+    received: Instant,
 ) {
     let caller = spec.owner.clone();
     let returns = spec.returns;
+    let started = Instant::now();
+    let method = spec.method.clone();
     let outcome = match resolve(core, spec.args).await {
         Ok(args) => AssertUnwindSafe(instance.invoke(&spec.method, args))
             .catch_unwind()
@@ -300,6 +310,13 @@ async fn run_call(
             }),
         Err(e) => Err(e),
     };
+    recorder::ran(
+        Work::ActorCall,
+        &[short_name(class), &method],
+        started.saturating_duration_since(received),
+        started.elapsed(),
+        outcome.is_ok(),
+    );
     let reply = match outcome {
         Ok(encoded) => finish(core, encoded, returns, &caller)
             .await

@@ -72,6 +72,7 @@ pub mod rpc;
 pub mod runtime;
 pub mod session;
 pub mod submit;
+pub mod telemetry;
 pub mod value;
 pub mod wire;
 

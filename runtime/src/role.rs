@@ -124,6 +124,7 @@ fn run_daemon() -> i32 {
                 token,
                 session_dir,
                 node_timeout_ms,
+                metrics_port,
             } => {
                 let listen = listen
                     .parse()
@@ -132,10 +133,12 @@ fn run_daemon() -> i32 {
                     listen,
                     token,
                     node_timeout: Duration::from_millis(node_timeout_ms),
+                    metrics_listen: Some(std::net::SocketAddr::new(listen.ip(), metrics_port)),
                 })
                 .await
                 .map_err(|e| Error::io("start head", e))?;
-                report_ready(&head.local_addr.to_string(), &options);
+                let metrics = head.metrics_addr.map(|a| a.to_string()).unwrap_or_default();
+                report_ready(&format!("{} {metrics}", head.local_addr), &options);
                 stop.await;
                 let _ = head.shutdown().await;
                 if options.parent.is_some() {
@@ -152,6 +155,7 @@ fn run_daemon() -> i32 {
                 resources,
                 host,
                 is_head_node,
+                metrics_port,
             } => {
                 let grpc_listen = format!("{host}:0")
                     .parse()
@@ -166,6 +170,7 @@ fn run_daemon() -> i32 {
                     grpc_listen,
                     is_head_node,
                     warm_workers: (num_cpus.ceil() as usize).clamp(1, 4),
+                    metrics_port,
                 };
                 let opts = options.clone();
                 crate::node::run_node(
@@ -173,10 +178,11 @@ fn run_daemon() -> i32 {
                     |ready| {
                         report_ready(
                             &format!(
-                                "{} {} {}",
+                                "{} {} {} {}",
                                 ready.control_socket.display(),
                                 ready.node,
-                                ready.grpc_address
+                                ready.grpc_address,
+                                ready.metrics_address
                             ),
                             &opts,
                         )

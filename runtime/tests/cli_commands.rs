@@ -316,3 +316,71 @@ fn help_answers_at_once_and_runs_nothing() {
         );
     }
 }
+
+#[test]
+fn start_serves_metrics_on_the_port_asked_and_status_shows_it() {
+    let braid = Braid::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = braid.ok(&[
+        "start",
+        "--head",
+        "--port",
+        "0",
+        "--metrics-port",
+        &port.to_string(),
+        "--num-cpus",
+        "1",
+        "--object-store-memory",
+        "64MiB",
+    ]);
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    assert!(out.contains(&format!("metrics:     {url}")), "{out}");
+    let status = braid.status();
+    assert_eq!(status["metrics"].as_str(), Some(url.as_str()), "{status}");
+    let node_url = nodes(&status)[0]["metrics"].as_str().unwrap().to_owned();
+    assert!(
+        node_url.ends_with("/metrics") && node_url != url,
+        "{status}"
+    );
+    assert!(braid.ok(&["status"]).contains(&url));
+    let address = status["address"].as_str().unwrap().to_owned();
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(braid.cluster_file(&address)).unwrap())
+            .unwrap();
+    let token = file["token"].as_str().unwrap().to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let target = format!("127.0.0.1:{port}");
+    let wait = std::time::Duration::from_secs(5);
+    let refused = rt
+        .block_on(braid::telemetry::http::get(&target, "/metrics", None, wait))
+        .unwrap();
+    assert_eq!(refused.status, 401);
+    let scraped = rt
+        .block_on(braid::telemetry::http::get(
+            &target,
+            "/metrics",
+            Some(&token),
+            wait,
+        ))
+        .unwrap();
+    assert_eq!(scraped.status, 200);
+    assert!(
+        scraped
+            .body
+            .contains("braid_cluster_nodes{state=\"alive\"} 1.0"),
+        "{}",
+        scraped.body
+    );
+    assert!(
+        scraped.body.contains("braid_store_capacity_bytes 67108864"),
+        "the head's node's series: {}",
+        scraped.body
+    );
+}

@@ -30,6 +30,7 @@ async fn start_head(node_timeout: Duration) -> (HeadRunning, HeadClient) {
         listen: localhost(),
         token: TOKEN.into(),
         node_timeout,
+        metrics_listen: None,
     })
     .await
     .unwrap();
@@ -196,6 +197,7 @@ async fn start_node(cpu: f64, fake: FakeNode) -> TestNode {
         resources_total: cpus(cpu),
         store_capacity: 1 << 30,
         is_head_node: false,
+        metrics_address: String::new(),
     };
     TestNode {
         info,

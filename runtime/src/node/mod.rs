@@ -7,6 +7,7 @@
 //! over TCP (leases only); the head and other nodes over gRPC.
 
 mod binaries;
+mod metrics;
 mod object_plane;
 pub(crate) mod scheduler;
 mod service;
@@ -62,6 +63,9 @@ pub struct NodeConfig {
     pub is_head_node: bool,
     /// Warm workers kept per job.
     pub warm_workers: usize,
+    /// Port of its `/metrics` endpoint, on the gRPC address's IP (0: any
+    /// free port).
+    pub metrics_port: u16,
 }
 
 #[derive(Debug)]
@@ -143,6 +147,12 @@ pub(crate) struct Node {
     /// Until when the head is known to have no other node with room (it
     /// said so last time): leases stay here without asking again.
     no_room_until: Mutex<Option<tokio::time::Instant>>,
+    /// What its processes report of their tasks and calls.
+    figures: Mutex<metrics::ProcessFigures>,
+    /// Objects moved to and from other nodes.
+    transfers: Arc<metrics::Transfers>,
+    /// Where its `/metrics` is served (`host:port`).
+    metrics_address: String,
     self_ref: Weak<Node>,
 }
 
@@ -155,6 +165,8 @@ pub struct NodeReady {
     pub control_socket: PathBuf,
     /// Its gRPC address.
     pub grpc_address: String,
+    /// Where its `/metrics` is served (`host:port`).
+    pub metrics_address: String,
 }
 
 /// Runs a node daemon until `shutdown` resolves (or it fails). `ready` is
@@ -214,6 +226,25 @@ pub async fn run_node(
     )
     .to_string();
 
+    let metrics_listen = SocketAddr::new(config.grpc_listen.ip(), config.metrics_port);
+    let metrics_source: Arc<Mutex<Weak<Node>>> = Arc::new(Mutex::new(Weak::new()));
+    let source = metrics_source.clone();
+    let metrics_server = crate::telemetry::http::serve(
+        metrics_listen,
+        crate::telemetry::http::metrics_router(
+            &config.token,
+            Arc::new(move || {
+                let node = source.lock().upgrade();
+                Box::pin(async move {
+                    let families = node.map(|n| n.families()).unwrap_or_default();
+                    crate::telemetry::family::render(families)
+                })
+            }),
+        ),
+    )
+    .await
+    .map_err(|e| Error::io("serve /metrics", e))?;
+    let metrics_address = advertised(metrics_server.local_addr, &config.head).to_string();
     let head = HeadClient::connect(&config.head, &config.token).await?;
     let mut total = config.resources.clone();
     total.set(CPU, config.num_cpus);
@@ -251,13 +282,18 @@ pub async fn run_node(
         binaries: binaries::BinaryCache::new(dir.join("binaries")),
         released: tokio::sync::Notify::new(),
         no_room_until: Mutex::new(None),
+        figures: Mutex::new(metrics::ProcessFigures::default()),
+        transfers: Arc::new(metrics::Transfers::default()),
+        metrics_address: metrics_address.clone(),
         config,
         self_ref: weak.clone(),
     });
+    *metrics_source.lock() = Arc::downgrade(&node);
     tokio::spawn(object_plane::serve(
         plane_listener,
         node.config.token.clone(),
         node.store.clone(),
+        node.transfers.clone(),
     ));
     let grpc_stop = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(service::serve(node.clone(), grpc_listener, grpc_stop.1));
@@ -284,8 +320,10 @@ pub async fn run_node(
         node: id,
         control_socket,
         grpc_address,
+        metrics_address,
     });
     shutdown.await;
+    drop(metrics_server);
     let _ = grpc_stop.0.send(());
     let _ = node.head.unregister_node(id).await;
     node.kill_all_workers();
@@ -445,12 +483,14 @@ impl Handler for ControlHandler {
             }
             Message::Log { .. } => node.forward_log(conn, message),
             Message::WorkerReady => node.worker_ready(conn),
+            Message::Metrics(snapshot) => node.figures.lock().report(conn.id(), snapshot),
             _ => {}
         }
     }
 
     fn on_close(&self, conn: &Conn) {
         if let Some(node) = self.node.upgrade() {
+            node.figures.lock().closed(conn.id());
             node.conn_closed(conn.id());
         }
     }
@@ -480,6 +520,7 @@ impl Node {
                 resources_total: total.0,
                 store_capacity: self.store_handle.stats().arena.capacity,
                 is_head_node: self.config.is_head_node,
+                metrics_address: self.metrics_address.clone(),
             })
             .await
             .map(|_| ())

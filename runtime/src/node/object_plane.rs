@@ -93,13 +93,18 @@ async fn read_frame<T: serde::de::DeserializeOwned>(
 }
 
 /// Serves the object plane on `listener` until the task is dropped.
-pub(crate) async fn serve(listener: TcpListener, token: String, store: Arc<StoreClient>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    token: String,
+    store: Arc<StoreClient>,
+    transfers: Arc<super::metrics::Transfers>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, from)) => {
-                let (token, store) = (token.clone(), store.clone());
+                let (token, store, transfers) = (token.clone(), store.clone(), transfers.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve_one(stream, &token, store).await {
+                    if let Err(e) = serve_one(stream, &token, store, &transfers).await {
                         tracing::debug!("object plane, {from}: {e}");
                     }
                 });
@@ -116,6 +121,7 @@ async fn serve_one(
     mut stream: TcpStream,
     token: &str,
     store: Arc<StoreClient>,
+    transfers: &super::metrics::Transfers,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let deadline = crate::wire::handshake_timeout();
@@ -157,18 +163,20 @@ async fn serve_one(
         idle("sending", stream.write_all(&head)).await?;
         idle("sending", stream.write_all(chunk)).await?;
     }
-    idle("sending", stream.flush()).await
+    idle("sending", stream.flush()).await?;
+    transfers.sent(bytes.len() as u64);
+    Ok(())
 }
 
 /// Pulls object `id` from the node whose object plane is at `address`
-/// into `store`, presenting `token`. Returns at once if the store has it.
-/// On error nothing is stored.
+/// into `store`, presenting `token`, and returns the bytes it moved (0
+/// at once if the store has it). On error nothing is stored.
 pub(crate) async fn pull(
     address: &str,
     token: &str,
     id: ObjectId,
     store: &Arc<StoreClient>,
-) -> Result<(), TransferError> {
+) -> Result<u64, TransferError> {
     let peer = address.to_owned();
     let failed = |message: String| TransferError::Connection {
         id,
@@ -181,7 +189,7 @@ pub(crate) async fn pull(
         .map_err(|e| StoreFailure::Task(e.to_string()))?
         .map_err(StoreFailure::Connection)?
     {
-        return Ok(());
+        return Ok(0);
     }
     let mut stream = idle("connecting", TcpStream::connect(address))
         .await
@@ -212,7 +220,7 @@ pub(crate) async fn pull(
         Ok(buf) => buf,
         // Another puller on this node creates it; its seal is awaited by
         // a `get`.
-        Err(CreateError::AlreadyExists(_)) => return Ok(()),
+        Err(CreateError::AlreadyExists(_)) => return Ok(0),
         Err(e) => return Err(StoreFailure::Create(e).into()),
     };
     let total = usize::try_from(size).map_err(|e| failed(e.to_string()))?;
@@ -265,7 +273,7 @@ pub(crate) async fn pull(
         .await
         .map_err(|e| StoreFailure::Task(e.to_string()))?
         .map_err(StoreFailure::Seal)?;
-    Ok(())
+    Ok(size)
 }
 
 #[cfg(test)]

@@ -231,7 +231,10 @@ impl super::Node {
             let plane = self.state.lock().object_planes.get(&source).cloned();
             if let (Ok(_), Some(plane)) = (&grpc, plane.filter(|p| !p.is_empty())) {
                 match object_plane::pull(&plane, &self.config.token, id, &self.store).await {
-                    Ok(()) => return Ok(()),
+                    Ok(bytes) => {
+                        self.transfers.received(bytes);
+                        return Ok(());
+                    }
                     Err(e) => {
                         tracing::warn!("pulling {id} from {source}: {e}");
                         last = match e.into() {

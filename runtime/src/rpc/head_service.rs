@@ -37,6 +37,8 @@ pub struct HeadConfig {
     /// A node with no heartbeat for this long is declared dead: its actors
     /// are marked DEAD (cause "node died") and it is no longer picked.
     pub node_timeout: Duration,
+    /// Where to serve `/metrics` (port 0 picks one; `None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl HeadConfig {
@@ -49,6 +51,7 @@ impl HeadConfig {
             listen,
             token: token.into(),
             node_timeout: Self::DEFAULT_NODE_TIMEOUT,
+            metrics_listen: None,
         }
     }
 }
@@ -60,7 +63,10 @@ pub struct HeadRunning {
     pub local_addr: SocketAddr,
     /// The cluster's id, as given to registering nodes.
     pub cluster_id: String,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
     server: ServerRunning,
+    _http: Option<crate::telemetry::http::HttpServer>,
 }
 
 impl HeadRunning {
@@ -96,6 +102,24 @@ pub async fn serve_head(config: HeadConfig) -> Result<HeadRunning, HeadError> {
         .max_encoding_message_size(MAX_MESSAGE);
     let grpc = tonic::service::interceptor::InterceptedService::new(grpc, auth);
     let watch_service = service_for_watches.clone();
+    let http = match config.metrics_listen {
+        Some(listen) => Some(
+            crate::telemetry::http::serve(
+                listen,
+                super::head_http::router(service_for_watches.clone(), &config.token),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let metrics_addr = http.as_ref().map(|h| h.local_addr);
+    if let Some(addr) = metrics_addr {
+        service_for_watches
+            .shared
+            .metrics_address
+            .lock()
+            .clone_from(&addr.to_string());
+    }
     let server = server::spawn(listener, local_addr, move |incoming, stop| async move {
         // Watch streams last as long as their nodes: end them, or a
         // graceful stop would wait for them.
@@ -115,7 +139,9 @@ pub async fn serve_head(config: HeadConfig) -> Result<HeadRunning, HeadError> {
     Ok(HeadRunning {
         local_addr,
         cluster_id,
+        metrics_addr,
         server,
+        _http: http,
     })
 }
 
@@ -124,6 +150,9 @@ const NODE_CALL_OPTIONS: ClientOptions = ClientOptions {
     connect_timeout: Duration::from_secs(2),
     call_timeout: Duration::from_secs(5),
 };
+
+/// How long the head waits for its node's `/metrics`.
+const LOCAL_NODE_SCRAPE: Duration = Duration::from_secs(2);
 
 /// The `Head` service.
 #[derive(Clone)]
@@ -142,6 +171,8 @@ struct Shared {
     next_watch: AtomicU64,
     /// Set when the head stops: every watch stream ends.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Where the head serves `/metrics` (empty: nowhere).
+    metrics_address: Mutex<String>,
 }
 
 /// How long a node whose watch stream closed has to answer a ping before
@@ -180,7 +211,41 @@ impl HeadService {
                 watches: Mutex::new(HashMap::new()),
                 next_watch: AtomicU64::new(1),
                 stopping: tokio::sync::watch::Sender::new(false),
+                metrics_address: Mutex::new(String::new()),
             }),
+        }
+    }
+
+    /// The head's `/metrics` text: its families, then those of the node
+    /// beside it (fetched now; left out if it does not answer in time).
+    pub(crate) async fn metrics_text(&self) -> String {
+        let (families, local) = {
+            let state = self.shared.state.lock();
+            (state.families(), state.head_node_metrics())
+        };
+        let own = crate::telemetry::family::render(families);
+        let Some(local) = local.filter(|a| !a.is_empty()) else {
+            return own;
+        };
+        match crate::telemetry::http::get(
+            &local,
+            "/metrics",
+            Some(&self.shared.token),
+            LOCAL_NODE_SCRAPE,
+        )
+        .await
+        {
+            Ok(answer) if answer.status == 200 => {
+                crate::telemetry::family::join(&[&own, &answer.body])
+            }
+            Ok(answer) => {
+                tracing::debug!("the head's node answered /metrics with {}", answer.status);
+                own
+            }
+            Err(e) => {
+                tracing::debug!("the head's node's /metrics: {e}");
+                own
+            }
         }
     }
 
@@ -613,7 +678,10 @@ impl Head for HeadService {
         &self,
         _request: Request<proto::Empty>,
     ) -> Result<Response<proto::ClusterStatusReply>, Status> {
-        let status = self.shared.state.lock().status(Instant::now());
+        let mut status = self.shared.state.lock().status(Instant::now());
+        status
+            .metrics_address
+            .clone_from(&self.shared.metrics_address.lock());
         Ok(Response::new((&status).into()))
     }
 }

@@ -29,6 +29,8 @@ pub(crate) const CAUSE_NODE_LEFT: &str = "node left the cluster";
 pub(crate) const CAUSE_NODE_LOST: &str = "node's connection to the head closed";
 
 /// Why the head refused a request; the service turns it into a status.
+mod metrics;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Refusal {
     /// The thing asked for does not exist.
@@ -108,6 +110,8 @@ pub(crate) struct HeadState {
     pgs: HashMap<PlacementGroupId, PgEntry>,
     /// The node SPREAD picked last.
     spread_cursor: Option<NodeId>,
+    /// Actor restarts reported since the head started.
+    actor_restarts: u64,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -181,6 +185,7 @@ impl HeadState {
             dead: VecDeque::new(),
             pgs: HashMap::new(),
             spread_cursor: None,
+            actor_restarts: 0,
         }
     }
 
@@ -474,6 +479,7 @@ impl HeadState {
         actor.node_id = update.node_id;
         actor.worker_address = update.worker_address;
         actor.worker_pid = update.worker_pid;
+        self.actor_restarts += u64::from(update.restarts.saturating_sub(actor.restarts));
         actor.restarts = update.restarts;
         actor.death_cause = update.death_cause;
         if update.state == ActorState::Dead {
@@ -806,6 +812,7 @@ impl HeadState {
             actors: self.list_actors(),
             placement_groups: self.list_placement_groups(),
             jobs: self.list_jobs(),
+            metrics_address: String::new(),
         }
     }
 }
@@ -917,6 +924,7 @@ mod tests {
             resources_total: res(cpu),
             store_capacity: 1 << 20,
             is_head_node: false,
+            metrics_address: String::new(),
         }
     }
 

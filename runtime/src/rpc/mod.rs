@@ -23,6 +23,7 @@
 pub mod auth;
 mod channel;
 mod head_client;
+mod head_http;
 mod head_service;
 mod head_state;
 mod node_client;

@@ -30,6 +30,9 @@ pub enum ServeError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Its HTTP endpoint (`/metrics`) could not be served.
+    #[error("cannot serve HTTP: {0}")]
+    Http(#[from] crate::telemetry::http::HttpError),
     /// The server failed while running.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),

@@ -157,6 +157,8 @@ pub struct NodeInfo {
     pub store_capacity: u64,
     /// Whether the node runs next to the head.
     pub is_head_node: bool,
+    /// Where it serves `/metrics` (`host:port`; empty: nowhere).
+    pub metrics_address: String,
 }
 
 impl From<&NodeInfo> for proto::NodeInfo {
@@ -175,6 +177,7 @@ impl From<&NodeInfo> for proto::NodeInfo {
             resources_total: resources_to_wire(&n.resources_total),
             store_capacity: n.store_capacity,
             is_head_node: n.is_head_node,
+            metrics_address: n.metrics_address.clone(),
         }
     }
 }
@@ -198,6 +201,7 @@ impl TryFrom<proto::NodeInfo> for NodeInfo {
             resources_total: parse_resources("resources_total", n.resources_total)?,
             store_capacity: n.store_capacity,
             is_head_node: n.is_head_node,
+            metrics_address: n.metrics_address,
         })
     }
 }
@@ -918,6 +922,9 @@ pub struct ClusterStatusRecord {
     pub placement_groups: Vec<PlacementGroupRecord>,
     /// The jobs.
     pub jobs: Vec<JobRecord>,
+    /// Where the head serves `/metrics` and its dashboard (`host:port`;
+    /// empty: nowhere).
+    pub metrics_address: String,
 }
 
 impl From<&ClusterStatusRecord> for proto::ClusterStatusReply {
@@ -928,6 +935,7 @@ impl From<&ClusterStatusRecord> for proto::ClusterStatusReply {
             actors: c.actors.iter().map(Into::into).collect(),
             placement_groups: c.placement_groups.iter().map(Into::into).collect(),
             jobs: c.jobs.iter().map(Into::into).collect(),
+            metrics_address: c.metrics_address.clone(),
         }
     }
 }
@@ -941,6 +949,7 @@ impl TryFrom<proto::ClusterStatusReply> for ClusterStatusRecord {
             actors: collect(c.actors)?,
             placement_groups: collect(c.placement_groups)?,
             jobs: collect(c.jobs)?,
+            metrics_address: c.metrics_address,
         })
     }
 }

@@ -178,6 +178,7 @@ pub fn message_name(message: &Message) -> &'static str {
         Message::PullObject { .. } => "PullObject",
         Message::FreeObjects(_) => "FreeObjects",
         Message::Log { .. } => "Log",
+        Message::Metrics(_) => "Metrics",
         Message::PushTask(_) => "PushTask",
         Message::CreateActor(_) => "CreateActor",
         Message::CallActor(_) => "CallActor",

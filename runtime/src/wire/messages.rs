@@ -287,6 +287,9 @@ pub enum Message {
     NodeDied(NodeId),
     /// Worker → node: its executor is up; it may be leased.
     WorkerReady,
+    /// Process → its node: what its recorder counted so far (sent every
+    /// second while it changes).
+    Metrics(crate::telemetry::recorder::Snapshot),
     /// Anyone → node: describe the node.
     NodeInfo,
     /// Dialing end → accepting end, on the same machine: map the memfd

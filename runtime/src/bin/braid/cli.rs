@@ -69,6 +69,11 @@ pub struct StartArgs {
     /// head's `braid start --head` wrote on this machine].
     #[arg(long, value_name = "TOKEN", conflicts_with = "head")]
     pub token: Option<String>,
+    /// Port of the `/metrics` endpoint (the head's, with `--head`, which
+    /// also serves its node's series; else the node's). 0 picks a free
+    /// port; the one chosen is printed and shown by `braid status`.
+    #[arg(long, value_name = "PORT", default_value_t = 0)]
+    pub metrics_port: u16,
 }
 
 /// Flags of `braid status`.

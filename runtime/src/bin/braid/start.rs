@@ -27,10 +27,17 @@ pub fn run(args: StartArgs) -> anyhow::Result<()> {
         resources: args.resources.clone().unwrap_or_default(),
     };
     match &args.address {
-        Some(address) => start_node(address, args.token.clone(), args.host, node),
+        Some(address) => start_node(
+            address,
+            args.token.clone(),
+            args.host,
+            args.metrics_port,
+            node,
+        ),
         None => start_head(
             args.host,
             args.port,
+            args.metrics_port,
             Duration::from_secs_f64(args.node_timeout),
             node,
         ),
@@ -59,20 +66,37 @@ fn host_string(ip: IpAddr) -> String {
     }
 }
 
+/// An address a local client can reach: loopback for one bound to every
+/// interface.
+fn reachable(bound: SocketAddr) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let ip = if bound.is_ipv4() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+    };
+    SocketAddr::new(ip, bound.port())
+}
+
 /// What a node daemon reported when it became ready.
 struct NodeReady {
     node_id: String,
     grpc_address: String,
+    metrics_address: String,
 }
 
-/// Parses a node's ready line, `<control_socket> <node_id> <grpc_address>`
-/// (from the right, as the socket path may contain spaces).
+/// Parses a node's ready line, `<control_socket> <node_id> <grpc_address>
+/// <metrics_address>` (from the right, as the socket path may contain
+/// spaces).
 fn parse_node_ready(line: &str) -> anyhow::Result<NodeReady> {
-    let mut parts = line.rsplitn(3, ' ');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(grpc), Some(id), Some(_socket)) => Ok(NodeReady {
+    let mut parts = line.rsplitn(4, ' ');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(metrics), Some(grpc), Some(id), Some(_socket)) => Ok(NodeReady {
             node_id: id.to_owned(),
             grpc_address: grpc.to_owned(),
+            metrics_address: metrics.to_owned(),
         }),
         _ => bail!("the node reported an unexpected ready line {line:?}"),
     }
@@ -146,6 +170,7 @@ fn wait_listed(connected: &Connected, node_id: &str) -> anyhow::Result<()> {
 fn start_head(
     host: Option<IpAddr>,
     port: u16,
+    metrics_port: u16,
     node_timeout: Duration,
     node: NodeSettings,
 ) -> anyhow::Result<()> {
@@ -161,31 +186,29 @@ fn start_head(
             token: token.clone(),
             session_dir: session_dir.clone(),
             node_timeout_ms: u64::try_from(node_timeout.as_millis()).unwrap_or(u64::MAX),
+            metrics_port,
         },
         &head_log,
     )
     .map_err(|e| anyhow!("the head did not start: {e} (log: {})", head_log.display()))?;
-    let bound: SocketAddr = match head.ready.trim().parse() {
-        Ok(a) => a,
-        Err(_) => {
+    let mut ready_parts = head.ready.split_whitespace();
+    let parsed = (
+        ready_parts.next().map(str::parse::<SocketAddr>),
+        ready_parts.next().map(str::parse::<SocketAddr>),
+    );
+    let (bound, metrics_bound) = match parsed {
+        (Some(Ok(a)), Some(Ok(m))) => (a, m),
+        _ => {
             stop_started(&mut [(&mut head, Kind::Head)]);
-            bail!("the head reported an unexpected address {:?}", head.ready);
+            bail!(
+                "the head reported an unexpected ready line {:?}",
+                head.ready
+            );
         }
     };
     // A head listening on every interface is reached locally via loopback.
-    let local = if bound.ip().is_unspecified() {
-        SocketAddr::new(
-            if bound.is_ipv4() {
-                IpAddr::V4(Ipv4Addr::LOCALHOST)
-            } else {
-                IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
-            },
-            bound.port(),
-        )
-    } else {
-        bound
-    };
-    let address = local.to_string();
+    let address = reachable(bound).to_string();
+    let metrics_url = format!("http://{}/metrics", reachable(metrics_bound));
     let file = ClusterFile {
         address: address.clone(),
         token: token.clone(),
@@ -217,6 +240,7 @@ fn start_head(
             resources: node.resources.clone(),
             host: host_string(ip),
             is_head_node: true,
+            metrics_port: 0,
         },
         &node_log,
     );
@@ -256,6 +280,8 @@ fn start_head(
             bound.port()
         );
     }
+    println!("  metrics:     {metrics_url}");
+    println!("               (send the token: Authorization: Bearer TOKEN)");
     println!("  token file:  {}", token_file.display());
     println!("  session dir: {}", session_dir.display());
     println!(
@@ -334,6 +360,7 @@ fn start_node(
     address: &str,
     token_flag: Option<String>,
     host: Option<IpAddr>,
+    metrics_port: u16,
     node: NodeSettings,
 ) -> anyhow::Result<()> {
     let (token, source) = resolve_token(address, token_flag)?;
@@ -376,6 +403,7 @@ fn start_node(
             resources: node.resources,
             host: host_string(ip),
             is_head_node: false,
+            metrics_port,
         },
         &node_log,
     )
@@ -391,10 +419,11 @@ fn start_node(
     };
     println!("Started node {} joining {address}.", ready.node_id);
     println!(
-        "  pid {}, {} CPUs, gRPC {}, log {}",
+        "  pid {}, {} CPUs, gRPC {}, metrics http://{}/metrics, log {}",
         started.child.id(),
         node.num_cpus,
         ready.grpc_address,
+        ready.metrics_address,
         node_log.display()
     );
     println!("Show the cluster: braid status --address {address}");

@@ -78,6 +78,7 @@ pub fn to_json(address: &str, status: &ClusterStatusRecord) -> Value {
     json!({
         "cluster_id": status.cluster_id,
         "address": address,
+        "metrics": metrics_url(&status.metrics_address),
         "nodes": alive.iter().map(|n| node_json(n)).collect::<Vec<_>>(),
         "dead_nodes": dead.iter().map(|n| node_json(n)).collect::<Vec<_>>(),
         "actors": status.actors.iter().map(actor_json).collect::<Vec<_>>(),
@@ -92,6 +93,7 @@ fn node_json(n: &NodeRecord) -> Value {
         "hostname": n.info.hostname,
         "pid": n.info.pid,
         "grpc_address": n.info.grpc_address,
+        "metrics": metrics_url(&n.info.metrics_address),
         "is_head_node": n.info.is_head_node,
         "alive": n.alive,
         "resources_total": n.info.resources_total,
@@ -213,6 +215,11 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The `/metrics` URL of an endpoint's `host:port` (none when empty).
+fn metrics_url(address: &str) -> Option<String> {
+    (!address.is_empty()).then(|| format!("http://{address}/metrics"))
+}
+
 /// The status as tables.
 pub fn to_text(address: &str, status: &ClusterStatusRecord) -> String {
     let live = status.nodes.iter().filter(|n| n.alive).count();
@@ -225,6 +232,11 @@ pub fn to_text(address: &str, status: &ClusterStatusRecord) -> String {
             dead => format!(", {dead} dead"),
         }
     );
+    if let Some(url) = metrics_url(&status.metrics_address) {
+        out.push_str(&format!(
+            "Metrics: {url} (head and its node; send Authorization: Bearer TOKEN)\n"
+        ));
+    }
 
     out.push_str("\nNodes\n");
     let rows: Vec<Vec<String>> = status
@@ -261,12 +273,14 @@ pub fn to_text(address: &str, status: &ClusterStatusRecord) -> String {
                 ),
                 n.num_workers.to_string(),
                 if n.alive { "yes" } else { "no" }.into(),
+                metrics_url(&n.info.metrics_address).unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     out.push_str(&table(
         &[
             "NODE", "HOST", "HEAD", "CPU", "MEMORY", "CUSTOM", "STORE", "WORKERS", "ALIVE",
+            "METRICS",
         ],
         &rows,
     ));

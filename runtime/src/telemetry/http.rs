@@ -1,0 +1,261 @@
+//! The HTTP side of telemetry: a daemon's server (`axum`: `/metrics`, and
+//! whatever else the daemon routes, all behind the cluster token), and a
+//! small HTTP/1.1 client the head uses to read its node's series and tests
+//! use to read both.
+
+use crate::cluster::token_matches;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The cookie that carries the token for a browser.
+pub const TOKEN_COOKIE: &str = "braid_token";
+
+/// Content type of the OpenMetrics text format.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Errors serving or fetching over HTTP.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The address could not be bound or reached.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The peer did not answer in time.
+    #[error("{0} timed out")]
+    Timeout(String),
+    /// The answer was not HTTP.
+    #[error("malformed HTTP answer from {0}")]
+    Malformed(String),
+}
+
+/// Text produced at each scrape.
+pub type Source = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// The token a request presents: `Authorization: Bearer T`, else the
+/// `braid_token` cookie, else a `token` query parameter.
+fn presented(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        if let Some(token) = auth.to_str().ok().and_then(|a| a.strip_prefix("Bearer ")) {
+            return Some(token.trim().to_string());
+        }
+    }
+    for cookie in headers.get_all(header::COOKIE) {
+        let Ok(cookie) = cookie.to_str() else {
+            continue;
+        };
+        for part in cookie.split(';') {
+            if let Some(token) = part.trim().strip_prefix("braid_token=") {
+                return Some(token.to_string());
+            }
+        }
+    }
+    query.and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .map(str::to_string)
+    })
+}
+
+/// Middleware refusing requests without the cluster token (401).
+pub async fn require_token(
+    State(token): State<Arc<str>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match presented(request.headers(), request.uri().query()) {
+        Some(given) if token_matches(&given, &token) => next.run(request).await,
+        Some(_) => (StatusCode::UNAUTHORIZED, "wrong cluster token\n").into_response(),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "this endpoint needs the cluster token: Authorization: Bearer TOKEN\n",
+        )
+            .into_response(),
+    }
+}
+
+/// A router serving `/metrics` from `source`, behind `token`.
+pub fn metrics_router(token: &str, source: Source) -> axum::Router {
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let source = source.clone();
+            async move { ([(header::CONTENT_TYPE, OPENMETRICS)], source().await) }
+        }),
+    );
+    protect(router, token)
+}
+
+/// Puts every route of `router` behind `token`.
+pub fn protect(router: axum::Router, token: &str) -> axum::Router {
+    router.layer(axum::middleware::from_fn_with_state(
+        Arc::<str>::from(token),
+        require_token,
+    ))
+}
+
+/// A running HTTP server; dropping it stops it.
+#[derive(Debug)]
+pub struct HttpServer {
+    /// Where it listens.
+    pub local_addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds `listen` (port 0: any free port) and serves `router` there.
+pub async fn serve(listen: SocketAddr, router: axum::Router) -> Result<HttpServer, HttpError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| HttpError::Io {
+            what: format!("bind {listen}"),
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| HttpError::Io {
+        what: "metrics address".into(),
+        source,
+    })?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::warn!("HTTP server on {local_addr} stopped: {e}");
+        }
+    });
+    Ok(HttpServer { local_addr, task })
+}
+
+/// An HTTP answer: its status code and body.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The status code.
+    pub status: u16,
+    /// The body, as text.
+    pub body: String,
+}
+
+/// `GET http://{addr}{path}`, with the token as a bearer when given,
+/// bounded by `timeout`.
+pub async fn get(
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<Answer, HttpError> {
+    let what = format!("GET http://{addr}{path}");
+    tokio::time::timeout(timeout, fetch(addr, path, token))
+        .await
+        .map_err(|_| HttpError::Timeout(what))?
+}
+
+async fn fetch(addr: &str, path: &str, token: Option<&str>) -> Result<Answer, HttpError> {
+    let io = |what: &str| {
+        let what = format!("{what} {addr}");
+        move |source| HttpError::Io { what, source }
+    };
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(io("connect to"))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(io("write to"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .await
+        .map_err(io("read from"))?;
+    parse_answer(&raw).ok_or_else(|| HttpError::Malformed(addr.to_string()))
+}
+
+fn parse_answer(raw: &[u8]) -> Option<Answer> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..split]).ok()?;
+    let body = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let chunked = lines.any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
+    Some(Answer {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let end = body.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&body[..end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        body = &body[end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(body.get(..size)?);
+        body = body.get(size + 2..)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_answers() {
+        let plain = parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi");
+        assert_eq!(plain.map(|a| (a.status, a.body)), Some((200, "hi".into())));
+        let chunked = parse_answer(
+            b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        );
+        assert_eq!(
+            chunked.map(|a| (a.status, a.body)),
+            Some((401, "abcde".into()))
+        );
+        assert!(parse_answer(b"garbage").is_none());
+    }
+
+    #[tokio::test]
+    async fn metrics_need_the_token() {
+        let source: Source = Arc::new(|| Box::pin(async { "x 1\n# EOF\n".to_string() }));
+        let listen = "127.0.0.1:0".parse().expect("an address");
+        let server = serve(listen, metrics_router("sesame", source))
+            .await
+            .expect("serve");
+        let addr = server.local_addr.to_string();
+        let second = Duration::from_secs(5);
+        let anonymous = get(&addr, "/metrics", None, second).await;
+        assert_eq!(anonymous.map(|a| a.status).ok(), Some(401));
+        let wrong = get(&addr, "/metrics", Some("open"), second).await;
+        assert_eq!(wrong.map(|a| a.status).ok(), Some(401));
+        let right = get(&addr, "/metrics", Some("sesame"), second).await;
+        let right = right.map(|a| (a.status, a.body)).ok();
+        assert_eq!(right, Some((200, "x 1\n# EOF\n".to_string())));
+    }
+}

@@ -55,6 +55,7 @@ pub mod actor;
 pub mod address;
 pub mod cluster;
 pub(crate) mod core;
+pub mod dashboard;
 pub mod error;
 pub(crate) mod executor;
 pub mod ids;

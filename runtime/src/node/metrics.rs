@@ -7,8 +7,36 @@
 use super::{Node, WorkerState};
 use crate::telemetry::recorder::Snapshot;
 use crate::telemetry::{Family, Kind};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+/// The node's HTTP routes, behind `token`: `/metrics` (OpenMetrics text)
+/// and `/api/families` (the same families as JSON, for the head's
+/// dashboard). `node` is set once the node is built.
+pub(crate) fn router(token: &str, node: Arc<Mutex<Weak<Node>>>) -> axum::Router {
+    let scrape = node.clone();
+    let families = move || {
+        let node = node.lock().upgrade();
+        async move { axum::Json(node.map(|n| n.families()).unwrap_or_default()) }
+    };
+    let api = crate::telemetry::http::protect(
+        axum::Router::new().route("/api/families", axum::routing::get(families)),
+        token,
+    );
+    crate::telemetry::http::metrics_router(
+        token,
+        Arc::new(move || {
+            let node = scrape.lock().upgrade();
+            Box::pin(async move {
+                let families = node.map(|n| n.families()).unwrap_or_default();
+                crate::telemetry::family::render(families)
+            })
+        }),
+    )
+    .merge(api)
+}
 
 /// Objects moved between this node's store and other nodes'.
 #[derive(Debug, Default)]

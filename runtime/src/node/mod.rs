@@ -228,19 +228,9 @@ pub async fn run_node(
 
     let metrics_listen = SocketAddr::new(config.grpc_listen.ip(), config.metrics_port);
     let metrics_source: Arc<Mutex<Weak<Node>>> = Arc::new(Mutex::new(Weak::new()));
-    let source = metrics_source.clone();
     let metrics_server = crate::telemetry::http::serve(
         metrics_listen,
-        crate::telemetry::http::metrics_router(
-            &config.token,
-            Arc::new(move || {
-                let node = source.lock().upgrade();
-                Box::pin(async move {
-                    let families = node.map(|n| n.families()).unwrap_or_default();
-                    crate::telemetry::family::render(families)
-                })
-            }),
-        ),
+        metrics::router(&config.token, metrics_source.clone()),
     )
     .await
     .map_err(|e| Error::io("serve /metrics", e))?;

@@ -249,6 +249,45 @@ impl HeadService {
         }
     }
 
+    /// The head's tables now, with where it serves `/metrics`.
+    pub(crate) fn status_now(&self) -> super::types::ClusterStatusRecord {
+        let mut status = self.shared.state.lock().status(Instant::now());
+        status
+            .metrics_address
+            .clone_from(&self.shared.metrics_address.lock());
+        status
+    }
+
+    /// The head's families (under `head`) and each live node's (under its
+    /// short id), fetched from the nodes at once; a node that does not
+    /// answer in time is left out.
+    pub(crate) async fn all_families(&self) -> Vec<(String, Vec<crate::telemetry::Family>)> {
+        let (own, nodes) = {
+            let state = self.shared.state.lock();
+            (state.families(), state.live_node_metrics())
+        };
+        let token = self.shared.token.clone();
+        let fetches = nodes.into_iter().map(|(node, address)| {
+            let token = token.clone();
+            async move {
+                let answer = crate::telemetry::http::get(
+                    &address,
+                    "/api/families",
+                    Some(&token),
+                    LOCAL_NODE_SCRAPE,
+                )
+                .await
+                .ok()
+                .filter(|a| a.status == 200)?;
+                let families = serde_json::from_str(&answer.body).ok()?;
+                Some((node.to_string()[..8].to_string(), families))
+            }
+        });
+        let mut out = vec![("head".to_string(), own)];
+        out.extend(join_all(fetches).await.into_iter().flatten());
+        out
+    }
+
     /// Tells every watching node that `node_id` died.
     fn announce_death(&self, node_id: NodeId) {
         let event = proto::ClusterEvent {
@@ -678,10 +717,7 @@ impl Head for HeadService {
         &self,
         _request: Request<proto::Empty>,
     ) -> Result<Response<proto::ClusterStatusReply>, Status> {
-        let mut status = self.shared.state.lock().status(Instant::now());
-        status
-            .metrics_address
-            .clone_from(&self.shared.metrics_address.lock());
+        let status = self.status_now();
         Ok(Response::new((&status).into()))
     }
 }

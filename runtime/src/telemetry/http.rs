@@ -43,13 +43,21 @@ pub enum HttpError {
 /// Text produced at each scrape.
 pub type Source = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
-/// The token a request presents: `Authorization: Bearer T`, else the
-/// `braid_token` cookie, else a `token` query parameter.
+/// The token a request presents: `Authorization: Bearer T`, else a
+/// `token` query parameter, else the `braid_token` cookie.
 fn presented(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     if let Some(auth) = headers.get(header::AUTHORIZATION) {
         if let Some(token) = auth.to_str().ok().and_then(|a| a.strip_prefix("Bearer ")) {
             return Some(token.trim().to_string());
         }
+    }
+    let from_query = query.and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .map(str::to_string)
+    });
+    if from_query.is_some() {
+        return from_query;
     }
     for cookie in headers.get_all(header::COOKIE) {
         let Ok(cookie) = cookie.to_str() else {
@@ -61,11 +69,7 @@ fn presented(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
             }
         }
     }
-    query.and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("token="))
-            .map(str::to_string)
-    })
+    None
 }
 
 /// Middleware refusing requests without the cluster token (401).
@@ -145,8 +149,20 @@ pub async fn serve(listen: SocketAddr, router: axum::Router) -> Result<HttpServe
 pub struct Answer {
     /// The status code.
     pub status: u16,
+    /// The headers, names in lower case.
+    pub headers: Vec<(String, String)>,
     /// The body, as text.
     pub body: String,
+}
+
+impl Answer {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// `GET http://{addr}{path}`, with the token as a bearer when given,
@@ -193,10 +209,13 @@ fn parse_answer(raw: &[u8]) -> Option<Answer> {
     let body = &raw[split + 4..];
     let mut lines = head.split("\r\n");
     let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
     let body = if chunked {
         dechunk(body)?
     } else {
@@ -204,6 +223,7 @@ fn parse_answer(raw: &[u8]) -> Option<Answer> {
     };
     Some(Answer {
         status,
+        headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
 }

@@ -280,6 +280,10 @@ fn start_head(
             bound.port()
         );
     }
+    println!(
+        "  dashboard:   http://{}/?token={token}",
+        reachable(metrics_bound)
+    );
     println!("  metrics:     {metrics_url}");
     println!("               (send the token: Authorization: Bearer TOKEN)");
     println!("  token file:  {}", token_file.display());

@@ -4,12 +4,9 @@ use crate::cli::{usage_error, StatusArgs};
 use crate::client;
 use anyhow::bail;
 use braid::cluster::{self, ADDRESS_VAR, TOKEN_VAR};
+use braid::dashboard::api::{metrics_url, strategy_name, to_json};
 use braid::resources::{CPU, MEMORY};
-use braid::rpc::{
-    ActorRecord, ClusterStatusRecord, JobRecord, NodeRecord, PlacementGroupRecord,
-    PlacementStrategy, ResourceMap,
-};
-use serde_json::{json, Value};
+use braid::rpc::{ClusterStatusRecord, ResourceMap};
 
 /// Runs `braid status`.
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
@@ -68,89 +65,6 @@ fn resolve_address(flag: Option<String>) -> anyhow::Result<String> {
             .into())
         }
     }
-}
-
-/// The status as one JSON object (live nodes under `nodes`, dead ones
-/// under `dead_nodes`).
-pub fn to_json(address: &str, status: &ClusterStatusRecord) -> Value {
-    let (alive, dead): (Vec<&NodeRecord>, Vec<&NodeRecord>) =
-        status.nodes.iter().partition(|n| n.alive);
-    json!({
-        "cluster_id": status.cluster_id,
-        "address": address,
-        "metrics": metrics_url(&status.metrics_address),
-        "nodes": alive.iter().map(|n| node_json(n)).collect::<Vec<_>>(),
-        "dead_nodes": dead.iter().map(|n| node_json(n)).collect::<Vec<_>>(),
-        "actors": status.actors.iter().map(actor_json).collect::<Vec<_>>(),
-        "placement_groups": status.placement_groups.iter().map(pg_json).collect::<Vec<_>>(),
-        "jobs": status.jobs.iter().map(job_json).collect::<Vec<_>>(),
-    })
-}
-
-fn node_json(n: &NodeRecord) -> Value {
-    json!({
-        "node_id": n.info.node_id.to_string(),
-        "hostname": n.info.hostname,
-        "pid": n.info.pid,
-        "grpc_address": n.info.grpc_address,
-        "metrics": metrics_url(&n.info.metrics_address),
-        "is_head_node": n.info.is_head_node,
-        "alive": n.alive,
-        "resources_total": n.info.resources_total,
-        "resources_available": n.resources_available,
-        "store_used": n.store_used,
-        "store_capacity": n.store_capacity,
-        "num_workers": n.num_workers,
-        "millis_since_heartbeat": u64::try_from(n.since_heartbeat.as_millis()).unwrap_or(u64::MAX),
-    })
-}
-
-fn actor_json(a: &ActorRecord) -> Value {
-    json!({
-        "actor_id": a.spec.actor_id.to_string(),
-        "job_id": a.spec.job_id.to_string(),
-        "class": a.spec.class_name,
-        "name": a.spec.name,
-        "state": a.state.to_string(),
-        "node_id": a.node_id.map(|n| n.to_string()),
-        "worker_pid": a.worker_pid,
-        "restarts": a.restarts,
-        "detached": a.spec.detached,
-        "death_cause": a.death_cause,
-    })
-}
-
-fn strategy_name(s: PlacementStrategy) -> &'static str {
-    match s {
-        PlacementStrategy::Pack => "PACK",
-        PlacementStrategy::Spread => "SPREAD",
-        PlacementStrategy::StrictPack => "STRICT_PACK",
-        PlacementStrategy::StrictSpread => "STRICT_SPREAD",
-    }
-}
-
-fn pg_json(p: &PlacementGroupRecord) -> Value {
-    json!({
-        "pg_id": p.spec.pg_id.to_string(),
-        "name": p.spec.name,
-        "strategy": strategy_name(p.spec.strategy),
-        "bundles": p.spec.bundles,
-        "bundle_nodes": p.bundle_nodes.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "job_id": p.spec.job_id.map(|j| j.to_string()),
-        "created_ms": p.created_ms,
-    })
-}
-
-fn job_json(j: &JobRecord) -> Value {
-    json!({
-        "job_id": j.info.job_id.to_string(),
-        "driver_pid": j.info.driver_pid,
-        "driver_address": j.info.driver_address,
-        "exe_path": j.info.exe_path.display().to_string(),
-        "finished": j.finished,
-        "start_time_ms": j.start_time_ms,
-        "end_time_ms": j.end_time_ms,
-    })
 }
 
 /// A byte count for people.
@@ -213,11 +127,6 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         line(&mut row.iter().map(String::as_str));
     }
     out
-}
-
-/// The `/metrics` URL of an endpoint's `host:port` (none when empty).
-fn metrics_url(address: &str) -> Option<String> {
-    (!address.is_empty()).then(|| format!("http://{address}/metrics"))
 }
 
 /// The status as tables.

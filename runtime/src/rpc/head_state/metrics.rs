@@ -9,6 +9,15 @@ use crate::telemetry::{Family, Kind};
 use std::collections::BTreeMap;
 
 impl HeadState {
+    /// Every live node with where it serves `/metrics`.
+    pub(crate) fn live_node_metrics(&self) -> Vec<(crate::ids::NodeId, String)> {
+        self.nodes
+            .values()
+            .filter(|n| n.alive && !n.info.metrics_address.is_empty())
+            .map(|n| (n.info.node_id, n.info.metrics_address.clone()))
+            .collect()
+    }
+
     /// Where the live node beside the head serves `/metrics`.
     pub(crate) fn head_node_metrics(&self) -> Option<String> {
         self.nodes

@@ -284,6 +284,8 @@ pub struct ChannelOut<T> {
     failed: Option<ChannelError>,
     max_batch: usize,
     format: Option<Arc<dyn Format<T>>>,
+    /// Its subtask's meter: time spent sending is backpressure.
+    meter: Option<Arc<super::metrics::SubtaskMeter>>,
 }
 
 /// A record type's columnar format, erased from its [`Columnar`] bound so
@@ -338,6 +340,7 @@ impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
             failed: None,
             max_batch: BATCH_RECORDS,
             format: None,
+            meter: super::metrics::current(),
         }
     }
 
@@ -410,7 +413,12 @@ impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        self.outbox.send(channel, msg).inspect_err(|e| {
+        let started = self.meter.as_ref().map(|_| std::time::Instant::now());
+        let sent = self.outbox.send(channel, msg);
+        if let (Some(meter), Some(started)) = (&self.meter, started) {
+            meter.blocked(started.elapsed());
+        }
+        sent.inspect_err(|e| {
             self.failed = Some(e.clone());
         })
     }

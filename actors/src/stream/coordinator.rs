@@ -287,6 +287,8 @@ pub struct Coordinator {
     placing: Option<(Instant, Duration)>,
     /// Attempts begun.
     attempts: u64,
+    /// What it publishes for `/metrics`.
+    figures: super::metrics::JobFigures,
 }
 
 impl Coordinator {
@@ -321,7 +323,16 @@ impl Coordinator {
             next_attempt_at: None,
             placing: None,
             attempts: 0,
+            figures: Default::default(),
         })
+    }
+
+    /// Publishes the job's checkpoint and failure figures for `/metrics`.
+    fn publish_figures(&mut self) {
+        self.figures.checkpoints = self.report.checkpoints;
+        self.figures.failures = self.report.failures;
+        self.figures.recoveries = self.report.recovery_ms.len() as u32;
+        super::metrics::publish_job(self.config.storage.job(), &self.figures);
     }
 
     /// The job's configuration.
@@ -384,6 +395,7 @@ impl Coordinator {
         let now = Instant::now();
         self.report.failures += 1;
         self.failed_at = Some(now);
+        self.publish_figures();
         match self.restarts.failed(now) {
             Some(delay) => {
                 tracing::warn!(
@@ -566,6 +578,7 @@ impl Coordinator {
                 .recovery_ms
                 .push(at.elapsed().as_millis() as u64);
         }
+        self.publish_figures();
         let (stored_tx, stored_rx) = crossbeam_channel::unbounded::<Stored>();
         let mut next_epoch = attempt.restored_epoch + 1;
         let mut next_trigger = Instant::now() + self.config.checkpoint_interval;
@@ -647,13 +660,14 @@ impl Coordinator {
                             _ => false,
                         };
                         if complete {
-                            if let Some((epoch, _, acks)) = in_flight.take() {
+                            if let Some((epoch, since, acks)) = in_flight.take() {
                                 if self.fault(FaultPoint::BeforeCommit(epoch)) {
                                     self.fail(AttemptFailure::Injected(format!(
                                         "crash before committing {epoch}"
                                     )))?;
                                     return Ok(None);
                                 }
+                                let bytes: u64 = acks.values().map(|h| h.len).sum();
                                 if let Err(e) = self.commit(epoch, acks) {
                                     self.fail(AttemptFailure::Storage {
                                         epoch,
@@ -661,6 +675,11 @@ impl Coordinator {
                                     })?;
                                     return Ok(None);
                                 }
+                                let at = std::time::SystemTime::now()
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map_or(0.0, |d| d.as_secs_f64());
+                                self.figures.last = Some((epoch, since.elapsed(), bytes, at));
+                                self.publish_figures();
                                 self.restarts.progress();
                                 for s in &self.subtasks {
                                     send(*s, Command::Complete(epoch));
@@ -759,6 +778,12 @@ impl Coordinator {
             .block_on(self.config.storage.commit(&manifest))?;
         self.report.checkpoints += 1;
         Ok(())
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        super::metrics::withdraw_job(self.config.storage.job());
     }
 }
 

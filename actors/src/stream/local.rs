@@ -61,6 +61,8 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
             let restored_epoch = attempt.restored_epoch;
             let parallelism = plan.tasks[id.task].parallelism;
             let plan_ref: &Plan = plan;
+            let job_name = coordinator.config().storage.job().to_string();
+            let task_name = plan.tasks[id.task].name.clone();
             let head = {
                 TaskContext {
                     subtask: id.subtask,
@@ -69,6 +71,7 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
                     restored_epoch,
                 }
                 .enter();
+                super::metrics::enter(&job_name, (&task_name, id.task), id.subtask, generation);
                 let meters = meters.clone();
                 let outbox = move || -> Box<dyn Outbox> {
                     Box::new(LocalOutbox {
@@ -101,6 +104,12 @@ pub fn run(plan: &Plan, config: JobConfig) -> Result<JobReport, JobError> {
                         restored_epoch,
                     }
                     .enter();
+                    let _meter = super::metrics::enter(
+                        &job_name,
+                        (&task_name, id.task),
+                        id.subtask,
+                        generation,
+                    );
                     let mut head = head;
                     let mut reporter = LocalReporter {
                         id,

@@ -32,6 +32,7 @@ pub mod functions;
 pub mod graph;
 pub mod local;
 pub mod mailbox;
+pub mod metrics;
 pub mod operator;
 pub mod plan;
 pub mod registry;

@@ -140,6 +140,8 @@ fn run_source(
     let mut last_flush = Instant::now();
     let started = Instant::now();
     let mut emitted: u64 = 0;
+    // The source's records out (its chained operators count their own).
+    let meter = super::metrics::current().and_then(|m| super::metrics::operator(&m.task));
     loop {
         let wait = if exhausted {
             Duration::from_millis(50)
@@ -181,7 +183,12 @@ fn run_source(
             batch = batch.min(room);
         }
         match driver.poll(batch)? {
-            SourcePoll::Emitted(n) => emitted += n as u64,
+            SourcePoll::Emitted(n) => {
+                emitted += n as u64;
+                if let Some(meter) = &meter {
+                    meter.records_out_n(n as u64);
+                }
+            }
             SourcePoll::Idle => std::thread::sleep(Duration::from_millis(1)),
             SourcePoll::Exhausted => {
                 exhausted = true;
@@ -266,6 +273,7 @@ fn run_inputs(
     reporter: &mut dyn Reporter,
 ) -> Result<TaskExit, TaskError> {
     let mut inputs = Inputs::new(channels);
+    let subtask_meter = super::metrics::current();
     let mut dirty = false;
     let mut snapshotted = 0u64;
     let mut completed = 0u64;
@@ -329,6 +337,9 @@ fn run_inputs(
                     *slot = (*slot).max(w);
                 }
                 if let Some(w) = inputs.advance() {
+                    if let Some(subtask) = &subtask_meter {
+                        subtask.watermark(w);
+                    }
                     sink.chain().watermark(w)?;
                 }
             }
@@ -346,6 +357,9 @@ fn run_inputs(
                     *slot = true;
                 }
                 if let Some(w) = inputs.advance() {
+                    if let Some(subtask) = &subtask_meter {
+                        subtask.watermark(w);
+                    }
                     sink.chain().watermark(w)?;
                 }
             }

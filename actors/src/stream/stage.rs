@@ -51,17 +51,21 @@ pub struct OpStage<O: Operator> {
     /// The epoch the records now flowing belong to: one past the last
     /// barrier (or past the restored checkpoint).
     epoch: u64,
+    /// Its records in and out, for `/metrics` (none outside a subtask).
+    meter: Option<std::sync::Arc<super::metrics::OperatorMeter>>,
 }
 
 impl<O: Operator> OpStage<O> {
     /// Puts `op`, known as `name` in snapshots, before `next`.
     pub fn new(name: String, op: O, next: Box<dyn Stage<O::Out>>) -> Self {
         let epoch = TaskContext::current().restored_epoch + 1;
+        let meter = super::metrics::operator(&name);
         OpStage {
             name,
             op,
             next,
             epoch,
+            meter,
         }
     }
 
@@ -85,6 +89,7 @@ impl<O: Operator> OpStage<O> {
         let mut forward = Forward {
             next: self.next.as_mut(),
             failed: None,
+            meter: self.meter.as_deref(),
         };
         let result = call(&mut self.op, &mut forward);
         if let Some(e) = forward.failed {
@@ -97,10 +102,14 @@ impl<O: Operator> OpStage<O> {
 struct Forward<'a, T> {
     next: &'a mut dyn Stage<T>,
     failed: Option<StageError>,
+    meter: Option<&'a super::metrics::OperatorMeter>,
 }
 
 impl<T> Collector<T> for Forward<'_, T> {
     fn emit(&mut self, value: T, time: Option<EventTime>) {
+        if let Some(meter) = self.meter {
+            meter.record_out();
+        }
         if self.failed.is_none() {
             if let Err(e) = self.next.push(value, time) {
                 self.failed = Some(e);
@@ -111,6 +120,9 @@ impl<T> Collector<T> for Forward<'_, T> {
 
 impl<O: Operator> Stage<O::In> for OpStage<O> {
     fn push(&mut self, value: O::In, time: Option<EventTime>) -> Result<(), StageError> {
+        if let Some(meter) = &self.meter {
+            meter.record_in();
+        }
         self.emitting(Phase::Process, |op, out| op.process(value, time, out))
     }
 

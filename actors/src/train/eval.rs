@@ -128,6 +128,9 @@ pub struct EvalSink {
     max_staleness: u64,
     line: String,
     published: std::time::Instant,
+    /// When it last published its figures for `/metrics`, and its rows
+    /// then.
+    telemetry_at: Option<(std::time::Instant, u64)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -185,6 +188,7 @@ impl EvalSink {
             max_staleness: 0,
             line: String::new(),
             published: std::time::Instant::now(),
+            telemetry_at: None,
         }
     }
 
@@ -220,7 +224,7 @@ impl EvalSink {
 
     fn publish(&mut self) {
         self.published = std::time::Instant::now();
-        *self.handle.figures.lock() = EvalFigures {
+        let figures = EvalFigures {
             rows: self.progressive.rows(),
             logloss: self.progressive.logloss(),
             auc: self.progressive.auc(),
@@ -228,6 +232,19 @@ impl EvalSink {
             window_auc: self.progressive.window_auc(),
             max_staleness: self.max_staleness,
         };
+        *self.handle.figures.lock() = figures;
+        if self
+            .telemetry_at
+            .is_none_or(|(at, _)| at.elapsed() >= super::serving::PUBLISH_EVERY)
+        {
+            let now = std::time::Instant::now();
+            let per_second = self.telemetry_at.map(|(at, rows)| {
+                figures.rows.saturating_sub(rows) as f64
+                    / now.duration_since(at).as_secs_f64().max(1e-3)
+            });
+            self.telemetry_at = Some((now, figures.rows));
+            publish_figures(&self.name, &figures, per_second);
+        }
     }
 }
 
@@ -317,4 +334,50 @@ impl Operator for EvalSink {
         self.publish();
         Ok(())
     }
+}
+
+/// Publishes job `job`'s evaluation figures for `/metrics`: rows scored,
+/// and logloss and AUC over the window and over every row.
+fn publish_figures(job: &str, figures: &EvalFigures, rows_per_second: Option<f64>) {
+    use braid::telemetry::{Family, Kind};
+    let labels = [("job", job)];
+    let gauge = |name: &str, help: &str, v: f64| {
+        Family::new(name, help, Kind::Gauge).with(&labels, if v.is_finite() { v } else { 0.0 })
+    };
+    let mut families = vec![
+        Family::new(
+            "braid_learning_rows",
+            "Rows scored before training",
+            Kind::Counter,
+        )
+        .with(&labels, figures.rows as f64),
+        gauge(
+            "braid_learning_logloss",
+            "Progressive logloss over the window",
+            figures.window_logloss,
+        ),
+        gauge(
+            "braid_learning_auc",
+            "Progressive AUC over the window",
+            figures.window_auc,
+        ),
+        gauge(
+            "braid_learning_progressive_logloss",
+            "Progressive logloss over every row",
+            figures.logloss,
+        ),
+        gauge(
+            "braid_learning_progressive_auc",
+            "Progressive AUC over every row",
+            figures.auc,
+        ),
+    ];
+    if let Some(rate) = rows_per_second {
+        families.push(gauge(
+            "braid_learning_rows_per_second",
+            "Rows scored per second since the last publish",
+            rate,
+        ));
+    }
+    braid::telemetry::publish(&format!("learning/eval/{job}"), families);
 }

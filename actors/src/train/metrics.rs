@@ -717,6 +717,28 @@ impl LatencyHistogram {
         self.count
     }
 
+    /// What was recorded after `earlier`, a copy this histogram had then
+    /// (its minimum is reported as 0 and its maximum as this one's).
+    pub fn since(&self, earlier: &LatencyHistogram) -> LatencyHistogram {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .zip(earlier.counts.iter().chain(std::iter::repeat(&0)))
+            .map(|(now, then)| now.saturating_sub(*then))
+            .collect();
+        let count = self.count.saturating_sub(earlier.count);
+        LatencyHistogram {
+            counts,
+            count,
+            min_ms: if count == 0 { f64::INFINITY } else { 0.0 },
+            max_ms: if count == 0 {
+                f64::NEG_INFINITY
+            } else {
+                self.max_ms
+            },
+        }
+    }
+
     /// Smallest value recorded, in ms; NaN when empty.
     pub fn min_ms(&self) -> f64 {
         if self.count == 0 {

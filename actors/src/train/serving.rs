@@ -305,6 +305,8 @@ pub struct Serving<M: Model = LogisticRegression> {
     swaps: AtomicU64,
     shards: usize,
     sync_versions: bool,
+    /// Prediction requests answered.
+    answers: AtomicU64,
 }
 
 impl Serving {
@@ -334,6 +336,7 @@ impl<M: Model> Serving<M> {
             swaps: AtomicU64::new(0),
             shards: config.shards,
             sync_versions: config.consistency == super::ps::Consistency::Bsp,
+            answers: AtomicU64::new(0),
         }
     }
 
@@ -396,6 +399,7 @@ impl<M: Model> Serving<M> {
     }
 
     fn note_served(&self, version: ModelVersion) {
+        self.answers.fetch_add(1, Ordering::Relaxed);
         let now = super::metrics::now_ns();
         let mut t = self.tracking.lock();
         if self.has_unserved.swap(false, Ordering::AcqRel) {
@@ -651,6 +655,9 @@ impl<M: Model> service::Service for ServingService<M> {
 pub struct ServingSink<M: Model = LogisticRegression> {
     serving: Arc<Serving<M>>,
     name: String,
+    /// When it last published its figures for `/metrics`, and the
+    /// latency and lag histograms then.
+    published: Option<(std::time::Instant, LatencyHistogram, LatencyHistogram)>,
 }
 
 impl<M: Model> ServingSink<M> {
@@ -665,9 +672,82 @@ impl<M: Model> ServingSink<M> {
         Self {
             serving,
             name: config.name.clone(),
+            published: None,
         }
     }
+
+    /// Publishes serving's figures for `/metrics` at most once per
+    /// [`PUBLISH_EVERY`]: the model version, and the latency and model
+    /// lag of the answers since the last time.
+    fn publish(&mut self, force: bool) {
+        use braid::telemetry::{Family, Kind};
+        if !force
+            && self
+                .published
+                .as_ref()
+                .is_some_and(|(at, _, _)| at.elapsed() < PUBLISH_EVERY)
+        {
+            return;
+        }
+        let (latency, lag) = {
+            let t = self.serving.tracking.lock();
+            (t.latency.clone(), t.lag.clone())
+        };
+        let (recent_latency, recent_lag) = match &self.published {
+            Some((_, l, g)) => (latency.since(l), lag.since(g)),
+            None => (latency.clone(), lag.clone()),
+        };
+        let job = [("job", self.name.as_str())];
+        let seconds = |ms: f64| if ms.is_finite() { ms / 1e3 } else { 0.0 };
+        let mut families = vec![
+            Family::new(
+                "braid_learning_model_version",
+                "Rows trained into the model serving answers with",
+                Kind::Gauge,
+            )
+            .with(&job, self.serving.version().records as f64),
+            Family::new(
+                "braid_serving_requests",
+                "Prediction requests serving answered",
+                Kind::Counter,
+            )
+            .with(&job, self.serving.answers.load(Ordering::Relaxed) as f64),
+        ];
+        if recent_lag.count() > 0 {
+            families.push(
+                Family::new(
+                    "braid_learning_model_lag_seconds",
+                    "Ingest of the newest row to an answer, p99 over the last second",
+                    Kind::Gauge,
+                )
+                .with(&job, seconds(recent_lag.quantile(0.99))),
+            );
+        }
+        if recent_latency.count() > 0 {
+            families.push(
+                Family::new(
+                    "braid_serving_latency_seconds",
+                    "Ingest of a row to the first answer holding it, over the last second",
+                    Kind::Gauge,
+                )
+                .with(
+                    &[("job", self.name.as_str()), ("quantile", "0.5")],
+                    seconds(recent_latency.quantile(0.5)),
+                )
+                .with(
+                    &[("job", self.name.as_str()), ("quantile", "0.99")],
+                    seconds(recent_latency.quantile(0.99)),
+                ),
+            );
+        }
+        braid::telemetry::publish(&format!("learning/serving/{}", self.name), families);
+        self.published = Some((std::time::Instant::now(), latency, lag));
+    }
 }
+
+/// How often serving and the evaluation publish their figures for
+/// `/metrics`.
+pub const PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl<M: Model> Operator for ServingSink<M> {
     type In = Delta;
@@ -680,6 +760,7 @@ impl<M: Model> Operator for ServingSink<M> {
         _out: &mut dyn Collector<()>,
     ) -> Result<(), OperatorError> {
         self.serving.apply(delta);
+        self.publish(false);
         Ok(())
     }
 
@@ -687,6 +768,7 @@ impl<M: Model> Operator for ServingSink<M> {
     /// counting lag, and the final statistics go to the job's report.
     fn on_end(&mut self, _out: &mut dyn Collector<()>) -> Result<(), OperatorError> {
         self.serving.input_ended(self.serving.version().records);
+        self.publish(true);
         results::set(
             &format!("{}/{SERVING_RESULT}", self.name),
             &self.serving.stats(false),

@@ -9,8 +9,11 @@
 //! * `/api/series`: every metric family of the head and of each live node
 //!   (nodes answer their `/api/families`), labelled by node: the stream
 //!   and online-learning pages are drawn from them.
+//! * `/api/history?name=N`: the last ten minutes of the series drawn over
+//!   time, sampled by the head each second ([`history`]).
 
 pub mod api;
+pub mod history;
 
 use crate::rpc::ClusterStatusRecord;
 use crate::telemetry::http::{protect, TOKEN_COOKIE};
@@ -41,8 +44,22 @@ pub trait ClusterView: Send + Sync + 'static {
 
 type View = Arc<dyn ClusterView>;
 
-/// The dashboard's routes, behind `token`.
+/// The dashboard's routes, behind `token`. Starts sampling the history,
+/// which lasts as long as the routes.
 pub fn router(view: View, token: &str) -> axum::Router {
+    let history = Arc::new(history::History::default());
+    history::History::sample(Arc::downgrade(&history), view.clone());
+    let past = axum::Router::new()
+        .route(
+            "/api/history",
+            get(
+                |State(h): State<Arc<history::History>>,
+                 Query(q): Query<HashMap<String, String>>| async move {
+                    h.query(q.get("name").map_or("", String::as_str))
+                },
+            ),
+        )
+        .with_state(history);
     let routes = axum::Router::new()
         .route(
             "/api/nodes",
@@ -73,7 +90,8 @@ pub fn router(view: View, token: &str) -> axum::Router {
             "/style.css",
             get(|| async { page(STYLE, "text/css; charset=utf-8") }),
         )
-        .with_state(view);
+        .with_state(view)
+        .merge(past);
     protect(routes, token)
 }
 

@@ -81,12 +81,16 @@ impl ProcessFigures {
         }
     }
 
-    fn total(&self) -> Snapshot {
+    /// Counts summed over every process that reported, and what the live
+    /// ones publish.
+    fn total(&self) -> (Snapshot, Vec<Family>) {
         let mut total = self.retired.clone();
+        let mut published = Vec::new();
         for snapshot in self.live.values() {
             total.add(snapshot);
+            published.extend(snapshot.published.iter().cloned());
         }
-        total
+        (total, crate::telemetry::published::merge(published))
     }
 }
 
@@ -204,7 +208,9 @@ impl Node {
             .with(&[("direction", "in")], load(&t.in_bytes))
             .with(&[("direction", "out")], load(&t.out_bytes)),
         );
-        out.extend(self.figures.lock().total().families());
+        let (counts, published) = self.figures.lock().total();
+        out.extend(counts.families());
+        out.extend(published);
         out
     }
 }

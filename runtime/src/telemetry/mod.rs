@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! process (driver, worker) ── recorder: atomic adds ──▶ Snapshot ─Message::Metrics (1 s)─▶ node
+//!                          ── publish(source, families) ──┘  (stream operators, learning)
 //! node: its ledger, workers, store, transfers + Σ snapshots ──▶ /metrics (node's port)
 //! head: nodes, resources, actors, placement groups, jobs ──▶ /metrics (head's port)
 //!       + its local node's series, fetched at each scrape
@@ -14,6 +15,8 @@
 
 pub mod family;
 pub mod http;
+pub mod published;
 pub mod recorder;
 
 pub use family::{Family, Kind};
+pub use published::{publish, withdraw};

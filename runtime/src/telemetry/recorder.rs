@@ -289,10 +289,13 @@ pub struct NameStats {
 }
 
 /// A process's figures at one moment (or a node's sum of them).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     /// Per kind and name.
     pub names: Vec<NameStats>,
+    /// What the process published ([`super::published`]).
+    #[serde(default)]
+    pub published: Vec<Family>,
 }
 
 impl Snapshot {
@@ -313,11 +316,15 @@ impl Snapshot {
                 });
             }
         }
-        Snapshot { names }
+        Snapshot {
+            names,
+            published: super::published::all(),
+        }
     }
 
-    /// Adds `other`'s figures to these, name by name (past
-    /// [`MAX_NAMES`] names per kind, into `other`).
+    /// Adds `other`'s counts to these, name by name (past
+    /// [`MAX_NAMES`] names per kind, into `other`); its published
+    /// families are not added (they are gauges of a live process).
     pub fn add(&mut self, other: &Snapshot) {
         for stats in &other.names {
             let found = self

@@ -402,6 +402,16 @@ impl SubtaskHost {
             restored_epoch: spec.restored_epoch,
         };
         context.enter();
+        let task_name = plan
+            .tasks
+            .get(spec.task)
+            .map_or_else(|| spec.task.to_string(), |t| t.name.clone());
+        let meter = super::metrics::enter(
+            &spec.storage.job,
+            (&task_name, spec.task),
+            spec.subtask,
+            spec.generation,
+        );
         let rt = braid::current().map_err(|e| lost(e.to_string()))?;
         let channels = plan
             .outputs_of(id)
@@ -469,6 +479,12 @@ impl SubtaskHost {
             .name(format!("braid-{id}"))
             .spawn(move || {
                 context.enter();
+                super::metrics::enter(
+                    &meter.job,
+                    (&meter.task, meter.task_index),
+                    meter.subtask,
+                    meter.generation,
+                );
                 super::service::enter(peers);
                 let mut reporter = HostReporter {
                     shared: shared.clone(),

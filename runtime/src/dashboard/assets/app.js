@@ -1,12 +1,10 @@
 // braid's dashboard: one page, five views, redrawn every second from the
-// head's /api/*. Histories (rates, learning curves, checkpoints) are kept
-// here from the moment the page opens.
+// head's /api/*. Curves over time come from the head's history (the last
+// ten minutes, /api/history); the checkpoint history is kept here from
+// the moment the page opens.
 "use strict";
 
 const POLL_MS = 1000;
-const KEEP = 600; // points per series
-const history = {}; // key -> [[t, v], ...]
-const previous = {}; // key -> [t, v] of the last poll, for rates
 const checkpoints = {}; // job -> [{id, duration, bytes, at}]
 
 function el(tag, attrs, ...children) {
@@ -62,19 +60,17 @@ async function api(path) {
   return r.json();
 }
 
-function record(key, t, v) {
-  const h = history[key] || (history[key] = []);
-  h.push([t, v]);
-  if (h.length > KEEP) h.shift();
+/// The head's history of family `name`: the series `pick` accepts, summed
+/// at each sampling time, as [[t, v], ...].
+async function past(name, pick) {
+  const all = await api("/api/history?name=" + encodeURIComponent(name));
+  const sums = new Map();
+  for (const s of all) {
+    if (!pick(s.labels)) continue;
+    for (const [t, v] of s.points) sums.set(t, (sums.get(t) || 0) + v);
+  }
+  return [...sums.entries()].sort((a, b) => a[0] - b[0]);
 }
-
-function rate(key, t, total) {
-  const last = previous[key];
-  previous[key] = [t, total];
-  if (!last || t <= last[0]) return undefined;
-  return Math.max(0, (total - last[1]) / ((t - last[0]) / 1000));
-}
-
 function chart(title, points, format) {
   const w = 360, h = 140, pad = 34;
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
@@ -164,44 +160,67 @@ function byName(series) {
 async function streams() {
   const now = Date.now();
   const series = byName(await api("/api/series"));
-  const ops = {}; // job -> operator -> {in, out, bp, lag, subtasks}
-  const add = (name, field, f) => {
-    for (const s of series[name] || []) {
-      const job = s.labels.job, op = s.labels.operator;
-      if (!job || !op) continue;
-      const o = ((ops[job] || (ops[job] = {}))[op] || (ops[job][op] = { in: 0, out: 0, bp: 0, lag: 0, subtasks: 0 }));
-      f(o, s.value, field);
-    }
+  // job -> task -> {ops: operator -> {in, out}, subtasks, bp, lag}
+  const jobs = {};
+  const taskOf = s => {
+    const { job, task } = s.labels;
+    if (!job || !task) return null;
+    const j = jobs[job] || (jobs[job] = {});
+    return j[task] || (j[task] = { ops: {}, subtasks: new Set(), bp: 0, lag: 0, index: 0 });
   };
-  add("braid_stream_records_in", "in", (o, v) => { o.in += v; o.subtasks += 1; });
-  add("braid_stream_records_out", "out", (o, v) => { o.out += v; });
-  add("braid_stream_backpressure_seconds", "bp", (o, v) => { o.bp += v; });
-  add("braid_stream_watermark_lag_seconds", "lag", (o, v) => { o.lag = Math.max(o.lag, v); });
-  const jobsNow = Object.keys(ops).sort();
-  if (!jobsNow.length) return [el("h2", {}, "Stream jobs"), el("p", { class: "muted" }, "No stream job reports to this cluster.")];
+  const fields = [["braid_stream_records_in", "in"], ["braid_stream_records_out", "out"],
+    ["braid_stream_records_in_per_second", "inRate"], ["braid_stream_records_out_per_second", "outRate"]];
+  for (const [name, field] of fields) {
+    for (const s of series[name] || []) {
+      const t = taskOf(s);
+      if (!t) continue;
+      const op = t.ops[s.labels.operator] || (t.ops[s.labels.operator] = { in: 0, out: 0, inRate: 0, outRate: 0 });
+      op[field] += s.value;
+    }
+  }
+  for (const s of series.braid_stream_backpressure_seconds || []) {
+    const t = taskOf(s);
+    if (t) t.subtasks.add(s.labels.subtask);
+  }
+  for (const s of series.braid_stream_backpressure_ratio || []) {
+    const t = taskOf(s);
+    if (t) t.bp = Math.max(t.bp, s.value);
+  }
+  for (const s of series.braid_stream_watermark_lag_seconds || []) {
+    const t = taskOf(s);
+    if (t) t.lag = Math.max(t.lag, s.value);
+  }
+  for (const s of series.braid_stream_task_index || []) {
+    const t = taskOf(s);
+    if (t) t.index = s.value;
+  }
+  const names = Object.keys(jobs).sort();
+  if (!names.length) return [el("h2", {}, "Stream jobs"), el("p", { class: "muted" }, "No stream job reports to this cluster.")];
   const perJob = name => Object.fromEntries((series[name] || []).map(s => [s.labels.job, s.value]));
   const lastId = perJob("braid_stream_checkpoint_last_id"), lastDur = perJob("braid_stream_checkpoint_last_duration_seconds");
   const lastBytes = perJob("braid_stream_checkpoint_last_bytes"), lastAt = perJob("braid_stream_checkpoint_last_completed_seconds");
   const failures = perJob("braid_stream_failures"), recoveries = perJob("braid_stream_recoveries");
   const out = [el("h2", {}, "Stream jobs")];
-  for (const job of jobsNow) {
+  for (const job of names) {
     const graph = el("div", { class: "graph" });
-    const names = Object.keys(ops[job]).sort((a, b) => (ops[job][a].order || 0) - (ops[job][b].order || 0));
-    const order = (series.braid_stream_operator_index || []).filter(s => s.labels.job === job);
-    const index = Object.fromEntries(order.map(s => [s.labels.operator, s.value]));
-    names.sort((a, b) => (index[a] ?? 0) - (index[b] ?? 0));
-    names.forEach((name, i) => {
-      const o = ops[job][name];
-      const inRate = rate(`in:${job}:${name}`, now, o.in), outRate = rate(`out:${job}:${name}`, now, o.out);
-      const bp = rate(`bp:${job}:${name}`, now, o.bp);
-      if (outRate !== undefined) record(`rate:${job}:${name}`, now, outRate);
-      if (i > 0) graph.append(el("div", { class: "edge" }, el("div", { class: "arrow" }, "→"),
-        `backpressure ${bp === undefined ? "–" : (bp * 100).toFixed(0) + "%"}`));
-      graph.append(el("div", { class: "op" }, el("div", { class: "name" }, name),
-        el("div", {}, `${o.subtasks} subtask${o.subtasks === 1 ? "" : "s"}`),
+    const tasks = Object.entries(jobs[job]).sort((a, b) => a[1].index - b[1].index);
+    tasks.forEach(([task, t], i) => {
+      const ops = Object.entries(t.ops);
+      // Into the task: its first operator's input (a source has none: its
+      // first operator's output); out of it: its last operator's output.
+      const inRate = ops.length ? ops[0][1].inRate : 0;
+      const outRate = ops.length ? ops[ops.length - 1][1].outRate : 0;
+      if (i > 0) {
+        // The sender's share of time waiting for credit: backpressure on this edge.
+        const upstream = tasks[i - 1][1];
+        graph.append(el("div", { class: "edge" }, el("div", { class: "arrow" }, "→"),
+          `backpressure ${(100 * upstream.bp).toFixed(0)}%`));
+      }
+      graph.append(el("div", { class: "op" }, el("div", { class: "name" }, task),
+        el("div", {}, `${t.subtasks.size} subtask${t.subtasks.size === 1 ? "" : "s"}`),
         el("div", {}, `in ${num(inRate)} /s · out ${num(outRate)} /s`),
-        el("div", { class: "muted" }, `records ${num(o.in)} in, ${num(o.out)} out`),
-        o.lag ? el("div", { class: "muted" }, `watermark lag ${num(o.lag, 2)} s`) : null));
+        ops.map(([op, c]) => el("div", { class: "muted" }, `${op}: ${num(c.in)} in, ${num(c.out)} out`)),
+        t.lag ? el("div", { class: "muted" }, `watermark lag ${num(t.lag, 2)} s`) : null));
     });
     const cps = checkpoints[job] || (checkpoints[job] = []);
     if (lastId[job] !== undefined && (!cps.length || cps[cps.length - 1].id !== lastId[job])) {
@@ -215,7 +234,13 @@ async function streams() {
         card("Its size", lastBytes[job] === undefined ? "–" : bytes(lastBytes[job])),
         card("Its age", lastAt[job] === undefined ? "–" : num(now / 1000 - lastAt[job], 1) + " s"),
         card("Failures / recoveries", `${failures[job] || 0} / ${recoveries[job] || 0}`)),
-      el("div", { class: "charts" }, names.map(n => chart(`${n}: records out /s`, history[`rate:${job}:${n}`], v => num(v)))),
+      el("div", { class: "charts" }, await Promise.all(tasks.map(async ([task, t]) => {
+        const ops = Object.keys(t.ops);
+        const last = ops[ops.length - 1];
+        const points = await past("braid_stream_records_out_per_second",
+          l => l.job === job && l.task === task && l.operator === last);
+        return chart(`${task}: records out /s`, points, v => num(v));
+      }))),
       el("h2", {}, "Checkpoint history"),
       table(["Checkpoint", "Duration", "Size", "Completed"],
         cps.slice().reverse().map(c => ["#" + c.id, num(c.duration * 1000, 1) + " ms", bytes(c.bytes), c.at ? new Date(c.at * 1000).toLocaleTimeString() : "–"])));
@@ -235,14 +260,18 @@ async function learning() {
   const out = [el("h2", {}, "Online learning")];
   for (const job of jobsNow) {
     const rows = value("braid_learning_rows", job);
-    const rowsRate = rate(`rows:${job}`, now, rows);
+    const rowsRate = value("braid_learning_rows_per_second", job);
     const figures = {
       auc: value("braid_learning_auc", job), logloss: value("braid_learning_logloss", job),
       lag: value("braid_learning_model_lag_seconds", job), p99: value("braid_serving_latency_seconds", job, { quantile: "0.99" }),
       version: value("braid_learning_model_version", job), requests: value("braid_serving_requests", job),
     };
-    for (const k of ["auc", "logloss", "lag", "p99"]) if (figures[k] !== undefined) record(`${k}:${job}`, now, figures[k]);
-    if (rowsRate !== undefined) record(`rows:${job}`, now, rowsRate);
+    const mine = extra => l => l.job === job && (!extra || Object.entries(extra).every(([k, v]) => l[k] === v));
+    const ms = points => points.map(([t, v]) => [t, v * 1000]);
+    const [auc, logloss, lag, p99, rowsPast] = await Promise.all([
+      past("braid_learning_auc", mine()), past("braid_learning_logloss", mine()),
+      past("braid_learning_model_lag_seconds", mine()), past("braid_serving_latency_seconds", mine({ quantile: "0.99" })),
+      past("braid_learning_rows_per_second", mine())]);
     out.push(el("h2", {}, `Job ${job}`),
       el("div", { class: "cards" },
         card("Rows trained", num(rows)), card("Rows / s", num(rowsRate)),
@@ -250,11 +279,11 @@ async function learning() {
         card("Model version", num(figures.version)), card("Model lag", figures.lag === undefined ? "–" : num(figures.lag * 1000, 1) + " ms"),
         card("Serving requests", num(figures.requests)), card("Serving p99", figures.p99 === undefined ? "–" : num(figures.p99 * 1000, 2) + " ms")),
       el("div", { class: "charts" },
-        chart("AUC (window)", history[`auc:${job}`], v => num(v, 4)),
-        chart("Logloss (window)", history[`logloss:${job}`], v => num(v, 4)),
-        chart("Model lag (ms)", (history[`lag:${job}`] || []).map(([t, v]) => [t, v * 1000]), v => num(v, 1)),
-        chart("Serving latency p99 (ms)", (history[`p99:${job}`] || []).map(([t, v]) => [t, v * 1000]), v => num(v, 2)),
-        chart("Rows / s", history[`rows:${job}`], v => num(v))));
+        chart("AUC (window)", auc, v => num(v, 4)),
+        chart("Logloss (window)", logloss, v => num(v, 4)),
+        chart("Model lag (ms)", ms(lag), v => num(v, 1)),
+        chart("Serving latency p99 (ms)", ms(p99), v => num(v, 2)),
+        chart("Rows / s", rowsPast, v => num(v))));
   }
   return out;
 }

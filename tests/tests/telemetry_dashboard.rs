@@ -1,16 +1,29 @@
-//! The head's dashboard on a real embedded cluster: its JSON under `/api/`
-//! wants the cluster token; `/?token=` trades it for a cookie; and each
-//! page, loaded in headless Chromium (Debian's `chromium`, which `.ci/run`
-//! installs), shows the cluster's nodes, actors and jobs in its DOM. A
+//! The head's dashboard on a real embedded cluster running an actor, a
+//! task and an online-learning stream job: its JSON under `/api/` wants
+//! the cluster token; `/?token=` trades it for a cookie; and each page,
+//! loaded in headless Chromium (Debian's `chromium`, which `.ci/run`
+//! installs), shows the cluster's nodes, actors, jobs, the stream job's
+//! operators and checkpoints, and the learning curves in its DOM. A
 //! screenshot of each page is saved under the target directory. Without a
 //! `chromium` binary the test fails and says how to get one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use braid::rpc::HeadClient;
 use braid::telemetry::http::get;
+use braid_actors::checkpoint::storage::CheckpointStorage;
+use braid_actors::stream::coordinator::JobConfig;
+use braid_actors::stream::graph::StreamEnv;
+use braid_actors::stream::local;
+use braid_actors::stream::plan::Plan;
+use braid_actors::train::data::{SyntheticConfig, SyntheticStream};
+use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
+use braid_actors::train::pipeline::{self, PipelineConfig, RowReader, SyntheticReader};
+use braid_actors::train::ps::PsConfig;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A gauge of its own in an actor process.
@@ -88,9 +101,89 @@ fn block<F: std::future::Future>(future: F) -> F::Output {
         .block_on(future)
 }
 
+/// The job's name, as its series label it.
+const JOB: &str = "dashboard-learning";
+
+/// Starts an online-learning job in this process (local runner): 200,000
+/// synthetic rows at 20,000 rows/s, checkpointed every 200 ms, with a
+/// thread querying serving every millisecond. Returns the job's thread and
+/// a flag that stops the queries.
+fn start_learning() -> (std::thread::JoinHandle<()>, Arc<AtomicBool>) {
+    let ftrl = OptimizerKind::Ftrl(FtrlParams {
+        alpha: 0.1,
+        beta: 1.0,
+        l1: 0.0,
+        l2: 0.0,
+    });
+    let mut config = PipelineConfig::new(PsConfig::new(JOB, 2, 2, ftrl));
+    config.batch_rows = 256;
+    config.rows = Some(200_000);
+    config.rate = Some(20_000.0);
+    let env = StreamEnv::new(1);
+    let handles = pipeline::build(&env, config, || {
+        let stream = SyntheticStream::new(SyntheticConfig {
+            rows: 200_000,
+            bits: 18,
+            ..SyntheticConfig::default()
+        })?;
+        Ok(Box::new(SyntheticReader(stream)) as Box<dyn RowReader>)
+    })
+    .unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let querying = done.clone();
+    let serving = handles.serving.clone();
+    std::thread::spawn(move || {
+        let ids = [1u64, 7, 42];
+        while !querying.load(Ordering::Relaxed) {
+            let _ = serving.predict([(&ids[..], None)]);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let plan = Plan::new(env.into_graph());
+    let job = std::thread::spawn(move || {
+        let mut config = JobConfig::new(CheckpointStorage::in_memory(JOB, 3));
+        config.checkpoint_interval = Duration::from_millis(200);
+        local::run(&plan, config).unwrap();
+    });
+    (job, done)
+}
+
+/// Waits until the head's `/api/series` has every family in `names` for
+/// the learning job.
+fn await_series(address: &str, token: &str, names: &[&str]) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = block(get(
+            address,
+            "/api/series",
+            Some(token),
+            Duration::from_secs(5),
+        ));
+        let series: Value = answer
+            .ok()
+            .and_then(|a| serde_json::from_str(&a.body).ok())
+            .unwrap_or(Value::Null);
+        let has = |name: &str| {
+            series.as_array().is_some_and(|all| {
+                all.iter()
+                    .any(|s| s["name"] == name && s["labels"]["job"] == JOB)
+            })
+        };
+        if names.iter().all(|n| has(n)) {
+            return series;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the series never held {names:?}: {series}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn the_dashboard_shows_the_cluster_in_a_browser() {
     let rt = braid::init_blocking_with(braid::InitOptions::new().num_cpus(2.0)).unwrap();
+    let (learning, stop_queries) = start_learning();
     let meter = block(Meter::remote(&rt).name("dashboard-meter").spawn()).unwrap();
     block(meter.tick()).unwrap();
     let r = double::remote(&rt, 21).unwrap();
@@ -143,6 +236,31 @@ fn the_dashboard_shows_the_cluster_in_a_browser() {
     assert!(names.contains(&"braid_cluster_nodes"), "{names:?}");
     assert!(names.contains(&"braid_store_capacity_bytes"), "{names:?}");
 
+    // The stream job's and the learning job's series reach the head from
+    // this driver's node.
+    let series = await_series(
+        &address,
+        rt.token(),
+        &[
+            "braid_stream_records_in",
+            "braid_stream_records_out",
+            "braid_stream_backpressure_seconds",
+            "braid_stream_checkpoint_last_id",
+            "braid_learning_rows",
+            "braid_learning_auc",
+            "braid_learning_model_version",
+            "braid_serving_requests",
+        ],
+    );
+    let worker_in = series
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == "braid_stream_records_in" && s["labels"]["job"] == JOB)
+        .map(|s| s["value"].as_f64().unwrap_or(0.0))
+        .sum::<f64>();
+    assert!(worker_in > 0.0, "no records counted: {series}");
+
     // Opening the printed URL trades the token for a cookie.
     let login = block(get(
         &address,
@@ -181,8 +299,23 @@ fn the_dashboard_shows_the_cluster_in_a_browser() {
             ],
         ),
         ("jobs", vec![job.clone(), "RUNNING".into()]),
-        ("streams", vec!["Stream jobs".into()]),
-        ("learning", vec!["Online learning".into()]),
+        (
+            "streams",
+            vec![
+                format!("Job {JOB}"),
+                "source".into(),
+                "Checkpoint history".into(),
+                "backpressure".into(),
+            ],
+        ),
+        (
+            "learning",
+            vec![
+                format!("Job {JOB}"),
+                "Window AUC".into(),
+                "Rows trained".into(),
+            ],
+        ),
     ];
     let profile = tempfile::tempdir().unwrap();
     for (page, expected) in pages {
@@ -215,4 +348,6 @@ fn the_dashboard_shows_the_cluster_in_a_browser() {
         assert!(size > 1000, "no screenshot of {page} at {}", shot.display());
         eprintln!("screenshot: {}", shot.display());
     }
+    stop_queries.store(true, Ordering::Relaxed);
+    learning.join().unwrap();
 }

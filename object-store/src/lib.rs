@@ -83,7 +83,7 @@ pub use error::{
 };
 pub use id::{ClientId, ObjectId, StoreSeat};
 pub use lend::LendTicket;
-pub use protocol::StoreStats;
+pub use protocol::{ObjectInfo, ObjectState, StoreStats};
 pub use server::{ServeError, StoreHandle, StoreServer};
 pub use view::{ObjectBuf, ObjectView};
 /// Arrow, braid's columnar format, as the store reads and writes it.

@@ -10,7 +10,7 @@
 //! unsealed creations and nothing else.
 
 use crate::allocator::{AllocError, Allocator, Block};
-use crate::protocol::{Reply, StoreStats, WireError};
+use crate::protocol::{ObjectInfo, ObjectState, Reply, StoreStats, WireError};
 use crate::spill::Extent;
 use crate::ObjectId;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -439,8 +439,31 @@ impl ObjectTable {
         Ok(())
     }
 
-    /// Ids of every object that is sealed, spilled or being moved (not ones
-    /// still being written).
+    /// Up to `limit` objects, in no particular order: id, size, state and
+    /// pins.
+    pub fn describe(&self, limit: usize) -> Vec<ObjectInfo> {
+        self.objects
+            .iter()
+            .take(limit)
+            .map(|(id, entry)| {
+                let (state, size, pins) = match entry {
+                    Entry::Creating(c) => (ObjectState::Creating, c.size, 0),
+                    Entry::Sealed(s) => (ObjectState::Sealed, s.size, s.pins),
+                    Entry::Spilling(s) => (ObjectState::Spilling, s.size, s.pins),
+                    Entry::Spilled(s) => (ObjectState::Spilled, s.size, 0),
+                    Entry::Restoring { spilled, .. } => (ObjectState::Restoring, spilled.size, 0),
+                };
+                ObjectInfo {
+                    id: *id,
+                    size,
+                    state,
+                    pins,
+                }
+            })
+            .collect()
+    }
+
+    /// Ids of every object that is sealed (resident, spilling or spilled).
     pub fn sealed_ids(&self) -> Vec<ObjectId> {
         self.objects
             .iter()

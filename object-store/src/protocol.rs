@@ -255,6 +255,34 @@ pub enum WireError {
     Internal(String),
 }
 
+/// Where an object is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ObjectState {
+    /// Its creator is writing it.
+    Creating,
+    /// Sealed, in memory.
+    Sealed,
+    /// Sealed, being copied to the spill file.
+    Spilling,
+    /// Sealed, its bytes only in the spill file.
+    Spilled,
+    /// Being read back from the spill file.
+    Restoring,
+}
+
+/// One object of a store, as listed by `StoreHandle::objects`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectInfo {
+    /// The object.
+    pub id: crate::ObjectId,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Where it is in its life.
+    pub state: ObjectState,
+    /// Pins clients hold on it.
+    pub pins: u32,
+}
+
 /// The store's counters, as reported by [`Request::Stats`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreStats {

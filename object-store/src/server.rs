@@ -136,6 +136,11 @@ impl StoreHandle {
         deleted
     }
 
+    /// Up to `limit` of the store's objects, in no particular order.
+    pub fn objects(&self, limit: usize) -> Vec<crate::ObjectInfo> {
+        self.shared.table.lock().describe(limit)
+    }
+
     /// Whether the store holds `id` (sealed, spilled or being written).
     pub fn contains(&self, id: &ObjectId) -> bool {
         self.shared.table.lock().contains(id)

@@ -684,6 +684,7 @@ impl ActorHandle {
         );
         let returns = core.new_object_id();
         let task = TaskId::random();
+        let submitted_ns = crate::telemetry::spans::now_ns();
         let fast = match (&*client.link.lock(), prepare_inline(args)) {
             (Link::Alive { conn, .. }, Ok((wire, keep)))
                 if !conn.is_closed() && client.max_task_retries == 0 =>
@@ -695,6 +696,7 @@ impl ActorHandle {
                     args: wire,
                     returns,
                     owner: (*core.me).clone(),
+                    submitted_ns,
                 };
                 Ok((conn.request(Message::CallActor(spec)), keep))
             }
@@ -724,6 +726,7 @@ impl ActorHandle {
                         args: wire.clone(),
                         returns,
                         owner: (*core2.me).clone(),
+                        submitted_ns,
                     };
                     let out = map_call_reply(&client, conn.request(Message::CallActor(spec)).await);
                     match out {

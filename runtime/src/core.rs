@@ -420,11 +420,15 @@ async fn ref_event_loop(core: Weak<Core>, mut events: mpsc::UnboundedReceiver<Re
     }
 }
 
+/// Spans per message to the node (a span is about 100 bytes).
+const SPANS_PER_MESSAGE: usize = 10_000;
+
 /// How often a process sends its node what its recorder counted.
 const FIGURES_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Sends the process's task and call figures to its node every
-/// [`FIGURES_EVERY`] while they change, for the node's `/metrics`.
+/// [`FIGURES_EVERY`] while they change, for the node's `/metrics`, and
+/// the spans of what it ran since the last time.
 async fn report_figures(core: std::sync::Weak<Core>) {
     use crate::telemetry::recorder::Snapshot;
     let mut last = Snapshot::default();
@@ -440,6 +444,12 @@ async fn report_figures(core: std::sync::Weak<Core>) {
         if now != last {
             core.node.send(crate::wire::Message::Metrics(now.clone()));
             last = now;
+        }
+        let mut spans = crate::telemetry::spans::take();
+        while !spans.is_empty() {
+            let rest = spans.split_off(spans.len().min(SPANS_PER_MESSAGE));
+            core.node.send(crate::wire::Message::Spans(spans));
+            spans = rest;
         }
     }
 }

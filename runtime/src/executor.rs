@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ActorId, TaskId};
 use crate::registry::{self, ActorObject, Invoke};
 use crate::telemetry::recorder::{self, short_name, Work};
+use crate::telemetry::spans;
 use crate::value::{ArgData, Args, Encoded};
 use crate::wire::messages::{ActorSpec, CallSpec, ReturnValue, TaskResult, TaskSpec, WireArg};
 use crate::wire::{Message, Reply, Responder, INLINE_LIMIT};
@@ -29,7 +30,7 @@ pub(crate) fn current_label() -> &'static Mutex<String> {
 
 struct Hosted {
     actor: ActorId,
-    calls: mpsc::UnboundedSender<(CallSpec, Responder, Instant)>,
+    calls: mpsc::UnboundedSender<(CallSpec, Responder, Arrival)>,
     instance: Arc<dyn ActorObject>,
     class: Arc<str>,
     /// One permit per call that may run at once; calls from the loop and
@@ -38,10 +39,27 @@ struct Hosted {
     max_concurrency: u32,
 }
 
+/// When a task or call reached this worker: a monotonic instant for its
+/// queue time, and Unix nanoseconds for its span.
+#[derive(Clone, Copy)]
+struct Arrival {
+    at: Instant,
+    ns: u64,
+}
+
+impl Arrival {
+    fn now() -> Arrival {
+        Arrival {
+            at: Instant::now(),
+            ns: spans::now_ns(),
+        }
+    }
+}
+
 /// Runs what callers push to this worker.
 pub(crate) struct Executor {
     core: Weak<Core>,
-    tasks: mpsc::UnboundedSender<(TaskSpec, Responder, Instant)>,
+    tasks: mpsc::UnboundedSender<(TaskSpec, Responder, Arrival)>,
     actor: Mutex<Option<Hosted>>,
     cancelled: Mutex<HashSet<TaskId>>,
     running: Mutex<Option<(TaskId, tokio::task::AbortHandle)>>,
@@ -80,7 +98,7 @@ impl Executor {
     fn serve(self: &Arc<Self>, message: Message, responder: Responder) {
         match message {
             Message::PushTask(spec) => {
-                let _ = self.tasks.send((spec, responder, Instant::now()));
+                let _ = self.tasks.send((spec, responder, Arrival::now()));
             }
             Message::CreateActor(spec) => {
                 let this = self.clone();
@@ -109,7 +127,7 @@ impl Executor {
                             return;
                         };
                         let handle = core.handle.clone();
-                        let received = Instant::now();
+                        let received = Arrival::now();
                         handle.block_on(async move {
                             let Ok(_permit) = lane.acquire().await else {
                                 return;
@@ -118,7 +136,7 @@ impl Executor {
                         });
                     }
                     Some(hosted) if hosted.actor == spec.actor => {
-                        let _ = hosted.calls.send((spec, responder, Instant::now()));
+                        let _ = hosted.calls.send((spec, responder, Arrival::now()));
                     }
                     _ => responder.respond(Err(Error::ActorDied {
                         actor: spec.actor,
@@ -189,7 +207,7 @@ impl Executor {
 
 async fn task_loop(
     executor: Weak<Executor>,
-    mut rx: mpsc::UnboundedReceiver<(TaskSpec, Responder, Instant)>,
+    mut rx: mpsc::UnboundedReceiver<(TaskSpec, Responder, Arrival)>,
 ) {
     while let Some((spec, responder, received)) = rx.recv().await {
         let Some(executor) = executor.upgrade() else {
@@ -208,7 +226,8 @@ async fn task_loop(
         let returns = spec.returns;
         let function = spec.function.clone();
         let core2 = core.clone();
-        let started = Instant::now();
+        let started = Arrival::now();
+        let submitted_ns = spec.submitted_ns;
         let run = tokio::spawn(async move { run_task(&core2, spec).await });
         *executor.running.lock() = Some((task, run.abort_handle()));
         let outcome = match run.await {
@@ -221,11 +240,24 @@ async fn task_loop(
         };
         *executor.running.lock() = None;
         executor.cancelled.lock().remove(&task);
+        let name = [short_name(&function)];
         recorder::ran(
             Work::Task,
-            &[short_name(&function)],
-            started.saturating_duration_since(received),
-            started.elapsed(),
+            &name,
+            started.at.saturating_duration_since(received.at),
+            started.at.elapsed(),
+            outcome.is_ok(),
+        );
+        spans::record(
+            spans::Run {
+                task,
+                job: core.job,
+                work: Work::Task,
+                submitted_ns,
+                received_ns: received.ns,
+                started_ns: started.ns,
+            },
+            &name,
             outcome.is_ok(),
         );
         let reply = match outcome {
@@ -264,7 +296,7 @@ async fn actor_loop(
     class: Arc<str>,
     permits: Arc<tokio::sync::Semaphore>,
     max_concurrency: u32,
-    mut rx: mpsc::UnboundedReceiver<(CallSpec, Responder, Instant)>,
+    mut rx: mpsc::UnboundedReceiver<(CallSpec, Responder, Arrival)>,
 ) {
     while let Some((spec, responder, received)) = rx.recv().await {
         let Some(core) = core.upgrade() else { return };
@@ -292,12 +324,13 @@ async fn run_call(
     class: &str,
     spec: CallSpec,
     responder: Responder,
-    received: Instant,
+    received: Arrival,
 ) {
     let caller = spec.owner.clone();
     let returns = spec.returns;
-    let started = Instant::now();
+    let started = Arrival::now();
     let method = spec.method.clone();
+    let (task, submitted_ns) = (spec.task, spec.submitted_ns);
     let outcome = match resolve(core, spec.args).await {
         Ok(args) => AssertUnwindSafe(instance.invoke(&spec.method, args))
             .catch_unwind()
@@ -310,11 +343,24 @@ async fn run_call(
             }),
         Err(e) => Err(e),
     };
+    let name = [short_name(class), method.as_str()];
     recorder::ran(
         Work::ActorCall,
-        &[short_name(class), &method],
-        started.saturating_duration_since(received),
-        started.elapsed(),
+        &name,
+        started.at.saturating_duration_since(received.at),
+        started.at.elapsed(),
+        outcome.is_ok(),
+    );
+    spans::record(
+        spans::Run {
+            task,
+            job: core.job,
+            work: Work::ActorCall,
+            submitted_ns,
+            received_ns: received.ns,
+            started_ns: started.ns,
+        },
+        &name,
         outcome.is_ok(),
     );
     let reply = match outcome {

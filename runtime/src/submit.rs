@@ -167,6 +167,8 @@ struct QueuedTask {
     timeout: Option<Duration>,
     /// When it was last pushed, and whether it then counted as unproven.
     pushed: Option<(Instant, bool)>,
+    /// When it was submitted (Unix ns).
+    submitted_ns: u64,
 }
 
 enum PoolMsg {
@@ -306,6 +308,7 @@ impl Submitter {
             rebuilds: 0,
             timeout: opts.timeout,
             pushed: None,
+            submitted_ns: crate::telemetry::spans::now_ns(),
         };
         match prepare_inline(args) {
             Ok((wire, keep)) => {
@@ -802,6 +805,7 @@ async fn run_pool(
                 args: task.args.clone(),
                 returns: task.returns,
                 owner: (*core.me).clone(),
+                submitted_ns: task.submitted_ns,
             };
             let reply = conn.request(Message::PushTask(spec));
             let lease = w.lease.lease;

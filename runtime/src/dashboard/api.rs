@@ -146,6 +146,7 @@ pub fn job_json(j: &JobRecord) -> Value {
         "driver_pid": j.info.driver_pid,
         "driver_address": j.info.driver_address,
         "exe_path": j.info.exe_path.display().to_string(),
+        "state": if j.finished { "FINISHED" } else { "RUNNING" },
         "finished": j.finished,
         "start_time_ms": j.start_time_ms,
         "end_time_ms": j.end_time_ms,

@@ -149,6 +149,8 @@ pub(crate) struct Node {
     no_room_until: Mutex<Option<tokio::time::Instant>>,
     /// What its processes report of their tasks and calls.
     figures: Mutex<metrics::ProcessFigures>,
+    /// The spans of the tasks and calls its processes ran.
+    spans: Mutex<crate::telemetry::spans::SpanLog>,
     /// Objects moved to and from other nodes.
     transfers: Arc<metrics::Transfers>,
     /// Where its `/metrics` is served (`host:port`).
@@ -273,6 +275,7 @@ pub async fn run_node(
         released: tokio::sync::Notify::new(),
         no_room_until: Mutex::new(None),
         figures: Mutex::new(metrics::ProcessFigures::default()),
+        spans: Mutex::new(crate::telemetry::spans::SpanLog::default()),
         transfers: Arc::new(metrics::Transfers::default()),
         metrics_address: metrics_address.clone(),
         config,
@@ -474,6 +477,7 @@ impl Handler for ControlHandler {
             Message::Log { .. } => node.forward_log(conn, message),
             Message::WorkerReady => node.worker_ready(conn),
             Message::Metrics(snapshot) => node.figures.lock().report(conn.id(), snapshot),
+            Message::Spans(spans) => node.spans.lock().add(spans),
             _ => {}
         }
     }

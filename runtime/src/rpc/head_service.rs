@@ -154,6 +154,10 @@ const NODE_CALL_OPTIONS: ClientOptions = ClientOptions {
 /// How long the head waits for its node's `/metrics`.
 const LOCAL_NODE_SCRAPE: Duration = Duration::from_secs(2);
 
+/// How long the head waits for a node's HTTP API (spans may be its whole
+/// log).
+const NODE_API: Duration = Duration::from_secs(30);
+
 /// The `Head` service.
 #[derive(Clone)]
 pub(crate) struct HeadService {
@@ -286,6 +290,48 @@ impl HeadService {
         let mut out = vec![("head".to_string(), own)];
         out.extend(join_all(fetches).await.into_iter().flatten());
         out
+    }
+
+    /// What every live node answers at `path` of its HTTP API (a JSON
+    /// list), with the node; a node that does not answer in time is left
+    /// out.
+    pub(crate) async fn gather<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Vec<(NodeId, Vec<T>)> {
+        let nodes = self.shared.state.lock().live_node_metrics();
+        let token = self.shared.token.clone();
+        let fetches = nodes.into_iter().map(|(node, address)| {
+            let token = token.clone();
+            async move {
+                let answer = crate::telemetry::http::get(&address, path, Some(&token), NODE_API)
+                    .await
+                    .ok()
+                    .filter(|a| a.status == 200)?;
+                Some((node, serde_json::from_str::<Vec<T>>(&answer.body).ok()?))
+            }
+        });
+        join_all(fetches).await.into_iter().flatten().collect()
+    }
+
+    /// The spans of job `job` (every job's with `None`) from every live
+    /// node, by start time.
+    pub(crate) async fn all_spans(
+        &self,
+        job: Option<crate::ids::JobId>,
+    ) -> Vec<crate::telemetry::spans::Span> {
+        let path = match job {
+            Some(job) => format!("/api/tasks?job={job}"),
+            None => "/api/tasks".to_string(),
+        };
+        let mut spans: Vec<crate::telemetry::spans::Span> = self
+            .gather(&path)
+            .await
+            .into_iter()
+            .flat_map(|(_, spans)| spans)
+            .collect();
+        spans.sort_by_key(|s| s.started_ns);
+        spans
     }
 
     /// Tells every watching node that `node_id` died.

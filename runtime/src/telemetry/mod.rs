@@ -17,6 +17,8 @@ pub mod family;
 pub mod http;
 pub mod published;
 pub mod recorder;
+pub mod spans;
+pub mod timeline;
 
 pub use family::{Family, Kind};
 pub use published::{publish, withdraw};

@@ -227,6 +227,12 @@ pub fn count(work: Work, parts: &[&str], event: Event) {
     slot(work, parts).events[i].fetch_add(1, Ordering::Relaxed);
 }
 
+/// The name the task or call `parts` is counted under, for as long as
+/// the process lives (`other` past the table).
+pub fn name_of(work: Work, parts: &[&str]) -> &'static str {
+    slot(work, parts).name.get().map_or(OTHER, |n| n)
+}
+
 /// Records one run: how long it waited in its worker's queue, how long it
 /// ran, and whether it finished or failed.
 pub fn ran(work: Work, parts: &[&str], queued: Duration, ran: Duration, ok: bool) {

@@ -179,6 +179,7 @@ pub fn message_name(message: &Message) -> &'static str {
         Message::FreeObjects(_) => "FreeObjects",
         Message::Log { .. } => "Log",
         Message::Metrics(_) => "Metrics",
+        Message::Spans(_) => "Spans",
         Message::PushTask(_) => "PushTask",
         Message::CreateActor(_) => "CreateActor",
         Message::CallActor(_) => "CallActor",

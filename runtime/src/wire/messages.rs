@@ -118,6 +118,8 @@ pub struct TaskSpec {
     pub returns: ObjectId,
     /// Who owns the return value.
     pub owner: Address,
+    /// When the caller submitted it (Unix ns), for its span.
+    pub submitted_ns: u64,
 }
 
 /// One argument on the wire.
@@ -178,6 +180,8 @@ pub struct CallSpec {
     pub returns: ObjectId,
     /// Who owns the return value.
     pub owner: Address,
+    /// When the caller made the call (Unix ns), for its span.
+    pub submitted_ns: u64,
 }
 
 /// A task's or call's outcome.
@@ -290,6 +294,9 @@ pub enum Message {
     /// Process → its node: what its recorder counted so far (sent every
     /// second while it changes).
     Metrics(crate::telemetry::recorder::Snapshot),
+    /// Process → its node: the spans of the tasks and calls it ran since
+    /// it last sent them.
+    Spans(Vec<crate::telemetry::spans::Span>),
     /// Anyone → node: describe the node.
     NodeInfo,
     /// Dialing end → accepting end, on the same machine: map the memfd

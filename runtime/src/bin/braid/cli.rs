@@ -30,6 +30,92 @@ pub enum Command {
     Stop(StopArgs),
     /// Run Ray's microbenchmark workloads.
     Microbenchmark(MicrobenchArgs),
+    /// List the cluster's actors, tasks, objects, nodes, jobs or placement
+    /// groups (Ray's state API).
+    List(ListArgs),
+    /// Write a Chrome trace (chrome://tracing, Perfetto) of the tasks and
+    /// actor calls the cluster ran: submit, queue and run of each.
+    Timeline(TimelineArgs),
+}
+
+/// Where a command finds the cluster.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// The head's HOST:PORT [default: BRAID_ADDRESS, else the one cluster
+    /// started on this machine].
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_address)]
+    pub address: Option<String>,
+    /// The cluster token [default: BRAID_TOKEN, else this machine's token
+    /// file of the cluster].
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+}
+
+/// What `braid list` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ListKind {
+    /// Actors, with their state, node, pid, restarts and death cause.
+    Actors,
+    /// Tasks and actor calls that ran, with their times.
+    Tasks,
+    /// Objects in the nodes' stores.
+    Objects,
+    /// Nodes, alive and dead.
+    Nodes,
+    /// Jobs (drivers), with their state and times.
+    Jobs,
+    /// Placement groups.
+    PlacementGroups,
+}
+
+/// Flags of `braid list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// What to list.
+    #[arg(value_enum)]
+    pub kind: ListKind,
+    /// Keep entries whose field KEY equals VALUE (case-insensitive;
+    /// repeat for several), e.g. --filter state=DEAD.
+    #[arg(long = "filter", value_name = "KEY=VALUE", value_parser = parse_filter)]
+    pub filters: Vec<(String, String)>,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// List at most this many entries.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub limit: usize,
+    /// Where the cluster is.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Flags of `braid timeline`.
+#[derive(Debug, Args)]
+pub struct TimelineArgs {
+    /// Only this job's tasks and calls [default: every job's].
+    #[arg(long, value_name = "JOB_ID")]
+    pub job: Option<String>,
+    /// Where to write the trace.
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "FILE",
+        default_value = "timeline.json"
+    )]
+    pub output: std::path::PathBuf,
+    /// Where the cluster is.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Checks a `KEY=VALUE` filter.
+fn parse_filter(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.trim().to_string()))
+        }
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
 }
 
 /// Flags of `braid start`.

@@ -2,7 +2,9 @@
 //! explained for people (the [`braid::Error`] stays inside, for
 //! `downcast_ref`).
 
-use anyhow::Context;
+use crate::cli::usage_error;
+use anyhow::{bail, Context};
+use braid::cluster::{self, ADDRESS_VAR, TOKEN_VAR};
 use braid::rpc::{ClusterStatusRecord, HeadClient, NodeRecord};
 
 /// A connection to a head, with the runtime that drives it.
@@ -10,6 +12,66 @@ pub struct Connected {
     rt: tokio::runtime::Runtime,
     client: HeadClient,
     address: String,
+    token: String,
+}
+
+/// The head to ask: `--address`, else `BRAID_ADDRESS`, else the one cluster
+/// this user started on this machine.
+fn resolve_address(command: &str, flag: Option<String>) -> anyhow::Result<String> {
+    if let Some(address) = flag {
+        return Ok(address);
+    }
+    if let Ok(address) = std::env::var(ADDRESS_VAR) {
+        if !address.is_empty() {
+            return Ok(address);
+        }
+    }
+    let mut files = cluster::cluster_files();
+    match files.len() {
+        0 => bail!(
+            "no cluster to ask: no --address given, {ADDRESS_VAR} is not set, and no cluster was \
+             started on this machine (`braid start --head` starts one)"
+        ),
+        1 => Ok(files.remove(0).1.address),
+        _ => {
+            let mut addresses: Vec<String> = files.into_iter().map(|(_, f)| f.address).collect();
+            addresses.sort();
+            Err(usage_error(
+                command,
+                format!(
+                    "several clusters run on this machine ({}): pass --address <HOST:PORT>",
+                    addresses.join(", ")
+                ),
+            )
+            .into())
+        }
+    }
+}
+
+/// Connects `command` to the head: at `--address`, else `BRAID_ADDRESS`,
+/// else the one cluster this user started on this machine; with
+/// `--token`, else `BRAID_TOKEN`, else this machine's token file.
+pub fn connect_to(
+    command: &str,
+    address: Option<String>,
+    token: Option<String>,
+) -> anyhow::Result<Connected> {
+    let address = resolve_address(command, address)?;
+    let token = match token {
+        Some(token) if !token.is_empty() => token,
+        Some(_) => return Err(usage_error(command, "the value of --token is empty").into()),
+        None => cluster::token_for(&address).map_err(|_| {
+            usage_error(
+                command,
+                format!(
+                    "no token for the cluster at {address}: pass --token <TOKEN> or set \
+                     {TOKEN_VAR} (the head's machine keeps it in {})",
+                    cluster::cluster_file_path(&address).display()
+                ),
+            )
+        })?,
+    };
+    connect(&address, &token)
 }
 
 /// Connects to the head at `address` with `token`.
@@ -25,10 +87,42 @@ pub fn connect(address: &str, token: &str) -> anyhow::Result<Connected> {
         rt,
         client,
         address: address.to_owned(),
+        token: token.to_owned(),
     })
 }
 
 impl Connected {
+    /// The head's address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// `GET path` on the head's HTTP API (its dashboard's address), with
+    /// the token; the body of a 200, else an error saying what came back.
+    pub fn get_api(&self, path: &str, timeout: std::time::Duration) -> anyhow::Result<String> {
+        let status = self.cluster_status()?;
+        if status.metrics_address.is_empty() {
+            bail!("the head at {} serves no HTTP API", self.address);
+        }
+        let answer = self
+            .rt
+            .block_on(braid::telemetry::http::get(
+                &status.metrics_address,
+                path,
+                Some(&self.token),
+                timeout,
+            ))
+            .with_context(|| format!("ask the head's HTTP API at {}", status.metrics_address))?;
+        if answer.status != 200 {
+            bail!(
+                "the head's HTTP API answered {} to {path}: {}",
+                answer.status,
+                answer.body.trim()
+            );
+        }
+        Ok(answer.body)
+    }
+
     /// The nodes the head knows, alive and dead.
     pub fn list_nodes(&self) -> anyhow::Result<Vec<NodeRecord>> {
         self.rt

@@ -1,6 +1,7 @@
 //! The `braid` command line: start a cluster or join one (`braid start`),
-//! inspect it (`braid status`), stop this user's daemons (`braid stop`) and
-//! run Ray's microbenchmarks (`braid microbenchmark`).
+//! inspect it (`braid status`, `braid list`, `braid timeline`), stop this
+//! user's daemons (`braid stop`) and run Ray's microbenchmarks (`braid
+//! microbenchmark`).
 //!
 //! The same binary is the head, node and worker daemons: started with a
 //! braid role in its environment it runs that role instead of `main`.
@@ -10,11 +11,14 @@
 
 mod cli;
 mod client;
+mod list;
 mod microbench;
 mod procs;
 mod start;
 mod status;
 mod stop;
+mod table;
+mod timeline;
 
 use clap::Parser;
 use cli::{Cli, Command};
@@ -36,6 +40,8 @@ fn main() {
         Command::Status(args) => status::run(args),
         Command::Stop(args) => stop::run(args),
         Command::Microbenchmark(args) => microbench::run(args.json, args.actor_resource),
+        Command::List(args) => list::run(args),
+        Command::Timeline(args) => timeline::run(args),
     };
     if let Err(e) = result {
         if let Some(usage) = e.downcast_ref::<clap::Error>() {

@@ -1,86 +1,23 @@
 //! `braid status`: what the head knows, as tables or as one JSON object.
 
-use crate::cli::{usage_error, StatusArgs};
+use crate::cli::StatusArgs;
 use crate::client;
-use anyhow::bail;
-use braid::cluster::{self, ADDRESS_VAR, TOKEN_VAR};
+use crate::table::{bytes, short, table};
 use braid::dashboard::api::{metrics_url, strategy_name, to_json};
 use braid::resources::{CPU, MEMORY};
 use braid::rpc::{ClusterStatusRecord, ResourceMap};
 
 /// Runs `braid status`.
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let address = resolve_address(args.address)?;
-    let token = match args.token {
-        Some(token) if !token.is_empty() => token,
-        Some(_) => return Err(usage_error("status", "the value of --token is empty").into()),
-        None => cluster::token_for(&address).map_err(|_| {
-            usage_error(
-                "status",
-                format!(
-                "no token for the cluster at {address}: pass --token <TOKEN> or set {TOKEN_VAR} \
-                 (the head's machine keeps it in {})",
-                cluster::cluster_file_path(&address).display()
-            ),
-            )
-        })?,
-    };
-    let status = client::connect(&address, &token)?.cluster_status()?;
+    let connected = client::connect_to("status", args.address, args.token)?;
+    let address = connected.address().to_owned();
+    let status = connected.cluster_status()?;
     if args.json {
         println!("{}", to_json(&address, &status));
     } else {
         print!("{}", to_text(&address, &status));
     }
     Ok(())
-}
-
-/// The head to ask: `--address`, else `BRAID_ADDRESS`, else the one cluster
-/// this user started on this machine.
-fn resolve_address(flag: Option<String>) -> anyhow::Result<String> {
-    if let Some(address) = flag {
-        return Ok(address);
-    }
-    if let Ok(address) = std::env::var(ADDRESS_VAR) {
-        if !address.is_empty() {
-            return Ok(address);
-        }
-    }
-    let mut files = cluster::cluster_files();
-    match files.len() {
-        0 => bail!(
-            "no cluster to show: no --address given, {ADDRESS_VAR} is not set, and no cluster was \
-             started on this machine (`braid start --head` starts one)"
-        ),
-        1 => Ok(files.remove(0).1.address),
-        _ => {
-            let mut addresses: Vec<String> = files.into_iter().map(|(_, f)| f.address).collect();
-            addresses.sort();
-            Err(usage_error(
-                "status",
-                format!(
-                    "several clusters run on this machine ({}): pass --address <HOST:PORT>",
-                    addresses.join(", ")
-                ),
-            )
-            .into())
-        }
-    }
-}
-
-/// A byte count for people.
-fn bytes(n: f64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n.max(0.0);
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{value:.0} {}", UNITS[unit])
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 /// A resource amount for people: integers without decimals.
@@ -92,41 +29,11 @@ fn amount(n: f64) -> String {
     }
 }
 
-/// The first 8 hex digits of an id.
-fn short(id: &str) -> String {
-    id.chars().take(8).collect()
-}
-
 /// Used / total of one resource of a node.
 fn used(total: &ResourceMap, available: &ResourceMap, name: &str) -> (f64, f64) {
     let t = total.get(name).copied().unwrap_or(0.0);
     let a = available.get(name).copied().unwrap_or(t);
     ((t - a).max(0.0), t)
-}
-
-/// Lays out `rows` under `headers`, columns padded to their widest cell.
-fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
-        let mut text = String::new();
-        for (cell, w) in cells.zip(&widths) {
-            text.push_str(&format!("{cell:<w$}  "));
-        }
-        out.push_str("  ");
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(&mut headers.iter().copied());
-    for row in rows {
-        line(&mut row.iter().map(String::as_str));
-    }
-    out
 }
 
 /// The status as tables.

@@ -1,0 +1,186 @@
+//! Task and actor-call spans: when each one was submitted, reached its
+//! worker, started and ended, for `braid timeline` (a Chrome trace) and
+//! `braid list tasks`. The worker that ran it records the span (one
+//! uncontended lock and no allocation: names are the recorder's, which
+//! live for the process); every second the process sends what it recorded
+//! to its node ([`crate::wire::Message::Spans`]), which keeps the newest
+//! [`NODE_KEEP`] and serves them to the head.
+
+use super::recorder::Work;
+use crate::ids::{JobId, TaskId};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Spans a process holds before it sends them (the oldest are dropped
+/// past this, should its node not take them).
+pub const PROCESS_KEEP: usize = 200_000;
+/// Spans a node keeps, newest last.
+pub const NODE_KEEP: usize = 500_000;
+
+/// One task or actor call, as its worker saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    /// The task or call.
+    pub task: TaskId,
+    /// The job of the worker that ran it.
+    pub job: JobId,
+    /// Task or actor call.
+    pub work: Work,
+    /// The function, or `Class.method`.
+    pub name: String,
+    /// The worker's process.
+    pub pid: u32,
+    /// When the caller submitted it (Unix ns; 0 if unknown).
+    pub submitted_ns: u64,
+    /// When it reached the worker.
+    pub received_ns: u64,
+    /// When it started running.
+    pub started_ns: u64,
+    /// When it ended.
+    pub ended_ns: u64,
+    /// Whether it ran to an answer.
+    pub ok: bool,
+}
+
+struct Pending {
+    task: TaskId,
+    job: JobId,
+    work: Work,
+    name: &'static str,
+    submitted_ns: u64,
+    received_ns: u64,
+    started_ns: u64,
+    ended_ns: u64,
+    ok: bool,
+}
+
+static PENDING: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
+
+/// Now, in Unix nanoseconds.
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// What a worker knows of one run, to record as a span.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    /// The task or call.
+    pub task: TaskId,
+    /// The worker's job.
+    pub job: JobId,
+    /// Task or actor call.
+    pub work: Work,
+    /// When the caller submitted it (Unix ns).
+    pub submitted_ns: u64,
+    /// When it reached the worker (Unix ns).
+    pub received_ns: u64,
+    /// When it started (Unix ns).
+    pub started_ns: u64,
+}
+
+/// Records a run that just ended, named by `parts` as the recorder names
+/// it.
+pub fn record(run: Run, parts: &[&str], ok: bool) {
+    let name = super::recorder::name_of(run.work, parts);
+    let mut pending = PENDING.lock();
+    if pending.len() >= PROCESS_KEEP {
+        pending.pop_front();
+    }
+    pending.push_back(Pending {
+        task: run.task,
+        job: run.job,
+        work: run.work,
+        name,
+        submitted_ns: run.submitted_ns,
+        received_ns: run.received_ns,
+        started_ns: run.started_ns,
+        ended_ns: now_ns(),
+        ok,
+    });
+}
+
+/// Takes what this process recorded since the last call.
+pub fn take() -> Vec<Span> {
+    let pending = std::mem::take(&mut *PENDING.lock());
+    let pid = std::process::id();
+    pending
+        .into_iter()
+        .map(|p| Span {
+            task: p.task,
+            job: p.job,
+            work: p.work,
+            name: p.name.to_string(),
+            pid,
+            submitted_ns: p.submitted_ns,
+            received_ns: p.received_ns,
+            started_ns: p.started_ns,
+            ended_ns: p.ended_ns,
+            ok: p.ok,
+        })
+        .collect()
+}
+
+/// A node's spans, newest last, at most [`NODE_KEEP`].
+#[derive(Debug, Default)]
+pub struct SpanLog {
+    spans: VecDeque<Span>,
+}
+
+impl SpanLog {
+    /// Adds spans a process sent.
+    pub fn add(&mut self, spans: Vec<Span>) {
+        for span in spans {
+            if self.spans.len() >= NODE_KEEP {
+                self.spans.pop_front();
+            }
+            self.spans.push_back(span);
+        }
+    }
+
+    /// The spans of `job` (all with `None`), oldest first.
+    pub fn of(&self, job: Option<JobId>) -> Vec<Span> {
+        self.spans
+            .iter()
+            .filter(|s| job.is_none_or(|j| s.job == j))
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_is_taken_once_and_kept_by_job() {
+        let job = JobId::random();
+        let task = TaskId::random();
+        let now = now_ns();
+        record(
+            Run {
+                task,
+                job,
+                work: Work::Task,
+                submitted_ns: now,
+                received_ns: now + 10,
+                started_ns: now + 20,
+            },
+            &["spans_test_fn"],
+            true,
+        );
+        let taken: Vec<Span> = take().into_iter().filter(|s| s.task == task).collect();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].name, "spans_test_fn");
+        assert!(taken[0].ended_ns >= taken[0].started_ns);
+        assert!(!take().iter().any(|s| s.task == task), "taken twice");
+        let mut log = SpanLog::default();
+        log.add(taken);
+        assert_eq!(log.of(Some(job)).len(), 1);
+        assert!(log.of(Some(JobId::random())).is_empty());
+        assert_eq!(log.of(None).len(), 1);
+    }
+}

@@ -147,7 +147,12 @@ impl InitOptions {
                 )
             }
         };
-        let job = JobId::random();
+        // A driver `braid job submit` started registers under its
+        // submission's id.
+        let job = std::env::var(crate::rpc::job_manager::JOB_ID_VAR)
+            .ok()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(JobId::random);
         let core = Core::start(CoreConfig {
             role: Role::Driver,
             job,

@@ -134,6 +134,7 @@ fn run_daemon() -> i32 {
                     token,
                     node_timeout: Duration::from_millis(node_timeout_ms),
                     metrics_listen: Some(std::net::SocketAddr::new(listen.ip(), metrics_port)),
+                    job_logs: Some(session_dir.join("logs").join("jobs")),
                 })
                 .await
                 .map_err(|e| Error::io("start head", e))?;

@@ -384,3 +384,108 @@ fn start_serves_metrics_on_the_port_asked_and_status_shows_it() {
         scraped.body
     );
 }
+
+#[braid::remote]
+fn seven_times(x: u64) -> u64 {
+    7 * x
+}
+
+/// The driver `jobs_run_on_the_head_and_keep_state_exit_codes_and_output`
+/// submits: it joins the cluster in BRAID_ADDRESS, runs a task, and prints
+/// its job id and the answer.
+#[test]
+#[ignore = "a driver that `braid job submit` runs, not a test on its own"]
+fn submitted_driver() {
+    let rt = braid::init_blocking().unwrap();
+    let answer = rt
+        .get_blocking(&seven_times::remote(&rt, 6).unwrap())
+        .unwrap();
+    println!("driver of job {} got {answer}", rt.job_id());
+}
+
+impl Braid {
+    /// `braid job status ID --json`, once it is in one of `states`.
+    fn job_state(&self, id: &str, states: &[&str]) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let job: Value =
+                serde_json::from_str(self.ok(&["job", "status", id, "--json"]).trim()).unwrap();
+            if states.contains(&job["state"].as_str().unwrap_or_default()) {
+                return job;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job {id} never reached {states:?}: {job}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// `braid job submit ARGS` → the job id on its last line.
+    fn submit(&self, args: &[&str]) -> String {
+        let mut all = vec!["job", "submit"];
+        all.extend_from_slice(args);
+        let out = self.ok(&all);
+        out.trim_end().lines().last().unwrap().trim().to_owned()
+    }
+}
+
+#[test]
+fn jobs_run_on_the_head_and_keep_state_exit_codes_and_output() {
+    let braid = Braid::new();
+    braid.start_head("2");
+
+    let failing = braid.submit(&["--", "sh", "-c", "echo hello; echo oops >&2; exit 3"]);
+    assert!(failing.parse::<braid::ids::JobId>().is_ok(), "{failing}");
+    let job = braid.job_state(&failing, &["FAILED"]);
+    assert_eq!(job["exit_code"], 3, "{job}");
+    assert!(job["end_time_ms"].as_u64() >= job["start_time_ms"].as_u64());
+    let logs = braid.ok(&["job", "logs", &failing]);
+    assert!(logs.contains("hello") && logs.contains("oops"), "{logs}");
+
+    let me = std::env::current_exe().unwrap();
+    let driver = braid.submit(&[
+        "--",
+        me.to_str().unwrap(),
+        "--exact",
+        "submitted_driver",
+        "--ignored",
+        "--nocapture",
+    ]);
+    let job = braid.job_state(&driver, &["SUCCEEDED", "FAILED"]);
+    let logs = braid.ok(&["job", "logs", &driver]);
+    assert_eq!(job["state"], "SUCCEEDED", "{job}\n{logs}");
+    assert_eq!(job["exit_code"], 0);
+    assert!(
+        logs.contains(&format!("driver of job {driver} got 42")),
+        "the driver registers under the submission's id: {logs}"
+    );
+    let drivers = braid.ok(&["list", "jobs", "--json"]);
+    assert!(drivers.contains(&driver), "{drivers}");
+
+    let sleeper = braid.submit(&["--", "sleep", "60"]);
+    braid.job_state(&sleeper, &["RUNNING"]);
+    braid.ok(&["job", "stop", &sleeper]);
+    let job = braid.job_state(&sleeper, &["STOPPED"]);
+    assert!(job["pid"].is_null(), "{job}");
+
+    let missing = braid.submit(&["--", "/no/such/program"]);
+    let job = braid.job_state(&missing, &["FAILED"]);
+    assert!(
+        job["message"].as_str().unwrap().contains("cannot start"),
+        "{job}"
+    );
+
+    let listed: Vec<Value> =
+        serde_json::from_str(braid.ok(&["job", "list", "--json"]).trim()).unwrap();
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    let table = braid.ok(&["job", "list"]);
+    assert!(
+        table.contains("SUCCEEDED") && table.contains("STOPPED"),
+        "{table}"
+    );
+    let unknown = braid.run(&["job", "status", &braid::ids::JobId::random().to_string()]);
+    assert_eq!(unknown.status.code(), Some(1));
+    let bad = braid.run(&["job", "status", "nope"]);
+    assert_eq!(bad.status.code(), Some(2));
+}

@@ -31,6 +31,7 @@ async fn start_head(node_timeout: Duration) -> (HeadRunning, HeadClient) {
         token: TOKEN.into(),
         node_timeout,
         metrics_listen: None,
+        job_logs: None,
     })
     .await
     .unwrap();

@@ -5,14 +5,15 @@
 //! `braid timeline`), and the objects in the stores, `/api/objects`.
 
 use super::head_service::HeadService;
+use super::job_manager::{JobManager, JobRequestError, SubmitRequest};
 use crate::dashboard::{ClusterView, Pending};
 use crate::ids::JobId;
 use crate::rpc::ClusterStatusRecord;
 use crate::telemetry::Family;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -100,6 +101,10 @@ pub(crate) fn router(service: HeadService, token: &str) -> axum::Router {
         .with_state(service.clone());
     metrics
         .merge(crate::telemetry::http::protect(spans, token))
+        .merge(crate::telemetry::http::protect(
+            jobs_router(service.clone()),
+            token,
+        ))
         .merge(crate::dashboard::router(Arc::new(service), token))
 }
 
@@ -112,4 +117,83 @@ impl ClusterView for HeadService {
         let service = self.clone();
         Box::pin(async move { service.all_families().await })
     }
+}
+
+/// A job request's answer: its JSON, or the refusal with its status.
+fn answered<T: serde::Serialize>(result: Result<T, JobRequestError>) -> Response {
+    match result {
+        Ok(value) => axum::Json(value).into_response(),
+        Err(e @ JobRequestError::NotFound(_)) => {
+            (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
+        }
+        Err(e @ JobRequestError::Invalid(_)) => {
+            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        }
+        Err(e @ JobRequestError::Io(_)) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
+        }
+    }
+}
+
+/// The submitted jobs' routes: `POST /api/jobs/submit` (a
+/// [`SubmitRequest`]), `GET /api/jobs/submitted[/{id}]`, `GET
+/// /api/jobs/submitted/{id}/logs?offset=N`, `POST
+/// /api/jobs/submitted/{id}/stop`.
+fn jobs_router(service: HeadService) -> axum::Router {
+    type Jobs = Option<Arc<JobManager>>;
+    fn with(jobs: Jobs, act: impl FnOnce(Arc<JobManager>) -> Response) -> Response {
+        match jobs {
+            Some(jobs) => act(jobs),
+            None => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this head runs no submitted jobs\n",
+            )
+                .into_response(),
+        }
+    }
+    fn id_of(text: &str) -> Result<JobId, JobRequestError> {
+        text.parse()
+            .map_err(|_| JobRequestError::Invalid(format!("not a job id: {text:?}")))
+    }
+    axum::Router::new()
+        .route(
+            "/api/jobs/submit",
+            post(
+                |State(j): State<Jobs>, axum::Json(request): axum::Json<SubmitRequest>| async move {
+                    with(j, |jobs| answered(jobs.submit(request)))
+                },
+            ),
+        )
+        .route(
+            "/api/jobs/submitted",
+            get(|State(j): State<Jobs>| async move {
+                with(j, |jobs| axum::Json(jobs.list()).into_response())
+            }),
+        )
+        .route(
+            "/api/jobs/submitted/{id}",
+            get(|State(j): State<Jobs>, Path(id): Path<String>| async move {
+                with(j, |jobs| answered(id_of(&id).and_then(|id| jobs.get(id))))
+            }),
+        )
+        .route(
+            "/api/jobs/submitted/{id}/logs",
+            get(
+                |State(j): State<Jobs>,
+                 Path(id): Path<String>,
+                 Query(q): Query<HashMap<String, String>>| async move {
+                    let offset = q.get("offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+                    with(j, |jobs| {
+                        answered(id_of(&id).and_then(|id| jobs.logs(id, offset)))
+                    })
+                },
+            ),
+        )
+        .route(
+            "/api/jobs/submitted/{id}/stop",
+            post(|State(j): State<Jobs>, Path(id): Path<String>| async move {
+                with(j, |jobs| answered(id_of(&id).and_then(|id| jobs.stop(id))))
+            }),
+        )
+        .with_state(service.jobs())
 }

@@ -39,6 +39,8 @@ pub struct HeadConfig {
     pub node_timeout: Duration,
     /// Where to serve `/metrics` (port 0 picks one; `None`: nowhere).
     pub metrics_listen: Option<SocketAddr>,
+    /// Where submitted jobs' logs go (`None`: the head runs no jobs).
+    pub job_logs: Option<std::path::PathBuf>,
 }
 
 impl HeadConfig {
@@ -52,6 +54,7 @@ impl HeadConfig {
             token: token.into(),
             node_timeout: Self::DEFAULT_NODE_TIMEOUT,
             metrics_listen: None,
+            job_logs: None,
         }
     }
 }
@@ -67,6 +70,17 @@ pub struct HeadRunning {
     pub metrics_addr: Option<SocketAddr>,
     server: ServerRunning,
     _http: Option<crate::telemetry::http::HttpServer>,
+    _jobs: Option<StopJobsOnDrop>,
+}
+
+/// Kills the submitted jobs' processes when the head stops.
+#[derive(Debug)]
+struct StopJobsOnDrop(Arc<super::job_manager::JobManager>);
+
+impl Drop for StopJobsOnDrop {
+    fn drop(&mut self) {
+        self.0.stop_all();
+    }
 }
 
 impl HeadRunning {
@@ -93,7 +107,16 @@ pub async fn serve_head(config: HeadConfig) -> Result<HeadRunning, HeadError> {
     let auth = ServerAuth::new(&config.token)?;
     let (listener, local_addr) = server::bind(config.listen).await?;
     let cluster_id = uuid::Uuid::new_v4().simple().to_string();
-    let service = HeadService::new(cluster_id.clone(), config.token.clone());
+    let mut service = HeadService::new(cluster_id.clone(), config.token.clone());
+    let jobs = config.job_logs.clone().map(|dir| {
+        let reachable = if local_addr.ip().is_unspecified() {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local_addr.port())
+        } else {
+            local_addr
+        };
+        super::job_manager::JobManager::new(dir, reachable.to_string(), config.token.clone())
+    });
+    service.set_jobs(jobs.clone());
     let reaper_service = service.clone();
     let service_for_watches = service.clone();
     let node_timeout = config.node_timeout;
@@ -142,6 +165,7 @@ pub async fn serve_head(config: HeadConfig) -> Result<HeadRunning, HeadError> {
         metrics_addr,
         server,
         _http: http,
+        _jobs: jobs.map(StopJobsOnDrop),
     })
 }
 
@@ -177,6 +201,8 @@ struct Shared {
     stopping: tokio::sync::watch::Sender<bool>,
     /// Where the head serves `/metrics` (empty: nowhere).
     metrics_address: Mutex<String>,
+    /// Submitted jobs, if this head runs them.
+    jobs: Mutex<Option<Arc<super::job_manager::JobManager>>>,
 }
 
 /// How long a node whose watch stream closed has to answer a ping before
@@ -216,6 +242,7 @@ impl HeadService {
                 next_watch: AtomicU64::new(1),
                 stopping: tokio::sync::watch::Sender::new(false),
                 metrics_address: Mutex::new(String::new()),
+                jobs: Mutex::new(None),
             }),
         }
     }
@@ -251,6 +278,15 @@ impl HeadService {
                 own
             }
         }
+    }
+
+    fn set_jobs(&mut self, jobs: Option<Arc<super::job_manager::JobManager>>) {
+        *self.shared.jobs.lock() = jobs;
+    }
+
+    /// The head's submitted jobs, if it runs them.
+    pub(crate) fn jobs(&self) -> Option<Arc<super::job_manager::JobManager>> {
+        self.shared.jobs.lock().clone()
     }
 
     /// The head's tables now, with where it serves `/metrics`.

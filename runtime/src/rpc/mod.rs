@@ -26,6 +26,7 @@ mod head_client;
 mod head_http;
 mod head_service;
 mod head_state;
+pub mod job_manager;
 mod node_client;
 pub mod proto;
 mod server;

@@ -173,13 +173,42 @@ pub async fn get(
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<Answer, HttpError> {
-    let what = format!("GET http://{addr}{path}");
-    tokio::time::timeout(timeout, fetch(addr, path, token))
+    request("GET", addr, path, token, None, timeout).await
+}
+
+/// `POST http://{addr}{path}` with a JSON body, with the token as a bearer
+/// when given, bounded by `timeout`.
+pub async fn post(
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    json: &str,
+    timeout: Duration,
+) -> Result<Answer, HttpError> {
+    request("POST", addr, path, token, Some(json), timeout).await
+}
+
+async fn request(
+    method: &str,
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    json: Option<&str>,
+    timeout: Duration,
+) -> Result<Answer, HttpError> {
+    let what = format!("{method} http://{addr}{path}");
+    tokio::time::timeout(timeout, fetch(method, addr, path, token, json))
         .await
         .map_err(|_| HttpError::Timeout(what))?
 }
 
-async fn fetch(addr: &str, path: &str, token: Option<&str>) -> Result<Answer, HttpError> {
+async fn fetch(
+    method: &str,
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    json: Option<&str>,
+) -> Result<Answer, HttpError> {
     let io = |what: &str| {
         let what = format!("{what} {addr}");
         move |source| HttpError::Io { what, source }
@@ -190,7 +219,17 @@ async fn fetch(addr: &str, path: &str, token: Option<&str>) -> Result<Answer, Ht
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    let body = json.map_or_else(String::new, |j| {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{j}",
+            j.len()
+        )
+    });
+    let request = if json.is_some() {
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n{body}")
+    } else {
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+    };
     stream
         .write_all(request.as_bytes())
         .await

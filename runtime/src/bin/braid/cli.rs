@@ -36,6 +36,84 @@ pub enum Command {
     /// Write a Chrome trace (chrome://tracing, Perfetto) of the tasks and
     /// actor calls the cluster ran: submit, queue and run of each.
     Timeline(TimelineArgs),
+    /// Submit, list, inspect, follow and stop jobs the head runs (as Ray
+    /// Jobs).
+    #[command(subcommand)]
+    Job(JobCommand),
+}
+
+/// `braid job` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Run COMMAND on the head's machine as a job of the cluster (with
+    /// BRAID_ADDRESS set); prints the job id alone on its last line.
+    Submit(JobSubmitArgs),
+    /// List submitted jobs.
+    List(JobListArgs),
+    /// A job's state, exit code and times.
+    Status(JobIdArgs),
+    /// A job's output (its driver's, with its workers' lines).
+    Logs(JobLogsArgs),
+    /// Stop a job (SIGTERM to its processes, SIGKILL 5 s later).
+    Stop(JobIdArgs),
+}
+
+/// Flags of `braid job submit`.
+#[derive(Debug, Args)]
+pub struct JobSubmitArgs {
+    /// Directory the command runs in, on the head's machine [default:
+    /// this directory, made absolute].
+    #[arg(long, value_name = "DIR")]
+    pub working_dir: Option<std::path::PathBuf>,
+    /// Follow the job's output until it ends (the id is still printed
+    /// last).
+    #[arg(long)]
+    pub follow: bool,
+    /// Where the cluster is.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// Flags of `braid job list`.
+#[derive(Debug, Args)]
+pub struct JobListArgs {
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the cluster is.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// A job's id, and where the cluster is.
+#[derive(Debug, Args)]
+pub struct JobIdArgs {
+    /// The job's id.
+    #[arg(value_name = "JOB_ID")]
+    pub id: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the cluster is.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Flags of `braid job logs`.
+#[derive(Debug, Args)]
+pub struct JobLogsArgs {
+    /// The job's id.
+    #[arg(value_name = "JOB_ID")]
+    pub id: String,
+    /// Keep printing output until the job ends.
+    #[arg(long)]
+    pub follow: bool,
+    /// Where the cluster is.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 /// Where a command finds the cluster.

@@ -13,6 +13,8 @@ pub struct Connected {
     client: HeadClient,
     address: String,
     token: String,
+    /// The head's HTTP API address, once asked.
+    http: parking_lot::Mutex<String>,
 }
 
 /// The head to ask: `--address`, else `BRAID_ADDRESS`, else the one cluster
@@ -88,6 +90,7 @@ pub fn connect(address: &str, token: &str) -> anyhow::Result<Connected> {
         client,
         address: address.to_owned(),
         token: token.to_owned(),
+        http: parking_lot::Mutex::new(String::new()),
     })
 }
 
@@ -100,19 +103,50 @@ impl Connected {
     /// `GET path` on the head's HTTP API (its dashboard's address), with
     /// the token; the body of a 200, else an error saying what came back.
     pub fn get_api(&self, path: &str, timeout: std::time::Duration) -> anyhow::Result<String> {
-        let status = self.cluster_status()?;
-        if status.metrics_address.is_empty() {
-            bail!("the head at {} serves no HTTP API", self.address);
-        }
+        self.api(path, None, timeout)
+    }
+
+    /// `POST path` with a JSON body on the head's HTTP API; as
+    /// [`get_api`](Self::get_api).
+    pub fn post_api(
+        &self,
+        path: &str,
+        json: &str,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<String> {
+        self.api(path, Some(json), timeout)
+    }
+
+    fn api(
+        &self,
+        path: &str,
+        json: Option<&str>,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<String> {
+        let http = {
+            let mut cached = self.http.lock();
+            if cached.is_empty() {
+                let status = self.cluster_status()?;
+                if status.metrics_address.is_empty() {
+                    bail!("the head at {} serves no HTTP API", self.address);
+                }
+                cached.clone_from(&status.metrics_address);
+            }
+            cached.clone()
+        };
+        let request = async {
+            match json {
+                Some(json) => {
+                    braid::telemetry::http::post(&http, path, Some(&self.token), json, timeout)
+                        .await
+                }
+                None => braid::telemetry::http::get(&http, path, Some(&self.token), timeout).await,
+            }
+        };
         let answer = self
             .rt
-            .block_on(braid::telemetry::http::get(
-                &status.metrics_address,
-                path,
-                Some(&self.token),
-                timeout,
-            ))
-            .with_context(|| format!("ask the head's HTTP API at {}", status.metrics_address))?;
+            .block_on(request)
+            .with_context(|| format!("ask the head's HTTP API at {http}"))?;
         if answer.status != 200 {
             bail!(
                 "the head's HTTP API answered {} to {path}: {}",

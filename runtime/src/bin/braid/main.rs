@@ -11,6 +11,7 @@
 
 mod cli;
 mod client;
+mod job;
 mod list;
 mod microbench;
 mod procs;
@@ -42,6 +43,7 @@ fn main() {
         Command::Microbenchmark(args) => microbench::run(args.json, args.actor_resource),
         Command::List(args) => list::run(args),
         Command::Timeline(args) => timeline::run(args),
+        Command::Job(command) => job::run(command),
     };
     if let Err(e) = result {
         if let Some(usage) = e.downcast_ref::<clap::Error>() {

@@ -139,11 +139,20 @@ async function actors() {
 
 async function jobs() {
   const list = await api("/api/jobs");
+  let submitted = [];
+  try { submitted = await api("/api/jobs/submitted"); } catch (e) { /* a head without a job manager */ }
+  const exits = Object.fromEntries(submitted.map(s => [s.job_id, s]));
   return [
-    el("h2", {}, "Jobs"),
+    el("h2", {}, "Submitted jobs"),
+    submitted.length ? table(["Job", "State", "Exit code", "Entrypoint", "Started", "Ended", "Message"],
+      submitted.slice().reverse().map(s => [short(s.job_id), stateCell(s.state), s.exit_code ?? "–",
+        s.entrypoint.join(" "), when(s.start_time_ms), when(s.end_time_ms), s.message || ""]))
+      : el("p", { class: "muted" }, "None: braid job submit -- COMMAND runs one."),
+    el("h2", {}, "Drivers"),
     table(["Job", "State", "Driver PID", "Program", "Started", "Ended", "Duration"],
       list.map(j => {
-        const state = j.finished ? "FINISHED" : "RUNNING";
+        const exit = exits[j.job_id];
+        const state = exit && exit.state !== "RUNNING" ? exit.state : j.finished ? "FINISHED" : "RUNNING";
         const end = j.end_time_ms || Date.now();
         return [short(j.job_id), stateCell(state), j.driver_pid, j.exe_path.split("/").pop(),
           when(j.start_time_ms), when(j.end_time_ms), ((end - j.start_time_ms) / 1000).toFixed(1) + " s"];

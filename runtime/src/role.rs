@@ -172,6 +172,7 @@ fn run_daemon() -> i32 {
                     is_head_node,
                     warm_workers: (num_cpus.ceil() as usize).clamp(1, 4),
                     metrics_port,
+                    log_file: options.log_file.clone(),
                 };
                 let opts = options.clone();
                 crate::node::run_node(

@@ -33,6 +33,17 @@ impl Tick {
         self.n += 1;
         self.n
     }
+
+    fn say(&self, text: String) -> u32 {
+        println!("{text}");
+        std::process::id()
+    }
+}
+
+#[braid::remote]
+fn shout(text: String) -> u32 {
+    println!("shouting {text}");
+    std::process::id()
 }
 
 fn rt() -> &'static Runtime {
@@ -200,4 +211,71 @@ async fn timeline_writes_a_chrome_trace_of_the_job() {
     assert_eq!(empty["traceEvents"], Value::Array(Vec::new()));
     let bad = braid(rt, &["timeline", "--job", "not-a-job"]);
     assert_eq!(bad.status.code(), Some(2));
+}
+
+/// Runs `braid logs ARGS` until its output holds `want` (lines reach the
+/// log as the worker prints them).
+fn logs_until(rt: &Runtime, args: &[&str], want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = braid(rt, args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "braid {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if text.contains(want) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "braid {args:?} never showed {want:?}: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test]
+async fn logs_of_an_actor_a_task_a_job_and_a_node() {
+    let rt = rt();
+    let speaker = Tick::remote(rt).name("logs-speaker").spawn().await.unwrap();
+    speaker.say("the actor speaks".to_string()).await.unwrap();
+    let task = shout::remote(rt, "loudly".to_string()).unwrap();
+    rt.get(&task).await.unwrap();
+
+    logs_until(rt, &["logs", "--actor", "logs-speaker"], "the actor speaks");
+    let job = rt.job_id().to_string();
+    let all = logs_until(rt, &["logs", "--job", &job], "shouting loudly");
+    assert!(all.contains("==> worker"), "{all}");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let task_id = loop {
+        let tasks = json(rt, &["list", "tasks", "--json", "--filter", "name=shout"]);
+        if let Some(t) = tasks.first() {
+            break t["task_id"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "the task was never listed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    logs_until(rt, &["logs", "--task", &task_id[..12]], "shouting loudly");
+
+    let node = json(rt, &["list", "nodes", "--json"])[0]["node_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = braid(rt, &["logs", "--node", &node[..8]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = braid(rt, &["logs"]);
+    let text = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        text.contains("braid logs --node") && text.contains("worker"),
+        "{text}"
+    );
+    let unknown = braid(rt, &["logs", "--actor", "no-such-actor"]);
+    assert_eq!(unknown.status.code(), Some(1));
 }

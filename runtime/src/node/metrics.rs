@@ -7,64 +7,8 @@
 use super::{Node, WorkerState};
 use crate::telemetry::recorder::Snapshot;
 use crate::telemetry::{Family, Kind};
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-
-/// The node's HTTP routes, behind `token`: `/metrics` (OpenMetrics text),
-/// `/api/families` (the same families as JSON, for the head's dashboard),
-/// `/api/tasks?job=ID` (the spans its processes ran) and
-/// `/api/objects?limit=N` (its store's objects). `node` is set once the
-/// node is built.
-pub(crate) fn router(token: &str, node: Arc<Mutex<Weak<Node>>>) -> axum::Router {
-    let scrape = node.clone();
-    let spans = node.clone();
-    let stored = node.clone();
-    let families = move || {
-        let node = node.lock().upgrade();
-        async move { axum::Json(node.map(|n| n.families()).unwrap_or_default()) }
-    };
-    let tasks = move |axum::extract::Query(q): axum::extract::Query<
-        std::collections::HashMap<String, String>,
-    >| {
-        let node = spans.lock().upgrade();
-        async move {
-            let job = q.get("job").and_then(|j| j.parse().ok());
-            axum::Json(node.map(|n| n.spans.lock().of(job)).unwrap_or_default())
-        }
-    };
-    let objects = move |axum::extract::Query(q): axum::extract::Query<
-        std::collections::HashMap<String, String>,
-    >| {
-        let node = stored.lock().upgrade();
-        async move {
-            let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(1000);
-            axum::Json(
-                node.map(|n| n.store_handle.objects(limit))
-                    .unwrap_or_default(),
-            )
-        }
-    };
-    let api = crate::telemetry::http::protect(
-        axum::Router::new()
-            .route("/api/families", axum::routing::get(families))
-            .route("/api/tasks", axum::routing::get(tasks))
-            .route("/api/objects", axum::routing::get(objects)),
-        token,
-    );
-    crate::telemetry::http::metrics_router(
-        token,
-        Arc::new(move || {
-            let node = scrape.lock().upgrade();
-            Box::pin(async move {
-                let families = node.map(|n| n.families()).unwrap_or_default();
-                crate::telemetry::family::render(families)
-            })
-        }),
-    )
-    .merge(api)
-}
 
 /// Objects moved between this node's store and other nodes'.
 #[derive(Debug, Default)]

@@ -7,6 +7,8 @@
 //! over TCP (leases only); the head and other nodes over gRPC.
 
 mod binaries;
+mod http;
+pub use http::WorkerLog;
 mod metrics;
 mod object_plane;
 pub(crate) mod scheduler;
@@ -66,6 +68,9 @@ pub struct NodeConfig {
     /// Port of its `/metrics` endpoint, on the gRPC address's IP (0: any
     /// free port).
     pub metrics_port: u16,
+    /// The file its own output goes to, if any (served by `braid logs
+    /// --node`).
+    pub log_file: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -151,6 +156,8 @@ pub(crate) struct Node {
     figures: Mutex<metrics::ProcessFigures>,
     /// The spans of the tasks and calls its processes ran.
     spans: Mutex<crate::telemetry::spans::SpanLog>,
+    /// Its workers' logs, live and recent.
+    worker_logs: Mutex<http::WorkerLogs>,
     /// Objects moved to and from other nodes.
     transfers: Arc<metrics::Transfers>,
     /// Where its `/metrics` is served (`host:port`).
@@ -232,7 +239,7 @@ pub async fn run_node(
     let metrics_source: Arc<Mutex<Weak<Node>>> = Arc::new(Mutex::new(Weak::new()));
     let metrics_server = crate::telemetry::http::serve(
         metrics_listen,
-        metrics::router(&config.token, metrics_source.clone()),
+        http::router(&config.token, metrics_source.clone()),
     )
     .await
     .map_err(|e| Error::io("serve /metrics", e))?;
@@ -276,6 +283,7 @@ pub async fn run_node(
         no_room_until: Mutex::new(None),
         figures: Mutex::new(metrics::ProcessFigures::default()),
         spans: Mutex::new(crate::telemetry::spans::SpanLog::default()),
+        worker_logs: Mutex::new(http::WorkerLogs::default()),
         transfers: Arc::new(metrics::Transfers::default()),
         metrics_address: metrics_address.clone(),
         config,

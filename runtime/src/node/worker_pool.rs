@@ -278,6 +278,7 @@ impl super::Node {
             .join(format!("worker-{}.log", &worker.to_string()[..8]));
         let mut child = spawn_worker(spec, &config, &log)?;
         let pid = child.id().unwrap_or(0);
+        self.worker_logs.lock().started(pid, spec.job, log.clone());
         self.state.lock().workers.insert(
             worker,
             WorkerEntry {
@@ -294,6 +295,7 @@ impl super::Node {
         tokio::spawn(async move {
             let status = child.wait().await;
             if let Some(node) = node.upgrade() {
+                node.worker_logs.lock().exited(pid);
                 node.worker_exited(worker, status.ok());
             }
         });

@@ -98,6 +98,60 @@ pub(crate) fn router(service: HeadService, token: &str) -> axum::Router {
                 },
             ),
         )
+        .route(
+            "/api/workers",
+            get(
+                |State(s): State<HeadService>, Query(q): Query<HashMap<String, String>>| async move {
+                    let path = match q.get("job") {
+                        Some(job) => format!("/api/workers?job={job}"),
+                        None => "/api/workers".to_string(),
+                    };
+                    let listed: Vec<serde_json::Value> = s
+                        .gather::<crate::node::WorkerLog>(&path)
+                        .await
+                        .into_iter()
+                        .flat_map(|(node, workers)| {
+                            workers.into_iter().map(move |w| {
+                                serde_json::json!({
+                                    "node_id": node.to_string(),
+                                    "pid": w.pid,
+                                    "job_id": w.job.to_string(),
+                                    "log": w.path,
+                                    "exited": w.exited,
+                                })
+                            })
+                        })
+                        .collect();
+                    axum::Json(listed)
+                },
+            ),
+        )
+        .route(
+            "/api/logs",
+            get(
+                |State(s): State<HeadService>, Query(q): Query<HashMap<String, String>>| async move {
+                    let Some(node) = q.get("node") else {
+                        return (StatusCode::BAD_REQUEST, "which node? (?node=ID)\n").into_response();
+                    };
+                    let mut path = format!(
+                        "/api/logs?offset={}",
+                        q.get("offset").map_or("0", String::as_str)
+                    );
+                    if let Some(pid) = q.get("pid") {
+                        path.push_str(&format!("&pid={pid}"));
+                    }
+                    match s.node_api(node, &path).await {
+                        Ok(answer) => (
+                            StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY),
+                            [(header::CONTENT_TYPE, "application/json")],
+                            answer.body,
+                        )
+                            .into_response(),
+                        Err(message) => (StatusCode::NOT_FOUND, format!("{message}\n")).into_response(),
+                    }
+                },
+            ),
+        )
         .with_state(service.clone());
     metrics
         .merge(crate::telemetry::http::protect(spans, token))

@@ -350,6 +350,31 @@ impl HeadService {
         join_all(fetches).await.into_iter().flatten().collect()
     }
 
+    /// `GET path` on the HTTP API of the live node whose id starts with
+    /// `node`.
+    pub(crate) async fn node_api(
+        &self,
+        node: &str,
+        path: &str,
+    ) -> Result<crate::telemetry::http::Answer, String> {
+        let matches: Vec<(NodeId, String)> = self
+            .shared
+            .state
+            .lock()
+            .live_node_metrics()
+            .into_iter()
+            .filter(|(id, _)| id.to_string().starts_with(node))
+            .collect();
+        let (_, address) = match matches.as_slice() {
+            [one] => one.clone(),
+            [] => return Err(format!("no live node {node}")),
+            _ => return Err(format!("several nodes start with {node}")),
+        };
+        crate::telemetry::http::get(&address, path, Some(&self.shared.token), NODE_API)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// The spans of job `job` (every job's with `None`) from every live
     /// node, by start time.
     pub(crate) async fn all_spans(

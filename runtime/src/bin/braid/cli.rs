@@ -40,6 +40,33 @@ pub enum Command {
     /// Jobs).
     #[command(subcommand)]
     Job(JobCommand),
+    /// Print the log of an actor's or a task's worker, a node, or a job
+    /// (without a selector: the logs there are).
+    Logs(LogsArgs),
+}
+
+/// Flags of `braid logs`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("source").args(["actor", "task", "node", "job"])))]
+pub struct LogsArgs {
+    /// An actor's worker (its id, or a prefix of it, or its name).
+    #[arg(long, value_name = "ID|NAME")]
+    pub actor: Option<String>,
+    /// The worker that ran a task or actor call (its id or a prefix).
+    #[arg(long, value_name = "ID")]
+    pub task: Option<String>,
+    /// A node daemon (its id or a prefix).
+    #[arg(long, value_name = "ID")]
+    pub node: Option<String>,
+    /// A job: a submitted job's output, else every worker of the job.
+    #[arg(long, value_name = "ID")]
+    pub job: Option<String>,
+    /// Keep printing as the log grows, until its process ends.
+    #[arg(long)]
+    pub follow: bool,
+    /// Where the cluster is.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 /// `braid job` subcommands.

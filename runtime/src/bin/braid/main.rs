@@ -13,6 +13,7 @@ mod cli;
 mod client;
 mod job;
 mod list;
+mod logs;
 mod microbench;
 mod procs;
 mod start;
@@ -44,6 +45,7 @@ fn main() {
         Command::List(args) => list::run(args),
         Command::Timeline(args) => timeline::run(args),
         Command::Job(command) => job::run(command),
+        Command::Logs(args) => logs::run(args),
     };
     if let Err(e) = result {
         if let Some(usage) = e.downcast_ref::<clap::Error>() {

@@ -100,31 +100,31 @@ pub(crate) fn router(token: &str, node: Shared) -> axum::Router {
 
 async fn families(State(node): State<Shared>) -> Response {
     match node_of(&node) {
-        Ok(n) => Json(n.families()).into_response(),
-        Err(r) => r,
+        Some(n) => Json(n.families()).into_response(),
+        None => unavailable(),
     }
 }
 
 async fn tasks(State(node): State<Shared>, Query(q): Query<HashMap<String, String>>) -> Response {
     let job = q.get("job").and_then(|j| j.parse().ok());
     match node_of(&node) {
-        Ok(n) => Json(n.spans.lock().of(job)).into_response(),
-        Err(r) => r,
+        Some(n) => Json(n.spans.lock().of(job)).into_response(),
+        None => unavailable(),
     }
 }
 
 async fn objects(State(node): State<Shared>, Query(q): Query<HashMap<String, String>>) -> Response {
     let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(1000);
     match node_of(&node) {
-        Ok(n) => Json(n.store_handle.objects(limit)).into_response(),
-        Err(r) => r,
+        Some(n) => Json(n.store_handle.objects(limit)).into_response(),
+        None => unavailable(),
     }
 }
 
 async fn workers(State(node): State<Shared>, Query(q): Query<HashMap<String, String>>) -> Response {
     let job: Option<crate::ids::JobId> = q.get("job").and_then(|j| j.parse().ok());
     match node_of(&node) {
-        Ok(n) => {
+        Some(n) => {
             let all: Vec<WorkerLog> = n
                 .worker_logs
                 .lock()
@@ -135,14 +135,13 @@ async fn workers(State(node): State<Shared>, Query(q): Query<HashMap<String, Str
                 .collect();
             Json(all).into_response()
         }
-        Err(r) => r,
+        None => unavailable(),
     }
 }
 
 async fn logs(State(node): State<Shared>, Query(q): Query<HashMap<String, String>>) -> Response {
-    let node = match node_of(&node) {
-        Ok(n) => n,
-        Err(r) => return r,
+    let Some(node) = node_of(&node) else {
+        return unavailable();
     };
     let offset: u64 = q.get("offset").and_then(|o| o.parse().ok()).unwrap_or(0);
     let (path, finished) = match q.get("pid") {

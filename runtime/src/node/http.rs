@@ -64,14 +64,16 @@ impl WorkerLogs {
 
 type Shared = Arc<Mutex<Weak<Node>>>;
 
-fn node_of(shared: &Shared) -> Result<Arc<Node>, Response> {
-    shared.lock().upgrade().ok_or_else(|| {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "node starting or stopping\n",
-        )
-            .into_response()
-    })
+fn node_of(shared: &Shared) -> Option<Arc<Node>> {
+    shared.lock().upgrade()
+}
+
+fn unavailable() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "node starting or stopping\n",
+    )
+        .into_response()
 }
 
 /// The node's HTTP routes, behind `token`; `node` is set once the node is

@@ -83,8 +83,26 @@ fn init_tracing() {
         .try_init();
 }
 
+/// Raises this process's open-file limit to its hard limit: a node with
+/// many actors holds connections and descriptors per worker, as does a
+/// worker many peers call.
+fn raise_open_files() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!("cannot raise the open-file limit: {e}");
+        }
+    }
+}
+
 fn run_daemon() -> i32 {
     init_tracing();
+    raise_open_files();
     let parsed: Option<(DaemonConfig, DaemonOptions)> = std::env::var(DAEMON_VAR)
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok());
@@ -273,6 +291,7 @@ pub(crate) async fn wait_for_exit(pid: u32) {
 fn run_worker() -> i32 {
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     init_tracing();
+    raise_open_files();
     let config: WorkerConfig = match std::env::var(WORKER_VAR)
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())

@@ -204,6 +204,16 @@ impl Runtime {
         &self.core.head_address
     }
 
+    /// The cluster's dashboard, `http://HOST:PORT/?token=TOKEN` (opening it
+    /// signs the browser in), or `None` when the head serves none. The
+    /// head's `/metrics` is at the same `HOST:PORT`.
+    pub async fn dashboard_url(&self) -> Result<Option<String>> {
+        let head = crate::rpc::HeadClient::connect(self.address(), self.token()).await?;
+        let status = head.cluster_status().await?;
+        Ok((!status.metrics_address.is_empty())
+            .then(|| format!("http://{}/?token={}", status.metrics_address, self.token())))
+    }
+
     /// This job's scratch directory, `<session>/scratch/<job-id>/` (mode
     /// 0700), created on first use: for temporary files such as checkpoint
     /// directories. The node removes it when the job's driver exits,

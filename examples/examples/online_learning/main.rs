@@ -599,6 +599,14 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    if let Some(rt) = &rt {
+        let asking = rt.clone();
+        match rt.block_on(async move { asking.dashboard_url().await }) {
+            Ok(Some(url)) => eprintln!("dashboard: {url}  (Online learning and Stream jobs pages)"),
+            Ok(None) => {}
+            Err(e) => eprintln!("no dashboard: {e}"),
+        }
+    }
     let scratch = match &rt {
         Some(rt) => tempfile::tempdir_in(rt.scratch_dir()?)?,
         None => tempfile::tempdir()?,

@@ -21,4 +21,22 @@ pub mod spans;
 pub mod timeline;
 
 pub use family::{Family, Kind};
+
+/// Environment variable turning the recording of tasks, calls and spans
+/// off (`0` or `off`): for measuring what recording costs. The daemons'
+/// own families are served either way.
+pub const METRICS_VAR: &str = "BRAID_METRICS";
+
+/// Whether this process records tasks, calls and spans ([`METRICS_VAR`]
+/// read once).
+#[inline]
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        !matches!(
+            std::env::var(METRICS_VAR).as_deref(),
+            Ok("0") | Ok("off") | Ok("false")
+        )
+    })
+}
 pub use published::{publish, withdraw};

@@ -218,6 +218,9 @@ pub fn short_name(path: &str) -> &str {
 /// Counts one event of the task or call named by `parts` (joined by dots:
 /// `["Counter", "add"]` is `Counter.add`).
 pub fn count(work: Work, parts: &[&str], event: Event) {
+    if !super::enabled() {
+        return;
+    }
     let i = match event {
         Event::Submitted => 0,
         Event::Finished => 1,
@@ -236,6 +239,9 @@ pub fn name_of(work: Work, parts: &[&str]) -> &'static str {
 /// Records one run: how long it waited in its worker's queue, how long it
 /// ran, and whether it finished or failed.
 pub fn ran(work: Work, parts: &[&str], queued: Duration, ran: Duration, ok: bool) {
+    if !super::enabled() {
+        return;
+    }
     let slot = slot(work, parts);
     slot.queue.observe(queued);
     slot.run.observe(ran);

@@ -85,6 +85,9 @@ pub struct Run {
 /// Records a run that just ended, named by `parts` as the recorder names
 /// it.
 pub fn record(run: Run, parts: &[&str], ok: bool) {
+    if !super::enabled() {
+        return;
+    }
     let name = super::recorder::name_of(run.work, parts);
     let mut pending = PENDING.lock();
     if pending.len() >= PROCESS_KEEP {

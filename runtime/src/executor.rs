@@ -240,15 +240,14 @@ async fn task_loop(
         };
         *executor.running.lock() = None;
         executor.cancelled.lock().remove(&task);
-        let name = [short_name(&function)];
-        recorder::ran(
+        let name = recorder::ran(
             Work::Task,
-            &name,
+            &[short_name(&function)],
             started.at.saturating_duration_since(received.at),
             started.at.elapsed(),
             outcome.is_ok(),
         );
-        spans::record(
+        spans::record_named(
             spans::Run {
                 task,
                 job: core.job,
@@ -257,7 +256,7 @@ async fn task_loop(
                 received_ns: received.ns,
                 started_ns: started.ns,
             },
-            &name,
+            name,
             outcome.is_ok(),
         );
         let reply = match outcome {
@@ -343,15 +342,14 @@ async fn run_call(
             }),
         Err(e) => Err(e),
     };
-    let name = [short_name(class), method.as_str()];
-    recorder::ran(
+    let name = recorder::ran(
         Work::ActorCall,
-        &name,
+        &[short_name(class), method.as_str()],
         started.at.saturating_duration_since(received.at),
         started.at.elapsed(),
         outcome.is_ok(),
     );
-    spans::record(
+    spans::record_named(
         spans::Run {
             task,
             job: core.job,
@@ -360,7 +358,7 @@ async fn run_call(
             received_ns: received.ns,
             started_ns: started.ns,
         },
-        &name,
+        name,
         outcome.is_ok(),
     );
     let reply = match outcome {

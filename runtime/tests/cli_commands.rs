@@ -460,8 +460,14 @@ fn jobs_run_on_the_head_and_keep_state_exit_codes_and_output() {
         logs.contains(&format!("driver of job {driver} got 42")),
         "the driver registers under the submission's id: {logs}"
     );
-    let drivers = braid.ok(&["list", "jobs", "--json"]);
-    assert!(drivers.contains(&driver), "{drivers}");
+    let drivers: Vec<Value> =
+        serde_json::from_str(braid.ok(&["list", "jobs", "--json"]).trim()).unwrap();
+    let listed = drivers
+        .iter()
+        .find(|j| j["job_id"] == driver.as_str())
+        .unwrap_or_else(|| panic!("the driver is not among the jobs: {drivers:?}"));
+    assert_eq!(listed["state"], "SUCCEEDED", "{listed}");
+    assert_eq!(listed["exit_code"], 0, "{listed}");
 
     let sleeper = braid.submit(&["--", "sleep", "60"]);
     braid.job_state(&sleeper, &["RUNNING"]);

@@ -385,6 +385,9 @@ impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
             if let Some(meter) = self.outbox.meter(channel) {
                 meter.sent(records.bytes());
             }
+            if let Some(subtask) = &self.meter {
+                subtask.sent(records.bytes());
+            }
             return self.send(channel, ChannelMsg::Records(records));
         }
         if let Some(format) = self.format.clone() {
@@ -395,6 +398,9 @@ impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
                 if let Some(meter) = self.outbox.meter(channel) {
                     meter.sent(layout.total_len());
                 }
+                if let Some(subtask) = &self.meter {
+                    subtask.sent(layout.total_len());
+                }
                 return self.send(channel, built);
             }
         }
@@ -403,6 +409,10 @@ impl<T: Serialize + Clone + Send + 'static> ChannelOut<T> {
         if let Some(meter) = self.outbox.meter(channel) {
             meter.sent(bytes.len());
             meter.codec(bytes.len());
+        }
+        if let Some(subtask) = &self.meter {
+            subtask.sent(bytes.len());
+            subtask.codec(bytes.len());
         }
         self.send(channel, ChannelMsg::Batch(bytes))
     }

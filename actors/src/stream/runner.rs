@@ -306,6 +306,10 @@ fn run_inputs(
                 if let Some(m) = meter {
                     m.codec(bytes.len());
                 }
+                if let Some(subtask) = &subtask_meter {
+                    subtask.received(bytes.len());
+                    subtask.codec(bytes.len());
+                }
                 sink.deliver(&bytes)?;
                 dirty = true;
             }
@@ -313,10 +317,17 @@ fn run_inputs(
                 if let Some(m) = meter {
                     m.codec(batch.bytes().len());
                 }
+                if let Some(subtask) = &subtask_meter {
+                    subtask.received(batch.bytes().len());
+                    subtask.codec(batch.bytes().len());
+                }
                 sink.deliver(batch.bytes())?;
                 dirty = true;
             }
             ChannelMsg::Arrow(batch) => {
+                if let Some(subtask) = &subtask_meter {
+                    subtask.received(batch.0.get_array_memory_size());
+                }
                 let (_, copied) = sink.deliver_arrow(&batch.0)?;
                 if let Some(m) = meter {
                     m.copied(copied);
@@ -329,6 +340,9 @@ fn run_inputs(
                 )));
             }
             ChannelMsg::Records(records) => {
+                if let Some(subtask) = &subtask_meter {
+                    subtask.received(records.bytes());
+                }
                 sink.deliver_records(&records)?;
                 dirty = true;
             }

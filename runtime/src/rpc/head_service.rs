@@ -1,14 +1,13 @@
 //! The head's `Head` service: the cluster's metadata, kept in memory, and
 //! the calls it makes to nodes (kill an actor's worker, job finished,
-//! reserve and release placement-group bundles).
+//! reserve and release placement-group bundles). [`super::head`] serves
+//! it, beside the head's HTTP API.
 
-use super::auth::ServerAuth;
-use super::channel::{ClientOptions, MAX_MESSAGE};
+use super::channel::ClientOptions;
 use super::head_state::{HeadState, NodeTarget, PgPlan, Refusal};
 use super::node_client::NodeClient;
 use super::proto;
-use super::proto::head_server::{Head, HeadServer};
-use super::server::{self, HeadError, ServerRunning, StopHandle};
+use super::proto::head_server::Head;
 use super::types::{
     parse_id, ActorLookup, ActorSpec, ActorUpdate, Bundle, JobInfo, NodeHeartbeat, NodeInfo,
     PickNodeOptions, PlacementGroupSpec,
@@ -19,155 +18,12 @@ use futures::future::join_all;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::{Request, Response, Status};
-
-/// How the head is served.
-#[derive(Debug, Clone)]
-pub struct HeadConfig {
-    /// Address to listen on; port 0 picks a free port.
-    pub listen: SocketAddr,
-    /// The cluster token every call must carry.
-    pub token: String,
-    /// A node with no heartbeat for this long is declared dead: its actors
-    /// are marked DEAD (cause "node died") and it is no longer picked.
-    pub node_timeout: Duration,
-    /// Where to serve `/metrics` (port 0 picks one; `None`: nowhere).
-    pub metrics_listen: Option<SocketAddr>,
-    /// Where submitted jobs' logs go (`None`: the head runs no jobs).
-    pub job_logs: Option<std::path::PathBuf>,
-}
-
-impl HeadConfig {
-    /// The default node timeout.
-    pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(10);
-
-    /// A configuration with the default node timeout (10 s).
-    pub fn new(listen: SocketAddr, token: impl Into<String>) -> HeadConfig {
-        HeadConfig {
-            listen,
-            token: token.into(),
-            node_timeout: Self::DEFAULT_NODE_TIMEOUT,
-            metrics_listen: None,
-            job_logs: None,
-        }
-    }
-}
-
-/// A running head.
-#[derive(Debug)]
-pub struct HeadRunning {
-    /// The address the head listens on (with the real port).
-    pub local_addr: SocketAddr,
-    /// The cluster's id, as given to registering nodes.
-    pub cluster_id: String,
-    /// Where `/metrics` is served, if anywhere.
-    pub metrics_addr: Option<SocketAddr>,
-    server: ServerRunning,
-    _http: Option<crate::telemetry::http::HttpServer>,
-    _jobs: Option<StopJobsOnDrop>,
-}
-
-/// Kills the submitted jobs' processes when the head stops.
-#[derive(Debug)]
-struct StopJobsOnDrop(Arc<super::job_manager::JobManager>);
-
-impl Drop for StopJobsOnDrop {
-    fn drop(&mut self) {
-        self.0.stop_all();
-    }
-}
-
-impl HeadRunning {
-    /// A handle that stops the head from elsewhere.
-    pub fn stop_handle(&self) -> StopHandle {
-        self.server.stop_handle()
-    }
-
-    /// Stops the head gracefully and waits until it has.
-    pub async fn shutdown(self) -> Result<(), HeadError> {
-        self.server.shutdown().await
-    }
-
-    /// Waits until the head stops.
-    pub async fn wait(self) -> Result<(), HeadError> {
-        self.server.wait().await
-    }
-}
-
-/// Serves the head on `config.listen` until stopped. The listener is bound
-/// before this returns, so [`HeadRunning::local_addr`] has the real port.
-/// Dropping the returned [`HeadRunning`] stops the head.
-pub async fn serve_head(config: HeadConfig) -> Result<HeadRunning, HeadError> {
-    let auth = ServerAuth::new(&config.token)?;
-    let (listener, local_addr) = server::bind(config.listen).await?;
-    let cluster_id = uuid::Uuid::new_v4().simple().to_string();
-    let mut service = HeadService::new(cluster_id.clone(), config.token.clone());
-    let jobs = config.job_logs.clone().map(|dir| {
-        let reachable = if local_addr.ip().is_unspecified() {
-            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local_addr.port())
-        } else {
-            local_addr
-        };
-        super::job_manager::JobManager::new(dir, reachable.to_string(), config.token.clone())
-    });
-    service.set_jobs(jobs.clone());
-    let reaper_service = service.clone();
-    let service_for_watches = service.clone();
-    let node_timeout = config.node_timeout;
-    let grpc = HeadServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let grpc = tonic::service::interceptor::InterceptedService::new(grpc, auth);
-    let watch_service = service_for_watches.clone();
-    let http = match config.metrics_listen {
-        Some(listen) => Some(
-            crate::telemetry::http::serve(
-                listen,
-                super::head_http::router(service_for_watches.clone(), &config.token),
-            )
-            .await?,
-        ),
-        None => None,
-    };
-    let metrics_addr = http.as_ref().map(|h| h.local_addr);
-    if let Some(addr) = metrics_addr {
-        service_for_watches
-            .shared
-            .metrics_address
-            .lock()
-            .clone_from(&addr.to_string());
-    }
-    let server = server::spawn(listener, local_addr, move |incoming, stop| async move {
-        // Watch streams last as long as their nodes: end them, or a
-        // graceful stop would wait for them.
-        let stop = async move {
-            stop.await;
-            watch_service.end_watches();
-        };
-        let serve = server::builder()
-            .add_service(grpc)
-            .serve_with_incoming_shutdown(incoming, stop);
-        tokio::select! {
-            result = serve => result,
-            never = reaper_service.reap(node_timeout) => match never {},
-        }
-    });
-    tracing::info!(%local_addr, %cluster_id, "head serving");
-    Ok(HeadRunning {
-        local_addr,
-        cluster_id,
-        metrics_addr,
-        server,
-        _http: http,
-        _jobs: jobs.map(StopJobsOnDrop),
-    })
-}
 
 /// How long the head waits for a node to answer.
 const NODE_CALL_OPTIONS: ClientOptions = ClientOptions {
@@ -232,7 +88,7 @@ fn required<T>(field: &'static str, value: Option<T>) -> Result<T, Status> {
 }
 
 impl HeadService {
-    fn new(cluster_id: String, token: String) -> HeadService {
+    pub(super) fn new(cluster_id: String, token: String) -> HeadService {
         HeadService {
             shared: Arc::new(Shared {
                 state: Mutex::new(HeadState::new(cluster_id)),
@@ -280,8 +136,13 @@ impl HeadService {
         }
     }
 
-    fn set_jobs(&mut self, jobs: Option<Arc<super::job_manager::JobManager>>) {
+    pub(super) fn set_jobs(&mut self, jobs: Option<Arc<super::job_manager::JobManager>>) {
         *self.shared.jobs.lock() = jobs;
+    }
+
+    /// Records where the head serves `/metrics`, for its status.
+    pub(super) fn set_metrics_address(&self, address: &str) {
+        address.clone_into(&mut self.shared.metrics_address.lock());
     }
 
     /// The head's submitted jobs, if it runs them.
@@ -408,7 +269,7 @@ impl HeadService {
     }
 
     /// Ends every watch stream (the head is stopping).
-    fn end_watches(&self) {
+    pub(super) fn end_watches(&self) {
         self.shared.stopping.send_replace(true);
         self.shared.watches.lock().clear();
     }
@@ -449,7 +310,7 @@ impl HeadService {
     }
 
     /// Declares dead the nodes that stopped heartbeating, forever.
-    async fn reap(&self, timeout: Duration) -> std::convert::Infallible {
+    pub(super) async fn reap(&self, timeout: Duration) -> std::convert::Infallible {
         let period = (timeout / 4).max(Duration::from_millis(10));
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);

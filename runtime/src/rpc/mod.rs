@@ -22,6 +22,7 @@
 
 pub mod auth;
 mod channel;
+mod head;
 mod head_client;
 mod head_http;
 mod head_service;
@@ -35,8 +36,8 @@ pub mod types;
 
 pub use auth::{AuthError, ClientAuth, ServerAuth};
 pub use channel::{AuthChannel, ClientOptions};
+pub use head::{serve_head, HeadConfig, HeadRunning};
 pub use head_client::HeadClient;
-pub use head_service::{serve_head, HeadConfig, HeadRunning};
 pub use node_client::NodeClient;
 pub use proto::node_server::{Node as NodeService, NodeServer};
 pub(crate) use server::incoming;

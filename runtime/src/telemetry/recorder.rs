@@ -237,15 +237,17 @@ pub fn name_of(work: Work, parts: &[&str]) -> &'static str {
 }
 
 /// Records one run: how long it waited in its worker's queue, how long it
-/// ran, and whether it finished or failed.
-pub fn ran(work: Work, parts: &[&str], queued: Duration, ran: Duration, ok: bool) {
+/// ran, and whether it finished or failed. Returns the name it counted
+/// the run under (for its span).
+pub fn ran(work: Work, parts: &[&str], queued: Duration, ran: Duration, ok: bool) -> &'static str {
     if !super::enabled() {
-        return;
+        return OTHER;
     }
     let slot = slot(work, parts);
     slot.queue.observe(queued);
     slot.run.observe(ran);
     slot.events[if ok { 1 } else { 2 }].fetch_add(1, Ordering::Relaxed);
+    slot.name.get().map_or(OTHER, |n| n)
 }
 
 /// A histogram's counts at one moment.

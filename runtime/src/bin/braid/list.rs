@@ -31,12 +31,31 @@ pub fn run(args: ListArgs) -> anyhow::Result<()> {
             .iter()
             .map(node_json)
             .collect(),
-        ListKind::Jobs => connected
-            .cluster_status()?
-            .jobs
-            .iter()
-            .map(job_json)
-            .collect(),
+        ListKind::Jobs => {
+            // A submitted job's driver: its state and exit code as the head's
+            // job manager saw its process end.
+            let submitted: Vec<braid::rpc::job_manager::Submission> = connected
+                .get_api("/api/jobs/submitted", GATHER)
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .unwrap_or_default();
+            connected
+                .cluster_status()?
+                .jobs
+                .iter()
+                .map(|j| {
+                    let mut row = job_json(j);
+                    if let Some(s) = submitted.iter().find(|s| s.job_id == j.info.job_id) {
+                        if s.state.is_terminal() {
+                            row["state"] = json!(format!("{:?}", s.state).to_uppercase());
+                        }
+                        row["exit_code"] = json!(s.exit_code);
+                        row["entrypoint"] = json!(s.entrypoint.join(" "));
+                    }
+                    row
+                })
+                .collect()
+        }
         ListKind::PlacementGroups => connected
             .cluster_status()?
             .placement_groups
@@ -176,13 +195,13 @@ fn render(kind: ListKind, rows: &[Value]) -> String {
                 .collect(),
         ),
         ListKind::Jobs => (
-            &["JOB", "STATE", "DRIVER PID", "START MS", "END MS"],
+            &["JOB", "STATE", "EXIT", "DRIVER PID", "START MS", "END MS"],
             rows.iter()
                 .map(|r| {
-                    let finished = r["finished"].as_bool().unwrap_or(false);
                     vec![
                         id(&r["job_id"]),
-                        if finished { "FINISHED" } else { "RUNNING" }.into(),
+                        text(&r["state"]),
+                        text(&r["exit_code"]),
                         text(&r["driver_pid"]),
                         text(&r["start_time_ms"]),
                         text(&r["end_time_ms"]),

@@ -124,6 +124,72 @@ impl Drop for HttpServer {
     }
 }
 
+/// Connections that have sent their first bytes, for axum: a connection
+/// silent past the handshake deadline is closed unserved, as on every
+/// other listener of the cluster, so strangers cannot hold sockets open.
+struct Speaking {
+    ready: tokio::sync::mpsc::Receiver<(tokio::net::TcpStream, SocketAddr)>,
+    local_addr: SocketAddr,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Speaking {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+impl Speaking {
+    fn new(listener: tokio::net::TcpListener, local_addr: SocketAddr) -> Speaking {
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let accepting = tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::debug!("HTTP accept on {local_addr}: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut first = [0u8; 1];
+                    let deadline = crate::wire::handshake_timeout();
+                    match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
+                        Ok(Ok(n)) if n > 0 => {
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                        _ => tracing::debug!("HTTP: {peer} sent nothing in time; closed"),
+                    }
+                });
+            }
+        });
+        Speaking {
+            ready,
+            local_addr,
+            accepting,
+        }
+    }
+}
+
+impl axum::serve::Listener for Speaking {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The accept loop ended (it is aborted only when this drops).
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local_addr)
+    }
+}
+
 /// Binds `listen` (port 0: any free port) and serves `router` there.
 pub async fn serve(listen: SocketAddr, router: axum::Router) -> Result<HttpServer, HttpError> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -136,8 +202,9 @@ pub async fn serve(listen: SocketAddr, router: axum::Router) -> Result<HttpServe
         what: "metrics address".into(),
         source,
     })?;
+    let speaking = Speaking::new(listener, local_addr);
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+        if let Err(e) = axum::serve(speaking, router).await {
             tracing::warn!("HTTP server on {local_addr} stopped: {e}");
         }
     });
@@ -316,5 +383,35 @@ mod tests {
         let right = get(&addr, "/metrics", Some("sesame"), second).await;
         let right = right.map(|a| (a.status, a.body)).ok();
         assert_eq!(right, Some((200, "x 1\n# EOF\n".to_string())));
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_at_the_handshake_deadline() {
+        use tokio::io::AsyncReadExt;
+        let source: Source = Arc::new(|| Box::pin(async { "# EOF\n".to_string() }));
+        let listen = "127.0.0.1:0".parse().expect("an address");
+        let server = serve(listen, metrics_router("sesame", source))
+            .await
+            .expect("serve");
+        let mut silent = tokio::net::TcpStream::connect(server.local_addr)
+            .await
+            .expect("connect");
+        let deadline = crate::wire::handshake_timeout() + Duration::from_secs(5);
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(deadline, silent.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "the silent connection stayed open: {read:?}"
+        );
+        // Everyone else is still served.
+        let answer = get(
+            &server.local_addr.to_string(),
+            "/metrics",
+            Some("sesame"),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("served");
+        assert_eq!(answer.status, 200);
     }
 }

@@ -328,7 +328,6 @@ async fn run_call(
     let caller = spec.owner.clone();
     let returns = spec.returns;
     let started = Arrival::now();
-    let method = spec.method.clone();
     let (task, submitted_ns) = (spec.task, spec.submitted_ns);
     let outcome = match resolve(core, spec.args).await {
         Ok(args) => AssertUnwindSafe(instance.invoke(&spec.method, args))
@@ -344,7 +343,7 @@ async fn run_call(
     };
     let name = recorder::ran(
         Work::ActorCall,
-        &[short_name(class), method.as_str()],
+        &[short_name(class), spec.method.as_str()],
         started.at.saturating_duration_since(received.at),
         started.at.elapsed(),
         outcome.is_ok(),

@@ -56,6 +56,36 @@ impl Arrival {
     }
 }
 
+/// Records a run that just ended, named by `parts`: its counts and times
+/// (`recorder`) and its span, under one lookup of its name.
+fn record_run(
+    work: Work,
+    parts: &[&str],
+    (task, job, submitted_ns): (TaskId, crate::ids::JobId, u64),
+    (received, started): (Arrival, Arrival),
+    ok: bool,
+) {
+    let name = recorder::ran(
+        work,
+        parts,
+        started.at.saturating_duration_since(received.at),
+        started.at.elapsed(),
+        ok,
+    );
+    spans::record_named(
+        spans::Run {
+            task,
+            job,
+            work,
+            submitted_ns,
+            received_ns: received.ns,
+            started_ns: started.ns,
+        },
+        name,
+        ok,
+    );
+}
+
 /// Runs what callers push to this worker.
 pub(crate) struct Executor {
     core: Weak<Core>,
@@ -240,23 +270,11 @@ async fn task_loop(
         };
         *executor.running.lock() = None;
         executor.cancelled.lock().remove(&task);
-        let name = recorder::ran(
+        record_run(
             Work::Task,
             &[short_name(&function)],
-            started.at.saturating_duration_since(received.at),
-            started.at.elapsed(),
-            outcome.is_ok(),
-        );
-        spans::record_named(
-            spans::Run {
-                task,
-                job: core.job,
-                work: Work::Task,
-                submitted_ns,
-                received_ns: received.ns,
-                started_ns: started.ns,
-            },
-            name,
+            (task, core.job, submitted_ns),
+            (received, started),
             outcome.is_ok(),
         );
         let reply = match outcome {
@@ -341,23 +359,11 @@ async fn run_call(
             }),
         Err(e) => Err(e),
     };
-    let name = recorder::ran(
+    record_run(
         Work::ActorCall,
         &[short_name(class), spec.method.as_str()],
-        started.at.saturating_duration_since(received.at),
-        started.at.elapsed(),
-        outcome.is_ok(),
-    );
-    spans::record_named(
-        spans::Run {
-            task,
-            job: core.job,
-            work: Work::ActorCall,
-            submitted_ns,
-            received_ns: received.ns,
-            started_ns: started.ns,
-        },
-        name,
+        (task, core.job, submitted_ns),
+        (received, started),
         outcome.is_ok(),
     );
     let reply = match outcome {

@@ -28,6 +28,7 @@ use braid_actors::train::data::{SyntheticConfig, SyntheticStream};
 use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
 use braid_actors::train::pipeline::{self, PipelineConfig, RowReader, SyntheticReader};
 use braid_actors::train::ps::PsConfig;
+use braid_tests::browser::{first_view_ms, load};
 use braid_tests::hosts::braid_binary;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -246,25 +247,11 @@ fn dashboard_loads(address: &str, token: &str, page: &str) -> Vec<f64> {
     let profile = tempfile::tempdir().unwrap();
     (0..LOADS)
         .map(|_| {
-            let out = Command::new("chromium")
-                .args([
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--no-first-run",
-                    "--virtual-time-budget=3000",
-                    "--dump-dom",
-                ])
-                .arg(format!("--user-data-dir={}", profile.path().display()))
-                .arg(format!("http://{address}/?token={token}#{page}"))
-                .output()
-                .unwrap();
-            let dom = String::from_utf8_lossy(&out.stdout);
-            dom.split("id=\"load-ms\" data-done=\"1\">")
-                .nth(1)
-                .and_then(|rest| rest.split('<').next())
-                .and_then(|ms| ms.trim().parse().ok())
+            let url = format!("http://{address}/?token={token}#{page}");
+            let dom = load(profile.path(), &url, &["--dump-dom"]);
+            first_view_ms(&dom)
                 .unwrap_or_else(|| panic!("no first-draw time in the {page} page:\n{dom}"))
+                as f64
         })
         .collect()
 }

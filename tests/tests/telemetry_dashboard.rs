@@ -19,9 +19,9 @@ use braid_actors::train::data::{SyntheticConfig, SyntheticStream};
 use braid_actors::train::optimizer::{FtrlParams, OptimizerKind};
 use braid_actors::train::pipeline::{self, PipelineConfig, RowReader, SyntheticReader};
 use braid_actors::train::ps::PsConfig;
+use braid_tests::browser::{first_view_ms, load};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,50 +47,6 @@ impl Meter {
 #[braid::remote]
 fn double(x: u64) -> u64 {
     2 * x
-}
-
-/// The Chromium binary: `BRAID_CHROMIUM`, else `chromium` or
-/// `chromium-browser` on `PATH`.
-fn chromium() -> PathBuf {
-    if let Ok(path) = std::env::var("BRAID_CHROMIUM") {
-        return PathBuf::from(path);
-    }
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .flat_map(|dir| [dir.join("chromium"), dir.join("chromium-browser")])
-            .find(|p| p.is_file())
-    });
-    match found {
-        Some(path) => path,
-        None => panic!(
-            "no `chromium` binary on PATH: install Debian's chromium package \
-             (apt-get install chromium; .ci/run does) or set BRAID_CHROMIUM"
-        ),
-    }
-}
-
-/// Runs headless Chromium on `url` with `extra` flags; returns its stdout.
-fn run_chromium(profile: &Path, url: &str, extra: &[&str]) -> String {
-    let out = Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            "--no-first-run",
-            "--virtual-time-budget=4000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(extra)
-        .arg(url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "chromium failed on {url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn block<F: std::future::Future>(future: F) -> F::Output {
@@ -320,7 +276,7 @@ fn the_dashboard_shows_the_cluster_in_a_browser() {
     let profile = tempfile::tempdir().unwrap();
     for (page, expected) in pages {
         let url = format!("http://{address}/?token={}#{page}", rt.token());
-        let dom = run_chromium(profile.path(), &url, &["--dump-dom"]);
+        let dom = load(profile.path(), &url, &["--dump-dom"]);
         assert!(
             dom.contains(&format!("data-view=\"{page}\"")),
             "{page} was not drawn:\n{dom}"
@@ -328,15 +284,11 @@ fn the_dashboard_shows_the_cluster_in_a_browser() {
         for text in &expected {
             assert!(dom.contains(text.as_str()), "{page} lacks {text:?}:\n{dom}");
         }
-        let drawn_ms: Option<u64> = dom
-            .split("id=\"load-ms\" data-done=\"1\">")
-            .nth(1)
-            .and_then(|rest| rest.split('<').next())
-            .and_then(|ms| ms.trim().parse().ok());
+        let drawn_ms = first_view_ms(&dom);
         let drawn_ms = drawn_ms.unwrap_or_else(|| panic!("no first-draw time in {page}:\n{dom}"));
         eprintln!("dashboard {page}: first view drawn {drawn_ms} ms after navigation");
         let shot = shots.join(format!("{page}.png"));
-        run_chromium(
+        load(
             profile.path(),
             &url,
             &[

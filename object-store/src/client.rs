@@ -95,10 +95,12 @@ impl StoreClient {
     /// process first uses it.
     pub fn connect(socket: impl AsRef<Path>) -> Result<StoreClient, ConnectionError> {
         let path = socket.as_ref();
-        let stream = UnixStream::connect(path).map_err(|e| ConnectionError::Connect {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let stream = crate::socket_path::SocketPath::new(path)
+            .and_then(|short| UnixStream::connect(short.as_path()))
+            .map_err(|e| ConnectionError::Connect {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
         let (hello, memfd) = receive_hello(&stream)?;
         if hello.version != PROTOCOL_VERSION {
             return Err(ConnectionError::VersionMismatch {

@@ -72,6 +72,7 @@ pub mod lend;
 pub mod object_table;
 pub mod protocol;
 pub mod server;
+pub mod socket_path;
 pub mod spill;
 pub mod view;
 

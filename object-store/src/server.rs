@@ -17,6 +17,7 @@ use crate::protocol::{
     self, Hello, Reply, ReplyFrame, Request, RequestFrame, StoreStats, WireError, HEADER_LEN,
     PROTOCOL_VERSION,
 };
+use crate::socket_path::SocketPath;
 use crate::spill::{SpillError, SpillFile};
 use crate::ObjectId;
 use parking_lot::Mutex;
@@ -286,7 +287,8 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
                 "path exists and is not a socket",
             )));
         }
-        match UnixStream::connect(path).await {
+        let short = SocketPath::new(path).map_err(bind_err)?;
+        match UnixStream::connect(short.as_path()).await {
             Ok(_) => return Err(ServeError::InUse(path.to_owned())),
             Err(_) => {
                 tracing::info!(path = %path.display(), "removing stale store socket");
@@ -294,7 +296,8 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
             }
         }
     }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    let short = SocketPath::new(path).map_err(bind_err)?;
+    let listener = UnixListener::bind(short.as_path()).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     Ok(listener)
 }

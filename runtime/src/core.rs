@@ -216,7 +216,8 @@ impl Core {
         }
         let socket = socket_dir.join(format!("{}.sock", config.worker));
         let _ = std::fs::remove_file(&socket);
-        let listener = tokio::net::UnixListener::bind(&socket)
+        let listener = braid_store::socket_path::SocketPath::new(&socket)
+            .and_then(|short| tokio::net::UnixListener::bind(short.as_path()))
             .map_err(|e| Error::io(format!("bind {}", socket.display()), e))?;
         let (tcp_listener, tcp) = match Listener::bind_tcp(config.direct_ip).await {
             Ok(bound) => bound,

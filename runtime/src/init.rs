@@ -22,7 +22,14 @@ pub struct InitOptions {
     object_store_memory: Option<u64>,
     resources: Resources,
     extra_nodes: Vec<(f64, Resources)>,
+    env: Vec<(String, String)>,
 }
+
+/// Variables every job's workers take from its driver, set or not (a
+/// driver without `RUST_BACKTRACE` has workers without it, whatever the
+/// node daemon's environment holds), as well as every `BRAID_*` variable
+/// the driver has.
+pub const DRIVER_ENV: [&str; 2] = ["RUST_LOG", "RUST_BACKTRACE"];
 
 impl InitOptions {
     /// Defaults: `BRAID_ADDRESS` if set, else an embedded cluster with
@@ -67,6 +74,14 @@ impl InitOptions {
     /// machine.
     pub fn extra_node(mut self, num_cpus: f64, resources: Resources) -> Self {
         self.extra_nodes.push((num_cpus, resources));
+        self
+    }
+
+    /// Sets `key` to `value` in the environment of this job's workers, on
+    /// every node (Ray's `runtime_env={"env_vars": ...}`); beside these,
+    /// workers take the driver's [`DRIVER_ENV`] and `BRAID_*` variables.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -118,6 +133,15 @@ impl InitOptions {
                 )
             }
             None => {
+                let nodes = std::iter::once((self.num_cpus, &self.resources))
+                    .chain(self.extra_nodes.iter().map(|(n, r)| (Some(*n), r)));
+                for (cpus, resources) in nodes {
+                    let cpus = cpus.map(|n| (crate::resources::CPU, n));
+                    let custom = resources.0.iter().map(|(k, v)| (k.as_str(), *v));
+                    for (name, amount) in cpus.into_iter().chain(custom) {
+                        crate::resources::check_offer(name, amount).map_err(Error::BadRequest)?;
+                    }
+                }
                 let cpus = self.num_cpus.unwrap_or_else(|| {
                     std::thread::available_parallelism()
                         .map(|n| n.get() as f64)
@@ -163,7 +187,7 @@ impl InitOptions {
             direct_ip,
         })
         .await?;
-        register_job(&core).await?;
+        register_job(&core, &self.env).await?;
         let rt = Runtime::new(core, cluster);
         crate::runtime::set_current(&Runtime {
             cluster: None,
@@ -174,7 +198,7 @@ impl InitOptions {
     }
 }
 
-async fn register_job(core: &Arc<Core>) -> Result<()> {
+async fn register_job(core: &Arc<Core>, declared: &[(String, String)]) -> Result<()> {
     let exe =
         std::fs::read_link("/proc/self/exe").map_err(|e| Error::io("find own executable", e))?;
     // A binary replaced on disk (rebuilt) since this process started: name
@@ -186,13 +210,20 @@ async fn register_job(core: &Arc<Core>) -> Result<()> {
     let build_hash = tokio::task::spawn_blocking(|| crate::registry::build_hash().to_string())
         .await
         .map_err(|e| Error::io("hash executable", e))?;
-    let env = std::env::vars()
+    let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| {
-            (k.starts_with("BRAID_") && k != ADDRESS_VAR)
-                || k == "RUST_LOG"
-                || k == "RUST_BACKTRACE"
+            (k.starts_with("BRAID_") && k != ADDRESS_VAR) || DRIVER_ENV.contains(&k.as_str())
         })
         .collect();
+    for (key, value) in declared {
+        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+            return Err(Error::BadRequest(format!(
+                "environment variable {key:?} cannot be set (empty, or holds '=' or NUL)"
+            )));
+        }
+        env.retain(|(k, _)| k != key);
+        env.push((key.clone(), value.clone()));
+    }
     let spec = JobSpec {
         job: core.job,
         exe: exe.display().to_string(),

@@ -82,7 +82,7 @@ pub use actor::{ActorBuilder, ActorCall, ActorHandle, TypedHandle};
 pub use arrow_array::RecordBatch;
 pub use error::{Error, Result};
 pub use ids::{ActorId, JobId, NodeId, PlacementGroupId, TaskId, WorkerId};
-pub use init::{init, init_blocking, init_blocking_with, InitOptions};
+pub use init::{init, init_blocking, init_blocking_with, InitOptions, DRIVER_ENV};
 pub use object_ref::{Lent, ObjectRef};
 pub use resources::Resources;
 pub use runtime::{current, Array, ArrayView, Batch, PlacementGroup, PlacementStrategy, Runtime};

@@ -16,6 +16,30 @@ pub struct Resources(pub BTreeMap<String, f64>);
 
 const EPSILON: f64 = 1e-9;
 
+/// The most CPUs a node may offer: more than any machine has, room to
+/// oversubscribe, and a bound that catches a typo such as `1e9`.
+pub const MAX_CPUS: f64 = 65_536.0;
+/// The most of a custom resource a node may offer.
+pub const MAX_CUSTOM: f64 = 1e12;
+
+/// Checks an amount a node would offer of resource `name`: finite, not
+/// negative, and at most [`MAX_CPUS`] CPUs or [`MAX_CUSTOM`] of anything
+/// else.
+pub fn check_offer(name: &str, amount: f64) -> Result<(), String> {
+    let max = if name == CPU { MAX_CPUS } else { MAX_CUSTOM };
+    if !amount.is_finite() || amount < 0.0 {
+        return Err(format!(
+            "{name} must be a finite number, 0 or more; got {amount}"
+        ));
+    }
+    if amount > max {
+        return Err(format!(
+            "{name} {amount} is more than the {max} a node may offer"
+        ));
+    }
+    Ok(())
+}
+
 impl Resources {
     /// No resources.
     pub fn new() -> Self {
@@ -91,10 +115,8 @@ impl Resources {
     pub fn parse_json(text: &str) -> Result<Resources, String> {
         let map: BTreeMap<String, f64> =
             serde_json::from_str(text).map_err(|e| format!("not a JSON object of numbers: {e}"))?;
-        if let Some((k, v)) = map.iter().find(|(_, v)| !v.is_finite() || **v < 0.0) {
-            return Err(format!(
-                "resource {k} must be a non-negative number, got {v}"
-            ));
+        for (k, v) in &map {
+            check_offer(k, *v)?;
         }
         Ok(Resources(map))
     }

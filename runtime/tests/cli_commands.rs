@@ -20,6 +20,8 @@ const BRAID: &str = env!("CARGO_BIN_EXE_braid");
 /// it runs `braid stop` and reaps the stopped daemons.
 struct Braid {
     dir: tempfile::TempDir,
+    /// The `BRAID_TMPDIR`: `dir` or a directory deep inside it.
+    root: PathBuf,
     /// Every daemon seen running after a command, to reap once stopped.
     seen: RefCell<BTreeSet<u32>>,
 }
@@ -32,17 +34,28 @@ impl Braid {
         SUBREAPER.call_once(|| {
             let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
         });
+        let dir = tempfile::tempdir().unwrap();
         Braid {
-            dir: tempfile::tempdir().unwrap(),
+            root: dir.path().to_owned(),
+            dir,
             seen: RefCell::default(),
         }
+    }
+
+    /// A `Braid` whose `BRAID_TMPDIR` path is `len` bytes long.
+    fn deep(len: usize) -> Braid {
+        let mut braid = Braid::new();
+        let base = braid.dir.path().as_os_str().len();
+        braid.root = braid.dir.path().join("d".repeat(len - base - 1));
+        std::fs::create_dir(&braid.root).unwrap();
+        braid
     }
 
     /// Runs `braid args...` to completion.
     fn run(&self, args: &[&str]) -> Output {
         let out = Command::new(BRAID)
             .args(args)
-            .env("BRAID_TMPDIR", self.dir.path())
+            .env("BRAID_TMPDIR", &self.root)
             .env_remove("BRAID_ADDRESS")
             .env_remove("BRAID_TOKEN")
             .env_remove("BRAID_ROLE")
@@ -105,7 +118,7 @@ impl Braid {
 
     /// Live braid processes of this user started with this `BRAID_TMPDIR`.
     fn daemons(&self) -> Vec<(u32, String)> {
-        let found = daemons_under(self.dir.path());
+        let found = daemons_under(&self.root);
         self.seen
             .borrow_mut()
             .extend(found.iter().map(|(pid, _)| *pid));
@@ -211,6 +224,11 @@ fn bad_flags_are_usage_errors() {
     let cases: &[(&[&str], &str)] = &[
         (&["start", "--head", "--num-cpus", "abc"], "--num-cpus"),
         (&["start", "--head", "--num-cpus", "-1"], "--num-cpus"),
+        (&["start", "--head", "--num-cpus", "1e9"], "more than"),
+        (
+            &["start", "--head", "--resources", r#"{"GPU": 1e15}"#],
+            "more than",
+        ),
         (&["start", "--head", "--resources", "{bad"], "--resources"),
         (&["start", "--head", "--resources", "[1]"], "--resources"),
         (
@@ -494,4 +512,84 @@ fn jobs_run_on_the_head_and_keep_state_exit_codes_and_output() {
     assert_eq!(unknown.status.code(), Some(1));
     let bad = braid.run(&["job", "status", "nope"]);
     assert_eq!(bad.status.code(), Some(2));
+}
+
+/// What a worker of the `env_driver` job sees: its `BRAID_TEST_GREETING`
+/// and `RUST_BACKTRACE`.
+#[braid::remote]
+fn worker_env() -> (Option<String>, Option<String>) {
+    (
+        std::env::var("BRAID_TEST_GREETING").ok(),
+        std::env::var("RUST_BACKTRACE").ok(),
+    )
+}
+
+/// The driver of `workers_take_the_drivers_environment_not_the_nodes`: it
+/// declares a variable for its workers and prints what a worker saw.
+#[test]
+#[ignore = "a driver that a test runs, not a test on its own"]
+fn env_driver() {
+    let rt =
+        braid::init_blocking_with(braid::InitOptions::new().env("BRAID_TEST_GREETING", "hello"))
+            .unwrap();
+    let (greeting, backtrace) = rt.get_blocking(&worker_env::remote(&rt).unwrap()).unwrap();
+    println!("WORKER-ENV greeting={greeting:?} backtrace={backtrace:?}");
+}
+
+impl Braid {
+    /// Runs the `env_driver` test of this binary as a driver, joining
+    /// `address` (an embedded cluster of its own with `None`); returns what
+    /// it printed, after checking it succeeded.
+    fn env_driver(&self, address: Option<&str>) -> String {
+        let mut driver = Command::new(std::env::current_exe().unwrap());
+        driver
+            .args(["--exact", "env_driver", "--ignored", "--nocapture"])
+            .env("BRAID_TMPDIR", &self.root)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("BRAID_TOKEN")
+            .env_remove("BRAID_ADDRESS");
+        if let Some(address) = address {
+            driver.env("BRAID_ADDRESS", address);
+        }
+        let out = driver.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+}
+
+#[test]
+fn a_braid_tmpdir_of_200_characters_holds_clusters_and_drivers() {
+    let braid = Braid::deep(200);
+    let address = braid.start_head("1");
+    let joined = braid.env_driver(Some(&address));
+    assert!(joined.contains("WORKER-ENV"), "{joined}");
+    let embedded = braid.env_driver(None);
+    assert!(embedded.contains("WORKER-ENV"), "{embedded}");
+}
+
+#[test]
+fn workers_take_the_drivers_environment_not_the_nodes() {
+    let braid = Braid::new();
+    // The daemons run with RUST_BACKTRACE set; the driver without it.
+    let out = Command::new(BRAID)
+        .args(["start", "--head", "--port", "0", "--num-cpus", "1"])
+        .env("BRAID_TMPDIR", &braid.root)
+        .env("RUST_BACKTRACE", "full")
+        .env_remove("BRAID_ADDRESS")
+        .env_remove("BRAID_TOKEN")
+        .output()
+        .unwrap();
+    braid.daemons();
+    assert!(out.status.success(), "{out:?}");
+    let address = braid.status()["address"].as_str().unwrap().to_owned();
+    let stdout = braid.env_driver(Some(&address));
+    assert!(
+        stdout.contains(r#"WORKER-ENV greeting=Some("hello") backtrace=None"#),
+        "the worker has the declared variable, and not the node's RUST_BACKTRACE: {stdout}"
+    );
 }

@@ -715,3 +715,23 @@ async fn a_connection_without_an_accepted_hello_is_served_nothing() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+#[test]
+fn an_embedded_cluster_of_absurd_size_is_refused_before_it_starts() {
+    for options in [
+        braid::InitOptions::new().num_cpus(1e9),
+        braid::InitOptions::new().num_cpus(f64::NAN),
+        braid::InitOptions::new().resource("GPU", -1.0),
+        braid::InitOptions::new().extra_node(2.0, braid::Resources::new().with("GPU", 1e15)),
+    ] {
+        match braid::init_blocking_with(options) {
+            Err(Error::BadRequest(message)) => {
+                assert!(
+                    message.contains("more than") || message.contains("finite"),
+                    "{message}"
+                )
+            }
+            other => panic!("an absurd cluster was not refused: {:?}", other.map(|_| ())),
+        }
+    }
+}

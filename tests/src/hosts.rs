@@ -26,6 +26,7 @@ use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 /// The environment variable that turns a skip into a failure.
 pub const REQUIRE_VAR: &str = "BRAID_REQUIRE_HOSTS";
@@ -61,6 +62,9 @@ pub enum HostsError {
     /// A host's namespace keeper did not start.
     #[error("host {0} did not start: {1}")]
     NoKeeper(usize, String),
+    /// Processes sent `STOP` were still running at the deadline.
+    #[error("processes {0:?} did not stop within 10 s")]
+    NotStopped(Vec<u32>),
 }
 
 /// One test host.
@@ -98,23 +102,50 @@ impl Host {
     /// there by the test) except the keeper of its namespaces; returns how
     /// many it signalled. `KILL` is a host that dies with its processes,
     /// `STOP` one that goes silent (`CONT` wakes it).
+    ///
+    /// Processes started while it signals (a node spawning a worker) are
+    /// signalled too: it lists the host's processes again until a pass
+    /// finds none new. For `STOP` it returns once every thread of every
+    /// process has stopped, since the kernel stops a process's threads
+    /// one after another and a running thread could still answer a call.
     pub fn signal_all(&self, signal: rustix::process::Signal) -> Result<usize, HostsError> {
         let keeper = self.keeper.as_ref().map(Child::id);
-        let pids = run(&["ip", "netns", "pids", &self.netns])?;
-        let mut count = 0;
-        for pid in pids
-            .split_whitespace()
-            .filter_map(|p| p.parse::<u32>().ok())
-            .filter(|p| Some(*p) != keeper)
-        {
-            let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
-                continue;
-            };
-            if rustix::process::kill_process(pid, signal).is_ok() {
-                count += 1;
+        let mut signalled = std::collections::BTreeSet::new();
+        loop {
+            let listed = run(&["ip", "netns", "pids", &self.netns])?;
+            let new: Vec<u32> = listed
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .filter(|p| Some(*p) != keeper && !signalled.contains(p))
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            for pid in new {
+                signalled.insert(pid);
+                if let Some(raw) = rustix::process::Pid::from_raw(pid as i32) {
+                    let _ = rustix::process::kill_process(raw, signal);
+                }
             }
         }
-        Ok(count)
+        if signal == rustix::process::Signal::STOP {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let running: Vec<u32> = signalled
+                    .iter()
+                    .copied()
+                    .filter(|&pid| has_running_thread(pid))
+                    .collect();
+                if running.is_empty() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(HostsError::NotStopped(running));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(signalled.len())
     }
 
     /// A command that runs `program` on this host: in its network and
@@ -134,6 +165,25 @@ impl Host {
 pub struct Hosts {
     bridge: String,
     hosts: Vec<Host>,
+}
+
+/// Whether a thread of process `pid` is not yet stopped (`T`) or traced
+/// (`t`); a process that is gone or a zombie has none.
+fn has_running_thread(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            return false;
+        };
+        // The state follows the command name, which is in parentheses and
+        // may itself hold them.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        !matches!(state, Some('T' | 't' | 'Z' | 'X') | None)
+    })
 }
 
 fn run(args: &[&str]) -> Result<String, HostsError> {

@@ -254,10 +254,17 @@ fn fail_host(test: &str, signal: Signal) {
     if signal == Signal::STOP {
         let _ = hosts.host(1).signal_all(Signal::CONT);
     }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The driver's panic first, so a truncated log still shows it.
+    let why: Vec<&str> = stderr
+        .lines()
+        .skip_while(|l| !l.contains("panicked at"))
+        .take_while(|l| !l.starts_with("stack backtrace") && !l.starts_with("note:"))
+        .collect();
     assert!(
         out.status.success() && seen.contains("DRIVER-OK"),
-        "driver failed:\n{seen}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        "driver failed: {}\n{seen}\n{stderr}",
+        why.join("\n")
     );
 }
 

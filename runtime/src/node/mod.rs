@@ -249,7 +249,8 @@ pub async fn run_node(
     total.set(CPU, config.num_cpus);
     total.set(MEMORY, crate::cluster::physical_memory() as f64 * 0.7);
     let _ = std::fs::remove_file(&control_socket);
-    let listener = tokio::net::UnixListener::bind(&control_socket)
+    let listener = braid_store::socket_path::SocketPath::new(&control_socket)
+        .and_then(|short| tokio::net::UnixListener::bind(short.as_path()))
         .map_err(|e| Error::io(format!("bind {}", control_socket.display()), e))?;
 
     let node = Arc::new_cyclic(|weak| Node {

@@ -67,7 +67,8 @@ pub struct JobSpec {
     pub build_hash: String,
     /// The driver's address.
     pub driver: Address,
-    /// Extra environment for workers (`BRAID_*` variables the driver had).
+    /// Environment for workers: the driver's `BRAID_*` and
+    /// [`crate::init::DRIVER_ENV`] variables, and those it declared.
     pub env: Vec<(String, String)>,
 }
 

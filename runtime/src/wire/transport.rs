@@ -149,7 +149,8 @@ pub async fn dial(
     };
     let conn = match route {
         Route::Local(path) => {
-            let stream = tokio::net::UnixStream::connect(path)
+            let short = braid_store::socket_path::SocketPath::new(path).map_err(unreachable)?;
+            let stream = tokio::net::UnixStream::connect(short.as_path())
                 .await
                 .map_err(unreachable)?;
             Conn::start(stream, Transport::Local, route.to_string(), handler)

@@ -342,9 +342,7 @@ fn parse_cpus(text: &str) -> Result<f64, String> {
         .trim()
         .parse()
         .map_err(|_| "expected a number of CPUs, such as 4 or 0.5".to_owned())?;
-    if !n.is_finite() || n < 0.0 {
-        return Err("the number of CPUs must be a finite number, 0 or more".into());
-    }
+    braid::resources::check_offer(braid::resources::CPU, n)?;
     Ok(n)
 }
 
@@ -400,6 +398,9 @@ mod tests {
         assert!(parse_cpus("-1").is_err());
         assert!(parse_cpus("abc").is_err());
         assert!(parse_cpus("inf").is_err());
+        assert!(parse_cpus("1e9").unwrap_err().contains("more than"));
+        assert!(parse_cpus("1024").is_ok());
+        assert!(parse_resources("{\"GPU\": 1e15}").is_err());
         assert_eq!(parse_store_size("2MiB"), Ok(2 << 20));
         assert!(parse_store_size("lots").is_err());
         assert!(parse_store_size("10").is_err());

@@ -310,6 +310,9 @@ pub struct Snapshot {
     /// What the process published ([`super::published`]).
     #[serde(default)]
     pub published: Vec<Family>,
+    /// Runs not recorded as spans ([`super::spans::dropped`]).
+    #[serde(default)]
+    pub spans_dropped: u64,
 }
 
 impl Snapshot {
@@ -333,6 +336,7 @@ impl Snapshot {
         Snapshot {
             names,
             published: super::published::all(),
+            spans_dropped: super::spans::dropped(),
         }
     }
 
@@ -340,6 +344,7 @@ impl Snapshot {
     /// [`MAX_NAMES`] names per kind, into `other`); its published
     /// families are not added (they are gauges of a live process).
     pub fn add(&mut self, other: &Snapshot) {
+        self.spans_dropped += other.spans_dropped;
         for stats in &other.names {
             let found = self
                 .names
@@ -385,7 +390,12 @@ impl Snapshot {
     /// The figures as metric families (`braid_tasks_*`,
     /// `braid_actor_calls_*`), with a `name` label.
     pub fn families(&self) -> Vec<Family> {
-        let mut out = Vec::new();
+        let mut out = vec![Family::single(
+            "braid_spans_dropped",
+            "Runs not recorded as timeline spans (past the spans a process keeps per second)",
+            Kind::Counter,
+            self.spans_dropped as f64,
+        )];
         for work in [Work::Task, Work::ActorCall] {
             let what = match work {
                 Work::Task => "Tasks",

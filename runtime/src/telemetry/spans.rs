@@ -5,17 +5,24 @@
 //! live for the process); every second the process sends what it recorded
 //! to its node ([`crate::wire::Message::Spans`]), which keeps the newest
 //! [`NODE_KEEP`] and serves them to the head.
+//!
+//! A process keeps at most [`PER_REPORT`] spans between two reports (as
+//! Ray bounds its task events): past that, in a second of hundreds of
+//! thousands of calls, a run costs one atomic add and is counted in
+//! [`dropped`] (`braid_spans_dropped_total`) instead. Shipping every span
+//! of such a second would cost the calls a fifth of their rate.
 
 use super::recorder::Work;
 use crate::ids::{JobId, TaskId};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Spans a process holds before it sends them (the oldest are dropped
-/// past this, should its node not take them).
-pub const PROCESS_KEEP: usize = 200_000;
+/// Spans a process records between two reports to its node (each
+/// second); runs past them are only counted ([`dropped`]).
+pub const PER_REPORT: usize = 20_000;
 /// Spans a node keeps, newest last.
 pub const NODE_KEEP: usize = 500_000;
 
@@ -56,7 +63,17 @@ struct Pending {
     ok: bool,
 }
 
-static PENDING: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
+static PENDING: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
+/// Runs recorded or refused since the last [`take`].
+static SINCE_TAKE: AtomicUsize = AtomicUsize::new(0);
+/// Runs not recorded, past [`PER_REPORT`].
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// How many runs this process did not record as spans (past
+/// [`PER_REPORT`] in a report's second).
+pub fn dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
 
 /// Now, in Unix nanoseconds.
 pub fn now_ns() -> u64 {
@@ -96,11 +113,12 @@ pub fn record_named(run: Run, name: &'static str, ok: bool) {
     if !super::enabled() {
         return;
     }
-    let mut pending = PENDING.lock();
-    if pending.len() >= PROCESS_KEEP {
-        pending.pop_front();
+    if SINCE_TAKE.fetch_add(1, Ordering::Relaxed) >= PER_REPORT {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+        return;
     }
-    pending.push_back(Pending {
+    let ended_ns = now_ns();
+    PENDING.lock().push(Pending {
         task: run.task,
         job: run.job,
         work: run.work,
@@ -108,7 +126,7 @@ pub fn record_named(run: Run, name: &'static str, ok: bool) {
         submitted_ns: run.submitted_ns,
         received_ns: run.received_ns,
         started_ns: run.started_ns,
-        ended_ns: now_ns(),
+        ended_ns,
         ok,
     });
 }
@@ -116,6 +134,7 @@ pub fn record_named(run: Run, name: &'static str, ok: bool) {
 /// Takes what this process recorded since the last call.
 pub fn take() -> Vec<Span> {
     let pending = std::mem::take(&mut *PENDING.lock());
+    SINCE_TAKE.store(0, Ordering::Relaxed);
     let pid = std::process::id();
     pending
         .into_iter()
@@ -188,6 +207,28 @@ mod tests {
         assert_eq!(taken[0].name, "spans_test_fn");
         assert!(taken[0].ended_ns >= taken[0].started_ns);
         assert!(!take().iter().any(|s| s.task == task), "taken twice");
+
+        // Past PER_REPORT runs before a report, runs are counted, not kept.
+        let before = dropped();
+        let run = Run {
+            task,
+            job,
+            work: Work::ActorCall,
+            submitted_ns: now,
+            received_ns: now,
+            started_ns: now,
+        };
+        for _ in 0..PER_REPORT + 100 {
+            record(run, &["spans_test_fn"], true);
+        }
+        assert!(dropped() >= before + 100, "runs past the bound are counted");
+        let kept = take();
+        assert!(kept.len() <= PER_REPORT, "{} spans kept", kept.len());
+        record(run, &["spans_test_fn"], true);
+        assert!(
+            take().iter().any(|s| s.task == task),
+            "a report starts afresh"
+        );
         let mut log = SpanLog::default();
         log.add(taken);
         assert_eq!(log.of(Some(job)).len(), 1);

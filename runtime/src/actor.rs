@@ -37,6 +37,13 @@ pub trait TypedHandle: Clone + Send + Sync + 'static {
     fn from_raw(raw: ActorHandle) -> Self;
     /// The untyped handle.
     fn raw(&self) -> &ActorHandle;
+
+    /// Kills the actor, as Ray's `ray.kill(actor, no_restart=...)`: its
+    /// process is killed; with `no_restart` it stays dead and calls fail
+    /// with [`Error::ActorDied`], else it restarts if it has restarts left.
+    fn kill(&self, no_restart: bool) -> impl std::future::Future<Output = Result<()>> + Send + '_ {
+        self.raw().kill(no_restart)
+    }
 }
 
 /// How an actor is placed, restarted and run.
@@ -201,6 +208,7 @@ pub struct ActorBuilder<H> {
     class: &'static str,
     args: Result<Vec<Arg>>,
     opts: ActorOptions,
+    get_if_exists: bool,
     _handle: PhantomData<fn() -> H>,
 }
 
@@ -212,8 +220,21 @@ impl<H: TypedHandle> ActorBuilder<H> {
             class,
             args,
             opts: ActorOptions::default(),
+            get_if_exists: false,
             _handle: PhantomData,
         }
+    }
+
+    /// Get-or-create by name (Ray's `get_if_exists=True`): [`spawn`]
+    /// returns the live actor of this class already holding the
+    /// [`name`](Self::name), and creates one only if none does; two
+    /// drivers racing get the same actor. Without it a taken name is
+    /// [`Error::NameTaken`].
+    ///
+    /// [`spawn`]: Self::spawn
+    pub fn get_if_exists(mut self) -> Self {
+        self.get_if_exists = true;
+        self
     }
 
     /// Names the actor, so any driver or worker can look it up.
@@ -292,6 +313,27 @@ impl<H: TypedHandle> ActorBuilder<H> {
 
     /// Places and constructs the actor, returning once it is alive.
     pub async fn spawn(self) -> Result<H> {
+        if !self.get_if_exists {
+            return self.create().await;
+        }
+        let Some(name) = self.opts.name.clone() else {
+            return Err(Error::BadRequest(
+                "get_if_exists needs the actor's name".into(),
+            ));
+        };
+        let rt = self.rt.clone();
+        match rt.get_actor::<H>(&name).await {
+            Err(Error::ActorNotFound(_)) => {}
+            found => return found,
+        }
+        match self.create().await {
+            // Another driver created it first.
+            Err(Error::NameTaken(_)) => rt.get_actor::<H>(&name).await,
+            created => created,
+        }
+    }
+
+    async fn create(self) -> Result<H> {
         let core = self.rt.core.clone();
         let args = self.args?;
         let class = self.class;
@@ -645,6 +687,24 @@ async fn watch(client: Arc<ActorClient>) {
 }
 
 impl ActorHandle {
+    /// Kills the actor (see [`TypedHandle::kill`]).
+    pub async fn kill(&self, no_restart: bool) -> Result<()> {
+        let core = self
+            .client
+            .core
+            .upgrade()
+            .ok_or_else(|| Error::NotRunning("the runtime has shut down".into()))?;
+        if no_restart {
+            self.client.kill_local("killed");
+        }
+        let id = self.id();
+        let handle = core.handle.clone();
+        handle
+            .spawn(async move { core.head().await?.kill_actor(id, no_restart).await })
+            .await
+            .map_err(|e| Error::io("kill actor", e))?
+    }
+
     /// The actor's id.
     pub fn id(&self) -> ActorId {
         self.client.id
@@ -953,16 +1013,9 @@ impl Runtime {
     }
 
     /// Kills an actor: it is not restarted, and calls fail with
-    /// [`Error::ActorDied`].
+    /// [`Error::ActorDied`] (a typed handle's [`TypedHandle::kill`]).
     pub async fn kill_actor(&self, handle: &ActorHandle) -> Result<()> {
-        handle.client.kill_local("killed");
-        let core = self.core.clone();
-        let id = handle.id();
-        self.core
-            .handle
-            .spawn(async move { core.head().await?.kill_actor(id, true).await })
-            .await
-            .map_err(|e| Error::io("kill actor", e))?
+        handle.kill(true).await
     }
 
     /// Kills a named actor (detached ones included).

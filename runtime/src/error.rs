@@ -83,6 +83,10 @@ pub enum Error {
     /// No live actor has this name.
     #[error("no actor named {0}")]
     ActorNotFound(String),
+    /// A live actor already has the name asked for a new one (get it with
+    /// `Runtime::get_actor`, or spawn with `ActorBuilder::get_if_exists`).
+    #[error("actor name {0} is taken by a live actor")]
+    NameTaken(String),
     /// A worker was started from a different build of the job's binary.
     #[error("worker binary differs from the job's: expected build {expected}, found {found}")]
     BuildMismatch {

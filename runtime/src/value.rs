@@ -41,6 +41,52 @@ impl<T: Serialize> IntoArg<T> for T {
     }
 }
 
+/// A `&str` where a `String` is taken: `greet::remote(&rt, "x")`. It
+/// encodes as the `String` would.
+impl IntoArg<String> for &str {
+    fn into_arg(self) -> Result<Arg> {
+        self.serialize_arg()
+    }
+}
+
+/// A `&String` where a `String` is taken, without cloning it.
+impl IntoArg<String> for &String {
+    fn into_arg(self) -> Result<Arg> {
+        self.as_str().serialize_arg()
+    }
+}
+
+/// A slice where a `Vec<T>` is taken: `sum::remote(&rt, &xs[..10])`. It
+/// encodes as the `Vec` would.
+impl<T: Serialize> IntoArg<Vec<T>> for &[T] {
+    fn into_arg(self) -> Result<Arg> {
+        self.serialize_arg()
+    }
+}
+
+/// A `&Vec<T>` where a `Vec<T>` is taken, without cloning it.
+impl<T: Serialize> IntoArg<Vec<T>> for &Vec<T> {
+    fn into_arg(self) -> Result<Arg> {
+        self.as_slice().serialize_arg()
+    }
+}
+
+/// Encodes a borrowed value as an argument of the owned type it
+/// serializes as.
+trait SerializeArg {
+    fn serialize_arg(&self) -> Result<Arg>;
+}
+
+impl<T: Serialize + ?Sized> SerializeArg for T {
+    fn serialize_arg(&self) -> Result<Arg> {
+        let encoded = encode_return(&self)?;
+        Ok(Arg::Value {
+            bytes: encoded.bytes,
+            nested: encoded.refs,
+        })
+    }
+}
+
 impl<T> IntoArg<T> for ObjectRef<T> {
     fn into_arg(self) -> Result<Arg> {
         Ok(Arg::Ref(self.handle))

@@ -125,7 +125,7 @@ async fn named_actors_are_found_by_name_from_drivers_and_tasks() {
     assert_eq!(c.get().await.unwrap(), 101);
 
     let taken = Counter::remote(rt, 0).name(&name).spawn().await;
-    assert!(matches!(taken, Err(Error::BadRequest(_))), "{taken:?}");
+    assert_eq!(taken.err(), Some(Error::NameTaken(name.clone())));
     let wrong: Result<GateHandle, _> = rt.get_actor(&name).await;
     assert!(matches!(wrong, Err(Error::BadRequest(_))));
     assert!(matches!(
@@ -133,6 +133,66 @@ async fn named_actors_are_found_by_name_from_drivers_and_tasks() {
         Err(Error::ActorNotFound(_))
     ));
     rt.kill_actor_by_name(&name).await.unwrap();
+    assert!(matches!(c.get().await, Err(Error::ActorDied { .. })));
+}
+
+#[tokio::test]
+async fn get_if_exists_returns_the_live_actor_of_a_name_or_creates_it() {
+    let rt = rt();
+    let name = unique("shared");
+    // Racing get-or-creates of one name all get the same actor.
+    let racers = (0..4).map(|_| {
+        Counter::remote(rt, 7)
+            .name(&name)
+            .get_if_exists()
+            .spawn()
+    });
+    let handles: Vec<CounterHandle> = futures::future::try_join_all(racers).await.unwrap();
+    for h in &handles {
+        assert_eq!(h.raw().id(), handles[0].raw().id());
+    }
+    assert_eq!(handles[1].incr(1).await.unwrap(), 8);
+    assert_eq!(handles[2].get().await.unwrap(), 8, "one actor's state");
+    // A name held by another class is an error, not a second actor.
+    let other = Gate::remote(rt, 1).name(&name).get_if_exists().spawn().await;
+    assert!(matches!(other, Err(Error::BadRequest(_))), "{other:?}");
+    let unnamed = Counter::remote(rt, 0).get_if_exists().spawn().await;
+    assert!(matches!(unnamed, Err(Error::BadRequest(_))), "{unnamed:?}");
+    // Killed, the name is free: get_if_exists makes a new one.
+    handles[0].kill(true).await.unwrap();
+    let fresh = Counter::remote(rt, 0)
+        .name(&name)
+        .get_if_exists()
+        .spawn()
+        .await
+        .unwrap();
+    assert_ne!(fresh.raw().id(), handles[0].raw().id());
+    assert_eq!(fresh.get().await.unwrap(), 0);
+    fresh.kill(true).await.unwrap();
+}
+
+#[tokio::test]
+async fn kill_on_a_typed_handle_restarts_the_actor_unless_told_not_to() {
+    let rt = rt();
+    let c = Counter::remote(rt, 0)
+        .max_restarts(1)
+        .spawn()
+        .await
+        .unwrap();
+    let pid = c.pid().await.unwrap();
+    c.kill(false).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let new_pid = loop {
+        match c.pid().await {
+            Ok(p) if p != pid => break p,
+            Ok(_) | Err(Error::ActorDied { .. }) => {
+                assert!(Instant::now() < deadline, "the actor never came back");
+            }
+            Err(e) => panic!("after kill(false): {e}"),
+        }
+    };
+    assert_ne!(new_pid, pid, "restarted in a new process");
+    c.kill(true).await.unwrap();
     assert!(matches!(c.get().await, Err(Error::ActorDied { .. })));
 }
 

@@ -431,7 +431,7 @@ async fn actor_names_lookup_and_kill() {
     let rival = actor(job, Some("counter"), false);
     assert_eq!(
         client.register_actor(&rival).await,
-        Err(Error::BadRequest("actor name counter is taken".into()))
+        Err(Error::NameTaken("counter".into()))
     );
 
     let found = client.get_actor("counter").await.unwrap();

@@ -19,6 +19,11 @@ fn sum(values: Vec<f32>) -> f64 {
 }
 
 #[braid::remote]
+fn greet(name: String, times: usize) -> String {
+    format!("hello {name}").repeat(times)
+}
+
+#[braid::remote]
 fn big(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
 }
@@ -112,6 +117,21 @@ async fn tasks_return_values_and_take_references_as_arguments() {
     assert_eq!(rt.get(&y).await.unwrap(), 13);
     assert_eq!(rt.get(&x).await.unwrap(), 3);
     assert_eq!(add(2, 2), 4, "the function stays callable locally");
+}
+
+#[tokio::test]
+async fn borrowed_strings_and_slices_pass_where_owned_ones_are_taken() {
+    let rt = rt();
+    let g = greet::remote(rt, "ann", 2).unwrap();
+    assert_eq!(rt.get(&g).await.unwrap(), "hello annhello ann");
+    let name = String::from("bob");
+    let g = greet::remote(rt, &name, 1).unwrap();
+    assert_eq!(rt.get(&g).await.unwrap(), "hello bob");
+    let values = vec![1.0f32, 2.0, 3.0, 4.0];
+    let s = sum::remote(rt, &values[1..3]).unwrap();
+    assert_eq!(rt.get(&s).await.unwrap(), 5.0);
+    let s = sum::remote(rt, &values).unwrap();
+    assert_eq!(rt.get(&s).await.unwrap(), 10.0);
 }
 
 #[tokio::test]

@@ -177,7 +177,7 @@ impl HeadClient {
     // ----------------------------------------------------------- actors --
 
     /// Registers an actor as PENDING. A name taken by a live actor is
-    /// [`Error::BadRequest`]`("actor name X is taken")`.
+    /// [`Error::NameTaken`].
     pub async fn register_actor(&self, actor: &ActorSpec) -> Result<(), Error> {
         let request = proto::RegisterActorRequest {
             actor: Some(actor.into()),
@@ -185,7 +185,10 @@ impl HeadClient {
         self.client()
             .register_actor(request)
             .await
-            .map_err(|s| self.error(&s))?;
+            .map_err(|s| match (s.code(), &actor.name) {
+                (Code::AlreadyExists, Some(name)) => Error::NameTaken(name.clone()),
+                _ => self.error(&s),
+            })?;
         Ok(())
     }
 

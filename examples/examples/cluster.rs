@@ -3,12 +3,13 @@
 //! and, on request, leaves a detached named actor behind for a later run to
 //! find.
 //!
-//! Start a cluster (a head and a node with 2 CPUs), run this program
-//! against the address it prints, look at the cluster, stop it:
+//! Start a cluster (a head and a node with 2 CPUs), run this program (it
+//! joins the cluster started on this machine, or the one `BRAID_ADDRESS`
+//! names), look at the cluster, stop it:
 //!
 //! ```sh
 //! cargo run --release -p braid --bin braid -- start --head --num-cpus 2
-//! BRAID_ADDRESS=<printed address> cargo run --release --example cluster
+//! cargo run --release --example cluster
 //! cargo run --release -p braid --bin braid -- status
 //! cargo run --release -p braid --bin braid -- stop
 //! ```
@@ -21,8 +22,7 @@
 //! - `--lookup`: find that actor by name and call it;
 //! - `--kill`: kill it by name.
 //!
-//! For example `BRAID_ADDRESS=... cargo run --release --example cluster --
-//! --detached`, then the same with `-- --lookup` (`braid status` lists the
+//! For example `cargo run --release --example cluster -- --detached`, then the same with `-- --lookup` (`braid status` lists the
 //! actor in between).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -80,22 +80,31 @@ async fn main() -> anyhow::Result<()> {
         lookup,
         kill,
     } = clap::Parser::parse();
-    if std::env::var("BRAID_ADDRESS").map_or(true, |a| a.is_empty()) {
-        eprintln!(
-            "BRAID_ADDRESS is not set: this example joins a running cluster.\n\
-             \n\
-             1. Start one (it prints its address):\n\
-             \x20  cargo run --release -p braid --bin braid -- start --head --num-cpus 2\n\
-             2. Run this example against it:\n\
-             \x20  BRAID_ADDRESS=<printed address> cargo run --release --example cluster\n\
-             3. Look at the cluster, then stop it:\n\
-             \x20  cargo run --release -p braid --bin braid -- status\n\
-             \x20  cargo run --release -p braid --bin braid -- stop"
-        );
-        std::process::exit(2);
-    }
-
-    let rt = braid::init().await?;
+    let named = std::env::var("BRAID_ADDRESS").is_ok_and(|a| !a.is_empty());
+    // Not an embedded cluster: this example joins a running one.
+    let options = if named {
+        braid::InitOptions::new()
+    } else {
+        braid::InitOptions::new().address(braid::init::AUTO)
+    };
+    let rt = match options.init().await {
+        Ok(rt) => rt,
+        Err(e) if !named => {
+            eprintln!(
+                "{e}: this example joins a running cluster.\n\
+                 \n\
+                 1. Start one:\n\
+                 \x20  cargo run --release -p braid --bin braid -- start --head --num-cpus 2\n\
+                 2. Run this example (BRAID_ADDRESS=HOST:PORT names another cluster):\n\
+                 \x20  cargo run --release --example cluster\n\
+                 3. Look at the cluster, then stop it:\n\
+                 \x20  cargo run --release -p braid --bin braid -- status\n\
+                 \x20  cargo run --release -p braid --bin braid -- stop"
+            );
+            std::process::exit(2);
+        }
+        Err(e) => return Err(e.into()),
+    };
     println!(
         "joined the cluster at {} as job {}",
         rt.address(),

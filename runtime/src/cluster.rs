@@ -12,8 +12,11 @@ use std::process::{Child, Command, Stdio};
 
 /// Environment variable carrying a daemon's configuration (JSON).
 pub const DAEMON_VAR: &str = "BRAID_DAEMON";
-/// Environment variable naming the cluster's head (`host:port`).
+/// Environment variable naming the cluster's head (`host:port`; `auto`:
+/// the cluster started on this machine; `local`: a new embedded one).
 pub const ADDRESS_VAR: &str = "BRAID_ADDRESS";
+/// The port `braid start --head` listens on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 6380;
 /// Environment variable carrying the cluster token.
 pub const TOKEN_VAR: &str = "BRAID_TOKEN";
 
@@ -100,6 +103,18 @@ pub fn cluster_files() -> Vec<(PathBuf, ClusterFile)> {
             Some((p, serde_json::from_str(&text).ok()?))
         })
         .collect()
+}
+
+/// The cluster files of this user's clusters that run on this machine
+/// (under this `BRAID_TMPDIR`): those whose session a daemon holds.
+pub fn live_clusters() -> Vec<ClusterFile> {
+    let mut live: Vec<ClusterFile> = cluster_files()
+        .into_iter()
+        .map(|(_, file)| file)
+        .filter(|file| crate::session::is_held(&file.session_dir))
+        .collect();
+    live.sort_by(|a, b| a.address.cmp(&b.address));
+    live
 }
 
 /// The token for `address`: `BRAID_TOKEN`, else this machine's token file.

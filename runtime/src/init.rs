@@ -1,6 +1,10 @@
-//! `braid::init()`: join the cluster named by `BRAID_ADDRESS` (or an
-//! explicit address), or start an embedded one, and register this program
-//! as a job.
+//! `braid::init()`: join a cluster or start an embedded one, and register
+//! this program as a job. The cluster is, in this order: an explicit
+//! address; `BRAID_ADDRESS` (`auto`: the cluster started on this machine,
+//! `local`: a new embedded one); the one cluster this user started on this
+//! machine with `braid start` (under the same `BRAID_TMPDIR`); else a new
+//! embedded cluster. Options that shape an embedded cluster (CPUs, store
+//! size, resources, extra nodes) mean `local`.
 
 use crate::cluster::{self, EmbeddedCluster, ADDRESS_VAR};
 use crate::core::{Core, CoreConfig, Role};
@@ -32,13 +36,15 @@ pub struct InitOptions {
 pub const DRIVER_ENV: [&str; 2] = ["RUST_LOG", "RUST_BACKTRACE"];
 
 impl InitOptions {
-    /// Defaults: `BRAID_ADDRESS` if set, else an embedded cluster with
-    /// this machine's CPUs.
+    /// Defaults: see the [module](self) (`BRAID_ADDRESS`, else the
+    /// cluster started on this machine, else an embedded cluster with this
+    /// machine's CPUs).
     pub fn new() -> Self {
         InitOptions::default()
     }
 
-    /// Join the cluster whose head is at `host:port`.
+    /// Join the cluster whose head is at `host:port` (`auto`: the one
+    /// started on this machine; `local`: a new embedded cluster).
     pub fn address(mut self, address: impl Into<String>) -> Self {
         self.address = Some(address.into());
         self
@@ -85,13 +91,57 @@ impl InitOptions {
         self
     }
 
+    /// Whether these options describe an embedded cluster.
+    fn shapes_embedded(&self) -> bool {
+        self.num_cpus.is_some()
+            || self.object_store_memory.is_some()
+            || !self.resources.0.is_empty()
+            || !self.extra_nodes.is_empty()
+    }
+
+    /// The head to join, or `None` for a new embedded cluster.
+    fn target(&self) -> Result<Option<String>> {
+        let from_env = || std::env::var(ADDRESS_VAR).ok().filter(|a| !a.is_empty());
+        let named = match &self.address {
+            Some(address) if self.shapes_embedded() && address != LOCAL => {
+                return Err(Error::BadRequest(format!(
+                    "CPUs, store size, resources and extra nodes shape an embedded cluster; \
+                     they cannot apply to the cluster at {address}"
+                )))
+            }
+            Some(address) => Some(address.clone()),
+            None if self.shapes_embedded() => None,
+            None => from_env(),
+        };
+        match named.as_deref() {
+            Some(LOCAL) => Ok(None),
+            Some(AUTO) => match started_here()? {
+                Some(address) => Ok(Some(address)),
+                None => Err(Error::Unreachable {
+                    address: AUTO.into(),
+                    message: "no cluster runs on this machine (`braid start --head` starts one)"
+                        .into(),
+                }),
+            },
+            Some(address) => Ok(Some(address.to_owned())),
+            None if self.shapes_embedded() => Ok(None),
+            None => {
+                let found = started_here()?;
+                if let Some(address) = &found {
+                    tracing::info!(
+                        "joining the cluster at {address} started on this machine \
+                         ({ADDRESS_VAR}=local starts a new one)"
+                    );
+                }
+                Ok(found)
+            }
+        }
+    }
+
     /// Finds or starts the cluster and joins it as a driver.
     pub async fn init(self) -> Result<Runtime> {
         crate::role::enter_role();
-        let address = self
-            .address
-            .clone()
-            .or_else(|| std::env::var(ADDRESS_VAR).ok().filter(|a| !a.is_empty()));
+        let address = self.target()?;
         let (cluster, head, token, node_socket, session_dir, direct_ip) = match address {
             Some(address) => {
                 let token = match &self.token {
@@ -195,6 +245,31 @@ impl InitOptions {
         });
         let _ = head;
         Ok(rt)
+    }
+}
+
+/// `BRAID_ADDRESS` (or [`InitOptions::address`]) for a new embedded
+/// cluster, as Ray's `address="local"`.
+pub const LOCAL: &str = "local";
+/// `BRAID_ADDRESS` (or [`InitOptions::address`]) for the cluster started
+/// on this machine, as Ray's `address="auto"`.
+pub const AUTO: &str = "auto";
+
+/// The head of the one cluster this user started on this machine; an
+/// error naming them if there are several.
+fn started_here() -> Result<Option<String>> {
+    let mut live = cluster::live_clusters();
+    match live.len() {
+        0 => Ok(None),
+        1 => Ok(Some(live.remove(0).address)),
+        _ => Err(Error::BadRequest(format!(
+            "several clusters run on this machine ({}): set {ADDRESS_VAR} to one of them, \
+             or to `local` for a new embedded cluster",
+            live.iter()
+                .map(|c| c.address.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
     }
 }
 

@@ -59,7 +59,7 @@ pub mod dashboard;
 pub mod error;
 pub(crate) mod executor;
 pub mod ids;
-mod init;
+pub mod init;
 pub mod lineage;
 pub mod node;
 pub mod object_ref;

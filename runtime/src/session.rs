@@ -321,6 +321,12 @@ fn try_lock_exclusive(dir: &Path) -> Result<Option<File>> {
     }
 }
 
+/// Whether a head or node holds session `dir` live. Probing takes the
+/// session's lock for an instant when nobody holds it.
+pub fn is_held(dir: &Path) -> bool {
+    dir.join(LOCK_FILE).exists() && matches!(try_lock_exclusive(dir), Ok(None))
+}
+
 /// A session a cleaner claimed but did not finish (it died): finishes it
 /// unless, against all odds, someone holds it again.
 fn finish_ending(dir: &Path) -> Result<bool> {

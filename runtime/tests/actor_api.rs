@@ -141,12 +141,7 @@ async fn get_if_exists_returns_the_live_actor_of_a_name_or_creates_it() {
     let rt = rt();
     let name = unique("shared");
     // Racing get-or-creates of one name all get the same actor.
-    let racers = (0..4).map(|_| {
-        Counter::remote(rt, 7)
-            .name(&name)
-            .get_if_exists()
-            .spawn()
-    });
+    let racers = (0..4).map(|_| Counter::remote(rt, 7).name(&name).get_if_exists().spawn());
     let handles: Vec<CounterHandle> = futures::future::try_join_all(racers).await.unwrap();
     for h in &handles {
         assert_eq!(h.raw().id(), handles[0].raw().id());
@@ -154,7 +149,11 @@ async fn get_if_exists_returns_the_live_actor_of_a_name_or_creates_it() {
     assert_eq!(handles[1].incr(1).await.unwrap(), 8);
     assert_eq!(handles[2].get().await.unwrap(), 8, "one actor's state");
     // A name held by another class is an error, not a second actor.
-    let other = Gate::remote(rt, 1).name(&name).get_if_exists().spawn().await;
+    let other = Gate::remote(rt, 1)
+        .name(&name)
+        .get_if_exists()
+        .spawn()
+        .await;
     assert!(matches!(other, Err(Error::BadRequest(_))), "{other:?}");
     let unnamed = Counter::remote(rt, 0).get_if_exists().spawn().await;
     assert!(matches!(unnamed, Err(Error::BadRequest(_))), "{unnamed:?}");

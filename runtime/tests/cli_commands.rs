@@ -283,7 +283,14 @@ fn a_failed_start_leaves_nothing_running() {
 
     // The head starts but its node cannot map so large a store: the head
     // is stopped again and its cluster file removed.
-    let out = braid.run(&["start", "--head", "--object-store-memory", "100000TiB"]);
+    let out = braid.run(&[
+        "start",
+        "--head",
+        "--port",
+        "0",
+        "--object-store-memory",
+        "100000TiB",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("node did not start"), "{stderr}");
@@ -592,4 +599,97 @@ fn workers_take_the_drivers_environment_not_the_nodes() {
         stdout.contains(r#"WORKER-ENV greeting=Some("hello") backtrace=None"#),
         "the worker has the declared variable, and not the node's RUST_BACKTRACE: {stdout}"
     );
+}
+
+/// The driver of `init_joins_the_cluster_started_on_this_machine`: prints
+/// the address it joined and how long `init` and its first task's
+/// submission took, or the error of `init`.
+#[test]
+#[ignore = "a driver that a test runs, not a test on its own"]
+fn init_driver() {
+    let start = std::time::Instant::now();
+    match braid::init_blocking() {
+        Ok(rt) => {
+            let answer = seven_times::remote(&rt, 1).unwrap();
+            let submitted = start.elapsed();
+            assert_eq!(rt.get_blocking(&answer).unwrap(), 7);
+            println!("JOINED {} {}", rt.address(), submitted.as_micros());
+        }
+        Err(e) => println!("INIT-ERROR {e}"),
+    }
+}
+
+impl Braid {
+    /// Runs `init_driver` with `BRAID_ADDRESS` set to `address` (unset
+    /// with `None`); returns its report line.
+    fn init_driver(&self, address: Option<&str>) -> String {
+        let mut driver = Command::new(std::env::current_exe().unwrap());
+        driver
+            .args(["--exact", "init_driver", "--ignored", "--nocapture"])
+            .env("BRAID_TMPDIR", &self.root)
+            .env_remove("BRAID_TOKEN")
+            .env_remove("BRAID_ADDRESS");
+        if let Some(address) = address {
+            driver.env("BRAID_ADDRESS", address);
+        }
+        let out = driver.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout
+            .lines()
+            .find_map(|l| {
+                l.split_once("JOINED ")
+                    .or_else(|| l.split_once("INIT-ERROR "))
+                    .map(|_| l.trim().to_owned())
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "the driver said nothing: {stdout}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+    }
+}
+
+#[test]
+fn init_joins_the_cluster_started_on_this_machine() {
+    let braid = Braid::new();
+    let none = braid.init_driver(Some("auto"));
+    assert!(
+        none.contains("INIT-ERROR") && none.contains("no cluster"),
+        "{none}"
+    );
+
+    let address = braid.start_head("1");
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let joined = braid.init_driver(None);
+        let mut words = joined.rsplit(' ');
+        took.push(words.next().unwrap().parse::<u64>().unwrap());
+        assert!(
+            joined.ends_with(&format!("{address} {}", took.last().unwrap())),
+            "{joined}"
+        );
+    }
+    took.sort_unstable();
+    println!(
+        "init joining a local cluster to the first task submitted: median {} µs",
+        took[2]
+    );
+    let auto = braid.init_driver(Some("auto"));
+    assert!(auto.contains(&format!("JOINED {address} ")), "{auto}");
+    let local = braid.init_driver(Some("local"));
+    assert!(
+        local.starts_with("JOINED ") && !local.contains(&address),
+        "{local}"
+    );
+
+    // Two clusters: plain init names them rather than choosing.
+    braid.ok(&["start", "--head", "--port", "0", "--num-cpus", "1"]);
+    let two = braid.init_driver(None);
+    assert!(
+        two.contains("INIT-ERROR") && two.contains("several clusters"),
+        "{two}"
+    );
+    let chosen = braid.init_driver(Some(&address));
+    assert!(chosen.contains(&format!("JOINED {address} ")), "{chosen}");
 }

@@ -235,7 +235,7 @@ pub struct StartArgs {
     pub address: Option<String>,
     /// Port the head listens on (0: any free port; the one chosen is
     /// printed).
-    #[arg(long, value_name = "PORT", default_value_t = 0, requires = "head")]
+    #[arg(long, value_name = "PORT", default_value_t = braid::cluster::DEFAULT_PORT, requires = "head")]
     pub port: u16,
     /// IP address to serve on [default: 127.0.0.1 for a head; for a node,
     /// the local address that reaches the head].

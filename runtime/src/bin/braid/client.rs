@@ -28,16 +28,15 @@ fn resolve_address(command: &str, flag: Option<String>) -> anyhow::Result<String
             return Ok(address);
         }
     }
-    let mut files = cluster::cluster_files();
+    let mut files = cluster::live_clusters();
     match files.len() {
         0 => bail!(
             "no cluster to ask: no --address given, {ADDRESS_VAR} is not set, and no cluster was \
              started on this machine (`braid start --head` starts one)"
         ),
-        1 => Ok(files.remove(0).1.address),
+        1 => Ok(files.remove(0).address),
         _ => {
-            let mut addresses: Vec<String> = files.into_iter().map(|(_, f)| f.address).collect();
-            addresses.sort();
+            let addresses: Vec<String> = files.into_iter().map(|f| f.address).collect();
             Err(usage_error(
                 command,
                 format!(

@@ -190,7 +190,17 @@ fn start_head(
         },
         &head_log,
     )
-    .map_err(|e| anyhow!("the head did not start: {e} (log: {})", head_log.display()))?;
+    .map_err(|e| {
+        let hint = if e.to_string().contains("in use") {
+            format!(" (port {port} is taken, by another cluster? `--port 0` picks a free one)")
+        } else {
+            String::new()
+        };
+        anyhow!(
+            "the head did not start: {e}{hint} (log: {})",
+            head_log.display()
+        )
+    })?;
     let mut ready_parts = head.ready.split_whitespace();
     let parsed = (
         ready_parts.next().map(str::parse::<SocketAddr>),

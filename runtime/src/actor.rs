@@ -749,6 +749,9 @@ impl ActorHandle {
             (Link::Alive { conn, .. }, Ok((wire, keep)))
                 if !conn.is_closed() && client.max_task_retries == 0 =>
             {
+                // Kept to send again should the actor have died before it
+                // read the call (no copy for a call without arguments).
+                let again = wire.clone();
                 let spec = CallSpec {
                     task,
                     actor: client.id,
@@ -758,54 +761,61 @@ impl ActorHandle {
                     owner: (*core.me).clone(),
                     submitted_ns,
                 };
-                Ok((conn.request(Message::CallActor(spec)), keep))
+                Ok((conn.request(Message::CallActor(spec)), again, keep))
             }
             (_, Ok((wire, keep))) => Err(Ok((wire, keep))),
             (_, Err(args)) => Err(Err(args)),
         };
         let core2 = core.clone();
         let reply: BoxFuture<'static, Result<TaskResult>> = match fast {
-            Ok((request, keep)) => Box::pin(async move {
-                let out = request.await;
-                drop(keep);
-                map_call_reply(&client, out)
-            }),
-            Err(prepared) => Box::pin(core.handle.clone().spawn(async move {
-                let (wire, keep) = match prepared {
-                    Ok(x) => x,
-                    Err(args) => resolve_args(&core2, args).await?,
-                };
-                let mut attempts = 0;
-                loop {
-                    attempts += 1;
-                    let conn = client.connection(&core2).await?;
-                    let spec = CallSpec {
-                        task,
-                        actor: client.id,
-                        method: method.to_string(),
-                        args: wire.clone(),
-                        returns,
-                        owner: (*core2.me).clone(),
-                        submitted_ns,
-                    };
-                    let out = map_call_reply(&client, conn.request(Message::CallActor(spec)).await);
-                    match out {
-                        Err(Error::ActorDied { .. }) if attempts <= client.max_task_retries => {
-                            if !matches!(&*client.link.lock(), Link::Dead(_)) {
-                                let notified = client.changed.notified();
-                                if matches!(&*client.link.lock(), Link::Alive { conn: c, .. } if c.is_closed()) {
-                                    let _ = tokio::time::timeout(Duration::from_secs(60), notified).await;
-                                }
-                            }
-                            continue;
-                        }
-                        other => {
-                            drop(keep);
-                            return other;
-                        }
+            Ok((request, again, keep)) => Box::pin(async move {
+                match request.await {
+                    // Sent to a process that had died: after the restart.
+                    Err(e) if crate::wire::conn::never_read(&e) => {
+                        let core = core2.clone();
+                        core2
+                            .handle
+                            .spawn(call_until_answered(
+                                core,
+                                client,
+                                task,
+                                method,
+                                again,
+                                keep,
+                                returns,
+                                submitted_ns,
+                            ))
+                            .map_join()
+                            .await
+                    }
+                    out => {
+                        drop(keep);
+                        map_call_reply(&client, out)
                     }
                 }
-            }).map_join()),
+            }),
+            Err(prepared) => Box::pin(
+                core.handle
+                    .clone()
+                    .spawn(async move {
+                        let (wire, keep) = match prepared {
+                            Ok(x) => x,
+                            Err(args) => resolve_args(&core2, args).await?,
+                        };
+                        call_until_answered(
+                            core2,
+                            client,
+                            task,
+                            method,
+                            wire,
+                            keep,
+                            returns,
+                            submitted_ns,
+                        )
+                        .await
+                    })
+                    .map_join(),
+            ),
         };
         ActorCall {
             core: Some(core),
@@ -814,6 +824,56 @@ impl ActorHandle {
             timeout: None,
             running: None,
             _type: PhantomData,
+        }
+    }
+}
+
+/// Sends a call until it is answered: through restarts (waiting for the
+/// new instance), again when the actor died before reading it, and up to
+/// `max_task_retries` times more when it died during it.
+#[allow(clippy::too_many_arguments)]
+async fn call_until_answered(
+    core2: Arc<Core>,
+    client: Arc<ActorClient>,
+    task: TaskId,
+    method: &'static str,
+    wire: Vec<WireArg>,
+    keep: Vec<Arc<RefHandle>>,
+    returns: braid_store::ObjectId,
+    submitted_ns: u64,
+) -> Result<TaskResult> {
+    let mut attempts = 0;
+    loop {
+        let conn = client.connection(&core2).await?;
+        let spec = CallSpec {
+            task,
+            actor: client.id,
+            method: method.to_string(),
+            args: wire.clone(),
+            returns,
+            owner: (*core2.me).clone(),
+            submitted_ns,
+        };
+        let out = conn.request(Message::CallActor(spec)).await;
+        if !matches!(&out, Err(e) if crate::wire::conn::never_read(e)) {
+            attempts += 1;
+        }
+        let out = map_call_reply(&client, out);
+        match out {
+            Err(Error::ActorDied { .. }) if attempts <= client.max_task_retries => {
+                if !matches!(&*client.link.lock(), Link::Dead(_)) {
+                    let notified = client.changed.notified();
+                    if matches!(&*client.link.lock(), Link::Alive { conn: c, .. } if c.is_closed())
+                    {
+                        let _ = tokio::time::timeout(Duration::from_secs(60), notified).await;
+                    }
+                }
+                continue;
+            }
+            other => {
+                drop(keep);
+                return other;
+            }
         }
     }
 }

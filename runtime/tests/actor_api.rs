@@ -285,6 +285,97 @@ async fn calls_in_flight_are_retried_when_max_task_retries_allows() {
     rt.kill_actor(c.raw()).await.unwrap();
 }
 
+#[tokio::test]
+async fn calls_ride_through_an_actor_killed_every_200_ms() {
+    let rt = rt();
+    let c = Counter::remote(rt, 0)
+        .max_restarts(1_000)
+        .max_task_retries(3)
+        .spawn()
+        .await
+        .unwrap();
+    let first = c.pid().await.unwrap();
+    let current = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(first));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Kills whichever process the actor last answered from, every 200 ms.
+    let killer = {
+        let (current, stop) = (current.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut kills = 0;
+            let mut last = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let pid = current.load(std::sync::atomic::Ordering::Relaxed);
+                if pid != last {
+                    let _ = rustix::process::kill_process(
+                        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+                        rustix::process::Signal::KILL,
+                    );
+                    kills += 1;
+                    last = pid;
+                }
+            }
+            kills
+        })
+    };
+    let mut failed = Vec::new();
+    let mut pids = std::collections::BTreeSet::new();
+    for _ in 0..1_000 {
+        match c.pid().await {
+            Ok(pid) => {
+                current.store(pid, std::sync::atomic::Ordering::Relaxed);
+                pids.insert(pid);
+            }
+            Err(e) => failed.push(e),
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = killer.join().unwrap();
+    println!(
+        "1,000 calls, {kills} kills, {} processes, {} failed",
+        pids.len(),
+        failed.len()
+    );
+    assert!(kills >= 5, "the actor was killed {kills} times");
+    assert!(
+        failed.is_empty(),
+        "{} calls failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    c.kill(true).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_call_made_after_its_actor_died_waits_for_the_restart() {
+    let rt = rt();
+    // No retries: only calls in flight at a death may fail.
+    let c = Counter::remote(rt, 0)
+        .max_restarts(10)
+        .spawn()
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let pid = c.pid().await.unwrap();
+        kill(pid);
+        let gone = Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "))
+        {
+            assert!(Instant::now() < gone, "the actor's process did not die");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let after = c.pid().await;
+        assert!(
+            matches!(after, Ok(p) if p != pid),
+            "a call made after the death: {after:?}"
+        );
+    }
+    c.kill(true).await.unwrap();
+}
+
 fn kill(pid: u32) {
     let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();

@@ -75,7 +75,30 @@ impl Responder {
     }
 }
 
-type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Reply>>>>;
+/// Requests awaiting replies, by sequence number, with where each began in
+/// the ring (if the ring carried it).
+type Pending = Mutex<HashMap<u64, (oneshot::Sender<Result<Reply>>, Option<u64>)>>;
+
+/// The message of the error a request gets when its connection closed
+/// before the peer read it ([`never_read`]).
+const NEVER_READ: &str = "connection closed before the peer read the request";
+
+/// Whether `error` says the request's connection closed before the peer
+/// read it from the ring: the peer cannot have acted on it, so sending it
+/// again elsewhere runs it at most once.
+pub(crate) fn never_read(error: &Error) -> bool {
+    matches!(error, Error::Unreachable { message, .. } if message == NEVER_READ)
+}
+
+/// Where a frame went.
+enum Sent {
+    /// Into the ring, starting at this position.
+    Ring(u64),
+    /// Onto the socket.
+    Socket,
+    /// Nowhere: the connection is closed.
+    Closed,
+}
 
 struct Inner {
     id: u64,
@@ -85,6 +108,8 @@ struct Inner {
     pending: Pending,
     next_seq: AtomicU64,
     closed: AtomicBool,
+    /// The peer ended the connection (its socket reached end of stream).
+    closed_by_peer: AtomicBool,
     authenticated: AtomicBool,
     closed_notify: tokio::sync::Notify,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
@@ -121,6 +146,8 @@ struct RingLink {
 struct Producer {
     overflow: VecDeque<Vec<u8>>,
     flushing: bool,
+    /// The ring position after every byte taken so far (written or queued).
+    end: u64,
 }
 
 /// How long the accepting end's reader keeps polling after its last frame
@@ -251,6 +278,7 @@ impl Conn {
                 pending: Mutex::new(HashMap::new()),
                 next_seq: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
+                closed_by_peer: AtomicBool::new(false),
                 authenticated: AtomicBool::new(false),
                 closed_notify: tokio::sync::Notify::new(),
                 tasks: Mutex::new(Vec::new()),
@@ -262,9 +290,15 @@ impl Conn {
         let reader_conn = conn.clone();
         let reader = tokio::spawn(async move {
             let result = read_loop(read, &reader_conn, handler.as_ref(), handshake).await;
-            if let Err(e) = result {
-                tracing::debug!(conn = ?reader_conn, "connection ended: {e}");
-                reader_conn.close_after_flush();
+            match result {
+                Ok(()) => reader_conn
+                    .inner
+                    .closed_by_peer
+                    .store(true, Ordering::Release),
+                Err(e) => {
+                    tracing::debug!(conn = ?reader_conn, "connection ended: {e}");
+                    reader_conn.close_after_flush();
+                }
             }
             reader_conn.drain_ring_at_end();
             reader_conn.finish();
@@ -364,9 +398,23 @@ impl Conn {
         if let Some(link) = self.inner.ring.get() {
             link.pair.wake_reader();
         }
+        // What the peer read of the ring, if it ended the connection (a
+        // connection closed here may still be read).
+        let consumed = self
+            .inner
+            .ring
+            .get()
+            .filter(|_| self.inner.closed_by_peer.load(Ordering::Acquire))
+            .map(|link| link.pair.consumed());
         let pending: Vec<_> = self.inner.pending.lock().drain().collect();
-        for (_, waiter) in pending {
-            let _ = waiter.send(Err(self.unreachable("connection closed")));
+        for (_, (waiter, start)) in pending {
+            let unread = matches!((consumed, start), (Some(read), Some(start)) if read <= start);
+            let message = if unread {
+                NEVER_READ
+            } else {
+                "connection closed"
+            };
+            let _ = waiter.send(Err(self.unreachable(message)));
         }
         self.inner.closed_notify.notify_waiters();
     }
@@ -381,12 +429,20 @@ impl Conn {
     /// Queues an encoded frame on the ring when it carries this end's
     /// frames, else on the socket. False if the connection is closed.
     fn send_bytes(&self, buf: Vec<u8>) -> bool {
+        !matches!(self.send_tracked(buf), Sent::Closed)
+    }
+
+    /// [`send_bytes`](Self::send_bytes), saying where the frame went.
+    fn send_tracked(&self, buf: Vec<u8>) -> Sent {
         if let Some(link) = self.inner.ring.get() {
             if link.sending.load(Ordering::Acquire) {
-                return link.send(self, buf);
+                return link.send(self, buf).map_or(Sent::Closed, Sent::Ring);
             }
         }
-        self.inner.tx.send(buf).is_ok()
+        match self.inner.tx.send(buf) {
+            Ok(()) => Sent::Socket,
+            Err(_) => Sent::Closed,
+        }
     }
 
     fn send_frame(&self, frame: &Frame) {
@@ -429,12 +485,27 @@ impl Conn {
         }) {
             Err(e) => Some(e),
             Ok(buf) => {
-                self.inner.pending.lock().insert(seq, tx);
-                if self.is_closed() || !self.send_bytes(buf) {
-                    self.inner.pending.lock().remove(&seq);
-                    Some(self.unreachable("connection closed"))
+                // Registered before it is sent (the reply may come at once),
+                // with its ring position once known; the ring's producer
+                // lock orders positions as frames go in.
+                self.inner.pending.lock().insert(seq, (tx, None));
+                let sent = if self.is_closed() {
+                    Sent::Closed
                 } else {
-                    None
+                    self.send_tracked(buf)
+                };
+                match sent {
+                    Sent::Closed => {
+                        self.inner.pending.lock().remove(&seq);
+                        Some(self.unreachable("connection closed"))
+                    }
+                    Sent::Ring(start) => {
+                        if let Some((_, at)) = self.inner.pending.lock().get_mut(&seq) {
+                            *at = Some(start);
+                        }
+                        None
+                    }
+                    Sent::Socket => None,
                 }
             }
         };
@@ -592,22 +663,25 @@ impl RingLink {
     }
 
     /// Writes a frame now if it fits and nothing waits before it; else
-    /// queues it for a flusher thread.
-    fn send(self: &Arc<Self>, conn: &Conn, buf: Vec<u8>) -> bool {
+    /// queues it for a flusher thread. Returns the ring position the frame
+    /// starts at, or `None` if the connection is closed.
+    fn send(self: &Arc<Self>, conn: &Conn, buf: Vec<u8>) -> Option<u64> {
         if conn.is_closed() {
-            return false;
+            return None;
         }
         let mut producer = self.producer.lock();
+        let start = producer.end;
+        producer.end += buf.len() as u64;
         if !producer.flushing {
             match self.pair.fits(buf.len()) {
                 Ok(true) => {
                     return match self.pair.write_some(&buf) {
-                        Ok(_) => true,
+                        Ok(_) => Some(start),
                         Err(e) => {
                             drop(producer);
                             tracing::debug!(?conn, "ring failed: {e}");
                             conn.close();
-                            false
+                            None
                         }
                     };
                 }
@@ -616,7 +690,7 @@ impl RingLink {
                     drop(producer);
                     tracing::debug!(?conn, "ring failed: {e}");
                     conn.close();
-                    return false;
+                    return None;
                 }
             }
         }
@@ -634,10 +708,10 @@ impl RingLink {
                 drop(producer);
                 tracing::warn!(?conn, "cannot start a ring flusher: {e}");
                 conn.close();
-                return false;
+                return None;
             }
         }
-        true
+        Some(start)
     }
 
     /// Writes queued frames piece by piece as the peer frees space.
@@ -890,7 +964,7 @@ fn dispatch(conn: &Conn, bytes: &[u8], handler: &dyn Handler) -> Result<()> {
     match frame.body {
         Body::Reply(reply) => {
             let waiter = conn.inner.pending.lock().remove(&frame.seq);
-            if let Some(waiter) = waiter {
+            if let Some((waiter, _)) = waiter {
                 let _ = waiter.send(reply);
             }
         }

@@ -180,6 +180,12 @@ impl RingPair {
         Ok(n)
     }
 
+    /// How many bytes of this side's ring the peer has read, ever: a frame
+    /// written at a position at or past it never reached the peer.
+    pub fn consumed(&self) -> u64 {
+        self.control(self.out_ring()).head.0.load(Ordering::Acquire)
+    }
+
     /// Whether a whole frame of `len` bytes fits now.
     pub fn fits(&self, len: usize) -> Result<bool> {
         Ok(self.free()? >= len as u64)

@@ -73,13 +73,21 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
         .map_err(|e| Error::io("start tokio", e))
 }
 
-fn init_tracing() {
+/// Daemons' default log filter: braid's info lines (start, join, workers,
+/// leases, deaths) in their log files, only warnings from libraries.
+const DAEMON_LOG: &str = "warn,braid=info";
+/// Workers' default: their output goes to their driver's terminal.
+const WORKER_LOG: &str = "warn";
+
+fn init_tracing(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -101,7 +109,7 @@ fn raise_open_files() {
 }
 
 fn run_daemon() -> i32 {
-    init_tracing();
+    init_tracing(DAEMON_LOG);
     raise_open_files();
     let parsed: Option<(DaemonConfig, DaemonOptions)> = std::env::var(DAEMON_VAR)
         .ok()
@@ -290,7 +298,7 @@ pub(crate) async fn wait_for_exit(pid: u32) {
 
 fn run_worker() -> i32 {
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
-    init_tracing();
+    init_tracing(WORKER_LOG);
     raise_open_files();
     let config: WorkerConfig = match std::env::var(WORKER_VAR)
         .ok()

@@ -493,6 +493,21 @@ fn jobs_run_on_the_head_and_keep_state_exit_codes_and_output() {
         .unwrap_or_else(|| panic!("the driver is not among the jobs: {drivers:?}"));
     assert_eq!(listed["state"], "SUCCEEDED", "{listed}");
     assert_eq!(listed["exit_code"], 0, "{listed}");
+    // `braid status` says the same, with times.
+    let status = braid.status();
+    let in_status = status["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["job_id"] == driver.as_str())
+        .unwrap_or_else(|| panic!("the driver is not in braid status: {status}"));
+    assert_eq!(in_status["state"], "SUCCEEDED", "{in_status}");
+    assert_eq!(in_status["exit_code"], 0, "{in_status}");
+    let text = braid.ok(&["status"]);
+    assert!(
+        text.contains("SUCCEEDED") && text.contains("STARTED (UTC)"),
+        "{text}"
+    );
 
     let sleeper = braid.submit(&["--", "sleep", "60"]);
     braid.job_state(&sleeper, &["RUNNING"]);
@@ -595,6 +610,27 @@ fn workers_take_the_drivers_environment_not_the_nodes() {
     assert!(out.status.success(), "{out:?}");
     let address = braid.status()["address"].as_str().unwrap().to_owned();
     let stdout = braid.env_driver(Some(&address));
+    // The daemons' logs say, at the default level, what happened.
+    let mut logs = String::new();
+    for entry in walk(&braid.user_dir()) {
+        let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+        if name == "head.log" || (name.starts_with("node-") && name.ends_with(".log")) {
+            logs.push_str(&std::fs::read_to_string(&entry).unwrap());
+        }
+    }
+    for line in [
+        "head serving",
+        "node registered",
+        "node joined the cluster",
+        "job registered",
+        "worker started",
+    ] {
+        assert!(
+            logs.contains(line),
+            "no {line:?} in the daemons' logs:\n{logs}"
+        );
+    }
+    assert!(!logs.contains('\u{1b}'), "colour codes in a log file");
     assert!(
         stdout.contains(r#"WORKER-ENV greeting=Some("hello") backtrace=None"#),
         "the worker has the declared variable, and not the node's RUST_BACKTRACE: {stdout}"
@@ -692,4 +728,18 @@ fn init_joins_the_cluster_started_on_this_machine() {
     );
     let chosen = braid.init_driver(Some(&address));
     assert!(chosen.contains(&format!("JOINED {address} ")), "{chosen}");
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }

@@ -1,6 +1,7 @@
 //! The cluster's state as JSON: what `braid status --json` prints and the
 //! dashboard's `/api/*` serve, one definition for both.
 
+use crate::rpc::job_manager::Submission;
 use crate::rpc::{
     ActorRecord, ClusterStatusRecord, JobRecord, NodeRecord, PlacementGroupRecord,
     PlacementStrategy,
@@ -66,7 +67,7 @@ pub fn series(by_node: Vec<(String, Vec<Family>)>) -> Json<Value> {
 
 /// The status as one JSON object (live nodes under `nodes`, dead ones
 /// under `dead_nodes`).
-pub fn to_json(address: &str, status: &ClusterStatusRecord) -> Value {
+pub fn to_json(address: &str, status: &ClusterStatusRecord, submitted: &[Submission]) -> Value {
     let (alive, dead): (Vec<&NodeRecord>, Vec<&NodeRecord>) =
         status.nodes.iter().partition(|n| n.alive);
     json!({
@@ -77,7 +78,7 @@ pub fn to_json(address: &str, status: &ClusterStatusRecord) -> Value {
         "dead_nodes": dead.iter().map(|n| node_json(n)).collect::<Vec<_>>(),
         "actors": status.actors.iter().map(actor_json).collect::<Vec<_>>(),
         "placement_groups": status.placement_groups.iter().map(pg_json).collect::<Vec<_>>(),
-        "jobs": status.jobs.iter().map(job_json).collect::<Vec<_>>(),
+        "jobs": status.jobs.iter().map(|j| job_json_with(j, submitted)).collect::<Vec<_>>(),
     })
 }
 
@@ -137,6 +138,21 @@ pub fn pg_json(p: &PlacementGroupRecord) -> Value {
         "job_id": p.spec.job_id.map(|j| j.to_string()),
         "created_ms": p.created_ms,
     })
+}
+
+/// A job as JSON, with what the head's job manager saw of its driver's
+/// process if `braid job submit` started it: its final state
+/// (`SUCCEEDED`, `FAILED`, `STOPPED`), exit code and command.
+pub fn job_json_with(j: &JobRecord, submitted: &[Submission]) -> Value {
+    let mut row = job_json(j);
+    if let Some(s) = submitted.iter().find(|s| s.job_id == j.info.job_id) {
+        if s.state.is_terminal() {
+            row["state"] = json!(format!("{:?}", s.state).to_uppercase());
+        }
+        row["exit_code"] = json!(s.exit_code);
+        row["entrypoint"] = json!(s.entrypoint.join(" "));
+    }
+    row
 }
 
 /// A job as JSON.

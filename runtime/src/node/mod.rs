@@ -318,6 +318,12 @@ pub async fn run_node(
             remote: true,
         }),
     ));
+    tracing::info!(
+        node = %id,
+        head = %node.config.head,
+        grpc = %grpc_address,
+        "node joined the cluster"
+    );
     ready(&NodeReady {
         node: id,
         control_socket,

@@ -476,6 +476,15 @@ impl super::Node {
                     continue;
                 };
                 w.state = WorkerState::Leased(lease);
+                // An actor's lease is an event worth a line; tasks' are
+                // too many.
+                match waiting.request.actor {
+                    Some(actor) => tracing::info!(
+                        %job, %actor, pid = w.pid, resources = %waiting.request.resources,
+                        "worker leased to an actor"
+                    ),
+                    None => tracing::debug!(%job, pid = w.pid, "worker leased to tasks"),
+                }
                 w.actor = waiting.request.actor;
                 w.detached = waiting.request.detached;
                 let Some(address) = w.address.clone() else {

@@ -281,6 +281,7 @@ impl super::Node {
             .join(format!("worker-{}.log", &worker.to_string()[..8]));
         let mut child = spawn_worker(spec, &config, &log)?;
         let pid = child.id().unwrap_or(0);
+        tracing::info!(job = %spec.job, pid, log = %log.display(), "worker started");
         self.worker_logs.lock().started(pid, spec.job, log.clone());
         self.state.lock().workers.insert(
             worker,
@@ -311,7 +312,12 @@ impl super::Node {
             let Some(entry) = state.workers.remove(&worker) else {
                 return;
             };
-            tracing::debug!("worker pid {} exited: {status:?}", entry.pid);
+            match status {
+                Some(s) if s.success() => {
+                    tracing::info!(job = %entry.job, pid = entry.pid, "worker exited")
+                }
+                _ => tracing::info!(job = %entry.job, pid = entry.pid, ?status, "worker died"),
+            }
             if let WorkerState::Leased(lease) = entry.state {
                 if let Some(l) = state.leases.remove(&lease) {
                     state.ledger.release(l.pool, &l.resources);

@@ -94,6 +94,15 @@ pub fn connect(address: &str, token: &str) -> anyhow::Result<Connected> {
 }
 
 impl Connected {
+    /// The jobs `braid job submit` started, as the head's job manager
+    /// keeps them (none if it cannot be asked).
+    pub fn submitted_jobs(&self) -> Vec<braid::rpc::job_manager::Submission> {
+        self.get_api("/api/jobs/submitted", std::time::Duration::from_secs(10))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
     /// The head's address.
     pub fn address(&self) -> &str {
         &self.address

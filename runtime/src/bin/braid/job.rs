@@ -5,7 +5,7 @@
 
 use crate::cli::{usage_error, JobCommand, JobIdArgs, JobLogsArgs, JobSubmitArgs};
 use crate::client::{self, Connected};
-use crate::table::{short, table};
+use crate::table::{short, table, utc};
 use anyhow::Context;
 use braid::rpc::job_manager::{LogChunk, Submission, SubmitRequest};
 use std::io::Write;
@@ -94,7 +94,7 @@ fn status(connected: &Connected, id: &str) -> anyhow::Result<Submission> {
 }
 
 fn when(ms: Option<u64>) -> String {
-    ms.map_or_else(|| "-".into(), |ms| format!("{:.3}", ms as f64 / 1e3))
+    ms.map_or_else(|| "-".into(), utc)
 }
 
 fn row(job: &Submission) -> Vec<String> {

@@ -7,7 +7,7 @@
 use crate::cli::{ListArgs, ListKind};
 use crate::client;
 use crate::table::{bytes, short, table};
-use braid::dashboard::api::{actor_json, job_json, node_json, pg_json};
+use braid::dashboard::api::{actor_json, job_json_with, node_json, pg_json};
 use braid::telemetry::spans::Span;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -34,26 +34,12 @@ pub fn run(args: ListArgs) -> anyhow::Result<()> {
         ListKind::Jobs => {
             // A submitted job's driver: its state and exit code as the head's
             // job manager saw its process end.
-            let submitted: Vec<braid::rpc::job_manager::Submission> = connected
-                .get_api("/api/jobs/submitted", GATHER)
-                .ok()
-                .and_then(|text| serde_json::from_str(&text).ok())
-                .unwrap_or_default();
+            let submitted = connected.submitted_jobs();
             connected
                 .cluster_status()?
                 .jobs
                 .iter()
-                .map(|j| {
-                    let mut row = job_json(j);
-                    if let Some(s) = submitted.iter().find(|s| s.job_id == j.info.job_id) {
-                        if s.state.is_terminal() {
-                            row["state"] = json!(format!("{:?}", s.state).to_uppercase());
-                        }
-                        row["exit_code"] = json!(s.exit_code);
-                        row["entrypoint"] = json!(s.entrypoint.join(" "));
-                    }
-                    row
-                })
+                .map(|j| job_json_with(j, &submitted))
                 .collect()
         }
         ListKind::PlacementGroups => connected

@@ -2,9 +2,10 @@
 
 use crate::cli::StatusArgs;
 use crate::client;
-use crate::table::{bytes, short, table};
-use braid::dashboard::api::{metrics_url, strategy_name, to_json};
+use crate::table::{bytes, short, table, utc};
+use braid::dashboard::api::{job_json_with, metrics_url, strategy_name, to_json};
 use braid::resources::{CPU, MEMORY};
+use braid::rpc::job_manager::Submission;
 use braid::rpc::{ClusterStatusRecord, ResourceMap};
 
 /// Runs `braid status`.
@@ -12,10 +13,11 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let connected = client::connect_to("status", args.address, args.token)?;
     let address = connected.address().to_owned();
     let status = connected.cluster_status()?;
+    let submitted = connected.submitted_jobs();
     if args.json {
-        println!("{}", to_json(&address, &status));
+        println!("{}", to_json(&address, &status, &submitted));
     } else {
-        print!("{}", to_text(&address, &status));
+        print!("{}", to_text(&address, &status, &submitted));
     }
     Ok(())
 }
@@ -37,7 +39,7 @@ fn used(total: &ResourceMap, available: &ResourceMap, name: &str) -> (f64, f64) 
 }
 
 /// The status as tables.
-pub fn to_text(address: &str, status: &ClusterStatusRecord) -> String {
+pub fn to_text(address: &str, status: &ClusterStatusRecord, submitted: &[Submission]) -> String {
     let live = status.nodes.iter().filter(|n| n.alive).count();
     let mut out = format!(
         "Cluster {} at {address}: {live} live node{}{}\n",
@@ -117,12 +119,24 @@ pub fn to_text(address: &str, status: &ClusterStatusRecord) -> String {
                         .unwrap_or_else(|| "-".into()),
                     a.restarts.to_string(),
                     if a.spec.detached { "yes" } else { "no" }.into(),
+                    if a.death_cause.is_empty() {
+                        "-".into()
+                    } else {
+                        a.death_cause.clone()
+                    },
                 ]
             })
             .collect();
         out.push_str(&table(
             &[
-                "ACTOR", "CLASS", "NAME", "STATE", "NODE", "RESTARTS", "DETACHED",
+                "ACTOR",
+                "CLASS",
+                "NAME",
+                "STATE",
+                "NODE",
+                "RESTARTS",
+                "DETACHED",
+                "DEATH CAUSE",
             ],
             &rows,
         ));
@@ -172,10 +186,16 @@ pub fn to_text(address: &str, status: &ClusterStatusRecord) -> String {
             .jobs
             .iter()
             .map(|j| {
+                let row = job_json_with(j, submitted);
                 vec![
                     short(&j.info.job_id.to_string()),
                     j.info.driver_pid.to_string(),
-                    if j.finished { "FINISHED" } else { "RUNNING" }.into(),
+                    row["state"].as_str().unwrap_or("-").to_owned(),
+                    row["exit_code"]
+                        .as_i64()
+                        .map_or_else(|| "-".into(), |c| c.to_string()),
+                    utc(j.start_time_ms),
+                    j.end_time_ms.map_or_else(|| "-".into(), utc),
                     j.info
                         .exe_path
                         .file_name()
@@ -184,7 +204,18 @@ pub fn to_text(address: &str, status: &ClusterStatusRecord) -> String {
                 ]
             })
             .collect();
-        out.push_str(&table(&["JOB", "DRIVER PID", "STATUS", "PROGRAM"], &rows));
+        out.push_str(&table(
+            &[
+                "JOB",
+                "DRIVER PID",
+                "STATE",
+                "EXIT",
+                "STARTED (UTC)",
+                "ENDED (UTC)",
+                "PROGRAM",
+            ],
+            &rows,
+        ));
     }
     out
 }

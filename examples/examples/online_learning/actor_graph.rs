@@ -50,7 +50,7 @@ fn job(params: &JobParams) -> StreamEnv {
 braid_actors::stream_job!(ONLINE_LEARNING_JOB, JOB, job);
 
 /// How often the driver refreshes the live line and the timeline.
-const TICK: Duration = Duration::from_millis(500);
+const TICK: Duration = crate::common::POINT_EVERY;
 
 /// How long one of the driver's queries may wait (the job recovering).
 const QUERY_WAIT: Duration = Duration::from_secs(2);

@@ -251,6 +251,10 @@ pub fn children_cpu_seconds() -> f64 {
     cpu_seconds_of(std::process::id()).map_or(0.0, |(_, children)| children)
 }
 
+/// How often a run adds a point to its timeline: 125 points in the
+/// default 25-second run.
+pub const POINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// One point of the run's timeline (for the progress line and the plot).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct TimelinePoint {

@@ -278,7 +278,7 @@ fn run(config: &FusedConfig, shared: &Arc<Shared>) -> anyhow::Result<ModeReport>
                 let mut next = Instant::now();
                 let mut running = true;
                 while running {
-                    next += Duration::from_millis(500);
+                    next += crate::common::POINT_EVERY;
                     running = matches!(
                         ended.recv_timeout(next.saturating_duration_since(Instant::now())),
                         Err(mpsc::RecvTimeoutError::Timeout)

@@ -26,6 +26,10 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// Rows per second the built-in stream is paced at by default: its 1M rows
+/// in about 25 s.
+const DEMO_RATE: f64 = 40_000.0;
+
 /// The embedded node's object store: the fused job passes its batches
 /// inside one process, so the store needs little room.
 const STORE_BYTES: u64 = 256 << 20;
@@ -89,9 +93,14 @@ struct Args {
     /// keeps up with that rate at the lower CPU. One JSON object.
     #[arg(long)]
     compare: bool,
-    /// Throttle the source to this many rows per second.
+    /// Throttle the source to this many rows per second [default for the
+    /// built-in stream: 40,000, so its 1M rows take about 25 s and the
+    /// learning and the drift can be watched; see --quick].
     #[arg(long)]
     rate: Option<f64>,
+    /// Run the built-in stream unthrottled (about 2 s) instead of paced.
+    #[arg(long, conflicts_with = "rate")]
+    quick: bool,
     /// Separate mode: publish/poll interval, ms (--compare finds it).
     #[arg(long, default_value_t = 10)]
     refresh_ms: u64,
@@ -140,6 +149,18 @@ impl Args {
         }
     }
 
+    /// The source's pace: `--rate`, else [`DEMO_RATE`] for the built-in
+    /// stream (not with `--quick` or `--compare`, which find their rates).
+    fn pace(&self) -> Option<f64> {
+        if self.rate.is_some() || self.quick || self.compare {
+            return self.rate;
+        }
+        match self.input() {
+            InputSpec::Synthetic { .. } => Some(DEMO_RATE),
+            _ => None,
+        }
+    }
+
     /// `--capacity`, or the keys the input can have.
     fn capacity(&self) -> usize {
         self.capacity.unwrap_or_else(|| {
@@ -161,16 +182,23 @@ impl Args {
     }
 }
 
+/// The live line: redrawn on a terminal a few times a second when its text
+/// changed, printed every 2 s otherwise.
 struct Progress {
     tty: bool,
     last: Instant,
+    shown: String,
 }
+
+/// How often a terminal's live line may be redrawn.
+const REDRAW: Duration = Duration::from_millis(250);
 
 impl Progress {
     fn new() -> Self {
         Self {
             tty: std::io::stderr().is_terminal(),
             last: Instant::now(),
+            shown: String::new(),
         }
     }
 
@@ -178,7 +206,12 @@ impl Progress {
         let line = report::progress_line(mode, p);
         let mut err = std::io::stderr();
         if self.tty {
+            if line == self.shown || self.last.elapsed() < REDRAW {
+                return;
+            }
             let _ = write!(err, "\r{line}\x1b[K");
+            self.last = Instant::now();
+            self.shown = line;
         } else if self.last.elapsed() >= Duration::from_secs(2) {
             let _ = writeln!(err, "{line}");
             self.last = Instant::now();
@@ -624,7 +657,7 @@ fn main() -> anyhow::Result<()> {
     } else if args.mode == "separate" {
         let cfg = separate_config(
             &args,
-            args.rate,
+            args.pace(),
             args.refresh_ms,
             args.predictions.clone(),
             scratch.path(),
@@ -641,7 +674,7 @@ fn main() -> anyhow::Result<()> {
         let (mut r, status, remote) = run_fused(
             &rt,
             &args,
-            args.rate,
+            args.pace(),
             args.batch_rows,
             args.predictions.clone(),
             scratch.path(),
@@ -686,7 +719,7 @@ fn main() -> anyhow::Result<()> {
     if args.json {
         println!("{summary}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        print!("{}", report::human_summary(&summary));
     }
     Ok(())
 }

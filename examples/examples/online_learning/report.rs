@@ -218,3 +218,54 @@ pub fn report_json(r: &ModeReport) -> serde_json::Value {
         "skipped_lines": r.skipped_lines,
     })
 }
+
+/// The end of a run for people: what each mode learned and how fast,
+/// from the summary JSON (`--json` prints that instead).
+pub fn human_summary(summary: &serde_json::Value) -> String {
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let mode_line = |name: &str, m: &serde_json::Value| {
+        format!(
+            "{name:<9} {} rows in {:.1} s ({} rows/s): AUC {:.4}, logloss {:.4}; \
+             ingest-to-serving p50 {} p99 {}, model lag p99 {}; {:.2} CPU-s per million rows\n",
+            grouped(m["rows"].as_u64().unwrap_or(0)),
+            num(&m["seconds"]),
+            grouped(num(&m["events_per_s"]).max(0.0).round() as u64),
+            num(&m["auc"]),
+            num(&m["logloss"]),
+            ms(num(&m["latency_ms_p50"])),
+            ms(num(&m["latency_ms_p99"])),
+            ms(num(&m["model_lag_ms_p99"])),
+            num(&m["cpu_seconds_per_million"]),
+        )
+    };
+    let mut out = String::from("\nOnline learning, progressive validation (each row scored before it trains):\n");
+    if summary.get("rows").is_some() {
+        let name = summary["runner"]
+            .as_str()
+            .map_or("separate", |r| if r == "cluster" { "actors" } else { "fused" });
+        out.push_str(&mode_line(name, summary));
+        if let Some(failures) = summary["failures"].as_u64().filter(|f| *f > 0) {
+            out.push_str(&format!(
+                "          {failures} failure(s) recovered from checkpoints (resumed from epoch {})\n",
+                summary["resumed_from_epoch"]
+            ));
+        }
+    } else {
+        for name in ["chained", "actors", "separate"] {
+            if let Some(m) = summary.get(name) {
+                out.push_str(&mode_line(name, m));
+            }
+        }
+        let r = &summary["ratios"]["fused_over_separate"];
+        out.push_str(&format!(
+            "fused ({}) over separate: {:.2}x the rows/s at saturation, {:.2}x the CPU per row, \
+             {:.2}x the p99 latency, {:.2}x the model lag\n",
+            summary["fused"]["mode"].as_str().unwrap_or("-"),
+            num(&r["events_per_s_saturation"]),
+            num(&r["cpu_seconds_per_million"]),
+            num(&r["latency_ms_p99"]),
+            num(&r["model_lag_ms_p99"]),
+        ));
+    }
+    out
+}

@@ -72,7 +72,7 @@ pub const KEEP_UP_LAG_INTERVALS: f64 = 3.0;
 /// delta, and scheduling noise with three busy processes.
 pub const KEEP_UP_LAG_SLACK_MS: f64 = 100.0;
 
-const POINT_INTERVAL: Duration = Duration::from_millis(500);
+const POINT_INTERVAL: Duration = crate::common::POINT_EVERY;
 const QUERY_INTERVAL: Duration = Duration::from_millis(1);
 /// Rows of the input the server cycles through as queries.
 const SAMPLE_ROWS: usize = 1024;

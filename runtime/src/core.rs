@@ -66,6 +66,9 @@ pub(crate) trait Inbox: Send + Sync {
     fn on_request(&self, message: Message, responder: Responder);
     /// The caller cancelled `task`.
     fn cancel(&self, task: TaskId);
+    /// The caller cancelled `task` by force: a synchronous run of it ends
+    /// with this process.
+    fn cancel_force(&self, task: TaskId);
 }
 
 /// What [`Core::start`] needs.
@@ -157,6 +160,11 @@ impl Handler for CoreHandler {
             Message::Cancel(task) => {
                 if let Some(inbox) = core.inbox.get() {
                     inbox.cancel(task);
+                }
+            }
+            Message::CancelForce(task) => {
+                if let Some(inbox) = core.inbox.get() {
+                    inbox.cancel_force(task);
                 }
             }
             Message::Log {

@@ -92,9 +92,14 @@ pub(crate) struct Executor {
     tasks: mpsc::UnboundedSender<(TaskSpec, Responder, Arrival)>,
     actor: Mutex<Option<Hosted>>,
     cancelled: Mutex<HashSet<TaskId>>,
-    running: Mutex<Option<(TaskId, tokio::task::AbortHandle)>>,
+    /// The task running, its abort handle, and whether it runs
+    /// synchronously (an abort cannot stop it).
+    running: Mutex<Option<(TaskId, tokio::task::AbortHandle, bool)>>,
     self_ref: Weak<Executor>,
 }
+
+/// A worker's exit code when it exits to end a task cancelled by force.
+pub(crate) const EXIT_FORCE_CANCELLED: i32 = 137;
 
 impl crate::core::Inbox for Executor {
     fn on_request(&self, message: Message, responder: Responder) {
@@ -105,6 +110,19 @@ impl crate::core::Inbox for Executor {
     }
 
     fn cancel(&self, task: TaskId) {
+        self.cancel_task(task);
+    }
+
+    fn cancel_force(&self, task: TaskId) {
+        let running_sync = matches!(
+            self.running.lock().as_ref(),
+            Some((running, _, true)) if *running == task
+        );
+        if running_sync {
+            // A thread cannot be stopped from outside; the process can.
+            tracing::warn!(%task, "exiting: the task was cancelled by force while running");
+            std::process::exit(EXIT_FORCE_CANCELLED);
+        }
         self.cancel_task(task);
     }
 }
@@ -182,7 +200,7 @@ impl Executor {
     /// aborted.
     fn cancel_task(&self, task: TaskId) {
         self.cancelled.lock().insert(task);
-        if let Some((running, abort)) = self.running.lock().as_ref() {
+        if let Some((running, abort, _)) = self.running.lock().as_ref() {
             if *running == task {
                 abort.abort();
             }
@@ -258,8 +276,10 @@ async fn task_loop(
         let core2 = core.clone();
         let started = Arrival::now();
         let submitted_ns = spec.submitted_ns;
+        let sync = registry::function(&function)
+            .is_ok_and(|entry| matches!(entry.invoke, Invoke::Sync(_)));
         let run = tokio::spawn(async move { run_task(&core2, spec).await });
-        *executor.running.lock() = Some((task, run.abort_handle()));
+        *executor.running.lock() = Some((task, run.abort_handle(), sync));
         let outcome = match run.await {
             Ok(r) => r,
             Err(e) if e.is_cancelled() => Err(Error::Cancelled),

@@ -518,10 +518,20 @@ impl Runtime {
     /// Cancels the task behind `r`: its reference resolves to
     /// [`Error::Cancelled`]. A task that has not started never runs; a
     /// running async task is aborted; a running sync task finishes but its
-    /// result is dropped. Returns false if this process did not submit it
-    /// or it already finished.
+    /// result is dropped ([`cancel_force`](Self::cancel_force) ends it).
+    /// Returns false if this process did not submit it or it already
+    /// finished.
     pub fn cancel<T>(&self, r: &ObjectRef<T>) -> bool {
-        self.tasks.cancel(r.id())
+        self.tasks.cancel(r.id(), false)
+    }
+
+    /// Cancels a task by force (Ray's `cancel(ref, force=True)`): as
+    /// [`cancel`](Self::cancel), and if it is running synchronously its
+    /// worker process exits, so its CPU returns to the node at once (other
+    /// tasks queued on that worker are retried elsewhere). Its reference
+    /// fails with [`Error::Cancelled`].
+    pub fn cancel_force<T>(&self, r: &ObjectRef<T>) -> bool {
+        self.tasks.cancel(r.id(), true)
     }
 
     /// Reserves resource bundles together.

@@ -133,7 +133,9 @@ impl TaskOptions {
         self
     }
 
-    /// Fail the task with [`Error::Timeout`] if it has not finished in `d`.
+    /// Fail the task with [`Error::Timeout`] if it has not finished in `d`;
+    /// a synchronous run still going then ends with its worker process
+    /// (as [`crate::Runtime::cancel_force`]), freeing its CPU.
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = Some(d);
         self
@@ -340,7 +342,7 @@ impl Submitter {
     /// Cancels the task producing `returns`: a queued task never runs, a
     /// running one is told to stop, and its reference resolves to
     /// [`Error::Cancelled`] at once.
-    pub(crate) fn cancel(&self, returns: ObjectId) -> bool {
+    pub(crate) fn cancel(&self, returns: ObjectId, force: bool) -> bool {
         let Some(core) = self.core.upgrade() else {
             return false;
         };
@@ -348,7 +350,11 @@ impl Submitter {
             return false;
         };
         if let Some(conn) = entry.worker {
-            conn.send(Message::Cancel(entry.task));
+            conn.send(if force {
+                Message::CancelForce(entry.task)
+            } else {
+                Message::Cancel(entry.task)
+            });
         }
         core.refs
             .set_state(returns, ValueState::Failed(Error::Cancelled));
@@ -817,7 +823,9 @@ async fn run_pool(
                     Some(d) => match tokio::time::timeout(d, reply).await {
                         Ok(r) => r,
                         Err(_) => {
-                            conn.send(Message::Cancel(task.task));
+                            // Its worker exits if it still runs it, so
+                            // the CPU it holds returns at once.
+                            conn.send(Message::CancelForce(task.task));
                             Err(Error::Timeout(d))
                         }
                     },

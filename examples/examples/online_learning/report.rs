@@ -238,11 +238,17 @@ pub fn human_summary(summary: &serde_json::Value) -> String {
             num(&m["cpu_seconds_per_million"]),
         )
     };
-    let mut out = String::from("\nOnline learning, progressive validation (each row scored before it trains):\n");
+    let mut out = String::from(
+        "\nOnline learning, progressive validation (each row scored before it trains):\n",
+    );
     if summary.get("rows").is_some() {
-        let name = summary["runner"]
-            .as_str()
-            .map_or("separate", |r| if r == "cluster" { "actors" } else { "fused" });
+        let name = summary["runner"].as_str().map_or("separate", |r| {
+            if r == "cluster" {
+                "actors"
+            } else {
+                "fused"
+            }
+        });
         out.push_str(&mode_line(name, summary));
         if let Some(failures) = summary["failures"].as_u64().filter(|f| *f > 0) {
             out.push_str(&format!(

@@ -211,6 +211,7 @@ pub fn message_name(message: &Message) -> &'static str {
         Message::CreateActor(_) => "CreateActor",
         Message::CallActor(_) => "CallActor",
         Message::Cancel(_) => "Cancel",
+        Message::CancelForce(_) => "CancelForce",
         Message::GetObject(_) => "GetObject",
         Message::AddBorrower { .. } => "AddBorrower",
         Message::RemoveBorrower { .. } => "RemoveBorrower",

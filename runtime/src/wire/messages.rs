@@ -260,8 +260,12 @@ pub enum Message {
     CreateActor(ActorSpec),
     /// Caller → actor: call a method.
     CallActor(CallSpec),
-    /// Caller → worker: cancel a task if it has not started.
+    /// Caller → worker: cancel a task if it has not started (an async one
+    /// at its next await).
     Cancel(TaskId),
+    /// Caller → worker: cancel a task, and if it is running synchronously,
+    /// exit (the worker's resources return to its node).
+    CancelForce(TaskId),
     /// Borrower → owner: the object's status, once it is ready.
     GetObject(ObjectId),
     /// Anyone → owner: `borrower` holds a reference.

@@ -107,7 +107,8 @@ async fn main() -> anyhow::Result<()> {
 
     // A handle passed to a remote task, which calls the actor itself.
     let r = bump::remote(&rt, named.clone(), 5)?;
-    let last = rt.get(&r).await?.map_err(anyhow::Error::msg)?;
+    // Its `Err(String)` would arrive as `braid::Error::Application`.
+    let last = rt.get(&r).await?;
     println!(
         "task: bumped \"hits\" five times, last value {last}; get() = {}",
         named.get().await?

@@ -18,6 +18,21 @@ pub enum Error {
         /// The panic message or decoding error.
         message: String,
     },
+    /// The task or actor method returned `Err(e)`: `e` as text, and as its
+    /// type's serialized value, which [`Error::downcast`] turns back into
+    /// that type.
+    #[error("{function} returned an error: {message}")]
+    Application {
+        /// The function or `Class::method` that returned it.
+        function: String,
+        /// The error's type (`std::any::type_name`).
+        type_name: String,
+        /// The error as text (`Display`, else `Debug`).
+        message: String,
+        /// The error's serialized value (`None` if its type is not
+        /// `Serialize`).
+        payload: Option<Vec<u8>>,
+    },
     /// The worker process running the task died, and the retries are spent.
     #[error("worker died running {function} (after {attempts} attempts): {cause}")]
     WorkerDied {
@@ -140,6 +155,27 @@ pub enum Error {
 }
 
 impl Error {
+    /// The application's error of type `E` a task or method returned
+    /// (`Err(e)`), if this is one of that type.
+    ///
+    /// ```
+    /// # fn check(e: braid::Error) {
+    /// if let Some(message) = e.downcast::<String>() {
+    ///     println!("the task said: {message}");
+    /// }
+    /// # }
+    /// ```
+    pub fn downcast<E: serde::de::DeserializeOwned>(&self) -> Option<E> {
+        match self {
+            Error::Application {
+                type_name,
+                payload: Some(bytes),
+                ..
+            } if type_name == std::any::type_name::<E>() => codec::decode(bytes).ok(),
+            _ => None,
+        }
+    }
+
     /// [`Error::ObjectLost`] for the usual reason: no copy could be read.
     pub fn lost(id: ObjectId) -> Error {
         Error::lost_because(id, "no copy of it could be read")

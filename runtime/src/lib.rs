@@ -102,6 +102,66 @@ pub mod __private {
     pub use linkme;
     pub use serde;
 
+    /// An application error as [`crate::Error::Application`].
+    pub fn app_error(
+        function: &str,
+        type_name: &str,
+        message: String,
+        payload: Option<Vec<u8>>,
+    ) -> crate::Error {
+        crate::Error::Application {
+            function: function.to_owned(),
+            type_name: type_name.to_owned(),
+            message,
+            payload,
+        }
+    }
+
+    /// An application error being reported, for the autoref choice of how
+    /// to turn it into text and bytes (see `__app_error!`).
+    pub struct AppErr<'a, E>(pub &'a E);
+
+    /// Text of an error that is `Display`.
+    pub trait ViaDisplay {
+        /// The error's text.
+        fn braid_text(&self) -> String;
+    }
+    impl<E: std::fmt::Display> ViaDisplay for &AppErr<'_, E> {
+        fn braid_text(&self) -> String {
+            self.0.to_string()
+        }
+    }
+    /// Text of an error that is only `Debug`.
+    pub trait ViaDebug {
+        /// The error's text.
+        fn braid_text(&self) -> String;
+    }
+    impl<E: std::fmt::Debug> ViaDebug for AppErr<'_, E> {
+        fn braid_text(&self) -> String {
+            format!("{:?}", self.0)
+        }
+    }
+    /// The bytes of an error that is `Serialize`.
+    pub trait ViaSerialize {
+        /// The error's serialized value.
+        fn braid_payload(&self) -> Option<Vec<u8>>;
+    }
+    impl<E: serde::Serialize> ViaSerialize for &AppErr<'_, E> {
+        fn braid_payload(&self) -> Option<Vec<u8>> {
+            braid_store::codec::encode(self.0).ok()
+        }
+    }
+    /// No bytes for an error that is not `Serialize`.
+    pub trait ViaNothing {
+        /// None.
+        fn braid_payload(&self) -> Option<Vec<u8>>;
+    }
+    impl<E> ViaNothing for AppErr<'_, E> {
+        fn braid_payload(&self) -> Option<Vec<u8>> {
+            None
+        }
+    }
+
     /// Submits a task by its registered name.
     pub fn submit_task<R>(
         rt: &crate::Runtime,
@@ -111,4 +171,27 @@ pub mod __private {
     ) -> crate::Result<crate::ObjectRef<R>> {
         rt.tasks.submit(name, opts, args)
     }
+}
+
+/// Turns an application's error `err`, returned by `function`, into
+/// [`Error::Application`]: its `Display` text (else `Debug`) and, if its
+/// type is `Serialize`, its value. What `#[braid::remote]` and
+/// `#[braid::actor]` expand a returned `Err` to. Not a public API.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __app_error {
+    ($function:expr, $err:expr) => {{
+        #[allow(unused_imports)]
+        use $crate::__private::{
+            ViaDebug as _, ViaDisplay as _, ViaNothing as _, ViaSerialize as _,
+        };
+        let __braid_err = $err;
+        let __braid_wrapped = $crate::__private::AppErr(&__braid_err);
+        $crate::__private::app_error(
+            $function,
+            ::core::any::type_name_of_val(&__braid_err),
+            (&&__braid_wrapped).braid_text(),
+            (&&__braid_wrapped).braid_payload(),
+        )
+    }};
 }

@@ -30,6 +30,15 @@ impl Counter {
         self.n
     }
 
+    /// Adds `by` unless that passes `limit`.
+    fn add_within(&mut self, by: u64, limit: u64) -> Result<u64, String> {
+        if self.n + by > limit {
+            return Err(format!("{} + {by} passes {limit}", self.n));
+        }
+        self.n += by;
+        Ok(self.n)
+    }
+
     fn pid(&self) -> u32 {
         std::process::id()
     }
@@ -193,6 +202,21 @@ async fn kill_on_a_typed_handle_restarts_the_actor_unless_told_not_to() {
     assert_ne!(new_pid, pid, "restarted in a new process");
     c.kill(true).await.unwrap();
     assert!(matches!(c.get().await, Err(Error::ActorDied { .. })));
+}
+
+#[tokio::test]
+async fn a_method_returning_err_fails_the_call_with_the_applications_error() {
+    let rt = rt();
+    let c = Counter::remote(rt, 5).spawn().await.unwrap();
+    assert_eq!(c.add_within(3, 10).await, Ok(8));
+    let e = c.add_within(3, 10).await.unwrap_err();
+    assert_eq!(e.downcast::<String>().as_deref(), Some("8 + 3 passes 10"));
+    assert!(
+        e.to_string().contains("add_within"),
+        "names the method: {e}"
+    );
+    assert_eq!(c.get().await.unwrap(), 8, "the actor lives on");
+    c.kill(true).await.unwrap();
 }
 
 #[tokio::test]

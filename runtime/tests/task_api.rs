@@ -18,6 +18,35 @@ fn sum(values: Vec<f32>) -> f64 {
     values.iter().map(|v| f64::from(*v)).sum()
 }
 
+/// An application's own error type.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Refusal {
+    /// Below the minimum.
+    TooSmall(u64),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::TooSmall(n) => write!(f, "{n} is too small"),
+        }
+    }
+}
+
+#[braid::remote]
+fn checked(n: u64) -> Result<u64, Refusal> {
+    if n < 10 {
+        Err(Refusal::TooSmall(n))
+    } else {
+        Ok(n * 2)
+    }
+}
+
+#[braid::remote]
+fn opens(path: String) -> Result<u64, std::io::Error> {
+    std::fs::metadata(path).map(|m| m.len())
+}
+
 #[braid::remote]
 fn greet(name: String, times: usize) -> String {
     format!("hello {name}").repeat(times)
@@ -132,6 +161,32 @@ async fn borrowed_strings_and_slices_pass_where_owned_ones_are_taken() {
     assert_eq!(rt.get(&s).await.unwrap(), 5.0);
     let s = sum::remote(rt, &values).unwrap();
     assert_eq!(rt.get(&s).await.unwrap(), 10.0);
+}
+
+#[tokio::test]
+async fn a_returned_err_is_the_callers_error_and_downcasts_to_its_type() {
+    let rt = rt();
+    let fine = checked::remote(rt, 21).unwrap();
+    assert_eq!(rt.get(&fine).await, Ok(42), "Ok(T) arrives as T");
+    let refused = checked::remote(rt, 3).unwrap();
+    let e = rt.get(&refused).await.unwrap_err();
+    assert_eq!(e.downcast::<Refusal>(), Some(Refusal::TooSmall(3)));
+    assert_eq!(e.downcast::<String>(), None, "only its own type");
+    assert!(e.to_string().contains("3 is too small"), "{e}");
+    // As an argument of another task, the error fails that task too.
+    let chained = checked::remote(rt, &refused).unwrap();
+    assert!(rt.get(&chained).await.is_err());
+    // An error type that is not Serialize keeps its text.
+    let missing = opens::remote(rt, "/no/such/file").unwrap();
+    match rt.get(&missing).await {
+        Err(Error::Application {
+            message, payload, ..
+        }) => {
+            assert!(message.contains("No such file"), "{message}");
+            assert!(payload.is_none());
+        }
+        other => panic!("an io::Error returned: {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -335,7 +390,7 @@ async fn a_batch_lent_as_it_is_sealed_is_held_by_its_reader_without_the_store() 
     use braid::store::batch::{BatchLayout, ColumnSpec, Primitive, ValuesMut};
     let rt = rt();
     let reader = LentReader::remote(rt).spawn().await.unwrap();
-    let seat = reader.seat().await.unwrap().unwrap();
+    let seat = reader.seat().await.unwrap();
     let layout =
         BatchLayout::new(4, &[ColumnSpec::primitive("feature", Primitive::UInt64)]).unwrap();
     for rows in [4u64, 40_000] {
@@ -367,7 +422,7 @@ async fn a_batch_lent_as_it_is_sealed_is_held_by_its_reader_without_the_store() 
             rows
         );
         drop(mine);
-        let (sum, adopted) = reader.sum(lent).await.unwrap().unwrap();
+        let (sum, adopted) = reader.sum(lent).await.unwrap();
         assert_eq!(sum, rows * (rows + 1) / 2);
         assert!(adopted, "the reader did not hold the batch by its ticket");
         let id = object.id();

@@ -240,7 +240,7 @@ struct RemoteServing {
 impl RemoteServing {
     /// One query; a job that is not serving yet (or gone) answers nothing.
     fn ask(&mut self, job: &fused::FusedJobHandle, probe: &[u64]) {
-        if let Ok(Ok((version, p))) = job.predict(vec![probe.to_vec()]).blocking() {
+        if let Ok((version, p)) = job.predict(vec![probe.to_vec()]).blocking() {
             if p.len() == 1 {
                 self.note(version);
             }
@@ -266,7 +266,7 @@ fn start_fused(rt: &braid::Runtime, config: &FusedConfig) -> anyhow::Result<fuse
         .spawn_blocking()
         .context("start the fused job's actor")?;
     job.start(config.clone())
-        .blocking()?
+        .blocking()
         .map_err(|e| anyhow::anyhow!("the fused job did not start: {e}"))?;
     Ok(job)
 }

@@ -524,7 +524,7 @@ fn handle_method(self_ty: &Type, type_name: &str, method: &RemoteMethod) -> Toke
         .iter()
         .map(|(name, ty)| quote!(#name: impl ::braid::IntoArg<#ty>));
     let encode = common::encode_args(&public);
-    let ret = common::replace_self(&method.ret, self_ty);
+    let ret = common::public_return(&common::replace_self(&method.ret, self_ty));
     let docs = &method.docs;
     let cfgs = &method.cfgs;
     let deprecated = &method.deprecated;
@@ -568,13 +568,14 @@ fn dispatch_impl(self_ty: &Type, type_name: &str, methods: &[RemoteMethod]) -> T
             let full_name = format!("{type_name}::{name}");
             let types: Vec<Type> = method.params.iter().map(|param| param.ty.clone()).collect();
             let decode = common::decode_args(&args, &types, &quote!(#full_name));
+            let encode_ret = common::encode_outcome(&method.ret, &quote!(#full_name));
             let call_args: Vec<_> = (0..types.len()).map(common::decoded_ident).collect();
             let make = match method.receiver {
                 Receiver::Mut => quote! {
                     ::braid::__private::Method::Mut(::std::boxed::Box::new(
                         move |__braid_this: &mut Self| {
                             let __braid_ret = <Self>::#ident(__braid_this, #(#call_args),*);
-                            ::braid::__private::encode_return(&__braid_ret)
+                            #encode_ret
                         },
                     ))
                 },
@@ -582,7 +583,7 @@ fn dispatch_impl(self_ty: &Type, type_name: &str, methods: &[RemoteMethod]) -> T
                     ::braid::__private::Method::Ref(::std::boxed::Box::new(
                         move |__braid_this: &Self| {
                             let __braid_ret = <Self>::#ident(__braid_this, #(#call_args),*);
-                            ::braid::__private::encode_return(&__braid_ret)
+                            #encode_ret
                         },
                     ))
                 },
@@ -596,7 +597,7 @@ fn dispatch_impl(self_ty: &Type, type_name: &str, methods: &[RemoteMethod]) -> T
                             ::std::boxed::Box::pin(async move {
                                 let __braid_ret =
                                     <Self>::#ident(&*__braid_this, #(#call_args),*).await;
-                                ::braid::__private::encode_return(&__braid_ret)
+                                #encode_ret
                             })
                         },
                     ))

@@ -238,6 +238,52 @@ pub(crate) fn return_type(sig: &Signature) -> Type {
     }
 }
 
+/// `T` and `E` of a return type written `Result<T, E>` (any path ending in
+/// `Result` with two type arguments): a task or method returning it
+/// yields `T`, and its `Err` becomes the caller's `braid::Error`.
+pub(crate) fn result_parts(ty: &Type) -> Option<(Type, Type)> {
+    let Type::Path(path) = ty else { return None };
+    let last = path.path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    let mut types = args.args.iter().filter_map(|a| match a {
+        syn::GenericArgument::Type(t) => Some(t.clone()),
+        _ => None,
+    });
+    let (ok, err) = (types.next()?, types.next()?);
+    types.next().is_none().then_some((ok, err))
+}
+
+/// The type a caller gets from a function returning `ty`: `T` of a
+/// `Result<T, E>`, else `ty` itself.
+pub(crate) fn public_return(ty: &Type) -> Type {
+    result_parts(ty).map_or_else(|| ty.clone(), |(ok, _)| ok)
+}
+
+/// Encodes `__braid_ret`, of type `ty`, as the call's outcome: the value,
+/// or for a `Result` its `Ok` value and its `Err` as
+/// `braid::Error::Application` naming `function`.
+pub(crate) fn encode_outcome(ty: &Type, function: &TokenStream) -> TokenStream {
+    if result_parts(ty).is_some() {
+        quote! {
+            match __braid_ret {
+                ::core::result::Result::Ok(__braid_ok) => {
+                    ::braid::__private::encode_return(&__braid_ok)
+                }
+                ::core::result::Result::Err(__braid_err) => ::core::result::Result::Err(
+                    ::braid::__app_error!(#function, __braid_err),
+                ),
+            }
+        }
+    } else {
+        quote!(::braid::__private::encode_return(&__braid_ret))
+    }
+}
+
 /// Replaces every bare `Self` type inside `ty` by `self_ty`, for signatures
 /// copied out of an impl block into an impl of another type.
 pub(crate) fn replace_self(ty: &Type, self_ty: &Type) -> Type {

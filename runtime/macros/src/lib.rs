@@ -30,7 +30,10 @@
 //! - `add::remote(rt: &braid::Runtime, a: impl IntoArg<i64>, b: impl
 //!   IntoArg<i64>) -> braid::Result<ObjectRef<i64>>`, which submits the call
 //!   as a task with default options (a function without a return type gives
-//!   `ObjectRef<()>`);
+//!   `ObjectRef<()>`; one returning `Result<T, E>` gives `ObjectRef<T>`,
+//!   and its `Err(e)` reaches the caller as `braid::Error::Application`,
+//!   which `Error::downcast::<E>()` turns back into `e` when `E` is
+//!   `Serialize`; the same holds for actor methods);
 //! - `add::remote_with(rt, opts: &braid::TaskOptions, a, b)`, the same with
 //!   explicit options;
 //! - a registry entry whose invoker checks the argument count, decodes each

@@ -57,7 +57,9 @@ fn try_expand(attr: &TokenStream, function: &ItemFn) -> syn::Result<TokenStream>
     let cfgs = common::cfg_attrs(&function.attrs);
     let deprecated = common::deprecated_attrs(&function.attrs);
     let name_const = format_ident!("__BRAID_REMOTE_NAME_{}", name);
-    let ret = common::deepen_super(&common::return_type(sig));
+    let declared = common::return_type(sig);
+    let ret = common::deepen_super(&common::public_return(&declared));
+    let encode_ret = common::encode_outcome(&declared, &quote!(self::NAME));
 
     let public: Vec<_> = params
         .iter()
@@ -87,7 +89,7 @@ fn try_expand(attr: &TokenStream, function: &ItemFn) -> syn::Result<TokenStream>
                 ::std::boxed::Box::pin(async move {
                     #decode
                     let __braid_ret = #call.await;
-                    ::braid::__private::encode_return(&__braid_ret)
+                    #encode_ret
                 })
             },
             quote!(Async),
@@ -98,7 +100,7 @@ fn try_expand(attr: &TokenStream, function: &ItemFn) -> syn::Result<TokenStream>
             quote! {
                 #decode
                 let __braid_ret = #call;
-                ::braid::__private::encode_return(&__braid_ret)
+                #encode_ret
             },
             quote!(Sync),
         )

@@ -666,17 +666,18 @@ impl JobServices {
                         .rt
                         .block_on(async move { tokio::time::timeout(left, call).await });
                     match answer {
-                        Ok(Ok(Ok(answer))) => {
+                        Ok(Ok(answer)) => {
                             self.hosts.lock().insert(key, host);
                             return Ok(answer);
                         }
-                        Ok(Ok(Err(why))) => {
-                            return Err(CallError::Failed(service.to_string(), why))
-                        }
-                        Ok(Err(e)) => {
-                            self.hosts.lock().remove(&key);
-                            e.to_string()
-                        }
+                        Ok(Err(e)) => match e.downcast::<String>() {
+                            // The service itself answered with an error.
+                            Some(why) => return Err(CallError::Failed(service.to_string(), why)),
+                            None => {
+                                self.hosts.lock().remove(&key);
+                                e.to_string()
+                            }
+                        },
                         Err(_) => format!("no answer within {} ms", wait.as_millis()),
                     }
                 }
@@ -1187,10 +1188,9 @@ fn start_hosts(
         let mut seats = HashMap::new();
         let mut mailboxes = HashMap::new();
         for (id, host) in &hosts {
-            let seat = host.seat().await.map_err(|e| lost(id, e))?;
-            let seat = seat.map_err(|cause| AttemptFailure::Lost {
+            let seat = host.seat().await.map_err(|e| AttemptFailure::Lost {
                 subtask: id.to_string(),
-                cause,
+                cause: e.downcast::<String>().unwrap_or_else(|| e.to_string()),
             })?;
             seats.insert(*id, seat);
             mailboxes.insert(*id, host.mailboxes().await.map_err(|e| lost(id, e))?);
@@ -1224,7 +1224,12 @@ fn start_hosts(
             host.peers(peers.clone()).await.map_err(|e| lost(id, e))?;
         }
         for (id, host, _, restored) in calls {
-            host.start(restored).await.map_err(|e| lost(&id, e))??;
+            host.start(restored)
+                .await
+                .map_err(|e| match e.downcast::<AttemptFailure>() {
+                    Some(failure) => failure,
+                    None => lost(&id, e),
+                })?;
         }
         Ok(())
     };

@@ -277,9 +277,11 @@ impl Peers for HostPeers {
             .map(|(at, host, c)| {
                 let handle = self.rt.spawn(async move {
                     match host.call(c.service.clone(), c.request).await {
-                        Ok(Ok(answer)) => Ok(answer),
-                        Ok(Err(why)) => Err(CallError::Failed(c.service, why)),
-                        Err(e) => Err(CallError::Unreachable(c.service, e.to_string())),
+                        Ok(answer) => Ok(answer),
+                        Err(e) => match e.downcast::<String>() {
+                            Some(why) => Err(CallError::Failed(c.service, why)),
+                            None => Err(CallError::Unreachable(c.service, e.to_string())),
+                        },
                     }
                 });
                 (at, handle)

@@ -458,11 +458,5 @@ pub(crate) async fn finish(
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panicked".to_string()
-    }
+    crate::panics::message(payload.as_ref())
 }

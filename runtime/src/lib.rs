@@ -64,6 +64,7 @@ pub mod lineage;
 pub mod node;
 pub mod object_ref;
 pub(crate) mod objects;
+pub(crate) mod panics;
 pub(crate) mod peers;
 pub mod refs;
 pub mod registry;

@@ -299,6 +299,7 @@ pub(crate) async fn wait_for_exit(pid: u32) {
 fn run_worker() -> i32 {
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     init_tracing(WORKER_LOG);
+    crate::panics::install();
     raise_open_files();
     let config: WorkerConfig = match std::env::var(WORKER_VAR)
         .ok()

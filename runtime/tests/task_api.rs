@@ -246,6 +246,10 @@ async fn a_panic_becomes_a_task_error_naming_the_function() {
         Err(Error::TaskError { function, message }) => {
             assert!(function.ends_with("panics"), "{function}");
             assert!(message.contains("boom at line 7"), "{message}");
+            assert!(
+                message.contains("(at runtime/tests/task_api.rs:"),
+                "the panic's location: {message}"
+            );
         }
         other => panic!("expected TaskError, got {other:?}"),
     }

@@ -559,13 +559,13 @@ fn env_driver() {
 }
 
 impl Braid {
-    /// Runs the `env_driver` test of this binary as a driver, joining
-    /// `address` (an embedded cluster of its own with `None`); returns what
-    /// it printed, after checking it succeeded.
-    fn env_driver(&self, address: Option<&str>) -> String {
+    /// Runs the ignored test `name` of this binary as a driver, with this
+    /// `BRAID_TMPDIR`, without `RUST_BACKTRACE`, and with `BRAID_ADDRESS`
+    /// set to `address` (unset with `None`).
+    fn driver(&self, name: &str, address: Option<&str>) -> std::process::Output {
         let mut driver = Command::new(std::env::current_exe().unwrap());
         driver
-            .args(["--exact", "env_driver", "--ignored", "--nocapture"])
+            .args(["--exact", name, "--ignored", "--nocapture"])
             .env("BRAID_TMPDIR", &self.root)
             .env_remove("RUST_BACKTRACE")
             .env_remove("BRAID_TOKEN")
@@ -573,7 +573,14 @@ impl Braid {
         if let Some(address) = address {
             driver.env("BRAID_ADDRESS", address);
         }
-        let out = driver.output().unwrap();
+        driver.output().unwrap()
+    }
+
+    /// Runs `env_driver`, joining `address` (an embedded cluster of its
+    /// own with `None`); returns what it printed, after checking it
+    /// succeeded.
+    fn env_driver(&self, address: Option<&str>) -> String {
+        let out = self.driver("env_driver", address);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
@@ -659,16 +666,7 @@ impl Braid {
     /// Runs `init_driver` with `BRAID_ADDRESS` set to `address` (unset
     /// with `None`); returns its report line.
     fn init_driver(&self, address: Option<&str>) -> String {
-        let mut driver = Command::new(std::env::current_exe().unwrap());
-        driver
-            .args(["--exact", "init_driver", "--ignored", "--nocapture"])
-            .env("BRAID_TMPDIR", &self.root)
-            .env_remove("BRAID_TOKEN")
-            .env_remove("BRAID_ADDRESS");
-        if let Some(address) = address {
-            driver.env("BRAID_ADDRESS", address);
-        }
-        let out = driver.output().unwrap();
+        let out = self.driver("init_driver", address);
         let stdout = String::from_utf8_lossy(&out.stdout);
         stdout
             .lines()

@@ -449,7 +449,8 @@ async fn report_figures(core: std::sync::Weak<Core>) {
         if core.node.is_closed() {
             return;
         }
-        let now = Snapshot::now();
+        let mut now = Snapshot::now();
+        now.spans_dropped = crate::telemetry::spans::dropped();
         if now != last {
             core.node.send(crate::wire::Message::Metrics(now.clone()));
             last = now;

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::ids::{JobId, WorkerId};
 use crate::resources::Resources;
 use crate::wire::messages::JobSpec;
+pub use crate::wire::messages::DRIVER_ENV;
 use crate::wire::{Message, Reply};
 use crate::Runtime;
 use std::path::PathBuf;
@@ -28,12 +29,6 @@ pub struct InitOptions {
     extra_nodes: Vec<(f64, Resources)>,
     env: Vec<(String, String)>,
 }
-
-/// Variables every job's workers take from its driver, set or not (a
-/// driver without `RUST_BACKTRACE` has workers without it, whatever the
-/// node daemon's environment holds), as well as every `BRAID_*` variable
-/// the driver has.
-pub const DRIVER_ENV: [&str; 2] = ["RUST_LOG", "RUST_BACKTRACE"];
 
 impl InitOptions {
     /// Defaults: see the [module](self) (`BRAID_ADDRESS`, else the
@@ -282,9 +277,22 @@ async fn register_job(core: &Arc<Core>, declared: &[(String, String)]) -> Result
         Some(path) => PathBuf::from(path),
         None => exe,
     };
-    let build_hash = tokio::task::spawn_blocking(|| crate::registry::build_hash().to_string())
-        .await
-        .map_err(|e| Error::io("hash executable", e))?;
+    let build_hash = tokio::task::spawn_blocking(|| {
+        let exe = std::path::Path::new("/proc/self/exe");
+        match crate::session::remembered_build_hash(exe) {
+            Some(hash) => {
+                crate::registry::set_build_hash(hash);
+                crate::registry::build_hash().to_string()
+            }
+            None => {
+                let hash = crate::registry::build_hash().to_string();
+                crate::session::remember_build_hash(exe, &hash);
+                hash
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::io("hash executable", e))?;
     let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| {
             (k.starts_with("BRAID_") && k != ADDRESS_VAR) || DRIVER_ENV.contains(&k.as_str())

@@ -158,85 +158,20 @@ pub fn names() -> Vec<&'static str> {
 /// A fingerprint of this process's executable: CRC32 of its bytes, with its
 /// length, as hex. Two processes share it exactly when they run the same
 /// build. Computed once per process (a worker takes it from its node, which
-/// checked the file it started the worker from), and remembered in the
-/// per-user directory by the file's device, inode, size and modification
-/// time, so a driver started again from the same file does not read it
-/// again (a debug binary takes hundreds of milliseconds).
+/// checked the file it started the worker from; a driver may find it
+/// remembered, `session::remembered_build_hash`).
 pub fn build_hash() -> &'static str {
-    BUILD_HASH.get_or_init(|| {
-        let exe = std::path::Path::new("/proc/self/exe");
-        let remembered = remembered_hash_path(exe);
-        if let Some(hash) = remembered
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .filter(|h| !h.is_empty())
-        {
-            return hash;
-        }
-        match hash_file(exe) {
-            Ok(hash) => {
-                if let Some(path) = remembered {
-                    remember_hash(&path, &hash);
-                }
-                hash
-            }
-            Err(e) => format!("unreadable-{}", e.kind()),
-        }
+    BUILD_HASH.get_or_init(|| match hash_file(std::path::Path::new("/proc/self/exe")) {
+        Ok(hash) => hash,
+        Err(e) => format!("unreadable-{}", e.kind()),
     })
-}
-
-/// Build hashes the per-user directory remembers; the oldest go past it.
-const REMEMBERED_HASHES: usize = 256;
-
-/// Where the hash of executable `exe` is remembered: named by what
-/// changes when the file is rebuilt or replaced (a running binary that was
-/// replaced keeps its old inode).
-fn remembered_hash_path(exe: &std::path::Path) -> Option<std::path::PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(exe).ok()?;
-    let dir = crate::session::existing_user_dir().ok()??;
-    Some(dir.join("build-hashes").join(format!(
-        "{:x}-{:x}-{:x}-{:x}.{:09}",
-        meta.dev(),
-        meta.ino(),
-        meta.size(),
-        meta.mtime(),
-        meta.mtime_nsec()
-    )))
-}
-
-/// Writes a remembered hash (whole or not at all), dropping the oldest
-/// past [`REMEMBERED_HASHES`]. Best effort: a failure only means hashing
-/// again next time.
-fn remember_hash(path: &std::path::Path, hash: &str) {
-    let Some(dir) = path.parent() else { return };
-    if std::fs::create_dir_all(dir).is_err() {
-        return;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    if std::fs::write(&tmp, hash).is_err() || std::fs::rename(&tmp, path).is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut kept: Vec<(std::time::SystemTime, std::path::PathBuf)> = entries
-        .flatten()
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .collect();
-    if kept.len() > REMEMBERED_HASHES {
-        kept.sort();
-        for (_, old) in &kept[..kept.len() - REMEMBERED_HASHES] {
-            let _ = std::fs::remove_file(old);
-        }
-    }
 }
 
 static BUILD_HASH: OnceLock<String> = OnceLock::new();
 
 /// Sets this process's build hash without hashing its executable (a worker
-/// whose node already checked the file it was started from).
+/// whose node already checked the file it was started from, or a driver
+/// that found it remembered).
 pub(crate) fn set_build_hash(hash: String) {
     let _ = BUILD_HASH.set(hash);
 }

@@ -321,6 +321,65 @@ fn try_lock_exclusive(dir: &Path) -> Result<Option<File>> {
     }
 }
 
+/// Build hashes the per-user directory remembers; the oldest go past it.
+const REMEMBERED_HASHES: usize = 256;
+
+/// Where the build hash of executable `exe` is remembered, under
+/// `build-hashes/` of the per-user directory: named by what changes when
+/// the file is rebuilt or replaced (a running binary that was replaced
+/// keeps its old inode), so a driver started again from the same file
+/// need not read it again (a debug binary takes hundreds of milliseconds).
+fn remembered_hash_path(exe: &Path) -> Option<PathBuf> {
+    let meta = std::fs::metadata(exe).ok()?;
+    let dir = existing_user_dir().ok()??;
+    Some(dir.join("build-hashes").join(format!(
+        "{:x}-{:x}-{:x}-{:x}.{:09}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    )))
+}
+
+/// The build hash remembered for executable `exe`, if any.
+pub(crate) fn remembered_build_hash(exe: &Path) -> Option<String> {
+    std::fs::read_to_string(remembered_hash_path(exe)?)
+        .ok()
+        .filter(|h| !h.is_empty())
+}
+
+/// Remembers `hash` for executable `exe` (whole or not at all), dropping
+/// the oldest past [`REMEMBERED_HASHES`]. Best effort: a failure only
+/// means hashing again next time.
+pub(crate) fn remember_build_hash(exe: &Path, hash: &str) {
+    let Some(path) = remembered_hash_path(exe) else {
+        return;
+    };
+    let Some(dir) = path.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, hash).is_err() || std::fs::rename(&tmp, &path).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut kept: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if kept.len() > REMEMBERED_HASHES {
+        kept.sort();
+        for (_, old) in &kept[..kept.len() - REMEMBERED_HASHES] {
+            let _ = std::fs::remove_file(old);
+        }
+    }
+}
+
 /// Whether a head or node holds session `dir` live. Probing takes the
 /// session's lock for an instant when nobody holds it.
 pub fn is_held(dir: &Path) -> bool {

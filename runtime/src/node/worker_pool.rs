@@ -106,7 +106,7 @@ pub(crate) fn spawn_worker(
         .map_err(|e| Error::io("duplicate log descriptor", e))?;
     let json = serde_json::to_string(config).map_err(|e| Error::Codec(e.to_string()))?;
     let mut command = tokio::process::Command::new(&job.exe);
-    for key in crate::init::DRIVER_ENV {
+    for key in crate::wire::messages::DRIVER_ENV {
         command.env_remove(key);
     }
     command

@@ -310,7 +310,8 @@ pub struct Snapshot {
     /// What the process published ([`super::published`]).
     #[serde(default)]
     pub published: Vec<Family>,
-    /// Runs not recorded as spans ([`super::spans::dropped`]).
+    /// Runs not recorded as spans (`spans::dropped`, which the process
+    /// fills in when it sends the snapshot).
     #[serde(default)]
     pub spans_dropped: u64,
 }
@@ -336,7 +337,7 @@ impl Snapshot {
         Snapshot {
             names,
             published: super::published::all(),
-            spans_dropped: super::spans::dropped(),
+            spans_dropped: 0,
         }
     }
 

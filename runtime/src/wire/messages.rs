@@ -68,9 +68,15 @@ pub struct JobSpec {
     /// The driver's address.
     pub driver: Address,
     /// Environment for workers: the driver's `BRAID_*` and
-    /// [`crate::init::DRIVER_ENV`] variables, and those it declared.
+    /// [`DRIVER_ENV`] variables, and those it declared.
     pub env: Vec<(String, String)>,
 }
+
+/// Variables every job's workers take from its driver, set or not (a
+/// driver without `RUST_BACKTRACE` has workers without it, whatever the
+/// node daemon's environment holds), as well as every `BRAID_*` variable
+/// the driver has ([`JobSpec::env`]).
+pub const DRIVER_ENV: [&str; 2] = ["RUST_LOG", "RUST_BACKTRACE"];
 
 /// A request for a worker with some resources.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -146,6 +146,8 @@ struct Counters {
     evictions: u64,
     spills: u64,
     restores: u64,
+    spilled_bytes: u64,
+    restored_bytes: u64,
 }
 
 /// The store's state; see the module docs.
@@ -647,6 +649,7 @@ impl ObjectTable {
             Ok((extent, checksum)) if s.pins == 0 && !s.delete_pending => {
                 self.free_block(s.block);
                 self.counters.spills += 1;
+                self.counters.spilled_bytes += s.size;
                 self.objects.insert(
                     job.id,
                     Entry::Spilled(Spilled {
@@ -694,6 +697,7 @@ impl ObjectTable {
             return None;
         };
         self.counters.restores += 1;
+        self.counters.restored_bytes += spilled.size;
         if delete_pending {
             self.free_block(block);
             self.fail_waiters(id, WireError::NotFound(id));
@@ -782,6 +786,8 @@ impl ObjectTable {
             evictions: self.counters.evictions,
             spills: self.counters.spills,
             restores: self.counters.restores,
+            spilled_bytes_total: self.counters.spilled_bytes,
+            restored_bytes_total: self.counters.restored_bytes,
             leased_bytes: self.leased_bytes(),
             ..StoreStats::default()
         };

@@ -308,6 +308,10 @@ pub struct StoreStats {
     pub spills: u64,
     /// Objects restored since start.
     pub restores: u64,
+    /// Bytes written to disk by spills since start.
+    pub spilled_bytes_total: u64,
+    /// Bytes read back from disk by restores since start.
+    pub restored_bytes_total: u64,
     /// Bytes of the arena backed by allocated pages.
     pub provisioned_bytes: u64,
 }

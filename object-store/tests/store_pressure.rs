@@ -228,6 +228,8 @@ fn spilled_objects_come_back_intact() {
     assert_eq!(s.spills, 2);
     assert_eq!(s.spilled_objects, 2);
     assert_eq!(s.spilled_bytes, 2 * QUARTER);
+    assert_eq!(s.spilled_bytes_total, 2 * QUARTER);
+    assert_eq!(s.restored_bytes_total, 0);
     assert_eq!(s.sealed_objects, 4);
     assert_eq!(s.arena.used, CAPACITY);
     assert!(ids.iter().all(|&(id, _)| client.contains(id).unwrap()));
@@ -242,6 +244,8 @@ fn spilled_objects_come_back_intact() {
     assert_eq!(s.restores, 1);
     assert_eq!(s.spills, 3);
     assert_eq!(s.spilled_objects, 2);
+    assert_eq!(s.restored_bytes_total, QUARTER);
+    assert_eq!(s.spilled_bytes_total, 3 * QUARTER);
     assert_no_named_files(&spill_dir);
 
     // Everything pinned but the spilled ones: a restore finds no room, and
@@ -341,6 +345,10 @@ fn corrupt_spill_is_reported_lost() {
     let s = stats(&client);
     assert_eq!(s.spills, 3);
     assert_eq!(s.restores, 0);
+    assert_eq!(
+        s.restored_bytes_total, 0,
+        "a failed restore reads nothing back"
+    );
     assert_eq!(s.spilled_objects, 2);
     assert_eq!(s.arena.used, 3 * QUARTER);
 

@@ -744,7 +744,7 @@ impl ActorHandle {
         );
         let returns = core.new_object_id();
         let task = TaskId::random();
-        let submitted_ns = crate::telemetry::spans::now_ns();
+        let submitted_ns = crate::telemetry::spans::submitted_ns();
         let fast = match (&*client.link.lock(), prepare_inline(args)) {
             (Link::Alive { conn, .. }, Ok((wire, keep)))
                 if !conn.is_closed() && client.max_task_retries == 0 =>

@@ -39,20 +39,14 @@ struct Hosted {
     max_concurrency: u32,
 }
 
-/// When a task or call reached this worker: a monotonic instant for its
-/// queue time, and Unix nanoseconds for its span.
+/// When a task or call reached this worker, or started: one clock read,
+/// and none while recording is off.
 #[derive(Clone, Copy)]
-struct Arrival {
-    at: Instant,
-    ns: u64,
-}
+struct Arrival(Option<Instant>);
 
 impl Arrival {
     fn now() -> Arrival {
-        Arrival {
-            at: Instant::now(),
-            ns: spans::now_ns(),
-        }
+        Arrival(crate::telemetry::enabled().then(Instant::now))
     }
 }
 
@@ -65,21 +59,27 @@ fn record_run(
     (received, started): (Arrival, Arrival),
     ok: bool,
 ) {
+    let (Arrival(Some(received)), Arrival(Some(started))) = (received, started) else {
+        return;
+    };
+    let ran = started.elapsed();
     let name = recorder::ran(
         work,
         parts,
-        started.at.saturating_duration_since(received.at),
-        started.at.elapsed(),
+        started.saturating_duration_since(received),
+        ran,
         ok,
     );
+    let started_ns = spans::unix_ns(started);
     spans::record_named(
         spans::Run {
             task,
             job,
             work,
             submitted_ns,
-            received_ns: received.ns,
-            started_ns: started.ns,
+            received_ns: spans::unix_ns(received),
+            started_ns,
+            ended_ns: started_ns + ran.as_nanos() as u64,
         },
         name,
         ok,
@@ -177,10 +177,17 @@ impl Executor {
                         let handle = core.handle.clone();
                         let received = Arrival::now();
                         handle.block_on(async move {
-                            let Ok(_permit) = lane.acquire().await else {
-                                return;
+                            // A free lane starts the call as it arrives:
+                            // one clock read stamps both.
+                            let (_permit, started) = match lane.try_acquire() {
+                                Ok(permit) => (permit, received),
+                                Err(_) => match lane.acquire().await {
+                                    Ok(permit) => (permit, Arrival::now()),
+                                    Err(_) => return,
+                                },
                             };
-                            run_call(&core, instance, &class, spec, responder, received).await;
+                            let stamps = (received, started);
+                            run_call(&core, instance, &class, spec, responder, stamps).await;
                         });
                     }
                     Some(hosted) if hosted.actor == spec.actor => {
@@ -343,7 +350,8 @@ async fn actor_loop(
         let instance = instance.clone();
         let class = class.clone();
         let call = async move {
-            run_call(&core, instance, &class, spec, responder, received).await;
+            let stamps = (received, Arrival::now());
+            run_call(&core, instance, &class, spec, responder, stamps).await;
             drop(permit);
         };
         if max_concurrency == 1 {
@@ -354,18 +362,18 @@ async fn actor_loop(
     }
 }
 
-/// Runs one actor call and answers it.
+/// Runs one actor call, stamped when it reached this worker and when it
+/// started, and answers it.
 async fn run_call(
     core: &Core,
     instance: Arc<dyn ActorObject>,
     class: &str,
     spec: CallSpec,
     responder: Responder,
-    received: Arrival,
+    (received, started): (Arrival, Arrival),
 ) {
     let caller = spec.owner.clone();
     let returns = spec.returns;
-    let started = Arrival::now();
     let (task, submitted_ns) = (spec.task, spec.submitted_ns);
     let outcome = match resolve(core, spec.args).await {
         Ok(args) => AssertUnwindSafe(instance.invoke(&spec.method, args))

@@ -310,7 +310,7 @@ impl Submitter {
             rebuilds: 0,
             timeout: opts.timeout,
             pushed: None,
-            submitted_ns: crate::telemetry::spans::now_ns(),
+            submitted_ns: crate::telemetry::spans::submitted_ns(),
         };
         match prepare_inline(args) {
             Ok((wire, keep)) => {

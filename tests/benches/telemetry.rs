@@ -1,7 +1,15 @@
 //! What telemetry costs and how fast it answers, for issue 21's targets:
 //!
 //! * `braid microbenchmark` with recording on and off (`BRAID_METRICS=0`),
-//!   interleaved, `ROUNDS` runs each: the median change of every op.
+//!   interleaved (which goes first alternates by round, as the order
+//!   alone moves rates here), `ROUNDS` runs each: the median change of
+//!   every op, over each setting's runs and over each round's ratio.
+//! * What recording adds to one call, timed in a loop in this process
+//!   (the caller's count, the worker's counts, histograms and span, and
+//!   the span's share of its report), and that time as a share of each
+//!   op's time per call: a bound the machine's noise does not move, where
+//!   the on/off rates of a shared 2-core machine differ by more than the
+//!   recording costs.
 //! * A timeline of 100,000 tasks: `braid timeline` from the command to a
 //!   written file.
 //! * `/metrics` of a node hosting 1,000 actors while a stream job runs:
@@ -13,8 +21,9 @@
 //!
 //! Needs a release `braid` binary and `chromium`:
 //! `cargo build --release -p braid --bin braid && cargo bench -p
-//! braid-tests --bench telemetry`. Prints progress on stderr and one JSON
-//! line on stdout.
+//! braid-tests --bench telemetry` (`-- --recording-only` times only the
+//! recording, in seconds). Prints progress on stderr and one JSON line on
+//! stdout.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use braid::telemetry::http::get;
@@ -39,6 +48,8 @@ use std::time::{Duration, Instant};
 const ROUNDS: usize = 3;
 /// Tasks in the timeline.
 const TASKS: usize = 100_000;
+/// Worker processes that run them.
+const WORKERS: usize = 8;
 /// Actors on the node whose `/metrics` is timed.
 const ACTORS: usize = 1_000;
 /// `/metrics` answers timed.
@@ -90,13 +101,28 @@ fn microbenchmark(on: bool) -> BTreeMap<String, f64> {
     serde_json::from_str(text.trim().lines().last().unwrap()).unwrap()
 }
 
+/// How much slower `op` ran with recording (positive: slower): latencies
+/// (µs) grow when slower, rates shrink.
+fn slowdown_of(op: &str, with: f64, without: f64) -> f64 {
+    if op.ends_with("_us") || op.contains("latency") {
+        with / without - 1.0
+    } else {
+        without / with - 1.0
+    }
+}
+
 /// The median slowdown of each op with recording on (positive: slower),
 /// and every run's figures.
 fn overhead() -> Value {
     let mut on: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut off: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for round in 0..ROUNDS {
-        for setting in [true, false] {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for setting in order {
             eprintln!(
                 "microbenchmark round {} with recording {}",
                 round + 1,
@@ -117,16 +143,20 @@ fn overhead() -> Value {
         }
         let Some(base) = off.get(op) else { continue };
         let (with, without) = (median(values.clone()), median(base.clone()));
-        // Latencies (µs) grow when slower, rates shrink.
-        let slowdown = if op.ends_with("_us") || op.contains("latency") {
-            with / without - 1.0
-        } else {
-            without / with - 1.0
-        };
+        let slowdown = slowdown_of(op, with, without);
+        let per_round = median(
+            values
+                .iter()
+                .zip(base)
+                .map(|(&w, &wo)| slowdown_of(op, w, wo))
+                .collect(),
+        );
         all.push(slowdown);
         changes.insert(
             op.clone(),
-            json!({"on": with, "off": without, "slowdown": slowdown, "runs_on": values, "runs_off": base}),
+            json!({"on": with, "off": without, "slowdown": slowdown,
+                   "slowdown_per_round_median": per_round,
+                   "runs_on": values, "runs_off": base}),
         );
     }
     json!({
@@ -134,6 +164,76 @@ fn overhead() -> Value {
         "max_slowdown": all.iter().copied().fold(f64::MIN, f64::max),
         "ops": changes,
     })
+}
+
+/// Calls timed per round of [`recording_cost`].
+const RECORDED_CALLS: usize = 2_000_000;
+
+/// Nanoseconds that recording adds to one call: what its caller and its
+/// worker do only when `BRAID_METRICS` is on (the submitted count and
+/// stamp, the worker's three clock reads, the run's counts and
+/// histograms under its name, its span, and taking the spans for the
+/// report as the process does every second). The median of five rounds.
+fn recording_cost() -> f64 {
+    use braid::telemetry::recorder::{self, Event, Work};
+    use braid::telemetry::spans::{self, Run};
+    assert!(
+        braid::telemetry::enabled(),
+        "recording is off here (BRAID_METRICS): nothing to time"
+    );
+    let job = braid::JobId::random();
+    let task = braid::TaskId::random();
+    let mut rounds = Vec::new();
+    for _ in 0..5 {
+        let begun = Instant::now();
+        for i in 0..RECORDED_CALLS {
+            let parts = ["Bench", "small_value"];
+            recorder::count(Work::ActorCall, &parts, Event::Submitted);
+            let submitted_ns = spans::submitted_ns();
+            let received = Instant::now();
+            let started = Instant::now();
+            let ran = started.elapsed();
+            let started_ns = spans::unix_ns(started);
+            let run = Run {
+                task,
+                job,
+                work: Work::ActorCall,
+                submitted_ns,
+                received_ns: spans::unix_ns(received),
+                started_ns,
+                ended_ns: started_ns + ran.as_nanos() as u64,
+            };
+            let name = recorder::ran(
+                Work::ActorCall,
+                &parts,
+                started.saturating_duration_since(received),
+                ran,
+                true,
+            );
+            spans::record_named(run, name, true);
+            if i % spans::PER_REPORT == spans::PER_REPORT - 1 {
+                std::hint::black_box(spans::take());
+            }
+        }
+        rounds.push(begun.elapsed().as_nanos() as f64 / RECORDED_CALLS as f64);
+    }
+    std::hint::black_box(spans::take());
+    median(rounds)
+}
+
+/// Each task or call op's share of its time per call that recording
+/// takes: `ns` per call against the op's rate with recording off.
+fn recording_share(ns: f64, overhead: &Value) -> Value {
+    let mut shares = Map::new();
+    if let Some(ops) = overhead["ops"].as_object() {
+        for (op, figures) in ops {
+            let per_call = op.contains("tasks") || op.contains("actor_calls");
+            if let (true, Some(rate)) = (per_call, figures["off"].as_f64()) {
+                shares.insert(op.clone(), json!(ns * rate / 1e9));
+            }
+        }
+    }
+    Value::Object(shares)
 }
 
 fn block<F: std::future::Future>(future: F) -> F::Output {
@@ -144,8 +244,9 @@ fn block<F: std::future::Future>(future: F) -> F::Output {
         .block_on(future)
 }
 
-/// Runs `TASKS` no-op tasks, waits until their spans reached the node,
-/// and times `braid timeline` writing their trace.
+/// Runs `TASKS` no-op tasks on up to `WORKERS` processes, waits until
+/// their spans reached the node, and times `braid timeline` writing their
+/// trace.
 fn timeline(rt: &Runtime) -> Value {
     eprintln!("timeline: running {TASKS} tasks");
     let started = Instant::now();
@@ -182,6 +283,7 @@ fn timeline(rt: &Runtime) -> Value {
             eprintln!("timeline: {runs} runs, {events} events in {took:?}");
             return json!({
                 "tasks": TASKS,
+                "workers": WORKERS,
                 "tasks_ran_s": ran.as_secs_f64(),
                 "timeline_s": took.as_secs_f64(),
                 "trace_bytes": text.len(),
@@ -260,9 +362,23 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    let recording_ns = recording_cost();
+    eprintln!("recording: {recording_ns:.0} ns per call");
+    if std::env::args().any(|a| a == "--recording-only") {
+        println!(
+            "{}",
+            json!({"bench": "telemetry", "recording_ns_per_call": recording_ns})
+        );
+        return;
+    }
     let overhead = overhead();
-    let rt = braid::init_blocking_with(braid::InitOptions::new().num_cpus(2.0)).unwrap();
+    eprintln!("metrics_overhead: {overhead}");
+    let share = recording_share(recording_ns, &overhead);
+    // Eight workers, so no process runs more tasks a second than it keeps
+    // spans of (spans::PER_REPORT): the timeline holds every task.
+    let rt = braid::init_blocking_with(braid::InitOptions::new().num_cpus(WORKERS as f64)).unwrap();
     let timeline = timeline(&rt);
+    eprintln!("timeline: {timeline}");
 
     eprintln!("metrics: starting {ACTORS} actors");
     let started = Instant::now();
@@ -306,6 +422,8 @@ fn main() {
         json!({
             "bench": "telemetry",
             "metrics_overhead": overhead,
+            "recording_ns_per_call": recording_ns,
+            "recording_share_of_call": share,
             "timeline": timeline,
             "metrics_1000_actors": {
                 "actors": ACTORS,

@@ -159,6 +159,16 @@ impl Node {
                 "Objects restored from disk",
                 store.restores,
             ),
+            counter(
+                "braid_store_spill_written_bytes",
+                "Bytes spilled to disk",
+                store.spilled_bytes_total,
+            ),
+            counter(
+                "braid_store_restore_read_bytes",
+                "Bytes restored from disk",
+                store.restored_bytes_total,
+            ),
         ]);
         let t = &self.transfers;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;

@@ -6,6 +6,7 @@
 
 use super::head_service::HeadService;
 use super::job_manager::{JobManager, JobRequestError, SubmitRequest};
+use super::job_package::{PackageError, MAX_PACKAGE_BYTES};
 use crate::dashboard::{ClusterView, Pending};
 use crate::ids::JobId;
 use crate::rpc::ClusterStatusRecord;
@@ -180,8 +181,23 @@ fn answered<T: serde::Serialize>(result: Result<T, JobRequestError>) -> Response
         Err(e @ JobRequestError::NotFound(_)) => {
             (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
         }
-        Err(e @ JobRequestError::Invalid(_)) => {
-            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        Err(e @ (JobRequestError::Invalid(_) | JobRequestError::Package(_))) => {
+            let status = match e {
+                JobRequestError::Package(PackageError::TooLarge { .. }) => {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                }
+                JobRequestError::Package(PackageError::Io { .. }) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+                _ => StatusCode::BAD_REQUEST,
+            };
+            (status, format!("{e}\n")).into_response()
+        }
+        Err(e @ JobRequestError::Elsewhere(_)) => {
+            (StatusCode::CONFLICT, format!("{e}\n")).into_response()
+        }
+        Err(e @ JobRequestError::NoPackage(_)) => {
+            (StatusCode::GONE, format!("{e}\n")).into_response()
         }
         Err(e @ JobRequestError::Io(_)) => {
             (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
@@ -189,20 +205,24 @@ fn answered<T: serde::Serialize>(result: Result<T, JobRequestError>) -> Response
     }
 }
 
-/// The submitted jobs' routes: `POST /api/jobs/submit` (a
-/// [`SubmitRequest`]), `GET /api/jobs/submitted[/{id}]`, `GET
+/// The submitted jobs' routes: `PUT /api/jobs/packages/{name}` (a working
+/// directory's tar archive, named by its SHA-256), `POST /api/jobs/submit`
+/// (a [`SubmitRequest`]), `GET /api/jobs/submitted[/{id}]`, `GET
 /// /api/jobs/submitted/{id}/logs?offset=N`, `POST
 /// /api/jobs/submitted/{id}/stop`.
 fn jobs_router(service: HeadService) -> axum::Router {
     type Jobs = Option<Arc<JobManager>>;
+    fn unavailable() -> Response {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this head runs no submitted jobs\n",
+        )
+            .into_response()
+    }
     fn with(jobs: Jobs, act: impl FnOnce(Arc<JobManager>) -> Response) -> Response {
         match jobs {
             Some(jobs) => act(jobs),
-            None => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "this head runs no submitted jobs\n",
-            )
-                .into_response(),
+            None => unavailable(),
         }
     }
     fn id_of(text: &str) -> Result<JobId, JobRequestError> {
@@ -210,6 +230,26 @@ fn jobs_router(service: HeadService) -> axum::Router {
             .map_err(|_| JobRequestError::Invalid(format!("not a job id: {text:?}")))
     }
     axum::Router::new()
+        .route(
+            "/api/jobs/packages/{name}",
+            axum::routing::put(
+                |State(j): State<Jobs>, Path(name): Path<String>, body: axum::body::Bytes| async move {
+                    let Some(jobs) = j else {
+                        return unavailable();
+                    };
+                    let stored =
+                        tokio::task::spawn_blocking(move || jobs.store_package(&name, &body)).await;
+                    match stored {
+                        Ok(result) => answered(result),
+                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+                            .into_response(),
+                    }
+                },
+            )
+            .layer(axum::extract::DefaultBodyLimit::max(
+                usize::try_from(MAX_PACKAGE_BYTES).unwrap_or(usize::MAX),
+            )),
+        )
         .route(
             "/api/jobs/submit",
             post(

@@ -4,7 +4,7 @@
 //! it, beside the head's HTTP API.
 
 use super::channel::ClientOptions;
-use super::head_state::{HeadState, NodeTarget, PgPlan, Refusal};
+use super::head_state::{HeadState, NodeTarget, PgPlan, Refusal, KEEP_ENDED};
 use super::node_client::NodeClient;
 use super::proto;
 use super::proto::head_server::Head;
@@ -309,18 +309,20 @@ impl HeadService {
         }
     }
 
-    /// Declares dead the nodes that stopped heartbeating, forever.
+    /// Declares dead the nodes that stopped heartbeating, and forgets what
+    /// ended more than [`KEEP_ENDED`] ago, forever.
     pub(super) async fn reap(&self, timeout: Duration) -> std::convert::Infallible {
         let period = (timeout / 4).max(Duration::from_millis(10));
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let died = self
-                .shared
-                .state
-                .lock()
-                .expire_nodes(Instant::now(), timeout);
+            let died = {
+                let mut state = self.shared.state.lock();
+                let now = Instant::now();
+                state.forget_ended(now, super::head_state::unix_millis(), KEEP_ENDED);
+                state.expire_nodes(now, timeout)
+            };
             for (node_id, actors) in died {
                 tracing::warn!(
                     %node_id,

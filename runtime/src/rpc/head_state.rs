@@ -83,6 +83,8 @@ struct NodeEntry {
     num_workers: u32,
     alive: bool,
     last_heard: Instant,
+    /// When it was declared dead or left.
+    ended: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -96,6 +98,12 @@ struct PgEntry {
 /// 100,000 destroyed actors); older ones are dropped.
 pub(crate) const MAX_DEAD_ACTORS: usize = 10_000;
 
+/// How long the head keeps what ended (dead actors and nodes, finished
+/// jobs) for `braid list` and the dashboard: their death causes and exit
+/// times stay readable for an hour, and a cluster up for months does not
+/// keep every one.
+pub(crate) const KEEP_ENDED: Duration = Duration::from_secs(3600);
+
 /// The head's tables.
 #[derive(Debug)]
 pub(crate) struct HeadState {
@@ -103,10 +111,11 @@ pub(crate) struct HeadState {
     nodes: HashMap<NodeId, NodeEntry>,
     jobs: HashMap<JobId, JobRecord>,
     actors: HashMap<ActorId, ActorRecord>,
-    /// Dead actors, oldest death first: past [`MAX_DEAD_ACTORS`] the oldest
-    /// records are dropped, so a job that fails and restarts for days keeps
-    /// the head's memory bounded.
-    dead: VecDeque<ActorId>,
+    /// Dead actors and when they died, oldest death first: past
+    /// [`MAX_DEAD_ACTORS`] or [`KEEP_ENDED`] the oldest records are
+    /// dropped, so a job that fails and restarts for days keeps the head's
+    /// memory bounded.
+    dead: VecDeque<(ActorId, Instant)>,
     pgs: HashMap<PlacementGroupId, PgEntry>,
     /// The node SPREAD picked last.
     spread_cursor: Option<NodeId>,
@@ -205,6 +214,7 @@ impl HeadState {
             num_workers: 0,
             alive: true,
             last_heard: now,
+            ended: None,
             info,
         };
         self.nodes.insert(entry.info.node_id, entry);
@@ -232,6 +242,7 @@ impl HeadState {
     fn node_gone(&mut self, node_id: NodeId, cause: &str) -> Vec<ActorId> {
         if let Some(node) = self.nodes.get_mut(&node_id) {
             node.alive = false;
+            node.ended.get_or_insert_with(Instant::now);
         }
         let mut dead = Vec::new();
         for actor in self.actors.values_mut() {
@@ -285,18 +296,46 @@ impl HeadState {
     /// Records deaths, dropping the oldest dead actors' records past
     /// [`MAX_DEAD_ACTORS`].
     fn buried(&mut self, ids: &[ActorId]) {
-        self.dead.extend(ids.iter().copied());
+        let now = Instant::now();
+        self.dead.extend(ids.iter().map(|&id| (id, now)));
         while self.dead.len() > MAX_DEAD_ACTORS {
-            if let Some(oldest) = self.dead.pop_front() {
-                if self
-                    .actors
-                    .get(&oldest)
-                    .is_some_and(|a| a.state == ActorState::Dead)
-                {
-                    self.actors.remove(&oldest);
-                }
+            self.forget_oldest_dead();
+        }
+    }
+
+    fn forget_oldest_dead(&mut self) {
+        if let Some((oldest, _)) = self.dead.pop_front() {
+            if self
+                .actors
+                .get(&oldest)
+                .is_some_and(|a| a.state == ActorState::Dead)
+            {
+                self.actors.remove(&oldest);
             }
         }
+    }
+
+    /// Drops the records of actors and nodes dead, and jobs finished, for
+    /// longer than `keep` at `now` (Unix ms `now_ms` for jobs).
+    pub(crate) fn forget_ended(&mut self, now: Instant, now_ms: u64, keep: Duration) {
+        while self
+            .dead
+            .front()
+            .is_some_and(|&(_, died)| now.saturating_duration_since(died) >= keep)
+        {
+            self.forget_oldest_dead();
+        }
+        self.nodes.retain(|_, n| {
+            n.alive
+                || n.ended
+                    .is_none_or(|e| now.saturating_duration_since(e) < keep)
+        });
+        let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+        self.jobs.retain(|_, j| {
+            !j.finished
+                || j.end_time_ms
+                    .is_none_or(|e| now_ms.saturating_sub(e) < keep_ms)
+        });
     }
 
     /// A node leaves the cluster; returns the actors that died with it.
@@ -1074,6 +1113,57 @@ mod tests {
             "the oldest dead are dropped"
         );
         assert!(s.get_actor(&ActorLookup::Id(ActorId(total - 1))).is_ok());
+    }
+
+    #[test]
+    fn what_ended_is_forgotten_after_keep_ended_and_not_before() {
+        let mut s = state_with(&[(1, 4.0), (2, 4.0)]);
+        let spec = |id| ActorSpec {
+            actor_id: ActorId(id),
+            job_id: JobId(1),
+            class_name: "A".into(),
+            name: None,
+            detached: false,
+            owner_address: String::new(),
+            max_restarts: 0,
+            resources: ResourceMap::new(),
+        };
+        s.register_actor(spec(1)).unwrap();
+        s.register_actor(spec(2)).unwrap();
+        s.kill_actor(&ActorLookup::Id(ActorId(1)), true).unwrap();
+        for job in [1, 2] {
+            s.register_job(JobInfo {
+                job_id: JobId(job),
+                driver_pid: 1,
+                driver_address: String::new(),
+                exe_path: std::path::PathBuf::new(),
+                build_hash: String::new(),
+            });
+        }
+        s.finish_job(JobId(2));
+        s.unregister_node(NodeId(2)).unwrap();
+        let (now, now_ms) = (Instant::now(), unix_millis());
+
+        let soon = KEEP_ENDED / 2;
+        s.forget_ended(now + soon, now_ms + soon.as_millis() as u64, KEEP_ENDED);
+        assert!(s.get_actor(&ActorLookup::Id(ActorId(1))).is_ok());
+        assert_eq!(s.list_jobs().len(), 2);
+        assert_eq!(s.list_nodes(now).len(), 2);
+
+        let late = KEEP_ENDED + Duration::from_secs(1);
+        s.forget_ended(now + late, now_ms + late.as_millis() as u64, KEEP_ENDED);
+        assert!(
+            s.get_actor(&ActorLookup::Id(ActorId(1))).is_err(),
+            "a dead actor is forgotten"
+        );
+        assert!(
+            s.get_actor(&ActorLookup::Id(ActorId(2))).is_ok(),
+            "a live actor stays"
+        );
+        let jobs: Vec<JobId> = s.list_jobs().iter().map(|j| j.info.job_id).collect();
+        assert_eq!(jobs, vec![JobId(1)], "the finished job is forgotten");
+        let nodes: Vec<NodeId> = s.list_nodes(now).iter().map(|n| n.info.node_id).collect();
+        assert_eq!(nodes, vec![NodeId(1)], "the node that left is forgotten");
     }
 
     #[test]

@@ -7,11 +7,17 @@
 //! times. Stopping a job signals its process group (SIGTERM, then SIGKILL
 //! after [`STOP_GRACE`]); a head that stops stops its jobs.
 //!
+//! A job runs in the directory it names when that is the same directory
+//! on the head's machine, else in an uploaded copy of it
+//! ([`super::job_package`]), which the head removes once no running job
+//! uses it.
+//!
 //! ```text
 //! PENDING ─spawned─▶ RUNNING ─exit 0─▶ SUCCEEDED
 //!    └─spawn failed─▶ FAILED ◀─exit ≠ 0 or signal─┘      └─stop─▶ STOPPED
 //! ```
 
+use super::job_package::{self, DirIdentity, PackageError};
 use crate::ids::JobId;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -39,6 +45,15 @@ pub struct SubmitRequest {
     pub entrypoint: Vec<String>,
     /// Where it runs, on the head's machine [default: the head's].
     pub working_dir: Option<PathBuf>,
+    /// When set, `working_dir` must be this very directory (the one the
+    /// submitter sees), or the head refuses with
+    /// [`JobRequestError::Elsewhere`] and the submitter uploads it.
+    #[serde(default)]
+    pub same_as: Option<DirIdentity>,
+    /// Runs in this uploaded package instead (its name; see
+    /// [`JobManager::store_package`]).
+    #[serde(default)]
+    pub package: Option<String>,
     /// Extra environment variables.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -79,6 +94,9 @@ pub struct Submission {
     pub entrypoint: Vec<String>,
     /// Where it runs.
     pub working_dir: Option<PathBuf>,
+    /// The uploaded package it runs in, if any.
+    #[serde(default)]
+    pub package: Option<String>,
     /// Where it is in its life.
     pub state: SubmittedState,
     /// Its process, while it has one.
@@ -115,6 +133,16 @@ pub enum JobRequestError {
     /// The request makes no sense.
     #[error("{0}")]
     Invalid(String),
+    /// The working directory named is not that directory on the head's
+    /// machine: upload it.
+    #[error("{0} is not the submitter's directory on the head's machine")]
+    Elsewhere(String),
+    /// No uploaded package has that name (any more): upload it again.
+    #[error("the head has no package {0}: upload it")]
+    NoPackage(String),
+    /// An upload was refused.
+    #[error(transparent)]
+    Package(#[from] PackageError),
     /// The log could not be read.
     #[error("cannot read the job's log: {0}")]
     Io(#[from] std::io::Error),
@@ -182,19 +210,70 @@ impl JobManager {
         })
     }
 
+    fn packages(&self) -> PathBuf {
+        self.dir.join("packages")
+    }
+
+    /// Unpacks an uploaded working directory, named by its SHA-256, for
+    /// jobs to run in (once; a package already there is kept). Blocking.
+    pub fn store_package(&self, name: &str, bytes: &[u8]) -> Result<(), JobRequestError> {
+        job_package::unpack(&self.packages(), name, bytes)?;
+        Ok(())
+    }
+
+    /// Where `request`'s job runs: its package, or its directory if that
+    /// is there (and is the submitter's, when `same_as` says which).
+    fn working_dir(&self, request: &SubmitRequest) -> Result<Option<PathBuf>, JobRequestError> {
+        match (&request.package, &request.working_dir) {
+            (Some(_), Some(_)) => Err(JobRequestError::Invalid(
+                "a job runs in a working directory or in a package, not both".into(),
+            )),
+            (Some(name), None) => {
+                if !job_package::is_name(name) {
+                    return Err(PackageError::BadName(name.clone()).into());
+                }
+                let dir = self.packages().join(name);
+                if dir.is_dir() {
+                    Ok(Some(dir))
+                } else {
+                    Err(JobRequestError::NoPackage(name.clone()))
+                }
+            }
+            (None, Some(dir)) => {
+                let shown = dir.display().to_string();
+                match (&request.same_as, DirIdentity::of(dir)) {
+                    (Some(theirs), Ok(ours)) if *theirs != ours => {
+                        Err(JobRequestError::Elsewhere(shown))
+                    }
+                    (Some(_), Err(_)) => Err(JobRequestError::Elsewhere(shown)),
+                    (None, Err(_)) => Err(JobRequestError::Invalid(format!(
+                        "the working directory {shown} is not a directory on the head's machine"
+                    ))),
+                    (_, Ok(_)) => Ok(Some(dir.clone())),
+                }
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Removes `package` unless a job not over yet runs in it.
+    fn release_package(&self, package: Option<&str>) {
+        let Some(name) = package else { return };
+        let jobs = self.jobs.lock();
+        let used = jobs
+            .values()
+            .any(|e| !e.info.state.is_terminal() && e.info.package.as_deref() == Some(name));
+        if !used {
+            let _ = std::fs::remove_dir_all(self.packages().join(name));
+        }
+    }
+
     /// Starts `request`'s entrypoint; its submission as it stands.
     pub fn submit(self: &Arc<Self>, request: SubmitRequest) -> Result<Submission, JobRequestError> {
         if request.entrypoint.first().is_none_or(|c| c.is_empty()) {
             return Err(JobRequestError::Invalid("the entrypoint is empty".into()));
         }
-        if let Some(dir) = &request.working_dir {
-            if !dir.is_dir() {
-                return Err(JobRequestError::Invalid(format!(
-                    "the working directory {} is not a directory on the head's machine",
-                    dir.display()
-                )));
-            }
-        }
+        let cwd = self.working_dir(&request)?;
         std::fs::create_dir_all(&self.dir)?;
         let job_id = JobId::random();
         let log = Arc::new(Mutex::new(Log {
@@ -206,7 +285,8 @@ impl JobManager {
         let info = Submission {
             job_id,
             entrypoint: request.entrypoint.clone(),
-            working_dir: request.working_dir.clone(),
+            working_dir: cwd.clone(),
+            package: request.package.clone(),
             state: SubmittedState::Pending,
             pid: None,
             exit_code: None,
@@ -237,7 +317,7 @@ impl JobManager {
             .stderr(std::process::Stdio::piped())
             .process_group(0)
             .kill_on_drop(false);
-        if let Some(dir) = &request.working_dir {
+        if let Some(dir) = &cwd {
             command.current_dir(dir);
         }
         match command.spawn() {
@@ -259,6 +339,7 @@ impl JobManager {
                     entry.info.message = message.clone();
                     entry.info.end_time_ms = Some(now_ms());
                 });
+                self.release_package(request.package.as_deref());
             }
         }
         self.get(job_id)
@@ -329,6 +410,12 @@ impl JobManager {
             }
             tracing::info!(%job, state = ?e.info.state, code = ?e.info.exit_code, "job ended");
         });
+        let package = self
+            .jobs
+            .lock()
+            .get(&job)
+            .and_then(|e| e.info.package.clone());
+        self.release_package(package.as_deref());
     }
 
     /// A job as it stands.

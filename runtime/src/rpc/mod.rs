@@ -28,6 +28,7 @@ mod head_http;
 mod head_service;
 mod head_state;
 pub mod job_manager;
+pub mod job_package;
 mod node_client;
 pub mod proto;
 mod server;

@@ -252,19 +252,36 @@ pub async fn post(
     json: &str,
     timeout: Duration,
 ) -> Result<Answer, HttpError> {
-    request("POST", addr, path, token, Some(json), timeout).await
+    let body = ("application/json", json.as_bytes());
+    request("POST", addr, path, token, Some(body), timeout).await
 }
+
+/// `PUT http://{addr}{path}` with `bytes` as an `application/octet-stream`
+/// body, with the token as a bearer when given, bounded by `timeout`.
+pub async fn put(
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    bytes: &[u8],
+    timeout: Duration,
+) -> Result<Answer, HttpError> {
+    let body = ("application/octet-stream", bytes);
+    request("PUT", addr, path, token, Some(body), timeout).await
+}
+
+/// A request's body: its content type and bytes.
+type Body<'a> = (&'a str, &'a [u8]);
 
 async fn request(
     method: &str,
     addr: &str,
     path: &str,
     token: Option<&str>,
-    json: Option<&str>,
+    body: Option<Body<'_>>,
     timeout: Duration,
 ) -> Result<Answer, HttpError> {
     let what = format!("{method} http://{addr}{path}");
-    tokio::time::timeout(timeout, fetch(method, addr, path, token, json))
+    tokio::time::timeout(timeout, fetch(method, addr, path, token, body))
         .await
         .map_err(|_| HttpError::Timeout(what))?
 }
@@ -274,7 +291,7 @@ async fn fetch(
     addr: &str,
     path: &str,
     token: Option<&str>,
-    json: Option<&str>,
+    body: Option<Body<'_>>,
 ) -> Result<Answer, HttpError> {
     let io = |what: &str| {
         let what = format!("{what} {addr}");
@@ -286,21 +303,22 @@ async fn fetch(
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let body = json.map_or_else(String::new, |j| {
+    let length = body.map_or_else(String::new, |(kind, bytes)| {
         format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{j}",
-            j.len()
+            "Content-Type: {kind}\r\nContent-Length: {}\r\n",
+            bytes.len()
         )
     });
-    let request = if json.is_some() {
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n{body}")
-    } else {
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
-    };
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n{length}\r\n"
+    );
     stream
-        .write_all(request.as_bytes())
+        .write_all(head.as_bytes())
         .await
         .map_err(io("write to"))?;
+    if let Some((_, bytes)) = body {
+        stream.write_all(bytes).await.map_err(io("write to"))?;
+    }
     let mut raw = Vec::new();
     stream
         .read_to_end(&mut raw)

@@ -147,16 +147,30 @@ static TABLES: [Table; 2] = [const {
 
 const OTHER: &str = "other";
 
+/// The hash of `parts`, eight bytes at a time (a name is hashed on every
+/// call; its slot still checks the name itself). Names are hashed by
+/// their parts: a name is always given as the same parts (a function's
+/// `[name]`, a method's `[class, method]`).
 fn hash(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            h = (h ^ u64::from(b'.')).wrapping_mul(0x0100_0000_01b3);
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h: u64 = parts.len() as u64;
+    for part in parts {
+        let bytes = part.as_bytes();
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
         }
-        for b in part.bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
+        let mut tail = [0u8; 8];
+        tail[..words.remainder().len()].copy_from_slice(words.remainder());
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(tail) ^ (bytes.len() as u64) << 56)
+            .wrapping_mul(K);
     }
+    // Mixes every bit into the low ones the table's index takes.
+    h ^= h >> 31;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 29;
     h | 1
 }
 
@@ -502,6 +516,12 @@ mod tests {
         assert!(same_name("A.b", &["A", "b"]));
         assert!(!same_name("A.bc", &["A", "b"]));
         assert!(!same_name("Ab", &["A", "b"]));
-        assert_eq!(hash(&["A", "b"]), hash(&["A.b"]));
+        // Hashed by parts: how a name splits into them counts.
+        assert_eq!(hash(&["A", "b"]), hash(&["A", "b"]));
+        assert_ne!(hash(&["A", "b"]), hash(&["Ab"]));
+        assert_ne!(hash(&["A", "b"]), hash(&["A", "b", ""]));
+        assert_ne!(hash(&["A", "b"]), hash(&["b", "A"]));
+        let long = "a_method_name_longer_than_a_word";
+        assert_ne!(hash(&["Class", long]), hash(&["Clas", long]));
     }
 }

@@ -18,7 +18,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Spans a process records between two reports to its node (each
 /// second); runs past them are only counted ([`dropped`]).
@@ -77,9 +78,34 @@ pub fn dropped() -> u64 {
 
 /// Now, in Unix nanoseconds.
 pub fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+    unix_ns(Instant::now())
+}
+
+/// A caller's stamp for what it submits: now, or 0 (unknown) while
+/// recording is off.
+pub fn submitted_ns() -> u64 {
+    if super::enabled() {
+        now_ns()
+    } else {
+        0
+    }
+}
+
+/// `at` in Unix nanoseconds: the wall clock read once per process, plus
+/// the monotonic time since, so a span's stamps cost one clock read each
+/// and stay ordered if the wall clock is stepped.
+pub fn unix_ns(at: Instant) -> u64 {
+    static ANCHOR: OnceLock<(Instant, u64)> = OnceLock::new();
+    let (then, then_ns) = *ANCHOR.get_or_init(|| {
+        let ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        (Instant::now(), ns)
+    });
+    match at.checked_duration_since(then) {
+        Some(since) => then_ns.saturating_add(since.as_nanos() as u64),
+        None => then_ns.saturating_sub(then.duration_since(at).as_nanos() as u64),
+    }
 }
 
 /// What a worker knows of one run, to record as a span.
@@ -97,6 +123,8 @@ pub struct Run {
     pub received_ns: u64,
     /// When it started (Unix ns).
     pub started_ns: u64,
+    /// When it ended (Unix ns).
+    pub ended_ns: u64,
 }
 
 /// Records a run that just ended, named by `parts` as the recorder names
@@ -117,7 +145,6 @@ pub fn record_named(run: Run, name: &'static str, ok: bool) {
         DROPPED.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let ended_ns = now_ns();
     PENDING.lock().push(Pending {
         task: run.task,
         job: run.job,
@@ -126,7 +153,7 @@ pub fn record_named(run: Run, name: &'static str, ok: bool) {
         submitted_ns: run.submitted_ns,
         received_ns: run.received_ns,
         started_ns: run.started_ns,
-        ended_ns,
+        ended_ns: run.ended_ns,
         ok,
     });
 }
@@ -198,6 +225,7 @@ mod tests {
                 submitted_ns: now,
                 received_ns: now + 10,
                 started_ns: now + 20,
+                ended_ns: now + 30,
             },
             &["spans_test_fn"],
             true,
@@ -205,7 +233,7 @@ mod tests {
         let taken: Vec<Span> = take().into_iter().filter(|s| s.task == task).collect();
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].name, "spans_test_fn");
-        assert!(taken[0].ended_ns >= taken[0].started_ns);
+        assert_eq!(taken[0].ended_ns, now + 30);
         assert!(!take().iter().any(|s| s.task == task), "taken twice");
 
         // Past PER_REPORT runs before a report, runs are counted, not kept.
@@ -217,6 +245,7 @@ mod tests {
             submitted_ns: now,
             received_ns: now,
             started_ns: now,
+            ended_ns: now,
         };
         for _ in 0..PER_REPORT + 100 {
             record(run, &["spans_test_fn"], true);

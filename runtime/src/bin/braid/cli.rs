@@ -88,8 +88,10 @@ pub enum JobCommand {
 /// Flags of `braid job submit`.
 #[derive(Debug, Args)]
 pub struct JobSubmitArgs {
-    /// Directory the command runs in, on the head's machine [default:
-    /// this directory, made absolute].
+    /// Directory the command runs in [default: this one]. When the head's
+    /// machine does not have this very directory, it is uploaded (at most
+    /// 512 MiB) and the job runs in the copy; without the flag the job
+    /// then runs in the head's directory.
     #[arg(long, value_name = "DIR")]
     pub working_dir: Option<std::path::PathBuf>,
     /// Follow the job's output until it ends (the id is still printed

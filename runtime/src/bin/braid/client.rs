@@ -111,7 +111,7 @@ impl Connected {
     /// `GET path` on the head's HTTP API (its dashboard's address), with
     /// the token; the body of a 200, else an error saying what came back.
     pub fn get_api(&self, path: &str, timeout: std::time::Duration) -> anyhow::Result<String> {
-        self.api(path, None, timeout)
+        ok_body(path, self.api(path, ApiBody::None, timeout)?)
     }
 
     /// `POST path` with a JSON body on the head's HTTP API; as
@@ -122,15 +122,37 @@ impl Connected {
         json: &str,
         timeout: std::time::Duration,
     ) -> anyhow::Result<String> {
-        self.api(path, Some(json), timeout)
+        ok_body(path, self.api(path, ApiBody::Json(json), timeout)?)
+    }
+
+    /// `POST path` with a JSON body on the head's HTTP API: its answer,
+    /// whatever its status.
+    pub fn post_api_answer(
+        &self,
+        path: &str,
+        json: &str,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<braid::telemetry::http::Answer> {
+        self.api(path, ApiBody::Json(json), timeout)
+    }
+
+    /// `PUT path` with `bytes` on the head's HTTP API; as
+    /// [`get_api`](Self::get_api).
+    pub fn put_api(
+        &self,
+        path: &str,
+        bytes: &[u8],
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<String> {
+        ok_body(path, self.api(path, ApiBody::Bytes(bytes), timeout)?)
     }
 
     fn api(
         &self,
         path: &str,
-        json: Option<&str>,
+        body: ApiBody<'_>,
         timeout: std::time::Duration,
-    ) -> anyhow::Result<String> {
+    ) -> anyhow::Result<braid::telemetry::http::Answer> {
         let http = {
             let mut cached = self.http.lock();
             if cached.is_empty() {
@@ -142,27 +164,18 @@ impl Connected {
             }
             cached.clone()
         };
+        use braid::telemetry::http;
+        let token = Some(self.token.as_str());
         let request = async {
-            match json {
-                Some(json) => {
-                    braid::telemetry::http::post(&http, path, Some(&self.token), json, timeout)
-                        .await
-                }
-                None => braid::telemetry::http::get(&http, path, Some(&self.token), timeout).await,
+            match body {
+                ApiBody::Json(json) => http::post(&http, path, token, json, timeout).await,
+                ApiBody::Bytes(bytes) => http::put(&http, path, token, bytes, timeout).await,
+                ApiBody::None => http::get(&http, path, token, timeout).await,
             }
         };
-        let answer = self
-            .rt
+        self.rt
             .block_on(request)
-            .with_context(|| format!("ask the head's HTTP API at {http}"))?;
-        if answer.status != 200 {
-            bail!(
-                "the head's HTTP API answered {} to {path}: {}",
-                answer.status,
-                answer.body.trim()
-            );
-        }
-        Ok(answer.body)
+            .with_context(|| format!("ask the head's HTTP API at {http}"))
     }
 
     /// The nodes the head knows, alive and dead.
@@ -190,4 +203,24 @@ fn explain(e: braid::Error, address: &str) -> anyhow::Error {
         _ => format!("the head at {address} failed"),
     };
     anyhow::Error::new(e).context(what)
+}
+
+/// What a request to the head's HTTP API carries.
+enum ApiBody<'a> {
+    None,
+    Json(&'a str),
+    Bytes(&'a [u8]),
+}
+
+/// The body of a 200 answer to `path`, else an error saying what came
+/// back.
+fn ok_body(path: &str, answer: braid::telemetry::http::Answer) -> anyhow::Result<String> {
+    if answer.status != 200 {
+        bail!(
+            "the head's HTTP API answered {} to {path}: {}",
+            answer.status,
+            answer.body.trim()
+        );
+    }
+    Ok(answer.body)
 }

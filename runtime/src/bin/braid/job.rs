@@ -2,17 +2,25 @@
 //! to the head, which starts it beside its node with `BRAID_ADDRESS` set
 //! and keeps its output; `list`, `status`, `logs [--follow]` and `stop`
 //! ask the head about them, over its HTTP API.
+//!
+//! The job runs in its working directory when the head's machine has that
+//! very directory. Otherwise `--working-dir` is packed and uploaded, as
+//! Ray uploads a `working_dir`; without the flag the job runs in the
+//! head's directory.
 
 use crate::cli::{usage_error, JobCommand, JobIdArgs, JobLogsArgs, JobSubmitArgs};
 use crate::client::{self, Connected};
 use crate::table::{short, table, utc};
 use anyhow::Context;
 use braid::rpc::job_manager::{LogChunk, Submission, SubmitRequest};
+use braid::rpc::job_package::{self, DirIdentity};
 use std::io::Write;
 use std::time::Duration;
 
 /// How long one request to the head may take.
 const REQUEST: Duration = Duration::from_secs(30);
+/// How long uploading a working directory may take.
+const UPLOAD: Duration = Duration::from_secs(600);
 /// How often `--follow` asks for more output.
 const FOLLOW_EVERY: Duration = Duration::from_millis(200);
 
@@ -140,25 +148,92 @@ fn describe(job: &Submission) -> String {
     out
 }
 
-fn submit(args: JobSubmitArgs) -> anyhow::Result<()> {
-    let working_dir = match args.working_dir {
-        Some(dir) => Some(
-            std::fs::canonicalize(&dir)
-                .map_err(|e| usage_error("job", format!("--working-dir {}: {e}", dir.display())))?,
+/// Sends `request`: the submission, or `None` when the head answered
+/// `refused_with` (409: the directory is elsewhere; 410: the package is
+/// gone).
+fn send(
+    connected: &Connected,
+    request: &SubmitRequest,
+    refused_with: u16,
+) -> anyhow::Result<Option<Submission>> {
+    let path = "/api/jobs/submit";
+    let answer = connected.post_api_answer(path, &serde_json::to_string(request)?, REQUEST)?;
+    match answer.status {
+        200 => Ok(Some(serde_json::from_str(&answer.body)?)),
+        status if status == refused_with => Ok(None),
+        status => anyhow::bail!(
+            "the head's HTTP API answered {status} to {path}: {}",
+            answer.body.trim()
         ),
-        None => std::env::current_dir().ok(),
+    }
+}
+
+/// Packs and uploads `dir`, then submits the job to run in it.
+fn upload_and_submit(
+    connected: &Connected,
+    dir: &std::path::Path,
+    mut request: SubmitRequest,
+) -> anyhow::Result<Submission> {
+    let package = job_package::pack(dir)?;
+    eprintln!(
+        "Uploading {} ({} bytes) to the head as package {}",
+        dir.display(),
+        package.bytes.len(),
+        short(&package.name)
+    );
+    request.working_dir = None;
+    request.same_as = None;
+    request.package = Some(package.name.clone());
+    let path = format!("/api/jobs/packages/{}", package.name);
+    // A package the head has just removed (its last job ended) is
+    // uploaded once more.
+    for _ in 0..2 {
+        connected.put_api(&path, &package.bytes, UPLOAD)?;
+        if let Some(job) = send(connected, &request, 410)? {
+            return Ok(job);
+        }
+    }
+    anyhow::bail!(
+        "the head removed package {} twice as it was submitted",
+        package.name
+    )
+}
+
+fn submit(args: JobSubmitArgs) -> anyhow::Result<()> {
+    let explicit = args.working_dir.is_some();
+    let dir = match args.working_dir {
+        Some(dir) => std::fs::canonicalize(&dir)
+            .map_err(|e| usage_error("job", format!("--working-dir {}: {e}", dir.display())))?,
+        None => std::env::current_dir().context("this directory")?,
     };
     let connected = client::connect_to("job", args.cluster.address, args.cluster.token)?;
-    let request = SubmitRequest {
+    let mut request = SubmitRequest {
         entrypoint: args.command,
-        working_dir,
+        working_dir: Some(dir.clone()),
+        same_as: DirIdentity::of(&dir).ok(),
+        package: None,
         env: Default::default(),
     };
-    let job: Submission = serde_json::from_str(&connected.post_api(
-        "/api/jobs/submit",
-        &serde_json::to_string(&request)?,
-        REQUEST,
-    )?)?;
+    let job = match send(&connected, &request, 409)? {
+        Some(job) => job,
+        None if explicit => upload_and_submit(&connected, &dir, request)?,
+        None => {
+            eprintln!(
+                "The head's machine does not have {}; the job runs in the head's directory \
+                 (--working-dir uploads one)",
+                dir.display()
+            );
+            request.working_dir = None;
+            request.same_as = None;
+            connected
+                .post_api(
+                    "/api/jobs/submit",
+                    &serde_json::to_string(&request)?,
+                    REQUEST,
+                )
+                .and_then(|body| Ok(serde_json::from_str(&body)?))?
+        }
+    };
     println!(
         "Submitted job {} ({}): {}",
         short(&job.job_id.to_string()),

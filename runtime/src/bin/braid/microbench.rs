@@ -10,8 +10,11 @@
 //! and prints their mean. This runs a shorter warm-up and five rounds of
 //! about [`ROUND`] each, and reports their median. `TESTS_TO_RUN=pattern`
 //! runs the metrics whose names contain `pattern` (or any of several
-//! comma-separated patterns), as Ray's does. The last
-//! stdout line is one JSON object; logs go to stderr.
+//! comma-separated patterns), as Ray's does. `BRAID_MICROBENCH_CALLS=N`
+//! makes each round exactly `N` calls (and the warm-up `N / 5`) instead of
+//! a time, so a counter over the whole run (`perf stat -e instructions`)
+//! divides into a cost per call. The last stdout line is one JSON object;
+//! logs go to stderr.
 
 use anyhow::Context;
 use braid::{ActorHandle, ObjectRef, Runtime, TypedHandle};
@@ -210,6 +213,8 @@ impl Client {
 struct Bench {
     results: BTreeMap<String, f64>,
     filter: Option<String>,
+    /// `BRAID_MICROBENCH_CALLS`: calls per round instead of [`ROUND`].
+    calls: Option<u64>,
 }
 
 impl Bench {
@@ -230,16 +235,23 @@ impl Bench {
         }
         let warm = Instant::now();
         let mut count = 0u64;
-        while warm.elapsed() < ROUND / 3 || count == 0 {
+        let warm_calls = self.calls.map(|n| (n / 5).max(1));
+        while match warm_calls {
+            Some(n) => count < n,
+            None => warm.elapsed() < ROUND / 3 || count == 0,
+        } {
             f().await.with_context(|| format!("{name}: warm-up"))?;
             count += 1;
         }
-        let step = count / 10 + 1;
+        let step = match self.calls {
+            Some(n) => n,
+            None => count / 10 + 1,
+        };
         let mut rates = Vec::with_capacity(ROUNDS);
         for _ in 0..ROUNDS {
             let start = Instant::now();
             let mut n = 0u64;
-            while start.elapsed() < ROUND {
+            while n == 0 || (self.calls.is_none() && start.elapsed() < ROUND) {
                 for _ in 0..step {
                     f().await.with_context(|| name.to_string())?;
                 }
@@ -288,9 +300,16 @@ pub fn run(json: bool, actor_resource: Option<String>) -> anyhow::Result<()> {
 }
 
 async fn workloads(rt: Runtime, filter: Option<String>) -> anyhow::Result<BTreeMap<String, f64>> {
+    let calls = match std::env::var("BRAID_MICROBENCH_CALLS") {
+        Ok(s) => Some(s.parse::<u64>().ok().filter(|&n| n > 0).with_context(|| {
+            format!("BRAID_MICROBENCH_CALLS={s:?}: expected a positive number of calls")
+        })?),
+        Err(_) => None,
+    };
     let mut b = Bench {
         results: BTreeMap::new(),
         filter,
+        calls,
     };
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())

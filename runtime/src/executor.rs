@@ -8,7 +8,7 @@ use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::ids::{ActorId, TaskId};
 use crate::registry::{self, ActorObject, Invoke};
-use crate::telemetry::recorder::{self, short_name, Work};
+use crate::telemetry::recorder::{self, short_name, Event, Work};
 use crate::telemetry::spans;
 use crate::value::{ArgData, Args, Encoded};
 use crate::wire::messages::{ActorSpec, CallSpec, ReturnValue, TaskResult, TaskSpec, WireArg};
@@ -39,14 +39,21 @@ struct Hosted {
     max_concurrency: u32,
 }
 
-/// When a task or call reached this worker, or started: one clock read,
-/// and none while recording is off.
+/// When a task or call reached this worker, or started: one clock read
+/// for a timed run, none for the others (recording off, or past
+/// [`spans::PER_REPORT`] runs this second: see [`spans::admit`]).
 #[derive(Clone, Copy)]
 struct Arrival(Option<Instant>);
 
 impl Arrival {
-    fn now() -> Arrival {
-        Arrival(crate::telemetry::enabled().then(Instant::now))
+    /// A run reaching this worker.
+    fn received() -> Arrival {
+        Arrival(spans::admit().then(Instant::now))
+    }
+
+    /// The start of the run that arrived `received`.
+    fn started(received: Arrival) -> Arrival {
+        Arrival(received.0.map(|_| Instant::now()))
     }
 }
 
@@ -60,6 +67,8 @@ fn record_run(
     ok: bool,
 ) {
     let (Arrival(Some(received)), Arrival(Some(started))) = (received, started) else {
+        let event = if ok { Event::Finished } else { Event::Failed };
+        recorder::count(work, parts, event);
         return;
     };
     let ran = started.elapsed();
@@ -146,7 +155,7 @@ impl Executor {
     fn serve(self: &Arc<Self>, message: Message, responder: Responder) {
         match message {
             Message::PushTask(spec) => {
-                let _ = self.tasks.send((spec, responder, Arrival::now()));
+                let _ = self.tasks.send((spec, responder, Arrival::received()));
             }
             Message::CreateActor(spec) => {
                 let this = self.clone();
@@ -175,14 +184,14 @@ impl Executor {
                             return;
                         };
                         let handle = core.handle.clone();
-                        let received = Arrival::now();
+                        let received = Arrival::received();
                         handle.block_on(async move {
                             // A free lane starts the call as it arrives:
                             // one clock read stamps both.
                             let (_permit, started) = match lane.try_acquire() {
                                 Ok(permit) => (permit, received),
                                 Err(_) => match lane.acquire().await {
-                                    Ok(permit) => (permit, Arrival::now()),
+                                    Ok(permit) => (permit, Arrival::started(received)),
                                     Err(_) => return,
                                 },
                             };
@@ -191,7 +200,7 @@ impl Executor {
                         });
                     }
                     Some(hosted) if hosted.actor == spec.actor => {
-                        let _ = hosted.calls.send((spec, responder, Arrival::now()));
+                        let _ = hosted.calls.send((spec, responder, Arrival::received()));
                     }
                     _ => responder.respond(Err(Error::ActorDied {
                         actor: spec.actor,
@@ -281,7 +290,7 @@ async fn task_loop(
         let returns = spec.returns;
         let function = spec.function.clone();
         let core2 = core.clone();
-        let started = Arrival::now();
+        let started = Arrival::started(received);
         let submitted_ns = spec.submitted_ns;
         let sync = registry::function(&function)
             .is_ok_and(|entry| matches!(entry.invoke, Invoke::Sync(_)));
@@ -350,7 +359,7 @@ async fn actor_loop(
         let instance = instance.clone();
         let class = class.clone();
         let call = async move {
-            let stamps = (received, Arrival::now());
+            let stamps = (received, Arrival::started(received));
             run_call(&core, instance, &class, spec, responder, stamps).await;
             drop(permit);
         };

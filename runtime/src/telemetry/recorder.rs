@@ -1,6 +1,7 @@
 //! What a process records about the tasks and actor calls it submits and
 //! runs: counts by function or method name and histograms of queue wait
-//! and run time. Recording is a few atomic adds into a fixed table of
+//! and run time (of the runs [`super::spans::admit`] times). Recording is
+//! a few atomic adds into a fixed table of
 //! [`MAX_NAMES`] names per kind (no lock, no allocation after a name's
 //! first use; names past the table count as `other`). Every process
 //! sends a [`Snapshot`] of it to its node ([`crate::wire::Message::Metrics`]),
@@ -438,7 +439,10 @@ impl Snapshot {
             ] {
                 let mut family = Family::new(
                     format!("{}_{suffix}", work.prefix()),
-                    format!("{what}' time {help}"),
+                    format!(
+                        "{what}' time {help} (runs timed: at most {} per process per second)",
+                        super::spans::PER_REPORT
+                    ),
                     Kind::Histogram,
                 );
                 for stats in &mine {

@@ -6,11 +6,13 @@
 //! to its node ([`crate::wire::Message::Spans`]), which keeps the newest
 //! [`NODE_KEEP`] and serves them to the head.
 //!
-//! A process keeps at most [`PER_REPORT`] spans between two reports (as
-//! Ray bounds its task events): past that, in a second of hundreds of
-//! thousands of calls, a run costs one atomic add and is counted in
-//! [`dropped`] (`braid_spans_dropped_total`) instead. Shipping every span
-//! of such a second would cost the calls a fifth of their rate.
+//! A process times at most [`PER_REPORT`] runs between two reports (as
+//! Ray bounds its task events; [`admit`]): their queue and run times go
+//! to the recorder's histograms and their spans here. Past that, in a
+//! second of hundreds of thousands of calls, a run reads no clock, is
+//! counted by name, and in [`dropped`] (`braid_spans_dropped_total`).
+//! Shipping every span of such a second cost the calls a fifth of their
+//! rate, and its clock reads and histograms alone several percent.
 
 use super::recorder::Work;
 use crate::ids::{JobId, TaskId};
@@ -69,6 +71,8 @@ static PENDING: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
 static SINCE_TAKE: AtomicUsize = AtomicUsize::new(0);
 /// Runs not recorded, past [`PER_REPORT`].
 static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Submissions stamped since the last [`take`].
+static STAMPED: AtomicUsize = AtomicUsize::new(0);
 
 /// How many runs this process did not record as spans (past
 /// [`PER_REPORT`] in a report's second).
@@ -81,10 +85,11 @@ pub fn now_ns() -> u64 {
     unix_ns(Instant::now())
 }
 
-/// A caller's stamp for what it submits: now, or 0 (unknown) while
-/// recording is off.
+/// A caller's stamp for what it submits: now for its first
+/// [`PER_REPORT`] submissions since the last report, else 0 (unknown), as
+/// while recording is off.
 pub fn submitted_ns() -> u64 {
-    if super::enabled() {
+    if super::enabled() && STAMPED.fetch_add(1, Ordering::Relaxed) < PER_REPORT {
         now_ns()
     } else {
         0
@@ -127,24 +132,33 @@ pub struct Run {
     pub ended_ns: u64,
 }
 
-/// Records a run that just ended, named by `parts` as the recorder names
-/// it.
-pub fn record(run: Run, parts: &[&str], ok: bool) {
+/// Whether a run reaching this process is timed and kept as a span: one
+/// of the first [`PER_REPORT`] since the last report, with recording on.
+/// Runs past them are only counted, by their name
+/// ([`super::recorder::count`]) and here ([`dropped`]), at the cost of
+/// two atomic adds and no clock read.
+pub fn admit() -> bool {
     if !super::enabled() {
+        return false;
+    }
+    if SINCE_TAKE.fetch_add(1, Ordering::Relaxed) >= PER_REPORT {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    true
+}
+
+/// Records a run that just ended, named by `parts` as the recorder names
+/// it, if [`admit`] lets it in.
+pub fn record(run: Run, parts: &[&str], ok: bool) {
+    if !admit() {
         return;
     }
     record_named(run, super::recorder::name_of(run.work, parts), ok);
 }
 
-/// [`record`] with the name the recorder already found.
+/// Records a run [`admit`] let in, with the name the recorder found.
 pub fn record_named(run: Run, name: &'static str, ok: bool) {
-    if !super::enabled() {
-        return;
-    }
-    if SINCE_TAKE.fetch_add(1, Ordering::Relaxed) >= PER_REPORT {
-        DROPPED.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
     PENDING.lock().push(Pending {
         task: run.task,
         job: run.job,
@@ -162,6 +176,7 @@ pub fn record_named(run: Run, name: &'static str, ok: bool) {
 pub fn take() -> Vec<Span> {
     let pending = std::mem::take(&mut *PENDING.lock());
     SINCE_TAKE.store(0, Ordering::Relaxed);
+    STAMPED.store(0, Ordering::Relaxed);
     let pid = std::process::id();
     pending
         .into_iter()

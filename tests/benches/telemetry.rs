@@ -231,7 +231,8 @@ fn recording_cost(timed: bool) -> f64 {
 }
 
 /// Processes whose timed runs [`recording_share`] counts per op (each
-/// times its own `spans::PER_REPORT` a second).
+/// times its own `spans::PER_REPORT` a second): more than any op's
+/// workers, so the share is an upper bound.
 const TIMING_PROCESSES: f64 = 4.0;
 
 /// Each task or call op's share of a second that recording takes at the

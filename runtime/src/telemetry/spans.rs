@@ -23,9 +23,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// Spans a process records between two reports to its node (each
-/// second); runs past them are only counted ([`dropped`]).
-pub const PER_REPORT: usize = 20_000;
+/// Runs a process times and keeps as spans between two reports to its
+/// node (each second; Ray sends at most as many task events a second);
+/// runs past them are only counted ([`dropped`]).
+pub const PER_REPORT: usize = 10_000;
 /// Spans a node keeps, newest last.
 pub const NODE_KEEP: usize = 500_000;
 
@@ -71,8 +72,6 @@ static PENDING: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
 static SINCE_TAKE: AtomicUsize = AtomicUsize::new(0);
 /// Runs not recorded, past [`PER_REPORT`].
 static DROPPED: AtomicU64 = AtomicU64::new(0);
-/// Submissions stamped since the last [`take`].
-static STAMPED: AtomicUsize = AtomicUsize::new(0);
 
 /// How many runs this process did not record as spans (past
 /// [`PER_REPORT`] in a report's second).
@@ -85,11 +84,12 @@ pub fn now_ns() -> u64 {
     unix_ns(Instant::now())
 }
 
-/// A caller's stamp for what it submits: now for its first
-/// [`PER_REPORT`] submissions since the last report, else 0 (unknown), as
-/// while recording is off.
+/// A caller's stamp for what it submits: now, or 0 (unknown) while
+/// recording is off. Every submission is stamped: the caller cannot know
+/// which runs their workers will time, and a burst to many workers keeps
+/// its submit phases in the timeline.
 pub fn submitted_ns() -> u64 {
-    if super::enabled() && STAMPED.fetch_add(1, Ordering::Relaxed) < PER_REPORT {
+    if super::enabled() {
         now_ns()
     } else {
         0
@@ -176,7 +176,6 @@ pub fn record_named(run: Run, name: &'static str, ok: bool) {
 pub fn take() -> Vec<Span> {
     let pending = std::mem::take(&mut *PENDING.lock());
     SINCE_TAKE.store(0, Ordering::Relaxed);
-    STAMPED.store(0, Ordering::Relaxed);
     let pid = std::process::id();
     pending
         .into_iter()

@@ -1,6 +1,7 @@
 //! What a process records about the tasks and actor calls it submits and
 //! runs: counts by function or method name and histograms of queue wait
-//! and run time (of the runs [`super::spans::admit`] times). Recording is
+//! and run time (of the runs timed: at most [`TIMED_PER_SECOND`] a
+//! second per process). Recording is
 //! a few atomic adds into a fixed table of
 //! [`MAX_NAMES`] names per kind (no lock, no allocation after a name's
 //! first use; names past the table count as `other`). Every process
@@ -12,6 +13,10 @@ use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
+
+/// Runs a process times a second (their clock reads, histograms and
+/// spans); the runs past them are only counted.
+pub const TIMED_PER_SECOND: usize = 10_000;
 
 /// Distinct names kept per kind of work (bounded cardinality).
 pub const MAX_NAMES: usize = 64;
@@ -441,7 +446,7 @@ impl Snapshot {
                     format!("{}_{suffix}", work.prefix()),
                     format!(
                         "{what}' time {help} (runs timed: at most {} per process per second)",
-                        super::spans::PER_REPORT
+                        TIMED_PER_SECOND
                     ),
                     Kind::Histogram,
                 );

@@ -26,7 +26,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 /// Runs a process times and keeps as spans between two reports to its
 /// node (each second; Ray sends at most as many task events a second);
 /// runs past them are only counted ([`dropped`]).
-pub const PER_REPORT: usize = 10_000;
+pub const PER_REPORT: usize = super::recorder::TIMED_PER_SECOND;
 /// Spans a node keeps, newest last.
 pub const NODE_KEEP: usize = 500_000;
 

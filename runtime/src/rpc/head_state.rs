@@ -1089,22 +1089,26 @@ mod tests {
         ));
     }
 
+    /// An unnamed actor `id` of job 1, class `A`, with no restarts.
+    fn plain_actor(id: u128) -> ActorSpec {
+        ActorSpec {
+            actor_id: ActorId(id),
+            job_id: JobId(1),
+            class_name: "A".into(),
+            name: None,
+            detached: false,
+            owner_address: String::new(),
+            max_restarts: 0,
+            resources: ResourceMap::new(),
+        }
+    }
+
     #[test]
     fn the_head_keeps_a_bounded_number_of_dead_actors() {
         let mut s = state_with(&[(1, 4.0)]);
         let total = MAX_DEAD_ACTORS as u128 + 50;
         for id in 0..total {
-            s.register_actor(ActorSpec {
-                actor_id: ActorId(id),
-                job_id: JobId(1),
-                class_name: "A".into(),
-                name: None,
-                detached: false,
-                owner_address: String::new(),
-                max_restarts: 0,
-                resources: ResourceMap::new(),
-            })
-            .unwrap();
+            s.register_actor(plain_actor(id)).unwrap();
             s.kill_actor(&ActorLookup::Id(ActorId(id)), true).unwrap();
         }
         assert_eq!(s.list_actors().len(), MAX_DEAD_ACTORS);
@@ -1118,18 +1122,8 @@ mod tests {
     #[test]
     fn what_ended_is_forgotten_after_keep_ended_and_not_before() {
         let mut s = state_with(&[(1, 4.0), (2, 4.0)]);
-        let spec = |id| ActorSpec {
-            actor_id: ActorId(id),
-            job_id: JobId(1),
-            class_name: "A".into(),
-            name: None,
-            detached: false,
-            owner_address: String::new(),
-            max_restarts: 0,
-            resources: ResourceMap::new(),
-        };
-        s.register_actor(spec(1)).unwrap();
-        s.register_actor(spec(2)).unwrap();
+        s.register_actor(plain_actor(1)).unwrap();
+        s.register_actor(plain_actor(2)).unwrap();
         s.kill_actor(&ActorLookup::Id(ActorId(1)), true).unwrap();
         for job in [1, 2] {
             s.register_job(JobInfo {

@@ -11,7 +11,7 @@ use crate::refs::ValueState;
 use crate::resources::Resources;
 use crate::rpc::ActorState;
 use crate::submit::{lease_worker, prepare_inline, record_result, resolve_args};
-use crate::telemetry::recorder::{self, short_name, Event, Work};
+use crate::telemetry::recorder::{Event, MethodCounters};
 use crate::value::{decode, Arg};
 use crate::wire::messages::{
     ActorSpec, CallSpec, Lease, LeaseRequest, ReturnValue, TaskResult, WireArg,
@@ -109,6 +109,8 @@ pub(crate) struct ActorClient {
     restarts: Mutex<u32>,
     creation: Option<Creation>,
     core: Weak<Core>,
+    /// Its class's methods' counters of calls submitted.
+    counters: MethodCounters,
 }
 
 /// An untyped handle to an actor. Clone it, pass it to tasks and other
@@ -164,7 +166,6 @@ impl<'de> Deserialize<'de> for ActorHandle {
         }
         let client = Arc::new(ActorClient {
             id: wire.id,
-            class: wire.class,
             name: wire.name,
             owner: wire.owner,
             max_task_retries: wire.max_task_retries,
@@ -178,6 +179,8 @@ impl<'de> Deserialize<'de> for ActorHandle {
             restarts: Mutex::new(0),
             creation: None,
             core: core.as_ref().map(Arc::downgrade).unwrap_or_default(),
+            counters: MethodCounters::methods(&wire.class),
+            class: wire.class,
         });
         if core.is_some() {
             register(&client);
@@ -409,6 +412,7 @@ async fn create_actor(
             lease: Mutex::new(None),
         }),
         core: Arc::downgrade(&core),
+        counters: MethodCounters::methods(class),
     });
     if let Err(e) = client.instantiate(&core).await {
         let _ = head
@@ -450,7 +454,6 @@ pub(crate) fn remote_client(
 ) -> Result<ActorHandle> {
     let client = Arc::new(ActorClient {
         id,
-        class,
         name,
         owner,
         max_task_retries: 0,
@@ -464,6 +467,8 @@ pub(crate) fn remote_client(
         restarts: Mutex::new(0),
         creation: None,
         core: Arc::downgrade(core),
+        counters: MethodCounters::methods(&class),
+        class,
     });
     register(&client);
     Ok(ActorHandle { client })
@@ -737,11 +742,7 @@ impl ActorHandle {
             Ok(a) => a,
             Err(e) => return ActorCall::failed(e),
         };
-        recorder::count(
-            Work::ActorCall,
-            &[short_name(&client.class), method],
-            Event::Submitted,
-        );
+        client.counters.count(method, Event::Submitted);
         let returns = core.new_object_id();
         let task = TaskId::random();
         let submitted_ns = crate::telemetry::spans::submitted_ns();

@@ -8,7 +8,7 @@ use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::ids::{ActorId, TaskId};
 use crate::registry::{self, ActorObject, Invoke};
-use crate::telemetry::recorder::{self, short_name, Event, Work};
+use crate::telemetry::recorder::{short_name, Counter, Counters, Event, MethodCounters, Work};
 use crate::telemetry::spans;
 use crate::value::{ArgData, Args, Encoded};
 use crate::wire::messages::{ActorSpec, CallSpec, ReturnValue, TaskResult, TaskSpec, WireArg};
@@ -32,11 +32,17 @@ struct Hosted {
     actor: ActorId,
     calls: mpsc::UnboundedSender<(CallSpec, Responder, Arrival)>,
     instance: Arc<dyn ActorObject>,
-    class: Arc<str>,
+    class: Arc<HostedClass>,
     /// One permit per call that may run at once; calls from the loop and
     /// calls run on a ring's reader thread take the same permits.
     lane: Arc<tokio::sync::Semaphore>,
     max_concurrency: u32,
+}
+
+/// The hosted actor's class: its name and its methods' counters.
+struct HostedClass {
+    name: String,
+    counters: MethodCounters,
 }
 
 /// When a task or call reached this worker, or started: one clock read
@@ -57,28 +63,25 @@ impl Arrival {
     }
 }
 
-/// Records a run that just ended, named by `parts`: its counts and times
-/// (`recorder`) and its span, under one lookup of its name.
+/// Records a run that just ended under the counter `counter` gives: its
+/// counts and times (`recorder`) and its span (nothing while recording
+/// is off).
 fn record_run(
     work: Work,
-    parts: &[&str],
+    counter: impl FnOnce() -> Counter,
     (task, job, submitted_ns): (TaskId, crate::ids::JobId, u64),
     (received, started): (Arrival, Arrival),
     ok: bool,
 ) {
+    if !crate::telemetry::enabled() {
+        return;
+    }
     let (Arrival(Some(received)), Arrival(Some(started))) = (received, started) else {
-        let event = if ok { Event::Finished } else { Event::Failed };
-        recorder::count(work, parts, event);
+        counter().count(if ok { Event::Finished } else { Event::Failed });
         return;
     };
     let ran = started.elapsed();
-    let name = recorder::ran(
-        work,
-        parts,
-        started.saturating_duration_since(received),
-        ran,
-        ok,
-    );
+    let name = counter().ran(started.saturating_duration_since(received), ran, ok);
     let started_ns = spans::unix_ns(started);
     spans::record_named(
         spans::Run {
@@ -246,7 +249,10 @@ impl Executor {
             })??;
         let (tx, rx) = mpsc::unbounded_channel();
         let instance: Arc<dyn ActorObject> = Arc::from(instance);
-        let class: Arc<str> = Arc::from(spec.class.as_str());
+        let class = Arc::new(HostedClass {
+            counters: MethodCounters::methods(&spec.class),
+            name: spec.class,
+        });
         let max_concurrency = spec.max_concurrency.max(1);
         let lane = Arc::new(tokio::sync::Semaphore::new(max_concurrency as usize));
         *self.actor.lock() = Some(Hosted {
@@ -308,7 +314,7 @@ async fn task_loop(
         executor.cancelled.lock().remove(&task);
         record_run(
             Work::Task,
-            &[short_name(&function)],
+            || Counters::functions().of(&function),
             (task, core.job, submitted_ns),
             (received, started),
             outcome.is_ok(),
@@ -346,7 +352,7 @@ async fn run_task(core: &Core, spec: TaskSpec) -> Result<Encoded> {
 async fn actor_loop(
     core: Weak<Core>,
     instance: Arc<dyn ActorObject>,
-    class: Arc<str>,
+    class: Arc<HostedClass>,
     permits: Arc<tokio::sync::Semaphore>,
     max_concurrency: u32,
     mut rx: mpsc::UnboundedReceiver<(CallSpec, Responder, Arrival)>,
@@ -376,7 +382,7 @@ async fn actor_loop(
 async fn run_call(
     core: &Core,
     instance: Arc<dyn ActorObject>,
-    class: &str,
+    class: &HostedClass,
     spec: CallSpec,
     responder: Responder,
     (received, started): (Arrival, Arrival),
@@ -390,7 +396,7 @@ async fn run_call(
             .await
             .unwrap_or_else(|p| {
                 Err(Error::TaskError {
-                    function: format!("{}::{}", short_name(class), spec.method),
+                    function: format!("{}::{}", short_name(&class.name), spec.method),
                     message: panic_message(p),
                 })
             }),
@@ -398,7 +404,7 @@ async fn run_call(
     };
     record_run(
         Work::ActorCall,
-        &[short_name(class), spec.method.as_str()],
+        || class.counters.of(&spec.method),
         (task, core.job, submitted_ns),
         (received, started),
         outcome.is_ok(),

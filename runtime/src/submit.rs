@@ -15,7 +15,7 @@ use crate::lineage::{LineageTable, Liveness, Rebuilder, MAX_LINEAGE_BYTES};
 use crate::object_ref::{ObjectRef, RefHandle};
 use crate::refs::ValueState;
 use crate::resources::Resources;
-use crate::telemetry::recorder::{self, short_name, Event, Work};
+use crate::telemetry::recorder::{Counters, Event};
 use crate::value::Arg;
 use crate::wire::messages::{Lease, LeaseRequest, ReturnValue, TaskResult, TaskSpec, WireArg};
 use crate::wire::{Conn, Endpoint, Message, Reply};
@@ -250,7 +250,7 @@ impl Submitter {
             .upgrade()
             .ok_or_else(|| Error::NotRunning("runtime shut down".into()))?;
         let args = args?;
-        recorder::count(Work::Task, &[short_name(function)], Event::Submitted);
+        Counters::functions().count(function, Event::Submitted);
         let returns = core.new_object_id();
         let handle = core.refs.new_owned(returns, ValueState::Pending);
         let task = TaskId::random();
@@ -732,19 +732,11 @@ async fn run_pool(
                                 task.attempts,
                                 task.max_retries
                             );
-                            recorder::count(
-                                Work::Task,
-                                &[short_name(task.function)],
-                                Event::Retried,
-                            );
+                            Counters::functions().count(task.function, Event::Retried);
                             queue.push_front(*task);
                         } else {
                             submitted.lock().remove(&task.returns);
-                            recorder::count(
-                                Work::Task,
-                                &[short_name(task.function)],
-                                Event::Failed,
-                            );
+                            Counters::functions().count(task.function, Event::Failed);
                             let e = Error::WorkerDied {
                                 function: task.function.to_string(),
                                 attempts: task.attempts,

@@ -229,6 +229,124 @@ fn slot(work: Work, parts: &[&str]) -> &'static Slot {
     other
 }
 
+/// Where one name's counts and times are kept.
+#[derive(Clone, Copy)]
+pub struct Counter(&'static Slot);
+
+impl Counter {
+    /// The counter of the task or call named by `parts` (joined by dots).
+    pub fn of(work: Work, parts: &[&str]) -> Counter {
+        Counter(slot(work, parts))
+    }
+
+    /// Counts one event (nothing while recording is off).
+    pub fn count(self, event: Event) {
+        if super::enabled() {
+            self.0.events[event_index(event)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records one run that waited `queued` and ran for `ran`. Returns
+    /// the name it is counted under (for its span).
+    pub fn ran(self, queued: Duration, ran: Duration, ok: bool) -> &'static str {
+        if super::enabled() {
+            self.0.queue.observe(queued);
+            self.0.run.observe(ran);
+            self.0.events[if ok { 1 } else { 2 }].fetch_add(1, Ordering::Relaxed);
+        }
+        self.name()
+    }
+
+    /// The name counted under (`other` past the table).
+    pub fn name(self) -> &'static str {
+        self.0.name.get().map_or(OTHER, |n| n)
+    }
+}
+
+/// The counters of one actor class's methods, or of a process's
+/// functions, each found in the table once and kept here by the name it
+/// was asked for: counting a call then costs a short string compare and
+/// an atomic add. `N` names are kept (a name whose way another took is
+/// looked up in the table each time).
+pub struct Counters<const N: usize> {
+    work: Work,
+    class: Option<Box<str>>,
+    ways: [OnceLock<(Box<str>, Counter)>; N],
+}
+
+/// The counters an actor client or host keeps of its class's methods.
+pub type MethodCounters = Counters<8>;
+
+static FUNCTIONS: Counters<64> = Counters {
+    work: Work::Task,
+    class: None,
+    ways: [const { OnceLock::new() }; 64],
+};
+
+impl Counters<64> {
+    /// This process's counters of remote functions, by their full path
+    /// (counted under its last segment, [`short_name`]).
+    pub fn functions() -> &'static Counters<64> {
+        &FUNCTIONS
+    }
+}
+
+impl<const N: usize> Counters<N> {
+    /// The counters of the methods of actor class `class` (a full path).
+    pub fn methods(class: &str) -> Counters<N> {
+        Counters {
+            work: Work::ActorCall,
+            class: Some(short_name(class).into()),
+            ways: [const { OnceLock::new() }; N],
+        }
+    }
+
+    /// The counter of `name`: a method of the class, or a function's path.
+    pub fn of(&self, name: &str) -> Counter {
+        let way = &self.ways[way_of(name) % N];
+        if let Some((kept, counter)) = way.get() {
+            if **kept == *name {
+                return *counter;
+            }
+        }
+        let counter = Counter(match &self.class {
+            Some(class) => slot(self.work, &[class, name]),
+            None => slot(self.work, &[short_name(name)]),
+        });
+        let _ = way.set((name.into(), counter));
+        counter
+    }
+
+    /// Counts one event of `name` (nothing, not even a lookup, while
+    /// recording is off).
+    pub fn count(&self, name: &str, event: Event) {
+        if super::enabled() {
+            self.of(name).count(event);
+        }
+    }
+}
+
+/// A name's way in a [`Counters`]: its length and last bytes, which tell
+/// apart most names of one class.
+fn way_of(name: &str) -> usize {
+    let bytes = name.as_bytes();
+    let tail = bytes.len().saturating_sub(2);
+    bytes[tail..]
+        .iter()
+        .fold(bytes.len().wrapping_mul(31), |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(*b))
+        })
+}
+
+fn event_index(event: Event) -> usize {
+    match event {
+        Event::Submitted => 0,
+        Event::Finished => 1,
+        Event::Failed => 2,
+        Event::Retried => 3,
+    }
+}
+
 /// The last segment of a Rust path (`a::b::f` → `f`): the name a task
 /// or an actor class is counted and labelled under.
 pub fn short_name(path: &str) -> &str {
@@ -241,33 +359,7 @@ pub fn count(work: Work, parts: &[&str], event: Event) {
     if !super::enabled() {
         return;
     }
-    let i = match event {
-        Event::Submitted => 0,
-        Event::Finished => 1,
-        Event::Failed => 2,
-        Event::Retried => 3,
-    };
-    slot(work, parts).events[i].fetch_add(1, Ordering::Relaxed);
-}
-
-/// The name the task or call `parts` is counted under, for as long as
-/// the process lives (`other` past the table).
-pub fn name_of(work: Work, parts: &[&str]) -> &'static str {
-    slot(work, parts).name.get().map_or(OTHER, |n| n)
-}
-
-/// Records one run: how long it waited in its worker's queue, how long it
-/// ran, and whether it finished or failed. Returns the name it counted
-/// the run under (for its span).
-pub fn ran(work: Work, parts: &[&str], queued: Duration, ran: Duration, ok: bool) -> &'static str {
-    if !super::enabled() {
-        return OTHER;
-    }
-    let slot = slot(work, parts);
-    slot.queue.observe(queued);
-    slot.run.observe(ran);
-    slot.events[if ok { 1 } else { 2 }].fetch_add(1, Ordering::Relaxed);
-    slot.name.get().map_or(OTHER, |n| n)
+    slot(work, parts).events[event_index(event)].fetch_add(1, Ordering::Relaxed);
 }
 
 /// A histogram's counts at one moment.
@@ -469,9 +561,7 @@ mod tests {
     #[test]
     fn counts_by_name_and_sums_snapshots() {
         count(Work::ActorCall, &["RecorderTest", "add"], Event::Submitted);
-        ran(
-            Work::ActorCall,
-            &["RecorderTest", "add"],
+        Counter::of(Work::ActorCall, &["RecorderTest", "add"]).ran(
             Duration::from_micros(20),
             Duration::from_millis(2),
             true,
@@ -518,6 +608,33 @@ mod tests {
             .map(|s| s.events[0])
             .sum();
         assert!(counted >= names.len() as u64);
+    }
+
+    #[test]
+    fn kept_counters_count_under_the_full_name_even_when_ways_collide() {
+        let methods: Counters<1> = Counters::methods("tests::KeptCounters");
+        // One way: every other name collides with the first one kept.
+        for _ in 0..3 {
+            methods.count("get", Event::Submitted);
+            methods.count("put", Event::Submitted);
+        }
+        methods.of("put").ran(Duration::ZERO, Duration::ZERO, false);
+        let snap = Snapshot::now();
+        let events = |work: Work, name: &str| {
+            snap.names
+                .iter()
+                .find(|s| s.work == work && s.name == name)
+                .map(|s| s.events)
+        };
+        assert_eq!(
+            events(Work::ActorCall, "KeptCounters.get"),
+            Some([3, 0, 0, 0])
+        );
+        assert_eq!(
+            events(Work::ActorCall, "KeptCounters.put"),
+            Some([3, 0, 1, 0])
+        );
+        assert_eq!(methods.of("get").name(), "KeptCounters.get");
     }
 
     #[test]

@@ -70,13 +70,17 @@ struct Pending {
 static PENDING: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
 /// Runs recorded or refused since the last [`take`].
 static SINCE_TAKE: AtomicUsize = AtomicUsize::new(0);
-/// Runs not recorded, past [`PER_REPORT`].
+/// Runs not recorded, past [`PER_REPORT`], before the last [`take`].
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// How many runs this process did not record as spans (past
 /// [`PER_REPORT`] in a report's second).
 pub fn dropped() -> u64 {
-    DROPPED.load(Ordering::Relaxed)
+    DROPPED.load(Ordering::Relaxed) + past_cap(SINCE_TAKE.load(Ordering::Relaxed))
+}
+
+fn past_cap(runs: usize) -> u64 {
+    runs.saturating_sub(PER_REPORT) as u64
 }
 
 /// Now, in Unix nanoseconds.
@@ -135,17 +139,10 @@ pub struct Run {
 /// Whether a run reaching this process is timed and kept as a span: one
 /// of the first [`PER_REPORT`] since the last report, with recording on.
 /// Runs past them are only counted, by their name
-/// ([`super::recorder::count`]) and here ([`dropped`]), at the cost of
-/// two atomic adds and no clock read.
+/// ([`super::recorder::Counter::count`]) and here ([`dropped`]), at the
+/// cost of one atomic add and no clock read.
 pub fn admit() -> bool {
-    if !super::enabled() {
-        return false;
-    }
-    if SINCE_TAKE.fetch_add(1, Ordering::Relaxed) >= PER_REPORT {
-        DROPPED.fetch_add(1, Ordering::Relaxed);
-        return false;
-    }
-    true
+    super::enabled() && SINCE_TAKE.fetch_add(1, Ordering::Relaxed) < PER_REPORT
 }
 
 /// Records a run that just ended, named by `parts` as the recorder names
@@ -154,7 +151,11 @@ pub fn record(run: Run, parts: &[&str], ok: bool) {
     if !admit() {
         return;
     }
-    record_named(run, super::recorder::name_of(run.work, parts), ok);
+    record_named(
+        run,
+        super::recorder::Counter::of(run.work, parts).name(),
+        ok,
+    );
 }
 
 /// Records a run [`admit`] let in, with the name the recorder found.
@@ -175,7 +176,8 @@ pub fn record_named(run: Run, name: &'static str, ok: bool) {
 /// Takes what this process recorded since the last call.
 pub fn take() -> Vec<Span> {
     let pending = std::mem::take(&mut *PENDING.lock());
-    SINCE_TAKE.store(0, Ordering::Relaxed);
+    let runs = SINCE_TAKE.swap(0, Ordering::Relaxed);
+    DROPPED.fetch_add(past_cap(runs), Ordering::Relaxed);
     let pid = std::process::id();
     pending
         .into_iter()

@@ -108,6 +108,14 @@ fn bsp_publishes_a_version_only_when_every_shard_has_it() {
     serving.apply(delta(0, 30, &[k0], 6.0));
     let seen = serving.read(|m| (m.version().records, m.weight(k0), m.weight(k1)));
     assert_eq!(seen, (30, 6.0, 4.0));
+    // A full delta (a restored shard's) replaces what its shard held back.
+    serving.apply(delta(0, 40, &[k0], 7.0));
+    let mut full = delta(0, 40, &[], 0.0);
+    full.full = true;
+    serving.apply(full);
+    serving.apply(delta(1, 40, &[k1], 8.0));
+    let seen = serving.read(|m| (m.version().records, m.weight(k0), m.weight(k1)));
+    assert_eq!(seen, (40, 0.0, 8.0));
 }
 
 #[test]

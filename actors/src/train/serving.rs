@@ -279,8 +279,8 @@ struct Tracking {
 struct Writer {
     /// Each shard's version in the served weights.
     shard_versions: Vec<ModelVersion>,
-    /// BSP: each shard's deltas since the last publish, merged.
-    synced: Vec<Option<Delta>>,
+    /// BSP: each shard's deltas since the last publish, in order.
+    synced: Vec<Vec<Delta>>,
 }
 
 /// The serving model, shared by the stream's serving sink (which
@@ -327,7 +327,7 @@ impl<M: Model> Serving<M> {
             records: AtomicU64::new(0),
             writer: Mutex::new(Writer {
                 shard_versions: vec![ModelVersion::default(); config.shards],
-                synced: vec![None; config.shards],
+                synced: vec![Vec::new(); config.shards],
             }),
             tracking: Mutex::new(Tracking::default()),
             has_unserved: AtomicBool::new(false),
@@ -450,23 +450,25 @@ impl<M: Model> Serving<M> {
         let mut w = self.writer.lock();
         if self.sync_versions {
             let s = delta.shard as usize;
-            if let Some(slot) = w.synced.get_mut(s) {
-                let merged = match slot.take() {
-                    Some(prev) if !delta.full => merge(&prev, &delta, M::WIDTH),
-                    _ => delta,
-                };
-                *slot = Some(merged);
+            if let Some(held) = w.synced.get_mut(s) {
+                // Held deltas are applied in order, so the newest write of
+                // a key wins, as in one merged delta; a full one replaces
+                // what the shard's earlier ones held.
+                if delta.full {
+                    held.clear();
+                }
+                held.push(delta);
             }
             let versions: Vec<Option<ModelVersion>> = w
                 .synced
                 .iter()
-                .map(|d| d.as_ref().map(|d| d.version))
+                .map(|held| held.last().map(|d| d.version))
                 .collect();
             let all_same = versions.iter().all(|v| v.is_some() && *v == versions[0]);
             if !all_same {
                 return;
             }
-            let deltas: Vec<Delta> = w.synced.iter_mut().filter_map(Option::take).collect();
+            let deltas: Vec<Delta> = w.synced.iter_mut().flat_map(std::mem::take).collect();
             self.publish(&mut w, &deltas);
         } else if (delta.shard as usize) < self.shards {
             self.publish(&mut w, std::slice::from_ref(&delta));
@@ -518,33 +520,6 @@ impl<M: Model> Serving<M> {
         if !t.unserved.is_empty() {
             self.has_unserved.store(true, Ordering::Release);
         }
-    }
-}
-
-/// `b` after `a`, of a model `width` floats per key.
-fn merge(a: &Delta, b: &Delta, width: usize) -> Delta {
-    let mut map: BTreeMap<u64, &[f32]> = a
-        .keys
-        .iter()
-        .copied()
-        .zip(a.weights.chunks_exact(width))
-        .collect();
-    for (&k, w) in b.keys.iter().zip(b.weights.chunks_exact(width)) {
-        map.insert(k, w);
-    }
-    let mut batches = a.batches.clone();
-    batches.extend_from_slice(&b.batches);
-    Delta {
-        shard: b.shard,
-        version: b.version,
-        full: a.full,
-        keys: map.keys().copied().collect::<Vec<_>>().into(),
-        weights: map
-            .values()
-            .flat_map(|w| w.iter().copied())
-            .collect::<Vec<_>>()
-            .into(),
-        batches,
     }
 }
 

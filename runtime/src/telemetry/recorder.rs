@@ -353,15 +353,6 @@ pub fn short_name(path: &str) -> &str {
     path.rsplit("::").next().unwrap_or(path)
 }
 
-/// Counts one event of the task or call named by `parts` (joined by dots:
-/// `["Counter", "add"]` is `Counter.add`).
-pub fn count(work: Work, parts: &[&str], event: Event) {
-    if !super::enabled() {
-        return;
-    }
-    slot(work, parts).events[event_index(event)].fetch_add(1, Ordering::Relaxed);
-}
-
 /// A histogram's counts at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistogramSnapshot {
@@ -560,7 +551,7 @@ mod tests {
 
     #[test]
     fn counts_by_name_and_sums_snapshots() {
-        count(Work::ActorCall, &["RecorderTest", "add"], Event::Submitted);
+        Counter::of(Work::ActorCall, &["RecorderTest", "add"]).count(Event::Submitted);
         Counter::of(Work::ActorCall, &["RecorderTest", "add"]).ran(
             Duration::from_micros(20),
             Duration::from_millis(2),
@@ -594,7 +585,7 @@ mod tests {
     fn names_past_the_table_count_as_other() {
         let names: Vec<String> = (0..MAX_NAMES + 8).map(|i| format!("f{i}")).collect();
         for name in &names {
-            count(Work::Task, &["RecorderOverflow", name], Event::Submitted);
+            Counter::of(Work::Task, &["RecorderOverflow", name]).count(Event::Submitted);
         }
         let snap = Snapshot::now();
         let tasks = snap.names.iter().filter(|s| s.work == Work::Task).count();

@@ -60,10 +60,38 @@ fn block<F: std::future::Future>(future: F) -> F::Output {
 /// The job's name, as its series label it.
 const JOB: &str = "dashboard-learning";
 
-/// Starts an online-learning job in this process (local runner): 200,000
-/// synthetic rows at 20,000 rows/s, checkpointed every 200 ms, with a
-/// thread querying serving every millisecond. Returns the job's thread and
-/// a flag that stops the queries.
+/// Synthetic rows until `stop` is set, then the end of the input: the job
+/// runs for as long as the test looks at it, however slow the browser.
+struct UntilStopped {
+    rows: SyntheticReader,
+    stop: Arc<AtomicBool>,
+}
+
+impl RowReader for UntilStopped {
+    fn read(
+        &mut self,
+        batch: &mut braid_actors::train::data::FeatureBatch,
+        max_rows: usize,
+    ) -> Result<usize, braid_actors::train::data::DataError> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        self.rows.read(batch, max_rows)
+    }
+
+    fn offset(&self) -> Vec<u8> {
+        self.rows.offset()
+    }
+
+    fn seek(&mut self, offset: &[u8]) -> Result<(), braid_actors::train::data::DataError> {
+        self.rows.seek(offset)
+    }
+}
+
+/// Starts an online-learning job in this process (local runner):
+/// synthetic rows at 20,000 rows/s until the returned flag is set,
+/// checkpointed every 200 ms, with a thread querying serving every
+/// millisecond until then. Returns the job's thread and the flag.
 fn start_learning() -> (std::thread::JoinHandle<()>, Arc<AtomicBool>) {
     let ftrl = OptimizerKind::Ftrl(FtrlParams {
         alpha: 0.1,
@@ -73,19 +101,22 @@ fn start_learning() -> (std::thread::JoinHandle<()>, Arc<AtomicBool>) {
     });
     let mut config = PipelineConfig::new(PsConfig::new(JOB, 2, 2, ftrl));
     config.batch_rows = 256;
-    config.rows = Some(200_000);
     config.rate = Some(20_000.0);
     let env = StreamEnv::new(1);
-    let handles = pipeline::build(&env, config, || {
+    let done = Arc::new(AtomicBool::new(false));
+    let stop = done.clone();
+    let handles = pipeline::build(&env, config, move || {
         let stream = SyntheticStream::new(SyntheticConfig {
-            rows: 200_000,
+            rows: 100_000_000,
             bits: 18,
             ..SyntheticConfig::default()
         })?;
-        Ok(Box::new(SyntheticReader(stream)) as Box<dyn RowReader>)
+        Ok(Box::new(UntilStopped {
+            rows: SyntheticReader(stream),
+            stop: stop.clone(),
+        }) as Box<dyn RowReader>)
     })
     .unwrap();
-    let done = Arc::new(AtomicBool::new(false));
     let querying = done.clone();
     let serving = handles.serving.clone();
     std::thread::spawn(move || {

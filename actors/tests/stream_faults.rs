@@ -19,7 +19,7 @@ use braid_actors::stream::operator::{Collector, EventTime, Operator, OperatorErr
 use braid_actors::stream::plan::Plan;
 use braid_actors::stream::restart::RestartStrategy;
 use braid_actors::stream::sink::{committed_lines, TransactionalFileSink};
-use braid_actors::stream::source::GeneratorSource;
+use braid_actors::stream::source::{FileSource, GeneratorSource};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -456,6 +456,88 @@ fn a_checkpoint_that_hangs_past_its_timeout_fails_the_attempt() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn an_input_that_cannot_be_read_fails_the_job_naming_the_source_instead_of_ending_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing.txt");
+    // A directory opens, and fails at the first read (EISDIR).
+    let directory = tmp.path().join("a-directory");
+    std::fs::create_dir(&directory).unwrap();
+    for (input, what) in [(&missing, "open"), (&directory, "read")] {
+        let env = StreamEnv::new(1);
+        let path = input.clone();
+        env.source("lines", move |s, p| FileSource::new(path.clone(), s, p))
+            .rebalance()
+            .sink("out", |_| Discard::<String>::default());
+        let config = config(
+            &tmp.path().join(format!("chk-{what}")),
+            RestartStrategy::fixed(1, Duration::from_millis(10)),
+        );
+        let err =
+            braid_actors::stream::local::run(&Plan::new(env.into_graph()), config).unwrap_err();
+        let JobError::TooManyFailures { failures, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(*failures, 2, "the one restart reads the same input again");
+        let (operator, phase, epoch, cause) = operator_failure(&err);
+        assert_eq!(
+            (operator.as_str(), phase, epoch),
+            ("lines", Phase::Read, 1),
+            "{err}"
+        );
+        assert!(
+            cause.contains(&format!("{what} {}", input.display())),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn an_operator_that_could_not_be_built_fails_its_subtask_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = StreamEnv::new(1);
+    env.source("numbers", |s, p| GeneratorSource::new(100, s, p, |i| i))
+        .rebalance()
+        .sink("unbuilt", |_| -> Result<Discard<u64>, OperatorError> {
+            Err(OperatorError::Failed("no memory for its table".into()))
+        });
+    let config = config(&tmp.path().join("chk"), RestartStrategy::NoRestart);
+    let err = braid_actors::stream::local::run(&Plan::new(env.into_graph()), config).unwrap_err();
+    let (operator, phase, _, cause) = operator_failure(&err);
+    assert_eq!(
+        (operator.as_str(), phase),
+        ("unbuilt", Phase::Process),
+        "{err}"
+    );
+    assert!(
+        cause.contains("could not be built: no memory for its table"),
+        "{err}"
+    );
+}
+
+/// A sink that takes every record and keeps nothing.
+struct Discard<T>(std::marker::PhantomData<fn(T)>);
+
+impl<T> Default for Discard<T> {
+    fn default() -> Self {
+        Discard(std::marker::PhantomData)
+    }
+}
+
+impl<T: Send + 'static> Operator for Discard<T> {
+    type In = T;
+    type Out = ();
+
+    fn process(
+        &mut self,
+        _value: T,
+        _time: Option<EventTime>,
+        _out: &mut dyn Collector<()>,
+    ) -> Result<(), OperatorError> {
+        Ok(())
+    }
 }
 
 /// Runs `records` records at a throttled rate with checkpoints every 30 ms

@@ -145,23 +145,32 @@ fn after_a_crash_the_source_replays_from_its_checkpoint_and_acks_stay_behind() {
     check_acks(&server);
 }
 
-/// Polls `source` until it has emitted `n` more lines or is exhausted.
+/// Polls `source` until it has emitted `n` more lines, ended, or failed
+/// (the bool: it ended or failed; a failure is also the source's `error`).
 fn read(source: &mut TcpLineSource, n: usize) -> (Vec<TcpLine>, bool) {
     let mut got: Vec<(TcpLine, Option<EventTime>)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut exhausted = false;
+    let mut ended = false;
     while got.len() < n && Instant::now() < deadline {
         let room = n - got.len();
         match source.poll(&mut got, room) {
-            SourcePoll::Emitted(_) => {}
-            SourcePoll::Idle => std::thread::sleep(Duration::from_millis(1)),
-            SourcePoll::Exhausted => {
-                exhausted = true;
+            Ok(SourcePoll::Emitted(_)) => {}
+            Ok(SourcePoll::Idle) => std::thread::sleep(Duration::from_millis(1)),
+            Ok(SourcePoll::Exhausted) => {
+                ended = true;
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    source.error().is_some(),
+                    "a failed poll ({e}) names its error"
+                );
+                ended = true;
                 break;
             }
         }
     }
-    (got.into_iter().map(|(l, _)| l).collect(), exhausted)
+    (got.into_iter().map(|(l, _)| l).collect(), ended)
 }
 
 #[test]

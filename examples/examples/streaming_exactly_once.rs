@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use braid_actors::stream::cluster::{ClusterJob, JobParams, StorageSpec};
 use braid_actors::stream::functions::{KeyedProcessFunction, ProcessContext};
 use braid_actors::stream::graph::StreamEnv;
-use braid_actors::stream::operator::{Collector, EventTime, StateError};
+use braid_actors::stream::operator::{Collector, EventTime, OperatorError, StateError};
 use braid_actors::stream::runner::SourcePace;
 use braid_actors::stream::sink::{committed_lines, TransactionalFileSink};
 use braid_actors::stream::source::{Source, SourcePoll};
@@ -234,7 +234,11 @@ struct ChaosSource {
 impl Source for ChaosSource {
     type Out = (u64, u64);
 
-    fn poll(&mut self, out: &mut dyn Collector<(u64, u64)>, max: usize) -> SourcePoll {
+    fn poll(
+        &mut self,
+        out: &mut dyn Collector<(u64, u64)>,
+        max: usize,
+    ) -> Result<SourcePoll, OperatorError> {
         let mut n = 0;
         while n < max && self.next < self.records {
             let key = self.keys.key(self.next);
@@ -246,11 +250,11 @@ impl Source for ChaosSource {
                 n += 1;
             }
         }
-        if n == 0 && self.next >= self.records {
+        Ok(if n == 0 && self.next >= self.records {
             SourcePoll::Exhausted
         } else {
             SourcePoll::Emitted(n)
-        }
+        })
     }
 
     fn offset(&self) -> Vec<u8> {

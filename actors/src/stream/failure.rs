@@ -42,6 +42,8 @@ pub enum Phase {
     Commit,
     /// Restoring its state from a checkpoint.
     Restore,
+    /// Reading its input (a source).
+    Read,
 }
 
 impl fmt::Display for Phase {
@@ -53,6 +55,7 @@ impl fmt::Display for Phase {
             Phase::Snapshot => "taking its snapshot (pre-commit)",
             Phase::Commit => "committing",
             Phase::Restore => "restoring",
+            Phase::Read => "reading its input",
         })
     }
 }

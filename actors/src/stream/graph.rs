@@ -170,9 +170,11 @@ impl StreamEnv {
         S::Out: Data,
         F: Fn(usize, usize) -> S + Send + Sync + 'static,
     {
+        let vertex = name.to_string();
         let make: MakeSource = Arc::new(move |subtask, parallelism, next: AnyBox| {
             let next = downcast_stage::<S::Out>(next);
             Box::new(super::source::SourceRunner::new(
+                vertex.clone(),
                 make(subtask, parallelism),
                 next,
             )) as Box<dyn super::source::SourceDriver>

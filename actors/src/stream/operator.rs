@@ -258,3 +258,57 @@ pub trait Operator: Send + 'static {
         Ok(())
     }
 }
+
+/// An operator that may have failed to build: a factory returns one when
+/// making its operator can fail at run time (a table too large for memory,
+/// a file that does not open), so that the failure fails the subtask at its
+/// first call, as any operator error does, instead of a panic.
+impl<O: Operator> Operator for Result<O, OperatorError> {
+    type In = O::In;
+    type Out = O::Out;
+
+    fn process(
+        &mut self,
+        value: O::In,
+        time: Option<EventTime>,
+        out: &mut dyn Collector<O::Out>,
+    ) -> Result<(), OperatorError> {
+        built(self)?.process(value, time, out)
+    }
+
+    fn on_watermark(
+        &mut self,
+        watermark: EventTime,
+        out: &mut dyn Collector<O::Out>,
+    ) -> Result<(), OperatorError> {
+        built(self)?.on_watermark(watermark, out)
+    }
+
+    fn on_end(&mut self, out: &mut dyn Collector<O::Out>) -> Result<(), OperatorError> {
+        built(self)?.on_end(out)
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, OperatorError> {
+        built(self)?.snapshot()
+    }
+
+    fn barrier_passed(&mut self, epoch: u64) {
+        if let Ok(op) = self {
+            op.barrier_passed(epoch);
+        }
+    }
+
+    fn notify_checkpoint_complete(&mut self, epoch: u64) -> Result<(), OperatorError> {
+        built(self)?.notify_checkpoint_complete(epoch)
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), OperatorError> {
+        built(self)?.restore(bytes)
+    }
+}
+
+/// The operator, or why it could not be built (said again at every call).
+fn built<O>(op: &mut Result<O, OperatorError>) -> Result<&mut O, OperatorError> {
+    op.as_mut()
+        .map_err(|e| OperatorError::Failed(format!("the operator could not be built: {e}")))
+}

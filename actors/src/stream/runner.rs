@@ -154,7 +154,7 @@ fn run_source(
                     let offset = driver.offset();
                     let mut states = Vec::new();
                     driver.chain().snapshot(epoch, &mut states)?;
-                    driver.chain().barrier(epoch)?;
+                    driver.barrier(epoch)?;
                     reporter.snapshot_taken(epoch, states, Some(offset));
                     last_flush = Instant::now();
                 }

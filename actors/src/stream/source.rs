@@ -4,8 +4,9 @@
 //! after a restored checkpoint are read again exactly once.
 
 use super::channel::ChainControl;
-use super::failure::StageError;
-use super::operator::{Collector, EventTime, StateError};
+use super::context::TaskContext;
+use super::failure::{Phase, StageError};
+use super::operator::{Collector, EventTime, OperatorError, StateError};
 use super::stage::Stage;
 use std::io::{BufRead, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -26,8 +27,14 @@ pub trait Source: Send + 'static {
     /// The records it produces.
     type Out: Send + 'static;
 
-    /// Emits up to `max` records.
-    fn poll(&mut self, out: &mut dyn Collector<Self::Out>, max: usize) -> SourcePoll;
+    /// Emits up to `max` records; an error when the input cannot be read
+    /// (the subtask fails, and the job recovers from its last checkpoint
+    /// or, out of restarts, fails with it), never a silent end.
+    fn poll(
+        &mut self,
+        out: &mut dyn Collector<Self::Out>,
+        max: usize,
+    ) -> Result<SourcePoll, OperatorError>;
 
     /// Where the source is: the position after the last record emitted.
     fn offset(&self) -> Vec<u8>;
@@ -58,24 +65,32 @@ pub trait SourceDriver: Send {
     fn offset(&self) -> Vec<u8>;
     /// See [`Source::seek`].
     fn seek(&mut self, offset: &[u8]) -> Result<(), StateError>;
+    /// Sends barrier `epoch` down the chain: what it reads next belongs to
+    /// the epoch after.
+    fn barrier(&mut self, epoch: u64) -> Result<(), StageError>;
     /// See [`Source::notify_checkpoint_complete`]; then the chain's.
     fn checkpoint_complete(&mut self, epoch: u64) -> Result<(), StageError>;
 }
 
 /// Drives a [`Source`] into its chain.
 pub struct SourceRunner<S: Source> {
+    name: String,
     source: S,
     chain: Box<dyn Stage<S::Out>>,
     watermark: Option<EventTime>,
+    /// The epoch of the records it reads now.
+    epoch: u64,
 }
 
 impl<S: Source> SourceRunner<S> {
-    /// `source` feeding `chain`.
-    pub fn new(source: S, chain: Box<dyn Stage<S::Out>>) -> Self {
+    /// `source`, named `name` in the graph, feeding `chain`.
+    pub fn new(name: String, source: S, chain: Box<dyn Stage<S::Out>>) -> Self {
         SourceRunner {
+            name,
             source,
             chain,
             watermark: None,
+            epoch: TaskContext::current().restored_epoch + 1,
         }
     }
 }
@@ -109,6 +124,12 @@ where
         if let Some(e) = feed.failed {
             return Err(e);
         }
+        let polled = polled.map_err(|e| StageError::Operator {
+            operator: self.name.clone(),
+            phase: Phase::Read,
+            epoch: self.epoch,
+            cause: e.to_string(),
+        })?;
         if let Some(w) = self.source.watermark() {
             if self.watermark.is_none_or(|old| w > old) {
                 self.watermark = Some(w);
@@ -128,6 +149,11 @@ where
 
     fn seek(&mut self, offset: &[u8]) -> Result<(), StateError> {
         self.source.seek(offset)
+    }
+
+    fn barrier(&mut self, epoch: u64) -> Result<(), StageError> {
+        self.epoch = epoch + 1;
+        self.chain.barrier(epoch)
     }
 
     fn checkpoint_complete(&mut self, epoch: u64) -> Result<(), StageError> {
@@ -175,7 +201,11 @@ impl<T, F: FnMut(u64) -> T> GeneratorSource<T, F> {
 impl<T: Send + 'static, F: FnMut(u64) -> T + Send + 'static> Source for GeneratorSource<T, F> {
     type Out = T;
 
-    fn poll(&mut self, out: &mut dyn Collector<T>, max: usize) -> SourcePoll {
+    fn poll(
+        &mut self,
+        out: &mut dyn Collector<T>,
+        max: usize,
+    ) -> Result<SourcePoll, OperatorError> {
         let mut n = 0;
         while n < max && self.next < self.count {
             let time = self.time.map(|f| f(self.next));
@@ -184,11 +214,11 @@ impl<T: Send + 'static, F: FnMut(u64) -> T + Send + 'static> Source for Generato
             self.next += self.step;
             n += 1;
         }
-        if n == 0 && self.next >= self.count {
+        Ok(if n == 0 && self.next >= self.count {
             SourcePoll::Exhausted
         } else {
             SourcePoll::Emitted(n)
-        }
+        })
     }
 
     fn offset(&self) -> Vec<u8> {
@@ -213,7 +243,8 @@ fn decode_offset(offset: &[u8]) -> Result<u64, StateError> {
 }
 
 /// Lines of a text file. Subtask `i` of `n` takes lines `i, i+n, ...`;
-/// its offset is the byte position and line number of the next line.
+/// its offset is the byte position and line number of the next line. A
+/// file that cannot be opened or read fails the poll.
 pub struct FileSource {
     path: PathBuf,
     reader: Option<std::io::BufReader<std::fs::File>>,
@@ -221,7 +252,6 @@ pub struct FileSource {
     line: u64,
     subtask: u64,
     parallelism: u64,
-    failed: Option<String>,
 }
 
 impl FileSource {
@@ -234,61 +264,45 @@ impl FileSource {
             line: 0,
             subtask: subtask as u64,
             parallelism: parallelism.max(1) as u64,
-            failed: None,
         }
-    }
-
-    /// Why reading stopped early, if it did.
-    pub fn error(&self) -> Option<&str> {
-        self.failed.as_deref()
-    }
-
-    fn open(&mut self) -> Option<&mut std::io::BufReader<std::fs::File>> {
-        if self.reader.is_none() {
-            let opened = std::fs::File::open(&self.path).and_then(|mut f| {
-                f.seek(SeekFrom::Start(self.position))?;
-                Ok(std::io::BufReader::with_capacity(1 << 20, f))
-            });
-            match opened {
-                Ok(r) => self.reader = Some(r),
-                Err(e) => {
-                    self.failed = Some(format!("{}: {e}", self.path.display()));
-                    return None;
-                }
-            }
-        }
-        self.reader.as_mut()
     }
 }
 
 impl Source for FileSource {
     type Out = String;
 
-    fn poll(&mut self, out: &mut dyn Collector<String>, max: usize) -> SourcePoll {
-        if self.failed.is_some() {
-            return SourcePoll::Exhausted;
-        }
+    fn poll(
+        &mut self,
+        out: &mut dyn Collector<String>,
+        max: usize,
+    ) -> Result<SourcePoll, OperatorError> {
         let (subtask, parallelism) = (self.subtask, self.parallelism);
         let mut emitted = 0;
         let mut line = String::new();
+        let reader = match &mut self.reader {
+            Some(reader) => reader,
+            None => {
+                let (path, position) = (&self.path, self.position);
+                let opened = std::fs::File::open(path).and_then(|mut f| {
+                    f.seek(SeekFrom::Start(position))?;
+                    Ok(std::io::BufReader::with_capacity(1 << 20, f))
+                });
+                let opened =
+                    opened.map_err(|e| OperatorError::io(format!("open {}", path.display()), e))?;
+                self.reader.insert(opened)
+            }
+        };
         while emitted < max {
-            let Some(reader) = self.open() else {
-                return SourcePoll::Exhausted;
-            };
             line.clear();
-            let read = match reader.read_line(&mut line) {
-                Ok(n) => n,
-                Err(e) => {
-                    self.failed = Some(format!("{}: {e}", self.path.display()));
-                    return SourcePoll::Exhausted;
-                }
-            };
+            let read = reader
+                .read_line(&mut line)
+                .map_err(|e| OperatorError::io(format!("read {}", self.path.display()), e))?;
             if read == 0 {
-                return if emitted == 0 {
+                return Ok(if emitted == 0 {
                     SourcePoll::Exhausted
                 } else {
                     SourcePoll::Emitted(emitted)
-                };
+                });
             }
             self.position += read as u64;
             let index = self.line;
@@ -299,7 +313,7 @@ impl Source for FileSource {
                 emitted += 1;
             }
         }
-        SourcePoll::Emitted(emitted)
+        Ok(SourcePoll::Emitted(emitted))
     }
 
     fn offset(&self) -> Vec<u8> {

@@ -65,7 +65,7 @@
 //! ends with the lines read so far. Polls never wait for data; only opening
 //! a connection blocks, for at most [`CONNECT_TIMEOUT`].
 
-use super::operator::{Collector, StateError};
+use super::operator::{Collector, OperatorError, StateError};
 use super::source::{Source, SourcePoll};
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
@@ -346,15 +346,27 @@ impl TcpLineSource {
 impl Source for TcpLineSource {
     type Out = TcpLine;
 
-    fn poll(&mut self, out: &mut dyn Collector<TcpLine>, max: usize) -> SourcePoll {
-        if self.error.is_some() || self.finished {
-            return SourcePoll::Exhausted;
+    fn poll(
+        &mut self,
+        out: &mut dyn Collector<TcpLine>,
+        max: usize,
+    ) -> Result<SourcePoll, OperatorError> {
+        if let Some(e) = &self.error {
+            return Err(OperatorError::Failed(format!(
+                "tcp line source {}: {e}",
+                self.addr
+            )));
+        }
+        if self.finished {
+            return Ok(SourcePoll::Exhausted);
         }
         let Some(mut conn) = self.connection() else {
-            return if self.error.is_some() {
-                SourcePoll::Exhausted
-            } else {
-                SourcePoll::Idle
+            return match &self.error {
+                Some(e) => Err(OperatorError::Failed(format!(
+                    "tcp line source {}: {e}",
+                    self.addr
+                ))),
+                None => Ok(SourcePoll::Idle),
             };
         };
         let mut emitted = 0;
@@ -410,13 +422,19 @@ impl Source for TcpLineSource {
                 None => self.conn = Some(conn),
             }
         }
-        if emitted > 0 {
+        // Lines read before a failure go out first; the next poll fails.
+        Ok(if emitted > 0 {
             SourcePoll::Emitted(emitted)
-        } else if self.finished || self.error.is_some() {
+        } else if let Some(e) = &self.error {
+            return Err(OperatorError::Failed(format!(
+                "tcp line source {}: {e}",
+                self.addr
+            )));
+        } else if self.finished {
             SourcePoll::Exhausted
         } else {
             SourcePoll::Idle
-        }
+        })
     }
 
     fn offset(&self) -> Vec<u8> {

@@ -51,7 +51,7 @@ use super::shard::FinalModels;
 use super::shard::ShardOperator;
 use super::worker::TrainWorker;
 use crate::stream::graph::StreamEnv;
-use crate::stream::operator::{decode_state, Collector, StateError};
+use crate::stream::operator::{decode_state, Collector, OperatorError, StateError};
 use crate::stream::source::{Source, SourcePoll};
 use braid::store::codec;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
@@ -293,10 +293,18 @@ pub fn skipped_result(name: &str) -> String {
 impl Source for TrainSource {
     type Out = TrainBatch;
 
-    fn poll(&mut self, out: &mut dyn Collector<TrainBatch>, _max: usize) -> SourcePoll {
+    fn poll(
+        &mut self,
+        out: &mut dyn Collector<TrainBatch>,
+        _max: usize,
+    ) -> Result<SourcePoll, OperatorError> {
         let reader = match &mut self.reader {
             Ok(r) => r,
-            Err(e) => panic!("the training source cannot read its input: {e}"),
+            Err(e) => {
+                return Err(OperatorError::Failed(format!(
+                    "the training source cannot open its input: {e}"
+                )))
+            }
         };
         let round = (self.batch_rows * self.workers) as u64;
         let mut allowance = round;
@@ -311,12 +319,12 @@ impl Source for TrainSource {
             let partial = allowance < round.min(self.rows_left);
             let waited = self.last_emit.elapsed() >= PARTIAL_ROUND_WAIT;
             if allowance == 0 || (partial && (self.pad_rounds || !waited)) {
-                return SourcePoll::Idle;
+                return Ok(SourcePoll::Idle);
             }
         }
         allowance = allowance.min(self.rows_left);
         if allowance == 0 {
-            return self.exhausted();
+            return Ok(self.exhausted());
         }
         let per_worker = (allowance as usize).div_ceil(self.workers).max(1);
         let mut round = Vec::with_capacity(self.workers);
@@ -328,10 +336,9 @@ impl Source for TrainSource {
             let got = if want == 0 {
                 0
             } else {
-                match reader.read(&mut batch, want) {
-                    Ok(n) => n,
-                    Err(e) => panic!("the training source cannot read its input: {e}"),
-                }
+                reader.read(&mut batch, want).map_err(|e| {
+                    OperatorError::Failed(format!("the training source cannot read its input: {e}"))
+                })?
             };
             total += got as u64;
             round.push((batch, ingest_ns));
@@ -339,7 +346,7 @@ impl Source for TrainSource {
         self.skipped.store(reader.skipped(), Ordering::Relaxed);
         if total == 0 {
             self.rows_left = 0;
-            return self.exhausted();
+            return Ok(self.exhausted());
         }
         let mut emitted = 0;
         for (batch, ingest_ns) in round {
@@ -363,7 +370,7 @@ impl Source for TrainSource {
         self.rows_left -= total;
         self.sent_since_start += total;
         self.last_emit = Instant::now();
-        SourcePoll::Emitted(emitted)
+        Ok(SourcePoll::Emitted(emitted))
     }
 
     fn offset(&self) -> Vec<u8> {
@@ -530,7 +537,7 @@ pub fn build_model<M: Model>(
         let finals = handles.finals.clone();
         batches.transform_chained(super::worker::WORKER_TASK, move |i| {
             TrainWorker::chained_with(ps.clone(), model.clone(), finals.clone())
-                .unwrap_or_else(|e| panic!("training worker {i}: {e}"))
+                .map_err(|e| OperatorError::Failed(format!("training worker {i}: {e}")))
         })
     } else {
         let (ps, model) = (ps.clone(), model.clone());
@@ -559,8 +566,8 @@ pub fn build_model<M: Model>(
             ps.shards,
             |p: &super::messages::Push| p.shard as u64,
             move |i| match ShardOperator::with_model(shard_ps.clone(), i, model.clone()) {
-                Ok(op) => super::pull::serve(op.reporting_to(finals.clone())),
-                Err(e) => panic!("shard {i}: {e}"),
+                Ok(op) => Ok(super::pull::serve(op.reporting_to(finals.clone()))),
+                Err(e) => Err(OperatorError::Failed(format!("shard {i}: {e}"))),
             },
         )
     }
@@ -585,10 +592,13 @@ pub fn build_model<M: Model>(
         move |_| {
             if let Some(path) = &predictions {
                 if let Err(e) = eval.resume_predictions(path) {
-                    panic!("evaluation cannot open {}: {e}", path.display());
+                    return Err(OperatorError::io(
+                        format!("evaluation: open {}", path.display()),
+                        e,
+                    ));
                 }
             }
-            EvalSink::new(&name, window, eval.clone())
+            Ok(EvalSink::new(&name, window, eval.clone()))
         },
     );
     Ok(handles)

@@ -21,7 +21,9 @@ pub enum Consistency {
     /// step `c − 1`, and a step's pushes are applied together, in worker
     /// order. Deterministic.
     Bsp,
-    /// Asynchronous: pulls never wait; pushes apply as they arrive.
+    /// Asynchronous: pulls never wait for other workers (only for the
+    /// worker's own pushes up to [`super::shard_page::OWN_LAG`] steps
+    /// back); pushes apply as they arrive.
     Asp,
     /// Bounded staleness: step `c` waits until every worker finished step
     /// `c − 1 − τ`.

@@ -169,7 +169,8 @@ impl<M: Model> PsClient<M> {
                     }
                 }
                 ShardLink::Local(cell) => {
-                    stats[i] = cell.pull(step, keys, out.owned(), self.config.pull_timeout)?;
+                    stats[i] =
+                        cell.pull(worker, step, keys, out.owned(), self.config.pull_timeout)?;
                 }
                 ShardLink::Remote(_) => calls.push((i, shard, keys, out)),
             }
@@ -196,7 +197,7 @@ impl<M: Model> PsClient<M> {
             .ok_or_else(|| PullError::Unreachable(remote[0].shard, "no peers".into()))?;
         for (i, pulled) in remote_at
             .into_iter()
-            .zip(many(peers.as_ref(), step, remote))
+            .zip(many(peers.as_ref(), worker, step, remote))
         {
             stats[i] = pulled?;
         }
@@ -333,6 +334,7 @@ enum Request {
 
 #[derive(Serialize, Deserialize)]
 struct PullRequest {
+    worker: usize,
     step: u64,
     keys: Keys,
     /// Where the worker sits on its store, to lend it the weights.
@@ -380,6 +382,7 @@ fn outgoing(
     rt: Option<&Runtime>,
     shard: usize,
     name: &str,
+    worker: usize,
     step: u64,
     keys: &[u64],
 ) -> Result<Outgoing, PullError> {
@@ -421,6 +424,7 @@ fn outgoing(
         m.sent(key_bytes);
     }
     let request = codec::encode(&Request::Pull(Box::new(PullRequest {
+        worker,
         step,
         keys,
         reply_to: rt.map(Runtime::store_seat),
@@ -486,6 +490,7 @@ pub(crate) struct RemotePull<'a> {
 /// round trips overlapping; each pull's stats, in order.
 pub(crate) fn many(
     peers: &dyn Peers,
+    worker: usize,
     step: u64,
     pulls: Vec<RemotePull<'_>>,
 ) -> Vec<Result<PullStats, PullError>> {
@@ -494,7 +499,7 @@ pub(crate) fn many(
     let mut held = Vec::new();
     let mut results: Vec<Option<Result<PullStats, PullError>>> = Vec::new();
     for p in &pulls {
-        match outgoing(peers, rt.as_ref(), p.shard, p.name, step, p.keys) {
+        match outgoing(peers, rt.as_ref(), p.shard, p.name, worker, step, p.keys) {
             Ok(o) => {
                 calls.push(o.call);
                 held.push(o.held);
@@ -557,7 +562,9 @@ impl<M: Model> PullService<M> {
         };
         let Some((rt, seat)) = lend_to else {
             let mut out = Vec::new();
-            let stats = self.cell.pull(request.step, keys, &mut out, self.timeout)?;
+            let stats =
+                self.cell
+                    .pull(request.worker, request.step, keys, &mut out, self.timeout)?;
             return Ok((stats, Weights::Inline(out)));
         };
         let layout = BatchLayout::new(
@@ -570,7 +577,9 @@ impl<M: Model> PullService<M> {
             let ValuesMut::Float32(out) = &mut w.columns()[0].values else {
                 return Err(braid::Error::BadRequest("not a weight column".into()));
             };
-            let stats = self.cell.pull_into(request.step, keys, out, self.timeout);
+            let stats = self
+                .cell
+                .pull_into(request.worker, request.step, keys, out, self.timeout);
             let failed = stats.is_err();
             pulled = Some(stats);
             if failed {
@@ -600,10 +609,10 @@ impl<M: Model> Service for PullService<M> {
         .map_err(|e| e.to_string())
     }
 
-    /// Under ASP a pull never waits for other workers: it reads the table
-    /// under the shard's lock and answers. (Asking for the page never
-    /// waits either, but one service answers both.)
+    /// A pull waits for slower workers (BSP, SSP) and, in every mode, for
+    /// the worker's own pushes up to [`super::shard_page::OWN_LAG`] steps
+    /// back, which the shard's operator thread applies.
     fn may_block(&self) -> bool {
-        self.cell.waits_for_workers()
+        true
     }
 }

@@ -27,7 +27,7 @@ use super::messages::{AppliedBatch, Delta, ModelVersion, Push, TrainBatch};
 use super::model::{learn_sharded, params_of, Learner, LogisticRegression, Model};
 use super::optimizer::BIAS_KEY;
 use super::ps::{first_crash, ApplyError, Crash, KeyPolicy, PsConfig, PullError, PullStats};
-use super::shard_page::{PageAddr, PageError, ShardPage};
+use super::shard_page::{PageAddr, PageError, ShardPage, OWN_LAG};
 use super::table::{prefetch_line, ParamTable, SlotRef};
 use crate::stream::context::TaskContext;
 use crate::stream::operator::{
@@ -90,33 +90,37 @@ impl<M: Model> ShardCell<M> {
     }
 
     /// Reads the parameters of `keys` into `out` ([`Model::WIDTH`] floats
-    /// per key; absent keys read 0) for a worker's step `step`, once the
-    /// consistency mode allows it.
+    /// per key; absent keys read 0) for worker `worker`'s step `step`, once
+    /// the consistency mode allows it and the worker's own pushes are
+    /// applied up to [`OWN_LAG`] steps back, as through the shard's page.
     pub fn pull(
         &self,
+        worker: usize,
         step: u64,
         keys: &[u64],
         out: &mut Vec<f32>,
         timeout: Duration,
     ) -> Result<PullStats, PullError> {
-        self.when_ready(step, timeout, |model| model.pull(keys, out))
+        self.when_ready(worker, step, timeout, |model| model.pull(keys, out))
     }
 
     /// [`ShardCell::pull`] into `out`, [`Model::WIDTH`] floats per key.
     pub fn pull_into(
         &self,
+        worker: usize,
         step: u64,
         keys: &[u64],
         out: &mut [f32],
         timeout: Duration,
     ) -> Result<PullStats, PullError> {
-        self.when_ready(step, timeout, |model| model.pull_into(keys, out))
+        self.when_ready(worker, step, timeout, |model| model.pull_into(keys, out))
     }
 
-    /// Runs `read` on the model once the consistency mode lets a worker's
-    /// step `step` read it.
+    /// Runs `read` on the model once the consistency mode lets worker
+    /// `worker`'s step `step` read it.
     fn when_ready(
         &self,
+        worker: usize,
         step: u64,
         timeout: Duration,
         read: impl FnOnce(&Learner<M>),
@@ -129,10 +133,11 @@ impl<M: Model> ShardCell<M> {
                 return Err(PullError::Stopped(self.index));
             }
             let min = Self::min_clock(&state.meta);
-            let ready = match self.staleness {
-                None => true,
-                Some(tau) => min.saturating_add(tau) >= step,
-            };
+            let mine = state.meta.clocks.get(worker).copied().unwrap_or(u64::MAX);
+            let ready = self
+                .staleness
+                .is_none_or(|tau| min.saturating_add(tau) >= step)
+                && mine.saturating_add(OWN_LAG) >= step;
             if ready {
                 let staleness = step.saturating_sub(min.min(step));
                 state.meta.max_staleness = state.meta.max_staleness.max(staleness);
@@ -150,11 +155,6 @@ impl<M: Model> ShardCell<M> {
                 });
             }
         }
-    }
-
-    /// Whether a pull may wait for slower workers (BSP and SSP; not ASP).
-    pub fn waits_for_workers(&self) -> bool {
-        self.staleness.is_some()
     }
 
     /// The largest staleness any pull saw.
@@ -768,7 +768,7 @@ impl<M: Model> ShardOperator<M> {
         push: Push,
         at: Option<&[Option<SlotRef>]>,
         out: &mut dyn Collector<Delta>,
-    ) {
+    ) -> Result<(), OperatorError> {
         if let Some(Crash::Shard(i, step)) = self.config.crash {
             if i == self.cell.index && push.step >= step && first_crash(&self.config) {
                 self.cell.stop();
@@ -777,9 +777,13 @@ impl<M: Model> ShardOperator<M> {
         }
         if let Err(e) = self.apply(push, at) {
             self.cell.stop();
-            panic!("parameter-server shard {}: {e}", self.cell.index);
+            return Err(OperatorError::Failed(format!(
+                "parameter-server shard {}: {e}",
+                self.cell.index
+            )));
         }
         self.emit_delta(out, false);
+        Ok(())
     }
 
     /// Trains the chained worker's step `step` on `shards` (all of the
@@ -798,35 +802,32 @@ impl<M: Model> ShardOperator<M> {
         rows: FeatureBatchRef<'_>,
         predictions: &mut Vec<f32>,
         out: &mut dyn Collector<Delta>,
-    ) {
+    ) -> Result<(), OperatorError> {
         let cells: Vec<Arc<ShardCell<M>>> = shards.iter().map(|s| s.cell.clone()).collect();
-        let fail = |e: &dyn std::fmt::Display| -> ! {
-            for c in &cells {
-                c.stop();
-            }
-            panic!("chained parameter-server shards: {e}");
-        };
         for shard in shards.iter() {
             if let Some(Crash::Shard(i, at)) = shard.config.crash {
                 if i == shard.cell.index && step >= at && first_crash(&shard.config) {
-                    fail(&format!("shard {i} crashed at step {step} (injected)"));
+                    for c in &cells {
+                        c.stop();
+                    }
+                    panic!("shard {i} crashed at step {step} (injected)");
                 }
             }
         }
         let mut states: Vec<_> = cells.iter().map(|c| c.state.lock()).collect();
         // Fails with the shards locked: stop them through the guards held
         // (`ShardCell::stop` would lock again), then release and wake them.
-        let fail_locked =
-            |mut states: Vec<MutexGuard<'_, ShardState<M>>>, e: &dyn std::fmt::Display| -> ! {
-                for state in &mut states {
-                    state.stopped = true;
-                }
-                drop(states);
-                for c in &cells {
-                    c.changed.notify_all();
-                }
-                panic!("chained parameter-server shards: {e}");
-            };
+        let fail_locked = |mut states: Vec<MutexGuard<'_, ShardState<M>>>,
+                           e: &dyn std::fmt::Display| {
+            for state in &mut states {
+                state.stopped = true;
+            }
+            drop(states);
+            for c in &cells {
+                c.changed.notify_all();
+            }
+            OperatorError::Failed(format!("chained parameter-server shards: {e}"))
+        };
         let behind = states.iter().enumerate().find_map(|(s, state)| {
             let expected = state.meta.next_step.get(worker).copied();
             (expected != Some(step)).then(|| {
@@ -834,7 +835,7 @@ impl<M: Model> ShardOperator<M> {
             })
         });
         if let Some(e) = behind {
-            fail_locked(states, &e);
+            return Err(fail_locked(states, &e));
         }
         {
             let mut models: Vec<&mut Learner<M>> =
@@ -862,7 +863,8 @@ impl<M: Model> ShardOperator<M> {
             );
             if let Err(e) = learned {
                 drop(models);
-                fail_locked(states, &e);
+                drop(noted);
+                return Err(fail_locked(states, &e));
             }
         }
         let applied = AppliedBatch {
@@ -884,6 +886,7 @@ impl<M: Model> ShardOperator<M> {
             shard.cell.changed.notify_all();
             shard.emit_delta(out, false);
         }
+        Ok(())
     }
 
     /// A pull by the one worker chained to this shard (in its subtask, so
@@ -905,8 +908,8 @@ impl<M: Model> ShardOperator<M> {
         push: Push,
         at: &[Option<SlotRef>],
         out: &mut dyn Collector<Delta>,
-    ) {
-        self.handle(push, Some(at), out);
+    ) -> Result<(), OperatorError> {
+        self.handle(push, Some(at), out)
     }
 }
 
@@ -983,8 +986,7 @@ impl<M: Model> Operator for ShardOperator<M> {
         _time: Option<EventTime>,
         out: &mut dyn Collector<Delta>,
     ) -> Result<(), OperatorError> {
-        self.handle(push, None, out);
-        Ok(())
+        self.handle(push, None, out)
     }
 
     fn on_end(&mut self, out: &mut dyn Collector<Delta>) -> Result<(), OperatorError> {
@@ -1122,7 +1124,51 @@ impl<M: Model> FinalModels<M> {
 
 #[cfg(test)]
 mod tests {
-    use super::{DirtyKeys, COMPACT_AT};
+    use super::{DirtyKeys, ShardOperator, COMPACT_AT, OWN_LAG};
+    use crate::stream::operator::Operator;
+    use crate::train::messages::Push;
+    use crate::train::model::LogisticRegression;
+    use crate::train::optimizer::OptimizerKind;
+    use crate::train::ps::{Consistency, PsConfig, PullError};
+    use std::time::Duration;
+
+    #[test]
+    fn an_asp_pull_waits_for_the_workers_own_pushes_but_never_for_another_workers() {
+        let optimizer = OptimizerKind::Sgd { lr: 0.1 };
+        let mut config = PsConfig::new("own-lag", 2, 1, optimizer);
+        config.consistency = Consistency::Asp;
+        let model = LogisticRegression::new(optimizer).expect("a model");
+        let mut shard = ShardOperator::with_model(config, 0, model).expect("a shard");
+        let cell = shard.cell().clone();
+        let (step, short) = (OWN_LAG + 1, Duration::from_millis(50));
+        let mut out = Vec::new();
+        // No push applied: worker 0's step OWN_LAG may read, the next waits.
+        cell.pull(0, OWN_LAG, &[7], &mut out, short)
+            .expect("within the lag");
+        assert!(matches!(
+            cell.pull(0, step, &[7], &mut out, short),
+            Err(PullError::Timeout { .. })
+        ));
+        // Worker 0's first push lets its step read, and worker 1, which
+        // pushed nothing, still reads at its own pace.
+        let push = Push {
+            shard: 0,
+            worker: 0,
+            step: 0,
+            keys: vec![7u64].into(),
+            grads: vec![0.5f32].into(),
+            rows: 1,
+            seq: 0,
+            ingest_ns: 0,
+            done: false,
+        };
+        shard.process(push, None, &mut Vec::new()).expect("applied");
+        cell.pull(0, step, &[7], &mut out, short)
+            .expect("its own push is applied");
+        assert_ne!(out, vec![0.0], "the pull reads the push");
+        cell.pull(1, OWN_LAG, &[7], &mut out, short)
+            .expect("another worker's clock holds no one back");
+    }
 
     fn distinct_in_first_seen_order(keys: &[u64]) -> Vec<u64> {
         let mut seen = std::collections::HashSet::new();

@@ -215,7 +215,7 @@ impl<M: Model> TrainWorker<M> {
                 rows,
                 &mut predictions,
                 &mut DeltaOut(out),
-            );
+            )?;
             self.emit_scored(batch, rows.labels(), predictions, 0, out);
             self.step += 1;
             return Ok(());
@@ -259,7 +259,12 @@ impl<M: Model> TrainWorker<M> {
                 Ok(stats) => {
                     staleness = stats.iter().map(|s| s.staleness).max().unwrap_or(0);
                 }
-                Err(e) => panic!("training worker {}: {e}", self.index),
+                Err(e) => {
+                    return Err(OperatorError::Failed(format!(
+                        "training worker {}: {e}",
+                        self.index
+                    )))
+                }
             }
         }
         let (model, w) = (&self.model, M::WIDTH);
@@ -307,7 +312,7 @@ impl<M: Model> TrainWorker<M> {
                 done: false,
             };
             match self.chained.get_mut(s) {
-                Some(shard) => shard.push_chained(push, &self.slots[s], &mut DeltaOut(out)),
+                Some(shard) => shard.push_chained(push, &self.slots[s], &mut DeltaOut(out))?,
                 None => out.emit(WorkerOut::Push(push), None),
             }
         }

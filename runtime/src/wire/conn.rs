@@ -496,9 +496,11 @@ impl Conn {
                     self.send_tracked(buf)
                 };
                 match sent {
+                    // Never sent, so never read: the caller may send it
+                    // again elsewhere (to a restarted actor, say).
                     Sent::Closed => {
                         self.inner.pending.lock().remove(&seq);
-                        Some(self.unreachable("connection closed"))
+                        Some(self.unreachable(NEVER_READ))
                     }
                     Sent::Ring(start) => {
                         if let Some((_, at)) = self.inner.pending.lock().get_mut(&seq) {
@@ -993,4 +995,21 @@ fn dispatch(conn: &Conn, bytes: &[u8], handler: &dyn Handler) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_on_a_closed_connection_was_never_read() {
+        let (here, _there) = tokio::io::duplex(1 << 16);
+        let conn = Conn::start(here, Transport::Local, "peer".into(), Arc::new(NoHandler));
+        conn.close();
+        let answer = conn.request(Message::NodeInfo).await;
+        assert!(
+            matches!(&answer, Err(e) if never_read(e)),
+            "a request the connection never sent may be sent again elsewhere: {answer:?}"
+        );
+    }
 }

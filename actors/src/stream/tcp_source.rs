@@ -59,11 +59,13 @@
 //! on its first poll; a connection that fails or ends without `END` is
 //! reopened with `FROM <offset>` after a backoff (5 ms doubling to 500 ms),
 //! and after [`DEFAULT_MAX_RETRIES`] consecutive failures without a line
-//! the source fails. A failed source reports [`SourcePoll::Exhausted`],
-//! keeps the cause for [`TcpLineSource::error`] (and logs it), and sends no
-//! further acks; since [`Source`] has no way to fail its task, the job then
-//! ends with the lines read so far. Polls never wait for data; only opening
-//! a connection blocks, for at most [`CONNECT_TIMEOUT`].
+//! the source fails. A failed source keeps the cause for
+//! [`TcpLineSource::error`] (and logs it), sends no further acks, and fails
+//! its polls once the lines read before the failure are out, which fails
+//! the attempt: the job recovers from its last checkpoint, or stops with
+//! the cause, and never ends on a partial stream as if it were whole. Polls
+//! never wait for data; only opening a connection blocks, for at most
+//! [`CONNECT_TIMEOUT`].
 
 use super::operator::{Collector, OperatorError, StateError};
 use super::source::{Source, SourcePoll};
@@ -295,6 +297,17 @@ impl TcpLineSource {
         self.acked
     }
 
+    /// The source's failure, if it failed, as a poll's error.
+    fn failed(&self) -> Result<(), OperatorError> {
+        match &self.error {
+            Some(e) => Err(OperatorError::Failed(format!(
+                "tcp line source {}: {e}",
+                self.addr
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn fail(&mut self, error: TcpSourceError) {
         tracing::error!("tcp line source {}: {error}", self.addr);
         self.conn = None;
@@ -351,23 +364,13 @@ impl Source for TcpLineSource {
         out: &mut dyn Collector<TcpLine>,
         max: usize,
     ) -> Result<SourcePoll, OperatorError> {
-        if let Some(e) = &self.error {
-            return Err(OperatorError::Failed(format!(
-                "tcp line source {}: {e}",
-                self.addr
-            )));
-        }
+        self.failed()?;
         if self.finished {
             return Ok(SourcePoll::Exhausted);
         }
         let Some(mut conn) = self.connection() else {
-            return match &self.error {
-                Some(e) => Err(OperatorError::Failed(format!(
-                    "tcp line source {}: {e}",
-                    self.addr
-                ))),
-                None => Ok(SourcePoll::Idle),
-            };
+            self.failed()?;
+            return Ok(SourcePoll::Idle);
         };
         let mut emitted = 0;
         let mut lost = conn.flush().err();
@@ -423,14 +426,11 @@ impl Source for TcpLineSource {
             }
         }
         // Lines read before a failure go out first; the next poll fails.
-        Ok(if emitted > 0 {
-            SourcePoll::Emitted(emitted)
-        } else if let Some(e) = &self.error {
-            return Err(OperatorError::Failed(format!(
-                "tcp line source {}: {e}",
-                self.addr
-            )));
-        } else if self.finished {
+        if emitted > 0 {
+            return Ok(SourcePoll::Emitted(emitted));
+        }
+        self.failed()?;
+        Ok(if self.finished {
             SourcePoll::Exhausted
         } else {
             SourcePoll::Idle
